@@ -1,0 +1,10 @@
+"""mtlora_kernels: fused kernels and PyTorch tooling for multi-task LoRA (mtLoRA, ICLR 2026)."""
+
+from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
+from mtlora_kernels.ops.mix import mix
+from mtlora_kernels.reference import mix_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["mix", "mix_reference", "MTLoRAAdapter", "MTLoRALinear", "MTLoRAConfig",
+           "__version__"]

@@ -1,0 +1,85 @@
+"""Which backends exist on this machine, and why not when they don't.
+
+Loaded lazily: importing the package never imports triton or the CUDA extension. If the
+extension ``mtlora_kernels._C`` fails to import, the package falls back to the other backends
+with one warning that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+
+@functools.cache
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - triton ships with torch's CUDA builds
+        return False, f"triton is not installed ({exc})"
+    return True, ""
+
+
+@functools.cache
+def _cuda_extension() -> tuple[object | None, str]:
+    try:
+        ext = importlib.import_module("mtlora_kernels._C")
+    except ImportError as exc:
+        msg = f"the CUDA extension mtlora_kernels._C is not built or failed to load ({exc})"
+        if torch.cuda.is_available():
+            warnings.warn(msg + "; falling back to the triton/torch backends", stacklevel=3)
+        return None, msg
+    return ext, ""
+
+
+def available(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
+    """``(ok, reason)`` for backend ``name`` on ``device`` (None: this machine's GPU, if any)."""
+    device = torch.device(device) if device is not None else None
+    if name == "torch":
+        return True, ""
+    on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if name == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            return ok, why
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, ""  # the interpreter runs the kernels on CPU tensors
+        if not on_gpu:
+            return False, "triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"
+        return True, ""
+    if name == "cuda":
+        ext, why = _cuda_extension()
+        if ext is None:
+            return False, why
+        if not on_gpu:
+            return False, "the CUDA extension needs a CUDA tensor (no GPU here)"
+        return True, ""
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def load(name: str) -> SimpleNamespace:
+    """The backend object (forward / backward / dropout_keep_mask) of a non-torch backend."""
+    if name == "triton":
+        from mtlora_kernels.triton import mix as triton_mix
+
+        return triton_mix.BACKEND
+    if name == "cuda":
+        from mtlora_kernels.ops import cuda_mix
+
+        return cuda_mix.BACKEND
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def report() -> dict[str, str]:
+    """Backend name -> 'available' or the reason it is not (for the CLI's ``info``)."""
+    out = {}
+    for name in ("torch", "triton", "cuda"):
+        ok, why = available(name)
+        out[name] = "available" if ok else why
+    return out

@@ -1,0 +1,136 @@
+"""Drop-in mtLoRA layers: the block-level adapter and the component-level Linear wrapper.
+
+Both are thin: their forward is one call into :func:`mtlora_kernels.mix`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mtlora_kernels.nn.config import MTLoRAConfig
+from mtlora_kernels.ops.mix import mix
+
+
+class MTLoRAAdapter(nn.Module):
+    """``delta = s * sum_e pi_e ⊙ B_e A drop(x)`` with per-group routing (SPEC section 2).
+
+    Block-level use: ``out = block(z) + adapter(z)`` with z the block's pre-norm input
+    (d_in = d_out = d). Parameters: ``lora_A`` [r, d_in], ``lora_B`` [N, d_out, r],
+    ``lora_route`` [g*N, d_in] (absent when N == 1).
+
+    After each forward, :meth:`balance_loss` returns the MoLE balance loss of that forward's
+    routing weights, differentiable with respect to the router.
+    """
+
+    def __init__(self, d_in: int, d_out: int | None = None, config: MTLoRAConfig | None = None,
+                 **overrides) -> None:
+        super().__init__()
+        cfg = config or MTLoRAConfig()
+        if overrides:
+            cfg = MTLoRAConfig(**{**cfg.to_dict(), **overrides})
+        d_out = d_in if d_out is None else d_out
+        if d_out % cfg.groups != 0:
+            raise ValueError(f"groups={cfg.groups} must divide d_out={d_out}")
+        self.config = cfg
+        self.d_in, self.d_out = d_in, d_out
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, d_in))
+        self.lora_B = nn.Parameter(torch.empty(cfg.num_experts, d_out, cfg.r))
+        if cfg.num_experts > 1:
+            self.lora_route = nn.Parameter(torch.empty(cfg.groups * cfg.num_experts, d_in))
+        else:
+            self.register_parameter("lora_route", None)
+        self._routing: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: A and router kaiming_uniform(a=sqrt(5)), every B zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if self.lora_route is not None:
+            nn.init.kaiming_uniform_(self.lora_route, a=math.sqrt(5))
+
+    def forward(self, x: Tensor, *, logits: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        """Args: x [..., d_in]; logits [..., g*N] to route externally (task-id one-hot, a pooled
+        router) instead of ``lora_route``; residual [..., d_out] added in the same pass."""
+        cfg = self.config
+        dt = x.dtype
+        route = self.lora_route if logits is None else None
+        y, pi = mix(
+            x, self.lora_A.to(dt), self.lora_B.to(dt),
+            route.to(dt) if route is not None else None,
+            logits=logits, groups=cfg.groups, scaling=cfg.scaling, dropout_p=cfg.dropout,
+            training=self.training, residual=residual, backend=cfg.backend,
+            return_routing=True,
+        )
+        self._routing = pi
+        return y
+
+    def balance_loss(self) -> Tensor:
+        """``var(p) / (mean(p)^2 + 1e-10)`` with p the mean routing weight per expert over the
+        tokens and groups of the last forward (unbiased var). Zero for N == 1."""
+        if self._routing is None:
+            raise RuntimeError("balance_loss() needs a forward pass first")
+        if self.config.num_experts == 1:
+            return self._routing.new_zeros(())
+        p = self._routing.reshape(-1, self.config.num_experts).mean(0)
+        return p.var() / (p.mean() ** 2 + 1e-10)
+
+    def load_hydralora_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a HydraLoRA layer's ``lora_A.weight``, ``lora_B{i}.weight``, ``lora_route.weight``
+        (requires groups == 1: HydraLoRA routes with one scalar per expert)."""
+        self._load_converted(state, lambda i: f"lora_B{i}.weight", "HydraLoRA")
+
+    def load_official_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load the official mtLoRA block adapter's ``lora_A.weight``, ``lora_B.{i}.weight``,
+        ``lora_route.weight`` (router rows ordered ``G*N + e``, as ours)."""
+        self._load_converted(state, lambda i: f"lora_B.{i}.weight", "official mtLoRA")
+
+    def _load_converted(self, state: dict[str, Tensor], b_key, source: str) -> None:
+        n = self.config.num_experts
+        missing = [k for k in ["lora_A.weight", *(b_key(i) for i in range(n))] if k not in state]
+        if n > 1 and "lora_route.weight" not in state:
+            missing.append("lora_route.weight")
+        if missing:
+            raise KeyError(f"{source} state dict lacks {missing}")
+        ours = {"lora_A": state["lora_A.weight"],
+                "lora_B": torch.stack([state[b_key(i)] for i in range(n)])}
+        if n > 1:
+            ours["lora_route"] = state["lora_route.weight"]
+        for name, value in ours.items():
+            want = getattr(self, name).shape
+            if value.shape != want:
+                raise ValueError(f"{source} {name}: checkpoint shape {tuple(value.shape)} does "
+                                 f"not match this adapter's {tuple(want)} ({self.extra_repr()})")
+        with torch.no_grad():
+            for name, value in ours.items():
+                getattr(self, name).copy_(value)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"d_in={self.d_in}, d_out={self.d_out}, r={c.r}, num_experts={c.num_experts}, "
+                f"groups={c.groups}, alpha={c.alpha}, dropout={c.dropout}")
+
+
+class MTLoRALinear(nn.Module):
+    """``out = base(x) + adapter(x)``: an existing ``nn.Linear`` (frozen) with an mtLoRA adapter
+    on its input and output widths (component-level, HydraLoRA's placement). The base output
+    enters the fused op as its residual, so the add costs no extra pass."""
+
+    def __init__(self, base: nn.Linear, config: MTLoRAConfig | None = None, **overrides) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MTLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        base.requires_grad_(False)
+        self.adapter = MTLoRAAdapter(base.in_features, base.out_features, config, **overrides)
+        self.adapter.to(device=base.weight.device)
+
+    def forward(self, x: Tensor, *, logits: Tensor | None = None) -> Tensor:
+        return self.adapter(x, logits=logits, residual=self.base(x))
+
+    def balance_loss(self) -> Tensor:
+        return self.adapter.balance_loss()

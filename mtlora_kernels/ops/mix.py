@@ -1,0 +1,424 @@
+"""The fused mtLoRA mix: validation, backend dispatch, autograd, and the torch backend.
+
+Every backend (torch here, ``mtlora_kernels.triton.mix``, the CUDA extension ``_C``) implements
+the same two functions on 2-D, contiguous tensors; this module does everything else once:
+
+``forward(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed)``
+    x [T, d_in]; A [r, d_in]; B [N, d_out, r]; route_weight [g*N, d_in] or None; logits
+    [T, g*N] or None (exactly one of the two when N > 1, neither when N == 1); residual
+    [T, d_out] or None. All of x's dtype, except logits (any float dtype).
+    Returns ``(y, h, pi)``: y [T, d_out] in x's dtype (residual + delta when residual is given),
+    h = A·drop(x) [T, r] fp32, pi [T, g, N] fp32 routing weights (fp64 for fp64 inputs).
+
+``backward(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, deterministic)``
+    dpi [T, g, N] fp32 or None is an extra gradient on the routing weights from outside the op
+    (the balance loss): it is added to the mix's own dpi before the softmax backward.
+    Returns ``(dx, dA, dB, dW_route, dlogits)`` with dW_route an empty tensor when there is no
+    route_weight; dlogits [T, g*N] fp32 is returned always (the router backward needs it).
+
+``dropout_keep_mask(seed, T, d_in, p, device)``
+    The boolean keep-mask the backend's forward uses for that seed; tests feed it to the
+    reference. A mask is never stored between forward and backward: both regenerate it.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+import torch
+from torch import Tensor
+
+from mtlora_kernels import backends
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# The torch backend. It is the CPU path and the fallback on a GPU without Triton; it is not the
+# naive loop: it folds routing into one GEMM with K = N*r per group (SPEC section 3).
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_keep_mask(seed: int, T: int, d_in: int, p: float, device: torch.device) -> Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(T, d_in, generator=gen, device=device) >= p
+
+
+def _dropped(x: Tensor, p: float, seed: int) -> Tensor:
+    if p == 0.0:
+        return x
+    keep = _torch_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for inputs of ``dtype``: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` accumulated and returned in fp32 (fp64) without rounding to a's dtype first."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.to(acc_dtype(a.dtype)) @ b.to(acc_dtype(a.dtype))
+
+
+def _use_grouped(T: int, groups: int, n_experts: int, rank: int, d_out: int) -> bool:
+    # The grouped form builds H~ [g, T, N*r]. It is one GEMM per group and wins while H~ is no
+    # larger than y itself (g*N*r <= d_out: 512 <= 4096 at the defaults). Beyond that (g = d_out
+    # has c = 1 and K = N*r per output column) it would allocate r times y, so we switch to the
+    # per-expert epilogue form, which needs one [T, d_out] buffer at a time.
+    return groups * n_experts * rank <= d_out
+
+
+def _torch_forward(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed):
+    T, _ = x.shape
+    n_experts, d_out, rank = B.shape
+    c = d_out // groups
+    acc = acc_dtype(x.dtype)
+    h = _mm_acc(_dropped(x, dropout_p, seed), A.T)  # [T, r]
+    if route_weight is not None:
+        logits = _mm_acc(x, route_weight.T)
+    if logits is None:
+        pi = torch.ones(T, groups, n_experts, dtype=acc, device=x.device)
+    else:
+        pi = torch.softmax(logits.to(acc).view(T, groups, n_experts), dim=-1)
+    hx = h.to(x.dtype)
+    if _use_grouped(T, groups, n_experts, rank, d_out):
+        # H~[G, t, e*r + k] = pi[t, G, e] * h[t, k];  Bcat[G, e*r + k, j'] = B[e, G*c + j', k]
+        ht = (pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)).to(x.dtype)
+        ht = ht.reshape(groups, T, n_experts * rank)
+        bcat = B.view(n_experts, groups, c, rank).permute(1, 0, 3, 2).reshape(groups, -1, c)
+        delta = torch.bmm(ht, bcat).permute(1, 0, 2).reshape(T, d_out)
+        delta = delta * scaling
+    else:
+        delta = torch.zeros(T, d_out, dtype=acc, device=x.device)
+        for e in range(n_experts):
+            ye = (hx @ B[e].T).to(acc).view(T, groups, c)
+            delta.view(T, groups, c).addcmul_(ye, pi[:, :, e : e + 1])
+        delta.mul_(scaling)
+    y = delta.to(x.dtype) if residual is None else (residual.to(acc) + delta).to(x.dtype)
+    return y, h, pi
+
+
+def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling, dropout_p,
+                    seed, deterministic):
+    del deterministic  # torch's own GEMMs have a fixed reduction order on the CPU
+    T, _ = x.shape
+    n_experts, d_out, rank = B.shape
+    c = d_out // groups
+    dt = x.dtype
+    acc = acc_dtype(dt)
+    dyg = dy.view(T, groups, c)
+    if _use_grouped(T, groups, n_experts, rank, d_out):
+        ht = (pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)).to(dt)
+        ht = ht.reshape(groups, T, n_experts * rank)
+        bcat = B.view(n_experts, groups, c, rank).permute(1, 0, 3, 2).reshape(groups, -1, c)
+        dyt = dyg.permute(1, 0, 2)  # [g, T, c]
+        # dB[e, G*c + j', k] = s * sum_t dy[t, G*c + j'] * H~[G, t, e*r + k]
+        dbcat = torch.bmm(dyt.transpose(1, 2), ht).to(acc) * scaling  # [g, c, N*r]
+        dB = dbcat.view(groups, c, n_experts, rank).permute(2, 0, 1, 3).reshape(B.shape)
+        # u[t, G, e, k] = sum_{j in G} dy[t, j] B[e, j, k]
+        u = torch.bmm(dyt, bcat.transpose(1, 2)).to(acc).view(groups, T, n_experts, rank)
+        u = u.permute(1, 0, 2, 3)  # [T, g, N, r]
+        dh = scaling * torch.einsum("tge,tgek->tk", pi, u)
+        dpi = scaling * torch.einsum("tk,tgek->tge", h, u)
+    else:
+        dB = torch.empty(B.shape, dtype=acc, device=x.device)
+        dh = torch.zeros(T, rank, dtype=acc, device=x.device)
+        dpi = torch.empty(T, groups, n_experts, dtype=acc, device=x.device)
+        hx = h.to(dt)
+        for e in range(n_experts):
+            w = (dyg.to(acc) * pi[:, :, e : e + 1]).view(T, d_out).to(dt)  # dy * pi_e per column
+            dB[e] = scaling * (w.T @ hx).to(acc)
+            dh += scaling * (w @ B[e]).to(acc)
+            ye = (hx @ B[e].T).to(acc).view(T, groups, c)
+            dpi[:, :, e] = scaling * (dyg.to(acc) * ye).sum(-1)
+    if dpi_extra is not None:
+        dpi = dpi + dpi_extra
+    dz = pi * (dpi - (pi * dpi).sum(-1, keepdim=True))  # softmax backward per group
+    dz = dz.reshape(T, groups * n_experts)
+    xd = _dropped(x, dropout_p, seed)
+    dA = (dh.T @ xd.to(acc)).to(A.dtype)
+    dx = dh.to(dt) @ A
+    if dropout_p > 0.0:
+        keep = _torch_keep_mask(seed, T, x.shape[1], dropout_p, x.device)
+        dx = dx * keep.to(dt) * (1.0 / (1.0 - dropout_p))
+    if route_weight is not None:
+        dx = dx + (dz.to(dt) @ route_weight)
+        dW = (dz.T @ x.to(acc)).to(route_weight.dtype)
+    else:
+        dW = x.new_empty(0)
+    return dx, dA, dB.to(B.dtype), dW, dz
+
+
+TORCH_BACKEND = SimpleNamespace(
+    forward=_torch_forward, backward=_torch_backward, dropout_keep_mask=_torch_keep_mask
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch: one place. auto = cuda if the extension loaded and the tensor is on a GPU, else
+# triton on a GPU, else torch (SPEC section 3).
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """The concrete backend name for ``name`` (None means ``$MTLORA_BACKEND`` or ``auto``)."""
+    name = name or os.environ.get("MTLORA_BACKEND", "auto")
+    if name not in ("auto", "torch", "triton", "cuda"):
+        raise ValueError(
+            f"backend must be one of 'auto', 'torch', 'triton', 'cuda'; got {name!r}"
+        )
+    if name == "auto":
+        if device.type == "cuda" and backends.available("cuda", device)[0]:
+            return "cuda"
+        if device.type == "cuda" and backends.available("triton", device)[0]:
+            return "triton"
+        return "torch"
+    ok, why = backends.available(name, device)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} was requested but is unavailable: {why}")
+    return name
+
+
+def get_backend(name: str) -> SimpleNamespace:
+    """The module-like object with forward / backward / dropout_keep_mask for a concrete name."""
+    if name == "torch":
+        return TORCH_BACKEND
+    return backends.load(name)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration: one custom op for each direction, fake implementations for
+# torch.compile, and autograd wired between them. Optional outputs are empty tensors.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtlora::mix_forward", mutates_args=())
+def _mix_forward_op(
+    x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, logits: Tensor | None,
+    residual: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int,
+    backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, h, pi = get_backend(backend).forward(
+        x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed
+    )
+    return y, h, pi
+
+
+@_mix_forward_op.register_fake
+def _(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed, backend,
+      deterministic):
+    T = x.shape[0]
+    n_experts, d_out, rank = B.shape
+    return (
+        x.new_empty(T, d_out),
+        x.new_empty(T, rank, dtype=acc_dtype(x.dtype)),
+        x.new_empty(T, groups, n_experts, dtype=acc_dtype(x.dtype)),
+    )
+
+
+@torch.library.custom_op("mtlora::mix_backward", mutates_args=())
+def _mix_backward_op(
+    dy: Tensor, x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, h: Tensor,
+    pi: Tensor, dpi: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int, backend: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = get_backend(backend).backward(
+        dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, deterministic
+    )
+    return tuple(t.contiguous() for t in out)
+
+
+@_mix_backward_op.register_fake
+def _(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, backend,
+      deterministic):
+    T = x.shape[0]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(route_weight) if route_weight is not None else x.new_empty(0),
+        x.new_empty(T, pi.shape[1] * pi.shape[2], dtype=pi.dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed, backend,
+     deterministic) = inputs
+    _, h, pi = output
+    ctx.save_for_backward(x, A, B, route_weight, h, pi)
+    ctx.args = (groups, scaling, dropout_p, seed, backend, deterministic)
+    ctx.logits_dtype = logits.dtype if logits is not None else None
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dy, dh_unused, dpi):
+    x, A, B, route_weight, h, pi = ctx.saved_tensors
+    groups, scaling, dropout_p, seed, backend, deterministic = ctx.args
+    if dy is None:  # only pi was used downstream
+        dy = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)
+    dx, dA, dB, dW, dz = _mix_backward_op(
+        dy.contiguous(), x, A, B, route_weight, h, pi,
+        dpi.contiguous() if dpi is not None else None, groups, scaling, dropout_p, seed,
+        backend, deterministic,
+    )
+    dlogits = dz.to(ctx.logits_dtype) if ctx.logits_dtype is not None else None
+    dres = dy if ctx.has_residual else None
+    return (dx, dA, dB, dW if route_weight is not None else None, dlogits, dres,
+            None, None, None, None, None, None)
+
+
+_mix_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The public op.
+# --------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p):
+    for name, t in (("x", x), ("lora_A", A), ("lora_B", B)):
+        _check(isinstance(t, Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}",
+               TypeError)
+        _check(t.dtype in _FLOAT_DTYPES, f"{name} must be a floating tensor, got {t.dtype}",
+               TypeError)
+    _check(x.dim() >= 1, f"x must have shape [..., d_in], got a 0-d tensor")
+    _check(A.dim() == 2, f"lora_A must have shape [r, d_in], got {tuple(A.shape)}")
+    _check(B.dim() == 3, f"lora_B must have shape [N, d_out, r], got {tuple(B.shape)}")
+    rank, d_in = A.shape
+    n_experts, d_out, rank_b = B.shape
+    _check(x.shape[-1] == d_in,
+           f"x must have shape [..., d_in={d_in}] to match lora_A [r, d_in], got "
+           f"{tuple(x.shape)}")
+    _check(rank_b == rank,
+           f"lora_B must have shape [N, d_out, r={rank}] to match lora_A, got {tuple(B.shape)}")
+    _check(rank >= 1 and n_experts >= 1 and d_out >= 1,
+           f"need r, N, d_out >= 1; got lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+    _check(isinstance(groups, int) and groups >= 1 and d_out % groups == 0,
+           f"groups must be a positive divisor of d_out={d_out}, got {groups!r}")
+    _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check(bool(torch.isfinite(torch.tensor(float(scaling)))),
+           f"scaling must be finite, got {scaling}")
+    _check(route_weight is None or logits is None,
+           "give either route_weight (fused linear router) or logits (router computed "
+           "elsewhere), not both")
+    if n_experts > 1:
+        _check(route_weight is not None or logits is not None,
+               f"N={n_experts} experts need a router: pass route_weight [g*N, d_in] or logits "
+               f"[..., g*N]")
+    others = [("lora_A", A), ("lora_B", B)]
+    if route_weight is not None:
+        _check(tuple(route_weight.shape) == (groups * n_experts, d_in),
+               f"route_weight must have shape [g*N={groups * n_experts}, d_in={d_in}], got "
+               f"{tuple(route_weight.shape)}")
+        others.append(("route_weight", route_weight))
+    if logits is not None:
+        _check(tuple(logits.shape) == (*x.shape[:-1], groups * n_experts),
+               f"logits must have shape {(*x.shape[:-1], groups * n_experts)} "
+               f"([..., g*N] with x's leading dims), got {tuple(logits.shape)}")
+        _check(logits.dtype in _FLOAT_DTYPES, f"logits must be floating, got {logits.dtype}",
+               TypeError)
+        _check(logits.device == x.device,
+               f"logits is on {logits.device} but x is on {x.device}")
+        if not torch.compiler.is_compiling():
+            # -inf masks an expert (allowed); NaN or +inf has no meaningful softmax. This check
+            # costs one host sync on a [T, g*N] tensor, tiny next to the layer itself.
+            bad = torch.isnan(logits) | (logits == float("inf"))
+            _check(not bool(bad.any()),
+                   "logits contain NaN or +inf; only finite values and -inf (a masked expert) "
+                   "are allowed")
+    if residual is not None:
+        _check(tuple(residual.shape) == (*x.shape[:-1], d_out),
+               f"residual must have shape {(*x.shape[:-1], d_out)}, got "
+               f"{tuple(residual.shape)}")
+        others.append(("residual", residual))
+    for name, t in others:
+        _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+        _check(t.dtype == x.dtype,
+               f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype",
+               TypeError)
+
+
+def mix(
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    route_weight: Tensor | None = None,
+    *,
+    logits: Tensor | None = None,
+    groups: int = 1,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+    residual: Tensor | None = None,
+    backend: str | None = None,
+    deterministic: bool = False,
+    return_routing: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``y = residual + s * sum_e softmax(x @ W_route.T).view(..., g, N)[..., G(j), e] * (B_e @ A @ drop(x))[j]``.
+
+    The mtLoRA adapter delta with shared A, N experts and per-group routing, forward and
+    backward fused (SPEC sections 2 and 3).
+
+    Args:
+        x: [..., d_in], fp16 / bf16 / fp32 (fp64 on the torch backend), any strides.
+        lora_A: [r, d_in], x's dtype.
+        lora_B: [N, d_out, r], x's dtype.
+        route_weight: [g*N, d_in], x's dtype; row ``G*N + e`` scores expert e for group G.
+            The router sees x without dropout; its logits are accumulated and kept in fp32.
+        logits: [..., g*N] router logits computed elsewhere (pooled / MLP router, task-id
+            one-hot), any float dtype; receives a gradient. Exclusive with route_weight.
+            With N == 1 neither is needed (plain LoRA).
+        groups: g, a divisor of d_out; g = 1 is HydraLoRA's scalar routing.
+        scaling: s = alpha / r.
+        dropout_p: dropout on the input of A (one mask shared by all experts), active only
+            when ``training``.
+        seed: the dropout seed; drawn from torch's default generator when None.
+        residual: [..., d_out] added to the result (the base layer's output) in the same pass.
+        backend: 'auto' | 'torch' | 'triton' | 'cuda'; None reads ``$MTLORA_BACKEND``.
+        deterministic: no atomics in the backward (bitwise reproducible gradients).
+        return_routing: also return pi [..., g, N] (fp32, differentiable: a loss on it, e.g.
+            the balance loss, reaches the router through the same fused backward).
+
+    Returns:
+        y [..., d_out] in x's dtype, or ``(y, pi)`` with return_routing.
+    """
+    _validate(x, lora_A, lora_B, route_weight, logits, residual, groups, scaling, dropout_p)
+    lead = x.shape[:-1]
+    n_experts, d_out, _ = lora_B.shape
+    name = resolve_backend(backend, x.device)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    T = x2.shape[0]
+    lg = logits.reshape(T, -1).contiguous() if logits is not None else None
+    res = residual.reshape(T, d_out).contiguous() if residual is not None else None
+    y, _, pi = _mix_forward_op(
+        x2, lora_A.contiguous(), lora_B.contiguous(),
+        route_weight.contiguous() if route_weight is not None else None, lg, res,
+        groups, float(scaling), p, int(seed or 0), name, bool(deterministic),
+    )
+    y = y.view(*lead, d_out)
+    if return_routing:
+        return y, pi.view(*lead, groups, n_experts)
+    return y
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device, backend: str
+                      ) -> Tensor:
+    """The keep-mask that ``backend`` draws for ``seed`` on a [T, d_in] input (for tests)."""
+    T, d_in = shape
+    return get_backend(backend).dropout_keep_mask(seed, T, d_in, p, torch.device(device))
+
+
+__all__ = ["mix", "resolve_backend", "get_backend", "dropout_keep_mask"]
