@@ -1,0 +1,59 @@
+"""Shared test configuration: the tolerance table, devices, and hypothesis profiles.
+
+Tolerances live here and nowhere else (SPEC section 5). Kernel error is judged against a
+float64 reference; in low precision a backend must stay within 2x the error that plain PyTorch
+makes in the same precision (flash-attention's rule), see :func:`assert_close_to_reference`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Relative error (||out - ref|| / ||ref||) allowed against an fp64 reference, per input dtype.
+REL_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+}
+
+settings.register_profile(
+    "ci", max_examples=int(os.environ.get("MTLORA_FUZZ_EXAMPLES", "40")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow], derandomize=True, print_blob=True,
+)
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; NaN anywhere gives inf (never passes)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close_to_reference(out, ref64, dtype, what: str = "", baseline=None) -> None:
+    """``out`` within ``REL_TOL[dtype]`` of the fp64 ``ref64``; if a plain-PyTorch ``baseline``
+    in the same low precision is given, also within 2x its error (whichever is looser)."""
+    err = rel_err(out, ref64)
+    tol = REL_TOL[dtype]
+    if baseline is not None:
+        tol = max(tol, 2.0 * rel_err(baseline, ref64))
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({dtype})"
+
+
+@pytest.fixture
+def cuda_device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none on this machine")
+    return torch.device("cuda")
