@@ -98,5 +98,5 @@ def hydralora_reference(
 
 def balance_loss_reference(pi: Tensor) -> Tensor:
     """MoLE balance loss: ``p = mean of pi over tokens and groups; var(p) / (mean(p)^2 + 1e-10)``."""
-    p = pi.float().reshape(-1, pi.shape[-1]).mean(0)
+    p = pi.to(torch.promote_types(pi.dtype, torch.float32)).reshape(-1, pi.shape[-1]).mean(0)
     return p.var() / (p.mean() ** 2 + 1e-10)

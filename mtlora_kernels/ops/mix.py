@@ -401,7 +401,7 @@ def mix(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     T = x2.shape[0]
-    lg = logits.reshape(T, -1).contiguous() if logits is not None else None
+    lg = logits.reshape(T, groups * n_experts).contiguous() if logits is not None else None
     res = residual.reshape(T, d_out).contiguous() if residual is not None else None
     y, _, pi = _mix_forward_op(
         x2, lora_A.contiguous(), lora_B.contiguous(),

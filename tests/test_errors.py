@@ -1,0 +1,87 @@
+"""Bad input gives a clear error naming the argument and the expected shape."""
+
+import pytest
+import torch
+
+from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, mix
+
+
+@pytest.fixture
+def ok():
+    return dict(x=torch.randn(5, 8), A=torch.randn(2, 8), B=torch.randn(3, 6, 2),
+                W=torch.randn(2 * 3, 8))
+
+
+def call(ok, **kw):
+    args = {**ok, **kw}
+    extra = {k: v for k, v in args.items() if k not in ("x", "A", "B", "W")}
+    return mix(args["x"], args["A"], args["B"], args["W"], **{"groups": 2, **extra})
+
+
+@pytest.mark.parametrize("kw,exc,pattern", [
+    (dict(x=torch.randn(5, 7)), ValueError, r"x must have shape \[\.\.\., d_in=8\]"),
+    (dict(A=torch.randn(2, 8, 1)), ValueError, r"lora_A must have shape \[r, d_in\]"),
+    (dict(B=torch.randn(3, 6)), ValueError, r"lora_B must have shape \[N, d_out, r\]"),
+    (dict(B=torch.randn(3, 6, 4)), ValueError, r"lora_B must have shape \[N, d_out, r=2\]"),
+    (dict(W=torch.randn(5, 8)), ValueError, r"route_weight must have shape \[g\*N=6, d_in=8\]"),
+    (dict(groups=4), ValueError, r"groups must be a positive divisor of d_out=6"),
+    (dict(groups=0), ValueError, r"groups must be a positive divisor"),
+    (dict(W=torch.randn(6, 8, dtype=torch.float64)), TypeError, r"route_weight has dtype"),
+    (dict(A=torch.randn(2, 8).half()), TypeError, r"lora_A has dtype torch.float16"),
+    (dict(x=torch.randint(0, 3, (5, 8))), TypeError, r"x must be a floating tensor"),
+    (dict(W=None), ValueError, r"N=3 experts need a router"),
+    (dict(logits=torch.randn(5, 6)), ValueError, r"either route_weight .* not both"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
+    (dict(residual=torch.randn(5, 7)), ValueError, r"residual must have shape \(5, 6\)"),
+    (dict(backend="fast"), ValueError, r"backend must be one of"),
+])
+def test_bad_input_is_named(ok, kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(ok, **kw)
+
+
+def test_bad_external_logits(ok):
+    base = dict(ok, W=None)
+    with pytest.raises(ValueError, match=r"logits must have shape \(5, 6\)"):
+        call(base, logits=torch.randn(5, 3))
+    for bad in (float("nan"), float("inf")):
+        lg = torch.randn(5, 6)
+        lg[2, 1] = bad
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            call(base, logits=lg)
+    lg = torch.randn(5, 6)
+    lg[:, 0] = float("-inf")  # a masked expert is fine
+    assert torch.isfinite(call(base, logits=lg)).all()
+
+
+def test_unavailable_backend_is_a_clear_error(ok):
+    with pytest.raises(RuntimeError, match="'cuda' was requested but is unavailable"):
+        call(ok, backend="cuda")
+
+
+def test_env_backend_is_honoured(ok, monkeypatch):
+    monkeypatch.setenv("MTLORA_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call(ok)
+
+
+def test_empty_input_returns_empty(ok):
+    y = call(ok, x=torch.randn(0, 8))
+    assert y.shape == (0, 6)
+    y3 = call(ok, x=torch.randn(2, 0, 8))
+    assert y3.shape == (2, 0, 6)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(r=0), "r must be >= 1"), (dict(num_experts=0), "num_experts must be >= 1"),
+    (dict(groups=0), "groups must be >= 1"), (dict(dropout=1.5), "dropout must be in"),
+])
+def test_bad_config(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MTLoRAConfig(**kw)
+
+
+def test_groups_must_divide_layer_width():
+    with pytest.raises(ValueError, match="groups=3 must divide d_out=8"):
+        MTLoRAAdapter(8, groups=3)

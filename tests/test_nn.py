@@ -1,0 +1,119 @@
+"""The drop-in layers: parameters, initialisation, forward = reference, balance loss, imports."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
+from mtlora_kernels.reference import balance_loss_reference, hydralora_reference, mix_reference
+
+
+def test_parameter_layouts_and_official_init():
+    torch.manual_seed(0)
+    ad = MTLoRAAdapter(64, 48)  # official defaults: r 16, N 16, g 2, alpha 64, dropout 0.05
+    assert ad.lora_A.shape == (16, 64)
+    assert ad.lora_B.shape == (16, 48, 16)
+    assert ad.lora_route.shape == (2 * 16, 64)
+    assert ad.config.scaling == 4.0
+    assert torch.count_nonzero(ad.lora_B) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
+    for p in (ad.lora_A, ad.lora_route):
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    assert "num_experts=16" in repr(ad) and "groups=2" in repr(ad)
+    assert MTLoRAAdapter(8, num_experts=1).lora_route is None
+
+
+def test_adapter_forward_is_the_reference_and_balance_loss_matches():
+    torch.manual_seed(1)
+    ad = MTLoRAAdapter(20, 12, r=4, num_experts=5, groups=3, alpha=8, dropout=0.0).double()
+    nn.init.normal_(ad.lora_B)
+    x = torch.randn(2, 7, 20, dtype=torch.float64)
+    y = ad(x)
+    want = mix_reference(x, ad.lora_A, ad.lora_B, ad.lora_route, groups=3, scaling=2.0)
+    torch.testing.assert_close(y, want)
+    pi = torch.softmax((x @ ad.lora_route.T).view(2, 7, 3, 5), -1)
+    loss = ad.balance_loss()
+    torch.testing.assert_close(loss, balance_loss_reference(pi))
+    (g_ours,) = torch.autograd.grad(loss, ad.lora_route)
+    (g_ref,) = torch.autograd.grad(balance_loss_reference(
+        torch.softmax((x @ ad.lora_route.T).view(2, 7, 3, 5), -1)), ad.lora_route)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_balance_loss_needs_a_forward():
+    with pytest.raises(RuntimeError, match="forward"):
+        MTLoRAAdapter(8, r=2, num_experts=2, groups=1).balance_loss()
+
+
+def test_adapter_casts_parameters_to_the_input_dtype():
+    ad = MTLoRAAdapter(16, r=4, num_experts=2, groups=2, dropout=0.0)
+    nn.init.normal_(ad.lora_B)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = ad(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert ad.lora_B.grad is not None and ad.lora_B.grad.dtype == torch.float32
+
+
+def test_linear_wrapper_is_frozen_base_plus_adapter():
+    torch.manual_seed(2)
+    base = nn.Linear(10, 14)
+    layer = MTLoRALinear(base, MTLoRAConfig(r=3, num_experts=4, groups=7, alpha=6, dropout=0.0))
+    nn.init.normal_(layer.adapter.lora_B)
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    x = torch.randn(5, 10)
+    a = layer.adapter
+    want = base(x) + mix_reference(x, a.lora_A, a.lora_B, a.lora_route, groups=7, scaling=2.0)
+    torch.testing.assert_close(layer(x), want)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        MTLoRALinear(nn.Conv1d(3, 3, 1))
+
+
+def test_hydralora_checkpoint_import_gives_hydralora_outputs():
+    torch.manual_seed(3)
+    d_in, d_out, r, N = 12, 9, 4, 3
+    state = {"lora_A.weight": torch.randn(r, d_in), "lora_route.weight": torch.randn(N, d_in)}
+    for i in range(N):
+        state[f"lora_B{i}.weight"] = torch.randn(d_out, r)
+    ours = MTLoRAAdapter(d_in, d_out, r=r, num_experts=N, groups=1, alpha=8, dropout=0.0)
+    ours.load_hydralora_state_dict(state)
+    x = torch.randn(2, 5, d_in)
+    B = torch.stack([state[f"lora_B{i}.weight"] for i in range(N)])
+    want = hydralora_reference(x, state["lora_A.weight"], B, state["lora_route.weight"],
+                               scaling=2.0)
+    torch.testing.assert_close(ours(x), want)
+    # Round trip: our parameters back to HydraLoRA's names reproduce the checkpoint.
+    back = {"lora_A.weight": ours.lora_A, "lora_route.weight": ours.lora_route,
+            **{f"lora_B{i}.weight": ours.lora_B[i] for i in range(N)}}
+    for k, v in state.items():
+        torch.testing.assert_close(back[k].detach(), v)
+
+
+def test_official_checkpoint_import_gives_official_outputs():
+    torch.manual_seed(4)
+    d, r, N, g = 8, 2, 3, 2
+    A, route = nn.Linear(d, r, bias=False), nn.Linear(d, g * N, bias=False)
+    Bs = nn.ModuleList(nn.Linear(r, d, bias=False) for _ in range(N))
+    state = {"lora_A.weight": A.weight, "lora_route.weight": route.weight,
+             **{f"lora_B.{i}.weight": Bs[i].weight for i in range(N)}}
+    ours = MTLoRAAdapter(d, r=r, num_experts=N, groups=g, alpha=4, dropout=0.0)
+    ours.load_official_state_dict({k: v.detach() for k, v in state.items()})
+    x = torch.randn(6, d)
+    pi = torch.softmax(route(x).float().view(6, g, N), -1)  # official block adapter's mix
+    h = A(x)
+    want = sum(pi[:, :, e].repeat_interleave(d // g, -1) * Bs[e](h) for e in range(N)) * 2.0
+    torch.testing.assert_close(ours(x), want)
+
+
+def test_checkpoint_import_names_the_mismatch():
+    ours = MTLoRAAdapter(8, r=2, num_experts=2, groups=1)
+    good = {"lora_A.weight": torch.randn(2, 8), "lora_route.weight": torch.randn(2, 8),
+            "lora_B0.weight": torch.randn(8, 2), "lora_B1.weight": torch.randn(8, 2)}
+    with pytest.raises(KeyError, match="lora_B1.weight"):
+        ours.load_hydralora_state_dict({k: v for k, v in good.items() if k != "lora_B1.weight"})
+    before = ours.lora_A.detach().clone()
+    with pytest.raises(ValueError, match="lora_A"):
+        ours.load_hydralora_state_dict({**good, "lora_A.weight": torch.randn(3, 8)})
+    torch.testing.assert_close(ours.lora_A.detach(), before)  # nothing half-loaded
