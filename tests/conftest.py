@@ -13,6 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. This must be set
+# before anything imports triton, and conftest is imported before every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Relative error (||out - ref|| / ||ref||) allowed against an fp64 reference, per input dtype.
 REL_TOL = {
     torch.float64: 1e-10,
