@@ -3,8 +3,10 @@
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
 from mtlora_kernels.ops.mix import mix
 from mtlora_kernels.reference import mix_reference
+from mtlora_kernels.integrations.hf import attach  # no transformers import: works on model objects
+from mtlora_kernels.io import load_adapters, save_adapters
 
 __version__ = "0.1.0"
 
 __all__ = ["mix", "mix_reference", "MTLoRAAdapter", "MTLoRALinear", "MTLoRAConfig",
-           "__version__"]
+           "attach", "save_adapters", "load_adapters", "__version__"]

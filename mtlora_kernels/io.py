@@ -1,0 +1,470 @@
+"""Save and load mtLoRA adapters only: safetensors for the tensors, JSON for the config.
+
+A saved directory holds ``adapter_model.safetensors`` (keys as in ``model.state_dict()``, e.g.
+``model.layers.0.mlp.mtlora_adapter.lora_B``) and ``adapter_config.json`` (the
+:class:`MTLoRAConfig`, the placement, and the adapters' names and widths).
+
+Loading is safe and all-or-nothing:
+
+- tensors are read only through safetensors; a pickle-based file (``.bin``, ``.pt``, a
+  ``torch.save`` zip, a raw pickle) is refused before a byte of it is interpreted, because
+  unpickling runs arbitrary code;
+- every check (file integrity, config, key set, shapes, dtypes) passes before the first tensor
+  is copied, so a truncated, mismatched or foreign file raises a clear error and leaves the
+  model as it was (adapters attached for the load are taken off again).
+
+HydraLoRA (component-level, ``lora_B{i}.weight``) and official mtLoRA (block-level,
+``block_adapter.lora_B.{i}.weight``) checkpoints import through :func:`import_hydralora` and
+:func:`import_official`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from mtlora_kernels.integrations.hf import MTLoRAHandle, attach, get_handle
+from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "mtlora-kernels/adapters"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Fields that change what the weights mean; dropout and backend are runtime choices.
+_WEIGHT_FIELDS = ("r", "num_experts", "groups", "alpha")
+
+
+class AdapterLoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the mismatch."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files safely.
+# --------------------------------------------------------------------------------------------
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise AdapterLoadError(
+        f"{path} is a pickle-based checkpoint (torch.save / .bin); mtlora_kernels loads adapter "
+        f"weights only from safetensors, because unpickling a file can run arbitrary code. "
+        f"Convert it once where you trust the file, e.g. "
+        f"safetensors.torch.save_file(torch.load(path, weights_only=True), "
+        f"'{path.with_suffix('.safetensors').name}').")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a safetensors file (on the CPU), after checking that it is one.
+
+    Raises :class:`AdapterLoadError` for a pickle-based file (by suffix or content), a file
+    shorter than its header says (truncated), or any other malformed file.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        _refuse_pickle(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter weights file at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: u64 little-endian header length, then a JSON header starting with '{'.
+    if len(head) == 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 8 + header_len > size:
+            raise AdapterLoadError(f"{path} is truncated: its header needs {8 + header_len} "
+                                   f"bytes, the file has {size}")
+    elif head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+        _refuse_pickle(path)
+    else:
+        raise AdapterLoadError(f"{path} is not a safetensors file ({size} bytes, it starts "
+                               f"with {head[:9]!r}); it may be truncated")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise AdapterLoadError(f"{path} is not a valid safetensors file, possibly truncated: "
+                               f"{exc}") from exc
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter config at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _weights_in(directory: Path) -> Path:
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        pickled = [p.name for p in directory.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickled:
+            _refuse_pickle(directory / pickled[0])
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Our format.
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve(model_or_handle) -> tuple[nn.Module, MTLoRAHandle | None]:
+    if isinstance(model_or_handle, MTLoRAHandle):
+        return model_or_handle.model, model_or_handle
+    model = model_or_handle
+    handle = get_handle(model)
+    if handle is None and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # a DDP wrapper: the adapters live on the wrapped model
+        handle = get_handle(model)
+    return model, handle
+
+
+def save_adapters(model_or_handle, directory: str | os.PathLike) -> Path:
+    """Write the adapters of a model (or handle) to ``directory``; returns the directory.
+
+    Only the adapters are saved (``adapter_model.safetensors`` + ``adapter_config.json``), never
+    the base model and never a pickle.
+    """
+    from safetensors.torch import save_file
+
+    from mtlora_kernels import __version__
+
+    model, handle = _resolve(model_or_handle)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} has no mtLoRA adapters attached")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in handle.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mtlora_kernels_version": __version__,
+        "config": handle.config.to_dict(),
+        "placement": handle.placement,
+        "target_modules": handle.target_modules,
+        "layers": handle.layers,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "adapters": {name: {"d_in": a.d_in, "d_out": a.d_out}
+                     for name, a in handle.adapters.items()},
+    }
+    # Write beside, then rename: an interrupted save never leaves a half-written file in place.
+    for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                        (CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))):
+        tmp = directory / (name + ".tmp")
+        write(tmp)
+        os.replace(tmp, directory / name)
+    return directory
+
+
+def _check_meta(meta: dict, where: Path) -> MTLoRAConfig:
+    if meta.get("format") != FORMAT:
+        raise AdapterLoadError(f"{where} is not an mtlora-kernels adapter config (format "
+                               f"{meta.get('format')!r}, expected {FORMAT!r}); for HydraLoRA or "
+                               f"official mtLoRA checkpoints use import_hydralora / "
+                               f"import_official")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterLoadError(f"{where} has format_version {meta['format_version']}; this "
+                               f"mtlora_kernels reads up to {FORMAT_VERSION}")
+    try:
+        return MTLoRAConfig(**meta["config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise AdapterLoadError(f"{where}: bad 'config' entry: {exc}") from exc
+
+
+def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Path) -> None:
+    diffs = [f"{k}: file has {getattr(cfg, k)!r}, the attached adapters have "
+             f"{getattr(handle.config, k)!r}"
+             for k in _WEIGHT_FIELDS if getattr(cfg, k) != getattr(handle.config, k)]
+    for key in ("placement", "target_modules", "layers"):
+        if meta.get(key) != getattr(handle, key):
+            diffs.append(f"{key}: file has {meta.get(key)!r}, the attached adapters have "
+                         f"{getattr(handle, key)!r}")
+    if diffs:
+        raise AdapterLoadError(f"{where} does not match the attached adapters: "
+                               + "; ".join(diffs))
+
+
+def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where) -> None:
+    """Every key present, none extra, every shape equal, every dtype floating."""
+    want = handle.state_dict()
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    for key in sorted(set(want) & set(tensors)):
+        got, exp = tensors[key], want[key]
+        if tuple(got.shape) != tuple(exp.shape):
+            problems.append(f"{key}: shape {tuple(got.shape)} in the file, "
+                            f"{tuple(exp.shape)} in the model")
+        elif not got.is_floating_point():
+            problems.append(f"{key}: dtype {got.dtype} is not floating")
+    if problems:
+        raise AdapterLoadError(f"{where} does not fit the attached adapters: "
+                               + "; ".join(problems))
+
+
+def _copy_all(tensors: Mapping[str, Tensor], handle: MTLoRAHandle) -> None:
+    params = {f"{n}.{k}": p for n, a in handle.adapters.items() for k, p in a.named_parameters()}
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
+
+
+def _attach_then(model: nn.Module, attach_kwargs: dict, fill: Callable[[MTLoRAHandle], None]
+                 ) -> MTLoRAHandle:
+    """Attach, run ``fill`` (which validates everything before copying); on any error take the
+    adapters off again, so the model is left as it was."""
+    handle = attach(model, **attach_kwargs)
+    try:
+        fill(handle)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle:
+    """Load adapters saved by :func:`save_adapters`; returns the handle.
+
+    If the model has no adapters yet they are attached with the saved config and placement; if
+    it has, the saved config (r, N, g, alpha, placement, targets, layers) must match them.
+    Raises :class:`AdapterLoadError` naming the mismatch; the model is then unchanged.
+    """
+    directory = Path(directory)
+    if directory.is_file():
+        raise AdapterLoadError(f"{directory} is a file; pass the directory that holds "
+                               f"{WEIGHTS_NAME} and {CONFIG_NAME}")
+    meta = _read_json(directory / CONFIG_NAME)
+    cfg = _check_meta(meta, directory / CONFIG_NAME)
+    weights = _weights_in(directory)
+    tensors = read_safetensors(weights)
+    model, handle = _resolve(model_or_handle)
+
+    def fill(h: MTLoRAHandle) -> None:
+        _validate_tensors(tensors, h, weights)
+        _copy_all(tensors, h)
+
+    if handle is not None:
+        _compare_meta(meta, cfg, handle, directory / CONFIG_NAME)
+        fill(handle)
+        return handle
+    kwargs = {"config": cfg, "layers": meta.get("layers")}
+    if meta.get("placement") == "component":
+        kwargs["target_modules"] = meta.get("target_modules")
+    else:
+        kwargs["placement"] = meta.get("placement")
+    return _attach_then(model, kwargs, fill)
+
+
+# --------------------------------------------------------------------------------------------
+# Foreign checkpoints.
+# --------------------------------------------------------------------------------------------
+
+_HYDRA_KEY = re.compile(r"^(?P<module>.+)\.(?P<leaf>lora_A\.weight|lora_B\d+\.weight|"
+                        r"lora_route\.weight)$")
+_OFFICIAL_KEY = re.compile(r"^(?P<module>.+)\.block_adapter\.(?P<leaf>lora_A\.weight|"
+                           r"lora_B\.\d+\.weight|lora_route\.weight)$")
+
+
+def _group(tensors: Mapping[str, Tensor], pattern: re.Pattern, source: str, where
+           ) -> dict[str, dict[str, Tensor]]:
+    groups: dict[str, dict[str, Tensor]] = {}
+    foreign = []
+    for key, value in tensors.items():
+        m = pattern.match(key)
+        if m is None:
+            foreign.append(key)
+        else:
+            groups.setdefault(m["module"], {})[m["leaf"]] = value
+    if foreign:
+        raise AdapterLoadError(f"{where}: {len(foreign)} keys are not {source} adapter weights, "
+                               f"e.g. {foreign[:3]}")
+    return groups
+
+
+def _dotted_suffix(a: str, b: str) -> bool:
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
+
+
+def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
+    """Our module path -> the checkpoint's; they agree up to a wrapper prefix such as PEFT's
+    ``base_model.model.`` (one must be a dotted suffix of the other, uniquely)."""
+    mapping, problems = {}, []
+    for name in ours:
+        hits = [t for t in theirs if _dotted_suffix(name, t)]
+        if len(hits) != 1:
+            problems.append(f"{name}: {'no' if not hits else len(hits)} matching checkpoint "
+                            f"modules{'' if not hits else ' ' + str(hits[:3])}")
+        else:
+            mapping[name] = hits[0]
+    unused = sorted(set(theirs) - set(mapping.values()))
+    if unused:
+        problems.append(f"checkpoint modules with no adapter here: {unused[:3]}"
+                        f"{' ...' if len(unused) > 3 else ''}")
+    if problems:
+        raise AdapterLoadError(f"{where} does not match the attached adapters: "
+                               + "; ".join(problems))
+    return mapping
+
+
+def _converted_shapes_ok(adapter: MTLoRAAdapter, state: Mapping[str, Tensor], b_key,
+                         name: str) -> list[str]:
+    """The problems of one adapter's foreign state dict (keys and shapes), empty if none."""
+    n = adapter.config.num_experts
+    need = {"lora_A.weight": tuple(adapter.lora_A.shape)}
+    need.update({b_key(i): tuple(adapter.lora_B.shape[1:]) for i in range(n)})
+    if n > 1:
+        need["lora_route.weight"] = tuple(adapter.lora_route.shape)
+    problems = [f"{name}: lacks {k}" for k in need if k not in state]
+    extra = sorted(set(state) - set(need))
+    if extra:
+        problems.append(f"{name}: unexpected {extra[:3]} (the adapters have {n} experts)")
+    problems += [f"{name}.{k}: shape {tuple(state[k].shape)} in the checkpoint, {shape} here"
+                 for k, shape in need.items() if k in state and tuple(state[k].shape) != shape]
+    return problems
+
+
+def _import(model_or_handle, source, *, kind: str, attach_kwargs: Callable[[dict | None], dict]
+            ) -> MTLoRAHandle:
+    pattern, b_key, strip, load = {
+        "hydralora": (_HYDRA_KEY, lambda i: f"lora_B{i}.weight", ".adapter",
+                      MTLoRAAdapter.load_hydralora_state_dict),
+        "official": (_OFFICIAL_KEY, lambda i: f"lora_B.{i}.weight", ".mtlora_adapter",
+                     MTLoRAAdapter.load_official_state_dict),
+    }[kind]
+    peft_config = None
+    if isinstance(source, Mapping):
+        tensors, where = dict(source), f"the {kind} state dict"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            if (path / CONFIG_NAME).is_file():
+                peft_config = _read_json(path / CONFIG_NAME)
+            path = _weights_in(path)
+        tensors, where = read_safetensors(path), path
+    groups = _group(tensors, pattern, kind, where)
+    model, handle = _resolve(model_or_handle)
+
+    def fill(h: MTLoRAHandle) -> None:
+        if kind == "hydralora" and h.config.groups != 1:
+            raise AdapterLoadError(f"HydraLoRA routes with one weight per expert: the adapters "
+                                   f"need groups=1, they have groups={h.config.groups}")
+        ours = {name[: -len(strip)]: a for name, a in h.adapters.items() if name.endswith(strip)}
+        if len(ours) != len(h.adapters):
+            raise AdapterLoadError(f"{kind} checkpoints hold "
+                                   f"{'component' if kind == 'hydralora' else 'block'}-level "
+                                   f"adapters; these are placed {h.placement!r}")
+        mapping = _match_modules(list(ours), list(groups), where)
+        problems = [p for name, a in ours.items()
+                    for p in _converted_shapes_ok(a, groups[mapping[name]], b_key, name)]
+        if problems:
+            raise AdapterLoadError(f"{where} does not fit the attached adapters: "
+                                   + "; ".join(problems))
+        for name, adapter in ours.items():
+            load(adapter, groups[mapping[name]])
+
+    if handle is not None:
+        fill(handle)
+        return handle
+    return _attach_then(model, attach_kwargs(peft_config), fill)
+
+
+def _need_config(config: MTLoRAConfig | None, kind: str) -> MTLoRAConfig:
+    if config is not None:
+        return config
+    raise AdapterLoadError(f"importing a {kind} checkpoint into a model without adapters needs "
+                           f"config=MTLoRAConfig(...) or a directory with its {CONFIG_NAME}")
+
+
+def hydralora_config(peft_config: Mapping) -> tuple[MTLoRAConfig, list[str]]:
+    """Our config and target modules from a HydraLoRA ``adapter_config.json`` (its fields ``r``,
+    ``lora_alpha``, ``lora_nums``, ``lora_dropout``, ``target_modules``)."""
+    try:
+        cfg = MTLoRAConfig(r=int(peft_config["r"]), num_experts=int(peft_config["lora_nums"]),
+                           groups=1, alpha=float(peft_config["lora_alpha"]),
+                           dropout=float(peft_config.get("lora_dropout") or 0.0))
+        targets = peft_config["target_modules"]
+    except KeyError as exc:
+        raise AdapterLoadError(f"HydraLoRA adapter config lacks {exc}") from exc
+    return cfg, [targets] if isinstance(targets, str) else list(targets)
+
+
+def official_config(peft_config: Mapping, hidden_size: int) -> tuple[MTLoRAConfig, str]:
+    """Our config and placement from an official mtLoRA ``adapter_config.json`` (block-level,
+    ``block_adapter_style='lowrank'``; g = hidden_size / routing_group_size when fine-grained)."""
+    if not peft_config.get("enable_block_adapter"):
+        raise AdapterLoadError("this official mtLoRA config is component-level "
+                               "(enable_block_adapter is false); import_official reads block-level "
+                               "checkpoints")
+    style = peft_config.get("block_adapter_style", "lowrank")
+    if style != "lowrank":
+        raise AdapterLoadError(f"block_adapter_style {style!r} has a non-linearity or learned "
+                               f"scales; only 'lowrank' is the mtLoRA adapter")
+    groups = 1
+    if peft_config.get("enable_fine_grained_routing"):
+        groups = hidden_size // int(peft_config.get("routing_group_size", 1))
+    placement = {"attention": "attn", "ffn": "ffn", "both": "both"}[
+        peft_config.get("block_adapter_type", "attention")]
+    cfg = MTLoRAConfig(r=int(peft_config.get("block_adapter_rank") or peft_config["r"]),
+                       num_experts=int(peft_config.get("lora_nums") or 1), groups=groups,
+                       alpha=float(peft_config["lora_alpha"]),
+                       dropout=float(peft_config.get("lora_dropout") or 0.0))
+    return cfg, placement
+
+
+def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = None,
+                     target_modules=None) -> MTLoRAHandle:
+    """Load a HydraLoRA checkpoint (keys ``<module>.lora_A.weight``, ``<module>.lora_B{i}.weight``,
+    ``<module>.lora_route.weight``, any PEFT prefix) into component-level adapters.
+
+    ``source``: a directory (its ``adapter_model.safetensors``, and ``adapter_config.json`` for
+    the config when the model has no adapters yet), a ``.safetensors`` file, or a dict of
+    tensors. Without attached adapters, ``config``/``target_modules`` (or the directory's
+    config) say what to attach. Everything is checked first; on an error the model is unchanged.
+    """
+    def kwargs(peft_config):
+        cfg, targets = config, target_modules
+        if peft_config is not None and (cfg is None or targets is None):
+            cfg_p, targets_p = hydralora_config(peft_config)
+            cfg, targets = cfg or cfg_p, targets or targets_p
+        if targets is None:
+            raise AdapterLoadError("importing HydraLoRA into a model without adapters needs "
+                                   "target_modules=[...] or a directory with its "
+                                   f"{CONFIG_NAME}")
+        return {"config": _need_config(cfg, "HydraLoRA"), "target_modules": targets}
+
+    return _import(model_or_handle, source, kind="hydralora", attach_kwargs=kwargs)
+
+
+def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = None,
+                    placement: str | None = None) -> MTLoRAHandle:
+    """Load an official mtLoRA block-level checkpoint (keys ``<layer>.mlp.block_adapter.lora_A
+    .weight``, ``...lora_B.{i}.weight``, ``...lora_route.weight``, any PEFT prefix; router rows
+    ``G*N + e`` as ours). ``source`` and the all-or-nothing rule as in :func:`import_hydralora`."""
+    def kwargs(peft_config):
+        cfg, where = config, placement
+        if peft_config is not None and (cfg is None or where is None):
+            model, _ = _resolve(model_or_handle)
+            cfg_p, where_p = official_config(peft_config, model.config.hidden_size)
+            cfg, where = cfg or cfg_p, where or where_p
+        return {"config": _need_config(cfg, "official mtLoRA"),
+                "placement": where or "ffn"}
+
+    return _import(model_or_handle, source, kind="official", attach_kwargs=kwargs)
+
+
+__all__ = ["save_adapters", "load_adapters", "read_safetensors", "import_hydralora",
+           "import_official", "hydralora_config", "official_config", "AdapterLoadError",
+           "WEIGHTS_NAME", "CONFIG_NAME"]
