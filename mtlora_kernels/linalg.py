@@ -1,0 +1,172 @@
+"""Randomized truncated SVD (Halko, Martinsson and Tropp 2011) for batches of matrices and of
+low-rank products, with CholeskyQR2 orthonormalisation (SPEC section 3).
+
+Every large operation is a GEMM of the input against a skinny fp32 basis of l = k + oversample
+columns: on a GPU they run in one batched Triton kernel (:mod:`mtlora_kernels.triton.rsvd`),
+on the CPU in torch. The remaining work is on l x l matrices (Cholesky, triangular solves, one
+small SVD).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtlora_kernels import backends
+
+# CholeskyQR2 falls back to Householder QR (torch.linalg.qr, per batch element) when Cholesky
+# fails or the first pass leaves ||Q1^T Q1 - I||_F above this. Measured on Y = U diag(s) V^T with
+# m = 1024 and 4096 rows, l = 24: in fp32 that first-pass error is 9e-3 at cond(Y) = 1e3 and
+# 0.75-0.9 at 1e4 (the second pass still reaches 6e-7 there), and Cholesky fails from 3e4 on; in
+# fp64 it is 2e-3 at 1e7 and 0.04-0.15 at 1e8, and Cholesky fails at 1e9. So the fallback starts
+# near cond(Y) = u^(-1/2) (~4e3 in fp32, ~1e8 in fp64), where CholeskyQR2's guarantee ends.
+# Rank-deficient sketches (input rank < k + oversample) always take it.
+_CHOLQR_MAX_FIRST_PASS_ERR = 0.5
+
+
+def _resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    name = backend or "auto"
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {name!r}")
+    if name == "auto":
+        ok = device.type == "cuda" and dtype != torch.float64 and backends.available(
+            "triton", device)[0]
+        return "triton" if ok else "torch"
+    if name == "triton":
+        ok, why = backends.available("triton", device)
+        if not ok:
+            raise RuntimeError(f"backend 'triton' was requested but is unavailable: {why}")
+        if dtype == torch.float64:
+            raise ValueError("the triton backend computes in fp32; use backend='torch' for "
+                             "float64 input")
+    return name
+
+
+def _gemm_fn(backend: str):
+    """``gemm(a, x) = a @ x`` for a [b, P, Q] (any strides, batch stride may be 0) and the
+    skinny x [b, Q, L] in the accumulation dtype; returns [b, P, L] in that dtype."""
+    if backend == "triton":
+        from mtlora_kernels.triton.rsvd import bmm
+
+        return bmm
+    return torch.matmul
+
+
+def _orth(Y: Tensor, gemm) -> tuple[Tensor, Tensor]:
+    """``Q, R = torch.linalg.qr(Y)`` by CholeskyQR2 (two Gram + Cholesky passes, GEMM-only),
+    with Householder QR for the batch elements it cannot handle (see the threshold above)."""
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    R1, info1 = torch.linalg.cholesky_ex(gemm(Y.mT, Y), upper=True)
+    Q1 = torch.linalg.solve_triangular(R1, Y, upper=True, left=False)
+    G2 = gemm(Q1.mT, Q1)
+    R2, info2 = torch.linalg.cholesky_ex(G2, upper=True)
+    Q = torch.linalg.solve_triangular(R2, Q1, upper=True, left=False)
+    R = R2 @ R1
+    # `not (err <= thr)` also catches the NaN a failed first Cholesky leaves behind.
+    bad = (info1 != 0) | (info2 != 0) | ~(
+        torch.linalg.matrix_norm(G2 - eye) <= _CHOLQR_MAX_FIRST_PASS_ERR)
+    if bad.any():
+        Q[bad], R[bad] = torch.linalg.qr(Y[bad])
+    return Q, R
+
+
+def _as_batched_operator(M, acc: torch.dtype, backend: str):
+    """Flatten the batch of a dense M or a product (B, A) to one dim; return (batch shape, m, n,
+    mm, rmm, device) with ``mm(X) = M @ X`` and ``rmm(Y) = M^T @ Y`` on [b, ., l] operands."""
+    gemm = _gemm_fn(backend)
+    # The torch path computes in acc (one up-cast here); the Triton kernel up-casts its tiles.
+    load = (lambda t: t.to(acc)) if backend == "torch" else (lambda t: t)
+    if isinstance(M, Tensor):
+        if M.dim() < 2:
+            raise ValueError(f"M must be [..., m, n]; got shape {tuple(M.shape)}")
+        batch, (m, n) = M.shape[:-2], M.shape[-2:]
+        D = load(M.reshape(-1, m, n))
+        return batch, m, n, (lambda X: gemm(D, X)), (lambda Y: gemm(D.mT, Y)), M.device
+    if not (isinstance(M, tuple) and len(M) == 2 and all(isinstance(t, Tensor) for t in M)):
+        raise TypeError("M must be a tensor [..., m, n] or a tuple (B [..., m, r], A [..., r, n]) "
+                        f"meaning B @ A; got {type(M).__name__}")
+    B, A = M
+    if B.dim() < 2 or A.dim() < 2 or B.shape[-1] != A.shape[-2]:
+        raise ValueError("a low-rank product needs B [..., m, r] and A [..., r, n]; got B "
+                         f"{tuple(B.shape)} and A {tuple(A.shape)}")
+    if B.device != A.device or B.dtype != A.dtype:
+        raise ValueError(f"B and A must share device and dtype; got {B.device}/{B.dtype} and "
+                         f"{A.device}/{A.dtype}")
+    (m, r), n = B.shape[-2:], A.shape[-1]
+    try:
+        batch = torch.broadcast_shapes(B.shape[:-2], A.shape[:-2])
+    except RuntimeError as exc:
+        raise ValueError(f"the batch dims of B {tuple(B.shape[:-2])} and A "
+                         f"{tuple(A.shape[:-2])} do not broadcast") from exc
+    # expand() keeps a shared factor (A [r, n] for all experts) as a stride-0 view, not a copy.
+    Bf = load(B.expand(*batch, m, r).reshape(-1, m, r))
+    Af = load(A.expand(*batch, r, n).reshape(-1, r, n))
+    return (batch, m, n, (lambda X: gemm(Bf, gemm(Af, X))),
+            (lambda Y: gemm(Af.mT, gemm(Bf.mT, Y))), B.device)
+
+
+def randomized_svd(
+    M: Tensor | tuple[Tensor, Tensor],
+    k: int,
+    oversample: int = 8,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``U, S, Vh = torch.linalg.svd(M, full_matrices=False); U[..., :k], S[..., :k], Vh[..., :k, :]``
+    approximately, by a randomized range finder; exact up to rounding when rank(M) <= k + oversample.
+
+    Halko-Martinsson-Tropp: sketch ``Y = M @ Omega`` with a Gaussian Omega [n, l],
+    ``l = min(k + oversample, m, n)``; ``power_iters`` rounds of ``Q <- orth(M @ orth(M^T @ Q))``;
+    then ``M^T Q = Z R`` gives ``Q^T M = R^T Z^T`` and the l x l SVD of ``R^T`` yields U, S, Vh.
+    That is ``2 + 2 * power_iters`` passes over M. Each power iteration multiplies the error of
+    the k-th singular value by about ``(sigma_{l+1} / sigma_k)^2``.
+
+    Args:
+        M: [..., m, n] (fp16 / bf16 / fp32 / fp64, any strides), or a tuple ``(B, A)`` with
+            B [..., m, r] and A [..., r, n] (batch dims broadcast) meaning ``B @ A``, which is
+            never formed: each pass costs two skinny GEMMs, O((m + n) r l) instead of O(m n l).
+        k: number of singular triplets, 1 <= k <= min(m, n).
+        oversample: extra sketch columns p >= 0 (accuracy improves with the gap sigma_{k+p+1}
+            / sigma_k).
+        power_iters: q >= 0 rounds of subspace iteration, each re-orthonormalised.
+        generator: torch.Generator that draws Omega (for reproducible results); its device may
+            differ from M's. None uses the global RNG of M's device.
+        backend: 'auto' (Triton on a CUDA tensor when available and M is not fp64, else torch),
+            'torch' or 'triton'.
+
+    Returns:
+        U [..., m, k], S [..., k] (descending, >= 0), Vh [..., k, n], in fp32 (fp64 for fp64
+        input), U with orthonormal columns and Vh with orthonormal rows. Signs of singular vector
+        pairs are arbitrary, as in torch.linalg.svd.
+    """
+    dtype = (M if isinstance(M, Tensor) else M[0]).dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"M must be a real floating tensor (fp16/bf16/fp32/fp64); got {dtype}")
+    device = (M if isinstance(M, Tensor) else M[0]).device
+    backend = _resolve_backend(backend, device, dtype)
+    acc = torch.promote_types(dtype, torch.float32)
+    batch, m, n, mm, rmm, device = _as_batched_operator(M, acc, backend)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
+        raise ValueError(f"k must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {k!r}")
+    if oversample < 0 or power_iters < 0:
+        raise ValueError(f"oversample and power_iters must be >= 0; got {oversample}, "
+                         f"{power_iters}")
+    gemm = _gemm_fn(backend)
+    nb, l = batch.numel(), min(k + oversample, m, n)
+    gen_device = generator.device if generator is not None else device
+    omega = torch.randn(nb, n, l, generator=generator, dtype=acc, device=gen_device).to(device)
+    Q, _ = _orth(mm(omega), gemm)
+    for _ in range(power_iters):
+        Z, _ = _orth(rmm(Q), gemm)
+        Q, _ = _orth(mm(Z), gemm)
+    Z, R = _orth(rmm(Q), gemm)  # M^T Q = Z R, so Q^T M = R^T Z^T
+    Ut, S, Wh = torch.linalg.svd(R.mT)
+    U = gemm(Q, Ut[..., :k].contiguous())
+    Vh = gemm(Z, Wh[..., :k, :].mT.contiguous()).mT
+    return (U.reshape(*batch, m, k), S[..., :k].reshape(*batch, k),
+            Vh.contiguous().reshape(*batch, k, n))
+
+
+__all__ = ["randomized_svd"]
