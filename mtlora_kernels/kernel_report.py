@@ -1,0 +1,616 @@
+"""Compile every kernel of the package for sm_80 and sm_90 without a GPU, and report what the
+compilers say: registers, spill bytes, shared memory, tensor-core instructions, compile time,
+plus a roofline estimate of each kernel at the benchmark shapes.
+
+Every number comes from a compiler's own output, parsed:
+
+- Triton kernels (``mtlora_kernels.triton.registry.all_kernels()``, every configuration their
+  launchers can pick, every dtype): ``triton.compile`` for ``GPUTarget("cuda", cc, 32)`` gives
+  the PTX, the cubin and the dynamic shared memory Triton launches with (``metadata.shared``).
+  Registers and static shared memory: ``cuobjdump -res-usage`` on that cubin. Spill bytes: the
+  same PTX through ptxas with ``-v`` and Triton's ptxas flags (Triton does not keep the log;
+  its register count must match the cubin's, which the tests check). Tensor-core instructions:
+  ``cuobjdump -sass`` on the cubin (HMMA on sm_80, HGMMA = wgmma on sm_90).
+- CUDA kernels: each ``csrc/*.cu`` that does not include torch headers, compiled with
+  ``nvcc -cubin -arch=sm_XX -Xptxas -v`` and read the same way.
+
+Compiled variant: pointer arguments are marked 16-byte aligned (what the Triton JIT sees for
+any tensor PyTorch allocates); integer arguments carry no divisibility hint, i.e. the code that
+serves every shape.  No GPU is needed: the tools ship in the triton wheel
+(``triton/backends/nvidia/bin``) and in the CUDA toolkit (``nvcc``).
+
+Compiles run in a pool of fresh (spawned) worker processes with ``TRITON_INTERPRET`` removed from
+their environment: under the interpreter ``@triton.jit`` makes functions the compiler cannot
+take, and a test session may have set it.  Each worker resolves its kernel by module and name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import inspect
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+TARGETS = (80, 90)
+
+# Shared memory one block may use, bytes (CUDA C Programming Guide, "Technical Specifications
+# per Compute Capability": 163 KB on 8.0, 227 KB on 9.0). A config above it compiles here but
+# fails at launch with OutOfResources, so the report flags it.
+MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
+
+# Benchmark shapes of SPEC section 3 and the H100 SXM figures the roofline uses (NVIDIA H100
+# datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 tensor core).
+BENCH_SHAPES = {"T": 8192, "d": 4096, "d_in": 4096, "d_out": 4096, "r": 16, "N": 16, "g": 2,
+                "dtype": "bf16", "elem_bytes": 2}
+H100_HBM_BYTES_PER_S = 3.35e12
+H100_BF16_FLOP_PER_S = 989e12
+
+TENSOR_CORE_OPS = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "DMMA", "BMMA")
+_TC_RE = re.compile(r"\b(" + "|".join(TENSOR_CORE_OPS) + r")(\.[\w.]+)?")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CSRC = REPO_ROOT / "csrc"
+_TORCH_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*[<"](torch/|ATen/|c10/|pybind11/)', re.M)
+
+
+@dataclasses.dataclass
+class Row:
+    """One compiled kernel variant on one target, as the compilers reported it."""
+
+    kernel: str
+    config: str
+    target: int
+    source: str  # "triton" or "cuda"
+    uses_dot: bool | None  # None: not declared (CUDA kernels)
+    ok: bool
+    error: str = ""
+    registers: int | None = None  # from the cubin (cuobjdump -res-usage)
+    ptxas_registers: int | None = None  # from the ptxas -v log; must equal ``registers``
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack_bytes: int | None = None
+    shared_dynamic: int | None = None  # bytes Triton requests at launch (metadata.shared)
+    shared_static: int | None = None  # bytes the cubin declares
+    tensor_core: dict[str, int] = dataclasses.field(default_factory=dict)  # SASS op -> count
+    compile_s: float | None = None
+
+    @property
+    def shared_total(self) -> int | None:
+        if self.shared_static is None:
+            return None
+        return self.shared_static + (self.shared_dynamic or 0)
+
+    def tensor_core_family(self) -> str:
+        fams = sorted({op.split(".")[0] for op in self.tensor_core})
+        return "/".join(fams) if fams else "none"
+
+
+# ----------------------------------------------------------------------------- tools and parsers
+
+
+def nvidia_tool(name: str) -> str:
+    """Path of ``ptxas`` / ``cuobjdump`` / ``nvdisasm`` as shipped in the triton wheel."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found at {path} (it ships with the triton wheel)")
+    return str(path)
+
+
+def nvcc_path() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    cand = Path(cuda_home) / "bin" / "nvcc"
+    return str(cand) if cand.exists() else shutil.which("nvcc")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+_FN_RE = re.compile(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?")
+_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
+    """Per function: ``registers``, ``stack``, ``spill_stores``, ``spill_loads`` from a
+    ``ptxas -v`` log (also the ``-Xptxas -v`` part of nvcc's stderr)."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        if m := _FN_RE.search(line):
+            current = m.group(1)
+            out.setdefault(current, {})
+        if current is None:
+            continue
+        if m := _SPILL_RE.search(line):
+            out[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                spill_loads=int(m.group(3)))
+        if m := _REGS_RE.search(line):
+            out[current]["registers"] = int(m.group(1))
+    return out
+
+
+def parse_res_usage(text: str) -> dict[str, dict[str, int]]:
+    """Per function: the ``KEY:value`` pairs of ``cuobjdump -res-usage`` (REG, STACK, SHARED...)."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := re.match(r"\s*Function (\S+):", line):
+            current = m.group(1)
+        elif current is not None and "REG:" in line:
+            out[current] = {k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line)}
+            current = None
+    return out
+
+
+def tensor_core_ops(sass: str) -> dict[str, Counter]:
+    """Per function: a Counter of the tensor-core SASS instructions (``HGMMA.64x128x16.F32.BF16``
+    ...) in a ``cuobjdump -sass`` listing."""
+    out: dict[str, Counter] = {}
+    current = None
+    for line in sass.splitlines():
+        if m := re.match(r"\s*Function : (\S+)", line):
+            current = m.group(1)
+            out[current] = Counter()
+        elif current is not None:
+            # Drop the "/*addr*/" and "/* encoding */" comments around each instruction.
+            if m := _TC_RE.search(re.sub(r"/\*.*?\*/", "", line)):
+                out[current][m.group(0)] += 1
+    return out
+
+
+def inspect_cubin(cubin_path: str) -> tuple[dict[str, dict[str, int]], dict[str, Counter]]:
+    """``(res_usage, tensor_core_ops)`` of a cubin, both per function."""
+    cuobjdump = nvidia_tool("cuobjdump")
+    res = _run([cuobjdump, "-res-usage", cubin_path])
+    sass = _run([cuobjdump, "-sass", cubin_path])
+    for r in (res, sass):
+        if r.returncode != 0:
+            raise RuntimeError(f"cuobjdump failed on {cubin_path}: {r.stderr.strip()}")
+    return parse_res_usage(res.stdout), tensor_core_ops(sass.stdout)
+
+
+# ----------------------------------------------------------------------------- Triton jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonJob:
+    """Everything a worker needs to compile one variant (plain data, so it pickles)."""
+
+    kernel: str
+    config: str
+    fn_module: str
+    fn_qualname: str
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    target: int
+    uses_dot: bool
+
+
+def _python_function(fn):
+    """The Python function under a JITFunction / Autotuner / Heuristics / InterpretedFunction."""
+    while not inspect.isfunction(fn):
+        if not hasattr(fn, "fn"):
+            raise TypeError(f"cannot find the Python function under {fn!r}")
+        fn = fn.fn
+    return fn
+
+
+def _jit_function(obj):
+    """The JITFunction under an Autotuner / Heuristics wrapper."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(obj, JITFunction):
+        if inspect.isfunction(obj) or not hasattr(obj, "fn"):
+            raise TypeError(
+                f"{obj!r} is not a @triton.jit kernel here (was it created with TRITON_INTERPRET=1?)")
+        obj = obj.fn
+    return obj
+
+
+def triton_jobs(specs, targets=TARGETS) -> list[TritonJob]:
+    """One job per (kernel, dtype, config, target) of ``specs`` (KernelSpec list)."""
+    jobs = []
+    for spec in specs:
+        pyfn = _python_function(spec.fn)
+        for dtype in spec.dtypes:
+            sig = {k: v.format(dtype=dtype) for k, v in spec.signature.items()}
+            for cfg in spec.configs:
+                label = cfg.label() if len(spec.dtypes) == 1 else f"{dtype},{cfg.label()}"
+                for cc in targets:
+                    jobs.append(TritonJob(
+                        kernel=spec.name, config=label, fn_module=pyfn.__module__,
+                        fn_qualname=pyfn.__qualname__, signature=sig,
+                        constexprs=dict(cfg.constexprs), num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, target=cc, uses_dot=spec.uses_dot))
+    return jobs
+
+
+def _full_signature(fn, signature: dict, constexprs: dict):
+    """Signature over every parameter in order (constexprs marked ``"constexpr"``), the constexpr
+    values (defaults filled in) and the attributes the JIT gives 16-byte aligned pointers."""
+    full, consts, attrs = {}, {}, {}
+    names = [p.name for p in fn.params]
+    unknown = (set(signature) | set(constexprs)) - set(names)
+    if unknown:
+        raise ValueError(f"{fn.__name__}: registry names unknown arguments {sorted(unknown)}")
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            if p.name in constexprs:
+                consts[p.name] = constexprs[p.name]
+            elif p.default is not inspect.Parameter.empty:
+                consts[p.name] = p.default
+            else:
+                raise ValueError(f"{fn.__name__}: constexpr {p.name!r} has no value in the config")
+            full[p.name] = "constexpr"
+        else:
+            if p.name not in signature:
+                raise ValueError(f"{fn.__name__}: argument {p.name!r} has no type in the signature")
+            full[p.name] = signature[p.name]
+            if signature[p.name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return full, consts, attrs
+
+
+def compile_triton(job: TritonJob) -> Row:
+    """Compile one Triton variant and parse what the compilers say about it."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    row = Row(job.kernel, job.config, job.target, "triton", job.uses_dot, ok=False)
+    try:
+        obj = importlib.import_module(job.fn_module)
+        for part in job.fn_qualname.split("."):
+            obj = getattr(obj, part)
+        fn = _jit_function(obj)
+        sig, consts, attrs = _full_signature(fn, job.signature, job.constexprs)
+        t0 = time.perf_counter()
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", job.target, 32),
+            options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        row.compile_s = time.perf_counter() - t0
+    except Exception as exc:  # the report lists the failure; the tests fail on it
+        row.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        return row
+    row.shared_dynamic = int(kernel.metadata.shared)
+    name = kernel.metadata.name
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        Path(ptx).write_text(kernel.asm["ptx"])
+        Path(cubin).write_bytes(kernel.asm["cubin"])
+        # Triton's own ptxas flags (triton/backends/nvidia/compiler.py make_cubin), plus -v.
+        log = _run([nvidia_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
+                    f"--gpu-name={sm_arch_from_capability(job.target)}", ptx, "-o",
+                    os.path.join(tmp, "check.cubin")])
+        if log.returncode != 0:
+            row.error = f"ptxas -v failed: {log.stderr.strip()[:2000]}"
+            return row
+        res, tc = inspect_cubin(cubin)
+    info = parse_ptxas_log(log.stderr).get(name, {})
+    usage = res.get(name)
+    if usage is None or not {"registers", "spill_stores"} <= info.keys():
+        row.error = f"no resource report for {name} in cuobjdump/ptxas output"
+        return row
+    row.registers, row.shared_static = usage["REG"], usage["SHARED"]
+    row.ptxas_registers = info["registers"]
+    row.spill_stores, row.spill_loads = info["spill_stores"], info["spill_loads"]
+    row.stack_bytes = info["stack"]
+    row.tensor_core = dict(tc.get(name, {}))
+    row.ok = True
+    return row
+
+
+# ----------------------------------------------------------------------------- CUDA sources
+
+
+def cuda_sources(csrc: Path = CSRC) -> tuple[list[Path], list[Path]]:
+    """``(compilable, skipped)``: the extension's ``.cu`` files (``csrc/sources.txt``, the list the
+    build reads; every ``csrc/*.cu`` if it is absent) without / with torch or pybind11 headers."""
+    listing = csrc / "sources.txt"
+    if listing.is_file():
+        lines = [ln.strip() for ln in listing.read_text().splitlines()]
+        files = [csrc.parent / ln for ln in lines if ln.endswith(".cu") and not ln.startswith("#")]
+    else:
+        files = sorted(csrc.glob("*.cu")) if csrc.is_dir() else []
+    # A listed file that is missing stays compilable: nvcc's error then says so in the report.
+    skipped = [f for f in files
+               if f.is_file() and _TORCH_INCLUDE_RE.search(f.read_text(errors="replace"))]
+    return [f for f in files if f not in skipped], skipped
+
+
+def nvcc_flags() -> list[str]:
+    """The flags setup.py's CUDAExtension compiles csrc/*.cu with: its own (-O3 -std=c++17
+    -lineinfo) plus the ones torch adds to every extension (no half/bf16 operator overloads,
+    relaxed constexpr), which decide what compiles."""
+    import logging
+
+    # Without a GPU, importing cpp_extension logs "No CUDA runtime is found": true, and noise here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    return ["-O3", "-std=c++17", "-lineinfo", *COMMON_NVCC_FLAGS]
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    """Mangled -> short readable name (``expand_kernel<__nv_bfloat16, 16>``: no return type,
+    namespaces or parameter list), via binutils' c++filt when it is installed."""
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    r = subprocess.run([cxxfilt, "-p"], input="\n".join(names), capture_output=True, text=True)
+    out = r.stdout.splitlines()
+    if r.returncode != 0 or len(out) != len(names):
+        return {n: n for n in names}
+    return {n: re.sub(r"^void |\(anonymous namespace\)::|\b\w+::", "", d) for n, d in zip(names, out)}
+
+
+def compile_cuda(path: str, target: int) -> list[Row]:
+    """Compile one ``.cu`` to a cubin for ``sm_<target>`` and report every kernel in it."""
+    nvcc = nvcc_path()
+    label = Path(path).name
+    if nvcc is None:
+        return [Row(label, label, target, "cuda", None, ok=False, error="nvcc not found")]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        t0 = time.perf_counter()
+        r = _run([nvcc, "-cubin", f"-arch=sm_{target}", *nvcc_flags(), "-Xptxas", "-v",
+                  "-I", str(Path(path).parent), path, "-o", cubin])
+        elapsed = time.perf_counter() - t0
+        if r.returncode != 0:
+            return [Row(label, label, target, "cuda", None, ok=False,
+                        error=f"nvcc failed: {r.stderr.strip()[-2000:]}")]
+        res, tc = inspect_cubin(cubin)
+    info = parse_ptxas_log(r.stderr)
+    names = _demangle(sorted(res))
+    rows = []
+    for fn in sorted(res):
+        row = Row(names[fn], label, target, "cuda", None, ok=False, registers=res[fn]["REG"],
+                  shared_static=res[fn]["SHARED"], tensor_core=dict(tc.get(fn, {})),
+                  compile_s=elapsed)
+        i = info.get(fn, {})
+        if {"registers", "spill_stores"} <= i.keys():
+            row.ok = True
+            row.ptxas_registers, row.stack_bytes = i["registers"], i["stack"]
+            row.spill_stores, row.spill_loads = i["spill_stores"], i["spill_loads"]
+        else:
+            row.error = f"no ptxas -v entry for {fn} in nvcc's output"
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _worker_init() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    # torch.utils.cpp_extension guesses /usr/local from a PATH nvcc wrapper and warns (SPEC 6).
+    nvcc = nvcc_path()
+    if nvcc:
+        os.environ.setdefault("CUDA_HOME", str(Path(nvcc).resolve().parent.parent))
+
+
+def _do(job) -> list[Row]:
+    if isinstance(job, TritonJob):
+        return [compile_triton(job)]
+    return compile_cuda(*job)
+
+
+def run_jobs(jobs: list, workers: int = 0) -> list[Row]:
+    """Run compile jobs (TritonJob or ``(cu_path, target)``) on ``workers`` spawned processes
+    (0: one per CPU core). Rows come back in job order."""
+    if not jobs:
+        return []
+    workers = workers or os.cpu_count() or 1
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
+                                initializer=_worker_init) as pool:
+        return [row for rows in pool.map(_do, jobs) for row in rows]
+
+
+def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,
+            csrc: Path = CSRC) -> dict:
+    """Compile everything and return the report as plain data (what ``--json`` prints)."""
+    if specs is None:
+        from mtlora_kernels.triton.registry import all_kernels
+
+        specs = all_kernels()
+    jobs: list = triton_jobs(specs, targets)
+    compilable, skipped = cuda_sources(csrc) if cuda else ([], [])
+    jobs += [(str(f), cc) for f in compilable for cc in targets]
+    t0 = time.perf_counter()
+    rows = run_jobs(jobs, workers)
+    import triton
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "triton": triton.__version__,
+        "compiled_without_gpu": True,
+        "targets": [f"sm_{t}" for t in targets],
+        "wall_s": time.perf_counter() - t0,
+        "rows": [dataclasses.asdict(r) | {"shared_total": r.shared_total,
+                                          "tensor_core_family": r.tensor_core_family()}
+                 for r in rows],
+        "cuda_sources": [f.name for f in compilable],
+        "cuda_skipped": {f.name: "includes torch/pybind11 headers (binding file)" for f in skipped},
+        "estimates": estimates(specs),
+    }
+
+
+def estimates(specs, shapes=BENCH_SHAPES) -> list[dict]:
+    """Per kernel: FLOPs and bytes per launch at ``shapes`` (``KernelSpec.cost``) and the H100
+    roofline time they imply, ``max(flops / 989 TFLOP/s, bytes / 3.35 TB/s)``."""
+    out = []
+    for spec in specs:
+        if spec.cost is None:
+            out.append({"kernel": spec.name, "flops": None, "bytes": None})
+            continue
+        flops, nbytes = (float(v) for v in spec.cost(dict(shapes)))
+        t_math, t_mem = flops / H100_BF16_FLOP_PER_S, nbytes / H100_HBM_BYTES_PER_S
+        out.append({"kernel": spec.name, "flops": flops, "bytes": nbytes,
+                    "intensity": flops / nbytes if nbytes else None,
+                    "bound": "compute" if t_math > t_mem else "memory",
+                    "roofline_us": max(t_math, t_mem) * 1e6})
+    return out
+
+
+# ----------------------------------------------------------------------------- printing
+
+COLUMNS = ("kernel", "config", "target", "regs", "spill st/ld B", "smem B", "tensor-core SASS",
+           "compile s")
+EST_COLUMNS = ("kernel", "GFLOP", "MB moved", "FLOP/B", "bound", "roofline us")
+
+
+def _cells(r: dict) -> list[str]:
+    head = [r["kernel"], r["config"], f"sm_{r['target']}"]
+    if not r["ok"]:
+        return head + ["FAILED", "", "", (r["error"].splitlines() or [""])[0][:100], ""]
+    tc = ", ".join(f"{k} x{v}" for k, v in sorted(r["tensor_core"].items())) or "none"
+    return head + [str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}",
+                   str(r["shared_total"]), tc,
+                   "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"]
+
+
+def _est_cells(e: dict) -> list[str]:
+    if e["flops"] is None:
+        return [e["kernel"]] + ["n/a"] * 5
+    return [e["kernel"], f"{e['flops'] / 1e9:.2f}", f"{e['bytes'] / 1e6:.1f}",
+            "-" if e["intensity"] is None else f"{e['intensity']:.1f}", e["bound"],
+            f"{e['roofline_us']:.1f}"]
+
+
+def _titles(report: dict) -> tuple[str, str]:
+    s = BENCH_SHAPES
+    return (f"Kernels compiled for {', '.join(report['targets'])} without a GPU "
+            f"(triton {report['triton']}, {report['date']})",
+            f"Roofline per launch at T={s['T']}, d={s['d']}, r={s['r']}, N={s['N']}, g={s['g']}, "
+            f"{s['dtype']} on an H100 ({H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s, "
+            f"{H100_BF16_FLOP_PER_S / 1e12:.0f} TFLOP/s bf16)")
+
+
+def _notes(report: dict) -> list[str]:
+    notes = []
+    if not report["rows"]:
+        notes.append("No kernels registered or found.")
+    if not report["cuda_sources"]:
+        skipped = ", ".join(report["cuda_skipped"]) or "none"
+        notes.append(f"CUDA: no csrc .cu file without torch headers to compile (skipped: {skipped}).")
+    notes.append(f"{len(report['rows'])} variants compiled in {report['wall_s']:.1f} s.")
+    return notes
+
+
+def print_report(report: dict, console=None) -> None:
+    """The two tables (compiled variants, roofline) with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    title, est_title = _titles(report)
+    table = Table(title=title)
+    for col in COLUMNS:
+        table.add_column(col, justify="right" if col in ("regs", "smem B", "compile s") else "left")
+    for r in report["rows"]:
+        cells = _cells(r)
+        if not r["ok"]:
+            cells[3] = "[red]FAILED[/red]"
+        elif r["spill_stores"]:
+            cells[4] = f"[yellow]{cells[4]}[/yellow]"
+        table.add_row(*cells)
+    console.print(table)
+    est = Table(title=est_title)
+    for col in EST_COLUMNS:
+        est.add_column(col, justify="left" if col in ("kernel", "bound") else "right")
+    for e in report["estimates"]:
+        est.add_row(*_est_cells(e))
+    console.print(est)
+    for note in _notes(report):
+        console.print(note)
+
+
+def markdown(report: dict) -> str:
+    """The same tables as GitHub Markdown (for python/tools/KERNELS.md)."""
+    def table(cols, rows):
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+
+    title, est_title = _titles(report)
+    parts = [f"**{title}**", "", table(COLUMNS, [_cells(r) for r in report["rows"]]), "",
+             f"**{est_title}**", "", table(EST_COLUMNS, [_est_cells(e) for e in report["estimates"]]),
+             "", *_notes(report)]
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the report's flags to ``parser`` (its handler is :func:`run`)."""
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the report as JSON")
+    out.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    parser.add_argument("--target", type=int, action="append", choices=TARGETS,
+                        help="compute capability to compile for (repeatable; default: 80 and 90)")
+    parser.add_argument("--kernel", action="append",
+                        help="only Triton kernels whose name contains this (repeatable)")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the csrc/*.cu kernels")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="compile processes (default: one per CPU core)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``kernels`` subcommand to a CLI's ``add_subparsers()`` object."""
+    return add_arguments(subparsers.add_parser(
+        "kernels", help="compile every kernel for sm_80/sm_90 (no GPU needed) and report "
+                        "registers, spills, shared memory, tensor-core use and a roofline"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build and print the report; exit status 1 when any variant failed to compile."""
+    from mtlora_kernels.triton.registry import all_kernels
+
+    specs = all_kernels()
+    if args.kernel:
+        specs = [s for s in specs if any(k in s.name for k in args.kernel)]
+    report = collect(specs, targets=tuple(args.target or TARGETS), workers=args.jobs,
+                     cuda=not args.no_cuda)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.markdown:
+        sys.stdout.write(markdown(report))
+    else:
+        print_report(report)
+    return 0 if all(r["ok"] for r in report["rows"]) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="kernel_report", description=__doc__.split("\n")[0]))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

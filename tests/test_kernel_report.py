@@ -1,0 +1,203 @@
+"""The kernel report: every kernel of the package compiles for sm_80 and sm_90 (no GPU needed),
+GEMM kernels reach the tensor cores, nothing spills; and the report's parsers read real
+compiler output correctly (tiny kernels defined here, compiled for real)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import triton
+import triton.language as tl
+from rich.console import Console
+
+from mtlora_kernels import kernel_report as kr
+from mtlora_kernels.triton import registry
+from mtlora_kernels.triton.registry import KernelConfig, KernelSpec
+
+# ----------------------------------------------------------------------------- tiny known kernels
+
+
+@triton.jit
+def _tiny_gemm(a_ptr, b_ptr, c_ptr, K, stride_a, stride_b, stride_c,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * stride_a + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * stride_b + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * stride_c + rn[None, :], acc.to(c_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _tiny_scale(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * scale, mask=mask)
+
+
+_GEMM_SIG = {"a_ptr": "*{dtype}", "b_ptr": "*{dtype}", "c_ptr": "*{dtype}", "K": "i32",
+             "stride_a": "i32", "stride_b": "i32", "stride_c": "i32"}
+# 64x64x32 with 4 warps: one warpgroup, so sm_90 takes the wgmma (HGMMA) path.
+_SMALL = KernelConfig({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2)
+# The tile of SPEC section 6 that spilled (128x128x64, 4 warps: 255 registers + spills).
+_SPILLS = KernelConfig({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=3)
+# K = 8: the interpreter accepts it, the compiler must not (dot operands need dims >= 16).
+_K8 = KernelConfig({"BM": 16, "BN": 16, "BK": 8}, num_warps=4, num_stages=2)
+
+GEMM = KernelSpec("tiny_gemm", _tiny_gemm, _GEMM_SIG, (_SMALL, _SPILLS, _K8),
+                  dtypes=("bf16", "fp16"), uses_dot=True,
+                  cost=lambda s: (2.0 * s["T"] * s["d"] * s["r"], 2.0 * s["elem_bytes"] * s["T"] * s["d"]))
+SCALE = KernelSpec("tiny_scale", _tiny_scale,
+                   {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "scale": "fp32"},
+                   (KernelConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),), dtypes=("fp32",),
+                   uses_dot=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    """The report over a temporary registry holding only the two tiny kernels."""
+    saved = dict(registry.KERNELS)
+    registry.KERNELS.clear()
+    try:
+        registry.register(GEMM)
+        registry.register(SCALE)
+        yield kr.collect(list(registry.KERNELS.values()), cuda=False)
+    finally:
+        registry.KERNELS.clear()
+        registry.KERNELS.update(saved)
+
+
+def _row(report, kernel, config_part, target):
+    rows = [r for r in report["rows"]
+            if r["kernel"] == kernel and config_part in r["config"] and r["target"] == target]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.mark.parametrize("target", kr.TARGETS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_parsers_on_a_compiled_gemm(tiny_report, dtype, target):
+    r = _row(tiny_report, "tiny_gemm", f"{dtype},BK=32,BM=64,BN=64", target)
+    assert r["ok"], r["error"]
+    assert 0 < r["registers"] <= 255
+    # Two independent readings of the same binary: ptxas -v on Triton's PTX and the cubin.
+    assert r["ptxas_registers"] == r["registers"]
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0
+    assert r["shared_dynamic"] > 0  # the tl.dot operands are staged through shared memory
+    family = {80: "HMMA", 90: "HGMMA"}[target]
+    assert r["tensor_core_family"] == family
+    ops = r["tensor_core"]
+    assert all(op.startswith(family + ".") for op in ops) and sum(ops.values()) > 0
+    # The operand type is in the mnemonic: HMMA.16816.F32.BF16 vs HMMA.16816.F32 (fp16).
+    assert all(op.endswith(".BF16") == (dtype == "bf16") for op in ops), ops
+    assert r["compile_s"] > 0
+
+
+@pytest.mark.parametrize("target", kr.TARGETS)
+def test_parsers_on_a_compiled_elementwise_kernel(tiny_report, target):
+    r = _row(tiny_report, "tiny_scale", "BLOCK=1024", target)
+    assert r["ok"], r["error"]
+    assert 0 < r["registers"] == r["ptxas_registers"]
+    assert r["tensor_core"] == {} and r["tensor_core_family"] == "none"
+    assert r["spill_stores"] == 0
+
+
+@pytest.mark.parametrize("target", kr.TARGETS)
+def test_spills_are_read(tiny_report, target):
+    r = _row(tiny_report, "tiny_gemm", "bf16,BK=64,BM=128,BN=128", target)
+    assert r["ok"], r["error"]
+    assert r["spill_stores"] > 0 and r["spill_loads"] > 0
+    assert r["stack_bytes"] >= r["spill_loads"]
+
+
+@pytest.mark.parametrize("target", kr.TARGETS)
+def test_a_config_that_does_not_compile_is_reported(tiny_report, target):
+    r = _row(tiny_report, "tiny_gemm", "bf16,BK=8,BM=16,BN=16", target)
+    assert not r["ok"] and r["error"] and r["registers"] is None
+
+
+def test_roofline_estimate_and_output_formats(tiny_report, capsys):
+    est = {e["kernel"]: e for e in tiny_report["estimates"]}
+    assert est["tiny_scale"]["flops"] is None  # no cost callable: reported as n/a
+    g = est["tiny_gemm"]
+    s = kr.BENCH_SHAPES
+    assert g["flops"] == 2.0 * s["T"] * s["d"] * s["r"]
+    assert g["roofline_us"] == pytest.approx(1e6 * max(
+        g["flops"] / kr.H100_BF16_FLOP_PER_S, g["bytes"] / kr.H100_HBM_BYTES_PER_S))
+    assert g["bound"] == "memory"
+
+    json.loads(json.dumps(tiny_report))  # --json prints exactly this
+    md = kr.markdown(tiny_report)
+    variants = md.count("\n| tiny_gemm | bf16,") + md.count("\n| tiny_gemm | fp16,")
+    assert variants == 2 * 3 * len(kr.TARGETS) and "n/a" in md
+    kr.print_report(tiny_report, Console(file=sys.stdout, width=250))
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "HGMMA" in out and "n/a" in out
+
+
+def test_registry_mistakes_are_reported_clearly():
+    bad = {
+        "'scale' has no type": ({"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, {"BLOCK": 8}),
+        "constexpr 'BLOCK' has no value": (SCALE.signature, {}),
+        "unknown arguments": (SCALE.signature | {"bogus": "i32"}, {"BLOCK": 8}),
+    }
+    jobs = [kr.TritonJob("tiny_scale", msg, __name__, "_tiny_scale", sig, consts, 4, 1, 90, False)
+            for msg, (sig, consts) in bad.items()]
+    for job, row in zip(jobs, kr.run_jobs(jobs, workers=1)):
+        assert not row.ok and job.config in row.error, row.error
+
+
+# ----------------------------------------------------------------------------- the real kernels
+
+# Spill budget, bytes of spill stores per variant: none. Every kernel of the package must fit
+# in registers at every configuration its launchers can pick; a spilling config is dropped
+# from the launcher's list (or the tile shrunk), not tolerated here.
+SPILL_BUDGET = 0
+
+_JOBS = kr.triton_jobs(registry.all_kernels())
+
+
+@pytest.fixture(scope="module")
+def package_report():
+    """Every registered Triton kernel and every csrc .cu, compiled once for both targets."""
+    return kr.collect(registry.all_kernels())
+
+
+def _rows_of(report, job):
+    return [r for r in report["rows"] if r["kernel"] == job.kernel and r["config"] == job.config
+            and r["target"] == job.target]
+
+
+@pytest.mark.parametrize("job", _JOBS, ids=[f"{j.kernel}-{j.config}-sm_{j.target}" for j in _JOBS])
+def test_triton_kernel_config_compiles_without_spills(package_report, job):
+    (r,) = _rows_of(package_report, job)
+    assert r["ok"], f"{job.kernel} [{job.config}] does not compile for sm_{job.target}: {r['error']}"
+    assert r["registers"] == r["ptxas_registers"]
+    assert r["spill_stores"] <= SPILL_BUDGET, (
+        f"{job.kernel} [{job.config}] spills {r['spill_stores']} B on sm_{job.target}")
+    assert r["shared_total"] <= kr.MAX_SHARED[job.target], (
+        f"{job.kernel} [{job.config}] needs {r['shared_total']} B of shared memory; "
+        f"sm_{job.target} has {kr.MAX_SHARED[job.target]}")
+    if job.uses_dot:
+        assert r["tensor_core"], (
+            f"{job.kernel} [{job.config}] carries a tl.dot but has no tensor-core instruction "
+            f"on sm_{job.target}")
+
+
+_CUDA_JOBS = [(f.name, cc) for f in kr.cuda_sources()[0] for cc in kr.TARGETS]
+
+
+@pytest.mark.parametrize("cu,target", _CUDA_JOBS, ids=[f"{f}-sm_{t}" for f, t in _CUDA_JOBS])
+def test_cuda_kernels_compile_without_spills(package_report, cu, target):
+    rows = [r for r in package_report["rows"]
+            if r["source"] == "cuda" and r["config"] == cu and r["target"] == target]
+    assert rows, f"{cu}: no report rows for sm_{target}"
+    for r in rows:
+        assert r["ok"], f"{cu} does not compile for sm_{target}: {r['error']}"
+        assert r["spill_stores"] is None or r["spill_stores"] <= SPILL_BUDGET, (
+            f"{r['kernel']} ({cu}) spills {r['spill_stores']} B on sm_{target}")
