@@ -82,9 +82,6 @@ def _as_batched_operator(M, acc: torch.dtype, backend: str):
         batch, (m, n) = M.shape[:-2], M.shape[-2:]
         D = load(M.reshape(-1, m, n))
         return batch, m, n, (lambda X: gemm(D, X)), (lambda Y: gemm(D.mT, Y)), M.device
-    if not (isinstance(M, tuple) and len(M) == 2 and all(isinstance(t, Tensor) for t in M)):
-        raise TypeError("M must be a tensor [..., m, n] or a tuple (B [..., m, r], A [..., r, n]) "
-                        f"meaning B @ A; got {type(M).__name__}")
     B, A = M
     if B.dim() < 2 or A.dim() < 2 or B.shape[-1] != A.shape[-2]:
         raise ValueError("a low-rank product needs B [..., m, r] and A [..., r, n]; got B "
@@ -141,11 +138,14 @@ def randomized_svd(
         input), U with orthonormal columns and Vh with orthonormal rows. Signs of singular vector
         pairs are arbitrary, as in torch.linalg.svd.
     """
+    if not isinstance(M, Tensor) and not (
+            isinstance(M, tuple) and len(M) == 2 and all(isinstance(t, Tensor) for t in M)):
+        raise TypeError("M must be a tensor [..., m, n] or a tuple (B [..., m, r], A [..., r, n]) "
+                        f"meaning B @ A; got {type(M).__name__}")
     dtype = (M if isinstance(M, Tensor) else M[0]).dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"M must be a real floating tensor (fp16/bf16/fp32/fp64); got {dtype}")
-    device = (M if isinstance(M, Tensor) else M[0]).device
-    backend = _resolve_backend(backend, device, dtype)
+    backend = _resolve_backend(backend, (M if isinstance(M, Tensor) else M[0]).device, dtype)
     acc = torch.promote_types(dtype, torch.float32)
     batch, m, n, mm, rmm, device = _as_batched_operator(M, acc, backend)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
