@@ -111,8 +111,9 @@ def randomized_svd(
     *,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``U, S, Vh = torch.linalg.svd(M, full_matrices=False); U[..., :k], S[..., :k], Vh[..., :k, :]``
-    approximately, by a randomized range finder; exact up to rounding when rank(M) <= k + oversample.
+    """``U, S, Vh = torch.linalg.svd(M, full_matrices=False)`` cut to the top k triplets
+    (``U[..., :k], S[..., :k], Vh[..., :k, :]``) by a randomized range finder: approximate, and
+    exact up to rounding when rank(M) <= k + oversample.
 
     Halko-Martinsson-Tropp: sketch ``Y = M @ Omega`` with a Gaussian Omega [n, l],
     ``l = min(k + oversample, m, n)``; ``power_iters`` rounds of ``Q <- orth(M @ orth(M^T @ Q))``;
