@@ -1,0 +1,313 @@
+"""The ``mtlora-kernels`` command line: ``bench``, ``info``, ``params``.
+
+A subcommand is one function taking the parsed arguments and returning an exit code, plus a
+function adding its arguments; :func:`subcommand` registers the pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None],
+                      Callable[[argparse.Namespace], int]]] = []
+
+
+def subcommand(name: str, help: str,
+               arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Register ``fn(args) -> exit code`` as subcommand ``name``; ``arguments`` adds its flags."""
+    def deco(fn: Callable[[argparse.Namespace], int]):
+        _COMMANDS.append((name, help, arguments, fn))
+        return fn
+    return deco
+
+
+def _console():
+    from rich.console import Console
+
+    # rich wraps at 80 columns when writing to a file or pipe; the bench table needs ~120
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+
+# Default sweeps. The CPU one stays small (2 cores: the HydraLoRA loop alone takes ~1.4 s per
+# forward+backward at T = 2048); --quick is one point per device.
+_SWEEPS = {
+    "cpu": dict(tokens=[512, 2048], experts=[8, 16], groups=[1, 2], rank=[16], dtype=["fp32"],
+                min_time=1.0),
+    "cuda": dict(tokens=[2048, 8192, 32768], experts=[8, 16, 32], groups=[1, 2, 8], rank=[16],
+                 dtype=["bf16"], min_time=0.5),
+}
+_QUICK = {
+    "cpu": dict(tokens=[512, 2048], experts=[16], groups=[2], rank=[16], dtype=["fp32"],
+                min_time=0.3),
+    "cuda": dict(tokens=[8192], experts=[16], groups=[2], rank=[16], dtype=["bf16"],
+                 min_time=0.2),
+}
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=_ints, help="T values, e.g. 512,2048")
+    p.add_argument("--experts", type=_ints, help="N values, e.g. 8,16")
+    p.add_argument("--groups", type=_ints, help="g values (routing groups), e.g. 1,2")
+    p.add_argument("--rank", type=_ints, help="r values (default 16)")
+    p.add_argument("--dtype", type=_names, help="fp32, bf16, fp16, fp64 (comma-separated; "
+                   "default fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--hidden", type=int, default=4096, help="d_in (default 4096, LLaMA-2-7B)")
+    p.add_argument("--d-out", type=int, help="d_out (default: = --hidden, block-level)")
+    p.add_argument("--alpha", type=float, default=64.0, help="s = alpha / r (default 64)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout while timing (the correctness check always runs without it)")
+    p.add_argument("--min-time", type=float, help="seconds of timing per provider and pass")
+    p.add_argument("--providers", type=_names,
+                   help="only these, e.g. hydralora-loop,mtlora-torch (default: all available)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"),
+                   help="directory for bench.json and bench.png (default ./bench_out)")
+    p.add_argument("--quick", action="store_true",
+                   help="one small sweep (about a minute on a 2-core CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@subcommand("bench", "time the layer: HydraLoRA loop vs eager PyTorch vs our backends",
+            _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    from mtlora_kernels import bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = (_QUICK if args.quick else _SWEEPS)["cuda" if device.type == "cuda" else "cpu"]
+    pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
+    try:
+        shapes = bench.sweep(pick["tokens"], pick["experts"], pick["groups"], pick["rank"],
+                             pick["dtype"], d_in=args.hidden, d_out=args.d_out, alpha=args.alpha,
+                             dropout=args.dropout)
+    except ValueError as exc:
+        print(f"mtlora-kernels bench: {exc}", file=sys.stderr)
+        return 2
+    providers, missing = bench.default_providers(device)
+    if args.providers:
+        unknown = set(args.providers) - {p.name for p in providers} - set(missing)
+        if unknown:
+            print(f"mtlora-kernels bench: unknown providers {sorted(unknown)}; known: "
+                  f"{[p.name for p in providers] + list(missing)}", file=sys.stderr)
+            return 2
+        providers = [p for p in providers if p.name in args.providers]
+    con = _console()
+    for name, why in missing.items():
+        con.print(f"[dim]{name} not benchmarked: {why}[/]")
+    meta = bench.machine(device)
+    records = bench.run(shapes, providers, device, pick["min_time"],
+                        progress=not args.no_progress)
+    con.print(bench.table(records, on_gpu=device.type == "cuda"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench.write_json(records, meta, args.out / "bench.json")
+    bench.plot(records, args.out / "bench.png")
+    con.print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
+              f"({meta['device']}, {meta['threads']} threads, load {meta['load_avg_1m']})")
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in failed:
+        con.print(f"[red]{r['provider']} {r['status']} at {r['label']}: {r['reason']}[/]")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+
+def build_info() -> object:
+    """The CUDA extension's build metadata, or "not built" when the package has none."""
+    try:
+        from mtlora_kernels import _build_info as mod
+    except ImportError:
+        return "not built"
+    get = getattr(mod, "build_info", None)
+    return get() if callable(get) else {k: v for k, v in vars(mod).items()
+                                       if not k.startswith("_")}
+
+
+@subcommand("info", "versions, device, available backends and CUDA build metadata")
+def _info(args: argparse.Namespace) -> int:
+    import mtlora_kernels
+    from mtlora_kernels import backends
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    con = _console()
+    rows = {
+        "mtlora-kernels": mtlora_kernels.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                   else f"cpu ({platform.processor() or platform.machine()}, "
+                        f"{torch.get_num_threads()} threads; no CUDA GPU)"),
+    }
+    for k, v in rows.items():
+        con.print(f"[bold]{k:>15}[/]  {v}")
+    con.print("[bold]backends[/]")
+    for name, state in backends.report().items():
+        style = "green" if state == "available" else "yellow"
+        con.print(f"  {name:>8}  [{style}]{state}[/]")
+    info = build_info()
+    con.print("[bold]CUDA build[/]  " + (info if isinstance(info, str)
+                                         else json.dumps(info, indent=2, default=str)))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# params
+# --------------------------------------------------------------------------------------------
+
+
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path,
+                   help="a Hugging Face config.json (or its directory); fields below override it")
+    p.add_argument("--hidden-size", type=int, help="d (default 4096, LLaMA-2-7B)")
+    p.add_argument("--layers", type=int, help="num_hidden_layers (default 32)")
+    p.add_argument("--heads", type=int, help="num_attention_heads (default 32)")
+    p.add_argument("--kv-heads", type=int, help="num_key_value_heads (default = heads)")
+    p.add_argument("--head-dim", type=int, help="head_dim (default hidden_size / heads)")
+    p.add_argument("--rank", type=int, default=16, help="r (default 16)")
+    p.add_argument("--experts", type=int, default=16, help="N (default 16)")
+    p.add_argument("--groups", type=int, default=2, help="g of the fine-grained rows (default 2)")
+
+
+def model_dims(config: dict | None = None, **fields: int | None) -> dict[str, int]:
+    """hidden_size, layers, q_out, v_out from a HF config dict and/or explicit fields (which
+    win); LLaMA-2-7B's values where neither says."""
+    cfg = dict(config or {})
+    cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg  # multimodal configs
+    pick = {
+        "hidden_size": fields.get("hidden_size") or cfg.get("hidden_size", 4096),
+        "layers": fields.get("layers") or cfg.get("num_hidden_layers", 32),
+        "heads": fields.get("heads") or cfg.get("num_attention_heads", 32),
+    }
+    pick["kv_heads"] = (fields.get("kv_heads") or cfg.get("num_key_value_heads")
+                        or pick["heads"])
+    head_dim = (fields.get("head_dim") or cfg.get("head_dim")
+                or pick["hidden_size"] // pick["heads"])
+    return {"hidden_size": pick["hidden_size"], "layers": pick["layers"],
+            "q_out": pick["heads"] * head_dim, "v_out": pick["kv_heads"] * head_dim}
+
+
+def count_params(dims: dict[str, int], rank: int, experts: int, groups: int
+                 ) -> list[tuple[str, int, int]]:
+    """``(placement, counted, formula)`` adapter parameters of a whole model.
+
+    ``counted`` sums ``numel`` of the modules built for every layer on the meta device (no
+    memory); ``formula`` is the closed form (block: d*r + N*r*d + d*N*g per adapter; HydraLoRA
+    on a linear d_in -> d_out: r*d_in + N*d_out*r + N*d_in).
+    """
+    from mtlora_kernels.compat.hydralora import HydraLoRALayer
+    from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
+
+    d, L, r, n = dims["hidden_size"], dims["layers"], rank, experts
+
+    def block(g: int) -> nn.Module:
+        return MTLoRAAdapter(d, d, MTLoRAConfig(r=r, num_experts=n, groups=g))
+
+    def hydra(d_out: int) -> nn.Module:
+        return HydraLoRALayer(d, d_out, r, n)
+
+    def block_formula(g: int) -> int:
+        return d * r + n * r * d + (d * n * g if n > 1 else 0)  # N = 1 has no router
+
+    def hydra_formula(d_out: int) -> int:
+        return r * d + n * d_out * r + n * d
+
+    rows = [
+        ("HydraLoRA on W_q + W_v (component)",
+         lambda: [hydra(dims["q_out"]), hydra(dims["v_out"])],
+         hydra_formula(dims["q_out"]) + hydra_formula(dims["v_out"])),
+        ("mtLoRA block FFN, g=1", lambda: [block(1)], block_formula(1)),
+        (f"mtLoRA block FFN, g={groups}", lambda: [block(groups)], block_formula(groups)),
+        (f"mtLoRA block attention, g={groups}", lambda: [block(groups)], block_formula(groups)),
+        (f"mtLoRA block FFN + attention, g={groups}", lambda: [block(groups), block(groups)],
+         2 * block_formula(groups)),
+    ]
+    out = []
+    with torch.device("meta"):
+        for name, build, per_layer in rows:
+            model = nn.ModuleList(nn.ModuleList(build()) for _ in range(L))
+            out.append((name, sum(p.numel() for p in model.parameters()), L * per_layer))
+    return out
+
+
+@subcommand("params", "adapter parameter count of a model by placement (no weights needed)",
+            _params_args)
+def _params(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    config = None
+    if args.config is not None:
+        path = args.config / "config.json" if args.config.is_dir() else args.config
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"mtlora-kernels params: cannot read --config {path}: {exc}", file=sys.stderr)
+            return 2
+    dims = model_dims(config, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
+                      kv_heads=args.kv_heads, head_dim=args.head_dim)
+    if dims["hidden_size"] % args.groups:
+        print(f"mtlora-kernels params: --groups {args.groups} must divide hidden_size "
+              f"{dims['hidden_size']}", file=sys.stderr)
+        return 2
+    rows = count_params(dims, args.rank, args.experts, args.groups)
+    t = Table(title=f"adapter parameters: d={dims['hidden_size']}, {dims['layers']} layers, "
+                    f"W_q out {dims['q_out']}, W_v out {dims['v_out']}, r={args.rank}, "
+                    f"N={args.experts}")
+    for col in ("placement", "parameters", "exact", "per layer"):
+        t.add_column(col, justify="left" if col == "placement" else "right")
+    for name, counted, formula in rows:
+        if counted != formula:  # the modules and the closed form must tell the same story
+            print(f"mtlora-kernels params: {name}: the modules hold {counted:,} parameters but "
+                  f"the formula gives {formula:,}", file=sys.stderr)
+            return 1
+        t.add_row(name, f"{counted / 1e6:.1f}M", f"{counted:,}", f"{counted // dims['layers']:,}")
+    _console().print(t)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtlora-kernels",
+                                     description="Fused multi-task LoRA (mtLoRA) kernels: tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, arguments, fn in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        arguments(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
