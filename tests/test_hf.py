@@ -1,0 +1,256 @@
+"""attach() on tiny random transformers models of every supported family (no downloads).
+
+The oracle is written the way SPEC section 2 states the placement, independently of attach()'s
+one-hook design: a hook on the norm captures z, a hook on the sub-layer adds
+``mix_reference(z, ...)`` (component-level: ``base(x) + mix_reference(x, ...)``) on a copy of
+the model taken before attaching.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import REL_TOL, rel_err  # noqa: E402
+from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
+from mtlora_kernels.integrations.hf import SUPPORTED_ARCHITECTURES, get_handle  # noqa: E402
+from mtlora_kernels.reference import mix_reference  # noqa: E402
+
+TOL = REL_TOL[torch.float32]
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if family == "vit":
+        cfg = transformers.ViTConfig(**SMALL, image_size=16, patch_size=8)
+        return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    cfg = cls[0](**SMALL, vocab_size=64, num_key_value_heads=2, max_position_embeddings=32)
+    return cls[1](cfg).eval()
+
+
+def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return torch.randn(2, 3, 16, 16, generator=g)
+    return torch.randint(0, 64, (2, 7), generator=g)
+
+
+def run(model, x) -> torch.Tensor:
+    out = model(x)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    """A loss with a gradient everywhere (ViT's final LayerNorm makes ``out.square().mean()``
+    constant, so its gradient would be ~1e-8 noise)."""
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    return (out * w).sum()
+
+
+def randomize(handle, seed: int = 2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in handle.adapters.values():
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.5)
+
+
+def reference_model(base: nn.Module, handle) -> nn.Module:
+    """``base`` (a pre-attach copy) with the adapters' delta added the way SPEC writes it."""
+    cfg = handle.config
+    captured = {}
+
+    def delta(x, a):
+        return mix_reference(x, a.lora_A, a.lora_B, a.lora_route, groups=cfg.groups,
+                             scaling=cfg.scaling)
+
+    def plus(out, d):
+        return (out[0] + d, *out[1:]) if isinstance(out, tuple) else out + d
+
+    family = SUPPORTED_ARCHITECTURES.get(base.config.model_type)
+    for name, a in handle.adapters.items():
+        if handle.placement == "component":
+            lin = base.get_submodule(name.removesuffix(".adapter"))
+            lin.register_forward_hook(lambda m, args, out, a=a: out + delta(args[0], a))
+            continue
+        layer_name, sub, _ = name.rsplit(".", 2)
+        layer = base.get_submodule(layer_name)
+        norm = getattr(layer, family.ffn_norm if sub == family.ffn else family.attn_norm)
+        norm.register_forward_hook(lambda m, args, out, k=name: captured.__setitem__(k, out))
+        getattr(layer, sub).register_forward_hook(
+            lambda m, args, out, k=name, a=a: plus(out, delta(captured[k], a)))
+    return base
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "vit"]
+PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
+              dict(target_modules=["q_proj", "v_proj"])]
+
+
+# Every placement on LLaMA; the other families differ only in names: 'both' and component.
+CASES = [("llama", w) for w in PLACEMENTS] + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
+
+
+@pytest.mark.parametrize("family,where", CASES,
+                         ids=[f"{f}-{w.get('placement', 'component')}" for f, w in CASES])
+def test_attach_matches_spec_and_removal_restores_the_model(family, where):
+    model = tiny_model(family)
+    x = tiny_inputs(family)
+    before = run(model, x)
+    keys = list(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    base = copy.deepcopy(model)
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+
+    handle = attach(model, cfg, **where)
+    assert torch.equal(run(model, x), before), "B = 0 at init must leave the outputs as they were"
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "adapter" not in n)
+
+    randomize(handle)
+    ours = run(model, x)
+    want = run(reference_model(base, handle), x)
+    assert rel_err(ours, before) > 1e-3, "the adapters must change the output"
+    assert rel_err(ours, want) <= TOL
+
+    # Gradients reach every adapter parameter (and only those) as through the oracle.
+    loss_of(ours).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == {n for n, _ in model.named_parameters() if "adapter" in n}
+    for p in handle.parameters():
+        p.grad = None
+    loss_of(run(base, x)).backward()
+    for name, a in handle.adapters.items():
+        for k, p in a.named_parameters():
+            assert rel_err(grads[f"{name}.{k}"], p.grad) <= TOL, f"{name}.{k}"
+
+    with handle.disabled():
+        assert torch.equal(run(model, x), before)
+    assert rel_err(run(model, x), want) <= TOL
+
+    handle.remove()
+    assert torch.equal(run(model, x), before)
+    assert list(model.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert get_handle(model) is None
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("placement,g,expected", [("ffn", 1, 37_748_736), ("ffn", 2, 39_845_888),
+                                                  ("component", 1, 75_497_472)])
+def test_parameter_counts_are_the_papers_on_llama2_7b(placement, g, expected):
+    """SPEC section 2: 37.7M (block FFN, g=1), 39.8M (g=2), 75.5M (HydraLoRA on W_q, W_v),
+    r = N = 16 on LLaMA-2-7B (d = 4096, 32 layers); built on the meta device, no memory."""
+    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008,
+                                   num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    mcfg = MTLoRAConfig(r=16, num_experts=16, groups=g)
+    where = dict(target_modules="q_proj,v_proj") if placement == "component" else dict(
+        placement=placement)
+    handle = attach(model, mcfg, **where)
+    assert handle.num_parameters() == expected
+    assert handle.num_trainable_parameters() == expected
+
+
+@pytest.mark.parametrize("placement,per_layer", [("ffn", 1), ("both", 2)])
+def test_trainable_count_is_the_block_formula(placement, per_layer):
+    model = tiny_model("llama")
+    r, n, g, d, layers = 3, 5, 4, 32, 2
+    handle = attach(model, MTLoRAConfig(r=r, num_experts=n, groups=g), placement=placement)
+    formula = d * r + n * r * d + d * n * g
+    assert handle.num_trainable_parameters() == layers * per_layer * formula
+    assert len(handle.adapters) == layers * per_layer
+
+
+def test_layers_selects_which_blocks_get_adapters():
+    model = tiny_model("llama")
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), placement="ffn",
+                    layers=[-1])
+    assert list(handle.adapters) == ["model.layers.1.mlp.mtlora_adapter"]
+    handle.remove()
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), target_modules=["q_proj"],
+                    layers=[0])
+    assert list(handle.adapters) == ["model.layers.0.self_attn.q_proj.adapter"]
+
+
+def test_aux_loss_is_the_weighted_mean_balance_loss_and_has_gradients():
+    model = tiny_model("llama").train()
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=4, groups=2, dropout=0.0),
+                    placement="both")
+    run(model, tiny_inputs("llama"))
+    loss = handle.aux_loss()
+    want = torch.stack([a.balance_loss() for a in handle.adapters.values()]).mean()
+    assert loss.item() > 0
+    torch.testing.assert_close(loss, 0.01 * want)
+    loss.backward()
+    assert all(a.lora_route.grad.abs().sum() > 0 for a in handle.adapters.values())
+
+
+def test_enable_disable_round_trip_component_level():
+    model = tiny_model("qwen2")
+    x = tiny_inputs("qwen2")
+    before = run(model, x)
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), target_modules="o_proj")
+    randomize(handle)
+    adapted = run(model, x)
+    handle.disable()
+    assert not handle.enabled and torch.equal(run(model, x), before)
+    handle.enable()
+    assert torch.equal(run(model, x), adapted)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_unknown_placement_is_refused_and_the_model_untouched():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="placement must be one of"):
+        attach(model, placement="mlp")
+    with pytest.raises(ValueError, match="not both"):
+        attach(model, placement="ffn", target_modules=["q_proj"])
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_missing_or_non_linear_targets_are_named():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"\['qkv_proj'\].*named \[.*'q_proj'"):
+        attach(model, target_modules=["q_proj", "qkv_proj"])
+    with pytest.raises(TypeError, match="post_attention_layernorm is a LlamaRMSNorm"):
+        attach(model, target_modules=["post_attention_layernorm"])
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_architecture_gets_a_clear_error():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
+    with pytest.raises(NotImplementedError, match="llama, mistral, qwen2, vit.*'gpt2'"):
+        attach(gpt2, placement="ffn")
+    with pytest.raises(TypeError, match="c_attn is a Conv1D"):  # GPT-2 has no nn.Linear there
+        attach(gpt2, target_modules=["c_attn"])
+    with pytest.raises(ValueError, match="layers=.*supported architecture"):
+        attach(gpt2, target_modules=["c_attn"], layers=[0])
+
+
+def test_other_config_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="groups=3 must divide hidden_size=32"):
+        attach(model, MTLoRAConfig(groups=3))
+    with pytest.raises(ValueError, match=r"indices \[5\] out of range .* 2 layers"):
+        attach(model, layers=[5])
+    with pytest.raises(TypeError, match="MTLoRAConfig"):
+        attach(model, {"r": 4})
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1))
+    with pytest.raises(RuntimeError, match="already has mtLoRA adapters"):
+        attach(model)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        handle.enable()
