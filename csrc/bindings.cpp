@@ -1,0 +1,254 @@
+// Python bindings of mtlora_kernels._C: boundary checks, allocation, the one dtype dispatch,
+// and the launch sequence of the fused mix. The only file of the extension that sees torch.
+// The kernels it launches are NOT verified on hardware (see mtlora.h).
+#include <torch/extension.h>
+
+// c10's CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuSPARSE / cuBLAS headers, which a
+// minimal toolkit (the one on the dev and CI machines) does not ship.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <vector>
+
+#include "mtlora.h"
+#include "philox.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+void check_input(const Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                 const at::Device& device, const char* meaning) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but x is on ", device);
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, " (", meaning, "), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (shape ", t.sizes(), ", strides ",
+              t.strides(), ")");
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "mtlora_kernels._C: launching ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// The one dtype dispatch of the extension: torch dtype -> the CUDA element type of the kernels.
+template <typename F>
+void dispatch_float_types(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(Tag<float>{}); break;
+    case at::kHalf: f(Tag<__half>{}); break;
+    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    default:
+      TORCH_CHECK(false, "the CUDA backend supports float32, float16 and bfloat16 inputs, got ",
+                  st, " (use backend='torch' for float64)");
+  }
+}
+
+template <typename T>
+const T* cptr(const Tensor& t) {
+  return static_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+T* mptr(Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+template <typename T>
+const T* cptr(const OptTensor& t) {
+  return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
+// Validates x, A, B (and the router) and returns the sizes.
+mtlora::MixShape check_core(const Tensor& x, const Tensor& A, const Tensor& B,
+                            const OptTensor& W, int64_t groups) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() == 2, "x must have shape [T, d_in], got ", x.sizes());
+  TORCH_CHECK(A.dim() == 2, "lora_A must have shape [r, d_in], got ", A.sizes());
+  TORCH_CHECK(B.dim() == 3, "lora_B must have shape [N, d_out, r], got ", B.sizes());
+  mtlora::MixShape s{x.size(0), x.size(1), B.size(1), A.size(0), B.size(0), groups};
+  TORCH_CHECK(s.r >= 1 && s.N >= 1 && s.d_out >= 1 && s.d_in >= 1,
+              "need r, N, d_out, d_in >= 1; got lora_A ", A.sizes(), ", lora_B ", B.sizes());
+  TORCH_CHECK(groups >= 1 && s.d_out % groups == 0, "groups must be a positive divisor of d_out=",
+              s.d_out, ", got ", groups);
+  check_input(x, "x", {s.T, s.d_in}, x.scalar_type(), x.device(), "[T, d_in]");
+  check_input(A, "lora_A", {s.r, s.d_in}, x.scalar_type(), x.device(), "[r, d_in]");
+  check_input(B, "lora_B", {s.N, s.d_out, s.r}, x.scalar_type(), x.device(), "[N, d_out, r]");
+  if (W.has_value())
+    check_input(*W, "route_weight", {s.g * s.N, s.d_in}, x.scalar_type(), x.device(),
+                "[g*N, d_in]");
+  return s;
+}
+
+std::vector<Tensor> mix_forward(const Tensor& x, const Tensor& A, const Tensor& B,
+                                const OptTensor& route_weight, const OptTensor& logits,
+                                const OptTensor& residual, int64_t groups, double scaling,
+                                double dropout_p, int64_t seed) {
+  const mtlora::MixShape s = check_core(x, A, B, route_weight, groups);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
+              dropout_p);
+  TORCH_CHECK(!(route_weight.has_value() && logits.has_value()),
+              "give either route_weight or logits, not both");
+  Tensor logits32;
+  if (logits.has_value()) {
+    TORCH_CHECK(logits->is_floating_point(), "logits must be floating, got ",
+                logits->scalar_type());
+    // Logits of any float dtype are promoted to fp32 before the softmax (SPEC section 3).
+    logits32 = logits->to(at::kFloat).contiguous();
+    check_input(logits32, "logits", {s.T, s.g * s.N}, at::kFloat, x.device(), "[T, g*N]");
+  }
+  if (residual.has_value())
+    check_input(*residual, "residual", {s.T, s.d_out}, x.scalar_type(), x.device(),
+                "[T, d_out]");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor y = at::empty({s.T, s.d_out}, x.options());
+  Tensor h = at::empty({s.T, s.r}, f32);
+  const bool routed = route_weight.has_value() || logits.has_value();
+  Tensor pi = routed ? at::empty({s.T, s.g, s.N}, f32) : at::ones({s.T, s.g, s.N}, f32);
+  if (s.T == 0) return {y, h, pi};
+
+  const auto p = static_cast<float>(dropout_p);
+  const auto sd = static_cast<uint64_t>(seed);
+  dispatch_float_types(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    // The router's logits go straight into pi's buffer; the softmax then runs in place.
+    check_cuda(mtlora::launch_project<T>(cptr<T>(x), cptr<T>(A), cptr<T>(route_weight),
+                                         mptr<float>(h),
+                                         route_weight.has_value() ? mptr<float>(pi) : nullptr,
+                                         s, p, sd, stream),
+               "project_kernel");
+    if (route_weight.has_value())
+      check_cuda(mtlora::launch_softmax(mptr<float>(pi), mptr<float>(pi), s.T * s.g, s.N, stream),
+                 "softmax_kernel");
+    if (logits.has_value())
+      check_cuda(mtlora::launch_softmax(cptr<float>(logits32), mptr<float>(pi), s.T * s.g, s.N,
+                                        stream),
+                 "softmax_kernel");
+    check_cuda(mtlora::launch_expand<T>(cptr<float>(h), cptr<float>(pi), cptr<T>(B),
+                                        cptr<T>(residual), mptr<T>(y), s,
+                                        static_cast<float>(scaling), stream),
+               "expand_kernel");
+  });
+  return {y, h, pi};
+}
+
+std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor& A,
+                                 const Tensor& B, const OptTensor& route_weight, const Tensor& h,
+                                 const Tensor& pi, const OptTensor& dpi, int64_t groups,
+                                 double scaling, double dropout_p, int64_t seed,
+                                 bool deterministic) {
+  const mtlora::MixShape s = check_core(x, A, B, route_weight, groups);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
+              dropout_p);
+  check_input(dy, "dy", {s.T, s.d_out}, x.scalar_type(), x.device(), "[T, d_out]");
+  check_input(h, "h", {s.T, s.r}, at::kFloat, x.device(), "[T, r] fp32 from the forward");
+  check_input(pi, "pi", {s.T, s.g, s.N}, at::kFloat, x.device(), "[T, g, N] fp32");
+  if (dpi.has_value())
+    check_input(*dpi, "dpi", {s.T, s.g, s.N}, at::kFloat, x.device(), "[T, g, N] fp32");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = x.options().dtype(at::kFloat);
+  const bool routed = route_weight.has_value();
+  Tensor dx = at::empty_like(x);
+  Tensor dA = at::zeros_like(A);
+  Tensor dB = at::zeros_like(B);
+  Tensor dW = routed ? at::zeros_like(*route_weight) : at::empty({0}, x.options());
+  Tensor dz = at::zeros({s.T, s.g * s.N}, f32);
+  if (s.T == 0) return {dx, dA, dB, dW, dz};
+  // Zero-initialised: the dy kernel accumulates into them (in order, or with atomics when it
+  // splits the columns over several blocks).
+  Tensor dh = at::zeros({s.T, s.r}, f32);
+  Tensor dpi_mix = at::zeros({s.T, s.g, s.N}, f32);
+  int num_sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()),
+             "cudaDeviceGetAttribute");
+
+  const auto p = static_cast<float>(dropout_p);
+  const auto sd = static_cast<uint64_t>(seed);
+  const auto sc = static_cast<float>(scaling);
+  dispatch_float_types(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_cuda(mtlora::launch_backward_dy<T>(cptr<T>(dy), cptr<float>(h), cptr<float>(pi),
+                                             cptr<T>(B), mptr<float>(dh), mptr<float>(dpi_mix),
+                                             s, sc, deterministic, num_sms, stream),
+               "backward_dy_kernel");
+    check_cuda(mtlora::launch_softmax_backward(cptr<float>(pi), cptr<float>(dpi_mix),
+                                               cptr<float>(dpi), mptr<float>(dz), s.T * s.g,
+                                               s.N, stream),
+               "softmax_backward_kernel");
+    check_cuda(mtlora::launch_backward_dB<T>(cptr<T>(dy), cptr<float>(h), cptr<float>(pi),
+                                             mptr<T>(dB), s, sc, stream),
+               "backward_db_kernel");
+    check_cuda(mtlora::launch_backward_dAW<T>(cptr<T>(x), cptr<float>(dh),
+                                              routed ? cptr<float>(dz) : nullptr, mptr<T>(dA),
+                                              routed ? mptr<T>(dW) : nullptr, s, p, sd, stream),
+               "backward_daw_kernel");
+    check_cuda(mtlora::launch_backward_dx<T>(cptr<float>(dh), routed ? cptr<float>(dz) : nullptr,
+                                             cptr<T>(A), cptr<T>(route_weight), mptr<T>(dx), s,
+                                             p, sd, stream),
+               "backward_dx_kernel");
+  });
+  return {dx, dA, dB, dW, dz};
+}
+
+// The keep-mask of the kernels for (seed, T, d_in, p). On a CUDA device it runs the kernel;
+// on the CPU it evaluates the same Philox function (philox.h) on the host, which lets the mask
+// be checked on machines without a GPU.
+Tensor dropout_keep_mask(int64_t seed, int64_t T, int64_t d_in, double dropout_p,
+                         const at::Device& device) {
+  TORCH_CHECK(T >= 0 && d_in >= 0, "T and d_in must be >= 0, got ", T, ", ", d_in);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
+              dropout_p);
+  const auto p = static_cast<float>(dropout_p);
+  const auto sd = static_cast<uint64_t>(seed);
+  Tensor keep = at::empty({T, d_in}, at::TensorOptions().dtype(at::kBool).device(device));
+  if (T * d_in == 0) return keep;
+  if (device.is_cpu()) {
+    bool* out = keep.data_ptr<bool>();
+    at::parallel_for(0, T * d_in, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) out[o] = mtlora::dropout_uniform(sd, o) >= p;
+    });
+    return keep;
+  }
+  TORCH_CHECK(device.is_cuda(), "dropout_keep_mask: device must be cpu or cuda, got ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(mtlora::launch_dropout_keep_mask(keep.data_ptr<bool>(), T, d_in, p, sd,
+                                              c10::cuda::getCurrentCUDAStream()),
+             "dropout_keep_mask_kernel");
+  return keep;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mtlora_kernels._C: fused CUDA kernels of the mtLoRA mix (unverified on hardware)";
+  m.def("forward", &mix_forward, "fused mix forward -> (y, h, pi)", py::arg("x"), py::arg("A"),
+        py::arg("B"), py::arg("route_weight"), py::arg("logits"), py::arg("residual"),
+        py::arg("groups"), py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"));
+  m.def("backward", &mix_backward, "fused mix backward -> (dx, dA, dB, dW_route, dlogits)",
+        py::arg("dy"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("route_weight"),
+        py::arg("h"), py::arg("pi"), py::arg("dpi"), py::arg("groups"), py::arg("scaling"),
+        py::arg("dropout_p"), py::arg("seed"), py::arg("deterministic"));
+  m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep-mask [T, d_in]",
+        py::arg("seed"), py::arg("T"), py::arg("d_in"), py::arg("dropout_p"), py::arg("device"));
+  // Build facts, read by mtlora_kernels._build_info.build_info().
+  m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." +
+                           std::to_string(CUDART_VERSION % 1000 / 10);
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                            std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
+  m.attr("arch_list") = std::string(mtlora::compiled_arch_list());
+}

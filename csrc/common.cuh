@@ -1,0 +1,245 @@
+// Device building blocks shared by the mix kernels: conversions, tile loaders into shared
+// memory, and one block-level tile GEMM (tensor cores via WMMA for fp16/bf16, FMA for fp32).
+//
+// Every kernel is written the same way, which keeps the index math in a few audited places:
+// a block of kThreads threads owns a BM x BN output tile; for each K-chunk of width BK it fills
+// As [BM][BK] and Bs [BN][BK] (K contiguous, zero outside the matrices, any elementwise
+// transform -- dropout, routing weight -- applied while loading), then TileMma accumulates
+// C += As . Bs^T in fp32. Epilogues go through Cs [BM][BN] fp32 in shared memory, whose
+// element -> (row, col) map is explicit, so per-element routing weights need no knowledge of
+// the opaque WMMA fragment layout.
+//
+// NOT verified on hardware: compiled for sm_80 / sm_90 only (see mtlora.h).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include "philox.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "mtlora_kernels._C needs sm_80 or newer (bf16 tensor cores); set TORCH_CUDA_ARCH_LIST"
+#endif
+
+namespace mtlora {
+
+constexpr int kThreads = 128;  // 4 warps per block, every kernel
+constexpr int BN = 64;         // tile width (output columns / N-dim of every tile GEMM)
+constexpr int BK = 32;         // K-chunk staged in shared memory per step
+constexpr int LDC = BN + 4;    // Cs row stride in floats: a multiple of 4 (WMMA store), 16 B rows
+
+// Shared-memory row stride of an As/Bs tile in elements. 16-bit types: BK + 8 keeps rows 16 B
+// aligned and every 16-row fragment pointer 32 B aligned (WMMA's requirement: 16*40*2 = 1280 B).
+// fp32: BK + 1 makes the column reads of the FMA path bank-conflict free (stride 33 words).
+template <typename T>
+constexpr int kLds = sizeof(T) == 2 ? BK + 8 : BK + 1;
+
+// ---- conversions ----------------------------------------------------------------------------
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// 16-byte vector access. Callers guarantee 16 B alignment (checked on the host: base pointer
+// aligned and row length * sizeof a multiple of 16, column offsets multiples of the vector).
+template <typename Src>
+__device__ __forceinline__ void load_vec16(const Src* p, float* v) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const Src* e = reinterpret_cast<const Src*>(&raw);
+#pragma unroll
+  for (int u = 0; u < int(16 / sizeof(Src)); ++u) v[u] = to_f(e[u]);
+}
+
+// Store 8 consecutive values (16 B for 16-bit types, 2 x 16 B for fp32).
+template <typename T>
+__device__ __forceinline__ void store_vec8(T* p, const float* v) {
+  alignas(16) T tmp[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u) tmp[u] = from_f<T>(v[u]);
+  const uint4* src = reinterpret_cast<const uint4*>(tmp);
+  uint4* dst = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int u = 0; u < int(8 * sizeof(T) / 16); ++u) dst[u] = src[u];
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vec8(const T* p, float* v) {
+#pragma unroll
+  for (int u = 0; u < int(8 * sizeof(T) / 16); ++u) load_vec16(p + u * (16 / sizeof(T)), v + u * (16 / sizeof(T)));
+}
+
+struct Identity {
+  __device__ __forceinline__ float operator()(int64_t, int64_t, float v) const { return v; }
+};
+
+// ---- tile loaders ---------------------------------------------------------------------------
+// S[rr][kk] = f(row, col, G[row][col]) with row = row0 + rr, col = col0 + kk, for rr < ROWS,
+// kk < BK; 0 where row >= nrows or col >= ncols (f is only called in bounds). G is row-major
+// with leading dimension ldg. vec_ok: G is 16 B aligned and ldg * sizeof(Src) % 16 == 0; then
+// whole in-bounds 16 B chunks are read with one vector load (col0 is a multiple of BK).
+template <int ROWS, typename T, typename Src, typename F>
+__device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64_t row0,
+                                          int64_t nrows, int64_t col0, int64_t ncols,
+                                          bool vec_ok, F f) {
+  constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
+  constexpr int PER_ROW = BK / V;
+  for (int q = threadIdx.x; q < ROWS * PER_ROW; q += kThreads) {
+    const int rr = q / PER_ROW;
+    const int kk = (q % PER_ROW) * V;
+    const int64_t row = row0 + rr;
+    const int64_t col = col0 + kk;
+    float v[V];
+    if (row < nrows && vec_ok && col + V <= ncols) {
+      load_vec16(G + row * ldg + col, v);
+#pragma unroll
+      for (int u = 0; u < V; ++u) v[u] = f(row, col + u, v[u]);
+    } else {
+#pragma unroll
+      for (int u = 0; u < V; ++u)
+        v[u] = (row < nrows && col + u < ncols) ? f(row, col + u, to_f(G[row * ldg + col + u]))
+                                                : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < V; ++u) S[rr * kLds<T> + kk + u] = from_f<T>(v[u]);
+  }
+}
+
+// Transposed: S[ii][kk] = f(krow, icol, G[krow][icol]) with krow = k0 + kk, icol = i0 + ii,
+// for ii < ROWS, kk < BK; 0 outside krow < nk, icol < ni. Consecutive threads take consecutive
+// icol, so the global reads stay coalesced along G's rows.
+template <int ROWS, typename T, typename Src, typename F>
+__device__ __forceinline__ void load_cols(T* S, const Src* G, int64_t ldg, int64_t k0, int64_t nk,
+                                          int64_t i0, int64_t ni, F f) {
+  for (int q = threadIdx.x; q < ROWS * BK; q += kThreads) {
+    const int ii = q % ROWS;
+    const int kk = q / ROWS;
+    const int64_t krow = k0 + kk;
+    const int64_t icol = i0 + ii;
+    const float v = (krow < nk && icol < ni) ? f(krow, icol, to_f(G[krow * ldg + icol])) : 0.f;
+    S[ii * kLds<T> + kk] = from_f<T>(v);
+  }
+}
+
+// ---- block tile GEMM: C[BM][BN] += As[BM][BK] . Bs[BN][BK]^T ------------------------------------
+// 16-bit types: WMMA 16x16x16 with fp32 accumulators. The 4 warps tile the block as WM x WN:
+// BM = 64 -> 4 x 1 (each warp 16 rows x 64 cols = 4 fragments); BM = 16 (decode) -> 1 x 4
+// (each warp 16 x 16), so a T <= 16 call does not compute 48 empty rows.
+template <typename T, int BM>
+struct TileMma {
+  static_assert(BM == 16 || BM == 64, "BM must be 16 or 64");
+  static constexpr int WM = BM / 16;
+  static constexpr int WN = 4 / WM;
+  static constexpr int FN = BN / (16 * WN);
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[FN];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int f = 0; f < FN; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.f);
+  }
+  __device__ __forceinline__ void mma(const T* As, const T* Bs) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32;
+    const int wm = warp % WM, wn = warp / WM;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, As + wm * 16 * kLds<T> + kk, kLds<T>);
+#pragma unroll
+      for (int f = 0; f < FN; ++f) {
+        // Bs[n][k] with k contiguous is the K x N operand in column-major order.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, Bs + (wn * FN + f) * 16 * kLds<T> + kk, kLds<T>);
+        wmma::mma_sync(acc[f], a, b, acc[f]);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(float* Cs) {
+    const int warp = threadIdx.x / 32;
+    const int wm = warp % WM, wn = warp / WM;
+#pragma unroll
+    for (int f = 0; f < FN; ++f)
+      nvcuda::wmma::store_matrix_sync(Cs + wm * 16 * LDC + (wn * FN + f) * 16, acc[f], LDC,
+                                      nvcuda::wmma::mem_row_major);
+  }
+};
+
+// fp32: FMA on CUDA cores (tf32 tensor cores would miss the 1e-5 fp32 tolerance). Threads form
+// an 8 x 16 grid; thread (ty, tx) owns rows ty + 8m and columns tx + 16n (strided, so a warp
+// reads 2 rows of As (broadcast) and 16 distinct rows of Bs (stride 33: no bank conflict)).
+template <int BM>
+struct TileMma<float, BM> {
+  static_assert(BM == 16 || BM == 64, "BM must be 16 or 64");
+  static constexpr int TM = BM / 8;
+  static constexpr int TN = BN / 16;
+  float acc[TM][TN];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int m = 0; m < TM; ++m)
+#pragma unroll
+      for (int n = 0; n < TN; ++n) acc[m][n] = 0.f;
+  }
+  __device__ __forceinline__ void mma(const float* As, const float* Bs) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll 4
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int m = 0; m < TM; ++m) a[m] = As[(ty + 8 * m) * kLds<float> + kk];
+#pragma unroll
+      for (int n = 0; n < TN; ++n) b[n] = Bs[(tx + 16 * n) * kLds<float> + kk];
+#pragma unroll
+      for (int m = 0; m < TM; ++m)
+#pragma unroll
+        for (int n = 0; n < TN; ++n) acc[m][n] = fmaf(a[m], b[n], acc[m][n]);
+    }
+  }
+  __device__ __forceinline__ void store(float* Cs) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+    for (int m = 0; m < TM; ++m)
+#pragma unroll
+      for (int n = 0; n < TN; ++n) Cs[(ty + 8 * m) * LDC + tx + 16 * n] = acc[m][n];
+  }
+};
+
+// Shared memory of one tile GEMM block, carved from raw bytes (16-bit types have constructors,
+// which __shared__ arrays may not have). Sizes for BM = 64: 16-bit 27.6 KB, fp32 34.3 KB.
+template <typename T, int BM>
+struct TileSmem {
+  static constexpr int kAsBytes = BM * kLds<T> * int(sizeof(T));
+  static constexpr int kBsBytes = BN * kLds<T> * int(sizeof(T));
+  static constexpr int kAsOff = 0;
+  static constexpr int kBsOff = (kAsBytes + 127) / 128 * 128;
+  static constexpr int kCsOff = kBsOff + (kBsBytes + 127) / 128 * 128;
+  static constexpr int kBytes = kCsOff + BM * LDC * int(sizeof(float));
+};
+
+#define MTLORA_TILE_SMEM(T, BM)                                                      \
+  __shared__ __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes];        \
+  T* As = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, BM>::kAsOff);                 \
+  T* Bs = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, BM>::kBsOff);                 \
+  float* Cs = reinterpret_cast<float*>(smem_raw_ + TileSmem<T, BM>::kCsOff)
+
+// ---- host helpers ---------------------------------------------------------------------------
+inline bool vec_ok(const void* p, int64_t row_len, int64_t elem_size) {
+  return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_len * elem_size) % 16 == 0;
+}
+
+inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+}  // namespace mtlora

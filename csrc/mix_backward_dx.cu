@@ -1,0 +1,103 @@
+// Backward, the input gradient: dx = keep / (1 - p) * (dh . A) + dz . W_route.
+// NOT verified on hardware; see mtlora.h.
+#include "common.cuh"
+#include "mtlora.h"
+
+namespace mtlora {
+namespace {
+
+// Block (bx, by) writes dx[t0:t0+64, i0:i0+64]. The two GEMMs (K = r, then K = g*N) cannot
+// share one accumulator because only the first is masked by dropout, so the first goes through
+// Cs into per-thread registers (8 consecutive columns each: one 16 B store at the end).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    backward_dx_kernel(const float* __restrict__ dh, const float* __restrict__ dz,
+                       const T* __restrict__ A, const T* __restrict__ W, T* __restrict__ dx,
+                       MixShape s, float p, uint64_t seed, bool vec_dh, bool vec_dz,
+                       bool vec_dx) {
+  MTLORA_TILE_SMEM(T, 64);
+  constexpr int CHUNKS = 64 * (BN / 8) / kThreads;  // 4
+  const int64_t t0 = int64_t(blockIdx.x) * 64;
+  const int64_t i0 = int64_t(blockIdx.y) * BN;
+  const int64_t d_in = s.d_in;
+  const int64_t gn = s.g * s.N;
+  const float keep_scale = 1.f / (1.f - p);
+
+  TileMma<T, 64> acc;
+  acc.zero();
+  for (int64_t k0 = 0; k0 < s.r; k0 += BK) {
+    load_rows<64>(As, dh, s.r, t0, s.T, k0, s.r, vec_dh, Identity{});  // As[t][k] = dh[t][k]
+    load_cols<BN>(Bs, A, d_in, k0, s.r, i0, d_in, Identity{});         // Bs[i][k] = A[k][i]
+    __syncthreads();
+    acc.mma(As, Bs);
+    __syncthreads();
+  }
+  acc.store(Cs);
+  __syncthreads();
+  float own[CHUNKS][8];
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    const int q = threadIdx.x + i * kThreads;
+    const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      float v = Cs[rr * LDC + cc + u];
+      if (p > 0.f) v = dropout_keep(seed, t0 + rr, i0 + cc + u, d_in, p) ? v * keep_scale : 0.f;
+      own[i][u] = v;
+    }
+  }
+  if (W != nullptr) {
+    acc.zero();
+    for (int64_t n0 = 0; n0 < gn; n0 += BK) {
+      load_rows<64>(As, dz, gn, t0, s.T, n0, gn, vec_dz, Identity{});  // As[t][n] = dz[t][n]
+      load_cols<BN>(Bs, W, d_in, n0, gn, i0, d_in, Identity{});        // Bs[i][n] = W[n][i]
+      __syncthreads();
+      acc.mma(As, Bs);
+      __syncthreads();  // also orders every thread's reads of Cs above before the store below
+    }
+    acc.store(Cs);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < CHUNKS; ++i) {
+      const int q = threadIdx.x + i * kThreads;
+      const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) own[i][u] += Cs[rr * LDC + cc + u];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    const int q = threadIdx.x + i * kThreads;
+    const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+    const int64_t t = t0 + rr, col = i0 + cc;
+    if (t >= s.T) continue;
+    T* out = dx + t * d_in + col;
+    if (vec_dx && col + 8 <= d_in) {
+      store_vec8(out, own[i]);
+    } else {
+      for (int u = 0; u < 8 && col + u < d_in; ++u) out[u] = from_f<T>(own[i][u]);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_backward_dx(const float* dh, const float* dz, const T* A, const T* W, T* dx,
+                               const MixShape& s, float p, uint64_t seed, cudaStream_t stream) {
+  const dim3 grid(ceil_div(s.T, 64), ceil_div(s.d_in, BN));
+  backward_dx_kernel<T><<<grid, kThreads, 0, stream>>>(
+      dh, W != nullptr ? dz : nullptr, A, W, dx, s, p, seed, vec_ok(dh, s.r, sizeof(float)),
+      vec_ok(dz, s.g * s.N, sizeof(float)), vec_ok(dx, s.d_in, sizeof(T)));
+  return cudaGetLastError();
+}
+
+#define MTLORA_INSTANTIATE_DX(T)                                                        \
+  template cudaError_t launch_backward_dx<T>(const float*, const float*, const T*, const T*, \
+                                             T*, const MixShape&, float, uint64_t,       \
+                                             cudaStream_t);
+MTLORA_INSTANTIATE_DX(float)
+MTLORA_INSTANTIATE_DX(__half)
+MTLORA_INSTANTIATE_DX(__nv_bfloat16)
+
+}  // namespace mtlora

@@ -1,0 +1,74 @@
+// Launch wrappers of the fused mtLoRA mix kernels: raw pointers, sizes and a stream in, a
+// cudaError_t out. No torch header may be included here or in any .cu (SPEC section 6: a .cu
+// that includes torch/extension.h took ~2 min per architecture to compile on 2 cores);
+// bindings.cpp is the only torch-aware file and does the checks and the dtype dispatch.
+//
+// Layouts (all row-major, contiguous): x [T, d_in]; A [r, d_in]; B [N, d_out, r];
+// W (the router) [g*N, d_in]; h [T, r] fp32; z / pi / dpi [T, g, N] fp32; y, dy [T, d_out].
+// Templates are instantiated for float, __half and __nv_bfloat16 (fp32 accumulation).
+//
+// STATUS: these kernels compile for sm_80 and sm_90 but have NOT been run on a GPU (none was
+// available while they were written); tests/test_cuda_mix.py checks them against the reference
+// wherever a GPU exists.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+namespace mtlora {
+
+// Sizes of one mix call. Everything is int64 so that offsets like t * d_out never overflow
+// (T * d_out > 2^31 happens at T = 512k tokens, d = 4096).
+struct MixShape {
+  int64_t T, d_in, d_out, r, N, g;
+};
+
+// ---- forward --------------------------------------------------------------------------------
+// h = drop(x) . A^T and, when W is given, z = x . W^T (both fp32 accumulated and stored).
+template <typename T>
+cudaError_t launch_project(const T* x, const T* A, const T* W, float* h, float* z,
+                           const MixShape& s, float dropout_p, uint64_t seed, cudaStream_t stream);
+// pi = softmax over the last dim of z viewed [rows, N]; z may alias pi (in place).
+cudaError_t launch_softmax(const float* z, float* pi, int64_t rows, int64_t N, cudaStream_t stream);
+// y = residual + scaling * sum_e pi[:, G(j), e] * (h . B_e^T)[:, j]   (residual may be null).
+template <typename T>
+cudaError_t launch_expand(const float* h, const float* pi, const T* B, const T* residual, T* y,
+                          const MixShape& s, float scaling, cudaStream_t stream);
+
+// ---- backward -------------------------------------------------------------------------------
+// dh[t, k] = s * sum_{j, e} dy[t, j] pi[t, G(j), e] B[e, j, k]      (dh zero-initialised)
+// dpi[t, G, e] = s * sum_{j in G} dy[t, j] (h . B_e^T)[t, j]         (dpi zero-initialised)
+// With deterministic, each output element is owned by one block (no atomics).
+template <typename T>
+cudaError_t launch_backward_dy(const T* dy, const float* h, const float* pi, const T* B, float* dh,
+                               float* dpi, const MixShape& s, float scaling, bool deterministic,
+                               int num_sms, cudaStream_t stream);
+// dz = pi * (dpi + dpi_extra - sum_e pi * (dpi + dpi_extra)) per [rows, N] row (extra may be null).
+cudaError_t launch_softmax_backward(const float* pi, const float* dpi, const float* dpi_extra,
+                                    float* dz, int64_t rows, int64_t N, cudaStream_t stream);
+// dB[e, j, k] = s * sum_t pi[t, G(j), e] dy[t, j] h[t, k]
+template <typename T>
+cudaError_t launch_backward_dB(const T* dy, const float* h, const float* pi, T* dB,
+                               const MixShape& s, float scaling, cudaStream_t stream);
+// dA = dh^T . drop(x);  dW = dz^T . x  (dz, dW null when there is no router)
+template <typename T>
+cudaError_t launch_backward_dAW(const T* x, const float* dh, const float* dz, T* dA, T* dW,
+                                const MixShape& s, float dropout_p, uint64_t seed,
+                                cudaStream_t stream);
+// dx = keep / (1 - p) * (dh . A) + dz . W  (dz, W null when there is no router)
+template <typename T>
+cudaError_t launch_backward_dx(const float* dh, const float* dz, const T* A, const T* W, T* dx,
+                               const MixShape& s, float dropout_p, uint64_t seed,
+                               cudaStream_t stream);
+
+// ---- dropout / build facts ------------------------------------------------------------------
+// keep[t, k] = dropout_keep(seed, t, k, d_in, p) (philox.h), the mask the kernels draw.
+cudaError_t launch_dropout_keep_mask(bool* keep, int64_t T, int64_t d_in, float dropout_p,
+                                     uint64_t seed, cudaStream_t stream);
+// nvcc's __CUDA_ARCH_LIST__ for the kernels' translation units, e.g. "800,900".
+const char* compiled_arch_list();
+
+}  // namespace mtlora
