@@ -1,0 +1,279 @@
+"""Adapter-only save/load (safetensors + JSON), safe and all-or-nothing; foreign imports."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("transformers")
+
+from conftest import REL_TOL, rel_err  # noqa: E402
+from test_hf import randomize, run, tiny_inputs, tiny_model  # noqa: E402
+
+from mtlora_kernels import MTLoRAConfig, attach, load_adapters, save_adapters  # noqa: E402
+from mtlora_kernels.integrations.hf import get_handle  # noqa: E402
+from mtlora_kernels.io import (  # noqa: E402
+    CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, import_hydralora, import_official,
+    read_safetensors,
+)
+from mtlora_kernels.reference import hydralora_reference  # noqa: E402
+
+CFG = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, snap, x, before):
+    assert list(model.state_dict()) == list(snap)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    assert torch.equal(run(model, x), before)
+
+
+@pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,down_proj")],
+                         ids=["block", "component"])
+def test_round_trip_gives_identical_outputs(tmp_path, where):
+    model = tiny_model("llama")
+    handle = attach(model, CFG, **where)
+    randomize(handle)
+    x = tiny_inputs("llama")
+    want = run(model, x)
+    save_adapters(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert set(load_file(tmp_path / WEIGHTS_NAME)) == set(handle.state_dict())
+
+    fresh = tiny_model("llama")  # same seed: same base weights
+    loaded = load_adapters(fresh, tmp_path)
+    assert loaded.placement == handle.placement and loaded.config == handle.config
+    assert torch.equal(run(fresh, x), want)
+
+    # Loading into adapters that are already attached (a handle) works the same way.
+    again = tiny_model("llama")
+    h = attach(again, CFG, **where)
+    load_adapters(h, tmp_path)
+    assert torch.equal(run(again, x), want)
+
+
+def test_config_mismatch_is_named_and_leaves_the_adapters_alone(tmp_path):
+    model = tiny_model("llama")
+    randomize(attach(model, CFG))
+    save_adapters(model, tmp_path)
+    other = tiny_model("llama")
+    h = attach(other, MTLoRAConfig(r=4, num_experts=3, groups=1, alpha=8.0))
+    randomize(h, seed=5)
+    x = tiny_inputs("llama")
+    snap, before = snapshot(other), run(other, x)
+    with pytest.raises(AdapterLoadError, match="groups: file has 2, the attached adapters have 1"):
+        load_adapters(other, tmp_path)
+    assert_unchanged(other, snap, x, before)
+    h.remove()
+    attach(other, CFG, placement="attn")
+    with pytest.raises(AdapterLoadError, match="placement: file has 'ffn'"):
+        load_adapters(other, tmp_path)
+
+
+def test_shape_mismatch_is_named_and_no_tensor_is_copied(tmp_path):
+    model = tiny_model("llama")
+    h = attach(model, CFG)
+    randomize(h)
+    save_adapters(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    # The LAST adapter is wrong, so a loader that copied as it went would have half-loaded.
+    key = "model.layers.1.mlp.mtlora_adapter.lora_B"
+    tensors[key] = torch.randn(3, 32, 5)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+
+    fresh = tiny_model("llama")
+    x = tiny_inputs("llama")
+    snap, before = snapshot(fresh), run(fresh, x)
+    with pytest.raises(AdapterLoadError, match=rf"{key}: shape \(3, 32, 5\) in the file, "
+                                               rf"\(3, 32, 4\) in the model"):
+        load_adapters(fresh, tmp_path)
+    assert get_handle(fresh) is None  # the adapters attached for the load were taken off
+    assert all(p.requires_grad for p in fresh.parameters())
+    assert_unchanged(fresh, snap, x, before)
+
+    h2 = attach(fresh, CFG)
+    randomize(h2, seed=7)
+    snap, before = snapshot(fresh), run(fresh, x)
+    with pytest.raises(AdapterLoadError, match="shape"):
+        load_adapters(h2, tmp_path)
+    assert_unchanged(fresh, snap, x, before)
+
+    del tensors[key]
+    tensors["model.layers.9.mlp.mtlora_adapter.lora_A"] = torch.randn(4, 32)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterLoadError, match=r"missing 1 tensors.*layers\.1\.mlp.*"
+                                               r"1 unexpected tensors.*layers\.9"):
+        load_adapters(h2, tmp_path)
+    assert_unchanged(fresh, snap, x, before)
+
+
+def test_truncated_file_is_refused_and_the_model_unchanged(tmp_path):
+    model = tiny_model("llama")
+    randomize(attach(model, CFG))
+    save_adapters(model, tmp_path)
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    fresh = tiny_model("llama")
+    x = tiny_inputs("llama")
+    snap, before = snapshot(fresh), run(fresh, x)
+    for cut, why in ((len(data) - 64, "truncated"), (40, "truncated"), (5, "not a safetensors")):
+        (tmp_path / WEIGHTS_NAME).write_bytes(data[:cut])
+        with pytest.raises(AdapterLoadError, match=why):
+            load_adapters(fresh, tmp_path)
+        assert get_handle(fresh) is None
+    assert_unchanged(fresh, snap, x, before)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a loader unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_files_are_refused_without_being_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"lora_A": _Payload(marker)}, protocol=4)
+    for name in ("adapter_model.bin", "adapter.pt", "x.pkl"):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(AdapterLoadError, match="pickle.*arbitrary code"):
+            read_safetensors(tmp_path / name)
+    # A pickle or torch.save zip under the safetensors name is caught by its content.
+    (tmp_path / WEIGHTS_NAME).write_bytes(payload)
+    with pytest.raises(AdapterLoadError, match="pickle"):
+        read_safetensors(tmp_path / WEIGHTS_NAME)
+    torch.save({"a": torch.randn(3)}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterLoadError, match="pickle"):
+        read_safetensors(tmp_path / WEIGHTS_NAME)
+    # A directory with only a .bin (what old PEFT saved) names it.
+    only_bin = tmp_path / "old"
+    only_bin.mkdir()
+    (only_bin / "adapter_model.bin").write_bytes(payload)
+    with pytest.raises(AdapterLoadError, match="adapter_model.bin is a pickle"):
+        import_hydralora(tiny_model("llama"), only_bin, config=CFG, target_modules=["q_proj"])
+    assert not marker.exists()
+
+
+def test_foreign_format_json_is_refused(tmp_path):
+    model = tiny_model("llama")
+    attach(model, CFG)
+    save_adapters(model, tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    with pytest.raises(AdapterLoadError, match="not an mtlora-kernels adapter config.*import_"):
+        load_adapters(tiny_model("llama"), tmp_path)
+
+
+# --- foreign checkpoints ---------------------------------------------------------------------
+
+
+def _hydralora_state(handle, prefix="base_model.model."):
+    """Our component adapters written with HydraLoRA's key names and PEFT's prefix."""
+    out = {}
+    for name, a in handle.adapters.items():
+        mod = prefix + name.removesuffix(".adapter")
+        out[f"{mod}.lora_A.weight"] = a.lora_A.detach().clone()
+        out[f"{mod}.lora_route.weight"] = a.lora_route.detach().clone()
+        for i in range(a.config.num_experts):
+            out[f"{mod}.lora_B{i}.weight"] = a.lora_B[i].detach().clone()
+    return out
+
+
+def test_hydralora_import_computes_hydraloras_layer(tmp_path):
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=1, alpha=8.0, dropout=0.0)
+    src = tiny_model("llama", seed=0)
+    h = attach(src, cfg, target_modules=["q_proj", "v_proj"])
+    randomize(h)
+    # Router weights that matter, so a transposed or mis-ordered import would show.
+    with torch.no_grad():
+        for a in h.adapters.values():
+            a.lora_route.mul_(8)
+    state = _hydralora_state(h)
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_nums": 3, "lora_dropout": 0.0,
+         "target_modules": ["q_proj", "v_proj"]}))
+
+    model = tiny_model("llama", seed=0)
+    handle = import_hydralora(model, tmp_path)  # config and targets from its adapter_config.json
+    assert handle.config.groups == 1 and handle.target_modules == ["q_proj", "v_proj"]
+
+    # The oracle: the base model with HydraLoRA's published layer (SPEC section 4) on q, v.
+    oracle = tiny_model("llama", seed=0)
+    for name in handle.adapters:
+        mod = name.removesuffix(".adapter")
+        A, R = state[f"base_model.model.{mod}.lora_A.weight"], \
+            state[f"base_model.model.{mod}.lora_route.weight"]
+        B = torch.stack([state[f"base_model.model.{mod}.lora_B{i}.weight"] for i in range(3)])
+        oracle.get_submodule(mod).register_forward_hook(
+            lambda m, args, out, A=A, B=B, R=R: out + hydralora_reference(
+                args[0], A, B, R, scaling=cfg.scaling))
+    x = tiny_inputs("llama")
+    assert rel_err(run(model, x), run(oracle, x)) <= REL_TOL[torch.float32]
+    assert rel_err(run(model, x), run(tiny_model("llama", seed=0), x)) > 1e-3
+
+
+def test_hydralora_import_mismatch_is_named_and_model_unchanged():
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=1, alpha=8.0)
+    src = tiny_model("llama")
+    state = _hydralora_state(attach(src, cfg, target_modules=["q_proj"]))
+    model = tiny_model("llama")
+    x = tiny_inputs("llama")
+    snap, before = snapshot(model), run(model, x)
+    bad = dict(state)
+    bad["base_model.model.model.layers.1.self_attn.q_proj.lora_B2.weight"] = torch.randn(32, 5)
+    with pytest.raises(AdapterLoadError, match=r"layers\.1\.self_attn\.q_proj\.lora_B2\.weight: "
+                                               r"shape \(32, 5\) in the checkpoint, \(32, 4\)"):
+        import_hydralora(model, bad, config=cfg, target_modules=["q_proj"])
+    with pytest.raises(AdapterLoadError, match=r"layers\.0\.self_attn\.q_proj: lacks "
+                                               r"lora_route\.weight"):
+        import_hydralora(model, {k: v for k, v in state.items() if "route" not in k},
+                         config=cfg, target_modules=["q_proj"])
+    with pytest.raises(AdapterLoadError, match="v_proj: no matching checkpoint modules"):
+        import_hydralora(model, state, config=cfg, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(AdapterLoadError, match="groups=1"):
+        import_hydralora(model, state, config=CFG, target_modules=["q_proj"])
+    assert get_handle(model) is None
+    assert_unchanged(model, snap, x, before)
+
+
+def test_official_import_block_level_with_fine_grained_routing(tmp_path):
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=4, alpha=8.0, dropout=0.0)
+    src = tiny_model("mistral")
+    h = attach(src, cfg, placement="ffn")
+    randomize(h)
+    x = tiny_inputs("mistral")
+    want = run(src, x)
+    state = {}
+    for name, a in h.adapters.items():  # the official keys: <layer>.mlp.block_adapter....
+        mod = "base_model.model." + name.removesuffix(".mtlora_adapter") + ".block_adapter"
+        state[f"{mod}.lora_A.weight"] = a.lora_A.detach().clone()
+        state[f"{mod}.lora_route.weight"] = a.lora_route.detach().clone()
+        for i in range(3):
+            state[f"{mod}.lora_B.{i}.weight"] = a.lora_B[i].detach().clone()
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(
+        {"r": 4, "lora_alpha": 8, "lora_nums": 3, "lora_dropout": 0.0,
+         "enable_block_adapter": True, "block_adapter_type": "ffn",
+         "block_adapter_style": "lowrank", "enable_fine_grained_routing": True,
+         "routing_group_size": 8}))  # 32 / 8 = 4 groups
+    model = tiny_model("mistral")
+    handle = import_official(model, tmp_path)
+    assert handle.config.groups == 4 and handle.placement == "ffn"
+    assert torch.equal(run(model, x), want)
+
+    # Wrong placement against the checkpoint: named, and the model left alone.
+    other = tiny_model("mistral")
+    snap, before = snapshot(other), run(other, x)
+    with pytest.raises(AdapterLoadError, match="self_attn: no matching checkpoint modules"):
+        import_official(other, tmp_path / WEIGHTS_NAME, config=cfg, placement="attn")
+    assert get_handle(other) is None
+    assert_unchanged(other, snap, x, before)
