@@ -184,13 +184,19 @@ class _OursRunner(Runner):
         return a.lora_A.grad, a.lora_B.grad, None if a.lora_route is None else a.lora_route.grad
 
 
-def default_providers(device: torch.device) -> tuple[list[Provider], dict[str, str]]:
+def default_providers(device: torch.device, interpreted: bool = False
+                      ) -> tuple[list[Provider], dict[str, str]]:
     """The HydraLoRA loop, the eager formulation and every backend of ours available on
-    ``device``; plus ``{provider: why it is not there}`` for the unavailable backends."""
+    ``device``; plus ``{provider: why it is not there}`` for the others. Triton kernels run by
+    the interpreter on CPU tensors (TRITON_INTERPRET=1) count only with ``interpreted``: they
+    are a correctness tool (a 2048x512x4096 GEMM took 109 s), not a path worth timing."""
     providers = [Provider("hydralora-loop", _LoopRunner), Provider("torch-eager", _EagerRunner)]
     missing = {}
     for name in ("torch", "triton", "cuda"):
         ok, why = backends.available(name, device)
+        if ok and name == "triton" and device.type == "cpu" and not interpreted:
+            ok, why = False, ("runs in Triton's interpreter on the CPU (TRITON_INTERPRET=1); "
+                              "name it in --providers to include it anyway")
         if ok:
             providers.append(Provider(f"mtlora-{name}",
                                       lambda w, s, b=name: _OursRunner(w, s, b)))

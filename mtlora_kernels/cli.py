@@ -105,7 +105,8 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mtlora-kernels bench: {exc}", file=sys.stderr)
         return 2
-    providers, missing = bench.default_providers(device)
+    providers, missing = bench.default_providers(
+        device, interpreted="mtlora-triton" in (args.providers or ()))
     if args.providers:
         unknown = set(args.providers) - {p.name for p in providers} - set(missing)
         if unknown:

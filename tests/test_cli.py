@@ -1,0 +1,145 @@
+"""``mtlora-kernels bench`` / ``info``: providers checked before they are timed, end-to-end run
+on tiny sizes, memory measurement, and the command entry points."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import mtlora_kernels
+from mtlora_kernels import bench
+from mtlora_kernels.cli import main
+
+CPU = torch.device("cpu")
+TINY = bench.Shape(tokens=9, d_in=32, d_out=32, rank=4, experts=4, groups=2)
+
+
+class _Scaled(bench.Runner):
+    """Our op, but off by 2% in its output (a wrong kernel)."""
+
+    def __init__(self, w, s):
+        super().__init__()
+        self.inner = bench._EagerRunner(w, s)
+
+    def forward(self, x):
+        return 1.02 * self.inner(x)
+
+    def grads(self):
+        return self.inner.grads()
+
+
+class _FrozenRouter(bench._EagerRunner):
+    """Right output, but the router gets no gradient (a wrong backward)."""
+
+    def forward(self, x):
+        s = self.shape
+        return bench.hydralora_eager(x, self.A, self.B, self.route.detach(), groups=s.groups,
+                                     scaling=s.scaling)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_every_provider_agrees_with_the_reference(groups):
+    """The check bench_shape runs before timing, on every provider incl. interpreted Triton."""
+    shape = dataclasses.replace(TINY, groups=groups)
+    w, x, dy = bench.make_inputs(shape, CPU)
+    ref = bench.reference(w, x, dy, shape)
+    providers, _ = bench.default_providers(CPU, interpreted=True)
+    assert {"hydralora-loop", "torch-eager", "mtlora-torch"} <= {p.name for p in providers}
+    for p in providers:
+        errs = bench.check(p.make(w, shape), x, dy, ref, shape)
+        assert set(errs) == {"y", "dx", "dA", "dB", "droute"}
+        assert max(errs.values()) <= bench.CHECK_TOL[torch.float32], (p.name, errs)
+
+
+def test_a_wrong_provider_is_refused_and_not_timed():
+    good = [bench.Provider("hydralora-loop", bench._LoopRunner)]
+    wrong = [bench.Provider("scaled", _Scaled), bench.Provider("frozen-router", _FrozenRouter)]
+    records = {r["provider"]: r for r in bench.bench_shape(TINY, good + wrong, CPU, 0.0)}
+    scaled, frozen = records["scaled"], records["frozen-router"]
+    assert scaled["status"] == frozen["status"] == "refused"
+    assert "fwd" not in scaled and "fwd+bwd" not in frozen
+    assert "y rel. err" in scaled["reason"]
+    assert "droute rel. err" in frozen["reason"] and "y rel. err" not in frozen["reason"]
+    assert records["hydralora-loop"]["status"] == "ok"
+    assert records["hydralora-loop"]["fwd+bwd"]["median_ms"] > 0
+
+
+def test_an_unrunnable_provider_is_reported():
+    def broken(w, s):
+        raise RuntimeError("no kernel for this shape")
+
+    (rec,) = bench.bench_shape(TINY, [bench.Provider("broken", broken)], CPU, 0.0)
+    assert rec["status"] == "error" and "no kernel for this shape" in rec["reason"]
+
+
+def test_bench_quick_end_to_end_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "bo"
+    rc = main(["bench", "--quick", "--hidden", "32", "--tokens", "8,17", "--experts", "4",
+               "--groups", "1,2", "--rank", "4", "--min-time", "0.005", "--no-progress",
+               "--dropout", "0.1", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "hydralora-loop" in text and "mtlora-torch" in text and "vs HydraLoRA" in text
+    data = json.loads((out / "bench.json").read_text())
+    assert data["machine"]["device"] == "cpu"
+    results = data["results"]
+    assert len(results) == 4 * 3  # 2 T x 2 g x (loop, eager, mtlora-torch)
+    assert {r["shape"]["groups"] for r in results} == {1, 2}
+    assert all(r["status"] == "ok" and r["shape"]["dropout"] == 0.1 for r in results)
+    loop = [r for r in results if r["provider"] == "hydralora-loop"]
+    assert all(r["fwd"]["speedup"] == 1.0 for r in loop)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
+    assert main(["bench", "--providers", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown providers ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--hidden", "30", "--groups", "4", "--out", str(tmp_path)]) == 2
+    assert "groups=4 must divide d_out=30" in capsys.readouterr().err
+
+
+def test_cpu_peak_memory_sees_torch_allocations():
+    """4 MB, then 8 MB while it is alive, then 4 MB freed: peak 12 MB (tracemalloc sees ~0)."""
+    def f():
+        a = torch.ones(1024, 1024)
+        b = torch.ones(2048, 1024)
+        del a
+        return b.sum()
+
+    peak = bench.peak_bytes(f, CPU)
+    assert 12 * 2**20 <= peak < 12 * 2**20 + 2**16
+
+
+def test_info_prints_backends_and_build_metadata(monkeypatch, capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"torch  {torch.__version__}" in text and "available" in text
+    fake = types.ModuleType("mtlora_kernels._build_info")
+    fake.build_info = lambda: {"arch_list": "8.0;9.0", "nvcc": "13.0"}
+    monkeypatch.setitem(sys.modules, "mtlora_kernels._build_info", fake)
+    monkeypatch.setattr(mtlora_kernels, "_build_info", fake, raising=False)
+    main(["info"])
+    assert '"arch_list": "8.0;9.0"' in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "mtlora_kernels", "--help"],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0
+    for cmd in ("bench", "info", "params"):
+        assert cmd in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"]])
+def test_missing_or_unknown_subcommand_exits_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2

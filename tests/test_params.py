@@ -1,0 +1,89 @@
+"""``mtlora-kernels params``: adapter parameter counts from a model config, built on meta."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import transformers
+
+from mtlora_kernels.cli import count_params, main, model_dims
+
+
+def _llama2_7b(**overrides) -> transformers.LlamaConfig:
+    """LLaMA-2-7B's shape, built in code (no download)."""
+    fields = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)
+    return transformers.LlamaConfig(**{**fields, **overrides})
+
+
+def _rows(text: str) -> dict[str, str]:
+    """placement -> the rounded count printed in its row."""
+    return {m.group(1).strip(): m.group(2)
+            for m in re.finditer(r"│ (.+?)\s+│\s+([\d.]+M) │", text)}
+
+
+def test_llama2_7b_config_prints_the_papers_numbers(tmp_path, capsys):
+    """SPEC section 2: 75.5M (HydraLoRA on W_q, W_v), 37.7M (block FFN g=1), 39.8M (g=2)."""
+    path = tmp_path / "config.json"
+    _llama2_7b().to_json_file(path)
+    assert main(["params", "--config", str(path), "--rank", "16", "--experts", "16"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["HydraLoRA on W_q + W_v (component)"] == "75.5M"
+    assert rows["mtLoRA block FFN, g=1"] == "37.7M"
+    assert rows["mtLoRA block FFN, g=2"] == "39.8M"
+    assert rows["mtLoRA block FFN + attention, g=2"] == "79.7M"
+
+
+def test_fields_alone_and_a_config_directory_agree(tmp_path, capsys):
+    _llama2_7b().save_pretrained(tmp_path)  # writes tmp_path/config.json
+    main(["params", "--config", str(tmp_path)])
+    from_dir = _rows(capsys.readouterr().out)
+    main(["params", "--hidden-size", "4096", "--layers", "32", "--rank", "16", "--experts", "16"])
+    assert _rows(capsys.readouterr().out) == from_dir
+
+
+def test_fields_override_the_config(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    _llama2_7b().to_json_file(path)
+    main(["params", "--config", str(path), "--layers", "16"])
+    rows = _rows(capsys.readouterr().out)
+    assert rows["mtLoRA block FFN, g=1"] == f"{37_748_736 / 2 / 1e6:.1f}M"
+
+
+@pytest.mark.parametrize("r,N,g", [(16, 16, 2), (1, 1, 1), (8, 10, 4096), (4, 3, 8)])
+def test_modules_on_meta_match_the_closed_forms(r, N, g):
+    """GQA (8 KV heads: W_v is 4096 -> 1024), rank 1, N = 1 (no router) and g = d."""
+    dims = model_dims(_llama2_7b(num_key_value_heads=8).to_dict())
+    assert dims == {"hidden_size": 4096, "layers": 32, "q_out": 4096, "v_out": 1024}
+    d, L = 4096, 32
+    rows = dict((name, (counted, formula)) for name, counted, formula in count_params(dims, r, N, g))
+    for counted, formula in rows.values():
+        assert counted == formula
+    hydra = L * sum(r * d + N * d_out * r + N * d for d_out in (4096, 1024))
+    assert rows["HydraLoRA on W_q + W_v (component)"][0] == hydra
+    router = d * N * g if N > 1 else 0
+    assert rows[f"mtLoRA block FFN, g={g}"][0] == L * (d * r + N * r * d + router)
+
+
+def test_counts_do_not_allocate_weights():
+    """A 70B-sized model with r = N = 64: ~60 GB of fp32 adapters over the five placements,
+    more than this 24 GB machine holds; on the meta device they take no memory."""
+    dims = {"hidden_size": 8192, "layers": 80, "q_out": 8192, "v_out": 1024}
+    rows = count_params(dims, 64, 64, 8)
+    assert all(counted == formula for _, counted, formula in rows)
+    assert sum(counted for _, counted, _ in rows) * 4 > 50 * 2**30
+
+
+def test_bad_config_is_reported(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert main(["params", "--config", str(missing)]) == 2
+    assert "cannot read --config" in capsys.readouterr().err
+    assert main(["params", "--hidden-size", "4096", "--groups", "3"]) == 2
+    assert "--groups 3 must divide hidden_size 4096" in capsys.readouterr().err
+
+
+def test_multimodal_config_uses_its_text_config():
+    cfg = {"model_type": "llava", "text_config": _llama2_7b(hidden_size=2048).to_dict()}
+    assert model_dims(json.loads(json.dumps(cfg)))["hidden_size"] == 2048
