@@ -1,0 +1,72 @@
+"""Build a wheel of mtlora-kernels with the CUDA extension compiled for given GPU architectures.
+
+The wheel's local version carries the CUDA and torch versions it was built against, e.g.
+``mtlora_kernels-0.1.0+cu130torch2.14-cp311-cp311-linux_x86_64.whl``: the extension links
+against one torch's C++ ABI and one CUDA major, so a wheel is only good with those.
+
+    python python/tools/build_wheel.py --archs "8.0 9.0" --out dist/
+    python python/tools/build_wheel.py --no-cuda        # pure-Python wheel, tagged +cpu...
+
+Needs the torch the wheel is for in the running environment (the build uses
+--no-build-isolation) and, for the extension, a CUDA toolkit (CUDA_HOME, default
+/usr/local/cuda). MAX_JOBS bounds the parallel compile jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_ARCHS = "8.0 8.6 8.9 9.0+PTX"
+
+
+def local_version(cuda: str | None, torch_version: str) -> str:
+    """PEP 440 local label for a build: ``cu130torch2.14`` (CUDA 13.0, torch 2.14.x) or
+    ``cputorch2.14`` without CUDA. Only torch's major.minor: patch releases keep the ABI."""
+    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    tag = "cu" + cuda.replace(".", "") if cuda else "cpu"
+    return f"{tag}torch{major_minor}"
+
+
+def build(archs: str, out: Path, cuda: bool, python: str = sys.executable) -> Path:
+    """Build the wheel into ``out`` and return its path."""
+    import torch
+
+    label = local_version(torch.version.cuda if cuda else None, torch.__version__)
+    env = dict(os.environ, MTLORA_LOCAL_VERSION=label, MTLORA_BUILD_CUDA="1" if cuda else "0",
+               TORCH_CUDA_ARCH_LIST=archs)
+    if cuda:
+        env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.glob("*.whl"))
+    cmd = [python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+           "-w", str(out), str(ROOT)]
+    print(f"building {label} wheel for TORCH_CUDA_ARCH_LIST={archs!r}: {' '.join(cmd)}",
+          flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True)
+    wheels = sorted(set(out.glob(f"*+{label}-*.whl")) - before) or sorted(out.glob(f"*+{label}-*.whl"))
+    if not wheels:
+        raise SystemExit(f"pip wheel succeeded but no *+{label}-*.whl appeared in {out}")
+    print(f"built {wheels[-1].name} in {time.perf_counter() - start:.0f} s", flush=True)
+    return wheels[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS),
+                    help=f"TORCH_CUDA_ARCH_LIST for the extension (default {DEFAULT_ARCHS!r})")
+    ap.add_argument("--out", type=Path, default=ROOT / "dist", help="output directory")
+    ap.add_argument("--no-cuda", action="store_true", help="build without the CUDA extension")
+    args = ap.parse_args(argv)
+    print(build(args.archs, args.out, cuda=not args.no_cuda))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# CI check of the build: compile the CUDA extension for sm_80 and sm_90 (no GPU needed), pack it
+# into a wheel tagged +cu<CUDA>torch<X.Y>, install the wheel into a fresh venv and check it there:
+# the package imports, _C loads and reports the two archs, the cuda backend says why it is
+# unavailable (no GPU) and the torch backend matches the reference.
+#
+#   python/tools/ci_build_check.sh /path/to/venv/bin/python
+#
+# The fresh venv borrows torch and the other dependencies from the given interpreter's
+# site-packages through a .pth file (offline, no copy of a 5 GB torch); the wheel itself goes in
+# with --no-deps --no-index. Budget: one two-arch build took ~TIME_MEASURED on 2 cores (see
+# python/tools/BUILD.md); MAX_JOBS defaults to 2.
+set -euo pipefail
+
+PY=${1:-python3}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-2}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+start=$(date +%s)
+echo "== build the wheel (compiles _C for sm_80 and sm_90)"
+"$PY" "$ROOT/python/tools/build_wheel.py" --archs "8.0 9.0" --out "$WORK/dist"
+WHEEL=$(ls "$WORK"/dist/mtlora_kernels-*.whl)
+echo "   $(basename "$WHEEL") in $(( $(date +%s) - start )) s"
+
+echo "== install it into a fresh venv"
+"$PY" -m venv "$WORK/venv"
+VPY="$WORK/venv/bin/python"
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+VSITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$SITE" > "$VSITE/_ci_borrowed_deps.pth"   # torch & co., after the venv's own packages
+"$VPY" -m pip install --quiet --no-deps --no-index "$WHEEL"
+
+echo "== check the installed wheel"
+cd "$WORK"   # not the repo root: the import must come from the wheel, not the source tree
+"$VPY" - "$WORK/venv" <<'PYEOF'
+import sys
+import torch
+import mtlora_kernels
+from mtlora_kernels import backends, mix, mix_reference
+from mtlora_kernels._build_info import build_info
+
+venv = sys.argv[1]
+assert mtlora_kernels.__file__.startswith(venv), f"imported from {mtlora_kernels.__file__}"
+info = build_info()
+print("   build_info:", info)
+assert info["cuda_extension"], f"the wheel's _C does not import: {info}"
+assert set(info["extension_archs"]) == {"sm_80", "sm_90"}, info["extension_archs"]
+assert info["extension_torch_matches"], info
+ok, why = backends.available("cuda")
+assert ok == torch.cuda.is_available(), (ok, why)
+print(f"   cuda backend available: {ok} ({why or 'GPU present'})")
+
+torch.manual_seed(0)
+x, A = torch.randn(7, 24), torch.randn(4, 24)
+B, W = torch.randn(3, 10, 4), torch.randn(2 * 3, 24)
+y = mix(x, A, B, W, groups=2, scaling=2.0, backend="torch")
+ref = mix_reference(x.double(), A.double(), B.double(), W.double(), groups=2, scaling=2.0)
+err = ((y.double() - ref).norm() / ref.norm()).item()
+assert err < 1e-5, err
+from mtlora_kernels.ops.mix import resolve_backend
+assert resolve_backend("auto", x.device) == "torch"
+keep = backends._cuda_extension()[0].dropout_keep_mask(1, 64, 64, 0.25, torch.device("cpu"))
+assert abs(keep.float().mean().item() - 0.75) < 0.03
+print(f"   torch backend ok (rel. err. {err:.1e}), auto -> torch on CPU, host dropout mask ok")
+PYEOF
+echo "== ci_build_check passed in $(( $(date +%s) - start )) s"

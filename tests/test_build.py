@@ -1,0 +1,189 @@
+"""The build on a machine without a GPU: metadata, the one source list, the fallback when the
+extension is missing, the wheel tag, and the host twin of the kernels' dropout RNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.version import Version
+
+from mtlora_kernels import backends, mix, mix_reference
+from mtlora_kernels._build_info import build_info
+from mtlora_kernels.ops import mix as mix_mod
+from conftest import assert_close_to_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "python" / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """Pretend mtlora_kernels._C was never built (a None entry makes `import` raise)."""
+    monkeypatch.setitem(sys.modules, "mtlora_kernels._C", None)
+    backends._cuda_extension.cache_clear()
+    yield
+    backends._cuda_extension.cache_clear()
+
+
+def _extension_or_skip():
+    ext, why = backends._cuda_extension()
+    if ext is None:
+        pytest.skip(f"needs the built extension: {why}")
+    return ext
+
+
+# ---- the one list of sources ------------------------------------------------------------------
+
+
+def test_sources_list_is_complete_and_torch_free():
+    listed = [ln.strip() for ln in (ROOT / "csrc" / "sources.txt").read_text().splitlines()
+              if ln.strip() and not ln.strip().startswith("#")]
+    on_disk = sorted(str(p.relative_to(ROOT)) for ext in ("*.cu", "*.cpp")
+                     for p in (ROOT / "csrc").glob(ext))
+    assert sorted(listed) == on_disk, "csrc/sources.txt must list every .cu / .cpp, nothing else"
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "csrc/sources.txt" in cmake and "add_library" in cmake.replace("Python_add_library", "add_library")
+    # Keeping torch out of the .cu files is what makes the build fit in CI (SPEC section 6).
+    for path in (ROOT / "csrc").glob("*.cu*"):
+        includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', path.read_text())
+        torchy = [i for i in includes if i.split("/")[0] in ("torch", "ATen", "c10")]
+        assert not torchy, f"{path.name} includes torch headers {torchy}"
+
+
+# ---- setup.py's switches (through its real command line) -----------------------------------------
+
+
+def _setup(env_extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "setup.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_setup_skips_extension_when_told_and_tags_local_version():
+    out = _setup({"MTLORA_BUILD_CUDA": "0", "MTLORA_LOCAL_VERSION": "cu130torch2.14"},
+                 "--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0.1.0+cu130torch2.14"
+    assert "without the CUDA extension: MTLORA_BUILD_CUDA=0" in out.stderr
+
+
+def test_setup_rejects_unknown_build_mode():
+    out = _setup({"MTLORA_BUILD_CUDA": "maybe"}, "--version")
+    assert out.returncode != 0
+    assert "MTLORA_BUILD_CUDA must be auto, 1 or 0" in out.stderr
+
+
+# ---- wheel tag ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cuda, torch_version, label",
+    [("13.0", "2.14.1+cu130", "cu130torch2.14"), ("12.8", "2.11.0", "cu128torch2.11"),
+     (None, "2.13.0+cpu", "cputorch2.13")],
+)
+def test_wheel_local_version(cuda, torch_version, label):
+    build_wheel = _load_tool("build_wheel")
+    got = build_wheel.local_version(cuda, torch_version)
+    assert got == label
+    assert Version(f"0.1.0+{got}").local == label  # a valid PEP 440 local label
+
+
+# ---- build metadata -----------------------------------------------------------------------------
+
+
+def test_build_info_with_extension():
+    ext = _extension_or_skip()
+    info = build_info()
+    assert info["cuda_extension"] is True
+    assert info["torch"] == torch.__version__
+    assert info["extension_archs"], info
+    assert all(re.fullmatch(r"sm_\d+", a) for a in info["extension_archs"])
+    assert info["extension_cuda"] == str(ext.cuda_version) and re.fullmatch(r"\d+\.\d+",
+                                                                            info["extension_cuda"])
+    assert info["extension_torch_matches"] == (torch.__version__.split("+")[0]
+                                               == info["extension_torch"])
+
+
+def test_build_info_without_extension(no_extension):
+    info = build_info()
+    assert info["cuda_extension"] is False
+    assert "not built or failed to load" in info["cuda_extension_reason"]
+    assert "extension_archs" not in info
+
+
+# ---- fallback when _C is missing -------------------------------------------------------------------
+
+
+def test_missing_extension_falls_back_to_torch(no_extension):
+    ok, why = backends.available("cuda")
+    assert not ok and "mtlora_kernels._C" in why
+    assert backends.report()["cuda"] == why
+    assert mix_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+    torch.manual_seed(0)
+    x, A = torch.randn(5, 12), torch.randn(3, 12)
+    B, W = torch.randn(2, 8, 3), torch.randn(2 * 2, 12)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' was requested but is unavailable.*_C"):
+        mix(x, A, B, W, groups=2, scaling=2.0, backend="cuda")
+    y = mix(x, A, B, W, groups=2, scaling=2.0, backend="auto")
+    ref = mix_reference(x.double(), A.double(), B.double(), W.double(), groups=2, scaling=2.0)
+    assert_close_to_reference(y, ref, torch.float32, "auto fallback forward")
+
+
+def test_cuda_backend_module_raises_clearly_without_extension(no_extension):
+    from mtlora_kernels.ops import cuda_mix
+
+    with pytest.raises(RuntimeError, match="cuda backend is unavailable"):
+        cuda_mix.dropout_keep_mask(0, 2, 2, 0.5, "cpu")
+
+
+# ---- the dropout RNG (host twin of the device code) ---------------------------------------------
+
+
+def test_host_dropout_mask_matches_triton_rand(monkeypatch):
+    """keep = tl.rand(seed, t * d_in + k) >= p, bit for bit, against Triton's own Philox run by
+    its interpreter: an independent implementation of the same generator."""
+    ext = _extension_or_skip()
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    @triton.jit
+    def rand_kernel(out, seed, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + offs, tl.rand(seed, offs), mask=offs < n)
+
+    T, d_in = 13, 37
+    for seed in (0, 2**31 - 1, 2**40 + 5):
+        u = torch.empty(T * d_in)
+        rand_kernel[(triton.cdiv(T * d_in, 256),)](u, seed, T * d_in, BLOCK=256)
+        for p in (0.05, 0.5):
+            keep = ext.dropout_keep_mask(seed, T, d_in, p, torch.device("cpu"))
+            assert keep.dtype == torch.bool and keep.shape == (T, d_in)
+            assert torch.equal(keep, (u >= p).view(T, d_in)), (seed, p)
+
+
+def test_host_dropout_mask_rate_and_seed():
+    ext = _extension_or_skip()
+    a = ext.dropout_keep_mask(7, 256, 64, 0.3, torch.device("cpu"))
+    b = ext.dropout_keep_mask(7, 256, 64, 0.3, torch.device("cpu"))
+    c = ext.dropout_keep_mask(8, 256, 64, 0.3, torch.device("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(a.float().mean().item() - 0.7) < 0.02  # 16k draws: std 0.004
+    assert ext.dropout_keep_mask(7, 4, 4, 0.0, torch.device("cpu")).all()
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        ext.dropout_keep_mask(7, 4, 4, 1.0, torch.device("cpu"))

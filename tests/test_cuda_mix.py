@@ -1,0 +1,254 @@
+"""The ``cuda`` backend (mtlora_kernels._C) against the fp64 reference: forward and every
+gradient over the axes of SPEC section 5, dropout, external logits, the routing gradient,
+deterministic mode, odd and aligned sizes, T * d_out > 2^31, and against the triton backend.
+
+Every GPU test takes the ``cuda_device`` fixture and skips with a reason on a machine without a
+GPU (there the CPU tests at the bottom still check the extension's dropout generator). The
+kernels were written and compiled without a GPU: these tests are their first real check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REL_TOL, assert_close_to_reference, rel_err
+
+from mtlora_kernels import backends
+from mtlora_kernels.ops.mix import mix
+from mtlora_kernels.reference import mix_reference, routing_weights
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+D_IN, D_OUT = 40, 24  # not multiples of the 64-wide tiles; d_out = 24 allows g in {1, 2, 24}
+
+
+@pytest.fixture
+def cuda_ext(cuda_device):
+    ok, why = backends.available("cuda", cuda_device)
+    if not ok:
+        pytest.skip(f"the cuda backend is unavailable: {why}")
+    return cuda_device
+
+
+def make_inputs(T, d_in, d_out, r, N, g, device, *, seed, external=False, lead=()):
+    """fp64 leaves: x, A, B, W (None without a router or with external logits), logits."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = rnd(*lead, T, d_in)
+    A = rnd(r, d_in) / d_in**0.5
+    B = rnd(N, d_out, r) / r**0.5
+    W = rnd(g * N, d_in) / d_in**0.5 if (N > 1 and not external) else None
+    L = rnd(*lead, T, g * N) if (N > 1 and external) else None
+    return [None if t is None else t.to(device) for t in (x, A, B, W, L)]
+
+
+def leaves(ts, dtype):
+    return [None if t is None else t.to(dtype).requires_grad_() for t in ts]
+
+
+def run(fn, ins, dy, dpi=None):
+    """Output(s) of fn(*ins) and the gradients of <y, dy> (+ <pi, dpi>) w.r.t. every input."""
+    out = fn(*ins)
+    y, pi = out if isinstance(out, tuple) else (out, None)
+    loss = (y.double() * dy).sum()
+    if dpi is not None:
+        loss = loss + (pi.double() * dpi).sum()
+    live = [t for t in ins if t is not None]
+    gs = iter(torch.autograd.grad(loss, live))
+    return y, [None if t is None else next(gs) for t in ins]
+
+
+def check_against_reference(T, d_in, d_out, r, N, g, dtype, device, *, p=0.0, seed=0,
+                            external=False, with_dpi=False, deterministic=False):
+    base = make_inputs(T, d_in, d_out, r, N, g, device, seed=seed, external=external)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(T, d_out, generator=gen, dtype=torch.float64).to(device)
+    dpi = torch.randn(T, g, N, generator=gen, dtype=torch.float64).to(device) if with_dpi else None
+    drop_seed = 1000 + seed
+    keep = None
+    if p > 0.0:
+        keep = backends.load("cuda").dropout_keep_mask(drop_seed, T, d_in, p, device)
+
+    def cuda_fn(x, A, B, W, L):
+        return mix(x, A, B, W, logits=L, groups=g, scaling=2.5, dropout_p=p, seed=drop_seed,
+                   backend="cuda", deterministic=deterministic, return_routing=with_dpi)
+
+    def ref_fn(x, A, B, W, L):
+        y = mix_reference(x, A, B, W, logits=L, groups=g, scaling=2.5, dropout_mask=keep,
+                          dropout_p=p)
+        if not with_dpi:
+            return y
+        acc = torch.promote_types(x.dtype, torch.float32)  # as mix_reference's router
+        logits = L if L is not None else x.to(acc) @ W.to(acc).T
+        return y, routing_weights(logits, g, N)
+
+    y, grads = run(cuda_fn, leaves(base, dtype), dy, dpi)
+    y64, grads64 = run(ref_fn, leaves(base, torch.float64), dy, dpi)
+    baseline = None
+    if dtype != torch.float32:  # plain PyTorch in the same precision (flash-attention's rule)
+        baseline, grads_lp = run(ref_fn, leaves(base, dtype), dy, dpi)
+    assert y.dtype == dtype and y.shape == (T, d_out)
+    assert_close_to_reference(y, y64, dtype, "y", baseline=baseline)
+    for i, name in enumerate(("dx", "dA", "dB", "dW_route", "dlogits")):
+        if grads64[i] is None:
+            continue
+        assert grads[i] is not None and grads[i].shape == grads64[i].shape, name
+        assert_close_to_reference(grads[i], grads64[i], dtype, name,
+                                  baseline=None if baseline is None else grads_lp[i])
+    return y, grads
+
+
+# ---- the axes of SPEC section 5 ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", [1, 2, D_OUT])
+@pytest.mark.parametrize("N", [1, 2, 16])
+@pytest.mark.parametrize("r", [1, 16])
+@pytest.mark.parametrize("T", [1, 7, 133])
+def test_matches_reference(cuda_ext, T, r, N, g, dtype):
+    p = 0.1 if T > 1 else 0.0  # dropout regenerated in the backward from the seed
+    check_against_reference(T, D_IN, D_OUT, r, N, g, dtype, cuda_ext, p=p, seed=T * 7 + r + N + g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,g", [(1, 2), (7, D_OUT), (133, 1)])
+def test_external_logits_and_routing_gradient(cuda_ext, T, g, dtype):
+    """Router logits from outside (any float dtype, receive a gradient) and an extra gradient on
+    pi (the balance loss) entering before the softmax backward."""
+    check_against_reference(T, D_IN, D_OUT, 8, 4, g, dtype, cuda_ext, external=True,
+                            with_dpi=True, seed=T + g)
+    check_against_reference(T, D_IN, D_OUT, 8, 4, g, dtype, cuda_ext, with_dpi=True,
+                            seed=T + g + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T,d_in,d_out,r,N,g",
+    [
+        (133, 37, 30, 5, 3, 3),  # odd sizes: every 16-byte vector path falls back to scalars
+        (133, 37, 30, 5, 3, 30),
+        (133, 256, 512, 16, 16, 2),  # aligned, tile inside one group: routing folded into K
+        (133, 256, 512, 16, 16, 512),  # g = d_out: per-expert epilogue
+        (1, 256, 512, 16, 16, 2),  # decode: the 16-row tiles
+        (16, 256, 512, 16, 16, 8),
+        (17, 256, 512, 16, 16, 8),  # just past the decode threshold
+        (70, 96, 128, 80, 2, 2),  # r > 64: two rank chunks in the backward
+    ],
+)
+def test_sizes(cuda_ext, T, d_in, d_out, r, N, g, dtype):
+    check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=0.05, seed=d_in + g)
+
+
+@pytest.mark.gpu
+def test_deterministic_mode_is_bitwise_reproducible(cuda_ext):
+    # 3 token tiles x 8 column tiles: the default mode splits the columns (atomics).
+    base = make_inputs(133, 64, 512, 16, 16, 2, cuda_ext, seed=3)
+    dy = torch.randn(133, 512, device=cuda_ext, dtype=torch.float64)
+
+    def grads(deterministic):
+        ins = leaves(base, torch.bfloat16)
+        fn = lambda x, A, B, W, L: mix(x, A, B, W, groups=2, scaling=2.0,  # noqa: E731
+                                       backend="cuda", deterministic=deterministic)
+        return run(fn, ins, dy)[1]
+
+    first, second, loose = grads(True), grads(True), grads(False)
+    for a, b, c in zip(first, second, loose):
+        if a is None:
+            continue
+        assert torch.equal(a, b), "deterministic=True gave different bits on a rerun"
+        assert rel_err(c, a) <= REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_three_d_noncontiguous_input_and_residual(cuda_ext):
+    x, A, B, W, _ = make_inputs(6, 24, 16, 4, 3, 2, cuda_ext, seed=9, lead=(2,))
+    xt = x.transpose(0, 1)  # [6, 2, 24], non-contiguous
+    res = torch.randn(6, 2, 16, device=cuda_ext, dtype=torch.float64)
+    y = mix(xt.float(), A.float(), B.float(), W.float(), groups=2, scaling=2.0,
+            residual=res.float(), backend="cuda")
+    ref = res + mix_reference(xt, A, B, W, groups=2, scaling=2.0)
+    assert y.shape == (6, 2, 16)
+    assert_close_to_reference(y, ref, torch.float32, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_agrees_with_triton_backend(cuda_ext, dtype):
+    ok, why = backends.available("triton", cuda_ext)
+    if not ok:
+        pytest.skip(f"triton backend unavailable: {why}")
+    base = make_inputs(133, 96, 80, 16, 4, 2, cuda_ext, seed=11)
+    dy = torch.randn(133, 80, device=cuda_ext, dtype=torch.float64)
+    cuda_mask = backends.load("cuda").dropout_keep_mask(5, 133, 96, 0.1, cuda_ext)
+    triton_mask = backends.load("triton").dropout_keep_mask(5, 133, 96, 0.1, cuda_ext)
+    assert torch.equal(cuda_mask, triton_mask), "both draw tl.rand(seed, t * d_in + k) >= p"
+
+    def fn(backend):
+        return lambda x, A, B, W, L: mix(x, A, B, W, groups=2, scaling=2.0, dropout_p=0.1,
+                                         seed=5, backend=backend)
+
+    y_c, g_c = run(fn("cuda"), leaves(base, dtype), dy)
+    y_t, g_t = run(fn("triton"), leaves(base, dtype), dy)
+    # Each is within REL_TOL of the fp64 result (tests above), so they agree within twice that.
+    assert rel_err(y_c, y_t) <= 2 * REL_TOL[dtype]
+    for a, b in zip(g_c, g_t):
+        if a is not None:
+            assert rel_err(a, b) <= 2 * REL_TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_boundary_errors_name_the_argument(cuda_ext):
+    x, A, B, W, _ = make_inputs(4, 16, 8, 4, 2, 2, cuda_ext, seed=1)
+    with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
+        mix(x, A, B, W, groups=2, backend="cuda")  # fp64 stays with the torch backend
+    ext = backends._cuda_extension()[0]
+    xf, Af, Bf, Wf = (t.float() for t in (x, A, B, W))
+    with pytest.raises(RuntimeError, match=r"lora_B must have shape \[2, 8, 4\]"):
+        ext.forward(xf, Af, Bf[:, :, :3].contiguous(), Wf, None, None, 2, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"route_weight must have shape \[4, 16\]"):
+        ext.forward(xf, Af, Bf, Wf[:3].contiguous(), None, None, 2, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        ext.forward(xf.cpu(), Af, Bf, Wf, None, None, 2, 1.0, 0.0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_int64_offsets_past_2_to_31(cuda_ext):
+    """T * d_out = 2^31 + 16384: rows at the end are addressed past int32 (forward and dx)."""
+    T, d_in, d_out, r, N, g = 131073, 16, 16384, 4, 2, 2
+    gen = torch.Generator(device=cuda_ext).manual_seed(0)
+    x = torch.randn(T, d_in, device=cuda_ext, dtype=torch.bfloat16, generator=gen)
+    A = torch.randn(r, d_in, device=cuda_ext, dtype=torch.bfloat16, generator=gen) / 4
+    B = torch.randn(N, d_out, r, device=cuda_ext, dtype=torch.bfloat16, generator=gen) / 2
+    W = torch.randn(g * N, d_in, device=cuda_ext, dtype=torch.bfloat16, generator=gen) / 4
+    x.requires_grad_()
+    y = mix(x, A, B, W, groups=g, scaling=2.0, backend="cuda")
+    dy = torch.randn(T, d_out, device=cuda_ext, dtype=torch.bfloat16, generator=gen)
+    (dx,) = torch.autograd.grad(y, (x,), dy)
+    tail = slice(T - 3, T)
+    xs = x.detach()[tail].double().requires_grad_()
+    ref = mix_reference(xs, A.double(), B.double(), W.double(), groups=g, scaling=2.0)
+    (dx_ref,) = torch.autograd.grad(ref, (xs,), dy[tail].double())
+    assert_close_to_reference(y[tail], ref, torch.bfloat16, "y tail")
+    assert_close_to_reference(dx[tail], dx_ref, torch.bfloat16, "dx tail")
+
+
+# ---- CPU: the extension's dropout generator ---------------------------------------------------
+
+
+def test_cuda_and_triton_backends_draw_the_same_mask():
+    """The host twin of the kernels' Philox (same code as the device path) against the triton
+    backend's mask kernel run by Triton's interpreter on CPU tensors."""
+    ext, why = backends._cuda_extension()
+    if ext is None:
+        pytest.skip(f"needs the built extension: {why}")
+    ok, why = backends.available("triton", torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"needs the triton backend on CPU tensors (TRITON_INTERPRET=1): {why}")
+    triton_mask = backends.load("triton").dropout_keep_mask
+    for seed, T, d_in, p in ((3, 9, 70, 0.1), (2**31 - 1, 17, 33, 0.5)):
+        ours = ext.dropout_keep_mask(seed, T, d_in, p, torch.device("cpu"))
+        assert torch.equal(ours, triton_mask(seed, T, d_in, p, "cpu")), (seed, T, d_in, p)
