@@ -56,7 +56,7 @@ def _names(text: str) -> list[str]:
 _SWEEPS = {
     "cpu": dict(tokens=[512, 2048], experts=[8, 16], groups=[1, 2], rank=[16], dtype=["fp32"],
                 min_time=1.0),
-    "cuda": dict(tokens=[2048, 8192, 32768], experts=[8, 16, 32], groups=[1, 2, 8], rank=[16],
+    "cuda": dict(tokens=[2048, 8192], experts=[8, 16, 32], groups=[1, 2, 8], rank=[16],
                  dtype=["bf16"], min_time=0.5),
 }
 _QUICK = {

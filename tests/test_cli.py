@@ -143,3 +143,23 @@ def test_missing_or_unknown_subcommand_exits_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_reference_in_chunks_equals_one_piece():
+    w, x, dy = bench.make_inputs(TINY, CPU)
+    whole, chunked = (bench.reference(w, x, dy, TINY, chunk=c) for c in (TINY.tokens, 4))
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-12, atol=1e-12)
+
+
+def test_gpu_columns_render():
+    """The GPU table (GB/s, TFLOP/s, roofline share) from records as bench_shape writes them."""
+    from rich.console import Console
+
+    records = bench.bench_shape(TINY, [bench.Provider("hydralora-loop", bench._LoopRunner)],
+                                CPU, 0.0)
+    records[0]["fwd"]["roofline"] = 0.25
+    con = Console(width=200, record=True)
+    con.print(bench.table(records, on_gpu=True))
+    text = con.export_text()
+    assert "GB/s" in text and "TFLOP/s" in text and "25%" in text and "n/a" in text
