@@ -1,0 +1,196 @@
+"""Analysis metrics: gradient conflict (against gradients taken by hand; -1 / +1 for opposite /
+identical tasks; pair sampling) and spectral alignment (against Eq. 7 written out with full SVDs;
+synthetic experts whose shared directions sit in a known band)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REL_TOL, rel_err
+from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig
+from mtlora_kernels.metrics import band_edges, gradient_conflict, spectral_alignment
+
+F64 = torch.float64
+TOL = REL_TOL[F64]
+
+
+def _adapter(seed=0, d=10, n_exp=3, r=4):
+    torch.manual_seed(seed)
+    a = MTLoRAAdapter(d, config=MTLoRAConfig(r=r, num_experts=n_exp, groups=2, dropout=0.0))
+    a.double()
+    with torch.no_grad():
+        a.lora_B.normal_()
+    return a
+
+
+def _signed_sum(model, batch):
+    x, sign = batch
+    return sign * model(x).sum()
+
+
+# ---------------------------------------------------------------------------- gradient conflict
+
+
+def test_opposite_gradients_give_minus_one_identical_give_one():
+    model = _adapter()
+    x = torch.randn(6, 10, dtype=F64)
+    res = gradient_conflict(model, {"a": (x, 1.0), "b": (x, -1.0), "c": (x, 1.0)}, _signed_sum)
+    assert res.tasks == ["a", "b", "c"] and res.pairs == [(0, 1), (0, 2), (1, 2)]
+    assert res.similarity[0, 1].item() == pytest.approx(-1.0, abs=1e-12)
+    assert res.similarity[0, 2].item() == pytest.approx(1.0, abs=1e-12)
+    assert res.similarity[1, 2].item() == pytest.approx(-1.0, abs=1e-12)
+    assert res.mean == pytest.approx(-1.0 / 3.0, abs=1e-12)
+
+
+def test_conflict_equals_cosines_of_gradients_taken_by_hand():
+    model = _adapter(seed=1)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 10, generator=g, dtype=F64), torch.randn(5, 10, generator=g,
+                                                                        dtype=F64))
+               for _ in range(3)]
+
+    def mse(m, batch):
+        return (m(batch[0]) - batch[1]).square().mean()
+
+    res = gradient_conflict(model, batches, mse)
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+    flat = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        mse(model, batch).backward()
+        flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    cos = {(i, j): torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0).item()
+           for i, j in itertools.combinations(range(3), 2)}
+    for (i, j), want in cos.items():
+        assert res.similarity[i, j].item() == pytest.approx(want, rel=1e-10)
+    assert res.mean == pytest.approx(sum(cos.values()) / 3, rel=1e-10)
+    only_b = gradient_conflict(model, batches, mse, params=[model.lora_B])
+    assert only_b.mean != pytest.approx(res.mean, rel=1e-3)  # a different gradient vector
+
+
+def test_pairs_are_sampled_with_the_seed_and_only_needed_tasks_run():
+    model = _adapter(seed=2)
+    x = torch.randn(4, 10, dtype=F64)
+    calls = []
+
+    def loss(m, batch):
+        calls.append(batch[1])
+        return _signed_sum(m, batch)
+
+    batches = [(x, float(s)) for s in (1, -1, 1, 1, -1, 1)]
+    res = gradient_conflict(model, batches, loss, num_pairs=2, seed=3)
+    again = gradient_conflict(model, batches, loss, num_pairs=2, seed=3)
+    assert len(res.pairs) == 2 and res.pairs == again.pairs
+    measured = {t for p in res.pairs for t in p}
+    assert len(calls) == 2 * len(measured)
+    n_nan = torch.isnan(res.similarity).sum().item()
+    assert n_nan == 36 - 2 * 2 - len(measured)  # unmeasured pairs and diagonal entries
+    for i, j in res.pairs:
+        assert res.similarity[i, j].item() == pytest.approx(batches[i][1] * batches[j][1])
+
+
+def test_a_task_without_gradient_has_no_direction():
+    model = _adapter(seed=3)
+    x = torch.randn(4, 10, dtype=F64)
+    res = gradient_conflict(model, [(x, 1.0), (x, 0.0), (x, -1.0)], _signed_sum)
+    assert math.isnan(res.similarity[0, 1].item()) and math.isnan(res.similarity[1, 2].item())
+    assert res.mean == pytest.approx(-1.0, abs=1e-12)  # only the measurable pair counts
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: gradient_conflict(m, [1], _signed_sum), "at least 2 tasks"),
+    (lambda m: gradient_conflict(nn.Linear(2, 2), [1, 2], _signed_sum), "no parameters"),
+    (lambda m: gradient_conflict(m, [1, 2], _signed_sum, num_pairs=0), "num_pairs"),
+])
+def test_conflict_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_adapter())
+
+
+# ---------------------------------------------------------------------------- spectral alignment
+
+
+def _eq7_direct(experts, K=None, cuts=(0.2, 0.5)):
+    """Eq. 7 over the top K singular indices (default all) from full SVDs, one expert pair and
+    index at a time."""
+    svds = [torch.linalg.svd(w, full_matrices=False) for w in experts]
+    N, K = len(experts), K or min(experts[0].shape)
+    per_k = [sum(svds[i][1][k] * svds[j][1][k] * torch.dot(svds[i][0][:, k], svds[j][0][:, k]).abs()
+                 for i in range(N) for j in range(N) if i != j) for k in range(K)]
+    values = [sum(per_k[a:b]) / ((b - a) * N * (N - 1)) for a, b in band_edges(K, cuts)]
+    return torch.stack(values)
+
+
+def test_alignment_equals_eq7_written_out():
+    experts = torch.randn(4, 14, 9, dtype=F64, generator=torch.Generator().manual_seed(4))
+    res = spectral_alignment(experts, generator=torch.Generator().manual_seed(0))
+    want = _eq7_direct(experts)
+    assert rel_err(torch.tensor(res.values, dtype=F64), want) <= TOL
+    assert rel_err(torch.tensor(res.shares, dtype=F64), want / want.sum()) <= TOL
+    assert res.bands == ((0, 2), (2, 5), (5, 9))  # 0.5 * 9 = 4.5 rounds up
+
+
+def _experts_sharing(indices, N=4, m=24, r=10, n=16, seed=5):
+    """Experts ``U_i diag(sigma) V^T`` (as B_i = U_i diag(sigma), A = V^T) whose left singular
+    vectors at ``indices`` are common to all experts; the others are random per expert."""
+    g = torch.Generator().manual_seed(seed)
+    shared, _ = torch.linalg.qr(torch.randn(m, len(indices), generator=g, dtype=F64))
+    others = [k for k in range(r) if k not in indices]
+    sigma = torch.linspace(2.0, 1.0, r, dtype=F64)  # mild decay: the band is in the directions
+    B = []
+    for _ in range(N):
+        own = torch.randn(m, r - len(indices), generator=g, dtype=F64)
+        Q, _ = torch.linalg.qr(torch.cat([shared, own], 1))  # first columns = +-shared
+        U = torch.empty(m, r, dtype=F64)
+        U[:, list(indices)], U[:, others] = Q[:, :len(indices)], Q[:, len(indices):]
+        B.append(U * sigma)
+    V, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=F64))
+    return torch.stack(B), V.T
+
+
+def test_shared_top_directions_put_the_top_band_first():
+    top = spectral_alignment(_experts_sharing([0, 1]))
+    assert top.bands == ((0, 2), (2, 5), (5, 10))
+    assert top.shares[0] == max(top.shares) and top.shares[0] > 0.5, top.shares
+    assert sum(top.shares) == pytest.approx(1.0, rel=1e-12)
+    # The same construction with the shared directions in the bottom band moves the mass there.
+    bottom = spectral_alignment(_experts_sharing([5, 6, 7, 8, 9]))
+    assert bottom.shares[2] == max(bottom.shares) and bottom.shares[2] > 0.5, bottom.shares
+
+
+def test_alignment_of_an_adapter_uses_its_expert_updates_and_ignores_scale():
+    adapter = _adapter(seed=6, d=20, n_exp=4, r=5)
+    res = spectral_alignment(adapter)
+    B, A = adapter.lora_B.detach(), adapter.lora_A.detach()
+    want = _eq7_direct(B @ A, K=5)  # rank 5: the adapter's default k = r
+    assert rel_err(torch.tensor(res.values, dtype=F64), want) <= TOL
+    doubled = spectral_alignment((2.0 * B, A))
+    assert rel_err(torch.tensor(doubled.values, dtype=F64), 4.0 * want) <= TOL
+    shares = [torch.tensor(r.shares, dtype=F64) for r in (doubled, res)]
+    assert rel_err(*shares) <= TOL
+
+
+def test_band_edges():
+    assert band_edges(16) == ((0, 3), (3, 8), (8, 16))
+    assert band_edges(3) == ((0, 1), (1, 2), (2, 3))
+    assert band_edges(4, (0.1, 0.2)) == ((0, 1), (1, 2), (2, 4))
+    with pytest.raises(ValueError, match="at least"):
+        band_edges(2)
+    with pytest.raises(ValueError, match="increasing fractions"):
+        band_edges(10, (0.5, 0.2))
+
+
+@pytest.mark.parametrize("experts,exc,match", [
+    (torch.randn(1, 5, 4), ValueError, "N >= 2"),
+    (torch.randn(5, 4), ValueError, r"\[N, m, n\]"),
+    ((torch.randn(3, 5, 2), torch.randn(2, 4, 4, 4)), ValueError, "product"),
+    ([torch.randn(5, 4)], TypeError, "MTLoRAAdapter"),
+])
+def test_alignment_bad_input(experts, exc, match):
+    with pytest.raises(exc, match=match):
+        spectral_alignment(experts)
