@@ -19,21 +19,23 @@ transformers = pytest.importorskip("transformers")
 from conftest import REL_TOL, rel_err  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.hf import SUPPORTED_ARCHITECTURES, get_handle  # noqa: E402
+from mtlora_kernels.losses import auxiliary_loss  # noqa: E402
 from mtlora_kernels.reference import mix_reference  # noqa: E402
 
 TOL = REL_TOL[torch.float32]
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
+def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
     torch.manual_seed(seed)
+    small = {**SMALL, "num_hidden_layers": layers}
     if family == "vit":
-        cfg = transformers.ViTConfig(**SMALL, image_size=16, patch_size=8)
+        cfg = transformers.ViTConfig(**small, image_size=16, patch_size=8)
         return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
-    cfg = cls[0](**SMALL, vocab_size=64, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = cls[0](**small, vocab_size=64, num_key_value_heads=2, max_position_embeddings=32)
     return cls[1](cfg).eval()
 
 
@@ -181,17 +183,20 @@ def test_layers_selects_which_blocks_get_adapters():
     assert list(handle.adapters) == ["model.layers.0.self_attn.q_proj.adapter"]
 
 
-def test_aux_loss_is_the_weighted_mean_balance_loss_and_has_gradients():
+def test_aux_loss_is_the_packages_auxiliary_loss_and_has_gradients():
     model = tiny_model("llama").train()
     handle = attach(model, MTLoRAConfig(r=2, num_experts=4, groups=2, dropout=0.0),
                     placement="both")
+    randomize(handle)
     run(model, tiny_inputs("llama"))
+    balance = torch.stack([a.balance_loss() for a in handle.adapters.values()]).mean()
+    torch.testing.assert_close(handle.aux_loss(spectral_weight=0.0), 0.01 * balance)
     loss = handle.aux_loss()
-    want = torch.stack([a.balance_loss() for a in handle.adapters.values()]).mean()
-    assert loss.item() > 0
-    torch.testing.assert_close(loss, 0.01 * want)
+    torch.testing.assert_close(loss, auxiliary_loss(model))
+    assert loss > 0.01 * balance > 0  # the spectral term is in
     loss.backward()
-    assert all(a.lora_route.grad.abs().sum() > 0 for a in handle.adapters.values())
+    for a in handle.adapters.values():
+        assert a.lora_route.grad.abs().sum() > 0 and a.lora_B.grad.abs().sum() > 0
 
 
 def test_enable_disable_round_trip_component_level():

@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlora_kernels.losses import auxiliary_loss
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
 
 BLOCK_PLACEMENTS = ("ffn", "attn", "both")
@@ -153,7 +154,8 @@ class MTLoRAHandle:
                 for k, v in a.state_dict().items()}
 
     def aux_loss(self, **kwargs) -> Tensor:
-        """The auxiliary loss of the last forward: see :func:`aux_loss`.
+        """:func:`mtlora_kernels.losses.auxiliary_loss` of the model (balance + spectral terms of
+        the last forward; keyword arguments go to it).
 
         Raises if the routing weights of that forward carry no graph while gradients are on:
         reentrant checkpointing (``use_reentrant=True``) runs the forward under no_grad, and the
@@ -173,7 +175,7 @@ class MTLoRAHandle:
                     f"checkpointing does. Use gradient_checkpointing_kwargs="
                     f"{{'use_reentrant': False}} (transformers' default), or compute aux_loss "
                     f"under torch.no_grad() if it is only logged.")
-        return aux_loss(self.model, **kwargs)
+        return auxiliary_loss(self.model, **kwargs)
 
     @property
     def enabled(self) -> bool:
@@ -243,17 +245,6 @@ class MTLoRAHandle:
     def _check_live(self) -> None:
         if self._removed:
             raise RuntimeError("these adapters were removed; attach() again to add new ones")
-
-
-def aux_loss(model: nn.Module, balance_weight: float = 0.01) -> Tensor:
-    """``balance_weight * mean over adapters of adapter.balance_loss()`` for the last forward.
-
-    # TODO(losses.py): replaced by mtlora_kernels.losses when it lands (adds the spectral term).
-    """
-    losses = [m.balance_loss() for m in model.modules() if isinstance(m, MTLoRAAdapter)]
-    if not losses:
-        raise ValueError(f"{type(model).__name__} has no mtLoRA adapters")
-    return balance_weight * torch.stack(losses).mean()
 
 
 def get_handle(model: nn.Module) -> MTLoRAHandle | None:
@@ -393,5 +384,5 @@ def _freeze(handle: MTLoRAHandle) -> None:
     handle.model.requires_grad_(False)
 
 
-__all__ = ["attach", "aux_loss", "get_handle", "MTLoRAHandle", "SUPPORTED_ARCHITECTURES",
+__all__ = ["attach", "get_handle", "MTLoRAHandle", "SUPPORTED_ARCHITECTURES",
            "BLOCK_PLACEMENTS"]

@@ -1,0 +1,151 @@
+"""Attached adapters at scale, on the CPU: DDP and FSDP2 (gloo, 2 processes) with gradient
+checkpointing, torch.compile, and gradient checkpointing against the plain forward."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+
+from conftest import REL_TOL, rel_err  # noqa: E402
+from test_hf import randomize, tiny_inputs, tiny_model  # noqa: E402
+
+from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
+
+TOL = REL_TOL[torch.float32]
+
+
+def adapted_llama(dropout: float = 0.0, layers: int = 2):
+    model = tiny_model("llama", layers=layers).train()
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0,
+                                        dropout=dropout), placement="both")
+    randomize(handle)
+    return model, handle
+
+
+def checkpointing_on(model, **kwargs) -> None:
+    """``model.gradient_checkpointing_enable`` under the name transformers 5 prefers."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
+def adapter_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_grads_close(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want) and got, what
+    for name, g in got.items():
+        assert rel_err(g, want[name]) <= TOL, f"{what}: {name} rel. err {rel_err(g, want[name])}"
+
+
+def _worker(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        ids = tiny_inputs("llama", seed=4).repeat(2, 1)  # [4, 7]
+        ids[2:] = (ids[2:] * 7 + 3) % 64  # two different halves
+        mine = ids[2 * rank: 2 * rank + 2]
+
+        # DDP + gradient checkpointing == one process on the concatenated batch.
+        ref, _ = adapted_llama()
+        ref(ids, labels=ids).loss.backward()
+        want = adapter_grads(ref)
+        model, _ = adapted_llama()
+        checkpointing_on(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp(mine, labels=mine).loss.backward()
+        assert_grads_close(adapter_grads(model), want, f"DDP rank {rank}")
+
+        # FSDP2 (fully_shard per layer, then the root) + checkpointing, task + balance loss:
+        # the gradient is the mean over ranks of each rank's loss, so the single-process
+        # reference averages the two halves' losses (the balance loss is per rank, as in MoE).
+        # The spectral term is left out: losses.paper_spectral_loss reshapes lora_B, which FSDP2
+        # keeps as a DTensor sharded over the experts outside forward, and DTensor refuses
+        # ("Cannot flatten unevenly sharded tensor") with N = 3 on 2 ranks; computing it on
+        # lora_B.full_tensor() gives the single-process gradients (checked by hand).
+        from torch.distributed.fsdp import fully_shard
+
+        ref, ref_handle = adapted_llama()
+        for half in (ids[:2], ids[2:]):
+            loss = ref(half, labels=half).loss + ref_handle.aux_loss(spectral_weight=0.0)
+            (loss / 2).backward()
+        want = adapter_grads(ref)
+        model, handle = adapted_llama()
+        checkpointing_on(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        (model(mine, labels=mine).loss + handle.aux_loss(spectral_weight=0.0)).backward()
+        got = {n: g.full_tensor() for n, g in adapter_grads(model).items()}
+        assert_grads_close(got, want, f"FSDP2 rank {rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp2_match_one_process():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port,), nprocs=2)
+
+
+def _step(model, handle, ids, seed=123):
+    for p in handle.parameters():
+        p.grad = None
+    torch.manual_seed(seed)  # the dropout seeds are drawn from the default generator
+    out = model(ids).logits
+    (out.square().mean() + handle.aux_loss()).backward()
+    return out.detach(), adapter_grads(handle.model)
+
+
+def test_compile_matches_eager():
+    """backend='aot_eager': AOTAutograd traces the custom op's fake kernels and autograd formula
+    into one joint graph (the part of torch.compile a custom op can break) without Inductor's
+    C++ code generation, which costs tens of seconds per graph on a 2-core CPU."""
+    model, handle = adapted_llama(layers=1)  # every layer is compiled apart: one is enough
+    ids = tiny_inputs("llama")
+    out, grads = _step(model, handle, ids)
+    torch._dynamo.reset()
+    out_c, grads_c = _step(torch.compile(model, backend="aot_eager"), handle, ids)
+    assert rel_err(out_c, out) <= TOL
+    assert_grads_close(grads_c, grads, "compiled")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+    """With dropout > 0 the recompute must use the same mask: the op draws its seed from the CPU
+    generator, whose state torch.utils.checkpoint restores before recomputing (HF's default,
+    preserve_rng_state=True)."""
+    model, handle = adapted_llama(dropout)
+    ids = tiny_inputs("llama")
+    out, grads = _step(model, handle, ids)
+    checkpointing_on(model)
+    out_ckpt, grads_ckpt = _step(model, handle, ids)
+    assert torch.equal(out_ckpt, out)
+    assert_grads_close(grads_ckpt, grads, f"checkpointed, dropout {dropout}")
+    # The dropout really is on: another seed gives other gradients.
+    if dropout:
+        assert rel_err(_step(model, handle, ids, seed=7)[1]["model.layers.0.mlp.mtlora_adapter"
+                                                          ".lora_A"],
+                       grads["model.layers.0.mlp.mtlora_adapter.lora_A"]) > 1e-2
+
+
+def test_reentrant_checkpointing_with_aux_loss_is_refused():
+    model, handle = adapted_llama()
+    checkpointing_on(model, use_reentrant=True)
+    model(tiny_inputs("llama"))
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        handle.aux_loss()
+    with torch.no_grad():  # logging it is fine
+        assert handle.aux_loss() > 0
