@@ -24,8 +24,8 @@ cudaError_t launch_dropout_keep_mask(bool* keep, int64_t T, int64_t d_in, float 
   return cudaGetLastError();
 }
 
-#define MTLORA_STR2(x) #x
-#define MTLORA_STR(x) MTLORA_STR2(x)
+#define MTLORA_STR2(...) #__VA_ARGS__
+#define MTLORA_STR(...) MTLORA_STR2(__VA_ARGS__)  // variadic: the list has commas
 const char* compiled_arch_list() {
 #ifdef __CUDA_ARCH_LIST__
   return MTLORA_STR(__CUDA_ARCH_LIST__);
