@@ -134,6 +134,23 @@ def test_product_is_never_formed(monkeypatch):
     assert all(sorted(t[-2:]) != [48, 64] for pair in seen for t in pair), seen
 
 
+def test_power_iterations_are_skipped_once_the_sketch_spans_the_range(monkeypatch):
+    # r = 4 <= l: the sketch spans range(B @ A) already, so q = 3 runs the GEMMs of q = 0;
+    # r = 12 > l = 6: it does not, and q = 3 adds 6 passes (each with its Gram matrices).
+    calls = []
+    real = torch.matmul
+    monkeypatch.setattr(linalg.torch, "matmul", lambda a, b: calls.append(1) or real(a, b))
+
+    def count(r, q):
+        calls.clear()
+        B, A = torch.randn(2, 30, r, dtype=F64), torch.randn(r, 20, dtype=F64)
+        randomized_svd((B, A), 3, oversample=3, power_iters=q, generator=_gen(16))
+        return len(calls)
+
+    assert count(4, 3) == count(4, 0)
+    assert count(12, 3) > count(12, 0)
+
+
 # --------------------------------------------------------------------------- dtypes, generator
 
 
