@@ -3,6 +3,8 @@ low-rank products, every dtype, the Triton kernels through the interpreter, and 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,10 @@ from mtlora_kernels import linalg
 from mtlora_kernels.linalg import randomized_svd
 
 F64 = torch.float64
+# The Triton tests run the kernels on a GPU when there is one, else in Triton's interpreter on
+# CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU).
+TRITON_DEV = torch.device(
+    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -215,15 +221,18 @@ def test_triton_bmm_matches_torch(P, L, Q, dtype):
     a = torch.randn(2, Q, P, generator=g).to(dtype).mT  # [2, P, Q], transposed strides
     x = torch.randn(2, Q, L, generator=g)
     ref = a.double() @ x.double()
-    assert rel_err(bmm(a, x), ref) <= REL_TOL[torch.float32]
-    shared = torch.randn(P, Q, generator=g).to(dtype).expand(2, P, Q)
-    assert rel_err(bmm(shared, x), shared.double() @ x.double()) <= REL_TOL[torch.float32]
+    assert rel_err(bmm(a.to(TRITON_DEV), x.to(TRITON_DEV)), ref) <= REL_TOL[torch.float32]
+    shared = torch.randn(P, Q, generator=g).to(dtype)
+    out = bmm(shared.to(TRITON_DEV).expand(2, P, Q), x.to(TRITON_DEV))  # batch stride 0
+    assert rel_err(out, shared.double() @ x.double()) <= REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_randomized_svd(dtype):
     M = _with_spectrum((2,), 40, 24, 0.6 ** torch.arange(24, dtype=F64), seed=12).to(dtype)
-    out = randomized_svd(M, 4, oversample=4, power_iters=2, generator=_gen(13), backend="triton")
+    out = randomized_svd(M.to(TRITON_DEV), 4, oversample=4, power_iters=2, generator=_gen(13),
+                         backend="triton")
+    out = tuple(t.cpu() for t in out)
     _check_against_svd(M.double(), out, 4, tol_s=REL_TOL[torch.float32], tol_orth=1e-5,
                        tol_sub=1e-4)
     ref = randomized_svd(M, 4, oversample=4, power_iters=2, generator=_gen(13), backend="torch")
@@ -233,15 +242,16 @@ def test_triton_randomized_svd(dtype):
 def test_triton_low_rank_product():
     g = _gen(14)
     B, A = torch.randn(3, 36, 8, generator=g), torch.randn(8, 20, generator=g)
-    out = randomized_svd((B, A), 8, oversample=0, power_iters=0, generator=_gen(15),
-                         backend="triton")
+    out = randomized_svd((B.to(TRITON_DEV), A.to(TRITON_DEV)), 8, oversample=0, power_iters=0,
+                         generator=_gen(15), backend="triton")
+    out = tuple(t.cpu() for t in out)
     _check_against_svd((B @ A).double(), out, 8, tol_s=REL_TOL[torch.float32], tol_orth=1e-5,
                        tol_sub=1e-4)
 
 
 def test_triton_backend_rejects_fp64():
     with pytest.raises(ValueError, match="float64"):
-        randomized_svd(torch.randn(8, 8, dtype=F64), 2, backend="triton")
+        randomized_svd(torch.randn(8, 8, dtype=F64, device=TRITON_DEV), 2, backend="triton")
 
 
 def test_triton_kernel_is_registered_with_its_launch_configs():
