@@ -166,9 +166,10 @@ class SpectralRegularizer:
         reduction: 'mean' or 'sum' over the units.
         seed: added to the step to seed the subset choice.
 
-    Call ``reg(model)`` once per optimizer step: it counts the steps itself, or takes
-    ``step=global_step``. It returns a differentiable scalar (zero when there is nothing to
-    regularize).
+    Call ``reg(model)`` once per optimizer step: it counts its calls as steps, or takes
+    ``step=global_step`` (pass it with gradient accumulation, where several calls make one
+    optimizer step; the released code seeds by the optimizer step). It returns a differentiable
+    scalar (zero when there is nothing to regularize).
     """
 
     def __init__(self, variant: str = "paper", *, refresh_every: int | str = 1,
