@@ -187,3 +187,14 @@ def test_host_dropout_mask_rate_and_seed():
     assert ext.dropout_keep_mask(7, 4, 4, 0.0, torch.device("cpu")).all()
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
         ext.dropout_keep_mask(7, 4, 4, 1.0, torch.device("cpu"))
+
+
+def test_extension_boundary_rejects_cpu_tensors():
+    """The checks in bindings.cpp run before any CUDA call, so they are testable here."""
+    ext = _extension_or_skip()
+    x, A, B = torch.randn(3, 8), torch.randn(2, 8), torch.randn(1, 4, 2)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        ext.forward(x, A, B, None, None, None, 1, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        ext.backward(torch.randn(3, 4), x, A, B, None, torch.randn(3, 2), torch.ones(3, 1, 1),
+                     None, 1, 1.0, 0.0, 0, False)

@@ -26,6 +26,12 @@ echo "== build the wheel (compiles _C for sm_80 and sm_90)"
 WHEEL=$(ls "$WORK"/dist/mtlora_kernels-*.whl)
 echo "   $(basename "$WHEEL") in $(( $(date +%s) - start )) s"
 
+if command -v cmake >/dev/null && command -v ninja >/dev/null; then
+  echo "== configure the CMake build (same csrc/sources.txt; configure only, the wheel compiled it)"
+  cmake -S "$ROOT" -B "$WORK/cmake" -G Ninja -DPython_EXECUTABLE="$(command -v "$PY")" \
+    -DCMAKE_CUDA_ARCHITECTURES="80;90" > "$WORK/cmake.log" 2>&1 || { cat "$WORK/cmake.log"; exit 1; }
+fi
+
 echo "== install it into a fresh venv"
 "$PY" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
