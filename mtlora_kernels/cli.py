@@ -296,6 +296,25 @@ def _params(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _kernels_args(p: argparse.ArgumentParser) -> None:
+    from mtlora_kernels import kernel_report
+
+    kernel_report.add_arguments(p)
+
+
+@subcommand("kernels", "compile every kernel for sm_80 and sm_90 (no GPU needed): registers, "
+            "spills, shared memory, tensor-core instructions, roofline", _kernels_args)
+def _kernels(args: argparse.Namespace) -> int:
+    from mtlora_kernels import kernel_report
+
+    return kernel_report.run(args)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,16 +60,20 @@ SCALE = KernelSpec("tiny_scale", _tiny_scale,
 
 @pytest.fixture(scope="module")
 def tiny_report():
-    """The report over a temporary registry holding only the two tiny kernels."""
+    """The report over a temporary registry holding only the two tiny kernels (the package's
+    registry is restored before compiling, so the tests below still see the real kernels)."""
+    registry.all_kernels()  # import every kernel module now, so none registers into ours
     saved = dict(registry.KERNELS)
     registry.KERNELS.clear()
     try:
         registry.register(GEMM)
         registry.register(SCALE)
-        yield kr.collect(list(registry.KERNELS.values()), cuda=False)
+        specs = registry.all_kernels()
     finally:
         registry.KERNELS.clear()
         registry.KERNELS.update(saved)
+    assert [s.name for s in specs] == ["tiny_gemm", "tiny_scale"]
+    return kr.collect(specs, cuda=False)
 
 
 def _row(report, kernel, config_part, target):
@@ -201,3 +205,15 @@ def test_cuda_kernels_compile_without_spills(package_report, cu, target):
         assert r["ok"], f"{cu} does not compile for sm_{target}: {r['error']}"
         assert r["spill_stores"] is None or r["spill_stores"] <= SPILL_BUDGET, (
             f"{r['kernel']} ({cu}) spills {r['spill_stores']} B on sm_{target}")
+
+
+def test_cli_kernels_subcommand(monkeypatch, capsys):
+    from mtlora_kernels import cli
+
+    registry.all_kernels()
+    monkeypatch.setattr(registry, "KERNELS", {SCALE.name: SCALE})
+    assert cli.main(["kernels", "--json", "--no-cuda", "--target", "90", "--jobs", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["rows"]
+    assert row["kernel"] == "tiny_scale" and row["target"] == 90 and row["ok"]
+    assert row["registers"] > 0 and row["tensor_core_family"] == "none"
