@@ -87,6 +87,7 @@ def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, what="", unscored=
     if not grads:
         return pi, {}
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    dy = dy.to(dtype).double()  # the upstream gradient as the backend receives it
     names = list(v)
     grads = [torch.autograd.grad(out, [vv[k] for k in names], dy.to(out.dtype))
              for out, vv in ((y, v), (y64, v64), (yb, vb))]
