@@ -84,7 +84,8 @@ class Row:
     shared_dynamic: int | None = None  # bytes Triton requests at launch (metadata.shared)
     shared_static: int | None = None  # bytes the cubin declares
     tensor_core: dict[str, int] = dataclasses.field(default_factory=dict)  # SASS op -> count
-    compile_s: float | None = None
+    ptxas_notes: list[str] = dataclasses.field(default_factory=list)  # e.g. serialized wgmma
+    compile_s: float | None = None  # CUDA: of the whole .cu file
 
     @property
     def shared_total(self) -> int | None:
@@ -123,17 +124,25 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 _FN_RE = re.compile(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?")
 _SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS_RE = re.compile(r"Used (\d+) registers")
+_PERF_RE = re.compile(r"(Potential Performance Loss:.*)")
 
 
-def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
-    """Per function: ``registers``, ``stack``, ``spill_stores``, ``spill_loads`` from a
+def parse_ptxas_log(log: str) -> dict[str, dict]:
+    """Per function: ``registers``, ``stack``, ``spill_stores``, ``spill_loads`` and ``notes``
+    (ptxas' performance warnings, e.g. "wgmma.mma_async instructions are serialized") from a
     ``ptxas -v`` log (also the ``-Xptxas -v`` part of nvcc's stderr)."""
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict] = {}
     current = None
     for line in log.splitlines():
         if m := _FN_RE.search(line):
             current = m.group(1)
-            out.setdefault(current, {})
+            out.setdefault(current, {"notes": []})
+        if m := _PERF_RE.search(line):  # names its function at the end of the line
+            fn = re.search(r"function '([\w$.]+)'", line)
+            key = fn.group(1) if fn else current
+            if key is not None:
+                out.setdefault(key, {"notes": []})["notes"].append(m.group(1).strip())
+            continue
         if current is None:
             continue
         if m := _SPILL_RE.search(line):
@@ -316,6 +325,7 @@ def compile_triton(job: TritonJob) -> Row:
     row.ptxas_registers = info["registers"]
     row.spill_stores, row.spill_loads = info["spill_stores"], info["spill_loads"]
     row.stack_bytes = info["stack"]
+    row.ptxas_notes = info["notes"]
     row.tensor_core = dict(tc.get(name, {}))
     row.ok = True
     return row
@@ -393,6 +403,7 @@ def compile_cuda(path: str, target: int) -> list[Row]:
             row.ok = True
             row.ptxas_registers, row.stack_bytes = i["registers"], i["stack"]
             row.spill_stores, row.spill_loads = i["spill_stores"], i["spill_loads"]
+            row.ptxas_notes = i["notes"]
         else:
             row.error = f"no ptxas -v entry for {fn} in nvcc's output"
         rows.append(row)
@@ -435,9 +446,11 @@ def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,
         from mtlora_kernels.triton.registry import all_kernels
 
         specs = all_kernels()
-    jobs: list = triton_jobs(specs, targets)
     compilable, skipped = cuda_sources(csrc) if cuda else ([], [])
-    jobs += [(str(f), cc) for f in compilable for cc in targets]
+    # The .cu files first: one takes up to ~15 s against ~1 s per Triton variant, and starting
+    # the longest jobs first keeps every worker busy to the end.
+    jobs: list = [(str(f), cc) for f in compilable for cc in targets]
+    jobs += triton_jobs(specs, targets)
     t0 = time.perf_counter()
     rows = run_jobs(jobs, workers)
     import triton
@@ -451,6 +464,7 @@ def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,
         "rows": [dataclasses.asdict(r) | {"shared_total": r.shared_total,
                                           "tensor_core_family": r.tensor_core_family()}
                  for r in rows],
+        "csrc_found": csrc.is_dir(),
         "cuda_sources": [f.name for f in compilable],
         "cuda_skipped": {f.name: "includes torch/pybind11 headers (binding file)" for f in skipped},
         "estimates": estimates(specs),
@@ -486,6 +500,8 @@ def _cells(r: dict) -> list[str]:
     if not r["ok"]:
         return head + ["FAILED", "", "", (r["error"].splitlines() or [""])[0][:100], ""]
     tc = ", ".join(f"{k} x{v}" for k, v in sorted(r["tensor_core"].items())) or "none"
+    if r["ptxas_notes"]:
+        tc += " (ptxas: see notes)"
     return head + [str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}",
                    str(r["shared_total"]), tc,
                    "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"]
@@ -512,9 +528,17 @@ def _notes(report: dict) -> list[str]:
     notes = []
     if not report["rows"]:
         notes.append("No kernels registered or found.")
-    if not report["cuda_sources"]:
+    if not report["csrc_found"]:
+        notes.append("CUDA: csrc/ not found (an installed package without its sources).")
+    elif not report["cuda_sources"]:
         skipped = ", ".join(report["cuda_skipped"]) or "none"
         notes.append(f"CUDA: no csrc .cu file without torch headers to compile (skipped: {skipped}).")
+    else:
+        notes.append("CUDA rows: compile s is that of the whole .cu file; "
+                     f"{', '.join(report['cuda_skipped']) or 'no file'} skipped (torch headers).")
+    for r in report["rows"]:
+        for note in r["ptxas_notes"]:
+            notes.append(f"ptxas, {r['kernel']} [{r['config']}] sm_{r['target']}: {note}")
     notes.append(f"{len(report['rows'])} variants compiled in {report['wall_s']:.1f} s.")
     return notes
 

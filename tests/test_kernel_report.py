@@ -40,6 +40,21 @@ def _tiny_scale(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * scale, mask=mask)
 
 
+@triton.jit
+def _tiny_gemm_print(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+        acc += tl.dot(a, b)
+        tl.device_print("k", k)  # a call inside the wgmma pipeline: ptxas serializes it
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+
+
 _GEMM_SIG = {"a_ptr": "*{dtype}", "b_ptr": "*{dtype}", "c_ptr": "*{dtype}", "K": "i32",
              "stride_a": "i32", "stride_b": "i32", "stride_c": "i32"}
 # 64x64x32 with 4 warps: one warpgroup, so sm_90 takes the wgmma (HGMMA) path.
@@ -56,6 +71,9 @@ SCALE = KernelSpec("tiny_scale", _tiny_scale,
                    {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "scale": "fp32"},
                    (KernelConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),), dtypes=("fp32",),
                    uses_dot=False)
+SERIAL = KernelSpec("tiny_gemm_print", _tiny_gemm_print,
+                    {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K": "i32"},
+                    (KernelConfig({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=3),))
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +86,12 @@ def tiny_report():
     try:
         registry.register(GEMM)
         registry.register(SCALE)
+        registry.register(SERIAL)
         specs = registry.all_kernels()
     finally:
         registry.KERNELS.clear()
         registry.KERNELS.update(saved)
-    assert [s.name for s in specs] == ["tiny_gemm", "tiny_scale"]
+    assert [s.name for s in specs] == ["tiny_gemm", "tiny_scale", "tiny_gemm_print"]
     return kr.collect(specs, cuda=False)
 
 
@@ -108,7 +127,16 @@ def test_parsers_on_a_compiled_elementwise_kernel(tiny_report, target):
     assert r["ok"], r["error"]
     assert 0 < r["registers"] == r["ptxas_registers"]
     assert r["tensor_core"] == {} and r["tensor_core_family"] == "none"
-    assert r["spill_stores"] == 0
+    assert r["spill_stores"] == 0 and r["ptxas_notes"] == []
+
+
+def test_serialized_wgmma_is_reported(tiny_report):
+    r90 = _row(tiny_report, "tiny_gemm_print", "BK=32", 90)
+    assert r90["ok"] and r90["tensor_core_family"] == "HGMMA"
+    assert any("wgmma" in n and "serialized" in n for n in r90["ptxas_notes"]), r90["ptxas_notes"]
+    assert "serialized" in kr.markdown(tiny_report)
+    r80 = _row(tiny_report, "tiny_gemm_print", "BK=32", 80)  # no wgmma on sm_80
+    assert r80["ok"] and r80["tensor_core_family"] == "HMMA" and r80["ptxas_notes"] == []
 
 
 @pytest.mark.parametrize("target", kr.TARGETS)
@@ -191,6 +219,8 @@ def test_triton_kernel_config_compiles_without_spills(package_report, job):
         assert r["tensor_core"], (
             f"{job.kernel} [{job.config}] carries a tl.dot but has no tensor-core instruction "
             f"on sm_{job.target}")
+        # A serialized wgmma pipeline still counts as HGMMA but loses its overlap.
+        assert not r["ptxas_notes"], f"{job.kernel} [{job.config}]: {r['ptxas_notes']}"
 
 
 _CUDA_JOBS = [(f.name, cc) for f in kr.cuda_sources()[0] for cc in kr.TARGETS]
