@@ -1,0 +1,138 @@
+"""Multi-task fine-tuning of a (tiny, random) Llama with mtLoRA adapters, end to end on the CPU.
+
+What a real run looks like, shrunk to a minute: build the model, ``attach`` the adapters (the
+base is frozen), train on a weighted mixture of tasks with the task loss plus mtLoRA's auxiliary
+loss (balance + spectral), log with tqdm, save the adapters only (safetensors + JSON), and load
+them back into a fresh copy of the base model.
+
+The tasks are synthetic token maps: a sequence is ``[TASK_t, x1, y1, x2, y2, ...]`` with
+``y_i = f_t(x_i)``; the loss is on the y tokens only. With a real model, replace
+``build_model`` by ``AutoModelForCausalLM.from_pretrained(...)`` and ``TaskMixture`` by your
+data; the rest stays.
+
+Run: ``PYTHONPATH=. python python/examples/train_multitask.py`` (~20 s on one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mtlora_kernels import MTLoRAConfig, attach, load_adapters, save_adapters
+from mtlora_kernels.losses import SpectralRegularizer
+
+SYMBOLS = 32
+PAIRS = 4  # (x, y) pairs per sequence
+
+
+class TaskMixture:
+    """Four token maps over SYMBOLS symbols, sampled with ``weights``."""
+
+    def __init__(self, weights=(0.4, 0.3, 0.2, 0.1), seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.arange(SYMBOLS)
+        self.names = ["copy", "successor", "mirror", "permutation"]
+        self.maps = torch.stack([ids, (ids + 1) % SYMBOLS, SYMBOLS - 1 - ids,
+                                 torch.randperm(SYMBOLS, generator=g)])
+        self.weights = torch.tensor(weights, dtype=torch.float)
+        self.gen = g
+
+    @property
+    def vocab_size(self) -> int:
+        return SYMBOLS + len(self.names)
+
+    def batch(self, size: int, task: int | None = None):
+        """``(input_ids, labels, task)``; labels are -100 except on the y tokens."""
+        t = (torch.multinomial(self.weights, size, replacement=True, generator=self.gen)
+             if task is None else torch.full((size,), task))
+        x = torch.randint(0, SYMBOLS, (size, PAIRS), generator=self.gen)
+        y = self.maps[t[:, None], x]
+        ids = torch.cat([SYMBOLS + t[:, None], torch.stack([x, y], -1).flatten(1)], 1)
+        labels = torch.full_like(ids, -100)
+        labels[:, 2::2] = ids[:, 2::2]
+        return ids, labels, t
+
+
+def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2 * PAIRS + 1)
+    return LlamaForCausalLM(config)
+
+
+@torch.no_grad()
+def evaluate(model, data: TaskMixture, per_task: int = 128) -> dict[str, float]:
+    model.eval()
+    scores = {}
+    for t, name in enumerate(data.names):
+        ids, labels, _ = data.batch(per_task, task=t)
+        pred = model(ids).logits[:, :-1].argmax(-1)
+        target, mask = labels[:, 1:], labels[:, 1:] != -100
+        scores[name] = (pred[mask] == target[mask]).float().mean().item()
+    model.train()
+    return scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--placement", default="both", choices=["ffn", "attn", "both"])
+    ap.add_argument("--out", type=Path, default=Path("mtlora_example_adapters"))
+    # Matrices this small run fastest on one thread (measured: 37 ms/step; with 2 threads on a
+    # busy 2-core machine, steps took up to 4 s from oversubscription).
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = TaskMixture()
+    model = build_model(data.vocab_size)
+    # Official defaults but smaller: r 8, N 4 experts, g 2 routing groups, alpha/r = 2.
+    config = MTLoRAConfig(r=8, num_experts=4, groups=2, alpha=16.0, dropout=0.05)
+    handle = attach(model, config, placement=args.placement)
+    print(handle)
+    print(f"trainable parameters: {handle.num_trainable_parameters():,} of "
+          f"{sum(p.numel() for p in model.parameters()):,}")
+    print("accuracy before:", {k: round(v, 3) for k, v in evaluate(model, data).items()})
+
+    optimizer = torch.optim.AdamW(handle.parameters(), lr=args.lr, weight_decay=0.0)
+    # The spectral weighting is refreshed every 50 steps (the paper: once per epoch).
+    regularizer = SpectralRegularizer(refresh_every=50)
+    model.train()
+    bar = tqdm(range(args.steps), desc="train", unit="step")
+    for step in bar:
+        ids, labels, _ = data.batch(args.batch)
+        task_loss = model(ids, labels=labels).loss
+        aux = handle.aux_loss(balance_weight=0.01, spectral_weight=1.0, regularizer=regularizer)
+        optimizer.zero_grad(set_to_none=True)
+        (task_loss + aux).backward()
+        optimizer.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{task_loss.item():.3f}", aux=f"{aux.item():.4f}")
+
+    scores = evaluate(model, data)
+    print("accuracy after: ", {k: round(v, 3) for k, v in scores.items()})
+
+    save_adapters(handle, args.out)
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    print(f"saved adapters to {args.out}/ ({size:,} bytes)")
+    # A fresh base model (same weights) + the saved adapters computes the same thing.
+    fresh = build_model(data.vocab_size).eval()
+    load_adapters(fresh, args.out)
+    ids, _, _ = data.batch(8)
+    model.eval()
+    with torch.no_grad():
+        same = torch.equal(model(ids).logits, fresh(ids).logits)
+    print(f"reloaded adapters reproduce the outputs exactly: {same}")
+    if not same:
+        raise SystemExit("reloaded adapters differ")
+
+
+if __name__ == "__main__":
+    main()
