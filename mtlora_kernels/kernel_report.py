@@ -80,6 +80,7 @@ class Row:
     ptxas_registers: int | None = None  # from the ptxas -v log; must equal ``registers``
     spill_stores: int | None = None
     spill_loads: int | None = None
+    spill_budget: int = 0  # KernelSpec.spill_budget (0 for CUDA kernels)
     stack_bytes: int | None = None
     shared_dynamic: int | None = None  # bytes Triton requests at launch (metadata.shared)
     shared_static: int | None = None  # bytes the cubin declares
@@ -210,6 +211,7 @@ class TritonJob:
     num_stages: int
     target: int
     uses_dot: bool
+    spill_budget: int = 0
 
 
 def _python_function(fn):
@@ -247,7 +249,8 @@ def triton_jobs(specs, targets=TARGETS) -> list[TritonJob]:
                         kernel=spec.name, config=label, fn_module=pyfn.__module__,
                         fn_qualname=pyfn.__qualname__, signature=sig,
                         constexprs=dict(cfg.constexprs), num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages, target=cc, uses_dot=spec.uses_dot))
+                        num_stages=cfg.num_stages, target=cc, uses_dot=spec.uses_dot,
+                        spill_budget=spec.spill_budget))
     return jobs
 
 
@@ -286,7 +289,8 @@ def compile_triton(job: TritonJob) -> Row:
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    row = Row(job.kernel, job.config, job.target, "triton", job.uses_dot, ok=False)
+    row = Row(job.kernel, job.config, job.target, "triton", job.uses_dot, ok=False,
+              spill_budget=job.spill_budget)
     try:
         obj = importlib.import_module(job.fn_module)
         for part in job.fn_qualname.split("."):
@@ -502,7 +506,10 @@ def _cells(r: dict) -> list[str]:
     tc = ", ".join(f"{k} x{v}" for k, v in sorted(r["tensor_core"].items())) or "none"
     if r["ptxas_notes"]:
         tc += " (ptxas: see notes)"
-    return head + [str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}",
+    spill = f"{r['spill_stores']}/{r['spill_loads']}"
+    if r["spill_stores"] > r["spill_budget"]:
+        spill += f" > budget {r['spill_budget']}"
+    return head + [str(r["registers"]), spill,
                    str(r["shared_total"]), tc,
                    "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"]
 
@@ -558,7 +565,8 @@ def print_report(report: dict, console=None) -> None:
         if not r["ok"]:
             cells[3] = "[red]FAILED[/red]"
         elif r["spill_stores"]:
-            cells[4] = f"[yellow]{cells[4]}[/yellow]"
+            color = "red" if r["spill_stores"] > r["spill_budget"] else "yellow"
+            cells[4] = f"[{color}]{cells[4]}[/{color}]"
         table.add_row(*cells)
     console.print(table)
     est = Table(title=est_title)

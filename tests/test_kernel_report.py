@@ -145,6 +145,7 @@ def test_spills_are_read(tiny_report, target):
     assert r["ok"], r["error"]
     assert r["spill_stores"] > 0 and r["spill_loads"] > 0
     assert r["stack_bytes"] >= r["spill_loads"]
+    assert f"{r['spill_stores']}/{r['spill_loads']} > budget 0" in kr.markdown(tiny_report)
 
 
 @pytest.mark.parametrize("target", kr.TARGETS)
@@ -186,11 +187,6 @@ def test_registry_mistakes_are_reported_clearly():
 
 # ----------------------------------------------------------------------------- the real kernels
 
-# Spill budget, bytes of spill stores per variant: none. Every kernel of the package must fit
-# in registers at every configuration its launchers can pick; a spilling config is dropped
-# from the launcher's list (or the tile shrunk), not tolerated here.
-SPILL_BUDGET = 0
-
 _JOBS = kr.triton_jobs(registry.all_kernels())
 
 
@@ -210,8 +206,10 @@ def test_triton_kernel_config_compiles_without_spills(package_report, job):
     (r,) = _rows_of(package_report, job)
     assert r["ok"], f"{job.kernel} [{job.config}] does not compile for sm_{job.target}: {r['error']}"
     assert r["registers"] == r["ptxas_registers"]
-    assert r["spill_stores"] <= SPILL_BUDGET, (
-        f"{job.kernel} [{job.config}] spills {r['spill_stores']} B on sm_{job.target}")
+    # KernelSpec.spill_budget: 0 unless the kernel's notes justify more.
+    assert r["spill_stores"] <= job.spill_budget, (
+        f"{job.kernel} [{job.config}] spills {r['spill_stores']} B on sm_{job.target} "
+        f"(budget {job.spill_budget} B)")
     assert r["shared_total"] <= kr.MAX_SHARED[job.target], (
         f"{job.kernel} [{job.config}] needs {r['shared_total']} B of shared memory; "
         f"sm_{job.target} has {kr.MAX_SHARED[job.target]}")
@@ -233,8 +231,7 @@ def test_cuda_kernels_compile_without_spills(package_report, cu, target):
     assert rows, f"{cu}: no report rows for sm_{target}"
     for r in rows:
         assert r["ok"], f"{cu} does not compile for sm_{target}: {r['error']}"
-        assert r["spill_stores"] is None or r["spill_stores"] <= SPILL_BUDGET, (
-            f"{r['kernel']} ({cu}) spills {r['spill_stores']} B on sm_{target}")
+        assert r["spill_stores"] == 0, f"{r['kernel']} ({cu}) spills {r['spill_stores']} B on sm_{target}"
 
 
 def test_cli_kernels_subcommand(monkeypatch, capsys):

@@ -33,7 +33,9 @@ class KernelSpec:
     pointer types may contain ``{dtype}``, filled from ``dtypes``. configs: every configuration
     a launcher can pick. uses_dot: the kernel carries a GEMM (``tl.dot``) and must compile to
     tensor-core instructions. cost: optional ``(shape dict) -> (flops, bytes)`` for the static
-    roofline estimate at the benchmark shapes.
+    roofline estimate at the benchmark shapes. spill_budget: bytes of register spill stores a
+    configuration may have on sm_80 / sm_90 before the compile tests fail (default 0; a
+    nonzero budget must be justified in ``notes``).
     """
 
     name: str
@@ -44,6 +46,7 @@ class KernelSpec:
     uses_dot: bool = True
     cost: Callable[[dict], tuple[float, float]] | None = None
     notes: str = field(default="")
+    spill_budget: int = 0
 
 
 KERNELS: dict[str, KernelSpec] = {}
