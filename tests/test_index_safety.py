@@ -434,15 +434,10 @@ def launches() -> dict[str, list[Launch]]:
     return out
 
 
-# Known bug, a strict xfail until fixed: rsvd_bmm_kernel computes offs_p * stride_ap in 32 bits,
-# which wraps for one (untransposed) matrix of 2^31+ elements (measured range: up to
-# 2151673848). Widening offs_p (as pid_b already is) fixes it.
-_RSVD_I32 = pytest.mark.xfail(strict=True, raises=AssertionError,
-                              reason="known bug: rsvd_bmm row offsets in 32 bits")
 SCENARIOS = [  # static (the launch capture itself runs in the subprocess)
     "mix_d4096_g2", "mix_d4096_g2_deterministic", "mix_g_eq_dout", "mix_logits_wide_in",
     "mix_plain_lora_wide_out", "rsvd_bmm_batch", "rsvd_bmm_batch_transposed",
-    pytest.param("rsvd_bmm_one_big_matrix", marks=_RSVD_I32),
+    "rsvd_bmm_one_big_matrix",
     "rsvd_bmm_one_big_matrix_transposed",
 ]
 

@@ -38,7 +38,8 @@ def rsvd_bmm_kernel(
     pid_p = tl.program_id(0)
     pid_l = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)  # batch * stride can pass 2^31 elements
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    # int64 rows: one untransposed matrix may hold 2^31+ elements (offs_p * stride_ap wraps).
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_q = tl.arange(0, BLOCK_Q)
     a_ptrs = a_ptr + pid_b * stride_ab + offs_p[:, None] * stride_ap + offs_q[None, :] * stride_aq
