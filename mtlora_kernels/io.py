@@ -128,26 +128,53 @@ def _resolve(model_or_handle) -> tuple[nn.Module, MTLoRAHandle | None]:
     return model, handle
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    """A parameter of a model sharded with FSDP2 (``fully_shard``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _distributed_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def save_adapters(model_or_handle, directory: str | os.PathLike) -> Path:
     """Write the adapters of a model (or handle) to ``directory``; returns the directory.
 
     Only the adapters are saved (``adapter_model.safetensors`` + ``adapter_config.json``), never
-    the base model and never a pickle.
+    the base model and never a pickle. Under torch.distributed only rank 0 writes; a model
+    sharded with FSDP2 must call this on every rank (gathering the shards is collective).
     """
-    from safetensors.torch import save_file
-
     from mtlora_kernels import __version__
 
     model, handle = _resolve(model_or_handle)
     if handle is None:
         raise ValueError(f"{type(model).__name__} has no mtLoRA adapters attached")
     directory = Path(directory)
+    state = handle.state_dict()
+    sharded = any(_is_dtensor(v) for v in state.values())
+    tensors = {k: (v.full_tensor() if _is_dtensor(v) else v).contiguous().cpu()
+               for k, v in state.items()}
+    if _distributed_rank() == 0:
+        _write(directory, tensors, handle, model, __version__)
+    if sharded:  # every rank is here: let none read the directory before rank 0 has written it
+        torch.distributed.barrier()
+    return directory
+
+
+def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, model: nn.Module,
+           version: str) -> None:
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in handle.state_dict().items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "mtlora_kernels_version": __version__,
+        "mtlora_kernels_version": version,
         "config": handle.config.to_dict(),
         "placement": handle.placement,
         "target_modules": handle.target_modules,
@@ -162,7 +189,6 @@ def save_adapters(model_or_handle, directory: str | os.PathLike) -> Path:
         tmp = directory / (name + ".tmp")
         write(tmp)
         os.replace(tmp, directory / name)
-    return directory
 
 
 def _check_meta(meta: dict, where: Path) -> MTLoRAConfig:
@@ -216,10 +242,18 @@ def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where
 
 
 def _copy_all(tensors: Mapping[str, Tensor], handle: MTLoRAHandle) -> None:
+    """Copy every tensor in; an FSDP2-sharded parameter takes its shard (collective: every rank
+    loads the same file)."""
     params = {f"{n}.{k}": p for n, a in handle.adapters.items() for k, p in a.named_parameters()}
     with torch.no_grad():
         for key, param in params.items():
-            param.copy_(tensors[key])
+            value = tensors[key]
+            if _is_dtensor(param):
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.device, param.dtype),
+                                          param.device_mesh, param.placements)
+            param.copy_(value)
 
 
 def _attach_then(model: nn.Module, attach_kwargs: dict, fill: Callable[[MTLoRAHandle], None]

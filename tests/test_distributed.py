@@ -1,5 +1,6 @@
 """Attached adapters at scale, on the CPU: DDP and FSDP2 (gloo, 2 processes) with gradient
-checkpointing, torch.compile, and gradient checkpointing against the plain forward."""
+checkpointing (and save/load of sharded adapters), torch.compile, and gradient checkpointing
+against the plain forward."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ pytest.importorskip("transformers")
 from conftest import REL_TOL, rel_err  # noqa: E402
 from test_hf import randomize, tiny_inputs, tiny_model  # noqa: E402
 
-from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
+from mtlora_kernels import MTLoRAConfig, attach, load_adapters, save_adapters  # noqa: E402
 
 TOL = REL_TOL[torch.float32]
 
@@ -48,7 +49,7 @@ def assert_grads_close(got: dict, want: dict, what: str) -> None:
         assert rel_err(g, want[name]) <= TOL, f"{what}: {name} rel. err {rel_err(g, want[name])}"
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
@@ -89,15 +90,31 @@ def _worker(rank: int, port: int) -> None:
         (model(mine, labels=mine).loss + handle.aux_loss(spectral_weight=0.0)).backward()
         got = {n: g.full_tensor() for n, g in adapter_grads(model).items()}
         assert_grads_close(got, want, f"FSDP2 rank {rank}")
+
+        # Saving from the sharded model gathers the shards; loading into a sharded model
+        # scatters them: both give the reference's outputs.
+        save_adapters(handle, out_dir)  # every rank calls, rank 0 writes
+        ref.eval()
+        want_out = ref(ids).logits
+        fresh = tiny_model("llama").eval()
+        load_adapters(fresh, out_dir)
+        assert torch.equal(fresh(ids).logits, want_out)
+        sharded, sharded_handle = adapted_llama()
+        randomize(sharded_handle, seed=9)
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        load_adapters(sharded_handle, out_dir)
+        assert rel_err(sharded.eval()(ids).logits, want_out) <= TOL
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_and_fsdp2_match_one_process():
+def test_ddp_and_fsdp2_match_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port,), nprocs=2)
+    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2)
 
 
 def _step(model, handle, ids, seed=123):
