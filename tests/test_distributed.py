@@ -4,7 +4,6 @@ against the plain forward."""
 
 from __future__ import annotations
 
-import copy
 import socket
 
 import pytest

@@ -182,7 +182,8 @@ class MTLoRAHandle:
         return self._enabled
 
     def __repr__(self) -> str:
-        where = self.placement if self.placement != "component" else f"component {self.target_modules}"
+        where = (f"component {self.target_modules}" if self.placement == "component"
+                 else self.placement)
         return (f"MTLoRAHandle({type(self.model).__name__}, {where}, {len(self.adapters)} "
                 f"adapters, {self.num_parameters():,} parameters, enabled={self._enabled})")
 
