@@ -259,3 +259,14 @@ def test_other_config_errors():
     handle.remove()
     with pytest.raises(RuntimeError, match="removed"):
         handle.enable()
+
+
+def test_importing_the_package_does_not_import_transformers():
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys, mtlora_kernels; mtlora_kernels.attach; "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=pathlib.Path(__file__).resolve().parents[1])
