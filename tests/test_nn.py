@@ -117,3 +117,15 @@ def test_checkpoint_import_names_the_mismatch():
     with pytest.raises(ValueError, match="lora_A"):
         ours.load_hydralora_state_dict({**good, "lora_A.weight": torch.randn(3, 8)})
     torch.testing.assert_close(ours.lora_A.detach(), before)  # nothing half-loaded
+
+
+def test_balance_loss_refuses_a_forward_without_autograd():
+    """Reentrant checkpointing runs forward under no_grad: the loss must not silently lose
+    the router's gradient."""
+    ad = MTLoRAAdapter(8, r=2, num_experts=3, groups=2, dropout=0.0)
+    with torch.no_grad():
+        ad(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="without autograd"):
+        ad.balance_loss()
+    ad(torch.randn(4, 8), logits=torch.randn(4, 6))  # external logits: not the router's
+    assert torch.isfinite(ad.balance_loss())

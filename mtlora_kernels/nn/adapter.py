@@ -43,6 +43,7 @@ class MTLoRAAdapter(nn.Module):
         else:
             self.register_parameter("lora_route", None)
         self._routing: Tensor | None = None
+        self._routed_by_own_router = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,6 +68,7 @@ class MTLoRAAdapter(nn.Module):
             return_routing=True,
         )
         self._routing = pi
+        self._routed_by_own_router = route is not None
         return y
 
     def balance_loss(self) -> Tensor:
@@ -74,6 +76,14 @@ class MTLoRAAdapter(nn.Module):
         tokens and groups of the last forward (unbiased var). Zero for N == 1."""
         if self._routing is None:
             raise RuntimeError("balance_loss() needs a forward pass first")
+        if (torch.is_grad_enabled() and not self._routing.requires_grad
+                and self._routed_by_own_router and self.lora_route.requires_grad):
+            # Reentrant activation checkpointing runs forward under no_grad: the loss would
+            # silently carry no gradient to the router.
+            raise RuntimeError(
+                "the last forward ran without autograd (e.g. reentrant activation "
+                "checkpointing), so the balance loss cannot reach the router; use "
+                "non-reentrant checkpointing (use_reentrant=False)")
         if self.config.num_experts == 1:
             return self._routing.new_zeros(())
         p = self._routing.reshape(-1, self.config.num_experts).mean(0)

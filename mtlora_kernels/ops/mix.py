@@ -23,6 +23,7 @@ the same two functions on 2-D, contiguous tensors; this module does everything e
 
 from __future__ import annotations
 
+import math
 import os
 from types import SimpleNamespace
 import torch
@@ -307,7 +308,7 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
     _check(isinstance(groups, int) and groups >= 1 and d_out % groups == 0,
            f"groups must be a positive divisor of d_out={d_out}, got {groups!r}")
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    _check(bool(torch.isfinite(torch.tensor(float(scaling)))),
+    _check(math.isfinite(float(scaling)),
            f"scaling must be finite, got {scaling}")
     _check(route_weight is None or logits is None,
            "give either route_weight (fused linear router) or logits (router computed "
