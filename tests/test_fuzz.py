@@ -10,8 +10,9 @@ tolerance table of ``conftest.py`` (low precision: also within 2x plain PyTorch'
 
 Budgets: the profile selected by ``HYPOTHESIS_PROFILE`` (or pytest's ``--hypothesis-profile``)
 sets ``max_examples`` M ("ci": 40 by default, ``MTLORA_FUZZ_EXAMPLES`` overrides; "long":
-2000). The op on the torch backend runs 2M examples, the layers M, the Triton backend (the
-interpreter on CPU, small shapes) M/4. A deep run::
+2000). The op runs 4M examples on the torch backend and M on the Triton backend (in the
+interpreter on CPU, with smaller shapes); the layers 2M (torch) and M/2 (Triton); the op tests
+also run the explicit corner cases of CORNERS every time. A deep run::
 
     HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py
     python -m pytest tests/test_fuzz.py --hypothesis-profile=long   # same thing
@@ -25,7 +26,7 @@ import math
 
 import pytest
 import torch
-from conftest import REL_TOL, assert_close_to_reference
+from conftest import REL_TOL, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -224,6 +225,36 @@ def _dtype_of(case: Case, name: str) -> torch.dtype:
     return case.logits_dtype if name == "logits" else case.dtype
 
 
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
+                 torch.bfloat16: 2.0**-8}
+CONDITION_FACTOR = 4.0
+
+
+def _jitter(t: torch.Tensor, dtype: torch.dtype, gen) -> torch.Tensor:
+    """``t * (1 + u * U(-1, 1))`` elementwise, u the unit roundoff of ``dtype``: a perturbation
+    the size of one rounding to that dtype."""
+    noise = torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1
+    return t * (1 + UNIT_ROUNDOFF[dtype] * noise)
+
+
+def _assert_close(out, ref64, dtype, what, baseline, jittered) -> None:
+    """``out`` within the largest of: the table's tolerance for ``dtype``; 2x the error of
+    plain PyTorch in the same dtype (``baseline``); CONDITION_FACTOR x how far the exact result
+    moves when every input and dy move by one rounding (``jittered``, computed in fp64).
+
+    The last term matters only on ill-conditioned examples, which the fuzz finds: a gradient
+    that is one number summing terms of opposite sign. There the 2x rule compares two single
+    samples of rounding noise. Seen in the "long" profile: fp16, one token, d_in = r = 1: dA
+    off by 3.9% while plain PyTorch was off by 0.85%, and moving the inputs by one fp16
+    rounding moved the exact dA by more than 1%. Tests with fixed inputs (test_extreme.py,
+    test_mix.py) keep the stricter rule of the table and 2x plain PyTorch."""
+    tol = max(REL_TOL[dtype], CONDITION_FACTOR * rel_err(jittered, ref64))
+    if baseline is not None:
+        tol = max(tol, 2.0 * rel_err(baseline, ref64))
+    err = rel_err(out, ref64)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({dtype})"
+
+
 def _loose(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The dtype of the two with the looser tolerance."""
     return a if REL_TOL[a] >= REL_TOL[b] else b
@@ -273,12 +304,16 @@ def check_op_against_reference(case: Case, backend: str) -> None:
     if case.dtype in BASELINED:  # plain PyTorch in the same precision sets the bar too
         base_y, base_leaves = _run(reference, case, rounded)
         base_g = _grads(base_y, base_leaves, dy.to(case.dtype))
-    assert_close_to_reference(y, y64, case.dtype, f"y [{backend}]", base_y)
+    # The oracle again with every input and dy moved by one rounding (see _assert_close).
+    jittered = {k: _jitter(v.double(), _dtype_of(case, k), gen) for k, v in rounded.items()}
+    y_j, leaves_j = _run(reference, case, jittered)
+    jit_g = _grads(y_j, leaves_j, _jitter(dy, case.dtype, gen))
+    _assert_close(y, y64, case.dtype, f"y [{backend}]", base_y, y_j)
     for name in leaves:
         tol_dtype = _loose(case.dtype, _dtype_of(case, name))
         assert got[name].dtype == leaves[name].dtype, f"d{name} dtype"
-        assert_close_to_reference(got[name], want[name], tol_dtype, f"d{name} [{backend}]",
-                                  base_g.get(name))
+        _assert_close(got[name], want[name], tol_dtype, f"d{name} [{backend}]",
+                      base_g.get(name), jit_g[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +333,7 @@ def _with_corners(test):
     return test
 
 
-@_budget(2.0)
+@_budget(4.0)
 @given(case=TORCH_CASES)
 @_with_corners
 def test_fuzz_op_torch(case):
@@ -306,12 +341,10 @@ def test_fuzz_op_torch(case):
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.id == "triton"])
-@_budget(0.25)
+@_budget(1.0)
 @given(case=TRITON_CASES)
 @_with_corners
 def test_fuzz_op_triton(backend, case):
-    if case.T > 40 or case.d_in > 40 or case.d_out > 40 or case.N * case.r > 64:
-        case = dataclasses.replace(case, lead=(5,), d_in=16, d_out=18, r=4, N=4, g=18)
     check_op_against_reference(case, backend)
 
 
@@ -380,7 +413,11 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
         return out
 
     inputs = {"x": x_leaf, **params, **({"logits": logits} if logits is not None else {})}
-    inputs64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    # The oracle in fp64 on the values the layer computes with: parameters cast to x's dtype.
+    def as_used(k, v):
+        return v.detach().to(dt if k in params else v.dtype).double().requires_grad_()
+
+    inputs64 = {k: as_used(k, v) for k, v in inputs.items()}
     x64 = _view(inputs64["x"], (*lead, d_in), c["x_layout"])
     y64 = reference(x64, inputs64, inputs64.get("logits"), torch.float64)
     # the upstream gradient as the layer receives it, for the oracle too
@@ -388,6 +425,13 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
     names = [k for k in inputs if inputs[k].requires_grad]
     got = torch.autograd.grad(y, [inputs[k] for k in names], dy.to(dt), allow_unused=True)
     want = torch.autograd.grad(y64, [inputs64[k] for k in names], dy, allow_unused=True)
+    # ... and moved by one rounding (see _assert_close)
+    inputs_j = {k: _jitter(v.detach(), dt if k != "logits" else logits.dtype, gen)
+                .requires_grad_() for k, v in inputs64.items()}
+    y_j = reference(_view(inputs_j["x"], (*lead, d_in), c["x_layout"]), inputs_j,
+                    inputs_j.get("logits"), torch.float64)
+    jit_g = torch.autograd.grad(y_j, [inputs_j[k] for k in names], _jitter(dy, dt, gen),
+                                allow_unused=True)
     base_y, base_g = None, [None] * len(names)
     if dt in BASELINED:
         xb = x_leaf.detach().requires_grad_()
@@ -397,21 +441,22 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
         bl = {"x": xb, **pb, **({"logits": lb} if lb is not None else {})}
         base_g = torch.autograd.grad(base_y, [bl[k] for k in names], dy.to(dt),
                                      allow_unused=True)
-    assert_close_to_reference(y, y64, dt, f"layer y [{backend}]", base_y)
-    for name, a, b, bb in zip(names, got, want, base_g):
+    _assert_close(y, y64, dt, f"layer y [{backend}]", base_y, y_j)
+    for name, a, b, bb, bj in zip(names, got, want, base_g, jit_g):
         a = torch.zeros_like(inputs[name]) if a is None else a
         b = torch.zeros_like(inputs64[name]) if b is None else b
-        assert_close_to_reference(a, b, dt, f"layer d{name} [{backend}]", bb)
+        bj = torch.zeros_like(inputs64[name]) if bj is None else bj
+        _assert_close(a, b, dt, f"layer d{name} [{backend}]", bb, bj)
 
 
-@_budget(1.0)
+@_budget(2.0)
 @given(c=layer_cases(max_tokens=200, max_width=40))
 def test_fuzz_layers_torch(c):
     check_layer_against_reference(c, "torch")
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.id == "triton"])
-@_budget(0.25)
+@_budget(0.5)
 @given(c=layer_cases(max_tokens=24, max_width=24))
 def test_fuzz_layers_triton(backend, c):
     check_layer_against_reference(c, backend)
