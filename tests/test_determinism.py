@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close_to_reference
-from test_fuzz import backend_params
+from test_fuzz import backend_params, device_for
 
 from mtlora_kernels.ops.mix import dropout_keep_mask, mix
 from mtlora_kernels.reference import mix_reference
@@ -67,18 +67,21 @@ def _spread(runs: list[dict]) -> dict[str, float]:
                                           ("logits", torch.float32)])
 def test_deterministic_mode_is_bitwise_reproducible_and_right(backend, router, dtype):
     inputs, dy = _inputs(dtype, router)
-    runs = [_run(backend, inputs, dy, deterministic=True) for _ in range(RUNS)]
+    dev = device_for(backend)
+    runs = [_run(backend, {k: v.to(dev) for k, v in inputs.items()}, dy.to(dev), True)
+            for _ in range(RUNS)]
     for r in runs[1:]:
         for name, value in r.items():
             assert torch.equal(value, runs[0][name]), f"{name} differs between runs"
     # ... and it is the right answer, not just a repeatable one.
-    keep = dropout_keep_mask(99, (T, D_IN), 0.1, "cpu", backend)
+    keep = dropout_keep_mask(99, (T, D_IN), 0.1, dev, backend).cpu()
     ref = {k: v.double().requires_grad_() for k, v in inputs.items()}
     y64 = mix_reference(ref["x"], ref["A"], ref["B"], ref.get("W"), logits=ref.get("logits"),
                         groups=G, scaling=2.0, dropout_mask=keep, dropout_p=0.1)
     pi64 = _routing64(ref, router)
     grads = torch.autograd.grad((y64 * dy.double()).sum() + pi64.square().sum(),
                                 list(ref.values()))
+    runs[0] = {k: v.cpu() for k, v in runs[0].items()}
     assert_close_to_reference(runs[0]["y"], y64, dtype, "y")
     for (name, _), g in zip(ref.items(), grads):
         assert_close_to_reference(runs[0][f"d{name}"], g, dtype, f"d{name}")
@@ -92,6 +95,8 @@ def _routing64(ref: dict, router: str) -> torch.Tensor:
 @pytest.mark.parametrize("backend", backend_params())
 def test_default_mode_spread_on_cpu_is_zero(backend):
     """The measurement quoted in the module docstring (CPU: torch, Triton interpreter)."""
+    if device_for(backend).type != "cpu":
+        pytest.skip("measures the CPU spread; test_default_mode_spread_on_gpu covers the GPU")
     inputs, dy = _inputs(torch.float32, "fused")
     runs = [_run(backend, inputs, dy, deterministic=False) for _ in range(RUNS)]
     spread = _spread(runs)

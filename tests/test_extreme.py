@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import REL_TOL, assert_close_to_reference, rel_err
-from test_fuzz import backend_params
+from test_fuzz import backend_params, device_for
 
 from mtlora_kernels.ops.mix import mix
 from mtlora_kernels.reference import mix_reference, routing_weights
@@ -64,13 +64,12 @@ def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, what="", unscored=
     every input: finite, and within the table's tolerance of the fp64 run, or within 2x the
     error of the reference run in the same dtype (plain PyTorch) where that is larger. Inputs
     named in ``unscored`` only have their gradient checked for finiteness; ``grads=False``
-    checks the forward only. Returns the
-    backend's routing weights and gradients."""
+    checks the forward only. Returns the backend's routing weights and gradients (on CPU)."""
     dtype = inputs["x"].dtype
     n = inputs["B"].shape[0]
 
-    def run(fn, cast):
-        v = {k: t.detach().to(cast(t)).requires_grad_() for k, t in inputs.items()}
+    def run(fn, cast, device="cpu"):
+        v = {k: t.detach().to(device, cast(t)).requires_grad_() for k, t in inputs.items()}
         y = fn(v["x"], v["A"], v["B"], v.get("W"), logits=v.get("logits"), groups=groups,
                scaling=scaling)
         return (y[0], y[1], v) if isinstance(y, tuple) else (y, _routing(v, groups, n), v)
@@ -78,24 +77,25 @@ def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, what="", unscored=
     def ours(*args, **kw):
         return mix(*args, **kw, backend=backend, return_routing=True)
 
-    y, pi, v = run(ours, lambda t: t.dtype)
+    y, pi, v = run(ours, lambda t: t.dtype, device_for(backend))
     y64, pi64, v64 = run(mix_reference, lambda t: torch.float64)
     yb, pib, vb = run(mix_reference, lambda t: t.dtype)
     assert torch.isfinite(y).all() and torch.isfinite(pi).all(), f"{what}: non-finite output"
     assert_close_to_reference(pi, pi64, torch.float32, f"{what} pi", pib)
     assert_close_to_reference(y, y64, dtype, f"{what} y", yb)
     if not grads:
-        return pi, {}
+        return pi.cpu(), {}
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     dy = dy.to(dtype).double()  # the upstream gradient as the backend receives it
     names = list(v)
-    grads = [torch.autograd.grad(out, [vv[k] for k in names], dy.to(out.dtype))
-             for out, vv in ((y, v), (y64, v64), (yb, vb))]
-    for name, a, b, base in zip(names, *grads):
+    got, want, base = [torch.autograd.grad(out, [vv[k] for k in names],
+                                           dy.to(out.device, out.dtype))
+                       for out, vv in ((y, v), (y64, v64), (yb, vb))]
+    for name, a, b, bb in zip(names, got, want, base):
         assert torch.isfinite(a).all(), f"{what}: non-finite gradient of {name}"
         if name not in unscored:
-            assert_close_to_reference(a, b, dtype, f"{what} d{name}", base)
-    return pi, dict(zip(names, grads[0]))
+            assert_close_to_reference(a, b, dtype, f"{what} d{name}", bb)
+    return pi.cpu(), {k: g.cpu() for k, g in zip(names, got)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +184,9 @@ def test_one_hot_task_routing_with_minus_inf(backend):
     task = torch.randint(0, N, (T, G), generator=gen)
     logits = torch.full((T, G, N), float("-inf"))
     logits.scatter_(-1, task.unsqueeze(-1), 0.0)
-    y = mix(x, A, B, logits=logits.view(T, G * N), groups=G, scaling=1.5, backend=backend)
+    dev = device_for(backend)
+    y = mix(x.to(dev), A.to(dev), B.to(dev), logits=logits.view(T, G * N).to(dev), groups=G,
+            scaling=1.5, backend=backend)
     c = D_OUT // G
     per_expert = torch.einsum("ti,ri,ejr->tej", x.double(), A.double(), B.double()) * 1.5
     want = torch.stack([per_expert[t, task[t, j // c], j] for t in range(T)
@@ -248,8 +250,10 @@ def _poisoned_case(where, bad, dtype, gen):
 def test_nonfinite_inputs_propagate_like_the_reference(backend, dtype, where, bad):
     gen = torch.Generator().manual_seed(8)
     x, A, B, W, logits, residual = _poisoned_case(where, bad, dtype, gen)
-    y = mix(x, A, B, W, logits=logits, residual=residual, groups=G, scaling=2.0,
-            backend=backend)
+    dev = device_for(backend)
+    y = mix(*(t.to(dev) if t is not None else None for t in (x, A, B, W)),
+            logits=logits.to(dev) if logits is not None else None, residual=residual.to(dev),
+            groups=G, scaling=2.0, backend=backend).cpu()
     y64 = mix_reference(x.double(), A.double(), B.double(),
                         W.double() if W is not None else None,
                         logits=logits.double() if logits is not None else None, groups=G,

@@ -49,19 +49,30 @@ def _budget(fraction: float) -> settings:
     return settings(max_examples=max(2, math.ceil(settings.default.max_examples * fraction)))
 
 
+def device_for(backend: str) -> torch.device:
+    """Where a backend's inputs live: the GPU when there is one (torch, triton, cuda); else the
+    CPU (torch, and triton through the interpreter, which conftest switches on)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def backend_params():
-    """torch always; triton while its module exists (on CPU through the interpreter, which
-    conftest switches on when there is no GPU)."""
-    params = [pytest.param("torch", id="torch")]
-    marks = []
-    if importlib.util.find_spec("mtlora_kernels.triton.mix") is None:
-        marks.append(pytest.mark.skip(reason="mtlora_kernels/triton/mix.py does not exist yet"))
-    else:
-        ok, why = backends.available("triton", torch.device("cpu"))
-        if not ok:
-            marks.append(pytest.mark.skip(reason=f"triton backend unavailable: {why}"))
-    params.append(pytest.param("triton", id="triton", marks=marks))
+    """Every backend, each skipped with the reason when it cannot run here: triton while its
+    module does not exist, cuda without the extension or a GPU."""
+    params = []
+    for name in ("torch", "triton", "cuda"):
+        if name == "triton" and importlib.util.find_spec("mtlora_kernels.triton.mix") is None:
+            reason = "mtlora_kernels/triton/mix.py does not exist yet"
+        else:
+            ok, why = backends.available(name, device_for(name))
+            reason = None if ok else f"{name} backend unavailable: {why}"
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, id=name, marks=marks))
     return params
+
+
+def accelerated_params():
+    """The backends other than torch (the fuzz runs them at smaller shapes)."""
+    return [p for p in backend_params() if p.id != "torch"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,8 +290,9 @@ def check_op_against_reference(case: Case, backend: str) -> None:
     p = case.dropout_p if case.training else 0.0
     keep = None
     if p > 0.0:
-        keep = dropout_keep_mask(case.dropout_seed, (case.T, case.d_in), p, "cpu", backend)
-        keep = keep.view(*case.lead, case.d_in)
+        keep = dropout_keep_mask(case.dropout_seed, (case.T, case.d_in), p, device_for(backend),
+                                 backend)
+        keep = keep.cpu().view(*case.lead, case.d_in)
 
     def ours(v):
         return mix(v["x"], v["A"], v["B"], v.get("W"), logits=v.get("logits"), groups=case.g,
@@ -295,11 +307,12 @@ def check_op_against_reference(case: Case, backend: str) -> None:
     dy = torch.randn(*case.lead, case.d_out, generator=gen, dtype=torch.float64)
     dy = dy.to(case.dtype).double()  # the upstream gradient as the backend receives it
     rounded = {k: v.to(_dtype_of(case, k)) for k, v in leaves64.items()}
-    y, leaves = _run(ours, case, rounded)
+    dev = device_for(backend)
+    y, leaves = _run(ours, case, {k: v.to(dev) for k, v in rounded.items()})
     assert y.shape == (*case.lead, case.d_out) and y.dtype == case.dtype
     # The oracle: fp64 on the same rounded values.
     y64, leaves_r = _run(reference, case, {k: v.double() for k, v in rounded.items()})
-    got, want = _grads(y, leaves, dy.to(case.dtype)), _grads(y64, leaves_r, dy)
+    got, want = _grads(y, leaves, dy.to(dev, case.dtype)), _grads(y64, leaves_r, dy)
     base_y, base_g = None, {}
     if case.dtype in BASELINED:  # plain PyTorch in the same precision sets the bar too
         base_y, base_leaves = _run(reference, case, rounded)
@@ -323,7 +336,7 @@ def check_op_against_reference(case: Case, backend: str) -> None:
 TORCH_CASES = cases(max_tokens=300, max_width=48, max_rank=8, max_experts=6,
                     dtypes=[torch.float64, torch.float32, torch.float16, torch.bfloat16])
 # The interpreter runs a tile program at a time in numpy: keep shapes small.
-TRITON_CASES = cases(max_tokens=40, max_width=40, max_rank=8, max_experts=4,
+KERNEL_CASES = cases(max_tokens=40, max_width=40, max_rank=8, max_experts=4,
                      dtypes=[torch.float32, torch.float16, torch.bfloat16])
 
 
@@ -340,11 +353,11 @@ def test_fuzz_op_torch(case):
     check_op_against_reference(case, "torch")
 
 
-@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id == "triton"])
+@pytest.mark.parametrize("backend", accelerated_params())
 @_budget(1.0)
-@given(case=TRITON_CASES)
+@given(case=KERNEL_CASES)
 @_with_corners
-def test_fuzz_op_triton(backend, case):
+def test_fuzz_op_kernels(backend, case):
     check_op_against_reference(case, backend)
 
 
@@ -384,8 +397,9 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
     dt, lead, d_in, d_out, g, N = c["dtype"], c["lead"], c["d_in"], c["d_out"], c["g"], c["N"]
     adapter_kw = dict(r=c["r"], num_experts=N, groups=g, alpha=c["alpha"], dropout=c["dropout"],
                       backend=backend)
+    dev = device_for(backend)
     if c["wrap"]:
-        base = torch.nn.Linear(d_in, d_out).to(dt)
+        base = torch.nn.Linear(d_in, d_out)
         layer = MTLoRALinear(base, **adapter_kw)
         adapter = layer.adapter
     else:
@@ -393,14 +407,17 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
         layer = adapter = MTLoRAAdapter(d_in, d_out, **adapter_kw)
     layer.train(c["training"])
     with torch.no_grad():  # B is zero at init: give every parameter fresh random values
-        for prm in adapter.parameters():
+        for prm in layer.parameters():
             prm.copy_(torch.randn(prm.shape, generator=gen) / prm.shape[-1] ** 0.5)
+    if base is not None:
+        base.to(dt)  # the frozen base computes in x's dtype, the adapter keeps fp32 parameters
+    layer.to(dev)
     params = {k: v for k, v in adapter.named_parameters()}
-    x_leaf = _make_leaf(gen, (*lead, d_in), c["x_layout"]).to(dt).requires_grad_()
+    x_leaf = _make_leaf(gen, (*lead, d_in), c["x_layout"]).to(dev, dt).requires_grad_()
     x = _view(x_leaf, (*lead, d_in), c["x_layout"])
     logits = None
     if c["external"]:
-        logits = (torch.randn(*lead, g * N, generator=gen) * 2).requires_grad_()
+        logits = (torch.randn(*lead, g * N, generator=gen) * 2).to(dev).requires_grad_()
     y = layer(x, logits=logits)
     assert y.shape == (*lead, d_out) and y.dtype == dt
 
@@ -409,13 +426,14 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
                             None if lg is not None or N == 1 else ps["lora_route"].to(cast),
                             logits=lg, groups=g, scaling=c["alpha"] / c["r"])
         if base is not None:
-            out = out + torch.nn.functional.linear(xv, base.weight.to(cast), base.bias.to(cast))
+            out = out + torch.nn.functional.linear(xv, base.weight.to(xv.device, cast),
+                                                   base.bias.to(xv.device, cast))
         return out
 
     inputs = {"x": x_leaf, **params, **({"logits": logits} if logits is not None else {})}
     # The oracle in fp64 on the values the layer computes with: parameters cast to x's dtype.
     def as_used(k, v):
-        return v.detach().to(dt if k in params else v.dtype).double().requires_grad_()
+        return v.detach().to(dt if k in params else v.dtype).cpu().double().requires_grad_()
 
     inputs64 = {k: as_used(k, v) for k, v in inputs.items()}
     x64 = _view(inputs64["x"], (*lead, d_in), c["x_layout"])
@@ -423,7 +441,7 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
     # the upstream gradient as the layer receives it, for the oracle too
     dy = torch.randn(*lead, d_out, generator=gen, dtype=torch.float64).to(dt).double()
     names = [k for k in inputs if inputs[k].requires_grad]
-    got = torch.autograd.grad(y, [inputs[k] for k in names], dy.to(dt), allow_unused=True)
+    got = torch.autograd.grad(y, [inputs[k] for k in names], dy.to(dev, dt), allow_unused=True)
     want = torch.autograd.grad(y64, [inputs64[k] for k in names], dy, allow_unused=True)
     # ... and moved by one rounding (see _assert_close)
     inputs_j = {k: _jitter(v.detach(), dt if k != "logits" else logits.dtype, gen)
@@ -439,7 +457,7 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
         lb = logits.detach().requires_grad_() if logits is not None else None
         base_y = reference(_view(xb, (*lead, d_in), c["x_layout"]), pb, lb, dt)
         bl = {"x": xb, **pb, **({"logits": lb} if lb is not None else {})}
-        base_g = torch.autograd.grad(base_y, [bl[k] for k in names], dy.to(dt),
+        base_g = torch.autograd.grad(base_y, [bl[k] for k in names], dy.to(dev, dt),
                                      allow_unused=True)
     _assert_close(y, y64, dt, f"layer y [{backend}]", base_y, y_j)
     for name, a, b, bb, bj in zip(names, got, want, base_g, jit_g):
@@ -455,10 +473,10 @@ def test_fuzz_layers_torch(c):
     check_layer_against_reference(c, "torch")
 
 
-@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id == "triton"])
+@pytest.mark.parametrize("backend", accelerated_params())
 @_budget(0.5)
 @given(c=layer_cases(max_tokens=24, max_width=24))
-def test_fuzz_layers_triton(backend, c):
+def test_fuzz_layers_kernels(backend, c):
     check_layer_against_reference(c, backend)
 
 
