@@ -175,7 +175,8 @@ def _subprocess_main() -> None:
     for name, (fn, sig, grid, ints) in _SAMPLES.items():
         ttir = _compile_ttir(fn, sig, {"BLOCK": 64}, {"num_warps": 4, "num_stages": 1})
         launches.append(Launch(name, name, grid, ints, {"BLOCK": 64}, {}, ttir))
-    print(json.dumps([dataclasses.asdict(ln) for ln in launches]))
+    print(json.dumps({"registered": sorted(specs),
+                      "launches": [dataclasses.asdict(ln) for ln in launches]}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,8 +420,9 @@ def analyse(ttir: str, ints: list, grid: list) -> tuple[list[Finding], int, int]
 
 
 @pytest.fixture(scope="module")
-def launches() -> dict[str, list[Launch]]:
-    """scenario -> its launches with their Triton IR (one subprocess for the whole module)."""
+def compiled() -> dict:
+    """``{"registered": kernel names, "launches": {scenario: [Launch]}}`` with the Triton IR of
+    every launch (one subprocess for the whole module)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                          env.get("PYTHONPATH", "")])
@@ -428,10 +430,16 @@ def launches() -> dict[str, list[Launch]]:
         [sys.executable, "-c", "import test_index_safety as t; t._subprocess_main()"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     out: dict[str, list[Launch]] = {}
-    for d in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for d in result["launches"]:
         out.setdefault(d["scenario"], []).append(Launch(**d))
-    return out
+    return {"registered": result["registered"], "launches": out}
+
+
+@pytest.fixture(scope="module")
+def launches(compiled) -> dict[str, list[Launch]]:
+    return compiled["launches"]
 
 
 SCENARIOS = [  # static (the launch capture itself runs in the subprocess)
@@ -455,14 +463,15 @@ def test_analysis_flags_a_32_bit_row_offset_and_passes_the_widened_one(launches)
     assert n == 2 and findings == [] and largest >= 2**32 - 4096
 
 
-def test_scenarios_are_past_2_pow_31(launches):
+def test_every_registered_kernel_is_launched_by_a_scenario(compiled):
+    """A kernel added to the registry without a scenario here fails this test."""
+    launches = compiled["launches"]
     assert set(launches) == set(_scenario_names()) | set(_SAMPLES)
     for name in _scenario_names():
         assert launches[name], f"{name}: no kernel was launched"
-    mix_kernels = {ln.kernel for n in _scenario_names() if n.startswith("mix")
-                   for ln in launches[n]}
-    assert mix_kernels == {"mix_fwd", "mix_bwd_rows", "mix_bwd_db", "mix_bwd_daw",
-                           "mix_keep_mask"}
+    launched = {ln.kernel for n in _scenario_names() for ln in launches[n]}
+    assert set(compiled["registered"]) <= launched, \
+        f"never launched here: {sorted(set(compiled['registered']) - launched)}"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
