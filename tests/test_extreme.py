@@ -25,24 +25,13 @@ from mtlora_kernels.ops.mix import mix
 from mtlora_kernels.reference import mix_reference, routing_weights
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Known bug, kept as strict xfails until fixed (they fail loudly once it is): both backends
-# compute dx's router term dz·W_route from dz rounded to the input dtype. Softmax gradients sum
-# to 0 over each group's experts, so the part of W_route shared by a group's rows cancels
-# exactly in dx; after rounding dz it no longer does. With a large shared part (router logits
-# of ~1e4) dx was off by 22% / 100% (fp16 / bf16, torch backend) and 31% / 90% (Triton, in
-# the interpreter), relative norm; plain PyTorch, which keeps that product in fp32, is within
-# the tolerance. Accumulating dx in fp32 from fp32 dz fixes the torch backend (measured: every
-# test in this file passes).
-DX_ROUTER_ROUNDING = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="known bug: dx's router term uses dz rounded to the input dtype")
 BACKENDS = backend_params()
-# (backend, dtype) with the known bug marked where it is seen (the torch backend in fp16 / bf16;
-# the Triton backend had it too and computes that product in fp32 since).
-BACKEND_DTYPES_DX_BUG = [
-    pytest.param(b.values[0], dt, id=f"{b.id}-{str(dt).split('.')[-1]}",
-                 marks=[*b.marks, *([DX_ROUTER_ROUNDING] if b.id == "torch"
-                                    and dt != torch.float32 else [])])
+# dx's router term dz·W_route: softmax gradients sum to 0 over a group's experts, so the part of
+# W_route shared by a group's rows cancels exactly in dx only if dz is not rounded to the input
+# dtype first. Both backends once rounded it (dx off by 22% / 100% in fp16 / bf16 at logits of
+# ~1e4); test_fused_router_with_large_weights keeps them honest.
+BACKEND_DTYPES = [
+    pytest.param(b.values[0], dt, id=f"{b.id}-{str(dt).split('.')[-1]}", marks=b.marks)
     for b in BACKENDS for dt in DTYPES
 ]
 T, D_IN, D_OUT, R, N, G = 13, 24, 32, 4, 4, 2
@@ -145,7 +134,7 @@ def test_fused_router_with_large_weights_forward(backend, dtype):
     _compare(backend, _large_router_inputs(dtype), what=f"{backend} {dtype}", grads=False)
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES_DX_BUG)
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 def test_fused_router_with_large_weights(backend, dtype):
     _compare(backend, _large_router_inputs(dtype), what=f"{backend} {dtype}")
 
@@ -179,8 +168,7 @@ def test_router_logits_stay_fp32_near_1e3(backend, dtype):
     rounded = routing_weights(z64.to(dtype), G, N)  # what rounding the logits would give
     assert rel_err(rounded, routing_weights(z64, G, N)) > 10 * REL_TOL[dtype], \
         "the test cannot tell the two apart"
-    # Forward only: the gradients of this router hit the known dx bug (see DX_ROUTER_ROUNDING).
-    _compare(backend, dict(x=x, A=A, B=B, W=W), what=f"{backend} {dtype}", grads=False)
+    _compare(backend, dict(x=x, A=A, B=B, W=W), what=f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
