@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -279,30 +280,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, min_time: float,
-                   min_reps: int = 3) -> float:
-    """Median wall time of ``fn`` over at least ``min_reps`` blocks and ``min_time`` seconds.
+def median_seconds(fns: list[Callable[[], object]], device: torch.device, min_time: float,
+                   min_reps: int = 3) -> list[float]:
+    """Median wall time of each of ``fns``, timed in turns: round after round, one block of
+    each, for at least ``min_reps`` rounds and ``min_time`` seconds per function on average.
 
-    A block repeats ``fn`` until it lasts ~1 ms, so that on a GPU the synchronisation at its
-    end is amortised over many launches; on the CPU the layer is slower than that and a block
-    is one call.
+    Taking turns puts every provider under the same background load: on a shared 2-core
+    machine the load drifts by 2-3x within a minute, which timing one provider after the
+    other turned into speed-ups that moved by as much. A block repeats a function until it
+    lasts ~1 ms, so that on a GPU the synchronisation at its end is amortised over many
+    launches; on the CPU the layer is slower than that and a block is one call.
     """
-    fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    once = time.perf_counter() - t0
-    number = min(1000, max(1, int(1e-3 / max(once, 1e-7))))
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
+    numbers = []
+    for fn in fns:
+        fn()
         _sync(device)
-        times.append((time.perf_counter() - t0) / number)
-    return statistics.median(times)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        numbers.append(min(1000, max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))))
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or time.perf_counter() - start < min_time * len(fns):
+        for fn, number, ts in zip(fns, numbers, times):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            _sync(device)
+            ts.append((time.perf_counter() - t0) / number)
+    return [statistics.median(ts) for ts in times]
 
 
 @contextlib.contextmanager
@@ -376,14 +382,14 @@ def _gpu_peaks(device: torch.device, dtype: str) -> tuple[float, float] | None:
 
 def bench_shape(s: Shape, providers: list[Provider], device: torch.device, min_time: float,
                 advance: Callable[[str], None] = lambda _: None) -> list[dict]:
-    """Check then time every provider on one shape; one record per provider."""
+    """Check every provider, then time (in turns) and measure the memory of those that agree;
+    one record per provider."""
     w, x, dy = make_inputs(s, device)
     ref = reference(w, x, dy, s)
     tol = CHECK_TOL[s.torch_dtype]
-    peaks = _gpu_peaks(device, s.dtype)
-    records = []
+    records, runners = [], []
     for p in providers:
-        advance(f"{p.name} {s.label()}")
+        advance(f"checking {p.name} {s.label()}")
         rec = {"shape": dataclasses.asdict(s), "label": s.label(), "provider": p.name}
         records.append(rec)
         try:
@@ -399,39 +405,42 @@ def bench_shape(s: Shape, providers: list[Provider], device: torch.device, min_t
                 f"{k} rel. err {v:.3g} > {tol:g}" for k, v in bad.items()))
             continue
         rec["status"] = "ok"
-        xg = x.detach().clone().requires_grad_()
-        params = [q for q in runner.parameters() if q.requires_grad]
+        runners.append((rec, runner))
+    if not runners:
+        return records
+    xg = x.detach().clone().requires_grad_()
 
-        def fwd():
-            with torch.no_grad():
-                return runner(x)
+    def drop_grads(runner):
+        xg.grad = None
+        runner.zero_grad(set_to_none=True)
 
-        def drop_grads():
-            xg.grad = None
-            for q in params:
-                q.grad = None
+    def fwd(runner):
+        with torch.no_grad():
+            return runner(x)
 
-        def fwd_bwd():
-            drop_grads()
-            runner(xg).backward(dy)
+    def fwd_bwd(runner):
+        drop_grads(runner)
+        runner(xg).backward(dy)
 
-        for name, fn in zip(PASSES, (fwd, fwd_bwd)):
-            back = name != "fwd"
-            sec = median_seconds(fn, device, min_time)
-            drop_grads()  # so that the memory of the last call's gradients is not counted
+    peaks = _gpu_peaks(device, s.dtype)
+    for name, body in zip(PASSES, (fwd, fwd_bwd)):
+        advance(f"timing {name} {s.label()}")
+        fns = [functools.partial(body, runner) for _, runner in runners]
+        secs = median_seconds(fns, device, min_time)
+        back = name != "fwd"
+        for (rec, runner), fn, sec in zip(runners, fns, secs):
+            drop_grads(runner)  # so that the last call's gradients are not counted as live
             rec[name] = {"median_ms": sec * 1e3, "peak_bytes": peak_bytes(fn, device),
                          "GBps": s.bytes_moved(back) / sec / 1e9,
                          "TFLOPs": s.flops(back) / sec / 1e12}
             if peaks is not None:
                 floor = max(s.bytes_moved(back) / peaks[0], s.flops(back) / peaks[1])
                 rec[name]["roofline"] = floor / sec
-        del runner
-    base = next((r for r in records if r["provider"] == "hydralora-loop" and r["status"] == "ok"),
-                None)
-    for r in records:
+    base = next((r for r, _ in runners if r["provider"] == "hydralora-loop"), None)
+    for rec, _ in runners:
         for name in PASSES:
-            if base is not None and name in r:
-                r[name]["speedup"] = base[name]["median_ms"] / r[name]["median_ms"]
+            if base is not None:
+                rec[name]["speedup"] = base[name]["median_ms"] / rec[name]["median_ms"]
     return records
 
 
@@ -450,12 +459,12 @@ def run(shapes: list[Shape], providers: list[Provider], device: torch.device, mi
 
     records: list[dict] = []
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("bench", total=len(shapes) * len(providers))
+        task = bar.add_task("bench", total=len(shapes))
         for s in shapes:
             def advance(what: str) -> None:
                 bar.update(task, description=what)
             records += bench_shape(s, providers, device, min_time, advance)
-            bar.update(task, advance=len(providers))
+            bar.update(task, advance=1)
     return records
 
 

@@ -83,6 +83,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", type=_names,
                    help="only these, e.g. hydralora-loop,mtlora-torch (default: all available)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="directory for bench.json and bench.png (default ./bench_out)")
     p.add_argument("--quick", action="store_true",
@@ -96,6 +97,8 @@ def _bench(args: argparse.Namespace) -> int:
     from mtlora_kernels import bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = (_QUICK if args.quick else _SWEEPS)["cuda" if device.type == "cuda" else "cpu"]
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     try:
