@@ -7,12 +7,13 @@ Every number comes from a compiler's own output, parsed:
 - Triton kernels (``mtlora_kernels.triton.registry.all_kernels()``, every configuration their
   launchers can pick, every dtype): ``triton.compile`` for ``GPUTarget("cuda", cc, 32)`` gives
   the PTX, the cubin and the dynamic shared memory Triton launches with (``metadata.shared``).
-  Registers and static shared memory: ``cuobjdump -res-usage`` on that cubin. Spill bytes: the
-  same PTX through ptxas with ``-v`` and Triton's ptxas flags (Triton does not keep the log;
-  its register count must match the cubin's, which the tests check). Tensor-core instructions:
-  ``cuobjdump -sass`` on the cubin (HMMA on sm_80, HGMMA = wgmma on sm_90).
-- CUDA kernels: each ``csrc/*.cu`` that does not include torch headers, compiled with
-  ``nvcc -cubin -arch=sm_XX -Xptxas -v`` and read the same way.
+  Registers, spill bytes and ptxas' performance warnings: Triton's own ``ptxas -v`` log
+  (``TRITON_DUMP_PTXAS_LOG``). Registers again and static shared memory: ``cuobjdump
+  -res-usage`` on the cubin (the tests check the two register counts agree).
+- CUDA kernels: each ``.cu`` of ``csrc/sources.txt`` that does not include torch headers,
+  compiled with ``nvcc -cubin -arch=sm_XX -Xptxas -v`` and the build's flags, read the same way.
+- Tensor-core instructions of both: nvdisasm on each kernel's machine code (the cubin's
+  ``.text.<kernel>`` section): HMMA on sm_80, HGMMA (wgmma) on sm_90.
 
 Compiled variant: pointer arguments are marked 16-byte aligned (what the Triton JIT sees for
 any tensor PyTorch allocates); integer arguments carry no divisibility hint, i.e. the code that
@@ -27,15 +28,19 @@ take, and a test session may have set it.  Each worker resolves its kernel by mo
 from __future__ import annotations
 
 import argparse
+import bisect
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime
 import inspect
+import io
 import json
 import multiprocessing
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,7 +63,9 @@ H100_HBM_BYTES_PER_S = 3.35e12
 H100_BF16_FLOP_PER_S = 989e12
 
 TENSOR_CORE_OPS = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "DMMA", "BMMA")
-_TC_RE = re.compile(r"\b(" + "|".join(TENSOR_CORE_OPS) + r")(\.[\w.]+)?")
+# One SASS line: "/*01a0*/   HGMMA.64x128x16.F32.BF16 gdesc[UR4], RZ, !UPT ;" (address, op).
+_SASS_TC_RE = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?((?:" + "|".join(TENSOR_CORE_OPS)
+                         + r")(?:\.[\w.]+)?)\b")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CSRC = REPO_ROOT / "csrc"
@@ -86,6 +93,7 @@ class Row:
     shared_static: int | None = None  # bytes the cubin declares
     tensor_core: dict[str, int] = dataclasses.field(default_factory=dict)  # SASS op -> count
     ptxas_notes: list[str] = dataclasses.field(default_factory=list)  # e.g. serialized wgmma
+    ptxas_log: str = ""  # whose ptxas -v log: "triton", "rerun" (Triton cache hit) or "nvcc"
     compile_s: float | None = None  # CUDA: of the whole .cu file
 
     @property
@@ -167,31 +175,67 @@ def parse_res_usage(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def tensor_core_ops(sass: str) -> dict[str, Counter]:
-    """Per function: a Counter of the tensor-core SASS instructions (``HGMMA.64x128x16.F32.BF16``
-    ...) in a ``cuobjdump -sass`` listing."""
-    out: dict[str, Counter] = {}
-    current = None
-    for line in sass.splitlines():
-        if m := re.match(r"\s*Function : (\S+)", line):
-            current = m.group(1)
-            out[current] = Counter()
-        elif current is not None:
-            # Drop the "/*addr*/" and "/* encoding */" comments around each instruction.
-            if m := _TC_RE.search(re.sub(r"/\*.*?\*/", "", line)):
-                out[current][m.group(0)] += 1
+def resource_usage(cubin: bytes) -> dict[str, dict[str, int]]:
+    """``cuobjdump -res-usage`` of a cubin, per function."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = _run([nvidia_tool("cuobjdump"), "-res-usage", f.name])
+    if r.returncode != 0:
+        raise RuntimeError(f"cuobjdump -res-usage failed: {r.stderr.strip()}")
+    return parse_res_usage(r.stdout)
+
+
+def elf_text_sections(cubin: bytes) -> dict[str, bytes]:
+    """Function name -> its machine code (the ``.text.<name>`` sections of a cubin, ELF64)."""
+    if cubin[:5] != b"\x7fELF\x02":
+        raise ValueError("not an ELF64 cubin")
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    # Elf64_Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize)
+               for i in range(shnum)]
+    strtab = headers[shstrndx][4]
+    out = {}
+    for h in headers:
+        name = cubin[strtab + h[0]:cubin.index(b"\0", strtab + h[0])].decode()
+        if name.startswith(".text."):
+            out[name[len(".text."):]] = cubin[h[4]:h[4] + h[5]]
     return out
 
 
-def inspect_cubin(cubin_path: str) -> tuple[dict[str, dict[str, int]], dict[str, Counter]]:
-    """``(res_usage, tensor_core_ops)`` of a cubin, both per function."""
-    cuobjdump = nvidia_tool("cuobjdump")
-    res = _run([cuobjdump, "-res-usage", cubin_path])
-    sass = _run([cuobjdump, "-sass", cubin_path])
-    for r in (res, sass):
-        if r.returncode != 0:
-            raise RuntimeError(f"cuobjdump failed on {cubin_path}: {r.stderr.strip()}")
-    return parse_res_usage(res.stdout), tensor_core_ops(sass.stdout)
+def tensor_core_ops(code: list[tuple[int, bytes]]) -> list[Counter]:
+    """For each ``(target, machine code of one function)``: a Counter of its tensor-core SASS
+    instructions (``HGMMA.64x128x16.F32.BF16`` ...), from nvdisasm.
+
+    nvdisasm spends ~0.3 s of CPU starting up and ~0.03 s per kernel (measured: 50 copies of a
+    31 KB GEMM in 2 s), so each target's functions go through ONE call, concatenated into a raw
+    instruction stream (SASS instructions are 16 bytes and decode independently); the address
+    of each instruction tells which function it belongs to.
+    """
+    counts = [Counter() for _ in code]
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for target in sorted({t for t, _ in code}):
+            idx = [i for i, (t, _) in enumerate(code) if t == target]
+            starts, blob = [], bytearray()
+            for i in idx:
+                starts.append(len(blob))
+                blob += code[i][1]
+            path = os.path.join(tmp, f"sm{target}.bin")
+            Path(path).write_bytes(blob)
+            arch = f"SM{target}a" if target == 90 else f"SM{target}"  # wgmma needs sm_90a
+            procs.append((idx, starts, subprocess.Popen(
+                [nvidia_tool("nvdisasm"), "-b", arch, path], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True)))
+        for idx, starts, proc in procs:
+            out, err = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"nvdisasm failed: {err.strip()}")
+            for m in _SASS_TC_RE.finditer(out):
+                k = bisect.bisect_right(starts, int(m.group(1), 16)) - 1
+                counts[idx[k]][m.group(2)] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------- Triton jobs
@@ -280,13 +324,17 @@ def _full_signature(fn, signature: dict, constexprs: dict):
     return full, consts, attrs
 
 
-def compile_triton(job: TritonJob) -> Row:
-    """Compile one Triton variant and parse what the compilers say about it."""
+def compile_triton(job: TritonJob) -> tuple[Row, bytes]:
+    """Compile one Triton variant; its row (tensor cores still empty) and its machine code.
+
+    The ptxas log is Triton's own: the worker sets ``TRITON_DUMP_PTXAS_LOG=1`` and Triton
+    prints it while compiling. When Triton's cache already held the kernel no ptxas ran, and
+    the PTX goes through ptxas again with the flags Triton uses.
+    """
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
 
     row = Row(job.kernel, job.config, job.target, "triton", job.uses_dot, ok=False,
@@ -297,42 +345,47 @@ def compile_triton(job: TritonJob) -> Row:
             obj = getattr(obj, part)
         fn = _jit_function(obj)
         sig, consts, attrs = _full_signature(fn, job.signature, job.constexprs)
+        printed = io.StringIO()
         t0 = time.perf_counter()
-        kernel = triton.compile(
-            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-            target=GPUTarget("cuda", job.target, 32),
-            options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        with contextlib.redirect_stdout(printed):
+            kernel = triton.compile(
+                ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                target=GPUTarget("cuda", job.target, 32),
+                options={"num_warps": job.num_warps, "num_stages": job.num_stages})
         row.compile_s = time.perf_counter() - t0
     except Exception as exc:  # the report lists the failure; the tests fail on it
         row.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
-        return row
-    row.shared_dynamic = int(kernel.metadata.shared)
+        return row, b""
     name = kernel.metadata.name
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        Path(ptx).write_text(kernel.asm["ptx"])
-        Path(cubin).write_bytes(kernel.asm["cubin"])
-        # Triton's own ptxas flags (triton/backends/nvidia/compiler.py make_cubin), plus -v.
-        log = _run([nvidia_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
-                    f"--gpu-name={sm_arch_from_capability(job.target)}", ptx, "-o",
-                    os.path.join(tmp, "check.cubin")])
-        if log.returncode != 0:
-            row.error = f"ptxas -v failed: {log.stderr.strip()[:2000]}"
-            return row
-        res, tc = inspect_cubin(cubin)
-    info = parse_ptxas_log(log.stderr).get(name, {})
-    usage = res.get(name)
+    row.shared_dynamic = int(kernel.metadata.shared)
+    info = parse_ptxas_log(printed.getvalue()).get(name)
+    row.ptxas_log = "triton"
+    if info is None:
+        info, row.ptxas_log = _rerun_ptxas(kernel, job.target).get(name, {}), "rerun"
+    usage = resource_usage(kernel.asm["cubin"]).get(name)
     if usage is None or not {"registers", "spill_stores"} <= info.keys():
         row.error = f"no resource report for {name} in cuobjdump/ptxas output"
-        return row
+        return row, b""
     row.registers, row.shared_static = usage["REG"], usage["SHARED"]
     row.ptxas_registers = info["registers"]
     row.spill_stores, row.spill_loads = info["spill_stores"], info["spill_loads"]
     row.stack_bytes = info["stack"]
     row.ptxas_notes = info["notes"]
-    row.tensor_core = dict(tc.get(name, {}))
     row.ok = True
-    return row
+    return row, elf_text_sections(kernel.asm["cubin"])[name]
+
+
+def _rerun_ptxas(kernel, target: int) -> dict[str, dict]:
+    """The ptxas log of a compiled kernel's PTX, with Triton's ptxas flags (its make_cubin)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        Path(ptx).write_text(kernel.asm["ptx"])
+        r = _run([nvidia_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
+                  f"--gpu-name={sm_arch_from_capability(target)}", ptx, "-o",
+                  os.path.join(tmp, "k.cubin")])
+    return parse_ptxas_log(r.stderr) if r.returncode == 0 else {}
 
 
 # ----------------------------------------------------------------------------- CUDA sources
@@ -379,29 +432,29 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return {n: re.sub(r"^void |\(anonymous namespace\)::|\b\w+::", "", d) for n, d in zip(names, out)}
 
 
-def compile_cuda(path: str, target: int) -> list[Row]:
-    """Compile one ``.cu`` to a cubin for ``sm_<target>`` and report every kernel in it."""
+def compile_cuda(path: str, target: int) -> tuple[list[Row], list[bytes]]:
+    """Compile one ``.cu`` to a cubin for ``sm_<target>``: a row per kernel in it (tensor
+    cores still empty) and each kernel's machine code."""
     nvcc = nvcc_path()
     label = Path(path).name
     if nvcc is None:
-        return [Row(label, label, target, "cuda", None, ok=False, error="nvcc not found")]
+        return [Row(label, label, target, "cuda", None, ok=False, error="nvcc not found")], [b""]
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
+        out = os.path.join(tmp, "k.cubin")
         t0 = time.perf_counter()
         r = _run([nvcc, "-cubin", f"-arch=sm_{target}", *nvcc_flags(), "-Xptxas", "-v",
-                  "-I", str(Path(path).parent), path, "-o", cubin])
+                  "-I", str(Path(path).parent), path, "-o", out])
         elapsed = time.perf_counter() - t0
         if r.returncode != 0:
             return [Row(label, label, target, "cuda", None, ok=False,
-                        error=f"nvcc failed: {r.stderr.strip()[-2000:]}")]
-        res, tc = inspect_cubin(cubin)
-    info = parse_ptxas_log(r.stderr)
+                        error=f"nvcc failed: {r.stderr.strip()[-2000:]}")], [b""]
+        cubin = Path(out).read_bytes()
+    res, code, info = resource_usage(cubin), elf_text_sections(cubin), parse_ptxas_log(r.stderr)
     names = _demangle(sorted(res))
     rows = []
     for fn in sorted(res):
         row = Row(names[fn], label, target, "cuda", None, ok=False, registers=res[fn]["REG"],
-                  shared_static=res[fn]["SHARED"], tensor_core=dict(tc.get(fn, {})),
-                  compile_s=elapsed)
+                  shared_static=res[fn]["SHARED"], compile_s=elapsed, ptxas_log="nvcc")
         i = info.get(fn, {})
         if {"registers", "spill_stores"} <= i.keys():
             row.ok = True
@@ -411,7 +464,7 @@ def compile_cuda(path: str, target: int) -> list[Row]:
         else:
             row.error = f"no ptxas -v entry for {fn} in nvcc's output"
         rows.append(row)
-    return rows
+    return rows, [code.get(fn, b"") for fn in sorted(res)]
 
 
 # ----------------------------------------------------------------------------- running
@@ -419,28 +472,38 @@ def compile_cuda(path: str, target: int) -> list[Row]:
 
 def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its ptxas -v log; we parse it
     # torch.utils.cpp_extension guesses /usr/local from a PATH nvcc wrapper and warns (SPEC 6).
     nvcc = nvcc_path()
     if nvcc:
         os.environ.setdefault("CUDA_HOME", str(Path(nvcc).resolve().parent.parent))
 
 
-def _do(job) -> list[Row]:
+def _do(job) -> tuple[list[Row], list[bytes]]:
     if isinstance(job, TritonJob):
-        return [compile_triton(job)]
+        row, code = compile_triton(job)
+        return [row], [code]
     return compile_cuda(*job)
 
 
 def run_jobs(jobs: list, workers: int = 0) -> list[Row]:
     """Run compile jobs (TritonJob or ``(cu_path, target)``) on ``workers`` spawned processes
-    (0: one per CPU core). Rows come back in job order."""
+    (0: one per CPU core), then read the tensor-core instructions of every kernel compiled.
+    Rows come back in job order."""
     if not jobs:
         return []
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("spawn")
+    rows, code = [], []
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                 initializer=_worker_init) as pool:
-        return [row for rows in pool.map(_do, jobs) for row in rows]
+        for job_rows, job_code in pool.map(_do, jobs):
+            rows += job_rows
+            code += job_code
+    compiled = [i for i, c in enumerate(code) if c]
+    for i, ops in zip(compiled, tensor_core_ops([(rows[i].target, code[i]) for i in compiled])):
+        rows[i].tensor_core = dict(ops)
+    return rows
 
 
 def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,

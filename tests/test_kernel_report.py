@@ -5,7 +5,11 @@ compiler output correctly (tiny kernels defined here, compiled for real)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+from collections import Counter
+from unittest import mock
 
 import pytest
 import triton
@@ -77,8 +81,16 @@ SERIAL = KernelSpec("tiny_gemm_print", _tiny_gemm_print,
 
 
 @pytest.fixture(scope="module")
-def tiny_report():
-    """The report over a temporary registry holding only the two tiny kernels (the package's
+def triton_cache(tmp_path_factory):
+    """An empty Triton cache for the tiny kernels: they compile for real, so the ptxas log is
+    the one Triton prints (a cache hit takes the rerun path, tested separately). Workers are
+    spawned with the environment of the moment: set it around each run only."""
+    return {"TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton_cache"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(triton_cache):
+    """The report over a temporary registry holding only the tiny kernels (the package's
     registry is restored before compiling, so the tests below still see the real kernels)."""
     registry.all_kernels()  # import every kernel module now, so none registers into ours
     saved = dict(registry.KERNELS)
@@ -92,7 +104,10 @@ def tiny_report():
         registry.KERNELS.clear()
         registry.KERNELS.update(saved)
     assert [s.name for s in specs] == ["tiny_gemm", "tiny_scale", "tiny_gemm_print"]
-    return kr.collect(specs, cuda=False)
+    with mock.patch.dict(os.environ, triton_cache):
+        report = kr.collect(specs, cuda=False)
+    assert {r["ptxas_log"] for r in report["rows"] if r["ok"]} == {"triton"}
+    return report
 
 
 def _row(report, kernel, config_part, target):
@@ -137,6 +152,74 @@ def test_serialized_wgmma_is_reported(tiny_report):
     assert "serialized" in kr.markdown(tiny_report)
     r80 = _row(tiny_report, "tiny_gemm_print", "BK=32", 80)  # no wgmma on sm_80
     assert r80["ok"] and r80["tensor_core_family"] == "HMMA" and r80["ptxas_notes"] == []
+
+
+def test_triton_cache_hit_reads_the_same_numbers(tiny_report, triton_cache):
+    """Second compile of the same variants: Triton's cache answers and prints no ptxas log, so
+    the PTX goes through ptxas again; every number must match the first (uncached) compile."""
+    jobs = [j for j in kr.triton_jobs([GEMM]) if "BK=8," not in j.config]
+    with mock.patch.dict(os.environ, triton_cache):
+        again = kr.run_jobs(jobs)
+    assert {r.ptxas_log for r in again} == {"rerun"}
+    keys = ("registers", "ptxas_registers", "spill_stores", "spill_loads", "stack_bytes",
+            "shared_dynamic", "shared_static", "tensor_core", "ptxas_notes")
+    for r in again:
+        first = _row(tiny_report, r.kernel, r.config, r.target)
+        assert {k: getattr(r, k) for k in keys} == {k: first[k] for k in keys}, r.config
+
+
+_WMMA_CU = r"""
+#include <mma.h>
+#include <cuda_bf16.h>
+using namespace nvcuda;
+
+__global__ void tile_gemm(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, b, 16);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
+}
+
+__global__ void scale(const float* x, float* y, float s, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = s * x[i];
+}
+"""
+
+
+def test_cuda_path_and_batched_disassembly_on_a_known_file(tmp_path):
+    """A .cu with a WMMA kernel and an elementwise one: the report's rows, and its batched
+    nvdisasm count against cuobjdump -sass of the same cubin, function by function."""
+    import subprocess
+
+    if kr.nvcc_path() is None:
+        pytest.skip("nvcc not found (CUDA_HOME / PATH)")
+    cu = tmp_path / "known.cu"
+    cu.write_text(_WMMA_CU)
+    rows, code = kr.compile_cuda(str(cu), 80)
+    got = dict(zip([r.kernel for r in rows], kr.tensor_core_ops([(80, c) for c in code])))
+    assert sorted(got) == ["scale", "tile_gemm"], sorted(got)
+    assert all(r.ok and r.registers > 0 and r.registers == r.ptxas_registers for r in rows)
+    assert all(r.spill_stores == 0 and r.ptxas_log == "nvcc" for r in rows)
+    assert not got["scale"] and sum(got["tile_gemm"].values()) > 0
+    assert all(op.startswith("HMMA.") and op.endswith(".BF16") for op in got["tile_gemm"])
+
+    cubin = tmp_path / "known.cubin"
+    subprocess.run([kr.nvcc_path(), "-cubin", "-arch=sm_80", *kr.nvcc_flags(), str(cu), "-o",
+                    str(cubin)], check=True, capture_output=True)
+    sass = subprocess.run([kr.nvidia_tool("cuobjdump"), "-sass", str(cubin)], check=True,
+                          capture_output=True, text=True).stdout
+    per_fn = {}
+    for chunk in sass.split("Function : ")[1:]:
+        name = chunk.split()[0]
+        per_fn[name] = Counter(re.findall(r"\b(HMMA(?:\.[\w.]+)?)", chunk))
+    mangled = {k for k in per_fn if "tile_gemm" in k}
+    assert len(mangled) == 1 and per_fn[mangled.pop()] == got["tile_gemm"]
+    assert not any(per_fn[k] for k in per_fn if "scale" in k)
 
 
 @pytest.mark.parametrize("target", kr.TARGETS)
