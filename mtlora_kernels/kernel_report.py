@@ -131,7 +131,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 _FN_RE = re.compile(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?")
-_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_SPILL_RE = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS_RE = re.compile(r"Used (\d+) registers")
 _PERF_RE = re.compile(r"(Potential Performance Loss:.*)")
 
@@ -274,7 +275,8 @@ def _jit_function(obj):
     while not isinstance(obj, JITFunction):
         if inspect.isfunction(obj) or not hasattr(obj, "fn"):
             raise TypeError(
-                f"{obj!r} is not a @triton.jit kernel here (was it created with TRITON_INTERPRET=1?)")
+                f"{obj!r} is not a @triton.jit kernel here "
+                "(was it created with TRITON_INTERPRET=1?)")
         obj = obj.fn
     return obj
 
@@ -429,7 +431,8 @@ def _demangle(names: list[str]) -> dict[str, str]:
     out = r.stdout.splitlines()
     if r.returncode != 0 or len(out) != len(names):
         return {n: n for n in names}
-    return {n: re.sub(r"^void |\(anonymous namespace\)::|\b\w+::", "", d) for n, d in zip(names, out)}
+    strip = re.compile(r"^void |\(anonymous namespace\)::|\b\w+::")
+    return {n: strip.sub("", d) for n, d in zip(names, out)}
 
 
 def compile_cuda(path: str, target: int) -> tuple[list[Row], list[bytes]]:
@@ -602,7 +605,8 @@ def _notes(report: dict) -> list[str]:
         notes.append("CUDA: csrc/ not found (an installed package without its sources).")
     elif not report["cuda_sources"]:
         skipped = ", ".join(report["cuda_skipped"]) or "none"
-        notes.append(f"CUDA: no csrc .cu file without torch headers to compile (skipped: {skipped}).")
+        notes.append("CUDA: no csrc .cu file without torch headers to compile "
+                     f"(skipped: {skipped}).")
     else:
         notes.append("CUDA rows: compile s is that of the whole .cu file; "
                      f"{', '.join(report['cuda_skipped']) or 'no file'} skipped (torch headers).")
@@ -651,8 +655,9 @@ def markdown(report: dict) -> str:
 
     title, est_title = _titles(report)
     parts = [f"**{title}**", "", table(COLUMNS, [_cells(r) for r in report["rows"]]), "",
-             f"**{est_title}**", "", table(EST_COLUMNS, [_est_cells(e) for e in report["estimates"]]),
-             "", *_notes(report)]
+             f"**{est_title}**", "",
+             table(EST_COLUMNS, [_est_cells(e) for e in report["estimates"]]), "",
+             *_notes(report)]
     return "\n".join(parts) + "\n"
 
 
@@ -702,7 +707,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="kernel_report", description=__doc__.split("\n")[0]))
+    parser = argparse.ArgumentParser(prog="kernel_report", description=__doc__.split("\n")[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -70,7 +70,8 @@ _K8 = KernelConfig({"BM": 16, "BN": 16, "BK": 8}, num_warps=4, num_stages=2)
 
 GEMM = KernelSpec("tiny_gemm", _tiny_gemm, _GEMM_SIG, (_SMALL, _SPILLS, _K8),
                   dtypes=("bf16", "fp16"), uses_dot=True,
-                  cost=lambda s: (2.0 * s["T"] * s["d"] * s["r"], 2.0 * s["elem_bytes"] * s["T"] * s["d"]))
+                  cost=lambda s: (2.0 * s["T"] * s["d"] * s["r"],
+                                  2.0 * s["elem_bytes"] * s["T"] * s["d"]))
 SCALE = KernelSpec("tiny_scale", _tiny_scale,
                    {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "scale": "fp32"},
                    (KernelConfig({"BLOCK": 1024}, num_warps=4, num_stages=1),), dtypes=("fp32",),
@@ -287,7 +288,8 @@ def _rows_of(report, job):
 @pytest.mark.parametrize("job", _JOBS, ids=[f"{j.kernel}-{j.config}-sm_{j.target}" for j in _JOBS])
 def test_triton_kernel_config_compiles_without_spills(package_report, job):
     (r,) = _rows_of(package_report, job)
-    assert r["ok"], f"{job.kernel} [{job.config}] does not compile for sm_{job.target}: {r['error']}"
+    assert r["ok"], (
+        f"{job.kernel} [{job.config}] does not compile for sm_{job.target}: {r['error']}")
     assert r["registers"] == r["ptxas_registers"]
     # KernelSpec.spill_budget: 0 unless the kernel's notes justify more.
     assert r["spill_stores"] <= job.spill_budget, (
@@ -314,7 +316,8 @@ def test_cuda_kernels_compile_without_spills(package_report, cu, target):
     assert rows, f"{cu}: no report rows for sm_{target}"
     for r in rows:
         assert r["ok"], f"{cu} does not compile for sm_{target}: {r['error']}"
-        assert r["spill_stores"] == 0, f"{r['kernel']} ({cu}) spills {r['spill_stores']} B on sm_{target}"
+        assert r["spill_stores"] == 0, (
+            f"{r['kernel']} ({cu}) spills {r['spill_stores']} B on sm_{target}")
 
 
 def test_cli_kernels_subcommand(monkeypatch, capsys):
