@@ -588,6 +588,39 @@ def _est_cells(e: dict) -> list[str]:
             f"{e['roofline_us']:.1f}"]
 
 
+SUMMARY_COLUMNS = ("kernel", "target", "variants", "failed", "regs", "max spill st B",
+                   "over budget", "max smem B", "tensor cores (variants)", "compile s")
+
+
+def _group_compile_s(rows: list[dict]) -> float:
+    # The rows of one .cu file all carry that file's compile time: count it once.
+    if rows[0]["source"] == "cuda":
+        return rows[0]["compile_s"] or 0.0
+    return sum(r["compile_s"] or 0.0 for r in rows)
+
+
+def _summary_rows(report: dict) -> list[tuple[bool, list[str]]]:
+    """Per kernel (Triton) or .cu file (CUDA) and target: ``(needs attention, cells)``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in report["rows"]:
+        key = r["kernel"] if r["source"] == "triton" else r["config"]
+        groups.setdefault((key, r["target"]), []).append(r)
+    out = []
+    for (key, target), rows in groups.items():
+        ok = [r for r in rows if r["ok"]]
+        over = sum(r["spill_stores"] > r["spill_budget"] for r in ok)
+        fams = Counter(r["tensor_core_family"] for r in ok)
+        regs = sorted(r["registers"] for r in ok)
+        cells = [key, f"sm_{target}", str(len(rows)), str(len(rows) - len(ok)),
+                 f"{regs[0]}-{regs[-1]}" if regs else "-",
+                 str(max((r["spill_stores"] for r in ok), default=0)), str(over),
+                 str(max((r["shared_total"] for r in ok), default=0)),
+                 ", ".join(f"{f} x{n}" for f, n in sorted(fams.items())) or "-",
+                 f"{_group_compile_s(rows):.1f}"]
+        out.append((len(ok) < len(rows) or over > 0, cells))
+    return out
+
+
 def _titles(report: dict) -> tuple[str, str]:
     s = BENCH_SHAPES
     return (f"Kernels compiled for {', '.join(report['targets'])} without a GPU "
@@ -608,8 +641,9 @@ def _notes(report: dict) -> list[str]:
         notes.append("CUDA: no csrc .cu file without torch headers to compile "
                      f"(skipped: {skipped}).")
     else:
-        notes.append("CUDA rows: compile s is that of the whole .cu file; "
-                     f"{', '.join(report['cuda_skipped']) or 'no file'} skipped (torch headers).")
+        notes.append("CUDA rows: compile s is that of the whole .cu file.")
+        if report["cuda_skipped"]:
+            notes.append(f"CUDA: {', '.join(report['cuda_skipped'])} not compiled (torch headers).")
     for r in report["rows"]:
         for note in r["ptxas_notes"]:
             notes.append(f"ptxas, {r['kernel']} [{r['config']}] sm_{r['target']}: {note}")
@@ -618,15 +652,21 @@ def _notes(report: dict) -> list[str]:
 
 
 def print_report(report: dict, console=None) -> None:
-    """The two tables (compiled variants, roofline) with rich."""
+    """Every variant, the per-kernel summary and the roofline, as rich tables."""
     from rich.console import Console
     from rich.table import Table
 
+    def table(title, columns, rows, left=("kernel", "config", "target", "bound")):
+        t = Table(title=title)
+        for col in columns:
+            t.add_column(col, justify="left" if col in left or "tensor" in col else "right")
+        for cells in rows:
+            t.add_row(*cells)
+        return t
+
     console = console or Console()
     title, est_title = _titles(report)
-    table = Table(title=title)
-    for col in COLUMNS:
-        table.add_column(col, justify="right" if col in ("regs", "smem B", "compile s") else "left")
+    variants = []
     for r in report["rows"]:
         cells = _cells(r)
         if not r["ok"]:
@@ -634,30 +674,32 @@ def print_report(report: dict, console=None) -> None:
         elif r["spill_stores"]:
             color = "red" if r["spill_stores"] > r["spill_budget"] else "yellow"
             cells[4] = f"[{color}]{cells[4]}[/{color}]"
-        table.add_row(*cells)
-    console.print(table)
-    est = Table(title=est_title)
-    for col in EST_COLUMNS:
-        est.add_column(col, justify="left" if col in ("kernel", "bound") else "right")
-    for e in report["estimates"]:
-        est.add_row(*_est_cells(e))
-    console.print(est)
+        variants.append(cells)
+    console.print(table(title, COLUMNS, variants))
+    summary = [[f"[red]{c}[/red]" for c in cells] if bad else cells
+               for bad, cells in _summary_rows(report)]
+    console.print(table("Summary per kernel and target", SUMMARY_COLUMNS, summary))
+    console.print(table(est_title, EST_COLUMNS, [_est_cells(e) for e in report["estimates"]]))
     for note in _notes(report):
         console.print(note)
 
 
 def markdown(report: dict) -> str:
-    """The same tables as GitHub Markdown (for python/tools/KERNELS.md)."""
+    """The summary and roofline tables as GitHub Markdown, every variant in a folded table
+    (for python/tools/KERNELS.md)."""
     def table(cols, rows):
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         return "\n".join(lines)
 
     title, est_title = _titles(report)
-    parts = [f"**{title}**", "", table(COLUMNS, [_cells(r) for r in report["rows"]]), "",
+    parts = [f"**{title}: summary per kernel and target**", "",
+             table(SUMMARY_COLUMNS, [cells for _, cells in _summary_rows(report)]), "",
              f"**{est_title}**", "",
              table(EST_COLUMNS, [_est_cells(e) for e in report["estimates"]]), "",
-             *_notes(report)]
+             *[f"- {n}" for n in _notes(report)], "",
+             f"<details><summary>Every variant ({len(report['rows'])})</summary>", "",
+             table(COLUMNS, [_cells(r) for r in report["rows"]]), "", "</details>"]
     return "\n".join(parts) + "\n"
 
 
