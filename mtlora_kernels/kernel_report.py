@@ -516,6 +516,7 @@ def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,
         from mtlora_kernels.triton.registry import all_kernels
 
         specs = all_kernels()
+    est = estimates(specs)  # before compiling: a broken cost function fails in a second
     compilable, skipped = cuda_sources(csrc) if cuda else ([], [])
     # The .cu files first: one takes up to ~15 s against ~1 s per Triton variant, and starting
     # the longest jobs first keeps every worker busy to the end.
@@ -537,7 +538,7 @@ def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,
         "csrc_found": csrc.is_dir(),
         "cuda_sources": [f.name for f in compilable],
         "cuda_skipped": {f.name: "includes torch/pybind11 headers (binding file)" for f in skipped},
-        "estimates": estimates(specs),
+        "estimates": est,
     }
 
 
