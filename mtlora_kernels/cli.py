@@ -123,12 +123,14 @@ def _bench(args: argparse.Namespace) -> int:
     meta = bench.machine(device)
     records = bench.run(shapes, providers, device, pick["min_time"],
                         progress=not args.no_progress)
+    meta["load_avg_1m_end"] = bench.machine(device)["load_avg_1m"]
     con.print(bench.table(records, on_gpu=device.type == "cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
     bench.write_json(records, meta, args.out / "bench.json")
     bench.plot(records, args.out / "bench.png")
     con.print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
-              f"({meta['device']}, {meta['threads']} threads, load {meta['load_avg_1m']})")
+              f"({meta['device']}, {meta['threads']} threads, 1-min load average "
+              f"{meta['load_avg_1m']} before, {meta['load_avg_1m_end']} after)")
     failed = [r for r in records if r["status"] != "ok"]
     for r in failed:
         con.print(f"[red]{r['provider']} {r['status']} at {r['label']}: {r['reason']}[/]")
