@@ -51,12 +51,12 @@ def _scenarios():
         return torch.empty(*shape, dtype=dtype, device=meta)
 
     def mix_case(T, d_in, d_out, r, N, g, *, router="fused", dropout=0.1, residual=True,
-                 deterministic=False, dpi=False):
+                 deterministic=False, dpi=False, dtype=torch.bfloat16):
         def run():
-            x, A, B = t(T, d_in), t(r, d_in), t(N, d_out, r)
-            W = t(g * N, d_in) if router == "fused" else None
+            x, A, B = t(T, d_in, dtype=dtype), t(r, d_in, dtype=dtype), t(N, d_out, r, dtype=dtype)
+            W = t(g * N, d_in, dtype=dtype) if router == "fused" else None
             L = t(T, g * N, dtype=torch.float32) if router == "logits" else None
-            res = t(T, d_out) if residual else None
+            res = t(T, d_out, dtype=dtype) if residual else None
             y, h, pi = tmix.forward(x, A, B, W, L, res, g, 2.0, dropout, 1234)
             tmix.backward(y, x, A, B, W, h, pi, t(T, g, N, dtype=torch.float32) if dpi else None,
                           g, 2.0, dropout, 1234, deterministic)
@@ -74,6 +74,9 @@ def _scenarios():
         "mix_d4096_g2": mix_case(BIG_T, 4096, 4096, 16, 16, 2),
         "mix_d4096_g2_deterministic": mix_case(BIG_T, 4096, 4096, 16, 16, 2,
                                                deterministic=True, dpi=True),
+        # fp32 inputs have kernels of their own (registered as *_fp32)
+        "mix_d4096_g2_fp32": mix_case(BIG_T, 4096, 4096, 16, 16, 2, deterministic=True,
+                                      dtype=torch.float32),
         # g = d_out (epilogue form, c = 1) and a router of several blocks (g*N = 8192).
         "mix_g_eq_dout": mix_case(BIG_T, 2048, 4096, 8, 2, 4096, dropout=0.0),
         "mix_logits_wide_in": mix_case(BIG_T, 8192, 64, 64, 4, 1, router="logits"),
@@ -97,6 +100,11 @@ class Launch:
     constexprs: dict
     options: dict
     ttir: str = ""
+    dtype: str = ""  # Triton's name of the first tensor argument's dtype ("bf16", "fp32", ...)
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                 torch.bool: "i1"}
 
 
 def _capture(scenarios: dict) -> list[Launch]:
@@ -110,25 +118,35 @@ def _capture(scenarios: dict) -> list[Launch]:
     current = [""]
 
     class Recorder:
-        def __init__(self, spec):
-            self.spec = spec
+        """Stands in for one @triton.jit function; several registry entries may share it (one
+        per input dtype family): the launch's first tensor picks the entry."""
+
+        def __init__(self, fn_specs):
+            self.specs = fn_specs
 
         def __getitem__(self, grid):
             def launch(*args, num_warps=4, num_stages=3, **constexprs):
                 grid3 = list(grid) + [1] * (3 - len(grid))
                 ints = [a if isinstance(a, int) and not isinstance(a, bool) else None
                         for a in args]
-                launches.append(Launch(current[0], self.spec.name, grid3, ints, constexprs,
-                                       {"num_warps": num_warps, "num_stages": num_stages}))
+                dtype = _TRITON_DTYPE[next(a for a in args if torch.is_tensor(a)).dtype]
+                spec = next((s for s in self.specs if dtype in s.dtypes), self.specs[0])
+                launches.append(Launch(current[0], spec.name, grid3, ints, constexprs,
+                                       {"num_warps": num_warps, "num_stages": num_stages},
+                                       dtype=dtype if dtype in spec.dtypes else spec.dtypes[0]))
             return launch
 
-    saved = []
+    by_fn: dict[int, list] = {}
     for spec in specs:
-        module = importlib.import_module(spec.fn.__module__)
-        for attr, value in vars(module).items():
-            if value is spec.fn:
+        by_fn.setdefault(id(spec.fn), []).append(spec)
+    saved = []
+    for fn_specs in by_fn.values():
+        fn = fn_specs[0].fn
+        module = importlib.import_module(fn.__module__)
+        for attr, value in list(vars(module).items()):
+            if value is fn:
                 saved.append((module, attr, value))
-                setattr(module, attr, Recorder(spec))
+                setattr(module, attr, Recorder(fn_specs))
     try:
         for name, run in scenarios.items():
             current[0] = name
@@ -162,7 +180,7 @@ def _subprocess_main() -> None:
     cache: dict = {}
     for ln in launches:
         spec = specs[ln.kernel]
-        sig = {k: v.format(dtype=spec.dtypes[0]) for k, v in spec.signature.items()}
+        sig = {k: v.format(dtype=ln.dtype) for k, v in spec.signature.items()}
         # As Triton's launcher does: an int argument past int32 is passed (and compiled) as i64.
         for name, value in zip(sig, ln.ints):
             if value is not None and not I32[0] <= value <= I32[1]:
@@ -443,7 +461,8 @@ def launches(compiled) -> dict[str, list[Launch]]:
 
 
 SCENARIOS = [  # static (the launch capture itself runs in the subprocess)
-    "mix_d4096_g2", "mix_d4096_g2_deterministic", "mix_g_eq_dout", "mix_logits_wide_in",
+    "mix_d4096_g2", "mix_d4096_g2_deterministic", "mix_d4096_g2_fp32", "mix_g_eq_dout",
+    "mix_logits_wide_in",
     "mix_plain_lora_wide_out", "rsvd_bmm_batch", "rsvd_bmm_batch_transposed",
     "rsvd_bmm_one_big_matrix",
     "rsvd_bmm_one_big_matrix_transposed",
