@@ -14,6 +14,10 @@
 set -euo pipefail
 
 PY=${1:-python3}
+# An absolute path: CMake resolves a relative Python_EXECUTABLE from its build directory and
+# silently falls back to the system python (which has no torch). Not readlink -f: that would
+# resolve the venv's symlink to the base interpreter and lose the venv.
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-2}
