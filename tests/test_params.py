@@ -58,7 +58,7 @@ def test_modules_on_meta_match_the_closed_forms(r, N, g):
     dims = model_dims(_llama2_7b(num_key_value_heads=8).to_dict())
     assert dims == {"hidden_size": 4096, "layers": 32, "q_out": 4096, "v_out": 1024}
     d, L = 4096, 32
-    rows = dict((name, (counted, formula)) for name, counted, formula in count_params(dims, r, N, g))
+    rows = {name: (counted, formula) for name, counted, formula in count_params(dims, r, N, g)}
     for counted, formula in rows.values():
         assert counted == formula
     hydra = L * sum(r * d + N * d_out * r + N * d for d_out in (4096, 1024))
