@@ -257,6 +257,7 @@ class TritonJob:
     target: int
     uses_dot: bool
     spill_budget: int = 0
+    dtype: str = ""  # what ``{dtype}`` became in the signature
 
 
 def _python_function(fn):
@@ -296,7 +297,7 @@ def triton_jobs(specs, targets=TARGETS) -> list[TritonJob]:
                         fn_qualname=pyfn.__qualname__, signature=sig,
                         constexprs=dict(cfg.constexprs), num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages, target=cc, uses_dot=spec.uses_dot,
-                        spill_budget=spec.spill_budget))
+                        spill_budget=spec.spill_budget, dtype=dtype))
     return jobs
 
 

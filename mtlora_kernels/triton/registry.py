@@ -30,12 +30,13 @@ class KernelSpec:
 
     name: a stable display name. fn: the ``@triton.jit`` function. signature: argument name ->
     Triton type string for the non-constexpr arguments (``"*bf16"``, ``"i32"``, ``"fp32"``);
-    pointer types may contain ``{dtype}``, filled from ``dtypes``. configs: every configuration
-    a launcher can pick. uses_dot: the kernel carries a GEMM (``tl.dot``) and must compile to
-    tensor-core instructions. cost: optional ``(shape dict) -> (flops, bytes)`` for the static
-    roofline estimate at the benchmark shapes. spill_budget: bytes of register spill stores a
-    configuration may have on sm_80 / sm_90 before the compile tests fail (default 0; a
-    nonzero budget must be justified in ``notes``).
+    pointer types may contain ``{dtype}``, filled from ``dtypes`` (the first is the primary one:
+    CI compiles every configuration in it, the slow tests and the report every dtype).
+    configs: every configuration a launcher can pick. uses_dot: the kernel carries a GEMM
+    (``tl.dot``) and must compile to tensor-core instructions. cost: optional ``(shape dict) ->
+    (flops, bytes)`` for the static roofline estimate at the benchmark shapes. spill_budget:
+    bytes of register spill stores a configuration may have on sm_80 / sm_90 before the compile
+    tests fail (default 0; a nonzero budget must be justified in ``notes``).
     """
 
     name: str
