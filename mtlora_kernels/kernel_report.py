@@ -666,7 +666,8 @@ def print_report(report: dict, console=None) -> None:
             t.add_row(*cells)
         return t
 
-    console = console or Console()
+    # rich wraps at 80 columns when writing to a pipe or file; the variant table needs ~200
+    console = console or (Console() if sys.stdout.isatty() else Console(width=200))
     title, est_title = _titles(report)
     variants = []
     for r in report["rows"]:
