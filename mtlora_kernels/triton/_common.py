@@ -1,0 +1,63 @@
+"""Small pieces shared by the Triton kernels of the package: padding, the interpreter switch and
+the tensor-core product every GEMM of the mix kernels goes through."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    """The smallest power of two >= max(n, floor)."""
+    return max(floor, triton.next_power_of_2(max(1, n)))
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a launch should have to fill the device: two per SM on a GPU (one
+    resident, one waiting behind it). The interpreter runs programs one after another, so
+    there 8 is enough to exercise the split paths without slowing the tests."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    fp16 / bf16 operands go to the tensor cores as they are. fp32 operands use
+    ``input_precision="tf32x3"``: plain TF32 would cost fp32 inputs ~1e-3 relative error (the
+    fp32 tolerance is 1e-5, and torch's fp32 matmul is exact by default), while "ieee" runs on
+    the FMA units in a layout that spilled 0.6-4 KB per thread (ptxas, 64 x 64 tiles, sm_80 and
+    sm_90). UPCAST (set by the launchers under ``TRITON_INTERPRET=1`` only) runs the product in
+    fp32 because the Triton 3.8 interpreter returns garbage for bf16 ``tl.dot`` (SPEC section
+    6); it is never set on a GPU.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def mma_fp32(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` to fp32 accuracy for an fp32 ``a`` and ``b`` of any float dtype.
+
+    For products whose fp32 operand must not be rounded to 16 bits: softmax gradients sum to
+    zero over each group's experts, so the part of W_route shared by a group's rows cancels
+    exactly in ``dz · W_route``, and only while dz keeps its fp32 bits (rounded to bf16, dx was
+    off by up to 90% with router logits of ~1e4, tests/test_extreme.py). ``tf32x3`` keeps fp32
+    accuracy on the tensor cores (3 TF32 passes); the interpreter uses "ieee".
+    """
+    if UPCAST:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b.to(tl.float32), acc, input_precision="tf32x3")

@@ -1,0 +1,296 @@
+"""The triton backend of the fused mix against the fp64 reference: forward and every gradient
+(x, A, B, route_weight, logits, residual), the axes of SPEC section 5, the balance loss's extra
+dpi, deterministic mode, dropout from the seed, fp32 / fp16 / bf16.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors: tests/conftest.py sets
+``TRITON_INTERPRET=1`` before anything imports triton (setting it here would be too late when
+another test module imported triton first). With a GPU the same tests run the compiled kernels
+on it, and the ``cuda_device`` tests add larger shapes and bf16 on the tensor cores.
+
+Every output a kernel writes in full is allocated poisoned with NaN (autouse fixture), so an
+element a kernel forgets to write shows up as a non-finite result (``rel_err`` = inf).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import REL_TOL, assert_close_to_reference, rel_err
+
+from mtlora_kernels.nn import MTLoRAAdapter
+from mtlora_kernels.ops.mix import dropout_keep_mask, mix
+from mtlora_kernels.reference import balance_loss_reference, mix_reference, routing_weights
+from mtlora_kernels.triton import mix as tmix
+
+DEVICE = torch.device(
+    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Outputs come out of ``_empty`` filled with NaN instead of whatever memory held."""
+
+    def nan_empty(shape, dtype, device):
+        if dtype == torch.bool:
+            return torch.zeros(shape, dtype=dtype, device=device)  # no NaN for bool: all False
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tmix, "_empty", nan_empty)
+
+
+def make_inputs(T, d_in, d_out, r, N, g, dtype, *, lead=(), seed=0, route="weight",
+                residual=True, device=DEVICE):
+    """Fresh random inputs (fp64 values cast to ``dtype``), each requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = rnd(*lead, T, d_in)
+    A = rnd(r, d_in) / d_in**0.5
+    B = rnd(N, d_out, r) / r**0.5
+    W = rnd(g * N, d_in) if route == "weight" and N > 1 else None
+    L = 3.0 * rnd(*lead, T, g * N) if route == "logits" and N > 1 else None
+    R = rnd(*lead, T, d_out) if residual else None
+    cast = lambda t: None if t is None else t.to(device, dtype).requires_grad_()  # noqa: E731
+    return [cast(t) for t in (x, A, B, W, L, R)]
+
+
+def run_both(inputs, g, *, scaling=2.5, dropout_p=0.0, seed=0, deterministic=False,
+             balance=False):
+    """(kernel outputs, fp64 reference outputs, plain-PyTorch outputs in the inputs' dtype):
+    each [y, grad x, grad A, grad B, grad W, grad logits, grad residual] (+ pi)."""
+    x, A, B, W, L, R = inputs
+    gen = torch.Generator().manual_seed(1234)
+    dy = torch.randn(*x.shape[:-1], B.shape[1], generator=gen, dtype=torch.float64)
+    keep = None
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, (x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1]),
+                                 dropout_p, x.device, "triton").view(x.shape)
+
+    def grads(y, pi, tensors):
+        loss = (y.double() * dy.to(y.device)).sum()
+        if balance:
+            loss = loss + 3.0 * balance_loss_reference(pi)
+        live = [t for t in tensors if t is not None]
+        gs = iter(torch.autograd.grad(loss, live, allow_unused=True))
+        return [None if t is None else next(gs) for t in tensors]
+
+    y, pi = mix(x, A, B, W, logits=L, residual=R, groups=g, scaling=scaling,
+                dropout_p=dropout_p, seed=seed, backend="triton", deterministic=deterministic,
+                return_routing=True)
+    got = [y, *grads(y, pi, inputs[:6]), pi]
+
+    def reference(ts):
+        x_, A_, B_, W_, L_, R_ = ts
+        y_ = mix_reference(x_, A_, B_, W_, logits=L_, groups=g, scaling=scaling,
+                           dropout_mask=keep, dropout_p=dropout_p)
+        if R_ is not None:
+            y_ = y_ + R_
+        acc = torch.promote_types(x_.dtype, torch.float32)
+        n_exp = B_.shape[0]
+        if W_ is not None:
+            pi_ = routing_weights(x_.to(acc) @ W_.to(acc).T, g, n_exp)
+        elif L_ is not None:
+            pi_ = routing_weights(L_, g, n_exp)
+        else:
+            pi_ = torch.ones(*x_.shape[:-1], g, 1, dtype=acc, device=x_.device)
+        return [y_, *grads(y_, pi_, ts), pi_]
+
+    ref = reference([None if t is None else t.detach().cpu().double().requires_grad_()
+                     for t in inputs])
+    plain = reference([None if t is None else t.detach().cpu().requires_grad_() for t in inputs])
+    return got, ref, plain
+
+
+NAMES = ("y", "dx", "dA", "dB", "dW_route", "dlogits", "dresidual", "pi")
+
+
+def check_all(got, ref, dtype, plain=None):
+    for i, name in enumerate(NAMES):
+        if ref[i] is None:
+            assert got[i] is None, name
+            continue
+        assert got[i] is not None and got[i].shape == ref[i].shape, name
+        base = plain[i] if (plain is not None and dtype != torch.float32) else None
+        assert_close_to_reference(got[i], ref[i], dtype, name, baseline=base)
+
+
+CASES = [  # T, d_in, d_out, r, N, g, route
+    (0, 24, 40, 16, 2, 2, "weight"),     # no tokens
+    (1, 32, 48, 16, 16, 48, "weight"),   # decode; g = d_out: epilogue form, 24 router blocks
+    (7, 24, 40, 16, 2, 2, "weight"),     # c = 20: folded, a group spans two column tiles
+    (7, 33, 48, 1, 2, 48, "weight"),     # r = 1, g = d_out, odd d_in, 3 router blocks
+    (7, 24, 48, 16, 2, 12, "weight"),    # c = 4: 16 whole groups per epilogue tile
+    (7, 32, 48, 16, 4, 3, "weight"),     # ALIGNED sizes (d, c multiples of 16, r = 16)
+    (7, 24, 40, 16, 1, 1, "none"),       # N = 1: plain LoRA, no router
+    (7, 24, 40, 16, 16, 2, "logits"),    # external router logits
+    (133, 20, 130, 1, 16, 1, "weight"),  # 3 token blocks, c = 130: 3 folded tiles, K = 16*r
+]
+
+
+@pytest.mark.parametrize("T,d_in,d_out,r,N,g,route", CASES)
+def test_matches_reference_fp32(T, d_in, d_out, r, N, g, route):
+    inputs = make_inputs(T, d_in, d_out, r, N, g, torch.float32, seed=T + N + g, route=route)
+    got, ref, _ = run_both(inputs, g)
+    check_all(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,d_in,d_out,r,N,g,route", [
+    CASES[2], CASES[4], CASES[5], CASES[7],
+    (7, 24, 40, 33, 3, 2, "weight"),  # r = 33 (padded to 64), N = 3 (padded to 4)
+])
+def test_matches_reference_low_precision(T, d_in, d_out, r, N, g, route, dtype):
+    """fp16 / bf16 within the table's tolerance or 2x plain PyTorch's error in that dtype.
+    (Under the interpreter bf16 products are up-cast to fp32: its bf16 tl.dot is broken.)"""
+    inputs = make_inputs(T, d_in, d_out, r, N, g, dtype, seed=5, route=route)
+    got, ref, plain = run_both(inputs, g)
+    check_all(got, ref, dtype, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_router_with_a_large_shared_direction_keeps_dx_accurate(dtype):
+    """Each group's router rows share one large direction (logits ~1e3). Softmax gradients
+    cancel it in dz·W_route, but only while dz keeps its fp32 bits: rounded to the input dtype
+    first, dx was off by 31% (fp16) / 90% (bf16) in tests/test_extreme.py."""
+    x, A, B, _, _, R = make_inputs(7, 32, 48, 16, 4, 3, dtype, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    big = torch.randn(3, 1, 32, generator=gen, dtype=torch.float64) * 3e2
+    W = (big + 0.3 * torch.randn(3, 4, 32, generator=gen, dtype=torch.float64)).view(12, 32)
+    W = W.to(DEVICE, dtype).requires_grad_()
+    assert (x.detach().double() @ W.detach().double().T).abs().max() > 1e3
+    got, ref, plain = run_both([x, A, B, W, None, R], 3)
+    check_all(got, ref, dtype, plain)
+
+
+@pytest.mark.parametrize("route", ["weight", "logits"])
+def test_three_d_noncontiguous_input(route):
+    x, A, B, W, L, R = make_inputs(5, 24, 40, 16, 2, 2, torch.float32, lead=(2,), seed=3,
+                                   route=route)
+    # [2, 5, d] laid out as [5, 2, d]: leading dims that are not contiguous
+    xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not xt.is_contiguous()
+    Rt = R.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    got, ref, _ = run_both([xt, A, B, W, L, Rt], 2)
+    assert got[0].shape == (2, 5, 40)
+    check_all(got, ref, torch.float32)
+
+
+def test_balance_loss_extra_dpi_reaches_the_router():
+    """A loss on pi (the balance loss) adds its dpi before the softmax backward."""
+    inputs = make_inputs(7, 24, 40, 16, 4, 2, torch.float32, seed=11)
+    got, ref, _ = run_both(inputs, 2, balance=True)
+    check_all(got, ref, torch.float32)
+    without, _, _ = run_both(inputs, 2)
+    assert rel_err(got[4], without[4]) > 1e-3  # the extra term changed dW_route
+
+
+@pytest.mark.parametrize("route", ["weight", "logits"])
+def test_deterministic_mode_is_bitwise_reproducible(route):
+    """Partial sums per token split, reduced in a fixed order: the same bits on every run (the
+    interpreter is sequential, so on a GPU this is the test that matters)."""
+    # 2 token splits in both reductions over T (dB, dA / dW_route) at these sizes
+    inputs = make_inputs(100, 20, 40, 16, 4, 2, torch.float32, seed=2, route=route)
+    first, ref, _ = run_both(inputs, 2, deterministic=True)
+    second, _, _ = run_both(inputs, 2, deterministic=True)
+    check_all(first, ref, torch.float32)
+    atomics, _, _ = run_both(inputs, 2)  # the same splits adding into one buffer
+    check_all(atomics, ref, torch.float32)
+    for name, a, b in zip(NAMES, first, second):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+
+
+def test_dropout_mask_comes_from_the_seed():
+    m1 = dropout_keep_mask(7, (33, 40), 0.3, DEVICE, "triton")
+    m2 = dropout_keep_mask(7, (33, 40), 0.3, DEVICE, "triton")
+    m3 = dropout_keep_mask(8, (33, 40), 0.3, DEVICE, "triton")
+    assert m1.dtype == torch.bool and m1.shape == (33, 40)
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert 0.6 < m1.float().mean().item() < 0.8  # keep rate 1 - p over 1320 draws
+    # the offset is the logical index t*d_in + k: a prefix of rows is the same mask
+    assert torch.equal(dropout_keep_mask(7, (5, 40), 0.3, DEVICE, "triton"), m1[:5])
+
+
+@pytest.mark.parametrize("T,N,g", [(7, 2, 2), (70, 4, 40)])
+def test_dropout_forward_and_backward_use_the_seeded_mask(T, N, g):
+    """y, dx and dA match the reference given the mask from dropout_keep_mask: the kernels
+    draw that mask in the forward and again in the backward; the router sees x undropped."""
+    inputs = make_inputs(T, 24, 40, 16, N, g, torch.float32, seed=4)
+    got, ref, _ = run_both(inputs, g, dropout_p=0.25, seed=99)
+    check_all(got, ref, torch.float32)
+    other, _, _ = run_both(inputs, g, dropout_p=0.25, seed=100)
+    assert rel_err(other[0], got[0]) > 1e-3  # another seed, another mask
+
+
+def test_bad_input_is_rejected_with_the_argument_named():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    A, B = torch.randn(2, 8, dtype=torch.float64), torch.randn(1, 8, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32.*float64"):
+        tmix.forward(x, A, B, None, None, None, 1, 1.0, 0.0, 0)
+    x = x.float()
+    with pytest.raises(ValueError, match="r <= 128"):
+        tmix.forward(x, torch.randn(129, 8), torch.randn(1, 8, 129), None, None, None, 1, 1.0,
+                     0.0, 0)
+    with pytest.raises(ValueError, match="N <= 64"):
+        tmix.forward(x, torch.randn(2, 8), torch.randn(65, 8, 2), torch.randn(65, 8), None,
+                     None, 1, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        tmix.forward(torch.randn(8, 3).T, torch.randn(2, 8), torch.randn(1, 8, 2), None, None,
+                     None, 1, 1.0, 0.0, 0)
+
+
+def test_fp32_shapes_without_a_spill_free_kernel_are_refused_clearly():
+    """fp32 runs its products as tf32x3; for a folded forward with r > 64 (or r > 32 at odd
+    sizes) every tile spilled registers, so the backend refuses instead of running slowly."""
+    x, A, B, W, _, _ = make_inputs(3, 32, 64, 128, 2, 2, torch.float32, residual=False)
+    with pytest.raises(ValueError, match="no fp32 kernel for r=128.*bf16 / fp16"):
+        tmix.forward(x.detach(), A.detach(), B.detach(), W.detach(), None, None, 2, 1.0, 0.0,
+                     0)
+    y, _, _ = tmix.forward(x.detach().half(), A.detach().half(), B.detach().half(),
+                           W.detach().half(), None, None, 2, 1.0, 0.0, 0)
+    assert torch.isfinite(y).all()
+
+
+def test_torch_compile_of_a_layer_on_the_triton_backend():
+    layer = MTLoRAAdapter(24, 40, r=16, num_experts=2, groups=2, dropout=0.0,
+                          backend="triton").to(DEVICE)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(7, 24, device=DEVICE)
+    y_eager = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert torch.equal(y, y_eager)
+    assert layer.lora_route.grad is not None and torch.isfinite(layer.lora_route.grad).all()
+
+
+# ------------------------------------------------------------------------ GPU only (compiled)
+
+GPU_CASES = [  # T, d_in, d_out, r, N, g, route
+    (1, 256, 256, 16, 16, 2, "weight"),
+    (333, 256, 384, 16, 16, 2, "weight"),
+    (333, 256, 256, 16, 16, 256, "weight"),
+    (200, 192, 320, 64, 8, 5, "logits"),
+    (77, 128, 128, 128, 64, 1, "weight"),
+]
+
+
+@pytest.mark.parametrize("T,d_in,d_out,r,N,g,route,dtype", [
+    (*case, dtype) for case in GPU_CASES for dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if not (dtype == torch.float32 and case[3] > 64)  # refused: see the fp32 test above
+])
+def test_gpu_matches_reference(cuda_device, T, d_in, d_out, r, N, g, route, dtype):
+    inputs = make_inputs(T, d_in, d_out, r, N, g, dtype, seed=T, route=route,
+                         device=cuda_device)
+    got, ref, plain = run_both(inputs, g, dropout_p=0.1, seed=5)
+    check_all(got, ref, dtype, plain)
+
+
+def test_gpu_deterministic_mode_is_bitwise_reproducible(cuda_device):
+    inputs = make_inputs(4096, 256, 256, 16, 16, 2, torch.bfloat16, seed=1, device=cuda_device)
+    runs = [run_both(inputs, 2, deterministic=True)[0] for _ in range(3)]
+    for name, *vals in zip(NAMES, *runs):
+        if vals[0] is not None:
+            assert all(torch.equal(vals[0], v) for v in vals[1:]), name
