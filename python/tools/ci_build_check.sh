@@ -10,7 +10,7 @@
 # site-packages through a .pth file (offline, no copy of a 5 GB torch); the wheel itself goes in
 # with --no-deps --no-index. Budget: the whole check took ~4 min from a clean tree
 # on 2 shared cores (207 s of it the two-arch build; see
-# python/tools/BUILD.md); MAX_JOBS defaults to 2.
+# the README, "Building"); MAX_JOBS defaults to 2.
 set -euo pipefail
 
 PY=${1:-python3}
