@@ -5,6 +5,9 @@ against the plain forward."""
 from __future__ import annotations
 
 import socket
+import warnings
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,10 +52,13 @@ def assert_grads_close(got: dict, want: dict, what: str) -> None:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    """Writes ``rank<r>.stage`` as it goes and ``rank<r>.passed`` once every check passed."""
     torch.set_num_threads(1)
+    stage = Path(out_dir, f"rank{rank}.stage")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+                            world_size=2, timeout=timedelta(seconds=120))
     try:
+        stage.write_text("DDP")
         ids = tiny_inputs("llama", seed=4).repeat(2, 1)  # [4, 7]
         ids[2:] = (ids[2:] * 7 + 3) % 64  # two different halves
         mine = ids[2 * rank: 2 * rank + 2]
@@ -74,6 +80,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # through full_tensor() did not match one process), checked right below.
         from torch.distributed.fsdp import fully_shard
 
+        stage.write_text("FSDP2")
         ref, ref_handle = adapted_llama()
         for half in (ids[:2], ids[2:]):
             loss = ref(half, labels=half).loss + ref_handle.aux_loss(spectral_weight=0.0)
@@ -93,6 +100,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
         # Saving from the sharded model gathers the shards; loading into a sharded model
         # scatters them: both give the reference's outputs.
+        stage.write_text("save/load")
         save_adapters(handle, out_dir)  # every rank calls, rank 0 writes
         ref.eval()
         want_out = ref(ids).logits
@@ -106,15 +114,39 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         fully_shard(sharded)
         load_adapters(sharded_handle, out_dir)
         assert rel_err(sharded.eval()(ids).logits, want_out) <= TOL
+        Path(out_dir, f"rank{rank}.passed").touch()
+        dist.barrier()  # neither rank tears down while the other still communicates
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_and_fsdp2_match_one_process(tmp_path):
+    """The verdict is each rank's ``passed`` marker, written after its last check. A rank that
+    dies of a signal after it (CI saw gloo's worker threads abort at process exit once,
+    "terminate called without an active exception", after a pass) is reported as a warning,
+    not hidden and not failed: every check had already passed on both ranks."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+    failed = []
+    for rank, proc in enumerate(procs):
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        stage_file = tmp_path / f"rank{rank}.stage"
+        stage = stage_file.read_text() if stage_file.exists() else "init_process_group"
+        if not (tmp_path / f"rank{rank}.passed").exists():
+            failed.append(f"rank {rank} (exit code {proc.exitcode}, stage {stage})")
+        elif proc.exitcode != 0:
+            warnings.warn(f"rank {rank} passed every check, then exited with code "
+                          f"{proc.exitcode} while tearing down", RuntimeWarning)
+    assert not failed, f"did not pass: {', '.join(failed)}; tracebacks in the captured stderr"
 
 
 def _step(model, handle, ids, seed=123):
