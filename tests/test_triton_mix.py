@@ -241,16 +241,19 @@ def test_bad_input_is_rejected_with_the_argument_named():
                      None, 1, 1.0, 0.0, 0)
 
 
-def test_fp32_shapes_without_a_spill_free_kernel_are_refused_clearly():
-    """fp32 runs its products as tf32x3; for a folded forward with r > 64 (or r > 32 at odd
-    sizes) every tile spilled registers, so the backend refuses instead of running slowly."""
-    x, A, B, W, _, _ = make_inputs(3, 32, 64, 128, 2, 2, torch.float32, residual=False)
-    with pytest.raises(ValueError, match="no fp32 kernel for r=128.*bf16 / fp16"):
-        tmix.forward(x.detach(), A.detach(), B.detach(), W.detach(), None, None, 2, 1.0, 0.0,
-                     0)
-    y, _, _ = tmix.forward(x.detach().half(), A.detach().half(), B.detach().half(),
-                           W.detach().half(), None, None, 2, 1.0, 0.0, 0)
-    assert torch.isfinite(y).all()
+@pytest.mark.parametrize("T,d_in,d_out,r,N,g,dropout_p", [
+    (3, 32, 64, 128, 2, 2, 0.0),   # decode, ALIGNED, R_PAD = 128: RC = 64; 2 column splits
+    (20, 24, 40, 100, 3, 2, 0.2),  # odd sizes, r = 100 padded to 128, dropout
+    (20, 24, 40, 40, 3, 1, 0.0),   # odd sizes, r = 40 padded to 64: RC = 32
+])
+def test_fp32_forward_reads_h_back_in_rank_chunks(T, d_in, d_out, r, N, g, dropout_p):
+    """fp32 folded forwards at large r hold no [BT, R_PAD] A-operand (it spilled registers):
+    the mix reads h back from memory RC ranks at a time (_FP32_TILES)."""
+    plan = tmix._plan(T, d_in, d_out, r, N, d_out // g, fp32=True)["fwd"]
+    assert plan["GT"] == 1 and plan["RC"] < plan["R_PAD"]
+    inputs = make_inputs(T, d_in, d_out, r, N, g, torch.float32, seed=r)
+    got, ref, _ = run_both(inputs, g, dropout_p=dropout_p, seed=5)
+    check_all(got, ref, torch.float32)
 
 
 def test_torch_compile_of_a_layer_on_the_triton_backend():

@@ -85,12 +85,14 @@ def _fwd_kernel(
     scaling, p, seed,
     # meta
     BT: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, N_PAD: tl.constexpr,
-    GB: tl.constexpr, GT: tl.constexpr, CB: tl.constexpr, EB: tl.constexpr,
+    GB: tl.constexpr, GT: tl.constexpr, CB: tl.constexpr, EB: tl.constexpr, RC: tl.constexpr,
     ROUTE: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # ROUTE: 0 = no router (N == 1, pi = 1), 1 = route_ptr is W_route [g*N, d_in],
     #        2 = route_ptr is external logits [T, g*N] (any float dtype).
+    # RC < R_PAD (folded tiles only): the mix reads h back in chunks of RC ranks instead of
+    #        keeping [BT, R_PAD] in registers (see _FP32_TILES).
     ZW: tl.constexpr = GB * N_PAD   # router logits per group block
     if ALIGNED:  # what the JIT would derive from the values; stated for the kernel report
         d_in = tl.multiple_of(d_in, 16)
@@ -165,7 +167,7 @@ def _fwd_kernel(
                 z = tl.load(route_ptr + rows64[:, None] * (g * N) + zcol[None, :],
                             mask=rmask[:, None] & zmask[None, :], other=0.0).to(tl.float32)
             _softmax_store(z, pi_ptr, rows64, rmask, gb, g, N, BT, GB, N_PAD)
-    if pid_s == 0:
+    if pid_s == 0 or RC < R_PAD:  # every split stores the same h when it reads it back
         tl.store(h_ptr + rows64[:, None] * r + rr[None, :], h,
                  mask=rmask[:, None] & (rr[None, :] < r))
     # pi is read back below by other threads of this program.
@@ -183,7 +185,19 @@ def _fwd_kernel(
         cols = tl.reshape(gid[:, None] * c + cc[None, :], (BN,))
         cmask = tl.reshape((gid[:, None] < g) & (cc[None, :] < c), (BN,))
         acc = tl.zeros((BT, BN), dtype=tl.float32)
-        if GT == 1:
+        if GT == 1 and RC < R_PAD:
+            # folded, K = N*r in chunks of RC ranks of one expert, h read back from memory
+            # (this program's own rows, L1/L2-resident)
+            for r0 in range(0, r, RC):
+                rc = r0 + tl.arange(0, RC)
+                hk = tl.load(h_ptr + rows64[:, None] * r + rc[None, :],
+                             mask=rmask[:, None] & (rc[None, :] < r), other=0.0)
+                for e in range(0, N):
+                    pe = tl.load(pi_ptr + rows64 * (g * N) + g0 * N + e, mask=rmask, other=0.0)
+                    bt = tl.load(b_ptr + (e * d_out + cols[None, :]) * r + rc[:, None],
+                                 mask=(rc[:, None] < r) & cmask[None, :], other=0.0)
+                    acc = mma((pe[:, None] * hk).to(dtype), bt, acc, UPCAST)
+        elif GT == 1:
             # folded: the tile lies in group g0; one GEMM with K = N*r, EB experts per chunk
             for e0 in range(0, N, EB):
                 ee = e0 + tl.arange(0, EB)
@@ -573,19 +587,23 @@ _SMALLER_TILES = {
 # _common.mma), whose split operands take about twice the registers of a bf16 tile: at the
 # preferred bf16 tiles fp32 spilled 120-960 bytes per thread. Their own table starts from
 # (32, 32, 8) for training sizes and (16, 32, 4) for decode, exceptions found the same way
-# among (32, 32, 8), (16, 32, 8), (16, 32, 4), (16, 16, 4), (16, 16, 8). None: every candidate
-# spilled (the folded forward with R_PAD = 128, or R_PAD = 64 at odd sizes, 12-1584 bytes), so
-# the triton backend does not take those fp32 shapes (see _plan).
+# among (32, 32, 8), (16, 32, 8), (16, 32, 4), (16, 16, 4), (16, 16, 8). The folded forward
+# at R_PAD = 128 (and R_PAD = 64 at odd sizes) spilled 12-1584 bytes at every one of them: its
+# A-operand pi*h, [BT, R_PAD] fp32, is held whole (and split in two) by every warp. A 4th
+# entry RC < R_PAD makes that kernel read h back from memory RC ranks at a time instead
+# (RC = 64 at R_PAD = 128, 32 at R_PAD = 64 with 8 warps: no spills; 4 warps spilled 4-88).
 _FP32_TILES = {
     ("fwd", "epi", "decode", True): {128: (16, 32, 8)},
     ("fwd", "epi", "decode", False): {64: (16, 32, 8), 128: (16, 32, 8)},
     ("fwd", "epi", "train", True): {128: (16, 32, 8)},
     ("fwd", "epi", "train", False): {64: (16, 32, 8), 128: (16, 32, 8)},
-    ("fwd", "fold", "decode", True): {32: (16, 32, 8), 128: None},
-    ("fwd", "fold", "decode", False): {16: (16, 32, 8), 32: (16, 32, 8), 64: None, 128: None},
+    ("fwd", "fold", "decode", True): {32: (16, 32, 8), 128: (16, 32, 8, 64)},
+    ("fwd", "fold", "decode", False): {16: (16, 32, 8), 32: (16, 32, 8), 64: (16, 32, 8, 32),
+                                       128: (16, 32, 8, 64)},
     ("fwd", "fold", "train", True): {16: (16, 32, 8), 32: (16, 32, 8), 64: (16, 32, 8),
-                                     128: None},
-    ("fwd", "fold", "train", False): {16: (16, 32, 8), 32: (16, 32, 8), 64: None, 128: None},
+                                     128: (16, 32, 8, 64)},
+    ("fwd", "fold", "train", False): {16: (16, 32, 8), 32: (16, 32, 8), 64: (16, 32, 8, 32),
+                                      128: (16, 32, 8, 64)},
     ("dh", "epi", "decode", True): {32: (16, 16, 4), 128: (16, 32, 8)},
     ("dh", "epi", "decode", False): {128: (16, 32, 8)},
     ("dh", "epi", "train", True): {32: (16, 16, 4), 64: (16, 32, 8), 128: (16, 32, 8)},
@@ -599,9 +617,8 @@ _FP32_TILES = {
 }
 
 
-def _tile(kernel: str, form: str, bucket: str, r_pad: int, aligned: bool,
-          fp32: bool) -> dict | None:
-    """BT, BN, BK, warps and stages of one kernel for one table key (None: no spill-free one)."""
+def _tile(kernel: str, form: str, bucket: str, r_pad: int, aligned: bool, fp32: bool) -> dict:
+    """BT, BN, RC, BK, warps and stages of one kernel for one table key."""
     if kernel in ("db", "daw"):
         bucket, aligned = "train", False  # they loop over every token; no ALIGNED variant
     if kernel in ("dx", "daw"):
@@ -611,13 +628,12 @@ def _tile(kernel: str, form: str, bucket: str, r_pad: int, aligned: bool,
     else:
         table, preferred = _SMALLER_TILES, (16, 64, 4) if bucket == "decode" else (64, 64, 8)
     tile = table.get((kernel, form, bucket, aligned), {}).get(r_pad, preferred)
-    if tile is None:
-        return None
-    bt, bn, warps = tile
+    bt, bn, warps, *rc = tile  # an optional 4th entry: RC of the forward (below)
     # BK = 32 at R_PAD = 128 halves the A^T tile (128 x BK) next to the x tile, and so does
     # fp32 (tf32x3 splits each operand in two); 2 stages: the only long pipelined loops (over
     # d_in, over T) stream one operand from memory.
-    return {"BT": bt, "BN": bn, "BK": 32 if r_pad == 128 or fp32 else 64, "num_warps": warps,
+    return {"BT": bt, "BN": bn, "RC": rc[0] if rc else r_pad,
+            "BK": 32 if r_pad == 128 or fp32 else 64, "num_warps": warps,
             "num_stages": 2}
 
 
@@ -646,7 +662,7 @@ def _geometry(c: int, n_pad: int, r_pad: int, bn: int) -> dict:
 
 
 _META = {  # constexprs each kernel takes from the plan
-    "fwd": ("BT", "BK", "R_PAD", "N_PAD", "GB", "GT", "CB", "EB", "ALIGNED"),
+    "fwd": ("BT", "BK", "R_PAD", "N_PAD", "GB", "GT", "CB", "EB", "RC", "ALIGNED"),
     "dh": ("BT", "R_PAD", "N_PAD", "GT", "CB", "EB", "ALIGNED"),
     "dx": ("BT", "BK", "R_PAD", "KZ", "ALIGNED"),
     "db": ("BT", "R_PAD", "GT", "CB", "EB"),
@@ -663,13 +679,7 @@ def _plan(T: int, d_in: int, d_out: int, r: int, N: int, c: int, fp32: bool) -> 
     if n_pad > 64:
         raise ValueError(f"the triton backend supports N <= 64 experts, got N={N}")
     aligned = d_in % 16 == 0 and d_out % 16 == 0 and r == r_pad and (c < 16 or c % 16 == 0)
-    plan = _table_plan("decode" if T <= _DECODE_T else "train", r_pad, n_pad, c, aligned, fp32)
-    if any(v is None for v in plan.values()):
-        raise ValueError(
-            f"the triton backend has no fp32 kernel for r={r} with group width c={c}"
-            f"{'' if aligned else ' at these odd sizes'} (every tile spilled registers: "
-            f"_FP32_TILES); use bf16 / fp16 inputs or backend='torch'")
-    return plan
+    return _table_plan("decode" if T <= _DECODE_T else "train", r_pad, n_pad, c, aligned, fp32)
 
 
 def _table_plan(bucket: str, r_pad: int, n_pad: int, c: int, aligned: bool, fp32: bool) -> dict:
@@ -678,9 +688,6 @@ def _table_plan(bucket: str, r_pad: int, n_pad: int, c: int, aligned: bool, fp32
     plan = {}
     for kernel, names in _META.items():
         tile = _tile(kernel, form, bucket, r_pad, aligned, fp32)
-        if tile is None:
-            plan[kernel] = None
-            continue
         meta = {"R_PAD": r_pad, "N_PAD": n_pad, "ALIGNED": aligned, **tile,
                 **_geometry(c, n_pad, r_pad, tile["BN"])}
         plan[kernel] = {**{k: meta[k] for k in names}, "num_warps": tile["num_warps"],
@@ -888,10 +895,7 @@ def _configs(kernel: str, fp32: bool) -> tuple[KernelConfig, ...]:
     out = {}
     for bucket, r_pad, c, aligned in itertools.product(
             _TOKEN_BUCKETS, _RANK_PADS, _FORMS.values(), (True, False)):
-        args = _table_plan(bucket, r_pad, _WORST_N, c, aligned, fp32)[kernel]
-        if args is None:  # not launched: _plan refuses these shapes
-            continue
-        args = dict(args)
+        args = dict(_table_plan(bucket, r_pad, _WORST_N, c, aligned, fp32)[kernel])
         warps, stages = args.pop("num_warps"), args.pop("num_stages")
         cfg = KernelConfig({**args, **_FLAGS[kernel]}, num_warps=warps, num_stages=stages)
         out[cfg.label()] = cfg
