@@ -66,6 +66,28 @@ def test_env_backend_is_honoured(ok, monkeypatch):
         call(ok)
 
 
+@pytest.mark.parametrize("usable,dtype,r,n,want", [
+    ({"cuda", "triton"}, torch.bfloat16, 16, 16, "cuda"),
+    ({"cuda", "triton"}, torch.float64, 16, 16, "torch"),  # neither kernel takes fp64
+    ({"triton"}, torch.float32, 128, 64, "triton"),
+    ({"triton"}, torch.float32, 129, 4, "torch"),           # triton: r <= 128
+    ({"triton"}, torch.float16, 16, 65, "torch"),           # triton: N <= 64
+    ({"cuda", "triton"}, torch.float16, 256, 128, "cuda"),  # cuda: any r and N
+])
+def test_auto_skips_a_backend_that_cannot_take_the_inputs(monkeypatch, usable, dtype, r, n, want):
+    """On a CUDA device ``auto`` takes cuda, then triton, then torch, skipping a backend
+    whose ``unsupported`` names a reason (no GPU needed: availability is patched)."""
+    from mtlora_kernels import backends
+    from mtlora_kernels.ops.mix import resolve_backend
+
+    monkeypatch.setattr(backends, "available",
+                        lambda name, device=None: (name in usable or name == "torch", ""))
+    assert resolve_backend("auto", torch.device("cuda"), dtype, r, n) == want
+    # asked for by name, a backend is never swapped (its forward raises the reason instead,
+    # tests/test_triton_mix.py::test_bad_input_is_rejected_with_the_argument_named)
+    assert resolve_backend("triton", torch.device("cuda"), dtype, r, n) == "triton"
+
+
 def test_empty_input_returns_empty(ok):
     y = call(ok, x=torch.randn(0, 8))
     assert y.shape == (0, 6)

@@ -52,4 +52,12 @@ def dropout_keep_mask(seed: int, T: int, d_in: int, p: float, device) -> Tensor:
     return _ext().dropout_keep_mask(int(seed), int(T), int(d_in), float(p), torch.device(device))
 
 
-BACKEND = SimpleNamespace(forward=forward, backward=backward, dropout_keep_mask=dropout_keep_mask)
+def unsupported(dtype: torch.dtype, r: int, n_experts: int) -> str | None:
+    """Why the kernels cannot take these inputs (any r and N; fp64 is the torch backend's)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the CUDA backend supports float32, float16 and bfloat16 inputs, got {dtype}"
+    return None
+
+
+BACKEND = SimpleNamespace(forward=forward, backward=backward, dropout_keep_mask=dropout_keep_mask,
+                          unsupported=unsupported)

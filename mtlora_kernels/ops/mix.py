@@ -19,6 +19,10 @@ the same two functions on 2-D, contiguous tensors; this module does everything e
 ``dropout_keep_mask(seed, T, d_in, p, device)``
     The boolean keep-mask the backend's forward uses for that seed; tests feed it to the
     reference. A mask is never stored between forward and backward: both regenerate it.
+
+``unsupported(dtype, r, N)``
+    Why the backend cannot take inputs of this dtype, rank and expert count, or None. ``auto``
+    dispatch skips a backend that gives a reason; asked for by name, its forward raises it.
 """
 
 from __future__ import annotations
@@ -159,7 +163,8 @@ def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling
 
 
 TORCH_BACKEND = SimpleNamespace(
-    forward=_torch_forward, backward=_torch_backward, dropout_keep_mask=_torch_keep_mask
+    forward=_torch_forward, backward=_torch_backward, dropout_keep_mask=_torch_keep_mask,
+    unsupported=lambda dtype, r, n_experts: None,  # any float dtype, any r and N
 )
 
 
@@ -169,18 +174,23 @@ TORCH_BACKEND = SimpleNamespace(
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_backend(name: str | None, device: torch.device) -> str:
-    """The concrete backend name for ``name`` (None means ``$MTLORA_BACKEND`` or ``auto``)."""
+def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype | None = None,
+                    r: int = 1, n_experts: int = 1) -> str:
+    """The concrete backend name for ``name`` (None means ``$MTLORA_BACKEND`` or ``auto``).
+
+    ``auto`` takes, on a CUDA device, the first of cuda, triton that is available and supports
+    ``dtype`` (when given), r and n_experts; torch otherwise."""
     name = name or os.environ.get("MTLORA_BACKEND", "auto")
     if name not in ("auto", "torch", "triton", "cuda"):
         raise ValueError(
             f"backend must be one of 'auto', 'torch', 'triton', 'cuda'; got {name!r}"
         )
     if name == "auto":
-        if device.type == "cuda" and backends.available("cuda", device)[0]:
-            return "cuda"
-        if device.type == "cuda" and backends.available("triton", device)[0]:
-            return "triton"
+        for candidate in ("cuda", "triton") if device.type == "cuda" else ():
+            if backends.available(candidate, device)[0] and (
+                    dtype is None
+                    or get_backend(candidate).unsupported(dtype, r, n_experts) is None):
+                return candidate
         return "torch"
     ok, why = backends.available(name, device)
     if not ok:
@@ -400,8 +410,8 @@ def mix(
     """
     _validate(x, lora_A, lora_B, route_weight, logits, residual, groups, scaling, dropout_p)
     lead = x.shape[:-1]
-    n_experts, d_out, _ = lora_B.shape
-    name = resolve_backend(backend, x.device)
+    n_experts, d_out, rank = lora_B.shape
+    name = resolve_backend(backend, x.device, x.dtype, rank, n_experts)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())

@@ -673,11 +673,7 @@ _META = {  # constexprs each kernel takes from the plan
 def _plan(T: int, d_in: int, d_out: int, r: int, N: int, c: int, fp32: bool) -> dict:
     """The launch plan for these shapes: see :func:`_table_plan`."""
     r_pad = pow2_at_least(r, 16)
-    n_pad = pow2_at_least(N)
-    if r_pad > _RANK_PADS[-1]:
-        raise ValueError(f"the triton backend supports r <= {_RANK_PADS[-1]}, got r={r}")
-    if n_pad > 64:
-        raise ValueError(f"the triton backend supports N <= 64 experts, got N={N}")
+    n_pad = pow2_at_least(N)  # r <= 128 and N <= 64: _check_inputs
     aligned = d_in % 16 == 0 and d_out % 16 == 0 and r == r_pad and (c < 16 or c % 16 == 0)
     return _table_plan("decode" if T <= _DECODE_T else "train", r_pad, n_pad, c, aligned, fp32)
 
@@ -717,10 +713,22 @@ def _empty(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def unsupported(dtype: torch.dtype, r: int, n_experts: int) -> str | None:
+    """Why the kernels cannot take these inputs, or None (the backend contract)."""
+    if dtype not in _DTYPES:
+        return f"the triton backend takes fp16, bf16 or fp32 inputs, got x of dtype {dtype}"
+    if r > _RANK_PADS[-1]:
+        return f"the triton backend supports r <= {_RANK_PADS[-1]}, got r={r}"
+    if n_experts > 64:
+        return f"the triton backend supports N <= 64 experts, got N={n_experts}"
+    return None
+
+
 def _check_inputs(x: Tensor, named: dict) -> None:
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"the triton backend takes fp16, bf16 or fp32 inputs, got x of dtype "
-                        f"{x.dtype} (use backend='torch' for {x.dtype})")
+    why = unsupported(x.dtype, named["lora_B"].shape[2], named["lora_B"].shape[0])
+    if why:
+        raise (TypeError if x.dtype not in _DTYPES else ValueError)(
+            f"{why} (backend='torch' takes it)")
     for name, t in named.items():
         if t is None:
             continue
@@ -866,7 +874,8 @@ def dropout_keep_mask(seed: int, T: int, d_in: int, p: float, device) -> Tensor:
     return out
 
 
-BACKEND = SimpleNamespace(forward=forward, backward=backward, dropout_keep_mask=dropout_keep_mask)
+BACKEND = SimpleNamespace(forward=forward, backward=backward, dropout_keep_mask=dropout_keep_mask,
+                          unsupported=unsupported)
 
 
 # --------------------------------------------------------------------------------------------
