@@ -62,3 +62,22 @@ def cuda_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU; none on this machine")
     return torch.device("cuda")
+
+
+# Where every backend's inputs live: the GPU when there is one (torch, triton, cuda); else, or
+# when TRITON_INTERPRET=1 was asked for, the CPU (torch, and triton through the interpreter).
+DEVICE = torch.device(
+    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+
+
+def backend_params(accelerated_only: bool = False) -> list:
+    """Every backend (or every one but torch) as a pytest param, skipped with the reason when
+    it cannot run here: cuda without the extension or a GPU, triton without triton."""
+    from mtlora_kernels import backends
+
+    params = []
+    for name in ("triton", "cuda") if accelerated_only else ("torch", "triton", "cuda"):
+        ok, why = backends.available(name, DEVICE)
+        marks = [] if ok else [pytest.mark.skip(reason=f"{name} backend unavailable: {why}")]
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params

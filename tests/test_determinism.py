@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
-from test_fuzz import backend_params, device_for
+from conftest import DEVICE, assert_close_to_reference, backend_params
 
 from mtlora_kernels.ops.mix import dropout_keep_mask, mix
 from mtlora_kernels.reference import mix_reference
@@ -67,7 +66,7 @@ def _spread(runs: list[dict]) -> dict[str, float]:
                                           ("logits", torch.float32)])
 def test_deterministic_mode_is_bitwise_reproducible_and_right(backend, router, dtype):
     inputs, dy = _inputs(dtype, router)
-    dev = device_for(backend)
+    dev = DEVICE
     runs = [_run(backend, {k: v.to(dev) for k, v in inputs.items()}, dy.to(dev), True)
             for _ in range(RUNS)]
     for r in runs[1:]:
@@ -95,7 +94,7 @@ def _routing64(ref: dict, router: str) -> torch.Tensor:
 @pytest.mark.parametrize("backend", backend_params())
 def test_default_mode_spread_on_cpu_is_zero(backend):
     """The measurement quoted in the module docstring (CPU: torch, Triton interpreter)."""
-    if device_for(backend).type != "cpu":
+    if DEVICE.type != "cpu":
         pytest.skip("measures the CPU spread; test_default_mode_spread_on_gpu covers the GPU")
     inputs, dy = _inputs(torch.float32, "fused")
     runs = [_run(backend, inputs, dy, deterministic=False) for _ in range(RUNS)]

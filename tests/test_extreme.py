@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REL_TOL, assert_close_to_reference, rel_err
-from test_fuzz import backend_params, device_for
+from conftest import DEVICE, REL_TOL, assert_close_to_reference, backend_params, rel_err
 
 from mtlora_kernels.ops.mix import mix
 from mtlora_kernels.reference import mix_reference, routing_weights
@@ -73,7 +72,7 @@ def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, what="", unscored=
     def ours(*args, **kw):
         return mix(*args, **kw, backend=backend, return_routing=True)
 
-    y, pi, v = run(ours, lambda t: t.dtype, device_for(backend))
+    y, pi, v = run(ours, lambda t: t.dtype, DEVICE)
     y64, pi64, v64 = run(mix_reference, lambda t: torch.float64)
     yb, pib, vb = run(mix_reference, lambda t: t.dtype)
     assert torch.isfinite(y).all() and torch.isfinite(pi).all(), f"{what}: non-finite output"
@@ -178,7 +177,7 @@ def test_one_hot_task_routing_with_minus_inf(backend):
     task = torch.randint(0, N, (T, G), generator=gen)
     logits = torch.full((T, G, N), float("-inf"))
     logits.scatter_(-1, task.unsqueeze(-1), 0.0)
-    dev = device_for(backend)
+    dev = DEVICE
     y = mix(x.to(dev), A.to(dev), B.to(dev), logits=logits.view(T, G * N).to(dev), groups=G,
             scaling=1.5, backend=backend)
     c = D_OUT // G
@@ -244,7 +243,7 @@ def _poisoned_case(where, bad, dtype, gen):
 def test_nonfinite_inputs_propagate_like_the_reference(backend, dtype, where, bad):
     gen = torch.Generator().manual_seed(8)
     x, A, B, W, logits, residual = _poisoned_case(where, bad, dtype, gen)
-    dev = device_for(backend)
+    dev = DEVICE
     y = mix(*(t.to(dev) if t is not None else None for t in (x, A, B, W)),
             logits=logits.to(dev) if logits is not None else None, residual=residual.to(dev),
             groups=G, scaling=2.0, backend=backend).cpu()

@@ -22,16 +22,14 @@ also run the explicit corner cases of CORNERS every time. A deep run::
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 
 import pytest
 import torch
-from conftest import REL_TOL, rel_err
+from conftest import DEVICE, REL_TOL, backend_params, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mtlora_kernels import backends
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRALinear
 from mtlora_kernels.ops.mix import dropout_keep_mask, mix
 from mtlora_kernels.reference import mix_reference
@@ -48,32 +46,6 @@ def _budget(fraction: float) -> settings:
     """A share of the active profile's ``max_examples`` (read when this module is collected,
     after pytest's ``--hypothesis-profile`` and conftest's ``HYPOTHESIS_PROFILE`` applied)."""
     return settings(max_examples=max(2, math.ceil(settings.default.max_examples * fraction)))
-
-
-def device_for(backend: str) -> torch.device:
-    """Where a backend's inputs live: the GPU when there is one (torch, triton, cuda); else the
-    CPU (torch, and triton through the interpreter, which conftest switches on)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def backend_params():
-    """Every backend, each skipped with the reason when it cannot run here: triton while its
-    module does not exist, cuda without the extension or a GPU."""
-    params = []
-    for name in ("torch", "triton", "cuda"):
-        if name == "triton" and importlib.util.find_spec("mtlora_kernels.triton.mix") is None:
-            reason = "mtlora_kernels/triton/mix.py does not exist yet"
-        else:
-            ok, why = backends.available(name, device_for(name))
-            reason = None if ok else f"{name} backend unavailable: {why}"
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params.append(pytest.param(name, id=name, marks=marks))
-    return params
-
-
-def accelerated_params():
-    """The backends other than torch (the fuzz runs them at smaller shapes)."""
-    return [p for p in backend_params() if p.id != "torch"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +263,7 @@ def check_op_against_reference(case: Case, backend: str) -> None:
     p = case.dropout_p if case.training else 0.0
     keep = None
     if p > 0.0:
-        keep = dropout_keep_mask(case.dropout_seed, (case.T, case.d_in), p, device_for(backend),
+        keep = dropout_keep_mask(case.dropout_seed, (case.T, case.d_in), p, DEVICE,
                                  backend)
         keep = keep.cpu().view(*case.lead, case.d_in)
 
@@ -308,7 +280,7 @@ def check_op_against_reference(case: Case, backend: str) -> None:
     dy = torch.randn(*case.lead, case.d_out, generator=gen, dtype=torch.float64)
     dy = dy.to(case.dtype).double()  # the upstream gradient as the backend receives it
     rounded = {k: v.to(_dtype_of(case, k)) for k, v in leaves64.items()}
-    dev = device_for(backend)
+    dev = DEVICE
     y, leaves = _run(ours, case, {k: v.to(dev) for k, v in rounded.items()})
     assert y.shape == (*case.lead, case.d_out) and y.dtype == case.dtype
     # The oracle: fp64 on the same rounded values.
@@ -354,7 +326,7 @@ def test_fuzz_op_torch(case):
     check_op_against_reference(case, "torch")
 
 
-@pytest.mark.parametrize("backend", accelerated_params())
+@pytest.mark.parametrize("backend", backend_params(accelerated_only=True))
 @_budget(1.0)
 @given(case=KERNEL_CASES)
 @_with_corners
@@ -398,7 +370,7 @@ def check_layer_against_reference(c: dict, backend: str) -> None:
     dt, lead, d_in, d_out, g, N = c["dtype"], c["lead"], c["d_in"], c["d_out"], c["g"], c["N"]
     adapter_kw = dict(r=c["r"], num_experts=N, groups=g, alpha=c["alpha"], dropout=c["dropout"],
                       backend=backend)
-    dev = device_for(backend)
+    dev = DEVICE
     if c["wrap"]:
         base = torch.nn.Linear(d_in, d_out)
         layer = MTLoRALinear(base, **adapter_kw)
@@ -474,7 +446,7 @@ def test_fuzz_layers_torch(c):
     check_layer_against_reference(c, "torch")
 
 
-@pytest.mark.parametrize("backend", accelerated_params())
+@pytest.mark.parametrize("backend", backend_params(accelerated_only=True))
 @_budget(0.5)
 @given(c=layer_cases(max_tokens=24, max_width=24))
 def test_fuzz_layers_kernels(backend, c):

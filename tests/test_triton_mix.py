@@ -13,19 +13,15 @@ element a kernel forgets to write shows up as a non-finite result (``rel_err`` =
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import REL_TOL, assert_close_to_reference, rel_err
+from conftest import DEVICE, REL_TOL, assert_close_to_reference, rel_err
 
 from mtlora_kernels.nn import MTLoRAAdapter
 from mtlora_kernels.ops.mix import dropout_keep_mask, mix
 from mtlora_kernels.reference import balance_loss_reference, mix_reference, routing_weights
 from mtlora_kernels.triton import mix as tmix
 
-DEVICE = torch.device(
-    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 
 
 @pytest.fixture(autouse=True)
