@@ -9,13 +9,22 @@ namespace {
 // Block (bx, by) writes dx[t0:t0+64, i0:i0+64]. The two GEMMs (K = r, then K = g*N) cannot
 // share one accumulator because only the first is masked by dropout, so the first goes through
 // Cs into per-thread registers (8 consecutive columns each: one 16 B store at the end).
+// The router GEMM dz . W_route runs in fp32 (FMA tiles) for every T: dz sums to 0 over a group's
+// experts, so the part of W_route a group's rows share cancels in this product only while dz
+// keeps its fp32 bits (rounded to fp16 / bf16 first, dx was off by 22% / 100% with router logits
+// of ~1e4; tests/test_extreme.py). Its fp32 tiles reuse the shared memory of the first GEMM.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_dx_kernel(const float* __restrict__ dh, const float* __restrict__ dz,
                        const T* __restrict__ A, const T* __restrict__ W, T* __restrict__ dx,
                        MixShape s, float p, uint64_t seed, bool vec_dh, bool vec_dz,
                        bool vec_dx) {
-  MTLORA_TILE_SMEM(T, 64);
+  // Sized for the fp32 tiles (34.3 KB), the larger of the two layouts (16-bit: 27.6 KB).
+  static_assert(TileSmem<float, 64>::kBytes >= TileSmem<T, 64>::kBytes, "fp32 tiles are larger");
+  __shared__ __align__(128) unsigned char smem_raw_[TileSmem<float, 64>::kBytes];
+  T* As = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, 64>::kAsOff);
+  T* Bs = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, 64>::kBsOff);
+  float* Cs = reinterpret_cast<float*>(smem_raw_ + TileSmem<T, 64>::kCsOff);
   constexpr int CHUNKS = 64 * (BN / 8) / kThreads;  // 4
   const int64_t t0 = int64_t(blockIdx.x) * 64;
   const int64_t i0 = int64_t(blockIdx.y) * BN;
@@ -47,22 +56,27 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (W != nullptr) {
-    acc.zero();
+    float* As32 = reinterpret_cast<float*>(smem_raw_ + TileSmem<float, 64>::kAsOff);
+    float* Bs32 = reinterpret_cast<float*>(smem_raw_ + TileSmem<float, 64>::kBsOff);
+    float* Cs32 = reinterpret_cast<float*>(smem_raw_ + TileSmem<float, 64>::kCsOff);
+    TileMma<float, 64> acc32;
+    acc32.zero();
+    __syncthreads();  // the fp32 tiles overlap the 16-bit layout's Cs, read just above
     for (int64_t n0 = 0; n0 < gn; n0 += BK) {
-      load_rows<64>(As, dz, gn, t0, s.T, n0, gn, vec_dz, Identity{});  // As[t][n] = dz[t][n]
-      load_cols<BN>(Bs, W, d_in, n0, gn, i0, d_in, Identity{});        // Bs[i][n] = W[n][i]
+      load_rows<64>(As32, dz, gn, t0, s.T, n0, gn, vec_dz, Identity{});  // As[t][n] = dz[t][n]
+      load_cols<BN>(Bs32, W, d_in, n0, gn, i0, d_in, Identity{});        // Bs[i][n] = W[n][i]
       __syncthreads();
-      acc.mma(As, Bs);
-      __syncthreads();  // also orders every thread's reads of Cs above before the store below
+      acc32.mma(As32, Bs32);
+      __syncthreads();
     }
-    acc.store(Cs);
+    acc32.store(Cs32);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
       const int q = threadIdx.x + i * kThreads;
       const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) own[i][u] += Cs[rr * LDC + cc + u];
+      for (int u = 0; u < 8; ++u) own[i][u] += Cs32[rr * LDC + cc + u];
     }
   }
 #pragma unroll
