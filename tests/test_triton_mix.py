@@ -121,6 +121,7 @@ CASES = [  # T, d_in, d_out, r, N, g, route
     (7, 24, 40, 16, 1, 1, "none"),       # N = 1: plain LoRA, no router
     (7, 24, 40, 16, 16, 2, "logits"),    # external router logits
     (133, 20, 130, 1, 16, 1, "weight"),  # 3 token blocks, c = 130: 3 folded tiles, K = 16*r
+    (9, 160, 160, 32, 4, 16, "weight"),  # c = 10: 16-column groups, not ALIGNED (see below)
 ]
 
 
@@ -220,6 +221,21 @@ def test_dropout_forward_and_backward_use_the_seeded_mask(T, N, g):
     assert rel_err(other[0], got[0]) > 1e-3  # another seed, another mask
 
 
+@pytest.mark.parametrize("fp32", [False, True])
+@pytest.mark.parametrize("T", [4, 100])
+def test_aligned_plans_only_assume_what_holds(T, fp32):
+    """ALIGNED tells the kernels (tl.multiple_of) that d_in, d_out and, on one-group tiles,
+    c are multiples of 16: a false hint is undefined behaviour on a GPU and harmless in the
+    interpreter, so the plans are checked here for every group width up to 200."""
+    for d_out in range(16, 401, 16):
+        for g in (k for k in range(1, d_out + 1) if d_out % k == 0):
+            c = d_out // g
+            for r in (16, 32, 64, 128):
+                for kernel, args in tmix._plan(T, 64, d_out, r, 4, c, fp32).items():
+                    if args.get("ALIGNED") and args.get("GT") == 1:
+                        assert c % 16 == 0, (kernel, d_out, g, r, args)
+
+
 def test_bad_input_is_rejected_with_the_argument_named():
     x = torch.randn(3, 8, dtype=torch.float64)
     A, B = torch.randn(2, 8, dtype=torch.float64), torch.randn(1, 8, 2, dtype=torch.float64)
@@ -272,13 +288,15 @@ GPU_CASES = [  # T, d_in, d_out, r, N, g, route
     (333, 256, 384, 16, 16, 2, "weight"),
     (333, 256, 256, 16, 16, 256, "weight"),
     (200, 192, 320, 64, 8, 5, "logits"),
-    (77, 128, 128, 128, 64, 1, "weight"),
+    (77, 128, 128, 128, 64, 1, "weight"),  # fp32: the forward reads h back, RC = 64
+    (3, 32, 64, 128, 2, 2, "weight"),      # decode, 2 column splits each storing h (fp32)
+    (20, 24, 40, 40, 3, 1, "logits"),      # fp32: RC = 32 at odd sizes
+    (40, 160, 160, 32, 4, 16, "weight"),   # c = 10: one-group tiles of 16 columns (fp32 dh)
 ]
 
 
 @pytest.mark.parametrize("T,d_in,d_out,r,N,g,route,dtype", [
     (*case, dtype) for case in GPU_CASES for dtype in (torch.bfloat16, torch.float16, torch.float32)
-    if not (dtype == torch.float32 and case[3] > 64)  # refused: see the fp32 test above
 ])
 def test_gpu_matches_reference(cuda_device, T, d_in, d_out, r, N, g, route, dtype):
     inputs = make_inputs(T, d_in, d_out, r, N, g, dtype, seed=T, route=route,
