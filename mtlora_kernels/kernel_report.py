@@ -257,7 +257,11 @@ class TritonJob:
     target: int
     uses_dot: bool
     spill_budget: int = 0
+    accepted_notes: tuple[str, ...] = ()  # KernelSpec.accepted_notes
     dtype: str = ""  # what ``{dtype}`` became in the signature
+    # A recorded launch's integer arguments as the JIT specializes them: divisible by 16
+    # (``tt.divisibility``), or equal to 1 (then a constant, in ``constexprs``).
+    divisible_ints: tuple[str, ...] = ()
 
 
 def _python_function(fn):
@@ -297,20 +301,72 @@ def triton_jobs(specs, targets=TARGETS) -> list[TritonJob]:
                         fn_qualname=pyfn.__qualname__, signature=sig,
                         constexprs=dict(cfg.constexprs), num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages, target=cc, uses_dot=spec.uses_dot,
-                        spill_budget=spec.spill_budget, dtype=dtype))
+                        spill_budget=spec.spill_budget,
+                        accepted_notes=spec.accepted_notes, dtype=dtype))
     return jobs
 
 
-def _full_signature(fn, signature: dict, constexprs: dict):
+def launch_jobs(specs, targets=TARGETS) -> list[TritonJob]:
+    """One job per distinct recorded launch (kernel, dtype, specialization) of the Triton mix at
+    its ``LAUNCH_SHAPES`` and target: the kernels exactly as the launchers launch them there,
+    which the registry's configurations (compiled at one specialization each) only stand for.
+    Config labels name the first shape that made the launch."""
+    import torch
+
+    from mtlora_kernels.triton import mix
+
+    by_fn = {(_python_function(s.fn), d): s for s in specs for d in s.dtypes}
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    jobs, seen = [], set()
+    for dname, dtype in dtypes.items():
+        for shape_name, shape in mix.LAUNCH_SHAPES.items():
+            for kernel, args, meta in mix.recorded_launches(*shape, dtype):
+                pyfn = _python_function(kernel)
+                spec = by_fn.get((pyfn, dname))
+                if spec is None:
+                    continue  # a kernel the selected specs do not cover
+                params = [p for p in inspect.signature(pyfn).parameters]
+                consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+                consts["UPCAST"] = False  # the interpreter's workaround, never set on a GPU
+                ints = {name: v for name, v in zip(params, args)
+                        if isinstance(v, int) and not isinstance(v, bool)}
+                consts.update({name: 1 for name, v in ints.items() if v == 1})
+                sig = {k: v.format(dtype=dname) for k, v in spec.signature.items()
+                       if k not in consts}
+                divisible = tuple(sorted(n for n, v in ints.items() if v != 1 and v % 16 == 0))
+                key = (spec.name, dname, json.dumps(consts, sort_keys=True), divisible,
+                       meta["num_warps"], meta["num_stages"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                label = f"launch:{shape_name}"
+                label = label if len(spec.dtypes) == 1 else f"{dname},{label}"
+                for cc in targets:
+                    jobs.append(TritonJob(
+                        kernel=spec.name, config=label, fn_module=pyfn.__module__,
+                        fn_qualname=pyfn.__qualname__, signature=sig, constexprs=consts,
+                        num_warps=meta["num_warps"], num_stages=meta["num_stages"], target=cc,
+                        uses_dot=spec.uses_dot, spill_budget=spec.spill_budget,
+                        accepted_notes=spec.accepted_notes, dtype=dname,
+                        divisible_ints=divisible))
+    return jobs
+
+
+def _full_signature(fn, signature: dict, constexprs: dict, divisible_ints=()):
     """Signature over every parameter in order (constexprs marked ``"constexpr"``), the constexpr
-    values (defaults filled in) and the attributes the JIT gives 16-byte aligned pointers."""
+    values (defaults filled in) and the attributes the JIT gives 16-byte aligned pointers and
+    the integers in ``divisible_ints``. A non-constexpr parameter given in ``constexprs`` is a
+    specialized constant (the JIT's integer 1)."""
     full, consts, attrs = {}, {}, {}
     names = [p.name for p in fn.params]
-    unknown = (set(signature) | set(constexprs)) - set(names)
+    unknown = (set(signature) | set(constexprs) | set(divisible_ints)) - set(names)
     if unknown:
         raise ValueError(f"{fn.__name__}: registry names unknown arguments {sorted(unknown)}")
     for i, p in enumerate(fn.params):
-        if p.is_constexpr:
+        if not p.is_constexpr and p.name in constexprs:
+            consts[p.name] = constexprs[p.name]
+            full[p.name] = "constexpr"
+        elif p.is_constexpr:
             if p.name in constexprs:
                 consts[p.name] = constexprs[p.name]
             elif p.default is not inspect.Parameter.empty:
@@ -322,7 +378,7 @@ def _full_signature(fn, signature: dict, constexprs: dict):
             if p.name not in signature:
                 raise ValueError(f"{fn.__name__}: argument {p.name!r} has no type in the signature")
             full[p.name] = signature[p.name]
-            if signature[p.name].startswith("*"):
+            if signature[p.name].startswith("*") or p.name in divisible_ints:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return full, consts, attrs
 
@@ -347,7 +403,8 @@ def compile_triton(job: TritonJob) -> tuple[Row, bytes]:
         for part in job.fn_qualname.split("."):
             obj = getattr(obj, part)
         fn = _jit_function(obj)
-        sig, consts, attrs = _full_signature(fn, job.signature, job.constexprs)
+        sig, consts, attrs = _full_signature(fn, job.signature, job.constexprs,
+                                             job.divisible_ints)
         printed = io.StringIO()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(printed):
@@ -522,7 +579,7 @@ def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,
     # The .cu files first: one takes up to ~15 s against ~1 s per Triton variant, and starting
     # the longest jobs first keeps every worker busy to the end.
     jobs: list = [(str(f), cc) for f in compilable for cc in targets]
-    jobs += triton_jobs(specs, targets)
+    jobs += triton_jobs(specs, targets) + launch_jobs(specs, targets)
     t0 = time.perf_counter()
     rows = run_jobs(jobs, workers)
     import triton

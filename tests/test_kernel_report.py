@@ -275,7 +275,7 @@ def test_registry_mistakes_are_reported_clearly():
 
 _SPECS = registry.all_kernels()
 _PRIMARY = {spec.name: spec.dtypes[0] for spec in _SPECS}
-_JOBS = kr.triton_jobs(_SPECS)
+_JOBS = kr.triton_jobs(_SPECS) + kr.launch_jobs(_SPECS)  # configurations, then real launches
 _CUDA_JOBS = [(f, cc) for f in kr.cuda_sources()[0] for cc in kr.TARGETS]
 
 
@@ -310,8 +310,10 @@ def test_triton_kernel_config_compiles_without_spills(package_rows, job):
         f"{kr.MAX_SHARED[job.target]}")
     if job.uses_dot:
         assert r.tensor_core, f"{where} carries a tl.dot but has no tensor-core instruction"
-        # A serialized wgmma pipeline still counts as HGMMA but loses its overlap.
-        assert not r.ptxas_notes, f"{where}: {r.ptxas_notes}"
+        # A serialized wgmma pipeline still counts as HGMMA but loses its overlap; a kernel
+        # may accept a note only with the reason in its KernelSpec.notes.
+        unexplained = [n for n in r.ptxas_notes if not any(a in n for a in job.accepted_notes)]
+        assert not unexplained, f"{where}: {unexplained}"
 
 
 @pytest.mark.parametrize("cu,target", _CUDA_JOBS, ids=[f"{f.name}-sm_{t}" for f, t in _CUDA_JOBS])

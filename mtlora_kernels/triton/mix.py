@@ -555,15 +555,17 @@ _TOKEN_BUCKETS = ("decode", "train")
 # programs fill an H100 at T = 8192). No GPU was available when this was written, so no
 # timing backs these choices; what does: ptxas. The exceptions below, keyed by
 # (kernel, tile form, token bucket, ALIGNED) then R_PAD, are where the preferred tile spilled
-# registers for sm_80 or sm_90 (8 to 2000 bytes per thread) at the costliest specialization
-# the registry compiles, and name the first spill-free tile (bf16 and fp16, both targets) in
+# registers for sm_80 or sm_90 (4 to 2000 bytes per thread) at the specialization the
+# registry compiles or at a recorded launch, and name the first spill-free tile (bf16 and fp16, both targets) in
 # the order (64, 64, 8), (64, 64, 4), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4),
 # (32, 32, 8), (32, 32, 4) for training sizes and (16, 64, 4), (16, 32, 4), (16, 64, 8),
-# (16, 32, 8) for decode. Generic (not ALIGNED) launches hold a 64-bit address per tile
-# element and spill first; the epilogue form of the dh kernel (per-expert [BT, BN] products
+# (16, 32, 8) for decode, at the registry's specializations and at the recorded launches of
+# LAUNCH_SHAPES (the kernel report compiles both). Generic (not ALIGNED) launches hold a
+# 64-bit address per tile element and spill first; the epilogue form of the dh kernel (per-expert [BT, BN] products
 # and [BT, GT] routing loads live together) needs 32-token blocks.
 _SMALLER_TILES = {
     ("fwd", "epi", "decode", False): {128: (16, 32, 4)},
+    ("fwd", "epi", "train", True): {16: (64, 32, 8)},
     ("fwd", "epi", "train", False): {64: (64, 32, 8)},
     ("fwd", "fold", "decode", False): {128: (16, 32, 4)},
     ("fwd", "fold", "train", True): {128: (32, 64, 8)},
@@ -576,11 +578,12 @@ _SMALLER_TILES = {
                                    128: (32, 32, 8)},
     ("dh", "epi", "train", False): {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8),
                                     128: (32, 32, 8)},
-    ("dh", "fold", "decode", True): {32: (16, 32, 4)},
+    ("dh", "fold", "decode", True): {16: (16, 32, 8), 32: (16, 32, 4)},
     ("dh", "fold", "decode", False): {32: (16, 32, 8), 64: (16, 64, 8), 128: (16, 64, 8)},
     ("dh", "fold", "train", True): {128: (32, 64, 8)},
-    ("dh", "fold", "train", False): {16: (64, 32, 8), 32: (32, 64, 8), 64: (32, 64, 8),
+    ("dh", "fold", "train", False): {16: (32, 64, 8), 32: (32, 64, 8), 64: (32, 64, 8),
                                      128: (32, 32, 8)},
+    ("dx", "fold", "train", True): {128: (32, 64, 8)},
     ("db", "epi", "train", False): {128: (64, 32, 8)},
     ("db", "fold", "train", False): {128: (64, 32, 8)},
 }
@@ -605,7 +608,7 @@ _FP32_TILES = {
                                        128: (16, 32, 8, 64)},
     ("fwd", "fold", "train", True): {16: (16, 32, 8), 32: (16, 32, 8), 64: (16, 32, 8),
                                      128: (16, 32, 8, 64)},
-    ("fwd", "fold", "train", False): {16: (16, 32, 8), 32: (16, 32, 8), 64: (16, 32, 8, 32),
+    ("fwd", "fold", "train", False): {16: (16, 16, 8), 32: (16, 32, 8), 64: (16, 32, 8, 32),
                                       128: (16, 32, 8, 64)},
     ("dh", "epi", "decode", True): {32: (16, 16, 4), 128: (16, 32, 8)},
     ("dh", "epi", "decode", False): {128: (16, 32, 8)},
@@ -613,6 +616,7 @@ _FP32_TILES = {
     ("dh", "epi", "train", False): {32: (16, 32, 4), 64: (16, 32, 8), 128: (16, 32, 8)},
     ("dh", "fold", "decode", True): {16: (16, 32, 8), 64: (16, 32, 8), 128: (16, 32, 8)},
     ("dh", "fold", "decode", False): {16: (16, 16, 8), 32: (16, 16, 8), 128: (16, 32, 8)},
+    ("dh", "fold", "train", True): {16: (16, 32, 8)},
     ("dh", "fold", "train", False): {128: (16, 32, 8)},
     ("dx", "fold", "train", True): {128: (16, 32, 8)},
     ("dx", "fold", "train", False): {128: (16, 32, 8)},
@@ -714,6 +718,17 @@ def _splits(T: int, bt: int, programs: int, device: torch.device) -> tuple[int, 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_recorded: list | None = None  # set by recorded_launches()
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, or only noted down inside :func:`recorded_launches`."""
+    if _recorded is not None:
+        _recorded.append((kernel, args, meta))
+    else:
+        kernel[grid](*args, **meta)
+
+
 def _empty(shape, dtype, device) -> Tensor:
     """Every output the kernels write in full is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -771,7 +786,7 @@ def forward(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p,
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
     route = route_weight if route_weight is not None else logits
-    _fwd_kernel[(n_rb, splits)](
+    _launch(_fwd_kernel, (n_rb, splits),
         x, A, B, route if route is not None else x, residual if residual is not None else y,
         y, h, pi,
         T, d_in, d_out, rank, n_experts, g, c, per_split,
@@ -804,13 +819,13 @@ def backward(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, 
     dropout = dropout_p > 0.0
     dh = _empty((T, rank), torch.float32, dev)
     args = plan["dh"]
-    _bwd_dh_kernel[(triton.cdiv(T, args["BT"]),)](
+    _launch(_bwd_dh_kernel, (triton.cdiv(T, args["BT"]),),
         dy, B, h, pi, dpi if dpi is not None else pi, dz, dh,
         T, d_out, rank, n_experts, g, c, float(scaling),
         HAS_DPI=dpi is not None, UPCAST=upcast, **args,
     )
     args = plan["dx"]
-    _bwd_dx_kernel[(triton.cdiv(T, args["BT"]), triton.cdiv(d_in, args["BK"]))](
+    _launch(_bwd_dx_kernel, (triton.cdiv(T, args["BT"]), triton.cdiv(d_in, args["BK"])),
         A, route_weight if has_route else A, dh, dz, dx,
         T, d_in, rank, n_experts, g, float(dropout_p), int(seed),
         HAS_ROUTE=has_route, DROPOUT=dropout, UPCAST=upcast, **args,
@@ -848,7 +863,7 @@ def _launch_daw(x, dh, dz, rank, n_experts, g, has_route, args, dropout_p, seed,
     splits, per = _splits(T, args["BT"], k_tiles * rows, dev)
     da = _reduce_buffer((rank, d_in), splits, deterministic, dev)
     dw = _reduce_buffer((g * n_experts, d_in), splits, deterministic, dev) if has_route else da
-    _bwd_daw_kernel[(rows, k_tiles, splits)](
+    _launch(_bwd_daw_kernel, (rows, k_tiles, splits),
         x, dh, dz, da, dw, T, d_in, rank, n_experts, g, per, float(dropout_p), int(seed),
         DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1 and not deterministic, UPCAST=upcast,
         **args,
@@ -864,7 +879,7 @@ def _launch_db(dy, h, pi, n_experts, d_out, rank, g, c, args, scaling, determini
     splits, per = _splits(T, args["BT"], n_tiles * n_chunks, dev)
     shape = (n_experts, d_out, rank)
     db = _reduce_buffer(shape, splits, deterministic, dev)
-    _bwd_db_kernel[(n_tiles * n_chunks, splits)](
+    _launch(_bwd_db_kernel, (n_tiles * n_chunks, splits),
         dy, h, pi, db, T, d_out, rank, n_experts, g, c, n_chunks, per, float(scaling),
         ATOMIC=splits > 1 and not deterministic, UPCAST=upcast, **args,
     )
@@ -882,6 +897,39 @@ def dropout_keep_mask(seed: int, T: int, d_in: int, p: float, device) -> Tensor:
 
 BACKEND = SimpleNamespace(forward=forward, backward=backward, dropout_keep_mask=dropout_keep_mask,
                           unsupported=unsupported)
+
+
+# Shapes at which the kernel report also compiles the launches exactly as the launchers make
+# them (recorded_launches): the specializations the registry's configurations stand in for
+# (N_PAD, CB, integer arguments the JIT sees divisible by 16 or equal to 1) come from the shapes.
+LAUNCH_SHAPES = {  # name -> (T, d_in, d_out, r, N, g)
+    "bench": (8192, 4096, 4096, 16, 16, 2),       # the benchmark shape of SPEC section 3
+    "bench-decode": (8, 4096, 4096, 16, 16, 2),
+    "fine-grained": (8192, 4096, 4096, 16, 16, 4096),
+    "r128": (2048, 4096, 4096, 128, 8, 4),
+    "odd": (1000, 1000, 1000, 12, 3, 5),
+}
+
+
+def recorded_launches(T: int, d_in: int, d_out: int, r: int, N: int, g: int,
+                      dtype: torch.dtype) -> list[tuple]:
+    """``(kernel, args, meta)`` of every launch of one forward and backward (fused router,
+    residual, dropout, the default backward) at these shapes, made on meta tensors: nothing
+    runs, and the launch plan is the one an H100 would get (see target_programs)."""
+    global _recorded
+    meta = torch.device("meta")
+    x = torch.empty(T, d_in, dtype=dtype, device=meta)
+    A = torch.empty(r, d_in, dtype=dtype, device=meta)
+    B = torch.empty(N, d_out, r, dtype=dtype, device=meta)
+    W = torch.empty(g * N, d_in, dtype=dtype, device=meta) if N > 1 else None
+    res = torch.empty(T, d_out, dtype=dtype, device=meta)
+    _recorded = []
+    try:
+        _, h, pi = forward(x, A, B, W, None, res, g, 2.0, 0.1, 1234)
+        backward(res, x, A, B, W, h, pi, None, g, 2.0, 0.1, 1234, False)
+        return _recorded
+    finally:
+        _recorded = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -972,10 +1020,18 @@ _KERNELS = {  # table name -> (registry name, kernel, signature, roofline cost)
         "x_ptr dh_ptr dz_ptr da_ptr dw_ptr T d_in r N g rows_per_split p seed",
         "*{dtype} *fp32 *fp32 *fp32 *fp32 i32 i32 i32 i32 i32 i32 fp32 i32"), _daw_cost),
 }
+# The forward with dropout at aligned sizes on sm_90 (recorded launches "bench" and
+# "fine-grained"): the dropped x feeds the h product from registers and ptxas serializes the
+# wgmmas of that loop ("wgmma.mma_async instructions are serialized"); num_stages=1, no
+# dropout or no fused router remove the note. Accepted: that loop streams x from memory with
+# a small MMA per step, and one stage would give up overlapping the next tile's loads with it.
+# Unmeasured (no GPU yet): time both on an H100 before trusting either.
+_SERIALIZED_WGMMA = "wgmma.mma_async instructions are serialized"
 for _kernel, (_name, _fn, _signature, _cost) in _KERNELS.items():
     # fp16 / bf16 inputs share one table; fp32 inputs (tf32x3 products) have their own
     register(KernelSpec(_name, _fn, _signature, _configs(_kernel, fp32=False),
-                        dtypes=("bf16", "fp16"), uses_dot=True, cost=_cost, notes=_NOTE))
+                        dtypes=("bf16", "fp16"), uses_dot=True, cost=_cost, notes=_NOTE,
+                        accepted_notes=(_SERIALIZED_WGMMA,) if _kernel == "fwd" else ()))
     register(KernelSpec(f"{_name}_fp32", _fn, _signature, _configs(_kernel, fp32=True),
                         dtypes=("fp32",), uses_dot=True, notes=_NOTE))
 register(KernelSpec(

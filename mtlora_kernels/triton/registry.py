@@ -36,7 +36,9 @@ class KernelSpec:
     (``tl.dot``) and must compile to tensor-core instructions. cost: optional ``(shape dict) ->
     (flops, bytes)`` for the static roofline estimate at the benchmark shapes. spill_budget:
     bytes of register spill stores a configuration may have on sm_80 / sm_90 before the compile
-    tests fail (default 0; a nonzero budget must be justified in ``notes``).
+    tests fail (default 0; a nonzero budget must be justified in ``notes``). accepted_notes:
+    substrings of ptxas performance notes the compile tests let pass (default none; each must
+    be justified in ``notes``).
     """
 
     name: str
@@ -48,6 +50,7 @@ class KernelSpec:
     cost: Callable[[dict], tuple[float, float]] | None = None
     notes: str = field(default="")
     spill_budget: int = 0
+    accepted_notes: tuple[str, ...] = ()
 
 
 KERNELS: dict[str, KernelSpec] = {}
