@@ -15,9 +15,12 @@ Every number comes from a compiler's own output, parsed:
 - Tensor-core instructions of both: nvdisasm on each kernel's machine code (the cubin's
   ``.text.<kernel>`` section): HMMA on sm_80, HGMMA (wgmma) on sm_90.
 
-Compiled variant: pointer arguments are marked 16-byte aligned (what the Triton JIT sees for
-any tensor PyTorch allocates); integer arguments carry no divisibility hint, i.e. the code that
-serves every shape.  No GPU is needed: the tools ship in the triton wheel
+Compiled variants: (1) every registry configuration, with pointer arguments marked 16-byte
+aligned (what the Triton JIT sees for any tensor PyTorch allocates) and no hint on integer
+arguments, i.e. the code that serves every shape; (2) every distinct launch the Triton mix
+makes at its ``LAUNCH_SHAPES`` (recorded on meta tensors), specialized as the JIT would: the
+shape constexprs those shapes give, integers divisible by 16 marked so, integers equal to 1
+made constants. (2) found spills and a serialized wgmma that (1) did not show.  No GPU is needed: the tools ship in the triton wheel
 (``triton/backends/nvidia/bin``) and in the CUDA toolkit (``nvcc``).
 
 Compiles run in a pool of fresh (spawned) worker processes with ``TRITON_INTERPRET`` removed from
