@@ -273,6 +273,23 @@ def test_registry_mistakes_are_reported_clearly():
 
 # ----------------------------------------------------------------------------- the real kernels
 
+
+def test_recorded_launches_are_specialized_as_the_jit_would():
+    """Launch jobs carry the launch's shape constexprs and the JIT's integer specializations
+    (divisible by 16 -> a hint, equal to 1 -> a constant); never the interpreter's UPCAST."""
+    jobs = {(j.kernel, j.config): j for j in kr.launch_jobs(registry.all_kernels(), (90,))}
+    bench = jobs["mix_fwd", "bf16,launch:bench"]  # T = 8192, d = 4096, N = 16, g = 2
+    assert {"T", "d_in", "d_out", "c", "N", "r"} <= set(bench.divisible_ints)
+    assert "g" not in bench.divisible_ints and bench.constexprs["UPCAST"] is False
+    assert bench.constexprs["N_PAD"] == 16 and bench.constexprs["GB"] == 2
+    fine = jobs["mix_fwd", "bf16,launch:fine-grained"]  # g = d_out: c = 1
+    assert fine.constexprs["c"] == 1 and "c" not in fine.signature
+    odd = jobs["mix_bwd_dh", "bf16,launch:odd"]  # d = 1000, r = 12, N = 3, g = 5
+    assert not {"d_out", "c", "r", "N"} & set(odd.divisible_ints)
+    assert not odd.constexprs["ALIGNED"]
+    assert {j.dtype for j in jobs.values()} == {"bf16", "fp16", "fp32"}
+
+
 _SPECS = registry.all_kernels()
 _PRIMARY = {spec.name: spec.dtypes[0] for spec in _SPECS}
 _JOBS = kr.triton_jobs(_SPECS) + kr.launch_jobs(_SPECS)  # configurations, then real launches
