@@ -20,8 +20,9 @@ aligned (what the Triton JIT sees for any tensor PyTorch allocates) and no hint 
 arguments, i.e. the code that serves every shape; (2) every distinct launch the Triton mix
 makes at its ``LAUNCH_SHAPES`` (recorded on meta tensors), specialized as the JIT would: the
 shape constexprs those shapes give, integers divisible by 16 marked so, integers equal to 1
-made constants. (2) found spills and a serialized wgmma that (1) did not show.  No GPU is needed: the tools ship in the triton wheel
-(``triton/backends/nvidia/bin``) and in the CUDA toolkit (``nvcc``).
+made constants. (2) found spills and a serialized wgmma that (1) did not show. No GPU is
+needed: the tools ship in the triton wheel (``triton/backends/nvidia/bin``) and in the CUDA
+toolkit (``nvcc``).
 
 Compiles run in a pool of fresh (spawned) worker processes with ``TRITON_INTERPRET`` removed from
 their environment: under the interpreter ``@triton.jit`` makes functions the compiler cannot
@@ -328,7 +329,7 @@ def launch_jobs(specs, targets=TARGETS) -> list[TritonJob]:
                 spec = by_fn.get((pyfn, dname))
                 if spec is None:
                     continue  # a kernel the selected specs do not cover
-                params = [p for p in inspect.signature(pyfn).parameters]
+                params = list(inspect.signature(pyfn).parameters)
                 consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
                 consts["UPCAST"] = False  # the interpreter's workaround, never set on a GPU
                 ints = {name: v for name, v in zip(params, args)

@@ -555,14 +555,14 @@ _TOKEN_BUCKETS = ("decode", "train")
 # programs fill an H100 at T = 8192). No GPU was available when this was written, so no
 # timing backs these choices; what does: ptxas. The exceptions below, keyed by
 # (kernel, tile form, token bucket, ALIGNED) then R_PAD, are where the preferred tile spilled
-# registers for sm_80 or sm_90 (4 to 2000 bytes per thread) at the specialization the
-# registry compiles or at a recorded launch, and name the first spill-free tile (bf16 and fp16, both targets) in
-# the order (64, 64, 8), (64, 64, 4), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4),
-# (32, 32, 8), (32, 32, 4) for training sizes and (16, 64, 4), (16, 32, 4), (16, 64, 8),
-# (16, 32, 8) for decode, at the registry's specializations and at the recorded launches of
-# LAUNCH_SHAPES (the kernel report compiles both). Generic (not ALIGNED) launches hold a
-# 64-bit address per tile element and spill first; the epilogue form of the dh kernel (per-expert [BT, BN] products
-# and [BT, GT] routing loads live together) needs 32-token blocks.
+# registers for sm_80 or sm_90 (4 to 2000 bytes per thread), at the specialization the
+# registry compiles or at a recorded launch of LAUNCH_SHAPES (the kernel report compiles
+# both), and name the first spill-free tile (bf16 and fp16, both targets) in the order
+# (64, 64, 8), (64, 64, 4), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 32, 8),
+# (32, 32, 4) for training sizes and (16, 64, 4), (16, 32, 4), (16, 64, 8), (16, 32, 8) for
+# decode. Generic (not ALIGNED) launches hold a 64-bit address per tile element and spill
+# first; the epilogue form of the dh kernel (per-expert [BT, BN] products and [BT, GT]
+# routing loads live together) needs 32-token blocks.
 _SMALLER_TILES = {
     ("fwd", "epi", "decode", False): {128: (16, 32, 4)},
     ("fwd", "epi", "train", True): {16: (64, 32, 8)},
