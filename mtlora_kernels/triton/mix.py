@@ -786,7 +786,8 @@ def forward(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p,
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
     route = route_weight if route_weight is not None else logits
-    _launch(_fwd_kernel, (n_rb, splits),
+    _launch(
+        _fwd_kernel, (n_rb, splits),
         x, A, B, route if route is not None else x, residual if residual is not None else y,
         y, h, pi,
         T, d_in, d_out, rank, n_experts, g, c, per_split,
@@ -819,13 +820,15 @@ def backward(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, 
     dropout = dropout_p > 0.0
     dh = _empty((T, rank), torch.float32, dev)
     args = plan["dh"]
-    _launch(_bwd_dh_kernel, (triton.cdiv(T, args["BT"]),),
+    _launch(
+        _bwd_dh_kernel, (triton.cdiv(T, args["BT"]),),
         dy, B, h, pi, dpi if dpi is not None else pi, dz, dh,
         T, d_out, rank, n_experts, g, c, float(scaling),
         HAS_DPI=dpi is not None, UPCAST=upcast, **args,
     )
     args = plan["dx"]
-    _launch(_bwd_dx_kernel, (triton.cdiv(T, args["BT"]), triton.cdiv(d_in, args["BK"])),
+    _launch(
+        _bwd_dx_kernel, (triton.cdiv(T, args["BT"]), triton.cdiv(d_in, args["BK"])),
         A, route_weight if has_route else A, dh, dz, dx,
         T, d_in, rank, n_experts, g, float(dropout_p), int(seed),
         HAS_ROUTE=has_route, DROPOUT=dropout, UPCAST=upcast, **args,
@@ -863,7 +866,8 @@ def _launch_daw(x, dh, dz, rank, n_experts, g, has_route, args, dropout_p, seed,
     splits, per = _splits(T, args["BT"], k_tiles * rows, dev)
     da = _reduce_buffer((rank, d_in), splits, deterministic, dev)
     dw = _reduce_buffer((g * n_experts, d_in), splits, deterministic, dev) if has_route else da
-    _launch(_bwd_daw_kernel, (rows, k_tiles, splits),
+    _launch(
+        _bwd_daw_kernel, (rows, k_tiles, splits),
         x, dh, dz, da, dw, T, d_in, rank, n_experts, g, per, float(dropout_p), int(seed),
         DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1 and not deterministic, UPCAST=upcast,
         **args,
@@ -879,7 +883,8 @@ def _launch_db(dy, h, pi, n_experts, d_out, rank, g, c, args, scaling, determini
     splits, per = _splits(T, args["BT"], n_tiles * n_chunks, dev)
     shape = (n_experts, d_out, rank)
     db = _reduce_buffer(shape, splits, deterministic, dev)
-    _launch(_bwd_db_kernel, (n_tiles * n_chunks, splits),
+    _launch(
+        _bwd_db_kernel, (n_tiles * n_chunks, splits),
         dy, h, pi, db, T, d_out, rank, n_experts, g, c, n_chunks, per, float(scaling),
         ATOMIC=splits > 1 and not deterministic, UPCAST=upcast, **args,
     )
