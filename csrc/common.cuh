@@ -229,11 +229,63 @@ struct TileSmem {
   static constexpr int kBytes = kCsOff + BM * LDC * int(sizeof(float));
 };
 
-#define MTLORA_TILE_SMEM(T, BM)                                                      \
-  __shared__ __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes];        \
-  T* As = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, BM>::kAsOff);                 \
-  T* Bs = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, BM>::kBsOff);                 \
-  float* Cs = reinterpret_cast<float*>(smem_raw_ + TileSmem<T, BM>::kCsOff)
+// As, Bs and Cs of the TileSmem<T, BM> layout inside raw (at least kBytes, 128 B aligned).
+template <typename T>
+struct TileBuffers {
+  T* As;
+  T* Bs;
+  float* Cs;
+};
+template <typename T, int BM>
+__device__ __forceinline__ TileBuffers<T> tile_buffers(unsigned char* raw) {
+  using L = TileSmem<T, BM>;
+  return {reinterpret_cast<T*>(raw + L::kAsOff), reinterpret_cast<T*>(raw + L::kBsOff),
+          reinterpret_cast<float*>(raw + L::kCsOff)};
+}
+
+// (Plain pointers, not structured bindings: lambdas capture them, which C++17 forbids for
+// bindings.)
+#define MTLORA_TILE_SMEM(T, BM)                                               \
+  __shared__ __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes]; \
+  T* As = tile_buffers<T, BM>(smem_raw_).As;                                  \
+  T* Bs = tile_buffers<T, BM>(smem_raw_).Bs;                                  \
+  float* Cs = tile_buffers<T, BM>(smem_raw_).Cs
+
+// C += As . Bs^T over K in [k_begin, k_end), BK at a time: stage(k0) fills As and Bs with the
+// chunk at k0; the barriers order every thread's staging before the MMA and the MMA before the
+// next staging.
+template <typename Mma, typename E, typename Stage>
+__device__ __forceinline__ void gemm_over_k(Mma& acc, const E* As, const E* Bs, int64_t k_begin,
+                                            int64_t k_end, Stage stage) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+    stage(k0);
+    __syncthreads();
+    acc.mma(As, Bs);
+    __syncthreads();
+  }
+}
+
+// Epilogues where each thread owns 8 consecutive columns of a [rows][BN] tile: chunk i of this
+// thread is row rr, columns cc .. cc + 7.
+__device__ __forceinline__ void own_chunk(int i, int& rr, int& cc) {
+  const int q = threadIdx.x + i * kThreads;
+  rr = q / (BN / 8);
+  cc = (q % (BN / 8)) * 8;
+}
+
+// Dropout as the kernels apply it to x[t][k] (row length d_in): kept entries scaled by
+// 1 / (1 - p), the others 0; the identity when p == 0. Usable as a tile loader's transform.
+struct Dropout {
+  float p, keep_scale;
+  uint64_t seed;
+  int64_t d_in;
+  __device__ __forceinline__ Dropout(float p_, uint64_t seed_, int64_t d_in_)
+      : p(p_), keep_scale(1.f / (1.f - p_)), seed(seed_), d_in(d_in_) {}
+  __device__ __forceinline__ float operator()(int64_t t, int64_t k, float v) const {
+    if (p <= 0.f) return v;
+    return dropout_keep(seed, t, k, d_in, p) ? v * keep_scale : 0.f;
+  }
+};
 
 // ---- host helpers ---------------------------------------------------------------------------
 inline bool vec_ok(const void* p, int64_t row_len, int64_t elem_size) {

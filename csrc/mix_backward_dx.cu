@@ -22,67 +22,57 @@ __global__ void __launch_bounds__(kThreads)
   // Sized for the fp32 tiles (34.3 KB), the larger of the two layouts (16-bit: 27.6 KB).
   static_assert(TileSmem<float, 64>::kBytes >= TileSmem<T, 64>::kBytes, "fp32 tiles are larger");
   __shared__ __align__(128) unsigned char smem_raw_[TileSmem<float, 64>::kBytes];
-  T* As = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, 64>::kAsOff);
-  T* Bs = reinterpret_cast<T*>(smem_raw_ + TileSmem<T, 64>::kBsOff);
-  float* Cs = reinterpret_cast<float*>(smem_raw_ + TileSmem<T, 64>::kCsOff);
+  T* As = tile_buffers<T, 64>(smem_raw_).As;
+  T* Bs = tile_buffers<T, 64>(smem_raw_).Bs;
+  float* Cs = tile_buffers<T, 64>(smem_raw_).Cs;
   constexpr int CHUNKS = 64 * (BN / 8) / kThreads;  // 4
   const int64_t t0 = int64_t(blockIdx.x) * 64;
   const int64_t i0 = int64_t(blockIdx.y) * BN;
   const int64_t d_in = s.d_in;
   const int64_t gn = s.g * s.N;
-  const float keep_scale = 1.f / (1.f - p);
+  const Dropout drop(p, seed, d_in);
 
   TileMma<T, 64> acc;
   acc.zero();
-  for (int64_t k0 = 0; k0 < s.r; k0 += BK) {
+  gemm_over_k(acc, As, Bs, 0, s.r, [&](int64_t k0) {
     load_rows<64>(As, dh, s.r, t0, s.T, k0, s.r, vec_dh, Identity{});  // As[t][k] = dh[t][k]
     load_cols<BN>(Bs, A, d_in, k0, s.r, i0, d_in, Identity{});         // Bs[i][k] = A[k][i]
-    __syncthreads();
-    acc.mma(As, Bs);
-    __syncthreads();
-  }
+  });
   acc.store(Cs);
   __syncthreads();
   float own[CHUNKS][8];
 #pragma unroll
   for (int i = 0; i < CHUNKS; ++i) {
-    const int q = threadIdx.x + i * kThreads;
-    const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+    int rr, cc;
+    own_chunk(i, rr, cc);
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      float v = Cs[rr * LDC + cc + u];
-      if (p > 0.f) v = dropout_keep(seed, t0 + rr, i0 + cc + u, d_in, p) ? v * keep_scale : 0.f;
-      own[i][u] = v;
-    }
+    for (int u = 0; u < 8; ++u) own[i][u] = drop(t0 + rr, i0 + cc + u, Cs[rr * LDC + cc + u]);
   }
   if (W != nullptr) {
-    float* As32 = reinterpret_cast<float*>(smem_raw_ + TileSmem<float, 64>::kAsOff);
-    float* Bs32 = reinterpret_cast<float*>(smem_raw_ + TileSmem<float, 64>::kBsOff);
-    float* Cs32 = reinterpret_cast<float*>(smem_raw_ + TileSmem<float, 64>::kCsOff);
+    float* As32 = tile_buffers<float, 64>(smem_raw_).As;
+    float* Bs32 = tile_buffers<float, 64>(smem_raw_).Bs;
+    float* Cs32 = tile_buffers<float, 64>(smem_raw_).Cs;
     TileMma<float, 64> acc32;
     acc32.zero();
     __syncthreads();  // the fp32 tiles overlap the 16-bit layout's Cs, read just above
-    for (int64_t n0 = 0; n0 < gn; n0 += BK) {
+    gemm_over_k(acc32, As32, Bs32, 0, gn, [&](int64_t n0) {
       load_rows<64>(As32, dz, gn, t0, s.T, n0, gn, vec_dz, Identity{});  // As[t][n] = dz[t][n]
       load_cols<BN>(Bs32, W, d_in, n0, gn, i0, d_in, Identity{});        // Bs[i][n] = W[n][i]
-      __syncthreads();
-      acc32.mma(As32, Bs32);
-      __syncthreads();
-    }
+    });
     acc32.store(Cs32);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * kThreads;
-      const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+      int rr, cc;
+      own_chunk(i, rr, cc);
 #pragma unroll
       for (int u = 0; u < 8; ++u) own[i][u] += Cs32[rr * LDC + cc + u];
     }
   }
 #pragma unroll
   for (int i = 0; i < CHUNKS; ++i) {
-    const int q = threadIdx.x + i * kThreads;
-    const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+    int rr, cc;
+    own_chunk(i, rr, cc);
     const int64_t t = t0 + rr, col = i0 + cc;
     if (t >= s.T) continue;
     T* out = dx + t * d_in + col;

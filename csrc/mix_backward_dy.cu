@@ -44,13 +44,10 @@ __global__ void __launch_bounds__(kThreads)
       const T* Be = B + e * s.d_out * s.r;
       if (need_dpi) {
         ye.zero();
-        for (int64_t k0 = 0; k0 < s.r; k0 += BK) {
+        gemm_over_k(ye, As, Bs, 0, s.r, [&](int64_t k0) {
           load_rows<64>(As, h, s.r, t0, s.T, k0, s.r, vec_h, Identity{});
           load_rows<BN>(Bs, Be, s.r, j0, j_hi, k0, s.r, vec_b, Identity{});
-          __syncthreads();
-          ye.mma(As, Bs);
-          __syncthreads();
-        }
+        });
         ye.store(Cs);
         __syncthreads();
         // (token, group) pairs of this chunk: a group may start before j0 or end after j_hi.
@@ -74,13 +71,10 @@ __global__ void __launch_bounds__(kThreads)
         // Cs is written next after the barriers of the loop below: no barrier needed here.
       }
       auto dy_pi = [=](int64_t t, int64_t j, float v) { return v * pi[(t * s.g + j / c) * s.N + e]; };
-      for (int64_t k0 = j0; k0 < j_hi; k0 += BK) {
+      gemm_over_k(dh_acc, As, Bs, j0, j_hi, [&](int64_t k0) {
         load_rows<64>(As, dy, s.d_out, t0, s.T, k0, j_hi, vec_dy, dy_pi);
         load_cols<BN>(Bs, Be, s.r, k0, j_hi, rc0, s.r, Identity{});  // Bs[k][j] = B_e[j][rc0 + k]
-        __syncthreads();
-        dh_acc.mma(As, Bs);
-        __syncthreads();
-      }
+      });
     }
   }
   dh_acc.store(Cs);

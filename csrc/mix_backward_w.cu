@@ -23,13 +23,10 @@ __global__ void __launch_bounds__(kThreads)
 
   TileMma<T, 64> acc;
   acc.zero();
-  for (int64_t t0 = 0; t0 < s.T; t0 += BK) {
+  gemm_over_k(acc, As, Bs, 0, s.T, [&](int64_t t0) {
     load_cols<64>(As, dy, s.d_out, t0, s.T, j0, s.d_out, dy_pi);  // As[j][t]
     load_cols<BN>(Bs, h, s.r, t0, s.T, rc0, s.r, Identity{});     // Bs[k][t]
-    __syncthreads();
-    acc.mma(As, Bs);
-    __syncthreads();
-  }
+  });
   acc.store(Cs);
   __syncthreads();
   for (int q = threadIdx.x; q < 64 * BN; q += kThreads) {
@@ -53,22 +50,15 @@ __global__ void __launch_bounds__(kThreads)
   const float* D = is_a ? dh : dz;
   const int64_t nrows = is_a ? s.r : s.g * s.N;
   T* out = is_a ? dA : dW;
-  const bool drop = is_a && p > 0.f;
-  const float keep_scale = 1.f / (1.f - p);
   const int64_t d_in = s.d_in;
-  auto x_op = [=](int64_t t, int64_t k, float v) {
-    return drop ? (dropout_keep(seed, t, k, d_in, p) ? v * keep_scale : 0.f) : v;
-  };
+  const Dropout x_op(is_a ? p : 0.f, seed, d_in);
 
   TileMma<T, 64> acc;
   acc.zero();
-  for (int64_t t0 = 0; t0 < s.T; t0 += BK) {
+  gemm_over_k(acc, As, Bs, 0, s.T, [&](int64_t t0) {
     load_cols<64>(As, D, nrows, t0, s.T, n0, nrows, Identity{});  // As[n][t]
     load_cols<BN>(Bs, x, d_in, t0, s.T, i0, d_in, x_op);         // Bs[i][t]
-    __syncthreads();
-    acc.mma(As, Bs);
-    __syncthreads();
-  }
+  });
   acc.store(Cs);
   __syncthreads();
   for (int q = threadIdx.x; q < 64 * BN; q += kThreads) {

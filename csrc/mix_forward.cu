@@ -24,22 +24,15 @@ __global__ void __launch_bounds__(kThreads)
   const T* Wp = is_a ? A : W;
   const int64_t nrows = is_a ? s.r : s.g * s.N;
   float* out = is_a ? h : z;
-  const bool drop = is_a && p > 0.f;
-  const float keep_scale = 1.f / (1.f - p);
   const int64_t d_in = s.d_in;
-  auto x_op = [=](int64_t t, int64_t k, float v) {
-    return drop ? (dropout_keep(seed, t, k, d_in, p) ? v * keep_scale : 0.f) : v;
-  };
+  const Dropout x_op(is_a ? p : 0.f, seed, d_in);
 
   TileMma<T, BM> mma;
   mma.zero();
-  for (int64_t k0 = 0; k0 < d_in; k0 += BK) {
+  gemm_over_k(mma, As, Bs, 0, d_in, [&](int64_t k0) {
     load_rows<BM>(As, x, d_in, t0, s.T, k0, d_in, vec_x, x_op);
     load_rows<BN>(Bs, Wp, d_in, n0, nrows, k0, d_in, is_a ? vec_a : vec_w, Identity{});
-    __syncthreads();
-    mma.mma(As, Bs);
-    __syncthreads();
-  }
+  });
   mma.store(Cs);
   __syncthreads();
   for (int q = threadIdx.x; q < BM * BN; q += kThreads) {
@@ -98,20 +91,17 @@ __global__ void __launch_bounds__(kThreads)
     auto h_op = [=](int64_t t, int64_t, float v) {
       return fold ? v * pi[(t * s.g + g0) * s.N + e] : v;
     };
-    for (int64_t k0 = 0; k0 < s.r; k0 += BK) {
+    gemm_over_k(mma, As, Bs, 0, s.r, [&](int64_t k0) {
       load_rows<BM>(As, h, s.r, t0, s.T, k0, s.r, vec_h, h_op);
       load_rows<BN>(Bs, Be, s.r, j0, s.d_out, k0, s.r, vec_b, Identity{});
-      __syncthreads();
-      mma.mma(As, Bs);
-      __syncthreads();
-    }
+    });
     if (!fold) {
       mma.store(Cs);
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < CHUNKS; ++i) {
-        const int q = threadIdx.x + i * kThreads;
-        const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+        int rr, cc;
+        own_chunk(i, rr, cc);
         const int64_t t = t0 + rr;
         if (t >= s.T) continue;
 #pragma unroll
@@ -130,16 +120,16 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * kThreads;
-      const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+      int rr, cc;
+      own_chunk(i, rr, cc);
 #pragma unroll
       for (int u = 0; u < 8; ++u) own[i][u] = Cs[rr * LDC + cc + u];
     }
   }
 #pragma unroll
   for (int i = 0; i < CHUNKS; ++i) {
-    const int q = threadIdx.x + i * kThreads;
-    const int rr = q / (BN / 8), cc = (q % (BN / 8)) * 8;
+    int rr, cc;
+    own_chunk(i, rr, cc);
     const int64_t t = t0 + rr, j = j0 + cc;
     if (t >= s.T) continue;
     float v[8];
