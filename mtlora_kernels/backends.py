@@ -46,9 +46,9 @@ def available(name: str, device: torch.device | str | None = None) -> tuple[bool
         ok, why = _triton_status()
         if not ok:
             return ok, why
-        import os
+        from mtlora_kernels.triton._common import interpreting
 
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if interpreting():
             return True, ""  # the interpreter runs the kernels on CPU tensors
         if not on_gpu:
             return False, "triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"

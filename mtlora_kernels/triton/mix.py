@@ -387,6 +387,15 @@ def _bwd_dx_kernel(
 
 
 @triton.jit
+def _put_partial(ptrs, value, mask, ATOMIC: tl.constexpr):
+    """A split's partial sum: added into the one shared buffer (ATOMIC) or stored in its slab."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def _bwd_db_kernel(
     # pointers
     dy_ptr, h_ptr, pi_ptr, db_ptr,
@@ -457,10 +466,7 @@ def _bwd_db_kernel(
             acc = mma(tl.trans((dyf * pcol).to(dtype)), hc, acc, UPCAST)
         off = slab + (e * d_out + cols[:, None]) * r + rr[None, :]
         m = cmask[:, None] & (rr[None, :] < r)
-    if ATOMIC:
-        tl.atomic_add(db_ptr + off, acc * scaling, mask=m)
-    else:
-        tl.store(db_ptr + off, acc * scaling, mask=m)
+    _put_partial(db_ptr + off, acc * scaling, m, ATOMIC)
 
 
 @triton.jit
@@ -506,10 +512,7 @@ def _bwd_daw_kernel(
             acc_a = acc_a * (1.0 / (1.0 - p))
         off_a = slab * r * d_in + rr[:, None] * d_in + kk[None, :]
         m_a = (rr[:, None] < r) & kmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(da_ptr + off_a, acc_a, mask=m_a)
-        else:
-            tl.store(da_ptr + off_a, acc_a, mask=m_a)
+        _put_partial(da_ptr + off_a, acc_a, m_a, ATOMIC)
     else:
         gn = g * N
         zcol = (pid_m - 1) * KZ + tl.arange(0, KZ)  # rows of dW_route, in contiguous chunks
@@ -525,10 +528,7 @@ def _bwd_daw_kernel(
             acc_w = mma(tl.trans(dzt), xt, acc_w, UPCAST)
         off_w = slab * gn * d_in + zcol[:, None] * d_in + kk[None, :]
         m_w = zmask[:, None] & kmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(dw_ptr + off_w, acc_w, mask=m_w)
-        else:
-            tl.store(dw_ptr + off_w, acc_w, mask=m_w)
+        _put_partial(dw_ptr + off_w, acc_w, m_w, ATOMIC)
 
 
 @triton.jit
