@@ -98,12 +98,16 @@ def adapted(n_tasks: int, config: MTLoRAConfig, seed: int = 0, **where):
     return model, attach(model, config, **where)
 
 
-def results_dir():
+def publish(name: str, markdown: str, fig) -> None:
+    """Write results/<name>.md and results/<name>.png (the figure at 120 dpi), print the table."""
     from pathlib import Path
 
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    return out
+    (out / f"{name}.md").write_text(markdown)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=120)
+    print(markdown)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -77,13 +77,12 @@ def main() -> None:
             table.append([label, f"{per_seed[0][2]:,}", step, f"{cos:+.4f}", f"{neg:.0%}",
                           f"{neg_mean:+.4f}",
                           f"{acc:.3f}" if step == args.checkpoints[-1] else ""])
-    out = common.results_dir()
     block, comp = curves["block (FFN)"], curves["component (q, v)"]
     # The paper's "76% less conflict" compares negative means; with a non-negative
     # component-level mean there is no conflict to reduce.
     ratio = [f"{1 - abs(b) / abs(c):.0%} less" if c < 0 and b <= 0 else
              f"n/a (block {b:+.4f}, component {c:+.4f})" for b, c in zip(block, comp)]
-    (out / "gradient_conflict.md").write_text(
+    markdown = (
         "# (b) Gradient conflict: block-level vs component-level\n\n"
         f"{args.tasks} tasks, r=16, N=8, g=1, frozen random 2-layer Llama (d=64), "
         f"{args.seeds} seeds; mean cosine of per-task adapter gradients over all task pairs "
@@ -99,9 +98,7 @@ def main() -> None:
     ax.set(xlabel="training step", ylabel="mean gradient cosine (task pairs)", xscale="log",
            title=f"Gradient conflict, {args.tasks} tasks")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "gradient_conflict.png", dpi=120)
-    print((out / "gradient_conflict.md").read_text())
+    common.publish("gradient_conflict", markdown, fig)
 
 
 if __name__ == "__main__":

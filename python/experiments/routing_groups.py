@@ -50,8 +50,7 @@ def main() -> None:
     table = [[g, n, f"{p:,}", f"{acc.mean():.3f}",
               f"{acc.mean(1).min():.3f} - {acc.mean(1).max():.3f}",
               f"{acc.min(1).values.mean():.3f}"] for (g, n), (acc, p) in results.items()]
-    out = common.results_dir()
-    (out / "routing_groups.md").write_text(
+    markdown = (
         "# (c) Routing groups: g = 1 vs g > 1\n\n"
         f"{args.tasks} tasks, block-level FFN, r=8, {args.steps} Adam steps (lr 1e-2, "
         f"batch 128), frozen random 2-layer Llama (d=64), {args.seeds} seeds; chance = 0.031."
@@ -71,9 +70,7 @@ def main() -> None:
     ax.set(xlabel="adapter parameters", ylabel="mean task accuracy", ylim=(0, 1.05),
            xscale="log", title=f"Fine-grained routing, {args.tasks} tasks")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "routing_groups.png", dpi=120)
-    print((out / "routing_groups.md").read_text())
+    common.publish("routing_groups", markdown, fig)
 
 
 if __name__ == "__main__":

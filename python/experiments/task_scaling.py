@@ -52,8 +52,7 @@ def main() -> None:
     table = [[n, mode, f"{acc.mean():.3f}", f"{acc.mean(1).min():.3f} - {acc.mean(1).max():.3f}",
               f"{acc.min(1).values.mean():.3f}"]
              for (n, mode), acc in rows.items()]
-    out = common.results_dir()
-    (out / "task_scaling.md").write_text(
+    markdown = (
         "# (a) Task scaling: routing vs naive expert averaging\n\n"
         f"Block-level FFN adapters, r=16, N=8, g=1, {args.steps} Adam steps (lr 1e-2, batch "
         f"128) on a frozen random 2-layer Llama (d=64); {args.seeds} seeds; chance = 1/32 = "
@@ -68,9 +67,7 @@ def main() -> None:
     ax.set(xlabel="number of tasks", ylabel="mean task accuracy", ylim=(0, 1.05),
            xticks=args.tasks, title="Task scaling (block-level FFN)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "task_scaling.png", dpi=120)
-    print((out / "task_scaling.md").read_text())
+    common.publish("task_scaling", markdown, fig)
 
 
 if __name__ == "__main__":
