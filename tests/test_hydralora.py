@@ -35,22 +35,29 @@ def layer_grads(layer):
             layer.lora_route.weight.grad]
 
 
-@pytest.mark.parametrize("lead", [(7,), (2, 5)])  # the released layer assumes 3-D input
-@pytest.mark.parametrize("N", [1, 3])
-def test_layer_is_hydralora_semantics(lead, N):
-    layer = random_layer(12, 10, 4, N, seed=N)
-    x = torch.randn(*lead, 12, dtype=torch.float64, requires_grad=True)
+def check_layer_against(layer, x, reference, tol_dtype) -> None:
+    """The layer's y and the gradients of x, A, B and the router against
+    ``reference(x, A, B, W)`` on leaf copies, at ``tol_dtype``'s tolerance."""
     y = layer(x)
     A, B, W = leaves(layer)
     xr = x.detach().clone().requires_grad_()
-    y_ref = hydralora_reference(xr, A, B, W, scaling=layer.scaling)
-    assert_close_to_reference(y, y_ref, torch.float64, "y")
+    y_ref = reference(xr, A, B, W)
+    assert_close_to_reference(y, y_ref, tol_dtype, "y")
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(dy)
     for name, got, want in zip(("dx", "dA", "dB", "droute"), [x.grad, *layer_grads(layer)],
                                [xr.grad, A.grad, B.grad, W.grad]):
-        assert_close_to_reference(got, want, torch.float64, name)
+        assert_close_to_reference(got, want, tol_dtype, name)
+
+
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])  # the released layer assumes 3-D input
+@pytest.mark.parametrize("N", [1, 3])
+def test_layer_is_hydralora_semantics(lead, N):
+    layer = random_layer(12, 10, 4, N, seed=N)
+    x = torch.randn(*lead, 12, dtype=torch.float64, requires_grad=True)
+    check_layer_against(layer, x, lambda *t: hydralora_reference(*t, scaling=layer.scaling),
+                        torch.float64)
 
 
 class _MaskSequence(nn.Module):
@@ -95,19 +102,10 @@ def test_layer_without_dropout_uses_identity_and_keeps_published_names():
 def test_fine_grained_loop_matches_mix_reference(g):
     layer = random_layer(12, 10, 4, 3, g=g, seed=g)
     x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
-    y = layer(x)
-    A, B, W = leaves(layer)
-    xr = x.detach().clone().requires_grad_()
-    y_ref = mix_reference(xr, A, B, W, groups=g, scaling=layer.scaling)
     # HydraLoRA's softmax runs in fp32 (dtype=torch.float32) whatever the input dtype, so even
     # in fp64 the loop carries fp32 routing weights: judge it at fp32's tolerance.
-    assert_close_to_reference(y, y_ref, torch.float32, "y")
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy)
-    for name, got, want in zip(("dx", "dA", "dB", "droute"), [x.grad, *layer_grads(layer)],
-                               [xr.grad, A.grad, B.grad, W.grad]):
-        assert_close_to_reference(got, want, torch.float32, name)
+    check_layer_against(layer, x, lambda *t: mix_reference(*t, groups=g, scaling=layer.scaling),
+                        torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
