@@ -1,5 +1,6 @@
-// Python bindings of mtlora_kernels._C: boundary checks, allocation, the one dtype dispatch,
-// and the launch sequence of the fused mix. The only file of the extension that sees torch.
+// Python bindings of mtlora_kernels._C: boundary checks, allocation and the one dtype dispatch;
+// the launch sequence of the fused mix is mix.cpp's. The only file of the extension that sees
+// torch.
 // The kernels it launches are NOT verified on hardware (see mtlora.h).
 #include <torch/extension.h>
 
@@ -35,6 +36,10 @@ void check_input(const Tensor& t, const char* name, at::IntArrayRef shape, at::S
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "mtlora_kernels._C: launching ", what, " failed: ",
               cudaGetErrorString(err));
+}
+
+void check_launch(const mtlora::LaunchStatus& st) {
+  if (st.err != cudaSuccess) check_cuda(st.err, st.kernel);
 }
 
 template <typename T>
@@ -110,36 +115,23 @@ std::vector<Tensor> mix_forward(const Tensor& x, const Tensor& A, const Tensor& 
     check_input(*residual, "residual", {s.T, s.d_out}, x.scalar_type(), x.device(),
                 "[T, d_out]");
 
+  const bool routed = route_weight.has_value() || logits.has_value();
+  TORCH_CHECK(routed || s.N == 1, "lora_B holds ", s.N,
+              " experts: give route_weight or logits (only N == 1 needs neither)");
+
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor y = at::empty({s.T, s.d_out}, x.options());
   Tensor h = at::empty({s.T, s.r}, f32);
-  const bool routed = route_weight.has_value() || logits.has_value();
-  Tensor pi = routed ? at::empty({s.T, s.g, s.N}, f32) : at::ones({s.T, s.g, s.N}, f32);
-  if (s.T == 0) return {y, h, pi};
-
-  const auto p = static_cast<float>(dropout_p);
-  const auto sd = static_cast<uint64_t>(seed);
+  Tensor pi = at::empty({s.T, s.g, s.N}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    // The router's logits go straight into pi's buffer; the softmax then runs in place.
-    check_cuda(mtlora::launch_project<T>(cptr<T>(x), cptr<T>(A), cptr<T>(route_weight),
-                                         mptr<float>(h),
-                                         route_weight.has_value() ? mptr<float>(pi) : nullptr,
-                                         s, p, sd, stream),
-               "project_kernel");
-    if (route_weight.has_value())
-      check_cuda(mtlora::launch_softmax(mptr<float>(pi), mptr<float>(pi), s.T * s.g, s.N, stream),
-                 "softmax_kernel");
-    if (logits.has_value())
-      check_cuda(mtlora::launch_softmax(cptr<float>(logits32), mptr<float>(pi), s.T * s.g, s.N,
-                                        stream),
-                 "softmax_kernel");
-    check_cuda(mtlora::launch_expand<T>(cptr<float>(h), cptr<float>(pi), cptr<T>(B),
-                                        cptr<T>(residual), mptr<T>(y), s,
-                                        static_cast<float>(scaling), stream),
-               "expand_kernel");
+    const mtlora::ForwardArgs<T> args{
+        cptr<T>(x), cptr<T>(A), cptr<T>(B), cptr<T>(route_weight),
+        logits.has_value() ? cptr<float>(logits32) : nullptr, cptr<T>(residual), mptr<T>(y),
+        mptr<float>(h), mptr<float>(pi), s, static_cast<float>(scaling),
+        static_cast<float>(dropout_p), static_cast<uint64_t>(seed)};
+    check_launch(mtlora::mix_forward<T>(args, c10::cuda::getCurrentCUDAStream()));
   });
   return {y, h, pi};
 }
@@ -159,47 +151,27 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
     check_input(*dpi, "dpi", {s.T, s.g, s.N}, at::kFloat, x.device(), "[T, g, N] fp32");
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
   const bool routed = route_weight.has_value();
   Tensor dx = at::empty_like(x);
-  Tensor dA = at::zeros_like(A);
-  Tensor dB = at::zeros_like(B);
-  Tensor dW = routed ? at::zeros_like(*route_weight) : at::empty({0}, x.options());
-  Tensor dz = at::zeros({s.T, s.g * s.N}, f32);
-  if (s.T == 0) return {dx, dA, dB, dW, dz};
-  // Zero-initialised: the dy kernel accumulates into them (in order, or with atomics when it
-  // splits the columns over several blocks).
-  Tensor dh = at::zeros({s.T, s.r}, f32);
-  Tensor dpi_mix = at::zeros({s.T, s.g, s.N}, f32);
+  Tensor dA = at::empty_like(A);
+  Tensor dB = at::empty_like(B);
+  Tensor dW = routed ? at::empty_like(*route_weight) : at::empty({0}, x.options());
+  Tensor dz = at::empty({s.T, s.g * s.N}, f32);
+  Tensor dh = at::empty({s.T, s.r}, f32);  // workspaces of the sequence
+  Tensor dpi_ws = at::empty({s.T, s.g, s.N}, f32);
   int num_sms = 0;
   check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()),
              "cudaDeviceGetAttribute");
-
-  const auto p = static_cast<float>(dropout_p);
-  const auto sd = static_cast<uint64_t>(seed);
-  const auto sc = static_cast<float>(scaling);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    check_cuda(mtlora::launch_backward_dy<T>(cptr<T>(dy), cptr<float>(h), cptr<float>(pi),
-                                             cptr<T>(B), mptr<float>(dh), mptr<float>(dpi_mix),
-                                             s, sc, deterministic, num_sms, stream),
-               "backward_dy_kernel");
-    check_cuda(mtlora::launch_softmax_backward(cptr<float>(pi), cptr<float>(dpi_mix),
-                                               cptr<float>(dpi), mptr<float>(dz), s.T * s.g,
-                                               s.N, stream),
-               "softmax_backward_kernel");
-    check_cuda(mtlora::launch_backward_dB<T>(cptr<T>(dy), cptr<float>(h), cptr<float>(pi),
-                                             mptr<T>(dB), s, sc, stream),
-               "backward_db_kernel");
-    check_cuda(mtlora::launch_backward_dAW<T>(cptr<T>(x), cptr<float>(dh),
-                                              routed ? cptr<float>(dz) : nullptr, mptr<T>(dA),
-                                              routed ? mptr<T>(dW) : nullptr, s, p, sd, stream),
-               "backward_daw_kernel");
-    check_cuda(mtlora::launch_backward_dx<T>(cptr<float>(dh), routed ? cptr<float>(dz) : nullptr,
-                                             cptr<T>(A), cptr<T>(route_weight), mptr<T>(dx), s,
-                                             p, sd, stream),
-               "backward_dx_kernel");
+    const mtlora::BackwardArgs<T> args{
+        cptr<T>(dy), cptr<T>(x), cptr<T>(A), cptr<T>(B), cptr<T>(route_weight), cptr<float>(h),
+        cptr<float>(pi), cptr<float>(dpi), mptr<T>(dx), mptr<T>(dA), mptr<T>(dB),
+        routed ? mptr<T>(dW) : nullptr, mptr<float>(dz), mptr<float>(dh), mptr<float>(dpi_ws),
+        s, static_cast<float>(scaling), static_cast<float>(dropout_p),
+        static_cast<uint64_t>(seed), deterministic, num_sms};
+    check_launch(mtlora::mix_backward<T>(args, c10::cuda::getCurrentCUDAStream()));
   });
   return {dx, dA, dB, dW, dz};
 }

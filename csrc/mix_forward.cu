@@ -43,12 +43,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One thread per (token, group) row of N logits; max-subtracted so logits of +-1e4 stay finite.
-// A row of all -inf gives NaN, as torch.softmax does.
+// A row of all -inf gives NaN, as torch.softmax does. z == null: uniform weights 1 / N.
 __global__ void softmax_kernel(const float* z, float* pi, int64_t rows, int64_t N) {
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  const float* zr = z + row * N;
   float* pr = pi + row * N;
+  if (z == nullptr) {
+    for (int64_t e = 0; e < N; ++e) pr[e] = 1.f / float(N);
+    return;
+  }
+  const float* zr = z + row * N;
   float m = -INFINITY;
   for (int64_t e = 0; e < N; ++e) m = fmaxf(m, zr[e]);
   float sum = 0.f;

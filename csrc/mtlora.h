@@ -31,7 +31,8 @@ struct MixShape {
 template <typename T>
 cudaError_t launch_project(const T* x, const T* A, const T* W, float* h, float* z,
                            const MixShape& s, float dropout_p, uint64_t seed, cudaStream_t stream);
-// pi = softmax over the last dim of z viewed [rows, N]; z may alias pi (in place).
+// pi = softmax over the last dim of z viewed [rows, N]; z may alias pi (in place); z == null
+// means all-zero logits (uniform weights).
 cudaError_t launch_softmax(const float* z, float* pi, int64_t rows, int64_t N, cudaStream_t stream);
 // y = residual + scaling * sum_e pi[:, G(j), e] * (h . B_e^T)[:, j]   (residual may be null).
 template <typename T>
@@ -63,6 +64,62 @@ template <typename T>
 cudaError_t launch_backward_dx(const float* dh, const float* dz, const T* A, const T* W, T* dx,
                                const MixShape& s, float dropout_p, uint64_t seed,
                                cudaStream_t stream);
+
+// ---- one whole call: the launch sequence (mix.cpp) ----------------------------------------
+// bindings.cpp validates and allocates, then runs one of these; so does the CPU emulator of
+// tests/cuda_emu, which is how the sequence and its kernels run on a machine without a GPU.
+// Outputs and workspaces need not be initialised: every element is written (T == 0 included).
+
+// Which kernel failed to launch (kernel == nullptr when err == cudaSuccess).
+struct LaunchStatus {
+  cudaError_t err;
+  const char* kernel;
+};
+
+template <typename T>
+struct ForwardArgs {
+  const T* x;            // [T, d_in]
+  const T* A;            // [r, d_in]
+  const T* B;            // [N, d_out, r]
+  const T* W;            // [g*N, d_in] router, or null
+  const float* logits;   // [T, g*N] external logits (fp32), or null; not both with W
+  const T* residual;     // [T, d_out], or null
+  T* y;                  // [T, d_out]
+  float* h;              // [T, r]
+  float* pi;             // [T, g, N]; uniform (1 when N == 1) without W and logits
+  MixShape s;
+  float scaling, dropout_p;
+  uint64_t seed;
+};
+
+template <typename T>
+struct BackwardArgs {
+  const T* dy;           // [T, d_out]
+  const T* x;            // [T, d_in]
+  const T* A;            // [r, d_in]
+  const T* B;            // [N, d_out, r]
+  const T* W;            // [g*N, d_in] router, or null
+  const float* h;        // [T, r] from the forward
+  const float* pi;       // [T, g, N] from the forward
+  const float* dpi;      // [T, g, N] extra gradient on pi (a loss on the routing), or null
+  T* dx;                 // [T, d_in]
+  T* dA;                 // [r, d_in]
+  T* dB;                 // [N, d_out, r]
+  T* dW;                 // [g*N, d_in]; null when W is
+  float* dz;             // [T, g*N] gradient of the logits
+  float* dh_ws;          // workspace [T, r]
+  float* dpi_ws;         // workspace [T, g, N]
+  MixShape s;
+  float scaling, dropout_p;
+  uint64_t seed;
+  bool deterministic;
+  int num_sms;           // of the device: decides the column split of the dy kernel
+};
+
+template <typename T>
+LaunchStatus mix_forward(const ForwardArgs<T>& a, cudaStream_t stream);
+template <typename T>
+LaunchStatus mix_backward(const BackwardArgs<T>& a, cudaStream_t stream);
 
 // ---- dropout / build facts ------------------------------------------------------------------
 // keep[t, k] = dropout_keep(seed, t, k, d_in, p) (philox.h), the mask the kernels draw.

@@ -1,0 +1,72 @@
+// The launch sequence of one fused mix call, forward and backward (mtlora.h). Host code with no
+// torch header: bindings.cpp runs it on a GPU, and tests/cuda_emu compiles it with the kernels
+// for a CPU emulator of CUDA's execution model.
+#include <cstdint>
+
+#include "mtlora.h"
+
+namespace mtlora {
+
+#define MTLORA_LAUNCH(call, name)                              \
+  do {                                                         \
+    const cudaError_t err_ = (call);                           \
+    if (err_ != cudaSuccess) return LaunchStatus{err_, name};  \
+  } while (0)
+
+template <typename T>
+LaunchStatus mix_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
+  const MixShape& s = a.s;
+  if (s.T == 0) return {cudaSuccess, nullptr};
+  // The router's logits go straight into pi's buffer; the softmax then runs in place.
+  MTLORA_LAUNCH(launch_project<T>(a.x, a.A, a.W, a.h, a.W != nullptr ? a.pi : nullptr, s,
+                                  a.dropout_p, a.seed, stream),
+                "project_kernel");
+  const float* logits = a.W != nullptr ? a.pi : a.logits;  // null: uniform (plain LoRA)
+  MTLORA_LAUNCH(launch_softmax(logits, a.pi, s.T * s.g, s.N, stream), "softmax_kernel");
+  MTLORA_LAUNCH(launch_expand<T>(a.h, a.pi, a.B, a.residual, a.y, s, a.scaling, stream),
+                "expand_kernel");
+  return {cudaSuccess, nullptr};
+}
+
+template <typename T>
+LaunchStatus mix_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
+  const MixShape& s = a.s;
+  if (s.T == 0) {  // no token: the weight gradients are zero, the rest is empty
+    MTLORA_LAUNCH(cudaMemsetAsync(a.dA, 0, sizeof(T) * s.r * s.d_in, stream), "memset dA");
+    MTLORA_LAUNCH(cudaMemsetAsync(a.dB, 0, sizeof(T) * s.N * s.d_out * s.r, stream), "memset dB");
+    if (a.dW != nullptr)
+      MTLORA_LAUNCH(cudaMemsetAsync(a.dW, 0, sizeof(T) * s.g * s.N * s.d_in, stream), "memset dW");
+    return {cudaSuccess, nullptr};
+  }
+  // The dy kernel accumulates into dh and dpi (in order, or with atomics when it splits the
+  // columns over several blocks).
+  MTLORA_LAUNCH(cudaMemsetAsync(a.dh_ws, 0, sizeof(float) * s.T * s.r, stream), "memset dh");
+  MTLORA_LAUNCH(cudaMemsetAsync(a.dpi_ws, 0, sizeof(float) * s.T * s.g * s.N, stream),
+                "memset dpi");
+  MTLORA_LAUNCH(launch_backward_dy<T>(a.dy, a.h, a.pi, a.B, a.dh_ws, a.dpi_ws, s, a.scaling,
+                                      a.deterministic, a.num_sms, stream),
+                "backward_dy_kernel");
+  MTLORA_LAUNCH(launch_softmax_backward(a.pi, a.dpi_ws, a.dpi, a.dz, s.T * s.g, s.N, stream),
+                "softmax_backward_kernel");
+  MTLORA_LAUNCH(launch_backward_dB<T>(a.dy, a.h, a.pi, a.dB, s, a.scaling, stream),
+                "backward_db_kernel");
+  const bool routed = a.W != nullptr;
+  MTLORA_LAUNCH(launch_backward_dAW<T>(a.x, a.dh_ws, routed ? a.dz : nullptr, a.dA,
+                                       routed ? a.dW : nullptr, s, a.dropout_p, a.seed, stream),
+                "backward_daw_kernel");
+  MTLORA_LAUNCH(launch_backward_dx<T>(a.dh_ws, routed ? a.dz : nullptr, a.A, a.W, a.dx, s,
+                                      a.dropout_p, a.seed, stream),
+                "backward_dx_kernel");
+  return {cudaSuccess, nullptr};
+}
+
+#undef MTLORA_LAUNCH
+
+#define MTLORA_INSTANTIATE_MIX(T)                                                 \
+  template LaunchStatus mix_forward<T>(const ForwardArgs<T>&, cudaStream_t);     \
+  template LaunchStatus mix_backward<T>(const BackwardArgs<T>&, cudaStream_t);
+MTLORA_INSTANTIATE_MIX(float)
+MTLORA_INSTANTIATE_MIX(__half)
+MTLORA_INSTANTIATE_MIX(__nv_bfloat16)
+
+}  // namespace mtlora

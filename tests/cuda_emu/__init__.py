@@ -1,0 +1,237 @@
+"""Run the CUDA extension's kernels and launch sequence on the CPU, without a GPU.
+
+``csrc/`` (all of it but the torch-facing ``bindings.cpp``) is compiled by g++ against the
+emulated CUDA headers of this folder (``emu.h``): ``__shared__`` declarations and
+``kernel<<<grid, block, smem, stream>>>(args)`` launches are rewritten to plain C++ first, the
+rest of the source is compiled as it is. :func:`load` gives an object with the interface of
+``mtlora_kernels._C`` (``forward``, ``backward``, ``dropout_keep_mask``) over CPU tensors, which
+the tests put behind the ``cuda`` backend; :func:`build` also makes the sanitizer drivers
+(``check.cpp`` under AddressSanitizer + UndefinedBehaviorSanitizer, and ThreadSanitizer).
+
+This checks the kernels' arithmetic, indexing, bounds, barriers and launch configuration. It
+says nothing about speed, and it is not a GPU: see the header of ``emu.h`` for what differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+BUILD = ROOT / "build" / "cuda_emu"
+
+CXX = os.environ.get("CXX", "g++")
+BASE_FLAGS = ["-std=c++20", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function",
+              "-Wno-unknown-pragmas"]
+# name -> extra flags. "lib": the ctypes library of the tests; the others: check.cpp drivers.
+VARIANTS = {
+    "lib": ["-O2", "-fPIC", "-shared"],
+    "asan": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+             "-fno-omit-frame-pointer"],
+    "tsan": ["-O1", "-g", "-fsanitize=thread"],
+}
+
+# The host-side sources of the extension that the emulator compiles (bindings.cpp needs torch).
+EXCLUDED = {"bindings.cpp"}
+
+_SHARED = re.compile(r"__shared__\s+([^;]*?)\b(\w+)\s*\[([^\];]*)\]\s*;")
+
+
+def rewrite(text: str) -> str:
+    """CUDA source -> C++ for emu.h: ``__shared__`` arrays and ``<<<...>>>`` launches."""
+    text = _SHARED.sub(r"static \1\2[\3]; ::emu::shared_init(\2, sizeof(\2));", text)
+    out, pos = [], 0
+    while (start := text.find("<<<", pos)) != -1:
+        stmt = max(text.rfind(c, 0, start) for c in ";{}") + 1  # the kernel expression starts here
+        close = text.index(">>>", start)
+        if text[close + 3] != "(":
+            raise ValueError(f"cannot parse the launch at offset {start}: {text[stmt:close + 8]!r}")
+        depth, end = 0, close + 3
+        while True:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+            if depth == 0:
+                break
+        lead = text[stmt:start]
+        indent = lead[: len(lead) - len(lead.lstrip())]
+        kernel, config, args = lead.strip(), text[start + 3:close], text[close + 4:end - 1]
+        out.append(text[pos:stmt])
+        out.append(f"{indent}::emu::launch({config}, [&] {{ {kernel}({args}); }})")
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _sources() -> list[Path]:
+    listed = [ln.strip() for ln in (CSRC / "sources.txt").read_text().splitlines()
+              if ln.strip() and not ln.lstrip().startswith("#")]
+    return [ROOT / s for s in listed if Path(s).name not in EXCLUDED] + [HERE / "api.cpp"]
+
+
+def _key(variant: str) -> str:
+    h = hashlib.sha256()
+    version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+    h.update((version + variant + " ".join(BASE_FLAGS + VARIANTS[variant])).encode())
+    for p in sorted([*CSRC.iterdir(), *HERE.iterdir(), *(HERE / "include").iterdir()]):
+        if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".cpp", ".py"):
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build(variant: str = "lib") -> Path:
+    """Compile the emulated extension (cached under build/cuda_emu by a hash of the sources):
+    the shared library for ``variant="lib"``, else the sanitizer driver ``check.cpp``."""
+    if shutil.which(CXX) is None:
+        raise RuntimeError(f"the CUDA emulator needs a C++20 compiler; {CXX!r} is not on PATH")
+    out_dir = BUILD / f"{variant}-{_key(variant)}"
+    target = out_dir / ("libmtlora_emu.so" if variant == "lib" else "check")
+    if target.exists():
+        return target
+    src_dir = out_dir / "src"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    for p in CSRC.iterdir():
+        if p.suffix in (".cu", ".cuh", ".h", ".cpp") and p.name not in EXCLUDED:
+            (src_dir / (p.stem + ".cpp" if p.suffix == ".cu" else p.name)).write_text(
+                rewrite(p.read_text()))
+    units = [src_dir / (p.stem + ".cpp") if p.parent == CSRC else p for p in _sources()]
+    if variant != "lib":
+        units = [u for u in units if u.name != "api.cpp"] + [HERE / "check.cpp"]
+    flags = BASE_FLAGS + VARIANTS[variant] + ["-I", str(HERE / "include"), "-I", str(src_dir)]
+
+    def compile_one(unit: Path) -> Path:
+        obj = out_dir / (unit.stem + ".o")
+        cmd = [CXX, *flags, "-c", str(unit), "-o", str(obj)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {unit.name} for the CUDA emulator failed:\n"
+                               f"{' '.join(cmd)}\n{res.stderr}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        objs = list(pool.map(compile_one, units))
+    tmp = target.with_suffix(".tmp")
+    res = subprocess.run([CXX, *flags, *map(str, objs), "-o", str(tmp)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"linking the CUDA emulator failed:\n{res.stderr}")
+    tmp.rename(target)  # atomic: a concurrent build never sees a half-written target
+    return target
+
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _poisoned(*shape, dtype) -> torch.Tensor:
+    """An output buffer whose every element is NaN until a kernel writes it."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+class Emulated:
+    """``mtlora_kernels._C``'s interface over the emulated kernels, on CPU tensors.
+
+    Allocates as ``bindings.cpp`` does (but fills outputs with NaN first) and runs the launch
+    sequence of ``csrc/mix.cpp``. ``num_sms`` stands in for the device's SM count, which decides
+    the column split (atomics) of the backward's dy kernel: 132 is an H100 / H200.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, num_sms: int = 132):
+        self._lib = lib
+        self.num_sms = num_sms
+        for fn in (lib.emu_mix_forward, lib.emu_mix_backward, lib.emu_dropout_keep_mask):
+            fn.restype = ctypes.c_int
+        lib.emu_mix_forward.argtypes = (
+            [ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_void_p, ctypes.c_float,
+                                                      ctypes.c_float, ctypes.c_uint64,
+                                                      ctypes.c_char_p, ctypes.c_int])
+        lib.emu_mix_backward.argtypes = (
+            [ctypes.c_int] + [ctypes.c_void_p] * 15 + [ctypes.c_void_p, ctypes.c_float,
+                                                       ctypes.c_float, ctypes.c_uint64,
+                                                       ctypes.c_int, ctypes.c_int,
+                                                       ctypes.c_char_p, ctypes.c_int])
+        lib.emu_dropout_keep_mask.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_float, ctypes.c_uint64, ctypes.c_char_p,
+                                              ctypes.c_int]
+
+    @staticmethod
+    def _check(rc: int, err: ctypes.Array) -> None:
+        if rc != 0:
+            raise RuntimeError(f"mtlora_kernels._C (emulated): {err.value.decode()}")
+
+    @staticmethod
+    def _shape(x, A, B, groups) -> ctypes.Array:
+        T, d_in = x.shape
+        N, d_out, r = B.shape
+        return (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, groups)
+
+    def forward(self, x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed):
+        for name, t in (("x", x), ("lora_A", A), ("lora_B", B), ("route_weight", route_weight),
+                        ("residual", residual)):
+            assert t is None or (t.device.type == "cpu" and t.is_contiguous()), name
+        T, _ = x.shape
+        N, d_out, r = B.shape
+        if logits is not None:
+            logits = logits.float().contiguous()
+        y = _poisoned(T, d_out, dtype=x.dtype)
+        h = _poisoned(T, r, dtype=torch.float32)
+        pi = _poisoned(T, groups, N, dtype=torch.float32)
+        err = ctypes.create_string_buffer(256)
+        rc = self._lib.emu_mix_forward(
+            _DTYPES[x.dtype], _ptr(x), _ptr(A), _ptr(B), _ptr(route_weight), _ptr(logits),
+            _ptr(residual), _ptr(y), _ptr(h), _ptr(pi), self._shape(x, A, B, groups),
+            float(scaling), float(dropout_p), int(seed) & (2**64 - 1), err, len(err))
+        self._check(rc, err)
+        return y, h, pi
+
+    def backward(self, dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed,
+                 deterministic):
+        T, d_in = x.shape
+        N, d_out, r = B.shape
+        routed = route_weight is not None
+        dx = _poisoned(T, d_in, dtype=x.dtype)
+        dA = _poisoned(*A.shape, dtype=x.dtype)
+        dB = _poisoned(*B.shape, dtype=x.dtype)
+        dW = _poisoned(*route_weight.shape, dtype=x.dtype) if routed else torch.empty(0, dtype=x.dtype)
+        dz = _poisoned(T, groups * N, dtype=torch.float32)
+        dh_ws = _poisoned(T, r, dtype=torch.float32)
+        dpi_ws = _poisoned(T, groups, N, dtype=torch.float32)
+        dy = dy.contiguous()
+        err = ctypes.create_string_buffer(256)
+        rc = self._lib.emu_mix_backward(
+            _DTYPES[x.dtype], _ptr(dy), _ptr(x), _ptr(A), _ptr(B), _ptr(route_weight),
+            _ptr(h), _ptr(pi), _ptr(dpi), _ptr(dx), _ptr(dA), _ptr(dB),
+            _ptr(dW) if routed else None, _ptr(dz), _ptr(dh_ws), _ptr(dpi_ws),
+            self._shape(x, A, B, groups), float(scaling), float(dropout_p),
+            int(seed) & (2**64 - 1), int(bool(deterministic)), int(self.num_sms), err, len(err))
+        self._check(rc, err)
+        return dx, dA, dB, dW, dz
+
+    def dropout_keep_mask(self, seed, T, d_in, dropout_p, device):
+        """The mask as the device kernel draws it (the emulated dropout_keep_mask_kernel)."""
+        keep = torch.zeros(T, d_in, dtype=torch.bool)
+        if T * d_in:
+            err = ctypes.create_string_buffer(256)
+            self._check(self._lib.emu_dropout_keep_mask(
+                _ptr(keep), int(T), int(d_in), float(dropout_p), int(seed) & (2**64 - 1), err,
+                len(err)), err)
+        return keep.to(device)
+
+
+@functools.cache
+def load() -> Emulated:
+    """The emulated extension, built on first use."""
+    return Emulated(ctypes.CDLL(str(build("lib"))))

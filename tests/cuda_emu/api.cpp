@@ -1,0 +1,67 @@
+// C entry points of the emulated extension, called through ctypes by tests/cuda_emu/__init__.py
+// (which allocates like bindings.cpp and fills every output with NaN first). dtype: 0 = fp32,
+// 1 = fp16, 2 = bf16. Returns 0, or writes the failed kernel and the error into err and
+// returns 1.
+#include <cstdio>
+
+#include "mtlora.h"
+
+namespace {
+
+template <typename F>
+int dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(static_cast<float*>(nullptr));
+    case 1: return f(static_cast<__half*>(nullptr));
+    case 2: return f(static_cast<__nv_bfloat16*>(nullptr));
+  }
+  return -1;
+}
+
+int report(const mtlora::LaunchStatus& st, char* err, int errlen) {
+  if (st.err == cudaSuccess) return 0;
+  std::snprintf(err, errlen, "launching %s failed: %s", st.kernel, cudaGetErrorString(st.err));
+  return 1;
+}
+
+}  // namespace
+
+extern "C" int emu_mix_forward(int dtype, const void* x, const void* A, const void* B,
+                               const void* W, const float* logits, const void* residual, void* y,
+                               float* h, float* pi, const int64_t* shape, float scaling,
+                               float dropout_p, uint64_t seed, char* err, int errlen) {
+  const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
+  return dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const mtlora::ForwardArgs<T> a{
+        static_cast<const T*>(x), static_cast<const T*>(A), static_cast<const T*>(B),
+        static_cast<const T*>(W), logits, static_cast<const T*>(residual), static_cast<T*>(y),
+        h, pi, s, scaling, dropout_p, seed};
+    return report(mtlora::mix_forward<T>(a, nullptr), err, errlen);
+  });
+}
+
+extern "C" int emu_mix_backward(int dtype, const void* dy, const void* x, const void* A,
+                                const void* B, const void* W, const float* h, const float* pi,
+                                const float* dpi, void* dx, void* dA, void* dB, void* dW,
+                                float* dz, float* dh_ws, float* dpi_ws, const int64_t* shape,
+                                float scaling, float dropout_p, uint64_t seed, int deterministic,
+                                int num_sms, char* err, int errlen) {
+  const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
+  return dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const mtlora::BackwardArgs<T> a{
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(A),
+        static_cast<const T*>(B), static_cast<const T*>(W), h, pi, dpi, static_cast<T*>(dx),
+        static_cast<T*>(dA), static_cast<T*>(dB), static_cast<T*>(dW), dz, dh_ws, dpi_ws, s,
+        scaling, dropout_p, seed, deterministic != 0, num_sms};
+    return report(mtlora::mix_backward<T>(a, nullptr), err, errlen);
+  });
+}
+
+extern "C" int emu_dropout_keep_mask(bool* keep, int64_t T, int64_t d_in, float p, uint64_t seed,
+                                     char* err, int errlen) {
+  return report({mtlora::launch_dropout_keep_mask(keep, T, d_in, p, seed, nullptr),
+                 "dropout_keep_mask_kernel"},
+                err, errlen);
+}

@@ -1,0 +1,283 @@
+// A CPU emulator of the part of CUDA that csrc/ uses, for running the extension's kernels and
+// launch sequence on a machine without a GPU (tests/cuda_emu/__init__.py builds it).
+//
+// Execution model: a launch runs its blocks one after another; the threads of a block are real
+// OS threads, so __syncthreads is a real barrier, and ThreadSanitizer sees every shared-memory
+// access of a block as a concurrent access (a missing barrier is a reported race). __shared__
+// arrays become static arrays (one block at a time uses them), filled with 0xFF bytes (NaN in
+// fp32, fp16 and bf16) at the start of every block, so a read of shared memory that nothing
+// wrote shows up as NaN. Atomics are std::atomic_ref.
+//
+// WMMA: each lane of a warp owns 8 of the 256 accumulator elements (column lane % 16, rows
+// lane / 16 + 2m), loads just the operand rows and columns those need and computes them in fp32,
+// as the tensor cores accumulate. The union over the 32 lanes reads the whole tile; pointer and
+// leading-dimension alignment are checked as the hardware requires them (32 B, 16 B).
+//
+// What this cannot show: timing, the real fragment layouts (the kernels never touch fragment
+// elements), warp-synchronous behaviour (each lane is its own thread: code that relied on
+// lockstep would race here, which is stricter than a GPU), and the device-only code paths of
+// philox.h (under __CUDA_ARCH__; the host twin runs instead).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 gridDim, blockDim;  // written before a launch's threads start, read-only during it
+
+// ---- runtime API ------------------------------------------------------------------------------
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+};
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+namespace emu {
+inline cudaError_t last_error = cudaSuccess;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda_emu: %s (block %u,%u,%u thread %u)\n", what, blockIdx.x, blockIdx.y,
+               blockIdx.z, threadIdx.x);
+  std::abort();
+}
+
+// Barrier of one block's threads (spins with yield). A thread that waits over 120 s means some
+// threads of the block never reach this barrier (a __syncthreads in divergent code): abort.
+class Barrier {
+ public:
+  explicit Barrier(unsigned n) : n_(n) {}
+  void wait() {
+    const unsigned gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    std::chrono::steady_clock::time_point start{};
+    for (unsigned long spins = 1; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      std::this_thread::yield();
+      if ((spins & 0xffff) != 0) continue;
+      const auto now = std::chrono::steady_clock::now();
+      if (start == std::chrono::steady_clock::time_point{}) start = now;
+      if (now - start > std::chrono::seconds(120)) fail("__syncthreads never completed");
+    }
+  }
+
+ private:
+  const unsigned n_;
+  std::atomic<unsigned> count_{0}, gen_{0};
+};
+
+inline Barrier* block_barrier = nullptr;
+
+inline void syncthreads() { block_barrier->wait(); }
+
+// Start of a __shared__ array's life in a block: poisoned, then a barrier so that no thread
+// writes it before the poison lands.
+inline void shared_init(void* p, size_t bytes) {
+  if (threadIdx.x == 0) std::memset(p, 0xFF, bytes);
+  syncthreads();
+}
+
+// kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
+// [&] { kernel(args); }). Synchronous: the launch is over when this returns.
+template <typename F>
+void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, F body) {
+  const unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.y != 1 || block.z != 1 || grid.x == 0 ||
+      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || dynamic_smem != 0) {
+    last_error = cudaErrorInvalidConfiguration;  // (2-D blocks and dynamic smem: unused here)
+    return;
+  }
+  gridDim = grid;
+  blockDim = block;
+  Barrier barrier(static_cast<unsigned>(threads));
+  block_barrier = &barrier;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx = dim3(t, 0, 0);
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
+            blockIdx = dim3(bx, by, bz);
+            body();
+            barrier.wait();  // the block is over for every thread before shared memory is reused
+          }
+    });
+  }
+  for (auto& th : pool) th.join();
+  block_barrier = nullptr;
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::syncthreads(); }
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+  }
+  return "unknown error";
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  if (bytes != 0 && p == nullptr) return cudaErrorInvalidValue;
+  if (bytes != 0) std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+// CUDA's device min / max are overloaded for every integer width; one template covers the uses.
+template <typename A, typename B>
+constexpr auto min(A a, B b) -> decltype(a + b) {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+constexpr auto max(A a, B b) -> decltype(a + b) {
+  return a < b ? b : a;
+}
+
+// ---- 16-bit floats: storage types with round-to-nearest-even conversions -----------------------
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return static_cast<float>(f);
+}
+inline __half __float2half_rn(float v) {
+  const _Float16 f = static_cast<_Float16>(v);  // IEEE round-to-nearest-even
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if (std::isnan(v)) return {static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return {static_cast<uint16_t>(u >> 16)};
+}
+
+// ---- WMMA ---------------------------------------------------------------------------------------
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator has the 16x16x16 shape only");
+  float v[16][16];  // [row][col] of the tile; a lane fills and uses only what it owns
+};
+
+namespace detail {
+inline int lane() { return static_cast<int>(threadIdx.x % 32); }
+// Rows of the accumulator this lane owns: lane / 16 + 2m, m < 8; its column: lane % 16.
+inline int own_row(int m) { return lane() / 16 + 2 * m; }
+inline int own_col() { return lane() % 16; }
+inline float to_f(__half v) { return __half2float(v); }
+inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline float to_f(float v) { return v; }
+template <typename T>
+void check(const T* p, unsigned ldm, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu::fail(what);  // 256-bit aligned pointer
+  if ((ldm * sizeof(T)) % 16 != 0) emu::fail(what);               // ldm: a multiple of 16 B
+}
+}  // namespace detail
+
+template <typename Use, typename T, typename L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+  for (auto& row : f.v)
+    for (float& e : row) e = v;
+}
+
+template <typename T>
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& a, const T* p,
+                             unsigned ldm) {
+  detail::check(p, ldm, "wmma::load_matrix_sync(matrix_a): misaligned pointer or ldm");
+  for (int m = 0; m < 8; ++m) {
+    const int i = detail::own_row(m);
+    for (int k = 0; k < 16; ++k) a.v[i][k] = detail::to_f(p[i * ldm + k]);
+  }
+}
+
+template <typename T>
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& b, const T* p,
+                             unsigned ldm) {
+  detail::check(p, ldm, "wmma::load_matrix_sync(matrix_b): misaligned pointer or ldm");
+  const int n = detail::own_col();
+  for (int k = 0; k < 16; ++k) b.v[k][n] = detail::to_f(p[n * ldm + k]);  // element (k, n)
+}
+
+template <typename T>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, col_major>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  const int n = detail::own_col();
+  for (int m = 0; m < 8; ++m) {
+    const int i = detail::own_row(m);
+    float acc = c.v[i][n];
+    for (int k = 0; k < 16; ++k) acc = std::fma(a.v[i][k], b.v[k][n], acc);
+    d.v[i][n] = acc;
+  }
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& c,
+                              unsigned ldm, layout_t layout) {
+  detail::check(p, ldm, "wmma::store_matrix_sync: misaligned pointer or ldm");
+  const int n = detail::own_col();
+  for (int m = 0; m < 8; ++m) {
+    const int i = detail::own_row(m);
+    (layout == mem_row_major ? p[i * ldm + n] : p[n * ldm + i]) = c.v[i][n];
+  }
+}
+}  // namespace nvcuda::wmma
