@@ -2,9 +2,11 @@
 gradient over the axes of SPEC section 5, dropout, external logits, the routing gradient,
 deterministic mode, odd and aligned sizes, T * d_out > 2^31, and against the triton backend.
 
-Every GPU test takes the ``cuda_device`` fixture and skips with a reason on a machine without a
-GPU (there the CPU tests at the bottom still check the extension's dropout generator). The
-kernels were written and compiled without a GPU: these tests are their first real check.
+Each check runs twice through the ``cuda_ext`` fixture: on a GPU with the built extension
+(skipped with a reason without one), and on the CPU with the same kernels and launch sequence
+compiled for the CUDA emulator of ``tests/cuda_emu`` (no GPU needed; outputs and shared memory
+start as NaN there, so an element no kernel writes fails the comparison). The sanitizer runs of
+the emulator are in ``tests/test_cuda_emulated.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import REL_TOL, assert_close_to_reference, rel_err
+
+import cuda_emu
 
 from mtlora_kernels import backends
 from mtlora_kernels.ops.mix import mix
@@ -22,11 +26,21 @@ D_IN, D_OUT = 40, 24  # not multiples of the 64-wide tiles; d_out = 24 allows g 
 
 
 @pytest.fixture
-def cuda_ext(cuda_device):
+def cuda_gpu(cuda_device):
+    """The GPU, when the built extension can run there."""
     ok, why = backends.available("cuda", cuda_device)
     if not ok:
         pytest.skip(f"the cuda backend is unavailable: {why}")
     return cuda_device
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "emulated"])
+def cuda_ext(request, monkeypatch):
+    """The device of a ``backend="cuda"`` run: the GPU, or the CPU with the emulated kernels."""
+    if request.param == "gpu":
+        return request.getfixturevalue("cuda_gpu")
+    cuda_emu.install(monkeypatch)
+    return torch.device("cpu")
 
 
 def make_inputs(T, d_in, d_out, r, N, g, device, *, seed, external=False, lead=()):
@@ -100,7 +114,6 @@ def check_against_reference(T, d_in, d_out, r, N, g, dtype, device, *, p=0.0, se
 # ---- the axes of SPEC section 5 ---------------------------------------------------------------
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", [1, 2, D_OUT])
 @pytest.mark.parametrize("N", [1, 2, 16])
@@ -111,7 +124,6 @@ def test_matches_reference(cuda_ext, T, r, N, g, dtype):
     check_against_reference(T, D_IN, D_OUT, r, N, g, dtype, cuda_ext, p=p, seed=T * 7 + r + N + g)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,g", [(1, 2), (7, D_OUT), (133, 1)])
 def test_external_logits_and_routing_gradient(cuda_ext, T, g, dtype):
@@ -123,7 +135,6 @@ def test_external_logits_and_routing_gradient(cuda_ext, T, g, dtype):
                             seed=T + g + 1)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "T,d_in,d_out,r,N,g",
@@ -142,7 +153,6 @@ def test_sizes(cuda_ext, T, d_in, d_out, r, N, g, dtype):
     check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=0.05, seed=d_in + g)
 
 
-@pytest.mark.gpu
 def test_deterministic_mode_is_bitwise_reproducible(cuda_ext):
     # 3 token tiles x 8 column tiles: the default mode splits the columns (atomics).
     base = make_inputs(133, 64, 512, 16, 16, 2, cuda_ext, seed=3)
@@ -162,7 +172,6 @@ def test_deterministic_mode_is_bitwise_reproducible(cuda_ext):
         assert rel_err(c, a) <= REL_TOL[torch.bfloat16]
 
 
-@pytest.mark.gpu
 def test_three_d_noncontiguous_input_and_residual(cuda_ext):
     x, A, B, W, _ = make_inputs(6, 24, 16, 4, 3, 2, cuda_ext, seed=9, lead=(2,))
     xt = x.transpose(0, 1)  # [6, 2, 24], non-contiguous
@@ -174,7 +183,6 @@ def test_three_d_noncontiguous_input_and_residual(cuda_ext):
     assert_close_to_reference(y, ref, torch.float32, "y")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_agrees_with_triton_backend(cuda_ext, dtype):
     ok, why = backends.available("triton", cuda_ext)
@@ -200,8 +208,8 @@ def test_agrees_with_triton_backend(cuda_ext, dtype):
 
 
 @pytest.mark.gpu
-def test_boundary_errors_name_the_argument(cuda_ext):
-    x, A, B, W, _ = make_inputs(4, 16, 8, 4, 2, 2, cuda_ext, seed=1)
+def test_boundary_errors_name_the_argument(cuda_gpu):
+    x, A, B, W, _ = make_inputs(4, 16, 8, 4, 2, 2, cuda_gpu, seed=1)
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
         mix(x, A, B, W, groups=2, backend="cuda")  # fp64 stays with the torch backend
     ext = backends._cuda_extension()[0]
@@ -216,17 +224,17 @@ def test_boundary_errors_name_the_argument(cuda_ext):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_int64_offsets_past_2_to_31(cuda_ext):
+def test_int64_offsets_past_2_to_31(cuda_gpu):
     """T * d_out = 2^31 + 16384: rows at the end are addressed past int32 (forward and dx)."""
     T, d_in, d_out, r, N, g = 131073, 16, 16384, 4, 2, 2
-    gen = torch.Generator(device=cuda_ext).manual_seed(0)
-    x = torch.randn(T, d_in, device=cuda_ext, dtype=torch.bfloat16, generator=gen)
-    A = torch.randn(r, d_in, device=cuda_ext, dtype=torch.bfloat16, generator=gen) / 4
-    B = torch.randn(N, d_out, r, device=cuda_ext, dtype=torch.bfloat16, generator=gen) / 2
-    W = torch.randn(g * N, d_in, device=cuda_ext, dtype=torch.bfloat16, generator=gen) / 4
+    gen = torch.Generator(device=cuda_gpu).manual_seed(0)
+    x = torch.randn(T, d_in, device=cuda_gpu, dtype=torch.bfloat16, generator=gen)
+    A = torch.randn(r, d_in, device=cuda_gpu, dtype=torch.bfloat16, generator=gen) / 4
+    B = torch.randn(N, d_out, r, device=cuda_gpu, dtype=torch.bfloat16, generator=gen) / 2
+    W = torch.randn(g * N, d_in, device=cuda_gpu, dtype=torch.bfloat16, generator=gen) / 4
     x.requires_grad_()
     y = mix(x, A, B, W, groups=g, scaling=2.0, backend="cuda")
-    dy = torch.randn(T, d_out, device=cuda_ext, dtype=torch.bfloat16, generator=gen)
+    dy = torch.randn(T, d_out, device=cuda_gpu, dtype=torch.bfloat16, generator=gen)
     (dx,) = torch.autograd.grad(y, (x,), dy)
     tail = slice(T - 3, T)
     xs = x.detach()[tail].double().requires_grad_()

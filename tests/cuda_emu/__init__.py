@@ -235,3 +235,21 @@ class Emulated:
 def load() -> Emulated:
     """The emulated extension, built on first use."""
     return Emulated(ctypes.CDLL(str(build("lib"))))
+
+
+def install(monkeypatch) -> Emulated:
+    """Put the emulated extension behind the ``cuda`` backend for CPU tensors, for one test
+    (``monkeypatch`` is pytest's fixture; everything is restored after the test)."""
+    from mtlora_kernels import backends
+
+    emu = load()
+    available = backends.available
+
+    def emulated_available(name, device=None):
+        if name == "cuda":
+            return True, ""
+        return available(name, device)
+
+    monkeypatch.setattr(backends, "_cuda_extension", lambda: (emu, ""))
+    monkeypatch.setattr(backends, "available", emulated_available)
+    return emu
