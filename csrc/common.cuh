@@ -9,7 +9,7 @@
 // element -> (row, col) map is explicit, so per-element routing weights need no knowledge of
 // the opaque WMMA fragment layout.
 //
-// NOT verified on hardware: compiled for sm_80 / sm_90 only (see mtlora.h).
+// NOT verified on hardware (emulated on the CPU only); see mtlora.h.
 #pragma once
 
 #include <cstdint>

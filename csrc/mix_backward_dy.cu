@@ -1,5 +1,5 @@
 // Backward, the dy side: dh and dpi (one kernel, one pass over dy), then the softmax backward.
-// NOT verified on hardware (compiled for sm_80 / sm_90 only); see mtlora.h.
+// NOT verified on hardware (emulated on the CPU only); see mtlora.h.
 #include <algorithm>
 
 #include "common.cuh"

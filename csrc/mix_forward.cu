@@ -1,5 +1,5 @@
 // Forward of the fused mix: project (h = A . drop(x), z = W . x), softmax, expand-mix.
-// NOT verified on hardware (compiled for sm_80 / sm_90 only); see mtlora.h.
+// NOT verified on hardware (emulated on the CPU only); see mtlora.h.
 #include <cmath>
 
 #include "common.cuh"

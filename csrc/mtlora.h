@@ -7,9 +7,11 @@
 // W (the router) [g*N, d_in]; h [T, r] fp32; z / pi / dpi [T, g, N] fp32; y, dy [T, d_out].
 // Templates are instantiated for float, __half and __nv_bfloat16 (fp32 accumulation).
 //
-// STATUS: these kernels compile for sm_80 and sm_90 but have NOT been run on a GPU (none was
-// available while they were written); tests/test_cuda_mix.py checks them against the reference
-// wherever a GPU exists.
+// STATUS: these kernels compile for sm_80 and sm_90, and they run (with the launch sequence of
+// mix.cpp) in the CPU emulator of tests/cuda_emu, where tests/test_cuda_mix.py checks them
+// against the reference and tests/test_cuda_emulated.py under ASan, UBSan and TSan. They have
+// NOT been run on a GPU (none was available while they were written); the same tests run them
+// there wherever a GPU exists.
 #pragma once
 
 #include <cstdint>

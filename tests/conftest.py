@@ -72,12 +72,32 @@ DEVICE = torch.device(
 
 def backend_params(accelerated_only: bool = False) -> list:
     """Every backend (or every one but torch) as a pytest param, skipped with the reason when
-    it cannot run here: cuda without the extension or a GPU, triton without triton."""
+    it cannot run here: triton without triton, cuda on a GPU without the extension. On the CPU
+    the cuda param runs the extension's kernels in the emulator of tests/cuda_emu (id
+    ``cuda-emulated``; see :func:`_cuda_backend_on_cpu_is_emulated`)."""
     from mtlora_kernels import backends
 
     params = []
     for name in ("triton", "cuda") if accelerated_only else ("torch", "triton", "cuda"):
+        if name == "cuda" and DEVICE.type == "cpu":
+            params.append(pytest.param(name, id="cuda-emulated"))
+            continue
         ok, why = backends.available(name, DEVICE)
         marks = [] if ok else [pytest.mark.skip(reason=f"{name} backend unavailable: {why}")]
         params.append(pytest.param(name, id=name, marks=marks))
     return params
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_on_cpu_is_emulated(request):
+    """A test parametrized with ``backend="cuda"`` whose inputs live on the CPU runs the CUDA
+    extension's kernels in the emulator (tests/cuda_emu) for its duration."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "cuda" or DEVICE.type != "cpu":
+        yield
+        return
+    import cuda_emu
+
+    with pytest.MonkeyPatch.context() as mp:
+        cuda_emu.install(mp)
+        yield

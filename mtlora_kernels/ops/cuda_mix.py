@@ -5,8 +5,9 @@ validation beyond what the kernels need, autograd and dispatch live there. The e
 shapes, dtypes (fp32 / fp16 / bf16; fp64 is left to the torch backend), devices and contiguity
 again at its boundary.
 
-STATUS: the CUDA kernels behind this module compile for sm_80 / sm_90 but have not been run on a
-GPU yet; ``tests/test_cuda_mix.py`` compares them with the reference wherever a GPU exists.
+STATUS: the CUDA kernels behind this module compile for sm_80 / sm_90 and pass the tests against
+the reference in the CPU emulator of ``tests/cuda_emu``; they have not been run on a GPU yet
+(``tests/test_cuda_mix.py`` runs them there wherever a GPU exists).
 """
 
 from __future__ import annotations
