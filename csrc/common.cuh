@@ -86,15 +86,30 @@ struct Identity {
   __device__ __forceinline__ float operator()(int64_t, int64_t, float v) const { return v; }
 };
 
+// S[i] = v rounded to T and, when S_lo is given, S_lo[i] = what that rounding lost, also in T:
+// hi + lo carries about 16 significant bits of an fp32 operand into a 16-bit tensor-core GEMM
+// (two MMAs, hi and lo, into one fp32 accumulator). Used where an fp32 gradient (dh, dz) meets
+// a reduction over tokens or the dx GEMM. On an ill-conditioned fuzz example (bf16, cancellation
+// over 4 tokens; tests/test_fuzz.py, long profile) dA and dx were 6.0% and 10% off with dh
+// rounded to bf16 (over the test's 5.8% / 8.8%), 2.7% and 4.5% with the split (torch backend,
+// which keeps dh fp32: 0.7% and 1.7%). Measured in the CPU emulator.
+template <typename T>
+__device__ __forceinline__ void split_store(T* S, T* S_lo, int i, float v) {
+  const T hi = from_f<T>(v);
+  S[i] = hi;
+  if (S_lo != nullptr) S_lo[i] = from_f<T>(v - to_f(hi));
+}
+
 // ---- tile loaders ---------------------------------------------------------------------------
 // S[rr][kk] = f(row, col, G[row][col]) with row = row0 + rr, col = col0 + kk, for rr < ROWS,
 // kk < BK; 0 where row >= nrows or col >= ncols (f is only called in bounds). G is row-major
 // with leading dimension ldg. vec_ok: G is 16 B aligned and ldg * sizeof(Src) % 16 == 0; then
 // whole in-bounds 16 B chunks are read with one vector load (col0 is a multiple of BK).
+// S_lo (16-bit T only, may be null): also store what rounding to T lost (see split_store).
 template <int ROWS, typename T, typename Src, typename F>
 __device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64_t row0,
                                           int64_t nrows, int64_t col0, int64_t ncols,
-                                          bool vec_ok, F f) {
+                                          bool vec_ok, F f, T* S_lo = nullptr) {
   constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
   constexpr int PER_ROW = BK / V;
   for (int q = threadIdx.x; q < ROWS * PER_ROW; q += kThreads) {
@@ -114,7 +129,7 @@ __device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64
                                                 : 0.f;
     }
 #pragma unroll
-    for (int u = 0; u < V; ++u) S[rr * kLds<T> + kk + u] = from_f<T>(v[u]);
+    for (int u = 0; u < V; ++u) split_store(S, S_lo, rr * kLds<T> + kk + u, v[u]);
   }
 }
 
@@ -123,14 +138,14 @@ __device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64
 // icol, so the global reads stay coalesced along G's rows.
 template <int ROWS, typename T, typename Src, typename F>
 __device__ __forceinline__ void load_cols(T* S, const Src* G, int64_t ldg, int64_t k0, int64_t nk,
-                                          int64_t i0, int64_t ni, F f) {
+                                          int64_t i0, int64_t ni, F f, T* S_lo = nullptr) {
   for (int q = threadIdx.x; q < ROWS * BK; q += kThreads) {
     const int ii = q % ROWS;
     const int kk = q / ROWS;
     const int64_t krow = k0 + kk;
     const int64_t icol = i0 + ii;
     const float v = (krow < nk && icol < ni) ? f(krow, icol, to_f(G[krow * ldg + icol])) : 0.f;
-    S[ii * kLds<T> + kk] = from_f<T>(v);
+    split_store(S, S_lo, ii * kLds<T> + kk, v);
   }
 }
 
@@ -240,20 +255,26 @@ struct TileSmem {
   static constexpr int kBsOff = (kAsBytes + 127) / 128 * 128;
   static constexpr int kCsOff = kBsOff + (kBsBytes + 127) / 128 * 128;
   static constexpr int kBytes = kCsOff + BM * LDC * int(sizeof(float));
+  // A second As for the low half of a split fp32 operand (split_store), 16-bit types only.
+  static constexpr int kAsLoOff = kBytes;
+  static constexpr int kSplitBytes = kBytes + (sizeof(T) == 2 ? kBsOff : 0);
 };
 
 // As, Bs and Cs of the TileSmem<T, BM> layout inside raw (at least kBytes, 128 B aligned).
+// As_lo: the split operand's low half, or null for fp32 (valid when raw has kSplitBytes).
 template <typename T>
 struct TileBuffers {
   T* As;
   T* Bs;
   float* Cs;
+  T* As_lo;
 };
 template <typename T, int BM>
 __device__ __forceinline__ TileBuffers<T> tile_buffers(unsigned char* raw) {
   using L = TileSmem<T, BM>;
   return {reinterpret_cast<T*>(raw + L::kAsOff), reinterpret_cast<T*>(raw + L::kBsOff),
-          reinterpret_cast<float*>(raw + L::kCsOff)};
+          reinterpret_cast<float*>(raw + L::kCsOff),
+          sizeof(T) == 2 ? reinterpret_cast<T*>(raw + L::kAsLoOff) : nullptr};
 }
 
 // (Plain pointers, not structured bindings: lambdas capture them, which C++17 forbids for
@@ -266,14 +287,17 @@ __device__ __forceinline__ TileBuffers<T> tile_buffers(unsigned char* raw) {
 
 // C += As . Bs^T over K in [k_begin, k_end), BK at a time: stage(k0) fills As and Bs with the
 // chunk at k0; the barriers order every thread's staging before the MMA and the MMA before the
-// next staging.
+// next staging. As_lo (may be null): the low half of a split A operand (split_store), C +=
+// As_lo . Bs^T as well.
 template <typename Mma, typename E, typename Stage>
 __device__ __forceinline__ void gemm_over_k(Mma& acc, const E* As, const E* Bs, int64_t k_begin,
-                                            int64_t k_end, Stage stage) {
+                                            int64_t k_end, Stage stage,
+                                            const E* As_lo = nullptr) {
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
     stage(k0);
     __syncthreads();
     acc.mma(As, Bs);
+    if (As_lo != nullptr) acc.mma(As_lo, Bs);
     __syncthreads();
   }
 }

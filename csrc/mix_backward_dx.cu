@@ -19,12 +19,15 @@ __global__ void __launch_bounds__(kThreads)
                        const T* __restrict__ A, const T* __restrict__ W, T* __restrict__ dx,
                        MixShape s, float p, uint64_t seed, bool vec_dh, bool vec_dz,
                        bool vec_dx) {
-  // Sized for the fp32 tiles (34.3 KB), the larger of the two layouts (16-bit: 27.6 KB).
-  static_assert(TileSmem<float, 64>::kBytes >= TileSmem<T, 64>::kBytes, "fp32 tiles are larger");
+  // Sized for the fp32 tiles (34.3 KB), the larger of the two layouts (16-bit with the split
+  // operand's second As: 32.8 KB).
+  static_assert(TileSmem<float, 64>::kBytes >= TileSmem<T, 64>::kSplitBytes, "fp32 is larger");
   __shared__ __align__(128) unsigned char smem_raw_[TileSmem<float, 64>::kBytes];
-  T* As = tile_buffers<T, 64>(smem_raw_).As;
-  T* Bs = tile_buffers<T, 64>(smem_raw_).Bs;
-  float* Cs = tile_buffers<T, 64>(smem_raw_).Cs;
+  const TileBuffers<T> tb = tile_buffers<T, 64>(smem_raw_);
+  T* As = tb.As;
+  T* Bs = tb.Bs;
+  float* Cs = tb.Cs;
+  T* As_lo = tb.As_lo;  // fp32 dh split in two 16-bit halves (split_store), like dA's
   constexpr int CHUNKS = 64 * (BN / 8) / kThreads;  // 4
   const int64_t t0 = int64_t(blockIdx.x) * 64;
   const int64_t i0 = int64_t(blockIdx.y) * BN;
@@ -34,10 +37,13 @@ __global__ void __launch_bounds__(kThreads)
 
   TileMma<T, 64> acc;
   acc.zero();
-  gemm_over_k(acc, As, Bs, 0, s.r, [&](int64_t k0) {
-    load_rows<64>(As, dh, s.r, t0, s.T, k0, s.r, vec_dh, Identity{});  // As[t][k] = dh[t][k]
-    load_cols<BN>(Bs, A, d_in, k0, s.r, i0, d_in, Identity{});         // Bs[i][k] = A[k][i]
-  });
+  gemm_over_k(
+      acc, As, Bs, 0, s.r,
+      [&](int64_t k0) {
+        load_rows<64>(As, dh, s.r, t0, s.T, k0, s.r, vec_dh, Identity{}, As_lo);  // dh[t][k]
+        load_cols<BN>(Bs, A, d_in, k0, s.r, i0, d_in, Identity{});  // Bs[i][k] = A[k][i]
+      },
+      As_lo);
   acc.store(Cs);
   __syncthreads();
   float own[CHUNKS][8];

@@ -38,12 +38,19 @@ __global__ void __launch_bounds__(kThreads)
 
 // Block (bx, by) writes a 64 x 64 tile of dA = dh^T . drop(x) (by < tiles_a) or of
 // dW = dz^T . x (the rest); the dropout mask is regenerated from the seed while x is staged.
+// For 16-bit x the fp32 dh / dz enter the tensor cores split in two halves (split_store), so
+// the reduction over the tokens sees them to about 16 bits instead of 8 (bf16).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_daw_kernel(const T* __restrict__ x, const float* __restrict__ dh,
                         const float* __restrict__ dz, T* __restrict__ dA, T* __restrict__ dW,
                         MixShape s, int tiles_a, float p, uint64_t seed) {
-  MTLORA_TILE_SMEM(T, 64);
+  __shared__ __align__(128) unsigned char smem_raw_[TileSmem<T, 64>::kSplitBytes];
+  const TileBuffers<T> tb = tile_buffers<T, 64>(smem_raw_);
+  T* As = tb.As;
+  T* Bs = tb.Bs;
+  float* Cs = tb.Cs;
+  T* As_lo = tb.As_lo;
   const int64_t i0 = int64_t(blockIdx.x) * BN;
   const bool is_a = int(blockIdx.y) < tiles_a;
   const int64_t n0 = int64_t(is_a ? blockIdx.y : blockIdx.y - tiles_a) * 64;
@@ -55,10 +62,13 @@ __global__ void __launch_bounds__(kThreads)
 
   TileMma<T, 64> acc;
   acc.zero();
-  gemm_over_k(acc, As, Bs, 0, s.T, [&](int64_t t0) {
-    load_cols<64>(As, D, nrows, t0, s.T, n0, nrows, Identity{});  // As[n][t]
-    load_cols<BN>(Bs, x, d_in, t0, s.T, i0, d_in, x_op);         // Bs[i][t]
-  });
+  gemm_over_k(
+      acc, As, Bs, 0, s.T,
+      [&](int64_t t0) {
+        load_cols<64>(As, D, nrows, t0, s.T, n0, nrows, Identity{}, As_lo);  // As[n][t]
+        load_cols<BN>(Bs, x, d_in, t0, s.T, i0, d_in, x_op);                // Bs[i][t]
+      },
+      As_lo);
   acc.store(Cs);
   __syncthreads();
   for (int q = threadIdx.x; q < 64 * BN; q += kThreads) {

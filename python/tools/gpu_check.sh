@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA and Triton backends in one call, for a lent GPU machine (which has
+# torch, triton, nvcc, pytest, hypothesis and compute-sanitizer but nothing of this project):
+#
+#   bash python/tools/gpu_check.sh [STEP ...]      # steps: build sanitize test bench triton
+#
+# With no STEP it runs build, sanitize, test and bench, in that order (the ones the CUDA issue
+# asks for); `triton` adds the Triton test files, whose first run JIT-compiles many kernels.
+# Each step has its own time limit and its log under $OUT (default ./gpu_out); a summary
+# table is printed last. Builds for this GPU's architecture only (about a minute on 16 cores).
+# Nothing here has run on a GPU yet: it was written, with the rest of the GPU path, without one.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PY:-python3}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build sanitize test bench)
+declare -A status
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run it with a limit, log to $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT/$name.log"
+  status[$name]="rc $rc in $((SECONDS - t0)) s"
+}
+
+{ nvidia-smi -L; "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton",
+  triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; } \
+  > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+for s in "${steps[@]}"; do
+  case $s in
+    build)
+      arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+      step build 400 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" MTLORA_BUILD_CUDA=1 \
+        "$PY" setup.py build_ext --inplace ;;
+    sanitize)
+      # One forward and backward per dtype on the cuda backend (dropout, router, odd sizes and a
+      # column split), under memcheck and racecheck, kernels of the extension only.
+      snippet='
+import torch
+from mtlora_kernels.ops.mix import mix
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    for T, d_in, d_out, N, g in ((133, 96, 80, 4, 2), (70, 64, 512, 16, 512)):
+        x = torch.randn(T, d_in, device="cuda", dtype=dt, requires_grad=True)
+        A = (torch.randn(16, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
+        B = (torch.randn(N, d_out, 16, device="cuda", dtype=dt) / 4).requires_grad_()
+        W = (torch.randn(g * N, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
+        y = mix(x, A, B, W, groups=g, scaling=2.0, dropout_p=0.1, seed=3, backend="cuda")
+        y.float().square().sum().backward()
+torch.cuda.synchronize()
+print("ran")'
+      for tool in memcheck racecheck; do
+        step "sanitize-$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          --kernel-name kns=mtlora "$PY" -c "$snippet"
+      done ;;
+    test)
+      step test-cuda 300 "$PY" -m pytest -q -p no:cacheprovider -x -k "not emulated" \
+        tests/test_cuda_mix.py tests/test_extreme.py tests/test_determinism.py \
+        tests/test_fuzz.py ;;
+    bench)
+      # Decode (T = 1, 16) and the SPEC's floor shape (T = 8192, d = 4096, r = 16, N = 16, g = 2).
+      step bench 400 "$PY" -m mtlora_kernels bench --tokens 1,16,8192 --experts 16 --groups 2 \
+        --dtype bf16 --min-time 0.5 --out "$OUT/bench" --no-progress ;;
+    triton)
+      step test-triton 500 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_triton_mix.py \
+        tests/test_linalg.py ;;
+    *) echo "unknown step $s (build sanitize test bench triton)"; exit 2 ;;
+  esac
+done
+
+echo "== summary"
+for s in "${!status[@]}"; do printf '%-20s %s\n' "$s" "${status[$s]}"; done | sort
