@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mtlora_kernels.triton._common import (interpreting, mma, mma_fp32, pow2_at_least,
-                                           target_programs)
+from mtlora_kernels.triton._common import (interpreting, mma, mma_fp32, mma_split,
+                                           pow2_at_least, target_programs)
 from mtlora_kernels.triton.registry import KernelConfig, KernelSpec, register
 
 # --------------------------------------------------------------------------------------------
@@ -367,10 +367,10 @@ def _bwd_dx_kernel(
     kmask = kk < d_in
     rr = tl.arange(0, R_PAD)
     dhc = tl.load(dh_ptr + rows64[:, None] * r + rr[None, :],
-                  mask=rmask[:, None] & (rr[None, :] < r), other=0.0).to(dtype)
+                  mask=rmask[:, None] & (rr[None, :] < r), other=0.0)
     at = tl.load(a_ptr + rr[:, None] * d_in + kk[None, :],
                  mask=(rr[:, None] < r) & kmask[None, :], other=0.0)
-    dxt = mma(dhc, at, tl.zeros((BT, BK), dtype=tl.float32), UPCAST)
+    dxt = mma_split(dhc, at, tl.zeros((BT, BK), dtype=tl.float32), UPCAST)  # dh: see mma_split
     xoff = rows64[:, None] * d_in + kk[None, :]
     if DROPOUT:
         dxt = tl.where(tl.rand(seed, xoff) >= p, dxt * (1.0 / (1.0 - p)), 0.0)
@@ -506,8 +506,8 @@ def _bwd_daw_kernel(
             if DROPOUT:
                 x_a = tl.where(tl.rand(seed, xoff) >= p, x_a, 0.0).to(dtype)
             dht = tl.load(dh_ptr + rows_a[:, None] * r + rr[None, :],
-                          mask=rmask_a[:, None] & (rr[None, :] < r), other=0.0).to(dtype)
-            acc_a = mma(tl.trans(dht), x_a, acc_a, UPCAST)
+                          mask=rmask_a[:, None] & (rr[None, :] < r), other=0.0)
+            acc_a = mma_split(tl.trans(dht), x_a, acc_a, UPCAST)
         if DROPOUT:
             acc_a = acc_a * (1.0 / (1.0 - p))
         off_a = slab * r * d_in + rr[:, None] * d_in + kk[None, :]
@@ -524,8 +524,8 @@ def _bwd_daw_kernel(
             xt = tl.load(x_ptr + rows64[:, None] * d_in + kk[None, :],
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             dzt = tl.load(dz_ptr + rows64[:, None] * gn + zcol[None, :],
-                          mask=rmask[:, None] & zmask[None, :], other=0.0).to(dtype)
-            acc_w = mma(tl.trans(dzt), xt, acc_w, UPCAST)
+                          mask=rmask[:, None] & zmask[None, :], other=0.0)
+            acc_w = mma_split(tl.trans(dzt), xt, acc_w, UPCAST)
         off_w = slab * gn * d_in + zcol[:, None] * d_in + kk[None, :]
         m_w = zmask[:, None] & kmask[None, :]
         _put_partial(dw_ptr + off_w, acc_w, m_w, ATOMIC)
@@ -584,6 +584,7 @@ _SMALLER_TILES = {
     ("dh", "fold", "train", False): {16: (32, 64, 8), 32: (32, 64, 8), 64: (32, 64, 8),
                                      128: (32, 32, 8)},
     ("dx", "fold", "train", True): {128: (32, 64, 8)},
+    ("daw", "fold", "train", False): {16: (64, 64, 4)},
     ("db", "epi", "train", False): {128: (64, 32, 8)},
     ("db", "fold", "train", False): {128: (64, 32, 8)},
 }
