@@ -9,7 +9,7 @@ split and deterministic dy kernel, external logits, plain LoRA) in fp32, fp16 an
 - under ThreadSanitizer: any pair of threads of a block touching the same shared or global
   memory without a barrier or atomic between them (what compute-sanitizer's racecheck looks for).
 
-Each was shown to catch an injected bug (README, "What is verified"): a dropped barrier in the
+Each was shown to catch an injected bug (RELIABILITY.md): a dropped barrier in the
 K-loop (TSan), a tile loader reading one row past the end (ASan), vector loads without the
 alignment test (UBSan). Correctness against the reference is tests/test_cuda_mix.py's job.
 """
@@ -45,5 +45,6 @@ def test_rewrite_turns_cuda_syntax_into_cpp():
     out = cuda_emu.rewrite(src)
     assert ("static __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes]; "
             "::emu::shared_init(smem_raw_, sizeof(smem_raw_));") in out
-    assert "::emu::launch(grid, kThreads, 0, stream, [&] { k<T, BM>(\n      a, f(b, c), d); });" in out
+    assert ("::emu::launch(grid, kThreads, 0, stream, [&] { k<T, BM>(\n      a, f(b, c), d); });"
+            in out)
     assert "<<<" not in out and "__shared__" not in out

@@ -205,7 +205,8 @@ class Emulated:
         dx = _poisoned(T, d_in, dtype=x.dtype)
         dA = _poisoned(*A.shape, dtype=x.dtype)
         dB = _poisoned(*B.shape, dtype=x.dtype)
-        dW = _poisoned(*route_weight.shape, dtype=x.dtype) if routed else torch.empty(0, dtype=x.dtype)
+        dW = (_poisoned(*route_weight.shape, dtype=x.dtype) if routed
+              else torch.empty(0, dtype=x.dtype))
         dz = _poisoned(T, groups * N, dtype=torch.float32)
         dh_ws = _poisoned(T, r, dtype=torch.float32)
         dpi_ws = _poisoned(T, groups, N, dtype=torch.float32)
