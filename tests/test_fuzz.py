@@ -506,3 +506,23 @@ def test_regression_fp16_dW_route_with_subnormal_dz(backend):
                 dropout_p=0.0, training=False, residual=False, scaling=-0.001, seed=0,
                 dropout_seed=0)
     check_op_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(p.values[0], id=p.id, marks=[*p.marks, pytest.mark.xfail(
+        strict=False, reason="known: CUDA fp32 dlogits 2.3e-5 off vs 1.9e-5 allowed on this "
+        "ill-conditioned case (RELIABILITY.md); not strict: the GPU's expf may round otherwise")]
+        if p.values[0] == "cuda" else p.marks)
+    for p in backend_params()])
+def test_regression_fp32_layer_dlogits_cancelling(backend):
+    """Found by the "long" profile on the emulated CUDA kernels: one token, external logits,
+    fp32. dlogits (the softmax backward of dpi) cancels; the torch and Triton backends are
+    9.6e-6 off, the CUDA kernels 2.3e-5 against a tolerance of 1.9e-5 (4x how far the exact
+    result moves when the inputs move by one rounding). Summing dpi's column products in fp64
+    did not change it. Over 200 random inputs of this shape the CUDA kernels' dlogits error
+    matched plain fp32 PyTorch's (median 1.5e-7 vs 1.7e-7, max 1.5e-6 vs 1.0e-6): rounding noise
+    of another summation order on an ill-conditioned output, not a systematic loss."""
+    check_layer_against_reference(
+        {"wrap": True, "lead": (), "d_in": 17, "d_out": 14, "r": 7, "N": 4, "g": 1,
+         "alpha": 1.0, "dropout": 0.0, "training": False, "external": True,
+         "dtype": torch.float32, "x_layout": "contiguous", "seed": 4}, backend)
