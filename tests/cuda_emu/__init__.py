@@ -73,10 +73,11 @@ def rewrite(text: str) -> str:
     return "".join(out)
 
 
-def _sources() -> list[Path]:
+def _sources() -> list[str]:
+    """File names of the extension's sources that the emulator compiles (csrc/sources.txt)."""
     listed = [ln.strip() for ln in (CSRC / "sources.txt").read_text().splitlines()
               if ln.strip() and not ln.lstrip().startswith("#")]
-    return [ROOT / s for s in listed if Path(s).name not in EXCLUDED] + [HERE / "api.cpp"]
+    return [Path(s).name for s in listed if Path(s).name not in EXCLUDED]
 
 
 def _key(variant: str) -> str:
@@ -104,9 +105,8 @@ def build(variant: str = "lib") -> Path:
         if p.suffix in (".cu", ".cuh", ".h", ".cpp") and p.name not in EXCLUDED:
             (src_dir / (p.stem + ".cpp" if p.suffix == ".cu" else p.name)).write_text(
                 rewrite(p.read_text()))
-    units = [src_dir / (p.stem + ".cpp") if p.parent == CSRC else p for p in _sources()]
-    if variant != "lib":
-        units = [u for u in units if u.name != "api.cpp"] + [HERE / "check.cpp"]
+    entry = HERE / ("api.cpp" if variant == "lib" else "check.cpp")
+    units = [src_dir / (Path(name).stem + ".cpp") for name in _sources()] + [entry]
     flags = BASE_FLAGS + VARIANTS[variant] + ["-I", str(HERE / "include"), "-I", str(src_dir)]
 
     def compile_one(unit: Path) -> Path:
