@@ -73,6 +73,14 @@ const T* cptr(const OptTensor& t) {
   return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
 }
 
+// The SM count of a CUDA device: it decides the column splits of the forward and the dy kernel.
+int multiprocessor_count(const at::Device& device) {
+  int num_sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device.index()),
+             "cudaDeviceGetAttribute");
+  return num_sms;
+}
+
 // Validates x, A, B (and the router) and returns the sizes.
 mtlora::MixShape check_core(const Tensor& x, const Tensor& A, const Tensor& B,
                             const OptTensor& W, int64_t groups) {
@@ -124,13 +132,15 @@ std::vector<Tensor> mix_forward(const Tensor& x, const Tensor& A, const Tensor& 
   Tensor y = at::empty({s.T, s.d_out}, x.options());
   Tensor h = at::empty({s.T, s.r}, f32);
   Tensor pi = at::empty({s.T, s.g, s.N}, f32);
+  const int num_sms = multiprocessor_count(x.device());
+  Tensor ws = at::empty({mtlora::forward_plan(s, num_sms).ws_floats}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const mtlora::ForwardArgs<T> args{
         cptr<T>(x), cptr<T>(A), cptr<T>(B), cptr<T>(route_weight),
         logits.has_value() ? cptr<float>(logits32) : nullptr, cptr<T>(residual), mptr<T>(y),
-        mptr<float>(h), mptr<float>(pi), s, static_cast<float>(scaling),
-        static_cast<float>(dropout_p), static_cast<uint64_t>(seed)};
+        mptr<float>(h), mptr<float>(pi), mptr<float>(ws), s, static_cast<float>(scaling),
+        static_cast<float>(dropout_p), static_cast<uint64_t>(seed), num_sms};
     check_launch(mtlora::mix_forward<T>(args, c10::cuda::getCurrentCUDAStream()));
   });
   return {y, h, pi};
@@ -160,9 +170,7 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
   Tensor dz = at::empty({s.T, s.g * s.N}, f32);
   Tensor dh = at::empty({s.T, s.r}, f32);  // workspaces of the sequence
   Tensor dpi_ws = at::empty({s.T, s.g, s.N}, f32);
-  int num_sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()),
-             "cudaDeviceGetAttribute");
+  const int num_sms = multiprocessor_count(x.device());
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const mtlora::BackwardArgs<T> args{

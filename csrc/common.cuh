@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -101,15 +102,22 @@ __device__ __forceinline__ void split_store(T* S, T* S_lo, int i, float v) {
 }
 
 // ---- tile loaders ---------------------------------------------------------------------------
-// S[rr][kk] = f(row, col, G[row][col]) with row = row0 + rr, col = col0 + kk, for rr < ROWS,
-// kk < BK; 0 where row >= nrows or col >= ncols (f is only called in bounds). G is row-major
-// with leading dimension ldg. vec_ok: G is 16 B aligned and ldg * sizeof(Src) % 16 == 0; then
-// whole in-bounds 16 B chunks are read with one vector load (col0 is a multiple of BK).
-// S_lo (16-bit T only, may be null): also store what rounding to T lost (see split_store).
-template <int ROWS, typename T, typename Src, typename F>
-__device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64_t row0,
-                                          int64_t nrows, int64_t col0, int64_t ncols,
-                                          bool vec_ok, F f, T* S_lo = nullptr) {
+// Where row `row` of a tile operand comes from: p (null: a row of zeros) and whether it may be
+// read with 16 B vector loads (p 16 B aligned, row length * sizeof a multiple of 16).
+template <typename Src>
+struct RowSrc {
+  const Src* p;
+  bool vec;
+};
+
+// S[rr][kk] = f(row, col, src(row).p[col]) with row = row0 + rr, col = col0 + kk, for rr < ROWS,
+// kk < BK; 0 where src(row).p is null or col >= ncols (f is only called in bounds). Whole
+// in-bounds 16 B chunks of vector rows are read with one vector load (col0 is a multiple of
+// BK). S_lo (16-bit T only, may be null): also store what rounding to T lost (see split_store).
+template <int ROWS, typename T, typename RowOf, typename F>
+__device__ __forceinline__ void load_rows_of(T* S, RowOf src, int64_t row0, int64_t col0,
+                                             int64_t ncols, F f, T* S_lo = nullptr) {
+  using Src = std::remove_cv_t<std::remove_pointer_t<decltype(src(int64_t(0)).p)>>;
   constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
   constexpr int PER_ROW = BK / V;
   for (int q = threadIdx.x; q < ROWS * PER_ROW; q += kThreads) {
@@ -117,20 +125,31 @@ __device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64
     const int kk = (q % PER_ROW) * V;
     const int64_t row = row0 + rr;
     const int64_t col = col0 + kk;
+    const RowSrc<Src> g = src(row);
     float v[V];
-    if (row < nrows && vec_ok && col + V <= ncols) {
-      load_vec16(G + row * ldg + col, v);
+    if (g.p != nullptr && g.vec && col + V <= ncols) {
+      load_vec16(g.p + col, v);
 #pragma unroll
       for (int u = 0; u < V; ++u) v[u] = f(row, col + u, v[u]);
     } else {
 #pragma unroll
       for (int u = 0; u < V; ++u)
-        v[u] = (row < nrows && col + u < ncols) ? f(row, col + u, to_f(G[row * ldg + col + u]))
-                                                : 0.f;
+        v[u] = (g.p != nullptr && col + u < ncols) ? f(row, col + u, to_f(g.p[col + u])) : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < V; ++u) split_store(S, S_lo, rr * kLds<T> + kk + u, v[u]);
   }
+}
+
+// The common case: rows row0 .. of the row-major G (leading dimension ldg), zero from nrows on.
+// vec_ok: G is 16 B aligned and ldg * sizeof(Src) % 16 == 0.
+template <int ROWS, typename T, typename Src, typename F>
+__device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64_t row0,
+                                          int64_t nrows, int64_t col0, int64_t ncols,
+                                          bool vec_ok, F f, T* S_lo = nullptr) {
+  load_rows_of<ROWS>(
+      S, [=](int64_t row) { return RowSrc<Src>{row < nrows ? G + row * ldg : nullptr, vec_ok}; },
+      row0, col0, ncols, f, S_lo);
 }
 
 // Transposed: S[ii][kk] = f(krow, icol, G[krow][icol]) with krow = k0 + kk, icol = i0 + ii,
@@ -324,8 +343,8 @@ struct Dropout {
   }
 };
 
-// ---- host helpers ---------------------------------------------------------------------------
-inline bool vec_ok(const void* p, int64_t row_len, int64_t elem_size) {
+// ---- host (and device) helpers ---------------------------------------------------------------------------
+__host__ __device__ inline bool vec_ok(const void* p, int64_t row_len, int64_t elem_size) {
   return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_len * elem_size) % 16 == 0;
 }
 

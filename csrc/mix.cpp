@@ -17,14 +17,7 @@ template <typename T>
 LaunchStatus mix_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
   const MixShape& s = a.s;
   if (s.T == 0) return {cudaSuccess, nullptr};
-  // The router's logits go straight into pi's buffer; the softmax then runs in place.
-  MTLORA_LAUNCH(launch_project<T>(a.x, a.A, a.W, a.h, a.W != nullptr ? a.pi : nullptr, s,
-                                  a.dropout_p, a.seed, stream),
-                "project_kernel");
-  const float* logits = a.W != nullptr ? a.pi : a.logits;  // null: uniform (plain LoRA)
-  MTLORA_LAUNCH(launch_softmax(logits, a.pi, s.T * s.g, s.N, stream), "softmax_kernel");
-  MTLORA_LAUNCH(launch_expand<T>(a.h, a.pi, a.B, a.residual, a.y, s, a.scaling, stream),
-                "expand_kernel");
+  MTLORA_LAUNCH(launch_forward<T>(a, stream), "forward_kernel");
   return {cudaSuccess, nullptr};
 }
 

@@ -1,5 +1,9 @@
-// Forward of the fused mix: project (h = A . drop(x), z = W . x), softmax, expand-mix.
+// Forward of the fused mix in one pass: each block projects its tokens (h = A . drop(x) and the
+// router logits z = W . x of the groups it needs), takes the per-group softmax, and writes its
+// output tiles y = residual + s * sum_e pi_e * (h . B_e^T). One launch; x is read by every
+// column split of a token block (L2 hits after the first), y written once.
 // NOT verified on hardware (emulated on the CPU only); see mtlora.h.
+#include <algorithm>
 #include <cmath>
 
 #include "common.cuh"
@@ -8,210 +12,238 @@
 namespace mtlora {
 namespace {
 
-// Block (bx, by) computes a BM x BN tile of [h | z]: by < tiles_a covers h = drop(x) . A^T
-// (dropout applied while x is staged, so the mask is never materialised), the rest covers
-// z = x . W^T (the router sees x undropped). Both stay fp32: the softmax must see fp32 logits
-// (SPEC section 3: rounding them to bf16 first moved outputs by 9-23%).
-template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads)
-    project_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ W,
-                   float* __restrict__ h, float* __restrict__ z, MixShape s, int tiles_a,
-                   float p, uint64_t seed, bool vec_x, bool vec_a, bool vec_w) {
-  MTLORA_TILE_SMEM(T, BM);
-  const int64_t t0 = int64_t(blockIdx.x) * BM;
-  const bool is_a = int(blockIdx.y) < tiles_a;
-  const int64_t n0 = int64_t(is_a ? blockIdx.y : blockIdx.y - tiles_a) * BN;
-  const T* Wp = is_a ? A : W;
-  const int64_t nrows = is_a ? s.r : s.g * s.N;
-  float* out = is_a ? h : z;
-  const int64_t d_in = s.d_in;
-  const Dropout x_op(is_a ? p : 0.f, seed, d_in);
+// Decode-sized calls (T <= 16) use 16-row tiles: a 64-row tile would spend 3/4 of its tensor
+// core work and staging on padding rows.
+constexpr int64_t kSmallT = 16;
 
-  TileMma<T, BM> mma;
-  mma.zero();
-  gemm_over_k(mma, As, Bs, 0, d_in, [&](int64_t k0) {
-    load_rows<BM>(As, x, d_in, t0, s.T, k0, d_in, vec_x, x_op);
-    load_rows<BN>(Bs, Wp, d_in, n0, nrows, k0, d_in, is_a ? vec_a : vec_w, Identity{});
-  });
-  mma.store(Cs);
-  __syncthreads();
-  for (int q = threadIdx.x; q < BM * BN; q += kThreads) {
-    const int rr = q / BN, cc = q % BN;
-    const int64_t t = t0 + rr, n = n0 + cc;
-    if (t < s.T && n < nrows) out[t * nrows + n] = Cs[rr * LDC + cc];
-  }
-}
-
-// One thread per (token, group) row of N logits; max-subtracted so logits of +-1e4 stay finite.
-// A row of all -inf gives NaN, as torch.softmax does. z == null: uniform weights 1 / N.
-__global__ void softmax_kernel(const float* z, float* pi, int64_t rows, int64_t N) {
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  float* pr = pi + row * N;
+// pi = softmax(z) over one row of N logits; max-subtracted so logits of +-1e4 stay finite. A
+// row of all -inf gives NaN, as torch.softmax does. z == null: uniform weights 1 / N. z may
+// alias pi: entry e is read (again) just before it is overwritten.
+__device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N) {
   if (z == nullptr) {
-    for (int64_t e = 0; e < N; ++e) pr[e] = 1.f / float(N);
+    for (int64_t e = 0; e < N; ++e) pi[e] = 1.f / float(N);
     return;
   }
-  const float* zr = z + row * N;
   float m = -INFINITY;
-  for (int64_t e = 0; e < N; ++e) m = fmaxf(m, zr[e]);
+  for (int64_t e = 0; e < N; ++e) m = fmaxf(m, z[e]);
   float sum = 0.f;
-  for (int64_t e = 0; e < N; ++e) sum += expf(zr[e] - m);
+  for (int64_t e = 0; e < N; ++e) sum += expf(z[e] - m);
   const float inv = 1.f / sum;
-  // In place is safe: entry e is read (again) just before it is overwritten.
-  for (int64_t e = 0; e < N; ++e) pr[e] = expf(zr[e] - m) * inv;
+  for (int64_t e = 0; e < N; ++e) pi[e] = expf(z[e] - m) * inv;
 }
 
-// Block (bx, by) writes y[t0:t0+BM, j0:j0+BN]. When the tile lies inside one routing group G
-// (the common case: c = d_out / g >= 64), the mix folds into the GEMM's A operand,
+// Block (bx, by): tokens t0 .. t0 + BM, output columns [col_lo, col_hi) = the BN-wide tiles
+// by * tiles_per_split .. of d_out, which touch the groups g_first .. g_last.
+//
+// Phase 1, the projection: one tile GEMM over d_in per 64 columns of the packed operand
+// [A; W rows g_first*N .. (g_last+1)*N), so at the defaults (r = 16, N = 16, g = 2) h and all
+// logits come from ONE sweep over x. With dropout, h's columns and the logits' never share a
+// sweep (h sees drop(x), the router x). Logits stay fp32 into the softmax (SPEC section 3:
+// rounding them to bf16 first moved outputs by 9-23%).
+// Phase 2, the expand-mix, one BM x BN tile at a time. When the tile lies inside one routing
+// group G (the common case: c = d_out / g >= 64) the mix folds into the GEMM's A operand,
 // H~[t, (e, k)] = pi[t, G, e] * h[t, k], and the tile is ONE GEMM with K = N * r (SPEC
-// section 3). Otherwise (g large, c < 64) each expert's h . B_e^T goes through Cs and is
-// weighted per column in the epilogue. Each thread owns 8 consecutive columns of a row, so the
-// final y (+ residual) access is one 16 B vector when aligned.
+// section 3). Otherwise (c < 64) each expert's h . B_e^T goes through Cs and is weighted per
+// column in the epilogue. Each thread owns 8 consecutive columns of a row, so the final y
+// (+ residual) access is one 16 B vector when aligned.
+//
+// h and pi pass through global memory between the phases, read back only by the block that
+// wrote them (after a barrier, which makes a block's global writes visible to the block): the
+// outputs h and pi when the block owns them, else its slice of ws. Split 0 writes h; split
+// s > 0 keeps its copy in ws. A group's pi is written by the split holding the group's first
+// column; only a split's first group can have started in an earlier split, and that one
+// group's weights go to ws. So every output element has exactly one writer and no block reads
+// what another block writes.
+//
+// Launch bounds (kThreads, 1): with (kThreads) alone, ptxas (CUDA 13.0) held the kernel to 64
+// registers at BM = 16 and 128 at BM = 64 and spilled 8-92 B (sm_80 and sm_90); with the
+// minimum of one block per SM it takes 92-172 registers and spills nothing (python/tools/
+// KERNELS.md), which still leaves 3 (BM = 64) to 4 (BM = 16) blocks per SM by registers.
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads)
-    expand_kernel(const float* __restrict__ h, const float* __restrict__ pi,
-                  const T* __restrict__ B, const T* __restrict__ residual, T* __restrict__ y,
-                  MixShape s, float scaling, bool vec_h, bool vec_b, bool vec_y) {
+__global__ void __launch_bounds__(kThreads, 1)
+    forward_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ W,
+                   const float* __restrict__ logits, const T* __restrict__ B,
+                   const T* __restrict__ residual, T* __restrict__ y, float* h_out, float* pi_out,
+                   float* ws, MixShape s, int64_t tiles_per_split, float scaling, float p,
+                   uint64_t seed, bool vec_x, bool vec_a, bool vec_w, bool vec_b, bool vec_y) {
   MTLORA_TILE_SMEM(T, BM);
   constexpr int CHUNKS = BM * (BN / 8) / kThreads;  // 8-column chunks per thread: 4 or 1
   const int64_t t0 = int64_t(blockIdx.x) * BM;
-  const int64_t j0 = int64_t(blockIdx.y) * BN;
-  const int64_t c = s.d_out / s.g;
-  const int64_t j_last = min(j0 + BN, s.d_out) - 1;
-  const int64_t g0 = j0 / c;
-  const bool fold = g0 == j_last / c;
+  const int64_t split = blockIdx.y;
+  const int64_t c = s.d_out / s.g, N = s.N, r = s.r;
+  const int64_t col_lo = split * tiles_per_split * BN;
+  const int64_t col_hi = min(col_lo + tiles_per_split * BN, s.d_out);
+  const int64_t g_first = col_lo / c, g_last = (col_hi - 1) / c;
+  const bool own_first = g_first * c >= col_lo;
+  float* h = split == 0 ? h_out : ws + (split - 1) * s.T * (r + N);
+  float* pi_first = h + s.T * r;  // [T, N]: the first group's weights when not owned
+  auto pi_row = [=](int64_t t, int64_t G) {
+    return G == g_first && !own_first ? pi_first + t * N : pi_out + (t * s.g + G) * N;
+  };
 
-  float own[CHUNKS][8];
-#pragma unroll
-  for (int i = 0; i < CHUNKS; ++i)
-#pragma unroll
-    for (int u = 0; u < 8; ++u) own[i][u] = 0.f;
-
-  TileMma<T, BM> mma;
-  mma.zero();
-  for (int64_t e = 0; e < s.N; ++e) {
-    const T* Be = B + e * s.d_out * s.r;
-    auto h_op = [=](int64_t t, int64_t, float v) {
-      return fold ? v * pi[(t * s.g + g0) * s.N + e] : v;
-    };
-    gemm_over_k(mma, As, Bs, 0, s.r, [&](int64_t k0) {
-      load_rows<BM>(As, h, s.r, t0, s.T, k0, s.r, vec_h, h_op);
-      load_rows<BN>(Bs, Be, s.r, j0, s.d_out, k0, s.r, vec_b, Identity{});
+  // ---- phase 1: h and the logits of groups g_first .. g_last ----
+  const int64_t nz = W != nullptr ? (g_last - g_first + 1) * N : 0;
+  const int64_t zoff = (p > 0.f && nz > 0) ? (r + BN - 1) / BN * BN : r;
+  auto packed = [=](int64_t q) {
+    if (q < r) return RowSrc<T>{A + q * s.d_in, vec_a};
+    if (q >= zoff && q < zoff + nz) return RowSrc<T>{W + (g_first * N + q - zoff) * s.d_in, vec_w};
+    return RowSrc<T>{nullptr, false};
+  };
+  for (int64_t q0 = 0; q0 < zoff + nz; q0 += BN) {
+    const Dropout x_op(q0 < r ? p : 0.f, seed, s.d_in);
+    TileMma<T, BM> mma;
+    mma.zero();
+    gemm_over_k(mma, As, Bs, 0, s.d_in, [&](int64_t k0) {
+      load_rows<BM>(As, x, s.d_in, t0, s.T, k0, s.d_in, vec_x, x_op);
+      load_rows_of<BN>(Bs, packed, q0, k0, s.d_in, Identity{});
     });
-    if (!fold) {
+    mma.store(Cs);
+    __syncthreads();
+    for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
+      const int rr = i / BN, cc = i % BN;
+      const int64_t t = t0 + rr, q = q0 + cc;
+      if (t >= s.T) continue;
+      if (q < r) {
+        h[t * r + q] = Cs[rr * LDC + cc];
+      } else if (q >= zoff && q < zoff + nz) {
+        const int64_t n = q - zoff;  // logit (g_first + n / N, n % N)
+        pi_row(t, g_first + n / N)[n % N] = Cs[rr * LDC + cc];
+      }
+    }
+    // The next sweep's Cs store follows at least one more barrier (inside gemm_over_k).
+  }
+  __syncthreads();  // the logits of every row are in place
+  const int64_t ngroups = g_last - g_first + 1;
+  for (int64_t i = threadIdx.x; i < BM * ngroups; i += kThreads) {
+    const int64_t t = t0 + i / ngroups, G = g_first + i % ngroups;
+    if (t >= s.T) continue;
+    float* pr = pi_row(t, G);
+    // router: in place; external logits: from them; neither: uniform (plain LoRA, N == 1)
+    softmax_row(W != nullptr ? pr : logits != nullptr ? logits + (t * s.g + G) * N : nullptr,
+                pr, N);
+  }
+  __syncthreads();  // h and pi of this block's rows are complete
+
+  // ---- phase 2: the expand-mix, tile by tile ----
+  const bool vec_h = vec_ok(h, r, sizeof(float));
+  for (int64_t j0 = col_lo; j0 < col_hi; j0 += BN) {
+    const int64_t j_last = min(j0 + BN, s.d_out) - 1;
+    const int64_t g0 = j0 / c;
+    const bool fold = g0 == j_last / c;
+
+    float own[CHUNKS][8];
+#pragma unroll
+    for (int i = 0; i < CHUNKS; ++i)
+#pragma unroll
+      for (int u = 0; u < 8; ++u) own[i][u] = 0.f;
+
+    TileMma<T, BM> mma;
+    mma.zero();
+    for (int64_t e = 0; e < N; ++e) {
+      const T* Be = B + e * s.d_out * r;
+      auto h_op = [=](int64_t t, int64_t, float v) { return fold ? v * pi_row(t, g0)[e] : v; };
+      gemm_over_k(mma, As, Bs, 0, r, [&](int64_t k0) {
+        load_rows<BM>(As, h, r, t0, s.T, k0, r, vec_h, h_op);
+        load_rows<BN>(Bs, Be, r, j0, s.d_out, k0, r, vec_b, Identity{});
+      });
+      if (!fold) {
+        mma.store(Cs);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+          int rr, cc;
+          own_chunk(i, rr, cc);
+          const int64_t t = t0 + rr;
+          if (t >= s.T) continue;
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            const int64_t j = j0 + cc + u;
+            if (j < s.d_out) own[i][u] += pi_row(t, j / c)[e] * Cs[rr * LDC + cc + u];
+          }
+        }
+        mma.zero();
+        // The next expert's (or tile's) loads do not touch Cs and its store comes after at
+        // least one more __syncthreads, so no barrier is needed here.
+      }
+    }
+    if (fold) {
       mma.store(Cs);
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < CHUNKS; ++i) {
         int rr, cc;
         own_chunk(i, rr, cc);
-        const int64_t t = t0 + rr;
-        if (t >= s.T) continue;
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int64_t j = j0 + cc + u;
-          if (j < s.d_out) own[i][u] += pi[(t * s.g + j / c) * s.N + e] * Cs[rr * LDC + cc + u];
-        }
+        for (int u = 0; u < 8; ++u) own[i][u] = Cs[rr * LDC + cc + u];
       }
-      mma.zero();
-      // The next expert's loads do not touch Cs and its store comes after at least one more
-      // __syncthreads, so no barrier is needed here.
     }
-  }
-  if (fold) {
-    mma.store(Cs);
-    __syncthreads();
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
       int rr, cc;
       own_chunk(i, rr, cc);
+      const int64_t t = t0 + rr, j = j0 + cc;
+      if (t >= s.T) continue;
+      float v[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) own[i][u] = Cs[rr * LDC + cc + u];
-    }
-  }
+      for (int u = 0; u < 8; ++u) v[u] = scaling * own[i][u];
+      T* yp = y + t * s.d_out + j;
+      if (vec_y && j + 8 <= s.d_out) {
+        if (residual != nullptr) {
+          float rv[8];
+          load_vec8(residual + t * s.d_out + j, rv);
 #pragma unroll
-  for (int i = 0; i < CHUNKS; ++i) {
-    int rr, cc;
-    own_chunk(i, rr, cc);
-    const int64_t t = t0 + rr, j = j0 + cc;
-    if (t >= s.T) continue;
-    float v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) v[u] = scaling * own[i][u];
-    T* yp = y + t * s.d_out + j;
-    if (vec_y && j + 8 <= s.d_out) {
-      if (residual != nullptr) {
-        float rv[8];
-        load_vec8(residual + t * s.d_out + j, rv);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) v[u] += rv[u];
-      }
-      store_vec8(yp, v);
-    } else {
-      for (int u = 0; u < 8 && j + u < s.d_out; ++u) {
-        const float r = residual != nullptr ? to_f(residual[t * s.d_out + j + u]) : 0.f;
-        yp[u] = from_f<T>(v[u] + r);
+          for (int u = 0; u < 8; ++u) v[u] += rv[u];
+        }
+        store_vec8(yp, v);
+      } else {
+        for (int u = 0; u < 8 && j + u < s.d_out; ++u) {
+          const float rv = residual != nullptr ? to_f(residual[t * s.d_out + j + u]) : 0.f;
+          yp[u] = from_f<T>(v[u] + rv);
+        }
       }
     }
   }
 }
 
 template <typename T, int BM>
-cudaError_t project_bm(const T* x, const T* A, const T* W, float* h, float* z, const MixShape& s,
-                       float p, uint64_t seed, cudaStream_t stream) {
-  const int tiles_a = int(ceil_div(s.r, BN));
-  const int tiles_w = W != nullptr ? int(ceil_div(s.g * s.N, BN)) : 0;
-  const dim3 grid(ceil_div(s.T, BM), tiles_a + tiles_w);
-  project_kernel<T, BM><<<grid, kThreads, 0, stream>>>(
-      x, A, W, h, z, s, tiles_a, p, seed, vec_ok(x, s.d_in, sizeof(T)),
-      vec_ok(A, s.d_in, sizeof(T)), vec_ok(W, s.d_in, sizeof(T)));
+cudaError_t forward_bm(const ForwardArgs<T>& a, const ForwardPlan& plan, cudaStream_t stream) {
+  const MixShape& s = a.s;
+  const dim3 grid(unsigned(plan.row_blocks), unsigned(plan.splits));
+  const bool vy = vec_ok(a.y, s.d_out, sizeof(T)) &&
+                  (a.residual == nullptr || vec_ok(a.residual, s.d_out, sizeof(T)));
+  forward_kernel<T, BM><<<grid, kThreads, 0, stream>>>(
+      a.x, a.A, a.W, a.logits, a.B, a.residual, a.y, a.h, a.pi, a.ws, s, plan.tiles_per_split,
+      a.scaling, a.dropout_p, a.seed, vec_ok(a.x, s.d_in, sizeof(T)),
+      vec_ok(a.A, s.d_in, sizeof(T)), vec_ok(a.W, s.d_in, sizeof(T)),
+      vec_ok(a.B, s.r, sizeof(T)), vy);
   return cudaGetLastError();
 }
-
-template <typename T, int BM>
-cudaError_t expand_bm(const float* h, const float* pi, const T* B, const T* residual, T* y,
-                      const MixShape& s, float scaling, cudaStream_t stream) {
-  const dim3 grid(ceil_div(s.T, BM), ceil_div(s.d_out, BN));
-  const bool vy = vec_ok(y, s.d_out, sizeof(T)) &&
-                  (residual == nullptr || vec_ok(residual, s.d_out, sizeof(T)));
-  expand_kernel<T, BM><<<grid, kThreads, 0, stream>>>(
-      h, pi, B, residual, y, s, scaling, vec_ok(h, s.r, sizeof(float)),
-      vec_ok(B, s.r, sizeof(T)), vy);
-  return cudaGetLastError();
-}
-
-// Decode-sized calls (T <= 16) use 16-row tiles: a 64-row tile would spend 3/4 of its tensor
-// core work and staging on padding rows.
-constexpr int64_t kSmallT = 16;
 
 }  // namespace
 
+ForwardPlan forward_plan(const MixShape& s, int num_sms) {
+  ForwardPlan plan{};
+  plan.bm = s.T <= kSmallT ? 16 : 64;
+  plan.row_blocks = (s.T + plan.bm - 1) / plan.bm;
+  const int64_t tiles = (s.d_out + BN - 1) / BN;
+  // Column splits only when the token blocks alone cannot fill the device (2 blocks per SM):
+  // decode and short sequences. Each split recomputes h and its groups' logits.
+  const int64_t target = 2 * int64_t(std::max(num_sms, 1));
+  const int64_t want = std::max<int64_t>(1, std::min(tiles, target / std::max<int64_t>(plan.row_blocks, 1)));
+  plan.tiles_per_split = (tiles + want - 1) / want;
+  plan.splits = (tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
+  plan.ws_floats = (plan.splits - 1) * s.T * (s.r + s.N);
+  return plan;
+}
+
 template <typename T>
-cudaError_t launch_project(const T* x, const T* A, const T* W, float* h, float* z,
-                           const MixShape& s, float p, uint64_t seed, cudaStream_t stream) {
-  return s.T <= kSmallT ? project_bm<T, 16>(x, A, W, h, z, s, p, seed, stream)
-                        : project_bm<T, 64>(x, A, W, h, z, s, p, seed, stream);
+cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
+  const ForwardPlan plan = forward_plan(a.s, a.num_sms);
+  return plan.bm == 16 ? forward_bm<T, 16>(a, plan, stream) : forward_bm<T, 64>(a, plan, stream);
 }
 
-cudaError_t launch_softmax(const float* z, float* pi, int64_t rows, int64_t N,
-                           cudaStream_t stream) {
-  softmax_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(z, pi, rows, N);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_expand(const float* h, const float* pi, const T* B, const T* residual, T* y,
-                          const MixShape& s, float scaling, cudaStream_t stream) {
-  return s.T <= kSmallT ? expand_bm<T, 16>(h, pi, B, residual, y, s, scaling, stream)
-                        : expand_bm<T, 64>(h, pi, B, residual, y, s, scaling, stream);
-}
-
-#define MTLORA_INSTANTIATE_FORWARD(T)                                                         \
-  template cudaError_t launch_project<T>(const T*, const T*, const T*, float*, float*,        \
-                                         const MixShape&, float, uint64_t, cudaStream_t);     \
-  template cudaError_t launch_expand<T>(const float*, const float*, const T*, const T*, T*,   \
-                                        const MixShape&, float, cudaStream_t);
+#define MTLORA_INSTANTIATE_FORWARD(T) \
+  template cudaError_t launch_forward<T>(const ForwardArgs<T>&, cudaStream_t);
 MTLORA_INSTANTIATE_FORWARD(float)
 MTLORA_INSTANTIATE_FORWARD(__half)
 MTLORA_INSTANTIATE_FORWARD(__nv_bfloat16)

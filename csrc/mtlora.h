@@ -29,17 +29,19 @@ struct MixShape {
 };
 
 // ---- forward --------------------------------------------------------------------------------
-// h = drop(x) . A^T and, when W is given, z = x . W^T (both fp32 accumulated and stored).
-template <typename T>
-cudaError_t launch_project(const T* x, const T* A, const T* W, float* h, float* z,
-                           const MixShape& s, float dropout_p, uint64_t seed, cudaStream_t stream);
-// pi = softmax over the last dim of z viewed [rows, N]; z may alias pi (in place); z == null
-// means all-zero logits (uniform weights).
-cudaError_t launch_softmax(const float* z, float* pi, int64_t rows, int64_t N, cudaStream_t stream);
+// One launch (mix_forward.cu): per block of tokens, h = drop(x) . A^T and z = x . W^T (fp32),
+// pi = per-group softmax of z (or of external logits, or uniform), then
 // y = residual + scaling * sum_e pi[:, G(j), e] * (h . B_e^T)[:, j]   (residual may be null).
-template <typename T>
-cudaError_t launch_expand(const float* h, const float* pi, const T* B, const T* residual, T* y,
-                          const MixShape& s, float scaling, cudaStream_t stream);
+// The grid is (token blocks) x (column splits of d_out); a split > 0 keeps its own h and its
+// first group's pi in a workspace of ws_floats floats.
+struct ForwardPlan {
+  int bm;                   // rows per token block: 16 (decode, T <= 16) or 64
+  int64_t row_blocks;       // ceil(T / bm)
+  int64_t splits;           // column splits of d_out
+  int64_t tiles_per_split;  // 64-wide output tiles per split
+  int64_t ws_floats;        // workspace the launch needs
+};
+ForwardPlan forward_plan(const MixShape& s, int num_sms);
 
 // ---- backward -------------------------------------------------------------------------------
 // dh[t, k] = s * sum_{j, e} dy[t, j] pi[t, G(j), e] B[e, j, k]      (dh zero-initialised)
@@ -89,9 +91,11 @@ struct ForwardArgs {
   T* y;                  // [T, d_out]
   float* h;              // [T, r]
   float* pi;             // [T, g, N]; uniform (1 when N == 1) without W and logits
+  float* ws;             // workspace of forward_plan(s, num_sms).ws_floats floats (null if 0)
   MixShape s;
   float scaling, dropout_p;
   uint64_t seed;
+  int num_sms;           // of the device: decides the column splits
 };
 
 template <typename T>
@@ -118,6 +122,8 @@ struct BackwardArgs {
   int num_sms;           // of the device: decides the column split of the dy kernel
 };
 
+template <typename T>
+cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream);
 template <typename T>
 LaunchStatus mix_forward(const ForwardArgs<T>& a, cudaStream_t stream);
 template <typename T>

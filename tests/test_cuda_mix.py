@@ -11,6 +11,8 @@ the emulator are in ``tests/test_cuda_emulated.py``.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from conftest import REL_TOL, assert_close_to_reference, rel_err
@@ -151,6 +153,32 @@ def test_external_logits_and_routing_gradient(cuda_ext, T, g, dtype):
 )
 def test_sizes(cuda_ext, T, d_in, d_out, r, N, g, dtype):
     check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=0.05, seed=d_in + g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T,d_out,r,N,g,num_sms,splits",
+    [
+        (17, 192, 16, 4, 2, 1, 2),  # group 1 starts in split 0 and ends in split 1
+        (17, 192, 16, 4, 1, 1, 2),  # one group over both splits
+        (17, 256, 16, 4, 16, 1, 2),  # c = 16 < 64: several groups per tile, epilogue mix
+        (17, 192, 80, 16, 2, 1, 2),  # r > 64: h and the logits over several sweeps of x
+        (3, 192, 16, 4, 2, 132, 3),  # decode: every tile its own split
+        (133, 192, 16, 4, 2, 1, 1),  # the token blocks fill the device: no split
+    ],
+)
+def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, dtype):
+    """The forward's column splits of d_out (chosen from the SM count, so set here through the
+    emulator's ``num_sms``): a split > 0 keeps its own h, and the weights of a group that began
+    in an earlier split, in the workspace; every output element has one writer."""
+    emu = cuda_emu.install(monkeypatch)
+    monkeypatch.setattr(emu, "num_sms", num_sms)
+    shape = (ctypes.c_int64 * 6)(T, 64, d_out, r, N, g)
+    ws = emu._lib.emu_forward_workspace_floats(shape, num_sms)
+    assert ws == (splits - 1) * T * (r + N), "the case does not split as intended"
+    for p in (0.0, 0.1):
+        check_against_reference(T, 64, d_out, r, N, g, dtype, torch.device("cpu"), p=p,
+                                seed=d_out + g + r)
 
 
 def test_deterministic_mode_is_bitwise_reproducible(cuda_ext):

@@ -146,7 +146,8 @@ class Emulated:
 
     Allocates as ``bindings.cpp`` does (but fills outputs with NaN first) and runs the launch
     sequence of ``csrc/mix.cpp``. ``num_sms`` stands in for the device's SM count, which decides
-    the column split (atomics) of the backward's dy kernel: 132 is an H100 / H200.
+    the column splits of the forward and of the backward's dy kernel (atomics): 132 is an H100 /
+    H200.
     """
 
     def __init__(self, lib: ctypes.CDLL, num_sms: int = 132):
@@ -154,10 +155,13 @@ class Emulated:
         self.num_sms = num_sms
         for fn in (lib.emu_mix_forward, lib.emu_mix_backward, lib.emu_dropout_keep_mask):
             fn.restype = ctypes.c_int
+        lib.emu_forward_workspace_floats.restype = ctypes.c_int64
+        lib.emu_forward_workspace_floats.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.emu_mix_forward.argtypes = (
-            [ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_void_p, ctypes.c_float,
-                                                      ctypes.c_float, ctypes.c_uint64,
-                                                      ctypes.c_char_p, ctypes.c_int])
+            [ctypes.c_int] + [ctypes.c_void_p] * 10 + [ctypes.c_void_p, ctypes.c_float,
+                                                       ctypes.c_float, ctypes.c_uint64,
+                                                       ctypes.c_int, ctypes.c_char_p,
+                                                       ctypes.c_int])
         lib.emu_mix_backward.argtypes = (
             [ctypes.c_int] + [ctypes.c_void_p] * 15 + [ctypes.c_void_p, ctypes.c_float,
                                                        ctypes.c_float, ctypes.c_uint64,
@@ -189,11 +193,14 @@ class Emulated:
         y = _poisoned(T, d_out, dtype=x.dtype)
         h = _poisoned(T, r, dtype=torch.float32)
         pi = _poisoned(T, groups, N, dtype=torch.float32)
+        shape = self._shape(x, A, B, groups)
+        ws = _poisoned(self._lib.emu_forward_workspace_floats(shape, self.num_sms),
+                       dtype=torch.float32)
         err = ctypes.create_string_buffer(256)
         rc = self._lib.emu_mix_forward(
             _DTYPES[x.dtype], _ptr(x), _ptr(A), _ptr(B), _ptr(route_weight), _ptr(logits),
-            _ptr(residual), _ptr(y), _ptr(h), _ptr(pi), self._shape(x, A, B, groups),
-            float(scaling), float(dropout_p), int(seed) & (2**64 - 1), err, len(err))
+            _ptr(residual), _ptr(y), _ptr(h), _ptr(pi), _ptr(ws), shape, float(scaling),
+            float(dropout_p), int(seed) & (2**64 - 1), int(self.num_sms), err, len(err))
         self._check(rc, err)
         return y, h, pi
 

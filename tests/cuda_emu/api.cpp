@@ -26,17 +26,23 @@ int report(const mtlora::LaunchStatus& st, char* err, int errlen) {
 
 }  // namespace
 
+extern "C" int64_t emu_forward_workspace_floats(const int64_t* shape, int num_sms) {
+  const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
+  return mtlora::forward_plan(s, num_sms).ws_floats;
+}
+
 extern "C" int emu_mix_forward(int dtype, const void* x, const void* A, const void* B,
                                const void* W, const float* logits, const void* residual, void* y,
-                               float* h, float* pi, const int64_t* shape, float scaling,
-                               float dropout_p, uint64_t seed, char* err, int errlen) {
+                               float* h, float* pi, float* ws, const int64_t* shape,
+                               float scaling, float dropout_p, uint64_t seed, int num_sms,
+                               char* err, int errlen) {
   const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const mtlora::ForwardArgs<T> a{
         static_cast<const T*>(x), static_cast<const T*>(A), static_cast<const T*>(B),
         static_cast<const T*>(W), logits, static_cast<const T*>(residual), static_cast<T*>(y),
-        h, pi, s, scaling, dropout_p, seed};
+        h, pi, ws, s, scaling, dropout_p, seed, num_sms};
     return report(mtlora::mix_forward<T>(a, nullptr), err, errlen);
   });
 }

@@ -48,9 +48,11 @@ int run(const Case& c, std::mt19937& rng) {
   auto residual = random_vec<T>(c.T * c.d_out, rng, 1.f);
   std::vector<T> y(c.T * c.d_out);
   std::vector<float> h(c.T * c.r), pi(c.T * c.g * c.N);
+  std::vector<float> ws(mtlora::forward_plan(s, c.num_sms).ws_floats);
   const mtlora::ForwardArgs<T> fa{x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr,
                                   c.router == 2 ? logits.data() : nullptr, residual.data(),
-                                  y.data(), h.data(), pi.data(), s, 2.f, c.p, 1234};
+                                  y.data(), h.data(), pi.data(), ws.data(), s, 2.f, c.p, 1234,
+                                  c.num_sms};
   mtlora::LaunchStatus st = mtlora::mix_forward<T>(fa, nullptr);
   if (st.err != cudaSuccess) {
     std::printf("forward: %s failed\n", st.kernel);
@@ -78,7 +80,8 @@ int run(const Case& c, std::mt19937& rng) {
 int main() {
   // Odd sizes (scalar edges everywhere), aligned sizes (16-byte vector paths, the folded mix),
   // g = d_out (per-expert epilogue), decode (16-row tiles), r > 64 (two rank chunks), the column
-  // split of the dy kernel (atomics) and its deterministic twin, external logits, plain LoRA.
+  // split of the dy kernel (atomics) and its deterministic twin, external logits, plain LoRA,
+  // the forward's column splits (num_sms = 1) with groups that span two splits.
   const Case cases[] = {
       {7, 37, 30, 5, 3, 3, 1, 0.1f, false, 132},
       {70, 64, 128, 16, 4, 2, 1, 0.1f, false, 132},
@@ -87,6 +90,8 @@ int main() {
       {3, 64, 64, 16, 4, 2, 1, 0.0f, false, 132},
       {17, 40, 24, 80, 2, 2, 1, 0.05f, false, 132},
       {5, 24, 16, 3, 1, 1, 0, 0.1f, false, 132},
+      {17, 64, 192, 16, 4, 2, 1, 0.1f, false, 1},  // forward: 2 splits, group 1 in both
+      {17, 64, 256, 16, 4, 16, 2, 0.0f, false, 1},
   };
   std::mt19937 rng(0);
   int failures = 0;
