@@ -102,22 +102,23 @@ __device__ __forceinline__ void split_store(T* S, T* S_lo, int i, float v) {
 }
 
 // ---- tile loaders ---------------------------------------------------------------------------
-// Where row `row` of a tile operand comes from: p (null: a row of zeros) and whether it may be
-// read with 16 B vector loads (p 16 B aligned, row length * sizeof a multiple of 16).
+// Where element (row, col) of a tile operand lives: p (null: the element is 0) and whether the
+// V = 16 / sizeof(Src) elements from col on are contiguous from p and 16 B aligned, so that
+// one vector load reads them (asked only for col a multiple of V).
 template <typename Src>
-struct RowSrc {
+struct ElemSrc {
   const Src* p;
   bool vec;
 };
 
-// S[rr][kk] = f(row, col, src(row).p[col]) with row = row0 + rr, col = col0 + kk, for rr < ROWS,
-// kk < BK; 0 where src(row).p is null or col >= ncols (f is only called in bounds). Whole
-// in-bounds 16 B chunks of vector rows are read with one vector load (col0 is a multiple of
-// BK). S_lo (16-bit T only, may be null): also store what rounding to T lost (see split_store).
-template <int ROWS, typename T, typename RowOf, typename F>
-__device__ __forceinline__ void load_rows_of(T* S, RowOf src, int64_t row0, int64_t col0,
-                                             int64_t ncols, F f, T* S_lo = nullptr) {
-  using Src = std::remove_cv_t<std::remove_pointer_t<decltype(src(int64_t(0)).p)>>;
+// S[rr][kk] = f(row, col, *src(row, col).p) with row = row0 + rr, col = col0 + kk, for
+// rr < ROWS, kk < BK; 0 where src gives null or col >= ncols (f is only called in bounds).
+// col0 is a multiple of BK. S_lo (16-bit T only, may be null): also store what rounding to T
+// lost (see split_store).
+template <int ROWS, typename T, typename SrcOf, typename F>
+__device__ __forceinline__ void load_tile(T* S, SrcOf src, int64_t row0, int64_t col0,
+                                          int64_t ncols, F f, T* S_lo = nullptr) {
+  using Src = std::remove_cv_t<std::remove_pointer_t<decltype(src(int64_t(0), int64_t(0)).p)>>;
   constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
   constexpr int PER_ROW = BK / V;
   for (int q = threadIdx.x; q < ROWS * PER_ROW; q += kThreads) {
@@ -125,16 +126,18 @@ __device__ __forceinline__ void load_rows_of(T* S, RowOf src, int64_t row0, int6
     const int kk = (q % PER_ROW) * V;
     const int64_t row = row0 + rr;
     const int64_t col = col0 + kk;
-    const RowSrc<Src> g = src(row);
+    const ElemSrc<Src> g = src(row, col);
     float v[V];
     if (g.p != nullptr && g.vec && col + V <= ncols) {
-      load_vec16(g.p + col, v);
+      load_vec16(g.p, v);
 #pragma unroll
       for (int u = 0; u < V; ++u) v[u] = f(row, col + u, v[u]);
     } else {
 #pragma unroll
-      for (int u = 0; u < V; ++u)
-        v[u] = (g.p != nullptr && col + u < ncols) ? f(row, col + u, to_f(g.p[col + u])) : 0.f;
+      for (int u = 0; u < V; ++u) {
+        const Src* e = col + u < ncols ? src(row, col + u).p : nullptr;
+        v[u] = e != nullptr ? f(row, col + u, to_f(*e)) : 0.f;
+      }
     }
 #pragma unroll
     for (int u = 0; u < V; ++u) split_store(S, S_lo, rr * kLds<T> + kk + u, v[u]);
@@ -147,8 +150,11 @@ template <int ROWS, typename T, typename Src, typename F>
 __device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64_t row0,
                                           int64_t nrows, int64_t col0, int64_t ncols,
                                           bool vec_ok, F f, T* S_lo = nullptr) {
-  load_rows_of<ROWS>(
-      S, [=](int64_t row) { return RowSrc<Src>{row < nrows ? G + row * ldg : nullptr, vec_ok}; },
+  load_tile<ROWS>(
+      S,
+      [=](int64_t row, int64_t col) {
+        return ElemSrc<Src>{row < nrows ? G + row * ldg + col : nullptr, vec_ok};
+      },
       row0, col0, ncols, f, S_lo);
 }
 

@@ -84,10 +84,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ---- phase 1: h and the logits of groups g_first .. g_last ----
   const int64_t nz = W != nullptr ? (g_last - g_first + 1) * N : 0;
   const int64_t zoff = (p > 0.f && nz > 0) ? (r + BN - 1) / BN * BN : r;
-  auto packed = [=](int64_t q) {
-    if (q < r) return RowSrc<T>{A + q * s.d_in, vec_a};
-    if (q >= zoff && q < zoff + nz) return RowSrc<T>{W + (g_first * N + q - zoff) * s.d_in, vec_w};
-    return RowSrc<T>{nullptr, false};
+  auto packed = [=](int64_t q, int64_t k) {
+    if (q < r) return ElemSrc<T>{A + q * s.d_in + k, vec_a};
+    if (q >= zoff && q < zoff + nz)
+      return ElemSrc<T>{W + (g_first * N + q - zoff) * s.d_in + k, vec_w};
+    return ElemSrc<T>{nullptr, false};
   };
   for (int64_t q0 = 0; q0 < zoff + nz; q0 += BN) {
     const Dropout x_op(q0 < r ? p : 0.f, seed, s.d_in);
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mma.zero();
     gemm_over_k(mma, As, Bs, 0, s.d_in, [&](int64_t k0) {
       load_rows<BM>(As, x, s.d_in, t0, s.T, k0, s.d_in, vec_x, x_op);
-      load_rows_of<BN>(Bs, packed, q0, k0, s.d_in, Identity{});
+      load_tile<BN>(Bs, packed, q0, k0, s.d_in, Identity{});
     });
     mma.store(Cs);
     __syncthreads();
@@ -139,14 +140,37 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     TileMma<T, BM> mma;
     mma.zero();
-    for (int64_t e = 0; e < N; ++e) {
-      const T* Be = B + e * s.d_out * r;
-      auto h_op = [=](int64_t t, int64_t, float v) { return fold ? v * pi_row(t, g0)[e] : v; };
-      gemm_over_k(mma, As, Bs, 0, r, [&](int64_t k0) {
-        load_rows<BM>(As, h, r, t0, s.T, k0, r, vec_h, h_op);
-        load_rows<BN>(Bs, Be, r, j0, s.d_out, k0, r, vec_b, Identity{});
+    if (fold) {
+      // K = N * r in one GEMM: column kap = e * r + k of H~ is pi[t, g0, e] * h[t, k], of the
+      // B operand B[e, j, k]. A vector never crosses an expert (r % V == 0 when vec_h / vec_b).
+      auto h_at = [=](int64_t t, int64_t kap) {
+        return ElemSrc<float>{t < s.T ? h + t * r + kap % r : nullptr, vec_h};
+      };
+      auto b_at = [=](int64_t j, int64_t kap) {
+        return ElemSrc<T>{j < s.d_out ? B + (kap / r * s.d_out + j) * r + kap % r : nullptr, vec_b};
+      };
+      auto by_pi = [=](int64_t t, int64_t kap, float v) { return v * pi_row(t, g0)[kap / r]; };
+      gemm_over_k(mma, As, Bs, 0, N * r, [&](int64_t k0) {
+        load_tile<BM>(As, h_at, t0, k0, N * r, by_pi);
+        load_tile<BN>(Bs, b_at, j0, k0, N * r, Identity{});
       });
-      if (!fold) {
+      mma.store(Cs);
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < CHUNKS; ++i) {
+        int rr, cc;
+        own_chunk(i, rr, cc);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) own[i][u] = Cs[rr * LDC + cc + u];
+      }
+    } else {
+      // Per expert: h . B_e^T through Cs, weighted per column by its group's pi.
+      for (int64_t e = 0; e < N; ++e) {
+        const T* Be = B + e * s.d_out * r;
+        gemm_over_k(mma, As, Bs, 0, r, [&](int64_t k0) {
+          load_rows<BM>(As, h, r, t0, s.T, k0, r, vec_h, Identity{});
+          load_rows<BN>(Bs, Be, r, j0, s.d_out, k0, r, vec_b, Identity{});
+        });
         mma.store(Cs);
         __syncthreads();
 #pragma unroll
@@ -164,17 +188,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma.zero();
         // The next expert's (or tile's) loads do not touch Cs and its store comes after at
         // least one more __syncthreads, so no barrier is needed here.
-      }
-    }
-    if (fold) {
-      mma.store(Cs);
-      __syncthreads();
-#pragma unroll
-      for (int i = 0; i < CHUNKS; ++i) {
-        int rr, cc;
-        own_chunk(i, rr, cc);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) own[i][u] = Cs[rr * LDC + cc + u];
       }
     }
 #pragma unroll
