@@ -484,7 +484,7 @@ def nvcc_flags() -> list[str]:
 
 
 def _demangle(names: list[str]) -> dict[str, str]:
-    """Mangled -> short readable name (``expand_kernel<__nv_bfloat16, 16>``: no return type,
+    """Mangled -> short readable name (``forward_kernel<__nv_bfloat16, 16>``: no return type,
     namespaces or parameter list), via binutils' c++filt when it is installed."""
     cxxfilt = shutil.which("c++filt")
     if not cxxfilt or not names:

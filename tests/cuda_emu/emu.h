@@ -217,6 +217,14 @@ struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "the emulator has the 16x16x16 shape only");
   float v[16][16];  // [row][col] of the tile; a lane fills and uses only what it owns
 };
+// The accumulator holds only the lane's own elements, as on the GPU (num_elements and x[] are
+// public there too: elementwise updates of every element, e.g. a scale, are layout-free).
+template <int M, int N, int K, typename T, typename Layout>
+struct fragment<accumulator, M, N, K, T, Layout> {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator has the 16x16x16 shape only");
+  static constexpr int num_elements = 8;
+  float x[num_elements];  // element m is (own_row(m), own_col()) of the tile
+};
 
 namespace detail {
 inline int lane() { return static_cast<int>(threadIdx.x % 32); }
@@ -233,10 +241,9 @@ void check(const T* p, unsigned ldm, const char* what) {
 }
 }  // namespace detail
 
-template <typename Use, typename T, typename L>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
-  for (auto& row : f.v)
-    for (float& e : row) e = v;
+template <typename T, typename L>
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, T, L>& f, float v) {
+  for (float& e : f.x) e = v;
 }
 
 template <typename T>
@@ -265,9 +272,9 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
   const int n = detail::own_col();
   for (int m = 0; m < 8; ++m) {
     const int i = detail::own_row(m);
-    float acc = c.v[i][n];
+    float acc = c.x[m];
     for (int k = 0; k < 16; ++k) acc = std::fma(a.v[i][k], b.v[k][n], acc);
-    d.v[i][n] = acc;
+    d.x[m] = acc;
   }
 }
 
@@ -277,7 +284,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
   const int n = detail::own_col();
   for (int m = 0; m < 8; ++m) {
     const int i = detail::own_row(m);
-    (layout == mem_row_major ? p[i * ldm + n] : p[n * ldm + i]) = c.v[i][n];
+    (layout == mem_row_major ? p[i * ldm + n] : p[n * ldm + i]) = c.x[m];
   }
 }
 }  // namespace nvcuda::wmma
