@@ -374,7 +374,7 @@ struct Dropout {
   }
 };
 
-// ---- host (and device) helpers ---------------------------------------------------------------------------
+// ---- host (and device) helpers --------------------------------------------------------------
 __host__ __device__ inline bool vec_ok(const void* p, int64_t row_len, int64_t elem_size) {
   return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_len * elem_size) % 16 == 0;
 }

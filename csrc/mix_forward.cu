@@ -33,13 +33,13 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 }
 
 // Block (bx, by): tokens t0 .. t0 + BM, output columns [col_lo, col_hi) = the BN-wide tiles
-// by * tiles_per_split .. of d_out, which touch the groups g_first .. g_last.
+// by * tiles_per_split .. of d_out, which touch the ngroups groups from g_first on.
 //
 // Phase 1, the projection: one tile GEMM over d_in per 64 columns of the packed operand
-// [A; W rows g_first*N .. (g_last+1)*N), so at the defaults (r = 16, N = 16, g = 2) h and all
-// logits come from ONE sweep over x. With dropout, h's columns and the logits' never share a
-// sweep (h sees drop(x), the router x). Logits stay fp32 into the softmax (SPEC section 3:
-// rounding them to bf16 first moved outputs by 9-23%).
+// [A; W rows g_first*N .. (g_first+ngroups)*N), so at the defaults (r = 16, N = 16, g = 2) h
+// and all logits come from ONE sweep over x. With dropout, h's columns and the logits' never
+// share a sweep (h sees drop(x), the router x). Logits stay fp32 into the softmax (SPEC
+// section 3: rounding them to bf16 first moved outputs by 9-23%).
 // Phase 2, the expand-mix, one BM x BN tile at a time. When the tile lies inside one routing
 // group G (the common case: c = d_out / g >= 64) the mix folds into the GEMM's A operand,
 // H~[t, (e, k)] = pi[t, G, e] * h[t, k], and the tile is ONE GEMM with K = N * r (SPEC
@@ -57,8 +57,8 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 //
 // Launch bounds (kThreads, 1): with (kThreads) alone, ptxas (CUDA 13.0) held the kernel to 64
 // registers at BM = 16 and 128 at BM = 64 and spilled 8-92 B (sm_80 and sm_90); with the
-// minimum of one block per SM it takes 92-172 registers and spills nothing (python/tools/
-// KERNELS.md), which still leaves 3 (BM = 64) to 4 (BM = 16) blocks per SM by registers.
+// minimum of one block per SM it takes 96-191 registers and spills nothing (python/tools/
+// KERNELS.md), which still leaves 2-3 (BM = 64) to 4-5 (BM = 16) blocks per SM by registers.
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ W,
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t c = s.d_out / s.g, N = s.N, r = s.r;
   const int64_t col_lo = split * tiles_per_split * BN;
   const int64_t col_hi = min(col_lo + tiles_per_split * BN, s.d_out);
-  const int64_t g_first = col_lo / c, g_last = (col_hi - 1) / c;
+  const int64_t g_first = col_lo / c, ngroups = (col_hi - 1) / c - g_first + 1;
   const bool own_first = g_first * c >= col_lo;
   float* h = split == 0 ? h_out : ws + (split - 1) * s.T * (r + N);
   float* pi_first = h + s.T * r;  // [T, N]: the first group's weights when not owned
@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     return G == g_first && !own_first ? pi_first + t * N : pi_out + (t * s.g + G) * N;
   };
 
-  // ---- phase 1: h and the logits of groups g_first .. g_last ----
-  const int64_t nz = W != nullptr ? (g_last - g_first + 1) * N : 0;
+  // ---- phase 1: h and the logits of groups g_first .. g_first + ngroups - 1 ----
+  const int64_t nz = W != nullptr ? ngroups * N : 0;
   const int64_t zoff = (p > 0.f && nz > 0) ? (r + BN - 1) / BN * BN : r;
   auto packed = [=](int64_t q, int64_t k) {
     if (q < r) return ElemSrc<T>{A + q * s.d_in + k, vec_a};
@@ -114,7 +114,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The next sweep's Cs store follows at least one more barrier (inside gemm_over_k).
   }
   __syncthreads();  // the logits of every row are in place
-  const int64_t ngroups = g_last - g_first + 1;
   for (int64_t i = threadIdx.x; i < BM * ngroups; i += kThreads) {
     const int64_t t = t0 + i / ngroups, G = g_first + i % ngroups;
     if (t >= s.T) continue;
@@ -242,7 +241,8 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms) {
   // Column splits only when the token blocks alone cannot fill the device (2 blocks per SM):
   // decode and short sequences. Each split recomputes h and its groups' logits.
   const int64_t target = 2 * int64_t(std::max(num_sms, 1));
-  const int64_t want = std::max<int64_t>(1, std::min(tiles, target / std::max<int64_t>(plan.row_blocks, 1)));
+  const int64_t per_block = target / std::max<int64_t>(plan.row_blocks, 1);  // T = 0: 0 blocks
+  const int64_t want = std::max<int64_t>(1, std::min(tiles, per_block));
   plan.tiles_per_split = (tiles + want - 1) / want;
   plan.splits = (tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
   plan.ws_floats = (plan.splits - 1) * s.T * (s.r + s.N);

@@ -11,8 +11,6 @@ the emulator are in ``tests/test_cuda_emulated.py``.
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 from conftest import REL_TOL, assert_close_to_reference, rel_err
@@ -173,8 +171,7 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
     in an earlier split, in the workspace; every output element has one writer."""
     emu = cuda_emu.install(monkeypatch)
     monkeypatch.setattr(emu, "num_sms", num_sms)
-    shape = (ctypes.c_int64 * 6)(T, 64, d_out, r, N, g)
-    ws = emu._lib.emu_forward_workspace_floats(shape, num_sms)
+    ws = emu.forward_workspace_floats(T, 64, d_out, r, N, g)
     assert ws == (splits - 1) * T * (r + N), "the case does not split as intended"
     for p in (0.0, 0.1):
         check_against_reference(T, 64, d_out, r, N, g, dtype, torch.device("cpu"), p=p,

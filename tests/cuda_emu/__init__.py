@@ -182,6 +182,12 @@ class Emulated:
         N, d_out, r = B.shape
         return (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, groups)
 
+    def forward_workspace_floats(self, T, d_in, d_out, r, N, g) -> int:
+        """The forward's workspace for these sizes at ``num_sms`` (``forward_plan`` in mtlora.h):
+        0 unless the launch splits the columns of d_out."""
+        shape = (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, g)
+        return self._lib.emu_forward_workspace_floats(shape, self.num_sms)
+
     def forward(self, x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed):
         for name, t in (("x", x), ("lora_A", A), ("lora_B", B), ("route_weight", route_weight),
                         ("residual", residual)):
@@ -194,8 +200,7 @@ class Emulated:
         h = _poisoned(T, r, dtype=torch.float32)
         pi = _poisoned(T, groups, N, dtype=torch.float32)
         shape = self._shape(x, A, B, groups)
-        ws = _poisoned(self._lib.emu_forward_workspace_floats(shape, self.num_sms),
-                       dtype=torch.float32)
+        ws = _poisoned(self.forward_workspace_floats(*shape), dtype=torch.float32)
         err = ctypes.create_string_buffer(256)
         rc = self._lib.emu_mix_forward(
             _DTYPES[x.dtype], _ptr(x), _ptr(A), _ptr(B), _ptr(route_weight), _ptr(logits),
