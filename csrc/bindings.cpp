@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -93,6 +94,10 @@ mtlora::MixShape check_core(const Tensor& x, const Tensor& A, const Tensor& B,
               "need r, N, d_out, d_in >= 1; got lora_A ", A.sizes(), ", lora_B ", B.sizes());
   TORCH_CHECK(groups >= 1 && s.d_out % groups == 0, "groups must be a positive divisor of d_out=",
               s.d_out, ", got ", groups);
+  TORCH_CHECK(std::max({s.d_in, s.d_out, s.r, s.g * s.N}) < mtlora::kMaxRowLength,
+              "the CUDA backend needs d_in, d_out, r and groups*N below 2^26 (32-bit offsets "
+              "within a tile), got d_in=", s.d_in, ", d_out=", s.d_out, ", r=", s.r,
+              ", groups*N=", s.g * s.N);
   check_input(x, "x", {s.T, s.d_in}, x.scalar_type(), x.device(), "[T, d_in]");
   check_input(A, "lora_A", {s.r, s.d_in}, x.scalar_type(), x.device(), "[r, d_in]");
   check_input(B, "lora_B", {s.N, s.d_out, s.r}, x.scalar_type(), x.device(), "[N, d_out, r]");

@@ -2,10 +2,11 @@
 // memory, and one block-level tile GEMM (tensor cores via WMMA for fp16/bf16, FMA for fp32).
 //
 // Every kernel is written the same way, which keeps the index math in a few audited places:
-// a block of kThreads threads owns a BM x BN output tile; for each K-chunk of width BK it fills
-// As [BM][BK] and Bs [BN][BK] (K contiguous, zero outside the matrices, any elementwise
-// transform -- dropout, routing weight -- applied while loading), then TileMma accumulates
-// C += As . Bs^T in fp32. Epilogues go through Cs [BM][BN] fp32 in shared memory, whose
+// a block of kThreads threads owns a BM x BN output tile; for each K-chunk of width BK two
+// loaders fill As [BM][BK] and Bs [BN][BK] (K contiguous, zero outside the matrices, any
+// elementwise transform -- dropout, routing weight -- applied on the way into shared memory),
+// then TileMma accumulates C += As . Bs^T in fp32 while the loaders' global reads of the next
+// chunk are in flight (gemm_over_k). Epilogues go through Cs [BM][BN] fp32 in shared memory, whose
 // element -> (row, col) map is explicit, so per-element routing weights need no knowledge of
 // the opaque WMMA fragment layout.
 //
@@ -114,76 +115,163 @@ __device__ __forceinline__ void split_store(T* S, T* S_lo, int i, float v) {
 }
 
 // ---- tile loaders ---------------------------------------------------------------------------
-// Where element (row, col) of a tile operand lives: p (null: the element is 0) and whether the
-// V = 16 / sizeof(Src) elements from col on are contiguous from p and 16 B aligned, so that
-// one vector load reads them (asked only for col a multiple of V).
+// A loader stages one operand of a tile GEMM, one K-chunk of width BK at a time, in two steps:
+// fetch(k0) reads this thread's share of the chunk at k0 from global memory into registers
+// (raw, untransformed), and put() converts it, applies the elementwise transform f and stores
+// it into its shared-memory tile. gemm_over_k fetches chunk k + 1 before the MMA of chunk k,
+// so the global loads are in flight while the tensor cores work (register prefetch, one chunk
+// deep), and f runs on values already in registers.
+
+// Where element (row, col) of a tile operand lives: p (null: the element is 0; sources decide
+// that per row, so a null p zeroes the whole row) and whether the V = 16 / sizeof(Src)
+// elements from col on are contiguous from p and 16 B aligned, so that one vector load reads
+// them (asked only for col a multiple of V).
 template <typename Src>
 struct ElemSrc {
   const Src* p;
   bool vec;
 };
 
-// S[rr][kk] = f(row, col, *src(row, col).p) with row = row0 + rr, col = col0 + kk, for
+// S[rr][kk] = f(row, col, *src(row, col).p) with row = row0 + rr, col = k0 + kk, for
 // rr < ROWS, kk < BK; 0 where src gives null or col >= ncols (f is only called in bounds).
-// col0 is a multiple of BK. S_lo (16-bit T only, may be null): also store what rounding to T
-// lost (see split_store).
-template <int ROWS, typename T, typename SrcOf, typename F>
-__device__ __forceinline__ void load_tile(T* S, SrcOf src, int64_t row0, int64_t col0,
-                                          int64_t ncols, F f, T* S_lo = nullptr) {
-  using Src = std::remove_cv_t<std::remove_pointer_t<decltype(src(int64_t(0), int64_t(0)).p)>>;
-  constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
-  constexpr int PER_ROW = BK / V;
-  for (int q = threadIdx.x; q < ROWS * PER_ROW; q += kThreads) {
-    const int rr = q / PER_ROW;
-    const int kk = (q % PER_ROW) * V;
-    const int64_t row = row0 + rr;
-    const int64_t col = col0 + kk;
-    const ElemSrc<Src> g = src(row, col);
-    float v[V];
-    if (g.p != nullptr && g.vec && col + V <= ncols) {
-      load_vec16(g.p, v);
+// k0 is a multiple of BK. S_lo (16-bit T only, may be null): also store what rounding to T
+// lost (see split_store). A thread's share is ITEMS runs of V elements along a row, which
+// fetch prefetches as 16 B vectors. A run that is not one whole vector (it straddles ncols,
+// or the source is unaligned) makes the thread's chunk "slow": put() then reads the chunk
+// element by element in a rolled loop, so that rare case adds no registers to the common one.
+template <int ROWS, typename T, typename Src, typename SrcOf, typename F>
+struct RowLoader {
+  static constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
+  static constexpr int PER_ROW = BK / V;
+  static constexpr int ITEMS = (ROWS * PER_ROW + kThreads - 1) / kThreads;
+  T* S;
+  T* S_lo;
+  SrcOf src;
+  F f;
+  int64_t row0, ncols, col0 = 0;
+  uint4 raw[ITEMS];  // the bits of run i
+  unsigned live;     // bit i: run i was read (else it is 0)
+  bool slow;
+
+  __device__ __forceinline__ void fetch(int64_t k0) {
+    col0 = k0;
+    live = 0;
+    slow = false;
 #pragma unroll
-      for (int u = 0; u < V; ++u) v[u] = f(row, col + u, v[u]);
-    } else {
-#pragma unroll
-      for (int u = 0; u < V; ++u) {
-        const Src* e = col + u < ncols ? src(row, col + u).p : nullptr;
-        v[u] = e != nullptr ? f(row, col + u, to_f(*e)) : 0.f;
+    for (int i = 0; i < ITEMS; ++i) {
+      const int q = threadIdx.x + i * kThreads;
+      if (q >= ROWS * PER_ROW) continue;
+      const int64_t col = col0 + (q % PER_ROW) * V;
+      const ElemSrc<Src> g = src(row0 + q / PER_ROW, col);
+      if (g.p == nullptr || col >= ncols) continue;
+      if (g.vec && col + V <= ncols) {
+        raw[i] = *reinterpret_cast<const uint4*>(g.p);
+        live |= 1u << i;
+      } else {
+        slow = true;
       }
     }
-#pragma unroll
-    for (int u = 0; u < V; ++u) split_store(S, S_lo, rr * kLds<T> + kk + u, v[u]);
   }
+  __device__ __forceinline__ void put() const {
+    if (slow) {
+      for (int q = threadIdx.x; q < ROWS * PER_ROW; q += kThreads) {
+        const int rr = q / PER_ROW, kk = (q % PER_ROW) * V;
+        const int64_t row = row0 + rr, col = col0 + kk;
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+          const Src* e = col + u < ncols ? src(row, col + u).p : nullptr;
+          split_store(S, S_lo, rr * kLds<T> + kk + u,
+                      e != nullptr ? f(row, col + u, to_f(*e)) : 0.f);
+        }
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int q = threadIdx.x + i * kThreads;
+      if (q >= ROWS * PER_ROW) continue;
+      const int rr = q / PER_ROW, kk = (q % PER_ROW) * V;
+      const Src* e = reinterpret_cast<const Src*>(&raw[i]);
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        const float v = live >> i & 1u ? f(row0 + rr, col0 + kk + u, to_f(e[u])) : 0.f;
+        split_store(S, S_lo, rr * kLds<T> + kk + u, v);
+      }
+    }
+  }
+};
+
+template <int ROWS, typename T, typename SrcOf, typename F>
+__device__ __forceinline__ auto tile_loader(T* S, SrcOf src, int64_t row0, int64_t ncols, F f,
+                                            T* S_lo = nullptr) {
+  using Src = std::remove_cv_t<std::remove_pointer_t<decltype(src(int64_t(0), int64_t(0)).p)>>;
+  return RowLoader<ROWS, T, Src, SrcOf, F>{S, S_lo, src, f, row0, ncols};
 }
 
 // The common case: rows row0 .. of the row-major G (leading dimension ldg), zero from nrows on.
 // vec_ok: G is 16 B aligned and ldg * sizeof(Src) % 16 == 0.
 template <int ROWS, typename T, typename Src, typename F>
-__device__ __forceinline__ void load_rows(T* S, const Src* G, int64_t ldg, int64_t row0,
-                                          int64_t nrows, int64_t col0, int64_t ncols,
-                                          bool vec_ok, F f, T* S_lo = nullptr) {
-  load_tile<ROWS>(
+__device__ __forceinline__ auto rows_loader(T* S, const Src* G, int64_t ldg, int64_t row0,
+                                            int64_t nrows, int64_t ncols, bool vec_ok, F f,
+                                            T* S_lo = nullptr) {
+  return tile_loader<ROWS>(
       S,
       [=](int64_t row, int64_t col) {
         return ElemSrc<Src>{row < nrows ? G + row * ldg + col : nullptr, vec_ok};
       },
-      row0, col0, ncols, f, S_lo);
+      row0, ncols, f, S_lo);
 }
 
 // Transposed: S[ii][kk] = f(krow, icol, G[krow][icol]) with krow = k0 + kk, icol = i0 + ii,
 // for ii < ROWS, kk < BK; 0 outside krow < nk, icol < ni. Consecutive threads take consecutive
-// icol, so the global reads stay coalesced along G's rows.
+// icol, so the global reads stay coalesced along G's rows. Scalar loads: ITEMS per thread.
 template <int ROWS, typename T, typename Src, typename F>
-__device__ __forceinline__ void load_cols(T* S, const Src* G, int64_t ldg, int64_t k0, int64_t nk,
-                                          int64_t i0, int64_t ni, F f, T* S_lo = nullptr) {
-  for (int q = threadIdx.x; q < ROWS * BK; q += kThreads) {
-    const int ii = q % ROWS;
-    const int kk = q / ROWS;
-    const int64_t krow = k0 + kk;
-    const int64_t icol = i0 + ii;
-    const float v = (krow < nk && icol < ni) ? f(krow, icol, to_f(G[krow * ldg + icol])) : 0.f;
-    split_store(S, S_lo, ii * kLds<T> + kk, v);
+struct ColLoader {
+  static constexpr int ITEMS = ROWS * BK / kThreads;
+  static constexpr int KSTEP = kThreads / ROWS;  // chunk rows between a thread's items
+  static_assert(kThreads % ROWS == 0 && ITEMS <= 32, "fixed column per thread, a bit per item");
+  T* S;
+  T* S_lo;
+  const Src* G;
+  F f;
+  int64_t ldg, nk, i0, ni, k0 = 0;
+  Src raw[ITEMS];
+  unsigned valid;  // bit i: raw[i] was read
+
+  __device__ __forceinline__ void fetch(int64_t k) {
+    k0 = k;
+    valid = 0;
+    // This thread's column is fixed; its rows are kk0, kk0 + KSTEP, ... of the chunk. One
+    // 64-bit base per chunk and 32-bit offsets within it (BK * ldg < 2^31, checked on the host)
+    // keep the unrolled loads from holding ITEMS 64-bit addresses across the K loop.
+    const int ii = threadIdx.x % ROWS, kk0 = threadIdx.x / ROWS;
+    if (i0 + ii >= ni) return;
+    const Src* base = G + (k0 + kk0) * ldg + i0 + ii;
+    const int64_t left = nk - (k0 + kk0);  // rows of the chunk in bounds, from kk0 on
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (KSTEP * i < left) {
+        raw[i] = base[KSTEP * i * int(ldg)];
+        valid |= 1u << i;
+      }
+    }
   }
+  __device__ __forceinline__ void put() const {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int ii = threadIdx.x % ROWS, kk = threadIdx.x / ROWS + KSTEP * i;
+      const float v = valid >> i & 1u ? f(k0 + kk, i0 + ii, to_f(raw[i])) : 0.f;
+      split_store(S, S_lo, ii * kLds<T> + kk, v);
+    }
+  }
+};
+
+template <int ROWS, typename T, typename Src, typename F>
+__device__ __forceinline__ ColLoader<ROWS, T, Src, F> cols_loader(T* S, const Src* G, int64_t ldg,
+                                                                  int64_t nk, int64_t i0,
+                                                                  int64_t ni, F f,
+                                                                  T* S_lo = nullptr) {
+  return {S, S_lo, G, f, ldg, nk, i0, ni};
 }
 
 // ---- block tile GEMM: C[BM][BN] += As[BM][BK] . Bs[BN][BK]^T ------------------------------------
@@ -329,23 +417,32 @@ __device__ __forceinline__ TileBuffers<T> tile_buffers(unsigned char* raw) {
   T* Bs = tile_buffers<T, BM>(smem_raw_).Bs;                                  \
   float* Cs = tile_buffers<T, BM>(smem_raw_).Cs
 
-// C += As . Bs^T over K in [k_begin, k_end), BK at a time: stage(k0) fills As and Bs with the
-// chunk at k0; the barriers order every thread's staging before the MMA and the MMA before the
-// next staging. As_lo (may be null): the low half of a split A operand (split_store), stored
-// times lo_scale: C = (C * lo_scale + As_lo . Bs^T) / lo_scale, exact scalings of the fp32
+// C += As . Bs^T over K in [k_begin, k_end), BK at a time, As and Bs staged by the loaders a
+// and b (into a.S and b.S). The fetch of the next chunk is issued before the MMA of this one;
+// the barriers order every thread's put before the MMA and the MMA before the next put.
+// a.S_lo (may be null): the low half of a split A operand (split_store), stored times
+// lo_scale: C = (C * lo_scale + As_lo . Bs^T) / lo_scale, exact scalings of the fp32
 // accumulator (no second accumulator, so no extra registers).
-template <typename Mma, typename E, typename Stage>
-__device__ __forceinline__ void gemm_over_k(Mma& acc, const E* As, const E* Bs, int64_t k_begin,
-                                            int64_t k_end, Stage stage,
-                                            const E* As_lo = nullptr) {
+template <typename Mma, typename LoadA, typename LoadB>
+__device__ __forceinline__ void gemm_over_k(Mma& acc, LoadA& a, LoadB& b, int64_t k_begin,
+                                            int64_t k_end) {
+  if (k_begin >= k_end) return;
+  a.fetch(k_begin);
+  b.fetch(k_begin);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    stage(k0);
+    a.put();
+    b.put();
     __syncthreads();
-    acc.mma(As, Bs);
-    if (As_lo != nullptr) {
+    if (k0 + BK < k_end) {
+      a.fetch(k0 + BK);
+      b.fetch(k0 + BK);
+    }
+    acc.mma(a.S, b.S);
+    if (a.S_lo != nullptr) {
+      using E = std::remove_pointer_t<decltype(a.S)>;
       constexpr float f = lo_scale<E>();
       if constexpr (f != 1.f) acc.scale(f);
-      acc.mma(As_lo, Bs);
+      acc.mma(a.S_lo, b.S);
       if constexpr (f != 1.f) acc.scale(1.f / f);
     }
     __syncthreads();

@@ -13,8 +13,9 @@ namespace {
 // experts, so the part of W_route a group's rows share cancels in this product only while dz
 // keeps its fp32 bits (rounded to fp16 / bf16 first, dx was off by 22% / 100% with router logits
 // of ~1e4; tests/test_extreme.py). Its fp32 tiles reuse the shared memory of the first GEMM.
+// Launch bounds (kThreads, 2), as the dy kernel: 244-255 registers, no spills (CUDA 13.0).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     backward_dx_kernel(const float* __restrict__ dh, const float* __restrict__ dz,
                        const T* __restrict__ A, const T* __restrict__ W, T* __restrict__ dx,
                        MixShape s, float p, uint64_t seed, bool vec_dh, bool vec_dz,
@@ -37,13 +38,9 @@ __global__ void __launch_bounds__(kThreads)
 
   TileMma<T, 64> acc;
   acc.zero();
-  gemm_over_k(
-      acc, As, Bs, 0, s.r,
-      [&](int64_t k0) {
-        load_rows<64>(As, dh, s.r, t0, s.T, k0, s.r, vec_dh, Identity{}, As_lo);  // dh[t][k]
-        load_cols<BN>(Bs, A, d_in, k0, s.r, i0, d_in, Identity{});  // Bs[i][k] = A[k][i]
-      },
-      As_lo);
+  auto dhs = rows_loader<64>(As, dh, s.r, t0, s.T, s.r, vec_dh, Identity{}, As_lo);  // dh[t][k]
+  auto as = cols_loader<BN>(Bs, A, d_in, s.r, i0, d_in, Identity{});  // Bs[i][k] = A[k][i]
+  gemm_over_k(acc, dhs, as, 0, s.r);
   acc.store(Cs);
   __syncthreads();
   float own[CHUNKS][8];
@@ -61,10 +58,9 @@ __global__ void __launch_bounds__(kThreads)
     TileMma<float, 64> acc32;
     acc32.zero();
     __syncthreads();  // the fp32 tiles overlap the 16-bit layout's Cs, read just above
-    gemm_over_k(acc32, As32, Bs32, 0, gn, [&](int64_t n0) {
-      load_rows<64>(As32, dz, gn, t0, s.T, n0, gn, vec_dz, Identity{});  // As[t][n] = dz[t][n]
-      load_cols<BN>(Bs32, W, d_in, n0, gn, i0, d_in, Identity{});        // Bs[i][n] = W[n][i]
-    });
+    auto dzs = rows_loader<64>(As32, dz, gn, t0, s.T, gn, vec_dz, Identity{});  // dz[t][n]
+    auto ws = cols_loader<BN>(Bs32, W, d_in, gn, i0, d_in, Identity{});  // Bs[i][n] = W[n][i]
+    gemm_over_k(acc32, dzs, ws, 0, gn);
     acc32.store(Cs32);
     __syncthreads();
 #pragma unroll

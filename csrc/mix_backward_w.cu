@@ -1,6 +1,11 @@
 // Backward, the weight gradients: dB, and dA / dW_route in one launch.
 // Both are GEMMs that reduce over the tokens (K = T) inside one block, in a fixed order: no
 // atomics, deterministic in every mode. NOT verified on hardware; see mtlora.h.
+//
+// Launch bounds (kThreads, 4): these run the longest K loops (all T tokens) and are
+// memory-bound, so they keep four blocks per SM: ptxas (CUDA 13.0) fits them in 122-128
+// registers with no spills. Without a minimum it took 132-167 for some variants and held
+// backward_db_kernel<__half> to 96 with a 22 B spill (sm_80).
 #include "common.cuh"
 #include "mtlora.h"
 
@@ -10,7 +15,7 @@ namespace {
 // Block (bx, e, bz) writes dB[e, j0:j0+64, rc0:rc0+64] = s * sum_t (dy * pi_e)[t, j] h[t, k],
 // staging both operands transposed (tokens along K).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     backward_db_kernel(const T* __restrict__ dy, const float* __restrict__ h,
                        const float* __restrict__ pi, T* __restrict__ dB, MixShape s,
                        float scaling) {
@@ -23,10 +28,9 @@ __global__ void __launch_bounds__(kThreads)
 
   TileMma<T, 64> acc;
   acc.zero();
-  gemm_over_k(acc, As, Bs, 0, s.T, [&](int64_t t0) {
-    load_cols<64>(As, dy, s.d_out, t0, s.T, j0, s.d_out, dy_pi);  // As[j][t]
-    load_cols<BN>(Bs, h, s.r, t0, s.T, rc0, s.r, Identity{});     // Bs[k][t]
-  });
+  auto dys = cols_loader<64>(As, dy, s.d_out, s.T, j0, s.d_out, dy_pi);  // As[j][t]
+  auto hs = cols_loader<BN>(Bs, h, s.r, s.T, rc0, s.r, Identity{});      // Bs[k][t]
+  gemm_over_k(acc, dys, hs, 0, s.T);
   acc.store(Cs);
   __syncthreads();
   for (int q = threadIdx.x; q < 64 * BN; q += kThreads) {
@@ -41,7 +45,7 @@ __global__ void __launch_bounds__(kThreads)
 // For 16-bit x the fp32 dh / dz enter the tensor cores split in two halves (split_store), so
 // the reduction over the tokens sees them to about 16 bits instead of 8 (bf16).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     backward_daw_kernel(const T* __restrict__ x, const float* __restrict__ dh,
                         const float* __restrict__ dz, T* __restrict__ dA, T* __restrict__ dW,
                         MixShape s, int tiles_a, float p, uint64_t seed) {
@@ -62,13 +66,9 @@ __global__ void __launch_bounds__(kThreads)
 
   TileMma<T, 64> acc;
   acc.zero();
-  gemm_over_k(
-      acc, As, Bs, 0, s.T,
-      [&](int64_t t0) {
-        load_cols<64>(As, D, nrows, t0, s.T, n0, nrows, Identity{}, As_lo);  // As[n][t]
-        load_cols<BN>(Bs, x, d_in, t0, s.T, i0, d_in, x_op);                // Bs[i][t]
-      },
-      As_lo);
+  auto ds = cols_loader<64>(As, D, nrows, s.T, n0, nrows, Identity{}, As_lo);  // As[n][t]
+  auto xs = cols_loader<BN>(Bs, x, d_in, s.T, i0, d_in, x_op);                // Bs[i][t]
+  gemm_over_k(acc, ds, xs, 0, s.T);
   acc.store(Cs);
   __syncthreads();
   for (int q = threadIdx.x; q < 64 * BN; q += kThreads) {

@@ -55,12 +55,13 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // group's weights go to ws. So every output element has exactly one writer and no block reads
 // what another block writes.
 //
-// Launch bounds (kThreads, 1): with (kThreads) alone, ptxas (CUDA 13.0) held the kernel to 64
-// registers at BM = 16 and 128 at BM = 64 and spilled 8-92 B (sm_80 and sm_90); with the
-// minimum of one block per SM it takes 96-191 registers and spills nothing (python/tools/
-// KERNELS.md), which still leaves 2-3 (BM = 64) to 4-5 (BM = 16) blocks per SM by registers.
+// Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
+// aim for. ptxas (CUDA 13.0) then takes 154-168 registers at BM = 16 and 223-255 at BM = 64,
+// with no spills (sm_80 and sm_90, python/tools/KERNELS.md); the prefetched next K-chunk of
+// gemm_over_k is part of that. Without a minimum, ptxas once held this kernel to 64 / 128
+// registers and spilled 8-92 B.
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     forward_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ W,
                    const float* __restrict__ logits, const T* __restrict__ B,
                    const T* __restrict__ residual, T* __restrict__ y, float* h_out, float* pi_out,
@@ -94,10 +95,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Dropout x_op(q0 < r ? p : 0.f, seed, s.d_in);
     TileMma<T, BM> mma;
     mma.zero();
-    gemm_over_k(mma, As, Bs, 0, s.d_in, [&](int64_t k0) {
-      load_rows<BM>(As, x, s.d_in, t0, s.T, k0, s.d_in, vec_x, x_op);
-      load_tile<BN>(Bs, packed, q0, k0, s.d_in, Identity{});
-    });
+    auto xs = rows_loader<BM>(As, x, s.d_in, t0, s.T, s.d_in, vec_x, x_op);
+    auto aw = tile_loader<BN>(Bs, packed, q0, s.d_in, Identity{});
+    gemm_over_k(mma, xs, aw, 0, s.d_in);
     mma.store(Cs);
     __syncthreads();
     for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
@@ -149,10 +149,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         return ElemSrc<T>{j < s.d_out ? B + (kap / r * s.d_out + j) * r + kap % r : nullptr, vec_b};
       };
       auto by_pi = [=](int64_t t, int64_t kap, float v) { return v * pi_row(t, g0)[kap / r]; };
-      gemm_over_k(mma, As, Bs, 0, N * r, [&](int64_t k0) {
-        load_tile<BM>(As, h_at, t0, k0, N * r, by_pi);
-        load_tile<BN>(Bs, b_at, j0, k0, N * r, Identity{});
-      });
+      auto hs = tile_loader<BM>(As, h_at, t0, N * r, by_pi);
+      auto bs = tile_loader<BN>(Bs, b_at, j0, N * r, Identity{});
+      gemm_over_k(mma, hs, bs, 0, N * r);
       mma.store(Cs);
       __syncthreads();
 #pragma unroll
@@ -166,10 +165,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Per expert: h . B_e^T through Cs, weighted per column by its group's pi.
       for (int64_t e = 0; e < N; ++e) {
         const T* Be = B + e * s.d_out * r;
-        gemm_over_k(mma, As, Bs, 0, r, [&](int64_t k0) {
-          load_rows<BM>(As, h, r, t0, s.T, k0, r, vec_h, Identity{});
-          load_rows<BN>(Bs, Be, r, j0, s.d_out, k0, r, vec_b, Identity{});
-        });
+        auto hs = rows_loader<BM>(As, h, r, t0, s.T, r, vec_h, Identity{});
+        auto bs = rows_loader<BN>(Bs, Be, r, j0, s.d_out, r, vec_b, Identity{});
+        gemm_over_k(mma, hs, bs, 0, r);
         mma.store(Cs);
         __syncthreads();
 #pragma unroll

@@ -28,6 +28,11 @@ struct MixShape {
   int64_t T, d_in, d_out, r, N, g;
 };
 
+// The kernels address within one staged K-chunk with 32-bit offsets (ColLoader in
+// common.cuh: up to 30 rows of a matrix), so d_in, d_out, r and g*N must stay below this;
+// bindings.cpp refuses larger shapes.
+constexpr int64_t kMaxRowLength = int64_t(1) << 26;
+
 // ---- forward --------------------------------------------------------------------------------
 // One launch (mix_forward.cu): per block of tokens, h = drop(x) . A^T and z = x . W^T (fp32),
 // pi = per-group softmax of z (or of external logits, or uniform), then

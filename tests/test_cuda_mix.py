@@ -245,6 +245,11 @@ def test_boundary_errors_name_the_argument(cuda_gpu):
         ext.forward(xf, Af, Bf, Wf[:3].contiguous(), None, None, 2, 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
         ext.forward(xf.cpu(), Af, Bf, Wf, None, None, 2, 1.0, 0.0, 0)
+    # Rows of 2^26 elements: past the 32-bit offsets of the kernels' tile loaders.
+    big = torch.empty(1, 2**26, device=cuda_gpu, dtype=torch.bfloat16)  # x and lora_A
+    B1 = torch.empty(1, 8, 1, device=cuda_gpu, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"below 2\^26 .* got d_in=67108864"):
+        ext.forward(big, big, B1, None, None, None, 1, 1.0, 0.0, 0)
 
 
 @pytest.mark.gpu
