@@ -2,8 +2,8 @@
 // memory, and one block-level tile GEMM (tensor cores via WMMA for fp16/bf16, FMA for fp32).
 //
 // Every kernel is written the same way, which keeps the index math in a few audited places:
-// a block of kThreads threads owns a BM x BN output tile; for each K-chunk of width BK two
-// loaders fill As [BM][BK] and Bs [BN][BK] (K contiguous, zero outside the matrices, any
+// a block of kThreads threads owns a BM x BN output tile; for each K-chunk of width KC two
+// loaders fill As [BM][KC] and Bs [BN][KC] (K contiguous, zero outside the matrices, any
 // elementwise transform -- dropout, routing weight -- applied on the way into shared memory),
 // then TileMma accumulates C += As . Bs^T in fp32 while the loaders' global reads of the next
 // chunk are in flight (gemm_over_k). Epilogues go through Cs [BM][BN] fp32 in shared memory, whose
@@ -31,14 +31,24 @@ namespace mtlora {
 
 constexpr int kThreads = 128;  // 4 warps per block, every kernel
 constexpr int BN = 64;         // tile width (output columns / N-dim of every tile GEMM)
-constexpr int BK = 32;         // K-chunk staged in shared memory per step
+constexpr int BK = 32;         // K-chunk staged in shared memory per step (64-row tiles)
 constexpr int LDC = BN + 4;    // Cs row stride in floats: a multiple of 4 (WMMA store), 16 B rows
 
-// Shared-memory row stride of an As/Bs tile in elements. 16-bit types: BK + 8 keeps rows 16 B
-// aligned and every 16-row fragment pointer 32 B aligned (WMMA's requirement: 16*40*2 = 1280 B).
-// fp32: BK + 1 makes the column reads of the FMA path bank-conflict free (stride 33 words).
-template <typename T>
-constexpr int kLds = sizeof(T) == 2 ? BK + 8 : BK + 1;
+// The K-chunk of a BM-row tile GEMM. 16-bit decode tiles (BM = 16) take twice the width: a
+// sweep over d_in = 4096 is then 64 steps instead of 128, and each step waits on its global
+// reads about once, with too little MMA work in a 16-row tile to hide that. 128 was tried: the
+// bf16 forward then spilled 48 B at 255 registers on sm_80. fp32 keeps 32: its K sums are
+// two-level per chunk (TileMma<float>), and with 64-term chunks dA of the cancellation case in
+// RELIABILITY.md (T = 1, r = 1, N = 16) went 1.48e-5 off, over the fp32 tolerance of 1e-5.
+template <typename T, int BM>
+constexpr int kChunk = BM == 16 && sizeof(T) == 2 ? 64 : BK;
+
+// Shared-memory row stride of an As/Bs tile with K-chunk KC, in elements. 16-bit types: KC + 8
+// keeps rows 16 B aligned and every 16-row fragment pointer 32 B aligned (WMMA's requirement:
+// 16 * (KC + 8) * 2 B is a multiple of 32). fp32: KC + 1 makes the column reads of the FMA path
+// bank-conflict free (an odd stride in words).
+template <typename T, int KC>
+constexpr int kLds = sizeof(T) == 2 ? KC + 8 : KC + 1;
 
 // ---- conversions ----------------------------------------------------------------------------
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -115,7 +125,7 @@ __device__ __forceinline__ void split_store(T* S, T* S_lo, int i, float v) {
 }
 
 // ---- tile loaders ---------------------------------------------------------------------------
-// A loader stages one operand of a tile GEMM, one K-chunk of width BK at a time, in two steps:
+// A loader stages one operand of a tile GEMM, one K-chunk of width KC at a time, in two steps:
 // fetch(k0) reads this thread's share of the chunk at k0 from global memory into registers
 // (raw, untransformed), and put() converts it, applies the elementwise transform f and stores
 // it into its shared-memory tile. gemm_over_k fetches chunk k + 1 before the MMA of chunk k,
@@ -133,16 +143,17 @@ struct ElemSrc {
 };
 
 // S[rr][kk] = f(row, col, *src(row, col).p) with row = row0 + rr, col = k0 + kk, for
-// rr < ROWS, kk < BK; 0 where src gives null or col >= ncols (f is only called in bounds).
-// k0 is a multiple of BK. S_lo (16-bit T only, may be null): also store what rounding to T
+// rr < ROWS, kk < KC; 0 where src gives null or col >= ncols (f is only called in bounds).
+// k0 is a multiple of KC. S_lo (16-bit T only, may be null): also store what rounding to T
 // lost (see split_store). A thread's share is ITEMS runs of V elements along a row, which
 // fetch prefetches as 16 B vectors. A run that is not one whole vector (it straddles ncols,
 // or the source is unaligned) makes the thread's chunk "slow": put() then reads the chunk
 // element by element in a rolled loop, so that rare case adds no registers to the common one.
-template <int ROWS, typename T, typename Src, typename SrcOf, typename F>
+template <int ROWS, int KC_, typename T, typename Src, typename SrcOf, typename F>
 struct RowLoader {
+  static constexpr int KC = KC_;
   static constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
-  static constexpr int PER_ROW = BK / V;
+  static constexpr int PER_ROW = KC / V;
   static constexpr int ITEMS = (ROWS * PER_ROW + kThreads - 1) / kThreads;
   T* S;
   T* S_lo;
@@ -180,7 +191,7 @@ struct RowLoader {
 #pragma unroll
         for (int u = 0; u < V; ++u) {
           const Src* e = col + u < ncols ? src(row, col + u).p : nullptr;
-          split_store(S, S_lo, rr * kLds<T> + kk + u,
+          split_store(S, S_lo, rr * kLds<T, KC> + kk + u,
                       e != nullptr ? f(row, col + u, to_f(*e)) : 0.f);
         }
       }
@@ -195,26 +206,27 @@ struct RowLoader {
 #pragma unroll
       for (int u = 0; u < V; ++u) {
         const float v = live >> i & 1u ? f(row0 + rr, col0 + kk + u, to_f(e[u])) : 0.f;
-        split_store(S, S_lo, rr * kLds<T> + kk + u, v);
+        split_store(S, S_lo, rr * kLds<T, KC> + kk + u, v);
       }
     }
   }
 };
 
-template <int ROWS, typename T, typename SrcOf, typename F>
+// (The loaders' KC must be the K-chunk of the TileMma they feed; gemm_over_k checks it.)
+template <int ROWS, int KC = BK, typename T, typename SrcOf, typename F>
 __device__ __forceinline__ auto tile_loader(T* S, SrcOf src, int64_t row0, int64_t ncols, F f,
                                             T* S_lo = nullptr) {
   using Src = std::remove_cv_t<std::remove_pointer_t<decltype(src(int64_t(0), int64_t(0)).p)>>;
-  return RowLoader<ROWS, T, Src, SrcOf, F>{S, S_lo, src, f, row0, ncols};
+  return RowLoader<ROWS, KC, T, Src, SrcOf, F>{S, S_lo, src, f, row0, ncols};
 }
 
 // The common case: rows row0 .. of the row-major G (leading dimension ldg), zero from nrows on.
 // vec_ok: G is 16 B aligned and ldg * sizeof(Src) % 16 == 0.
-template <int ROWS, typename T, typename Src, typename F>
+template <int ROWS, int KC = BK, typename T, typename Src, typename F>
 __device__ __forceinline__ auto rows_loader(T* S, const Src* G, int64_t ldg, int64_t row0,
                                             int64_t nrows, int64_t ncols, bool vec_ok, F f,
                                             T* S_lo = nullptr) {
-  return tile_loader<ROWS>(
+  return tile_loader<ROWS, KC>(
       S,
       [=](int64_t row, int64_t col) {
         return ElemSrc<Src>{row < nrows ? G + row * ldg + col : nullptr, vec_ok};
@@ -223,11 +235,12 @@ __device__ __forceinline__ auto rows_loader(T* S, const Src* G, int64_t ldg, int
 }
 
 // Transposed: S[ii][kk] = f(krow, icol, G[krow][icol]) with krow = k0 + kk, icol = i0 + ii,
-// for ii < ROWS, kk < BK; 0 outside krow < nk, icol < ni. Consecutive threads take consecutive
+// for ii < ROWS, kk < KC; 0 outside krow < nk, icol < ni. Consecutive threads take consecutive
 // icol, so the global reads stay coalesced along G's rows. Scalar loads: ITEMS per thread.
-template <int ROWS, typename T, typename Src, typename F>
+template <int ROWS, int KC_, typename T, typename Src, typename F>
 struct ColLoader {
-  static constexpr int ITEMS = ROWS * BK / kThreads;
+  static constexpr int KC = KC_;
+  static constexpr int ITEMS = ROWS * KC / kThreads;
   static constexpr int KSTEP = kThreads / ROWS;  // chunk rows between a thread's items
   static_assert(kThreads % ROWS == 0 && ITEMS <= 32, "fixed column per thread, a bit per item");
   T* S;
@@ -242,7 +255,7 @@ struct ColLoader {
     k0 = k;
     valid = 0;
     // This thread's column is fixed; its rows are kk0, kk0 + KSTEP, ... of the chunk. One
-    // 64-bit base per chunk and 32-bit offsets within it (BK * ldg < 2^31, checked on the host)
+    // 64-bit base per chunk and 32-bit offsets within it (KC * ldg < 2^31, checked on the host)
     // keep the unrolled loads from holding ITEMS 64-bit addresses across the K loop.
     const int ii = threadIdx.x % ROWS, kk0 = threadIdx.x / ROWS;
     if (i0 + ii >= ni) return;
@@ -261,20 +274,20 @@ struct ColLoader {
     for (int i = 0; i < ITEMS; ++i) {
       const int ii = threadIdx.x % ROWS, kk = threadIdx.x / ROWS + KSTEP * i;
       const float v = valid >> i & 1u ? f(k0 + kk, i0 + ii, to_f(raw[i])) : 0.f;
-      split_store(S, S_lo, ii * kLds<T> + kk, v);
+      split_store(S, S_lo, ii * kLds<T, KC> + kk, v);
     }
   }
 };
 
-template <int ROWS, typename T, typename Src, typename F>
-__device__ __forceinline__ ColLoader<ROWS, T, Src, F> cols_loader(T* S, const Src* G, int64_t ldg,
+template <int ROWS, int KC = BK, typename T, typename Src, typename F>
+__device__ __forceinline__ ColLoader<ROWS, KC, T, Src, F> cols_loader(T* S, const Src* G, int64_t ldg,
                                                                   int64_t nk, int64_t i0,
                                                                   int64_t ni, F f,
                                                                   T* S_lo = nullptr) {
   return {S, S_lo, G, f, ldg, nk, i0, ni};
 }
 
-// ---- block tile GEMM: C[BM][BN] += As[BM][BK] . Bs[BN][BK]^T ------------------------------------
+// ---- block tile GEMM: C[BM][BN] += As[BM][KC] . Bs[BN][KC]^T ------------------------------------
 // 16-bit types: WMMA 16x16x16 with fp32 accumulators. The 4 warps tile the block as WM x WN:
 // BM = 64 -> 4 x 1 (each warp 16 rows x 64 cols = 4 fragments); BM = 16 (decode) -> 1 x 4
 // (each warp 16 x 16), so a T <= 16 call does not compute 48 empty rows.
@@ -284,6 +297,8 @@ struct TileMma {
   static constexpr int WM = BM / 16;
   static constexpr int WN = 4 / WM;
   static constexpr int FN = BN / (16 * WN);
+  static constexpr int KC = kChunk<T, BM>;
+  static constexpr int LDS = kLds<T, KC>;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[FN];
 
   __device__ __forceinline__ void zero() {
@@ -295,14 +310,14 @@ struct TileMma {
     const int warp = threadIdx.x / 32;
     const int wm = warp % WM, wn = warp / WM;
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
+    for (int kk = 0; kk < KC; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, As + wm * 16 * kLds<T> + kk, kLds<T>);
+      wmma::load_matrix_sync(a, As + wm * 16 * LDS + kk, LDS);
 #pragma unroll
       for (int f = 0; f < FN; ++f) {
         // Bs[n][k] with k contiguous is the K x N operand in column-major order.
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, Bs + (wn * FN + f) * 16 * kLds<T> + kk, kLds<T>);
+        wmma::load_matrix_sync(b, Bs + (wn * FN + f) * 16 * LDS + kk, LDS);
         wmma::mma_sync(acc[f], a, b, acc[f]);
       }
     }
@@ -332,6 +347,8 @@ struct TileMma<float, BM> {
   static_assert(BM == 16 || BM == 64, "BM must be 16 or 64");
   static constexpr int TM = BM / 8;
   static constexpr int TN = BN / 16;
+  static constexpr int KC = kChunk<float, BM>;
+  static constexpr int LDS = kLds<float, KC>;
   float acc[TM][TN];
 
   __device__ __forceinline__ void zero() {
@@ -340,7 +357,7 @@ struct TileMma<float, BM> {
 #pragma unroll
       for (int n = 0; n < TN; ++n) acc[m][n] = 0.f;
   }
-  // Each K-chunk is summed on its own and then added to acc: two levels of BK-term sums instead
+  // Each K-chunk is summed on its own and then added to acc: two levels of KC-term sums instead
   // of one sequential sum over all of K (65536 terms for dh at d = 4096, N = 16), whose rounding
   // error grows with K. Measured in the CPU emulator: dA off by 1.4e-5 (fp32 tolerance 1e-5) on
   // a 384-term sum with cancellation (T = 1, r = 1, N = 16) with one level, 6.8e-6 with two.
@@ -352,12 +369,12 @@ struct TileMma<float, BM> {
 #pragma unroll
       for (int n = 0; n < TN; ++n) part[m][n] = 0.f;
 #pragma unroll 4
-    for (int kk = 0; kk < BK; ++kk) {
+    for (int kk = 0; kk < KC; ++kk) {
       float a[TM], b[TN];
 #pragma unroll
-      for (int m = 0; m < TM; ++m) a[m] = As[(ty + 8 * m) * kLds<float> + kk];
+      for (int m = 0; m < TM; ++m) a[m] = As[(ty + 8 * m) * LDS + kk];
 #pragma unroll
-      for (int n = 0; n < TN; ++n) b[n] = Bs[(tx + 16 * n) * kLds<float> + kk];
+      for (int n = 0; n < TN; ++n) b[n] = Bs[(tx + 16 * n) * LDS + kk];
 #pragma unroll
       for (int m = 0; m < TM; ++m)
 #pragma unroll
@@ -378,11 +395,12 @@ struct TileMma<float, BM> {
 };
 
 // Shared memory of one tile GEMM block, carved from raw bytes (16-bit types have constructors,
-// which __shared__ arrays may not have). Sizes for BM = 64: 16-bit 27.6 KB, fp32 34.3 KB.
+// which __shared__ arrays may not have). Sizes for BM = 64: 16-bit 27.6 KB, fp32 34.3 KB;
+// BM = 16: 15.9 KB (16-bit, 64-wide chunks) and 15.0 KB.
 template <typename T, int BM>
 struct TileSmem {
-  static constexpr int kAsBytes = BM * kLds<T> * int(sizeof(T));
-  static constexpr int kBsBytes = BN * kLds<T> * int(sizeof(T));
+  static constexpr int kAsBytes = BM * TileMma<T, BM>::LDS * int(sizeof(T));
+  static constexpr int kBsBytes = BN * TileMma<T, BM>::LDS * int(sizeof(T));
   static constexpr int kAsOff = 0;
   static constexpr int kBsOff = (kAsBytes + 127) / 128 * 128;
   static constexpr int kCsOff = kBsOff + (kBsBytes + 127) / 128 * 128;
@@ -417,7 +435,7 @@ __device__ __forceinline__ TileBuffers<T> tile_buffers(unsigned char* raw) {
   T* Bs = tile_buffers<T, BM>(smem_raw_).Bs;                                  \
   float* Cs = tile_buffers<T, BM>(smem_raw_).Cs
 
-// C += As . Bs^T over K in [k_begin, k_end), BK at a time, As and Bs staged by the loaders a
+// C += As . Bs^T over K in [k_begin, k_end), Mma::KC at a time, As and Bs staged by the loaders a
 // and b (into a.S and b.S). The fetch of the next chunk is issued before the MMA of this one;
 // the barriers order every thread's put before the MMA and the MMA before the next put.
 // a.S_lo (may be null): the low half of a split A operand (split_store), stored times
@@ -426,16 +444,18 @@ __device__ __forceinline__ TileBuffers<T> tile_buffers(unsigned char* raw) {
 template <typename Mma, typename LoadA, typename LoadB>
 __device__ __forceinline__ void gemm_over_k(Mma& acc, LoadA& a, LoadB& b, int64_t k_begin,
                                             int64_t k_end) {
+  constexpr int KC = Mma::KC;
+  static_assert(LoadA::KC == KC && LoadB::KC == KC, "loaders staged for another K-chunk");
   if (k_begin >= k_end) return;
   a.fetch(k_begin);
   b.fetch(k_begin);
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += KC) {
     a.put();
     b.put();
     __syncthreads();
-    if (k0 + BK < k_end) {
-      a.fetch(k0 + BK);
-      b.fetch(k0 + BK);
+    if (k0 + KC < k_end) {
+      a.fetch(k0 + KC);
+      b.fetch(k0 + KC);
     }
     acc.mma(a.S, b.S);
     if (a.S_lo != nullptr) {

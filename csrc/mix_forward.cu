@@ -13,7 +13,7 @@ namespace mtlora {
 namespace {
 
 // Decode-sized calls (T <= 16) use 16-row tiles: a 64-row tile would spend 3/4 of its tensor
-// core work and staging on padding rows.
+// core work and staging on padding rows. Their K-chunks are 64 wide (kChunk in common.cuh).
 constexpr int64_t kSmallT = 16;
 
 // pi = softmax(z) over one row of N logits; max-subtracted so logits of +-1e4 stay finite. A
@@ -56,7 +56,7 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // what another block writes.
 //
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
-// aim for. ptxas (CUDA 13.0) then takes 154-168 registers at BM = 16 and 223-255 at BM = 64,
+// aim for. ptxas (CUDA 13.0) then takes 154-186 registers at BM = 16 and 223-255 at BM = 64,
 // with no spills (sm_80 and sm_90, python/tools/KERNELS.md); the prefetched next K-chunk of
 // gemm_over_k is part of that. Without a minimum, ptxas once held this kernel to 64 / 128
 // registers and spilled 8-92 B.
@@ -68,6 +68,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                    float* ws, MixShape s, int64_t tiles_per_split, float scaling, float p,
                    uint64_t seed, bool vec_x, bool vec_a, bool vec_w, bool vec_b, bool vec_y) {
   MTLORA_TILE_SMEM(T, BM);
+  constexpr int KC = kChunk<T, BM>;                 // K-chunk of every tile GEMM here
   constexpr int CHUNKS = BM * (BN / 8) / kThreads;  // 8-column chunks per thread: 4 or 1
   const int64_t t0 = int64_t(blockIdx.x) * BM;
   const int64_t split = blockIdx.y;
@@ -95,8 +96,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     const Dropout x_op(q0 < r ? p : 0.f, seed, s.d_in);
     TileMma<T, BM> mma;
     mma.zero();
-    auto xs = rows_loader<BM>(As, x, s.d_in, t0, s.T, s.d_in, vec_x, x_op);
-    auto aw = tile_loader<BN>(Bs, packed, q0, s.d_in, Identity{});
+    auto xs = rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x, x_op);
+    auto aw = tile_loader<BN, KC>(Bs, packed, q0, s.d_in, Identity{});
     gemm_over_k(mma, xs, aw, 0, s.d_in);
     mma.store(Cs);
     __syncthreads();
@@ -149,8 +150,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         return ElemSrc<T>{j < s.d_out ? B + (kap / r * s.d_out + j) * r + kap % r : nullptr, vec_b};
       };
       auto by_pi = [=](int64_t t, int64_t kap, float v) { return v * pi_row(t, g0)[kap / r]; };
-      auto hs = tile_loader<BM>(As, h_at, t0, N * r, by_pi);
-      auto bs = tile_loader<BN>(Bs, b_at, j0, N * r, Identity{});
+      auto hs = tile_loader<BM, KC>(As, h_at, t0, N * r, by_pi);
+      auto bs = tile_loader<BN, KC>(Bs, b_at, j0, N * r, Identity{});
       gemm_over_k(mma, hs, bs, 0, N * r);
       mma.store(Cs);
       __syncthreads();
@@ -165,8 +166,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       // Per expert: h . B_e^T through Cs, weighted per column by its group's pi.
       for (int64_t e = 0; e < N; ++e) {
         const T* Be = B + e * s.d_out * r;
-        auto hs = rows_loader<BM>(As, h, r, t0, s.T, r, vec_h, Identity{});
-        auto bs = rows_loader<BN>(Bs, Be, r, j0, s.d_out, r, vec_b, Identity{});
+        auto hs = rows_loader<BM, KC>(As, h, r, t0, s.T, r, vec_h, Identity{});
+        auto bs = rows_loader<BN, KC>(Bs, Be, r, j0, s.d_out, r, vec_b, Identity{});
         gemm_over_k(mma, hs, bs, 0, r);
         mma.store(Cs);
         __syncthreads();
