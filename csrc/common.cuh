@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include "mtlora.h"
 #include "philox.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -155,6 +156,7 @@ struct RowLoader {
   static constexpr int V = 16 / sizeof(Src);  // 8 for 16-bit sources, 4 for fp32
   static constexpr int PER_ROW = KC / V;
   static constexpr int ITEMS = (ROWS * PER_ROW + kThreads - 1) / kThreads;
+  static_assert(ITEMS <= 32, "a bit of live per item");
   T* S;
   T* S_lo;
   SrcOf src;
@@ -243,6 +245,7 @@ struct ColLoader {
   static constexpr int ITEMS = ROWS * KC / kThreads;
   static constexpr int KSTEP = kThreads / ROWS;  // chunk rows between a thread's items
   static_assert(kThreads % ROWS == 0 && ITEMS <= 32, "fixed column per thread, a bit per item");
+  static_assert(KC * kMaxRowLength <= (int64_t(1) << 31), "32-bit offsets within a chunk");
   T* S;
   T* S_lo;
   const Src* G;
@@ -255,7 +258,8 @@ struct ColLoader {
     k0 = k;
     valid = 0;
     // This thread's column is fixed; its rows are kk0, kk0 + KSTEP, ... of the chunk. One
-    // 64-bit base per chunk and 32-bit offsets within it (KC * ldg < 2^31, checked on the host)
+    // 64-bit base per chunk and 32-bit offsets within it (ldg < kMaxRowLength, checked on the
+    // host, and KC * kMaxRowLength <= 2^31)
     // keep the unrolled loads from holding ITEMS 64-bit addresses across the K loop.
     const int ii = threadIdx.x % ROWS, kk0 = threadIdx.x / ROWS;
     if (i0 + ii >= ni) return;
@@ -280,11 +284,9 @@ struct ColLoader {
 };
 
 template <int ROWS, int KC = BK, typename T, typename Src, typename F>
-__device__ __forceinline__ ColLoader<ROWS, KC, T, Src, F> cols_loader(T* S, const Src* G, int64_t ldg,
-                                                                  int64_t nk, int64_t i0,
-                                                                  int64_t ni, F f,
-                                                                  T* S_lo = nullptr) {
-  return {S, S_lo, G, f, ldg, nk, i0, ni};
+__device__ __forceinline__ auto cols_loader(T* S, const Src* G, int64_t ldg, int64_t nk,
+                                            int64_t i0, int64_t ni, F f, T* S_lo = nullptr) {
+  return ColLoader<ROWS, KC, T, Src, F>{S, S_lo, G, f, ldg, nk, i0, ni};
 }
 
 // ---- block tile GEMM: C[BM][BN] += As[BM][KC] . Bs[BN][KC]^T ------------------------------------

@@ -29,8 +29,8 @@ struct MixShape {
 };
 
 // The kernels address within one staged K-chunk with 32-bit offsets (ColLoader in
-// common.cuh: up to 30 rows of a matrix), so d_in, d_out, r and g*N must stay below this;
-// bindings.cpp refuses larger shapes.
+// common.cuh, which static_asserts that its chunk's rows fit), so d_in, d_out, r and g*N must
+// stay below this; bindings.cpp refuses larger shapes.
 constexpr int64_t kMaxRowLength = int64_t(1) << 26;
 
 // ---- forward --------------------------------------------------------------------------------
