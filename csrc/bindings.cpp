@@ -176,13 +176,14 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
   Tensor dh = at::empty({s.T, s.r}, f32);  // workspaces of the sequence
   Tensor dpi_ws = at::empty({s.T, s.g, s.N}, f32);
   const int num_sms = multiprocessor_count(x.device());
+  Tensor ws = at::empty({mtlora::backward_plan(s, routed, num_sms).ws_floats}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const mtlora::BackwardArgs<T> args{
         cptr<T>(dy), cptr<T>(x), cptr<T>(A), cptr<T>(B), cptr<T>(route_weight), cptr<float>(h),
         cptr<float>(pi), cptr<float>(dpi), mptr<T>(dx), mptr<T>(dA), mptr<T>(dB),
         routed ? mptr<T>(dW) : nullptr, mptr<float>(dz), mptr<float>(dh), mptr<float>(dpi_ws),
-        s, static_cast<float>(scaling), static_cast<float>(dropout_p),
+        mptr<float>(ws), s, static_cast<float>(scaling), static_cast<float>(dropout_p),
         static_cast<uint64_t>(seed), deterministic, num_sms};
     check_launch(mtlora::mix_backward<T>(args, c10::cuda::getCurrentCUDAStream()));
   });

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -236,6 +237,36 @@ __device__ __forceinline__ auto rows_loader(T* S, const Src* G, int64_t ldg, int
       row0, ncols, f, S_lo);
 }
 
+// The raw items a loader holds across the MMA of the previous chunk. 16-bit values go two per
+// 32-bit word (as an array of __half each took a register of its own): set(i) must run for
+// i = 0, 1, ... in order (an even item's set clears its word), as the loaders' unrolled loops do.
+template <typename Src, int N, bool kPacked = sizeof(Src) == 2>
+struct RawItems {
+  Src v[N];
+  __device__ __forceinline__ void set(int i, Src x) { v[i] = x; }
+  __device__ __forceinline__ float get(int i) const { return to_f(v[i]); }
+};
+template <typename Src, int N>
+struct RawItems<Src, N, true> {
+  unsigned w[(N + 1) / 2];
+  __device__ __forceinline__ void set(int i, Src x) {
+    unsigned short u;
+    memcpy(&u, &x, sizeof u);
+    w[i / 2] = i % 2 ? (w[i / 2] & 0xffffu) | unsigned(u) << 16 : unsigned(u);
+  }
+  __device__ __forceinline__ float get(int i) const {
+    const auto u = static_cast<unsigned short>(w[i / 2] >> (16 * (i % 2)));
+    Src x;
+    memcpy(&x, &u, sizeof x);
+    return to_f(x);
+  }
+};
+
+template <int ROWS>
+__device__ __forceinline__ int col_of_thread() {  // ColLoader<ROWS>'s column of this thread
+  return threadIdx.x % ROWS;
+}
+
 // Transposed: S[ii][kk] = f(krow, icol, G[krow][icol]) with krow = k0 + kk, icol = i0 + ii,
 // for ii < ROWS, kk < KC; 0 outside krow < nk, icol < ni. Consecutive threads take consecutive
 // icol, so the global reads stay coalesced along G's rows. Scalar loads: ITEMS per thread.
@@ -251,8 +282,8 @@ struct ColLoader {
   const Src* G;
   F f;
   int64_t ldg, nk, i0, ni, k0 = 0;
-  Src raw[ITEMS];
-  unsigned valid;  // bit i: raw[i] was read
+  RawItems<Src, ITEMS> raw;
+  unsigned valid;  // bit i: raw item i was read
 
   __device__ __forceinline__ void fetch(int64_t k) {
     k0 = k;
@@ -261,14 +292,14 @@ struct ColLoader {
     // 64-bit base per chunk and 32-bit offsets within it (ldg < kMaxRowLength, checked on the
     // host, and KC * kMaxRowLength <= 2^31)
     // keep the unrolled loads from holding ITEMS 64-bit addresses across the K loop.
-    const int ii = threadIdx.x % ROWS, kk0 = threadIdx.x / ROWS;
+    const int ii = col_of_thread<ROWS>(), kk0 = threadIdx.x / ROWS;
     if (i0 + ii >= ni) return;
     const Src* base = G + (k0 + kk0) * ldg + i0 + ii;
     const int64_t left = nk - (k0 + kk0);  // rows of the chunk in bounds, from kk0 on
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       if (KSTEP * i < left) {
-        raw[i] = base[KSTEP * i * int(ldg)];
+        raw.set(i, base[KSTEP * i * int(ldg)]);
         valid |= 1u << i;
       }
     }
@@ -276,8 +307,8 @@ struct ColLoader {
   __device__ __forceinline__ void put() const {
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int ii = threadIdx.x % ROWS, kk = threadIdx.x / ROWS + KSTEP * i;
-      const float v = valid >> i & 1u ? f(k0 + kk, i0 + ii, to_f(raw[i])) : 0.f;
+      const int ii = col_of_thread<ROWS>(), kk = threadIdx.x / ROWS + KSTEP * i;
+      const float v = valid >> i & 1u ? f(k0 + kk, i0 + ii, raw.get(i)) : 0.f;
       split_store(S, S_lo, ii * kLds<T, KC> + kk, v);
     }
   }

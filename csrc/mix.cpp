@@ -41,11 +41,13 @@ LaunchStatus mix_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
                 "backward_dy_kernel");
   MTLORA_LAUNCH(launch_softmax_backward(a.pi, a.dpi_ws, a.dpi, a.dz, s.T * s.g, s.N, stream),
                 "softmax_backward_kernel");
-  MTLORA_LAUNCH(launch_backward_dB<T>(a.dy, a.h, a.pi, a.dB, s, a.scaling, stream),
-                "backward_db_kernel");
   const bool routed = a.W != nullptr;
+  const BackwardPlan plan = backward_plan(s, routed, a.num_sms);
+  MTLORA_LAUNCH(launch_backward_dB<T>(a.dy, a.h, a.pi, a.dB, a.ws, plan.db, s, a.scaling, stream),
+                "backward_db_kernel");
   MTLORA_LAUNCH(launch_backward_dAW<T>(a.x, a.dh_ws, routed ? a.dz : nullptr, a.dA,
-                                       routed ? a.dW : nullptr, s, a.dropout_p, a.seed, stream),
+                                       routed ? a.dW : nullptr, a.ws, plan.daw, s, a.dropout_p,
+                                       a.seed, stream),
                 "backward_daw_kernel");
   MTLORA_LAUNCH(launch_backward_dx<T>(a.dh_ws, routed ? a.dz : nullptr, a.A, a.W, a.dx, s,
                                       a.dropout_p, a.seed, stream),

@@ -59,15 +59,31 @@ cudaError_t launch_backward_dy(const T* dy, const float* h, const float* pi, con
 // dz = pi * (dpi + dpi_extra - sum_e pi * (dpi + dpi_extra)) per [rows, N] row (extra may be null).
 cudaError_t launch_softmax_backward(const float* pi, const float* dpi, const float* dpi_extra,
                                     float* dz, int64_t rows, int64_t N, cudaStream_t stream);
-// dB[e, j, k] = s * sum_t pi[t, G(j), e] dy[t, j] h[t, k]
+// dB and dA / dW reduce over the tokens. When their output tiles alone cannot fill the device
+// (4 blocks per SM, their occupancy), the tokens are split into runs of whole 64-token chunks:
+// split q writes its fp32 partial sums to slab q of a workspace, and a second kernel adds the
+// slabs in split order and converts. No atomics: deterministic in every mode (the splits are a
+// function of the shape and the SM count only).
+struct TokenSplits {
+  int64_t splits;            // 1: the GEMM kernel writes the output itself, no workspace
+  int64_t tokens_per_split;  // a multiple of 64
+};
+struct BackwardPlan {
+  TokenSplits db, daw;
+  int64_t ws_floats;  // the slabs of dB or of [dA; dW], whichever is larger (they run in turn)
+};
+BackwardPlan backward_plan(const MixShape& s, bool routed, int num_sms);
+// dB[e, j, k] = s * sum_t pi[t, G(j), e] dy[t, j] h[t, k]   (ws: splits * N * d_out * r floats)
 template <typename T>
-cudaError_t launch_backward_dB(const T* dy, const float* h, const float* pi, T* dB,
-                               const MixShape& s, float scaling, cudaStream_t stream);
+cudaError_t launch_backward_dB(const T* dy, const float* h, const float* pi, T* dB, float* ws,
+                               const TokenSplits& split, const MixShape& s, float scaling,
+                               cudaStream_t stream);
 // dA = dh^T . drop(x);  dW = dz^T . x  (dz, dW null when there is no router)
+// (ws: splits * (r + g*N) * d_in floats, or splits * r * d_in without a router)
 template <typename T>
 cudaError_t launch_backward_dAW(const T* x, const float* dh, const float* dz, T* dA, T* dW,
-                                const MixShape& s, float dropout_p, uint64_t seed,
-                                cudaStream_t stream);
+                                float* ws, const TokenSplits& split, const MixShape& s,
+                                float dropout_p, uint64_t seed, cudaStream_t stream);
 // dx = keep / (1 - p) * (dh . A) + dz . W  (dz, W null when there is no router)
 template <typename T>
 cudaError_t launch_backward_dx(const float* dh, const float* dz, const T* A, const T* W, T* dx,
@@ -120,11 +136,12 @@ struct BackwardArgs {
   float* dz;             // [T, g*N] gradient of the logits
   float* dh_ws;          // workspace [T, r]
   float* dpi_ws;         // workspace [T, g, N]
+  float* ws;             // workspace of backward_plan(s, W != null, num_sms).ws_floats floats
   MixShape s;
   float scaling, dropout_p;
   uint64_t seed;
   bool deterministic;
-  int num_sms;           // of the device: decides the column split of the dy kernel
+  int num_sms;           // of the device: decides the splits of the dy, dB and dA/dW kernels
 };
 
 template <typename T>

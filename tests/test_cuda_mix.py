@@ -178,6 +178,31 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
                                 seed=d_out + g + r)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T,d_in,d_out,r,N,g,num_sms,db_splits,daw_splits",
+    [
+        (200, 64, 64, 16, 4, 2, 132, 4, 4),  # both split; the last split has 8 tokens
+        (200, 64, 64, 16, 4, 2, 1, 1, 2),  # only dA/dW splits
+        (200, 64, 64, 80, 2, 2, 132, 4, 4),  # r > 64: two rank tiles per dB split
+        (130, 96, 40, 8, 1, 1, 132, 3, 3),  # plain LoRA: the slabs hold dA only
+        (200, 512, 256, 16, 4, 2, 1, 1, 1),  # the output tiles fill the device: no split
+    ],
+)
+def test_backward_token_splits(monkeypatch, T, d_in, d_out, r, N, g, num_sms, db_splits,
+                               daw_splits, dtype):
+    """dB and dA/dW split the tokens when their tiles alone cannot fill the device (chosen from
+    the SM count, so set here through the emulator's ``num_sms``): each split's fp32 partial
+    sums go to a workspace slab (NaN until written) that a second kernel adds up."""
+    emu = cuda_emu.install(monkeypatch)
+    monkeypatch.setattr(emu, "num_sms", num_sms)
+    assert emu.backward_plan(T, d_in, d_out, r, N, g, N > 1)[:2] == (db_splits, daw_splits), \
+        "the case does not split as intended"
+    for p in (0.0, 0.1):
+        check_against_reference(T, d_in, d_out, r, N, g, dtype, torch.device("cpu"), p=p,
+                                seed=T + r + N)
+
+
 def test_deterministic_mode_is_bitwise_reproducible(cuda_ext):
     # 3 token tiles x 8 column tiles: the default mode splits the columns (atomics).
     base = make_inputs(133, 64, 512, 16, 16, 2, cuda_ext, seed=3)

@@ -62,10 +62,11 @@ int run(const Case& c, std::mt19937& rng) {
   auto dpi = random_vec<float>(c.T * c.g * c.N, rng, 1.f);
   std::vector<T> dx(c.T * c.d_in), dA(A.size()), dB(B.size()), dW(W.size());
   std::vector<float> dz(c.T * c.g * c.N), dh_ws(c.T * c.r), dpi_ws(c.T * c.g * c.N);
+  std::vector<float> bws(mtlora::backward_plan(s, c.router == 1, c.num_sms).ws_floats);
   const mtlora::BackwardArgs<T> ba{
       dy.data(), x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr, h.data(),
       pi.data(), c.router != 0 ? dpi.data() : nullptr, dx.data(), dA.data(), dB.data(),
-      c.router == 1 ? dW.data() : nullptr, dz.data(), dh_ws.data(), dpi_ws.data(), s, 2.f, c.p,
+      c.router == 1 ? dW.data() : nullptr, dz.data(), dh_ws.data(), dpi_ws.data(), bws.data(), s, 2.f, c.p,
       1234, c.deterministic, c.num_sms};
   st = mtlora::mix_backward<T>(ba, nullptr);
   if (st.err != cudaSuccess) {
