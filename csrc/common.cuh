@@ -267,10 +267,17 @@ __device__ __forceinline__ int col_of_thread() {  // ColLoader<ROWS>'s column of
   return threadIdx.x % ROWS;
 }
 
-// Transposed: S[ii][kk] = f(krow, icol, G[krow][icol]) with krow = k0 + kk, icol = i0 + ii,
-// for ii < ROWS, kk < KC; 0 outside krow < nk, icol < ni. Consecutive threads take consecutive
-// icol, so the global reads stay coalesced along G's rows. Scalar loads: ITEMS per thread.
-template <int ROWS, int KC_, typename T, typename Src, typename F>
+// ColLoader's column map: where column icol of a row starts, relative to the row. The default
+// is a plain row-major matrix; a gathered operand (the backward's concatenated B_e) maps its own.
+struct LinearCols {
+  __device__ __forceinline__ int64_t operator()(int64_t icol) const { return icol; }
+};
+
+// Transposed: S[ii][kk] = f(krow, icol, G[krow * ldg + col_at(icol)]) with krow = k0 + kk,
+// icol = i0 + ii, for ii < ROWS, kk < KC; 0 outside krow < nk, icol < ni. Consecutive threads
+// take consecutive icol, so the global reads stay coalesced along G's rows (for LinearCols).
+// Scalar loads: ITEMS per thread.
+template <int ROWS, int KC_, typename T, typename Src, typename F, typename ColMap = LinearCols>
 struct ColLoader {
   static constexpr int KC = KC_;
   static constexpr int ITEMS = ROWS * KC / kThreads;
@@ -281,6 +288,7 @@ struct ColLoader {
   T* S_lo;
   const Src* G;
   F f;
+  ColMap col_at;
   int64_t ldg, nk, i0, ni, k0 = 0;
   RawItems<Src, ITEMS> raw;
   unsigned valid;  // bit i: raw item i was read
@@ -294,7 +302,7 @@ struct ColLoader {
     // keep the unrolled loads from holding ITEMS 64-bit addresses across the K loop.
     const int ii = col_of_thread<ROWS>(), kk0 = threadIdx.x / ROWS;
     if (i0 + ii >= ni) return;
-    const Src* base = G + (k0 + kk0) * ldg + i0 + ii;
+    const Src* base = G + (k0 + kk0) * ldg + col_at(i0 + ii);
     const int64_t left = nk - (k0 + kk0);  // rows of the chunk in bounds, from kk0 on
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -314,10 +322,12 @@ struct ColLoader {
   }
 };
 
-template <int ROWS, int KC = BK, typename T, typename Src, typename F>
+template <int ROWS, int KC = BK, typename T, typename Src, typename F,
+          typename ColMap = LinearCols>
 __device__ __forceinline__ auto cols_loader(T* S, const Src* G, int64_t ldg, int64_t nk,
-                                            int64_t i0, int64_t ni, F f, T* S_lo = nullptr) {
-  return ColLoader<ROWS, KC, T, Src, F>{S, S_lo, G, f, ldg, nk, i0, ni};
+                                            int64_t i0, int64_t ni, F f, T* S_lo = nullptr,
+                                            ColMap col_at = {}) {
+  return ColLoader<ROWS, KC, T, Src, F, ColMap>{S, S_lo, G, f, col_at, ldg, nk, i0, ni};
 }
 
 // ---- block tile GEMM: C[BM][BN] += As[BM][KC] . Bs[BN][KC]^T ------------------------------------

@@ -8,87 +8,94 @@
 namespace mtlora {
 namespace {
 
-// Block (bx, by, bz) owns tokens [t0, t0 + 64), the output columns [jbeg, jend) of split by,
-// and the rank chunk [rc0, rc0 + 64) of dh (bz > 0 only when r > 64). Per 64-column chunk
-// and expert e it
-//   1. recomputes ye = h . B_e^T for the chunk (K = r; block z == 0 only, N > 1 only) and adds
-//      s * sum_{j in G, in chunk} dy[t, j] ye[t, j] to dpi[t, G, e] (SPEC: dpi = s h . u);
-//   2. accumulates dh += (dy * pi_e) . B_e over the chunk (K = 64 columns), where
-//      (dy * pi_e)[t, j] = dy[t, j] pi[t, G(j), e] is formed while staging dy.
-// dy is read from L2 once per expert rather than cached: an extra 64 x 64 tile would push the
-// fp32 variant past 48 KB of static shared memory.
+// Block (bx, by) owns tokens [t0, t0 + 64) and the output columns [jbeg, jend) of split by.
+// It never forms ye = h . B_e^T: with u_e = dy . B_e over the columns of one group G,
+//   dh += s * pi[:, G, e] * u_e     and     dpi[:, G, e] += s * rowsum(h * u_e)
+// (dpi = s * sum_{j in G} dy_j (h . B_e^T)_j = s * h . u_e). u is a tile GEMM of dy against
+// the concatenated B_e: a u tile holds ue experts' slices of w ranks (ue * w <= 64 columns),
+// its K runs over kUCols columns of one group at a time (a pass's 64 x kUCols dy rows stay in
+// L2 while the next u tiles re-read them), and its epilogue adds into the fp32 dh and dpi
+// (a 64 x w and a 64 x ue read-modify-write per u tile). Ranks beyond 64 are slices of 64
+// looped in the block (dy read once per slice).
 // With one split (gridDim.y == 1) every dh / dpi element has exactly one writer -- this block
-// -- and partial sums over chunks are read-modify-written in order (deterministic, no
-// atomics). With several splits they are combined with fp32 atomicAdd.
+// -- and partial sums are read-modify-written in order (deterministic, no atomics). With
+// several splits they are combined with fp32 atomicAdd.
 //
-// Launch bounds (kThreads, 2): without a minimum, ptxas (CUDA 13.0) gave the fp16 variant 168
-// registers and an 8 B spill on sm_80; with two blocks per SM it takes 213-228, no spills.
+// Launch bounds (kThreads, 2): two blocks per SM, the occupancy the column splits aim for.
+constexpr int kUCols = 512;
+
+// An epilogue's partial sum into dh / dpi (zero-initialised): in order by the one block that
+// owns the element, or with an atomic when column splits share it.
+__device__ __forceinline__ void add_to(float* dst, float v, bool single_writer) {
+  if (single_writer) {
+    *dst += v;
+  } else {
+    atomicAdd(dst, v);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     backward_dy_kernel(const T* __restrict__ dy, const float* __restrict__ h,
                        const float* __restrict__ pi, const T* __restrict__ B, float* dh,
-                       float* dpi, MixShape s, float scaling, int64_t split_cols, bool vec_dy,
-                       bool vec_h, bool vec_b) {
+                       float* dpi, MixShape s, float scaling, int split_cols, bool vec_dy) {
   MTLORA_TILE_SMEM(T, 64);
+  // Column, rank and expert indices are ints (d_out, r, g*N < kMaxRowLength, checked on the
+  // host): half the registers of int64 for the loop state; token offsets stay int64.
   const int64_t t0 = int64_t(blockIdx.x) * 64;
-  const int64_t jbeg = int64_t(blockIdx.y) * split_cols;
-  const int64_t jend = min(jbeg + split_cols, s.d_out);
-  const int64_t rc0 = int64_t(blockIdx.z) * BN;
+  const int jbeg = int(blockIdx.y) * split_cols;
+  const int jend = min(jbeg + split_cols, int(s.d_out));
   const bool single_writer = gridDim.y == 1;
-  const bool need_dpi = s.N > 1 && blockIdx.z == 0;
-  const int64_t c = s.d_out / s.g;
+  const int c = int(s.d_out / s.g), N = int(s.N), r = int(s.r), gN = int(s.g * s.N);
 
-  TileMma<T, 64> dh_acc;
-  TileMma<T, 64> ye;
-  dh_acc.zero();
-  for (int64_t j0 = jbeg; j0 < jend; j0 += BN) {
-    const int64_t j_hi = min(j0 + BN, jend);
-    for (int64_t e = 0; e < s.N; ++e) {
-      const T* Be = B + e * s.d_out * s.r;
-      if (need_dpi) {
-        ye.zero();
-        auto hs = rows_loader<64>(As, h, s.r, t0, s.T, s.r, vec_h, Identity{});
-        auto bs = rows_loader<BN>(Bs, Be, s.r, j0, j_hi, s.r, vec_b, Identity{});
-        gemm_over_k(ye, hs, bs, 0, s.r);
-        ye.store(Cs);
-        __syncthreads();
-        // (token, group) pairs of this chunk: a group may start before j0 or end after j_hi.
-        const int64_t g_first = j0 / c;
-        const int ng = int((j_hi - 1) / c - g_first + 1);
-        for (int q = threadIdx.x; q < 64 * ng; q += kThreads) {
-          const int rr = q / ng;
-          const int64_t G = g_first + q % ng;
-          const int64_t t = t0 + rr;
-          if (t >= s.T) continue;
-          const int64_t lo = max(G * c, j0), hi = min(G * c + c, j_hi);
-          float sum = 0.f;
-          for (int64_t j = lo; j < hi; ++j) sum += to_f(dy[t * s.d_out + j]) * Cs[rr * LDC + (j - j0)];
-          float* dst = dpi + (t * s.g + G) * s.N + e;
-          if (single_writer) {
-            *dst += scaling * sum;
-          } else {
-            atomicAdd(dst, scaling * sum);
+  for (int rc0 = 0; rc0 < r; rc0 += BN) {
+    const int w = min(BN, r - rc0);   // ranks of this slice
+    const int ue = min(N, BN / w);    // experts per u tile
+    for (int G = jbeg / c; G <= (jend - 1) / c; ++G) {
+      const int jl = max(G * c, jbeg), jh = min(G * c + c, jend);
+      // K-chunks start at jl + multiples of the chunk: 16 B vectors only if jl is on one
+      const bool vec = vec_dy && jl % (16 / sizeof(T)) == 0;
+      for (int s0 = jl; s0 < jh; s0 += kUCols) {
+        const int se = min(s0 + kUCols, jh);
+        for (int e0 = 0; e0 < N; e0 += ue) {
+          const int nu = min(ue, N - e0);  // experts in this u tile
+          // u[t][q] = sum_j dy[t][j] B[e0 + q / w][j][rc0 + q % w], j in [s0, se)
+          TileMma<T, 64> u;
+          u.zero();
+          auto dys = rows_loader<64>(As, dy, s.d_out, t0, s.T, se, vec, Identity{});
+          const int64_t ld_e = s.d_out * r;
+          auto col_at = [=](int64_t q) { return int(q) / w * ld_e + int(q) % w; };
+          auto bs = cols_loader<BN>(Bs, B + e0 * ld_e + rc0, r, se, 0, nu * w, Identity{},
+                                    static_cast<T*>(nullptr), col_at);
+          gemm_over_k(u, dys, bs, s0, se);
+          u.store(Cs);
+          __syncthreads();
+          // dh[t, rc0 + k] += s * sum_e pi[t, G, e0 + e] u[t][e * w + k]
+          for (int q = threadIdx.x; q < 64 * w; q += kThreads) {
+            const int rr = q / w, k = q % w;
+            const int64_t t = t0 + rr;
+            if (t >= s.T) continue;
+            const float* pi_t = pi + t * gN + G * N + e0;
+            const float* u_t = Cs + rr * LDC + k;
+            float sum = 0.f;
+            for (int e = 0; e < nu; ++e) sum += pi_t[e] * u_t[e * w];
+            add_to(dh + t * r + rc0 + k, scaling * sum, single_writer);
           }
+          if (N > 1) {
+            for (int q = threadIdx.x; q < 64 * nu; q += kThreads) {
+              const int rr = q / nu, e = q % nu;
+              const int64_t t = t0 + rr;
+              if (t >= s.T) continue;
+              const float* h_t = h + t * r + rc0;
+              const float* u_e = Cs + rr * LDC + e * w;
+              float sum = 0.f;
+              for (int k = 0; k < w; ++k) sum += h_t[k] * u_e[k];
+              add_to(dpi + t * gN + G * N + e0 + e, scaling * sum, single_writer);
+            }
+          }
+          __syncthreads();  // Cs is rewritten by the next u tile
         }
-        // Cs is written next after the barriers of the loop below: no barrier needed here.
       }
-      auto dy_pi = [=](int64_t t, int64_t j, float v) { return v * pi[(t * s.g + j / c) * s.N + e]; };
-      auto dys = rows_loader<64>(As, dy, s.d_out, t0, s.T, j_hi, vec_dy, dy_pi);
-      auto bs = cols_loader<BN>(Bs, Be, s.r, j_hi, rc0, s.r, Identity{});  // B_e[j][rc0 + k]
-      gemm_over_k(dh_acc, dys, bs, j0, j_hi);
-    }
-  }
-  dh_acc.store(Cs);
-  __syncthreads();
-  for (int q = threadIdx.x; q < 64 * BN; q += kThreads) {
-    const int rr = q / BN, cc = q % BN;
-    const int64_t t = t0 + rr, k = rc0 + cc;
-    if (t >= s.T || k >= s.r) continue;
-    const float v = scaling * Cs[rr * LDC + cc];
-    if (single_writer) {
-      dh[t * s.r + k] = v;
-    } else {
-      atomicAdd(dh + t * s.r + k, v);
     }
   }
 }
@@ -117,22 +124,20 @@ cudaError_t launch_backward_dy(const T* dy, const float* h, const float* pi, con
                                float* dpi, const MixShape& s, float scaling, bool deterministic,
                                int num_sms, cudaStream_t stream) {
   const int64_t tiles_t = ceil_div(s.T, 64);
-  const int64_t tiles_r = ceil_div(s.r, BN);
   const int64_t col_tiles = ceil_div(s.d_out, BN);
   // Split the columns only when the token tiles alone leave SMs idle (about 2 blocks per SM
   // wanted); a split costs fp32 atomics, so deterministic mode never splits.
   int64_t splits = 1;
   if (!deterministic) {
-    const int64_t want = (2 * int64_t(num_sms) + tiles_t * tiles_r - 1) / (tiles_t * tiles_r);
+    const int64_t want = (2 * int64_t(num_sms) + tiles_t - 1) / tiles_t;
     splits = std::max<int64_t>(1, std::min(want, col_tiles));
   }
   const int64_t split_cols = (col_tiles + splits - 1) / splits * BN;
   splits = (s.d_out + split_cols - 1) / split_cols;
-  const dim3 grid(static_cast<unsigned>(tiles_t), static_cast<unsigned>(splits),
-                  static_cast<unsigned>(tiles_r));
-  backward_dy_kernel<T><<<grid, kThreads, 0, stream>>>(
-      dy, h, pi, B, dh, dpi, s, scaling, split_cols, vec_ok(dy, s.d_out, sizeof(T)),
-      vec_ok(h, s.r, sizeof(float)), vec_ok(B, s.r, sizeof(T)));
+  const dim3 grid(static_cast<unsigned>(tiles_t), static_cast<unsigned>(splits));
+  backward_dy_kernel<T><<<grid, kThreads, 0, stream>>>(dy, h, pi, B, dh, dpi, s, scaling,
+                                                       int(split_cols),
+                                                       vec_ok(dy, s.d_out, sizeof(T)));
   return cudaGetLastError();
 }
 

@@ -82,7 +82,8 @@ int main() {
   // Odd sizes (scalar edges everywhere), aligned sizes (16-byte vector paths, the folded mix),
   // g = d_out (per-expert epilogue), decode (16-row tiles), r > 64 (two rank chunks), the column
   // split of the dy kernel (atomics) and its deterministic twin, external logits, plain LoRA,
-  // the forward's column splits (num_sms = 1) with groups that span two splits.
+  // the forward's column splits (num_sms = 1) with groups that span two splits, a group that
+  // starts off a 16-byte vector of dy.
   const Case cases[] = {
       {7, 37, 30, 5, 3, 3, 1, 0.1f, false, 132},
       {70, 64, 128, 16, 4, 2, 1, 0.1f, false, 132},
@@ -93,6 +94,7 @@ int main() {
       {5, 24, 16, 3, 1, 1, 0, 0.1f, false, 132},
       {17, 64, 192, 16, 4, 2, 1, 0.1f, false, 1},  // forward: 2 splits, group 1 in both
       {17, 64, 256, 16, 4, 16, 2, 0.0f, false, 1},
+      {1, 40, 24, 8, 4, 2, 2, 0.0f, false, 132},  // dy kernel: group 1 starts off a 16 B vector
   };
   std::mt19937 rng(0);
   int failures = 0;
