@@ -16,6 +16,22 @@ namespace {
 // core work and staging on padding rows. Their K-chunks are 64 wide (kChunk in common.cuh).
 constexpr int64_t kSmallT = 16;
 
+// n / d and n % d (n >= 0) in per-element index math: a shift and a mask when d is a power of
+// two (r = 8, 16, 32, 64 in practice) instead of a 64-bit integer division (a range check and
+// ~20 instructions on its fast path) per element of a staged operand.
+struct DivBy {
+  int64_t d;
+  int shift = 0;  // log2 d, or -1 when d is not a power of two
+  __device__ __forceinline__ explicit DivBy(int64_t d_) : d(d_) {
+    while ((int64_t(1) << shift) < d) ++shift;
+    if ((int64_t(1) << shift) != d) shift = -1;
+  }
+  __device__ __forceinline__ int64_t div(int64_t n) const { return shift >= 0 ? n >> shift : n / d; }
+  __device__ __forceinline__ int64_t mod(int64_t n) const {
+    return shift >= 0 ? n & (d - 1) : n % d;
+  }
+};
+
 // pi = softmax(z) over one row of N logits; max-subtracted so logits of +-1e4 stay finite. A
 // row of all -inf gives NaN, as torch.softmax does. z == null: uniform weights 1 / N. z may
 // alias pi: entry e is read (again) just before it is overwritten.
@@ -56,7 +72,7 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // what another block writes.
 //
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
-// aim for. ptxas (CUDA 13.0) then takes 154-186 registers at BM = 16 and 223-255 at BM = 64,
+// aim for. ptxas (CUDA 13.0) then takes 143-182 registers at BM = 16 and 228-255 at BM = 64,
 // with no spills (sm_80 and sm_90, python/tools/KERNELS.md); the prefetched next K-chunk of
 // gemm_over_k is part of that. Without a minimum, ptxas once held this kernel to 64 / 128
 // registers and spilled 8-92 B.
@@ -143,13 +159,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (fold) {
       // K = N * r in one GEMM: column kap = e * r + k of H~ is pi[t, g0, e] * h[t, k], of the
       // B operand B[e, j, k]. A vector never crosses an expert (r % V == 0 when vec_h / vec_b).
+      const DivBy by_r(r);
       auto h_at = [=](int64_t t, int64_t kap) {
-        return ElemSrc<float>{t < s.T ? h + t * r + kap % r : nullptr, vec_h};
+        return ElemSrc<float>{t < s.T ? h + t * r + by_r.mod(kap) : nullptr, vec_h};
       };
       auto b_at = [=](int64_t j, int64_t kap) {
-        return ElemSrc<T>{j < s.d_out ? B + (kap / r * s.d_out + j) * r + kap % r : nullptr, vec_b};
+        return ElemSrc<T>{j < s.d_out ? B + (by_r.div(kap) * s.d_out + j) * r + by_r.mod(kap)
+                                      : nullptr,
+                          vec_b};
       };
-      auto by_pi = [=](int64_t t, int64_t kap, float v) { return v * pi_row(t, g0)[kap / r]; };
+      auto by_pi = [=](int64_t t, int64_t kap, float v) { return v * pi_row(t, g0)[by_r.div(kap)]; };
       auto hs = tile_loader<BM, KC>(As, h_at, t0, N * r, by_pi);
       auto bs = tile_loader<BN, KC>(Bs, b_at, j0, N * r, Identity{});
       gemm_over_k(mma, hs, bs, 0, N * r);
