@@ -43,39 +43,60 @@ struct TokenRange {
       : lo(q * per), hi(min(q * per + per, T)) {}
 };
 
-// Block (bx, e, bz) writes dB[e, j0:j0+64, rc0:rc0+64] = s * sum_t (dy * pi_e)[t, j] h[t, k]
-// over its token split's tokens (bz = rank tile + tiles_r * split), staging both operands
-// transposed (tokens along K).
+// The grid of the dB kernel: x = column tiles of 64 inside each group (a tile never crosses
+// a group, so pi is per token and expert within it), y = rank slices of 64 x expert chunks of
+// ue experts (ue * slice width <= 64), z = token splits.
+struct DbGrid {
+  int64_t tiles_per_group, tiles_r, ue;
+  __host__ __device__ explicit DbGrid(const MixShape& s)
+      : tiles_per_group((s.d_out / s.g + 63) / 64),
+        tiles_r((s.r + BN - 1) / BN),
+        ue(s.r >= BN ? 1 : std::min<int64_t>(s.N, BN / s.r)) {}
+  int64_t x(const MixShape& s) const { return s.g * tiles_per_group; }
+  int64_t y(const MixShape& s) const { return tiles_r * ((s.N + ue - 1) / ue); }
+};
+
+// Block (bx, by, split) writes dB[e0 .. e0+nu, j0 .. j_hi, rc0 .. rc0+w] over its token
+// split's tokens as one tile GEMM with K = tokens: dB[e, j, k] = s * sum_t dy[t, j] H~[t, q]
+// with q = (e - e0) * w + k and H~[t, q] = pi[t, G, e] h[t, rc0 + k], so dy is staged once per
+// nu experts (was once per expert) and the GEMM's N holds nu * w columns (was r of 64). Both
+// operands are staged transposed (tokens along K); H~ reads h through a column map and weighs
+// it by pi on the way into shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 4)
     backward_db_kernel(const T* __restrict__ dy, const float* __restrict__ h,
                        const float* __restrict__ pi, T* __restrict__ dB, float* __restrict__ ws,
-                       MixShape s, float scaling, unsigned tiles_r, int64_t tokens_per_split) {
+                       MixShape s, float scaling, DbGrid grid, int64_t tokens_per_split) {
   MTLORA_TILE_SMEM(T, 64);
-  const int64_t j0 = int64_t(blockIdx.x) * 64;
-  const int64_t e = blockIdx.y;
-  const int64_t rc0 = int64_t(blockIdx.z % tiles_r) * BN;
-  const TokenRange tr(blockIdx.z / tiles_r, tokens_per_split, s.T);
-  // The dy loader keeps one column j per thread: its group's weight of expert e, found once
-  // (a division per element cost 16 64-bit divisions per K-chunk), advances g*N per token.
-  const int64_t j = min(j0 + col_of_thread<64>(), s.d_out - 1);
-  const float* pi_j = pi + j / (s.d_out / s.g) * s.N + e;
-  const int ld_pi = int(s.g * s.N);  // < kMaxRowLength
-  auto dy_pi = [=](int64_t t, int64_t, float v) { return v * pi_j[t * ld_pi]; };
+  // Column, rank and expert indices are ints (d_out, r, g*N < kMaxRowLength).
+  const int c = int(s.d_out / s.g), N = int(s.N), r = int(s.r), gN = int(s.g * s.N);
+  const int G = int(blockIdx.x / grid.tiles_per_group);
+  const int j0 = G * c + int(blockIdx.x % grid.tiles_per_group) * 64;
+  const int j_hi = min(j0 + 64, G * c + c);
+  const int rc0 = int(blockIdx.y % grid.tiles_r) * BN, w = min(BN, r - rc0);
+  const int e0 = int(blockIdx.y / grid.tiles_r * grid.ue), nu = min(int(grid.ue), N - e0);
+  const TokenRange tr(blockIdx.z, tokens_per_split, s.T);
+  // The H~ loader keeps one column q per thread: its expert's weight row, found once, advances
+  // g*N per token (a division per element cost 16 of them per K-chunk).
+  const float* pi_q = pi + G * N + e0 + min(col_of_thread<BN>() / w, nu - 1);
+  auto by_pi = [=](int64_t t, int64_t, float v) { return v * pi_q[t * gN]; };
+  auto rank_of = [=](int64_t q) { return int64_t(rc0 + int(q) % w); };
 
   TileMma<T, 64> acc;
   acc.zero();
-  auto dys = cols_loader<64>(As, dy, s.d_out, tr.hi, j0, s.d_out, dy_pi);  // As[j][t]
-  auto hs = cols_loader<BN>(Bs, h, s.r, tr.hi, rc0, s.r, Identity{});      // Bs[k][t]
+  auto dys = cols_loader<64>(As, dy, s.d_out, tr.hi, j0, j_hi, Identity{});  // As[j][t]
+  auto hs = cols_loader<BN>(Bs, h, r, tr.hi, 0, nu * w, by_pi, static_cast<T*>(nullptr),
+                            rank_of);  // Bs[q][t]
   gemm_over_k(acc, dys, hs, tr.lo, tr.hi);
   acc.store(Cs);
   __syncthreads();
-  const int64_t split = blockIdx.z / tiles_r;  // (not kept live across the K loop)
-  const TileOut<T> put{dB, ws != nullptr ? ws + split * s.N * s.d_out * s.r : nullptr, scaling};
+  const TileOut<T> put{dB, ws != nullptr ? ws + blockIdx.z * s.N * s.d_out * r : nullptr,
+                       scaling};
   for (int q = threadIdx.x; q < 64 * BN; q += kThreads) {
     const int rr = q / BN, cc = q % BN;
-    const int64_t jj = j0 + rr, k = rc0 + cc;
-    if (jj < s.d_out && k < s.r) put((e * s.d_out + jj) * s.r + k, Cs[rr * LDC + cc]);
+    const int64_t j = j0 + rr;
+    if (j < j_hi && cc < nu * w)
+      put(((e0 + cc / w) * s.d_out + j) * r + rc0 + cc % w, Cs[rr * LDC + cc]);
   }
 }
 
@@ -156,8 +177,8 @@ TokenSplits token_splits(int64_t T, int64_t blocks, int num_sms) {
 
 BackwardPlan backward_plan(const MixShape& s, bool routed, int num_sms) {
   BackwardPlan plan{};
-  const int64_t tiles_r = ceil_div(s.r, BN);
-  plan.db = token_splits(s.T, ceil_div(s.d_out, 64) * s.N * tiles_r, num_sms);
+  const DbGrid db(s);
+  plan.db = token_splits(s.T, db.x(s) * db.y(s), num_sms);
   const int64_t daw_rows = s.r + (routed ? s.g * s.N : 0);
   const int64_t daw_tiles = ceil_div(s.r, 64) + (routed ? ceil_div(s.g * s.N, 64) : 0);
   plan.daw = token_splits(s.T, ceil_div(s.d_in, BN) * daw_tiles, num_sms);
@@ -171,13 +192,12 @@ template <typename T>
 cudaError_t launch_backward_dB(const T* dy, const float* h, const float* pi, T* dB, float* ws,
                                const TokenSplits& split, const MixShape& s, float scaling,
                                cudaStream_t stream) {
-  const int64_t tiles_r = ceil_div(s.r, BN);
+  const DbGrid db(s);
   const bool slabs = split.splits > 1;
-  const dim3 grid(ceil_div(s.d_out, 64), static_cast<unsigned>(s.N),
-                  static_cast<unsigned>(tiles_r * split.splits));
+  const dim3 grid(static_cast<unsigned>(db.x(s)), static_cast<unsigned>(db.y(s)),
+                  static_cast<unsigned>(split.splits));
   backward_db_kernel<T><<<grid, kThreads, 0, stream>>>(dy, h, pi, dB, slabs ? ws : nullptr, s,
-                                                       scaling, unsigned(tiles_r),
-                                                       split.tokens_per_split);
+                                                       scaling, db, split.tokens_per_split);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !slabs) return err;
   const int64_t n = s.N * s.d_out * s.r;

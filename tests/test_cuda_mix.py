@@ -184,7 +184,8 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
     "T,d_in,d_out,r,N,g,num_sms,db_splits,daw_splits",
     [
         (200, 64, 64, 16, 4, 2, 132, 4, 4),  # both split; the last split has 8 tokens
-        (200, 64, 64, 16, 4, 2, 1, 1, 2),  # only dA/dW splits
+        (200, 64, 256, 16, 4, 1, 1, 1, 2),  # only dA/dW splits
+        (150, 64, 200, 24, 3, 2, 132, 3, 3),  # dB: 2 experts of r = 24 per tile, then 1; c = 100
         (200, 64, 64, 80, 2, 2, 132, 4, 4),  # r > 64: two rank tiles per dB split
         (130, 96, 40, 8, 1, 1, 132, 3, 3),  # plain LoRA: the slabs hold dA only
         (200, 512, 256, 16, 4, 2, 1, 1, 1),  # the output tiles fill the device: no split
