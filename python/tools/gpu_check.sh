@@ -2,10 +2,12 @@
 # The GPU check of the CUDA and Triton backends in one call, for a lent GPU machine (which has
 # torch, triton, nvcc, pytest, hypothesis and compute-sanitizer but nothing of this project):
 #
-#   bash python/tools/gpu_check.sh [STEP ...]      # steps: build sanitize test bench triton
+#   bash python/tools/gpu_check.sh [STEP ...]   # steps: build sanitize test bench profile triton
 #
 # With no STEP it runs build, sanitize, test and bench, in that order (the ones the CUDA issue
-# asks for); `triton` adds the Triton test files, whose first run JIT-compiles many kernels.
+# asks for); `profile` adds per-kernel times of one forward + backward on the cuda and triton
+# backends (python/tools/profile_mix.py); `triton` adds the Triton test files, whose first run
+# JIT-compiles many kernels.
 # Each step has its own time limit and its log under $OUT (default ./gpu_out); a summary
 # table is printed last. Builds for this GPU's architecture only (about a minute on 16 cores).
 # Nothing here has run on a GPU yet: it was written, with the rest of the GPU path, without one.
@@ -69,10 +71,12 @@ print("ran")'
       # Decode (T = 1, 16) and the SPEC's floor shape (T = 8192, d = 4096, r = 16, N = 16, g = 2).
       step bench 400 "$PY" -m mtlora_kernels bench --tokens 1,16,8192 --experts 16 --groups 2 \
         --dtype bf16 --min-time 0.5 --out "$OUT/bench" --no-progress ;;
+    profile)
+      step profile 300 "$PY" python/tools/profile_mix.py --out "$OUT/profile" ;;
     triton)
       step test-triton 500 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_triton_mix.py \
         tests/test_linalg.py ;;
-    *) echo "unknown step $s (build sanitize test bench triton)"; exit 2 ;;
+    *) echo "unknown step $s (build sanitize test bench profile triton)"; exit 2 ;;
   esac
 done
 
