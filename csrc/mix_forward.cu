@@ -26,7 +26,9 @@ struct DivBy {
     while ((int64_t(1) << shift) < d) ++shift;
     if ((int64_t(1) << shift) != d) shift = -1;
   }
-  __device__ __forceinline__ int64_t div(int64_t n) const { return shift >= 0 ? n >> shift : n / d; }
+  __device__ __forceinline__ int64_t div(int64_t n) const {
+    return shift >= 0 ? n >> shift : n / d;
+  }
   __device__ __forceinline__ int64_t mod(int64_t n) const {
     return shift >= 0 ? n & (d - 1) : n % d;
   }
@@ -168,7 +170,9 @@ __global__ void __launch_bounds__(kThreads, 2)
                                       : nullptr,
                           vec_b};
       };
-      auto by_pi = [=](int64_t t, int64_t kap, float v) { return v * pi_row(t, g0)[by_r.div(kap)]; };
+      auto by_pi = [=](int64_t t, int64_t kap, float v) {
+        return v * pi_row(t, g0)[by_r.div(kap)];
+      };
       auto hs = tile_loader<BM, KC>(As, h_at, t0, N * r, by_pi);
       auto bs = tile_loader<BN, KC>(Bs, b_at, j0, N * r, Identity{});
       gemm_over_k(mma, hs, bs, 0, N * r);
