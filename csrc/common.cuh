@@ -93,7 +93,8 @@ __device__ __forceinline__ void store_vec8(T* p, const float* v) {
 template <typename T>
 __device__ __forceinline__ void load_vec8(const T* p, float* v) {
 #pragma unroll
-  for (int u = 0; u < int(8 * sizeof(T) / 16); ++u) load_vec16(p + u * (16 / sizeof(T)), v + u * (16 / sizeof(T)));
+  for (int u = 0; u < int(8 * sizeof(T) / 16); ++u)
+    load_vec16(p + u * (16 / sizeof(T)), v + u * (16 / sizeof(T)));
 }
 
 struct Identity {
@@ -536,7 +537,8 @@ struct Dropout {
 
 // ---- host (and device) helpers --------------------------------------------------------------
 __host__ __device__ inline bool vec_ok(const void* p, int64_t row_len, int64_t elem_size) {
-  return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_len * elem_size) % 16 == 0;
+  return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0 &&
+         (row_len * elem_size) % 16 == 0;
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

@@ -48,7 +48,7 @@ struct TokenRange {
 // ue experts (ue * slice width <= 64), z = token splits.
 struct DbGrid {
   int64_t tiles_per_group, tiles_r, ue;
-  __host__ __device__ explicit DbGrid(const MixShape& s)
+  explicit DbGrid(const MixShape& s)
       : tiles_per_group((s.d_out / s.g + 63) / 64),
         tiles_r((s.r + BN - 1) / BN),
         ue(s.r >= BN ? 1 : std::min<int64_t>(s.N, BN / s.r)) {}

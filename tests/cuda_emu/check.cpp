@@ -66,8 +66,8 @@ int run(const Case& c, std::mt19937& rng) {
   const mtlora::BackwardArgs<T> ba{
       dy.data(), x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr, h.data(),
       pi.data(), c.router != 0 ? dpi.data() : nullptr, dx.data(), dA.data(), dB.data(),
-      c.router == 1 ? dW.data() : nullptr, dz.data(), dh_ws.data(), dpi_ws.data(), bws.data(), s, 2.f, c.p,
-      1234, c.deterministic, c.num_sms};
+      c.router == 1 ? dW.data() : nullptr, dz.data(), dh_ws.data(), dpi_ws.data(), bws.data(),
+      s, 2.f, c.p, 1234, c.deterministic, c.num_sms};
   st = mtlora::mix_backward<T>(ba, nullptr);
   if (st.err != cudaSuccess) {
     std::printf("backward: %s failed\n", st.kernel);
