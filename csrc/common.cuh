@@ -147,8 +147,10 @@ struct ElemSrc {
 
 // S[rr][kk] = f(row, col, *src(row, col).p) with row = row0 + rr, col = k0 + kk, for
 // rr < ROWS, kk < KC; 0 where src gives null or col >= ncols (f is only called in bounds).
-// k0 is a multiple of KC. S_lo (16-bit T only, may be null): also store what rounding to T
-// lost (see split_store). A thread's share is ITEMS runs of V elements along a row, which
+// k0 need not be a multiple of KC, but the runs then start at k0 + multiples of V, and a
+// source's vec must hold there: rows_loader's vec_ok speaks for columns that are multiples of
+// V only, so a caller whose K range starts off one passes false (the dy kernel, at a group
+// start). S_lo (16-bit T only, may be null): also store what rounding to T lost (split_store). A thread's share is ITEMS runs of V elements along a row, which
 // fetch prefetches as 16 B vectors. A run that is not one whole vector (it straddles ncols,
 // or the source is unaligned) makes the thread's chunk "slow": put() then reads the chunk
 // element by element in a rolled loop, so that rare case adds no registers to the common one.
@@ -299,8 +301,8 @@ struct ColLoader {
     valid = 0;
     // This thread's column is fixed; its rows are kk0, kk0 + KSTEP, ... of the chunk. One
     // 64-bit base per chunk and 32-bit offsets within it (ldg < kMaxRowLength, checked on the
-    // host, and KC * kMaxRowLength <= 2^31)
-    // keep the unrolled loads from holding ITEMS 64-bit addresses across the K loop.
+    // host, and KC * kMaxRowLength <= 2^31) keep the unrolled loads from holding ITEMS 64-bit
+    // addresses across the K loop.
     const int ii = col_of_thread<ROWS>(), kk0 = threadIdx.x / ROWS;
     if (i0 + ii >= ni) return;
     const Src* base = G + (k0 + kk0) * ldg + col_at(i0 + ii);
