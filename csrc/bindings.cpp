@@ -154,8 +154,7 @@ std::vector<Tensor> mix_forward(const Tensor& x, const Tensor& A, const Tensor& 
 std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor& A,
                                  const Tensor& B, const OptTensor& route_weight, const Tensor& h,
                                  const Tensor& pi, const OptTensor& dpi, int64_t groups,
-                                 double scaling, double dropout_p, int64_t seed,
-                                 bool deterministic) {
+                                 double scaling, double dropout_p, int64_t seed) {
   const mtlora::MixShape s = check_core(x, A, B, route_weight, groups);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
               dropout_p);
@@ -184,7 +183,7 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
         cptr<float>(pi), cptr<float>(dpi), mptr<T>(dx), mptr<T>(dA), mptr<T>(dB),
         routed ? mptr<T>(dW) : nullptr, mptr<float>(dz), mptr<float>(dh), mptr<float>(dpi_ws),
         mptr<float>(ws), s, static_cast<float>(scaling), static_cast<float>(dropout_p),
-        static_cast<uint64_t>(seed), deterministic, num_sms};
+        static_cast<uint64_t>(seed), num_sms};
     check_launch(mtlora::mix_backward<T>(args, c10::cuda::getCurrentCUDAStream()));
   });
   return {dx, dA, dB, dW, dz};
@@ -227,7 +226,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &mix_backward, "fused mix backward -> (dx, dA, dB, dW_route, dlogits)",
         py::arg("dy"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("route_weight"),
         py::arg("h"), py::arg("pi"), py::arg("dpi"), py::arg("groups"), py::arg("scaling"),
-        py::arg("dropout_p"), py::arg("seed"), py::arg("deterministic"));
+        py::arg("dropout_p"), py::arg("seed"));
   m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep-mask [T, d_in]",
         py::arg("seed"), py::arg("T"), py::arg("d_in"), py::arg("dropout_p"), py::arg("device"));
   // Build facts, read by mtlora_kernels._build_info.build_info().

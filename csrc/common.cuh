@@ -545,4 +545,27 @@ __host__ __device__ inline bool vec_ok(const void* p, int64_t row_len, int64_t e
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// ---- split reductions -----------------------------------------------------------------------
+// A launch that splits a reduction over several blocks (the token splits of dB and dA / dW, the
+// column splits of the dy kernel) has split q write its fp32 partial sums to slab q of a
+// workspace; this adds the slabs in split order (deterministic, no atomics):
+// out[i] = scale * sum_q slabs[q * stride + i] for i < n.
+template <typename T>
+__global__ void reduce_splits_kernel(const float* __restrict__ slabs, int64_t stride,
+                                     int64_t splits, int64_t n, float scale, T* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float sum = 0.f;
+  for (int64_t q = 0; q < splits; ++q) sum += slabs[q * stride + i];
+  out[i] = from_f<T>(scale * sum);
+}
+
+template <typename T>
+cudaError_t launch_reduce_splits(const float* slabs, int64_t stride, int64_t splits, int64_t n,
+                                 float scale, T* out, cudaStream_t stream) {
+  reduce_splits_kernel<T><<<ceil_div(n, 256), 256, 0, stream>>>(slabs, stride, splits, n, scale,
+                                                                  out);
+  return cudaGetLastError();
+}
+
 }  // namespace mtlora

@@ -31,18 +31,13 @@ LaunchStatus mix_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
       MTLORA_LAUNCH(cudaMemsetAsync(a.dW, 0, sizeof(T) * s.g * s.N * s.d_in, stream), "memset dW");
     return {cudaSuccess, nullptr};
   }
-  // The dy kernel accumulates into dh and dpi (in order, or with atomics when it splits the
-  // columns over several blocks).
-  MTLORA_LAUNCH(cudaMemsetAsync(a.dh_ws, 0, sizeof(float) * s.T * s.r, stream), "memset dh");
-  MTLORA_LAUNCH(cudaMemsetAsync(a.dpi_ws, 0, sizeof(float) * s.T * s.g * s.N, stream),
-                "memset dpi");
-  MTLORA_LAUNCH(launch_backward_dy<T>(a.dy, a.h, a.pi, a.B, a.dh_ws, a.dpi_ws, s, a.scaling,
-                                      a.deterministic, a.num_sms, stream),
+  const bool routed = a.W != nullptr;
+  const BackwardPlan plan = backward_plan(s, routed, a.num_sms);
+  MTLORA_LAUNCH(launch_backward_dy<T>(a.dy, a.h, a.pi, a.B, a.dh_ws, a.dpi_ws, a.ws, plan.dy, s,
+                                      a.scaling, stream),
                 "backward_dy_kernel");
   MTLORA_LAUNCH(launch_softmax_backward(a.pi, a.dpi_ws, a.dpi, a.dz, s.T * s.g, s.N, stream),
                 "softmax_backward_kernel");
-  const bool routed = a.W != nullptr;
-  const BackwardPlan plan = backward_plan(s, routed, a.num_sms);
   MTLORA_LAUNCH(launch_backward_dB<T>(a.dy, a.h, a.pi, a.dB, a.ws, plan.db, s, a.scaling, stream),
                 "backward_db_kernel");
   MTLORA_LAUNCH(launch_backward_dAW<T>(a.x, a.dh_ws, routed ? a.dz : nullptr, a.dA,

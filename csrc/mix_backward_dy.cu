@@ -17,36 +17,33 @@ namespace {
 // L2 while the next u tiles re-read them), and its epilogue adds into the fp32 dh and dpi
 // (a 64 x w and a 64 x ue read-modify-write per u tile). Ranks beyond 64 are slices of 64
 // looped in the block (dy read once per slice).
-// With one split (gridDim.y == 1) every dh / dpi element has exactly one writer -- this block
-// -- and partial sums are read-modify-written in order (deterministic, no atomics). With
-// several splits they are combined with fp32 atomicAdd.
+// Every dh / dpi element the block touches has this block as its only writer: split by writes
+// rows [t0, t0 + 64) of its own dh and dpi, slab by of the workspace when the launch splits
+// the columns (slab_stride floats apart), which reduce_splits_kernel then adds in split order.
+// The block zeroes those rows itself first. No atomics: deterministic in every mode.
 //
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy the column splits aim for.
 constexpr int kUCols = 512;
-
-// An epilogue's partial sum into dh / dpi (zero-initialised): in order by the one block that
-// owns the element, or with an atomic when column splits share it.
-__device__ __forceinline__ void add_to(float* dst, float v, bool single_writer) {
-  if (single_writer) {
-    *dst += v;
-  } else {
-    atomicAdd(dst, v);
-  }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     backward_dy_kernel(const T* __restrict__ dy, const float* __restrict__ h,
                        const float* __restrict__ pi, const T* __restrict__ B, float* dh,
-                       float* dpi, MixShape s, float scaling, int split_cols, bool vec_dy) {
+                       float* dpi, int64_t slab_stride, MixShape s, float scaling, int split_cols,
+                       bool vec_dy) {
   MTLORA_TILE_SMEM(T, 64);
   // Column, rank and expert indices are ints (d_out, r, g*N < kMaxRowLength, checked on the
   // host): half the registers of int64 for the loop state; token offsets stay int64.
   const int64_t t0 = int64_t(blockIdx.x) * 64;
   const int jbeg = int(blockIdx.y) * split_cols;
   const int jend = min(jbeg + split_cols, int(s.d_out));
-  const bool single_writer = gridDim.y == 1;
   const int c = int(s.d_out / s.g), N = int(s.N), r = int(s.r), gN = int(s.g * s.N);
+  const int64_t rows = min(int64_t(64), s.T - t0);
+  dh += blockIdx.y * slab_stride + t0 * r;  // this block's rows of its split's dh and dpi
+  dpi += blockIdx.y * slab_stride + t0 * gN;
+  for (int64_t i = threadIdx.x; i < rows * r; i += kThreads) dh[i] = 0.f;
+  for (int64_t i = threadIdx.x; i < rows * gN; i += kThreads) dpi[i] = 0.f;
+  __syncthreads();  // the epilogues' read-modify-writes may fall to other threads
 
   for (int rc0 = 0; rc0 < r; rc0 += BN) {
     const int w = min(BN, r - rc0);   // ranks of this slice
@@ -71,26 +68,22 @@ __global__ void __launch_bounds__(kThreads, 2)
           u.store(Cs);
           __syncthreads();
           // dh[t, rc0 + k] += s * sum_e pi[t, G, e0 + e] u[t][e * w + k]
-          for (int q = threadIdx.x; q < 64 * w; q += kThreads) {
+          for (int q = threadIdx.x; q < rows * w; q += kThreads) {
             const int rr = q / w, k = q % w;
-            const int64_t t = t0 + rr;
-            if (t >= s.T) continue;
-            const float* pi_t = pi + t * gN + G * N + e0;
+            const float* pi_t = pi + (t0 + rr) * gN + G * N + e0;
             const float* u_t = Cs + rr * LDC + k;
             float sum = 0.f;
             for (int e = 0; e < nu; ++e) sum += pi_t[e] * u_t[e * w];
-            add_to(dh + t * r + rc0 + k, scaling * sum, single_writer);
+            dh[rr * r + rc0 + k] += scaling * sum;
           }
           if (N > 1) {
-            for (int q = threadIdx.x; q < 64 * nu; q += kThreads) {
+            for (int q = threadIdx.x; q < rows * nu; q += kThreads) {
               const int rr = q / nu, e = q % nu;
-              const int64_t t = t0 + rr;
-              if (t >= s.T) continue;
-              const float* h_t = h + t * r + rc0;
+              const float* h_t = h + (t0 + rr) * r + rc0;
               const float* u_e = Cs + rr * LDC + e * w;
               float sum = 0.f;
               for (int k = 0; k < w; ++k) sum += h_t[k] * u_e[k];
-              add_to(dpi + t * gN + G * N + e0 + e, scaling * sum, single_writer);
+              dpi[rr * gN + G * N + e0 + e] += scaling * sum;
             }
           }
           __syncthreads();  // Cs is rewritten by the next u tile
@@ -119,26 +112,33 @@ __global__ void softmax_backward_kernel(const float* pi, const float* dpi, const
 
 }  // namespace
 
+ColumnSplits dy_column_splits(const MixShape& s, int num_sms) {
+  // Split the columns only when the token tiles alone leave SMs idle (about 2 blocks per SM
+  // wanted, the kernel's occupancy): each split costs a slab of T * (r + g*N) floats.
+  const int64_t tiles_t = std::max<int64_t>(1, ceil_div(s.T, 64));
+  const int64_t col_tiles = std::max<int64_t>(1, ceil_div(s.d_out, BN));
+  const int64_t want = (2 * int64_t(std::max(num_sms, 1)) + tiles_t - 1) / tiles_t;
+  const int64_t splits = std::min(want, col_tiles);
+  const int64_t cols = (col_tiles + splits - 1) / splits * BN;
+  return {std::max<int64_t>(1, (s.d_out + cols - 1) / cols), cols};
+}
+
 template <typename T>
 cudaError_t launch_backward_dy(const T* dy, const float* h, const float* pi, const T* B, float* dh,
-                               float* dpi, const MixShape& s, float scaling, bool deterministic,
-                               int num_sms, cudaStream_t stream) {
-  const int64_t tiles_t = ceil_div(s.T, 64);
-  const int64_t col_tiles = ceil_div(s.d_out, BN);
-  // Split the columns only when the token tiles alone leave SMs idle (about 2 blocks per SM
-  // wanted); a split costs fp32 atomics, so deterministic mode never splits.
-  int64_t splits = 1;
-  if (!deterministic) {
-    const int64_t want = (2 * int64_t(num_sms) + tiles_t - 1) / tiles_t;
-    splits = std::max<int64_t>(1, std::min(want, col_tiles));
-  }
-  const int64_t split_cols = (col_tiles + splits - 1) / splits * BN;
-  splits = (s.d_out + split_cols - 1) / split_cols;
-  const dim3 grid(static_cast<unsigned>(tiles_t), static_cast<unsigned>(splits));
-  backward_dy_kernel<T><<<grid, kThreads, 0, stream>>>(dy, h, pi, B, dh, dpi, s, scaling,
-                                                       int(split_cols),
-                                                       vec_ok(dy, s.d_out, sizeof(T)));
-  return cudaGetLastError();
+                               float* dpi, float* ws, const ColumnSplits& split,
+                               const MixShape& s, float scaling, cudaStream_t stream) {
+  const bool slabs = split.splits > 1;
+  const int64_t stride = s.T * (s.r + s.g * s.N);
+  const dim3 grid(ceil_div(s.T, 64), static_cast<unsigned>(split.splits));
+  backward_dy_kernel<T><<<grid, kThreads, 0, stream>>>(
+      dy, h, pi, B, slabs ? ws : dh, slabs ? ws + s.T * s.r : dpi, slabs ? stride : 0, s,
+      scaling, int(split.cols), vec_ok(dy, s.d_out, sizeof(T)));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !slabs) return err;
+  err = launch_reduce_splits(ws, stride, split.splits, s.T * s.r, 1.f, dh, stream);
+  if (err != cudaSuccess) return err;
+  return launch_reduce_splits(ws + s.T * s.r, stride, split.splits, s.T * s.g * s.N, 1.f, dpi,
+                              stream);
 }
 
 cudaError_t launch_softmax_backward(const float* pi, const float* dpi, const float* dpi_extra,
@@ -149,8 +149,8 @@ cudaError_t launch_softmax_backward(const float* pi, const float* dpi, const flo
 
 #define MTLORA_INSTANTIATE_DY(T)                                                               \
   template cudaError_t launch_backward_dy<T>(const T*, const float*, const float*, const T*,   \
-                                             float*, float*, const MixShape&, float, bool, int, \
-                                             cudaStream_t);
+                                             float*, float*, float*, const ColumnSplits&,       \
+                                             const MixShape&, float, cudaStream_t);
 MTLORA_INSTANTIATE_DY(float)
 MTLORA_INSTANTIATE_DY(__half)
 MTLORA_INSTANTIATE_DY(__nv_bfloat16)

@@ -143,25 +143,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
-// out[i] = scale * sum_q slabs[q * stride + i] for i < n, the splits in order.
-template <typename T>
-__global__ void reduce_splits_kernel(const float* __restrict__ slabs, int64_t stride,
-                                     int64_t splits, int64_t n, float scale, T* __restrict__ out) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float sum = 0.f;
-  for (int64_t q = 0; q < splits; ++q) sum += slabs[q * stride + i];
-  out[i] = from_f<T>(scale * sum);
-}
-
-template <typename T>
-cudaError_t launch_reduce_splits(const float* slabs, int64_t stride, int64_t splits, int64_t n,
-                                 float scale, T* out, cudaStream_t stream) {
-  reduce_splits_kernel<T><<<ceil_div(n, 256), 256, 0, stream>>>(slabs, stride, splits, n, scale,
-                                                                  out);
-  return cudaGetLastError();
-}
-
 // Splits of a reduction over T whose launch has `blocks` blocks without them: as many as give
 // the device 4 blocks per SM, at most one per kSplitTokens chunk.
 TokenSplits token_splits(int64_t T, int64_t blocks, int num_sms) {
@@ -177,6 +158,7 @@ TokenSplits token_splits(int64_t T, int64_t blocks, int num_sms) {
 
 BackwardPlan backward_plan(const MixShape& s, bool routed, int num_sms) {
   BackwardPlan plan{};
+  plan.dy = dy_column_splits(s, num_sms);
   const DbGrid db(s);
   plan.db = token_splits(s.T, db.x(s) * db.y(s), num_sms);
   const int64_t daw_rows = s.r + (routed ? s.g * s.N : 0);
@@ -184,7 +166,8 @@ BackwardPlan backward_plan(const MixShape& s, bool routed, int num_sms) {
   plan.daw = token_splits(s.T, ceil_div(s.d_in, BN) * daw_tiles, num_sms);
   const int64_t db_ws = plan.db.splits > 1 ? plan.db.splits * s.N * s.d_out * s.r : 0;
   const int64_t daw_ws = plan.daw.splits > 1 ? plan.daw.splits * daw_rows * s.d_in : 0;
-  plan.ws_floats = std::max(db_ws, daw_ws);
+  const int64_t dy_ws = plan.dy.splits > 1 ? plan.dy.splits * s.T * (s.r + s.g * s.N) : 0;
+  plan.ws_floats = std::max({dy_ws, db_ws, daw_ws});
   return plan;
 }
 

@@ -49,28 +49,40 @@ struct ForwardPlan {
 ForwardPlan forward_plan(const MixShape& s, int num_sms);
 
 // ---- backward -------------------------------------------------------------------------------
-// dh[t, k] = s * sum_{j, e} dy[t, j] pi[t, G(j), e] B[e, j, k]      (dh zero-initialised)
-// dpi[t, G, e] = s * sum_{j in G} dy[t, j] (h . B_e^T)[t, j]         (dpi zero-initialised)
-// With deterministic, each output element is owned by one block (no atomics).
+// Reductions that would leave SMs idle are split over several blocks, each writing fp32
+// partial sums to its own slab of a workspace, and a second kernel adds the slabs in split
+// order (reduce_splits_kernel in common.cuh). No atomics anywhere: every backward output is
+// deterministic in every mode (the splits are a function of the shape and the SM count only).
+
+// The dy kernel's column splits of d_out (runs of `cols` columns, a multiple of 64), taken when
+// its token tiles alone cannot give the device 2 blocks per SM.
+struct ColumnSplits {
+  int64_t splits;  // 1: the kernel writes dh and dpi itself, no workspace
+  int64_t cols;
+};
+ColumnSplits dy_column_splits(const MixShape& s, int num_sms);
+// dh[t, k] = s * sum_{j, e} dy[t, j] pi[t, G(j), e] B[e, j, k]
+// dpi[t, G, e] = s * sum_{j in G} dy[t, j] (h . B_e^T)[t, j]
+// (ws: splits * T * (r + g*N) floats: slab q holds split q's dh [T, r], then its dpi [T, g*N])
 template <typename T>
 cudaError_t launch_backward_dy(const T* dy, const float* h, const float* pi, const T* B, float* dh,
-                               float* dpi, const MixShape& s, float scaling, bool deterministic,
-                               int num_sms, cudaStream_t stream);
+                               float* dpi, float* ws, const ColumnSplits& split,
+                               const MixShape& s, float scaling, cudaStream_t stream);
 // dz = pi * (dpi + dpi_extra - sum_e pi * (dpi + dpi_extra)) per [rows, N] row (extra may be null).
 cudaError_t launch_softmax_backward(const float* pi, const float* dpi, const float* dpi_extra,
                                     float* dz, int64_t rows, int64_t N, cudaStream_t stream);
 // dB and dA / dW reduce over the tokens. When their output tiles alone cannot fill the device
-// (4 blocks per SM, their occupancy), the tokens are split into runs of whole 64-token chunks:
-// split q writes its fp32 partial sums to slab q of a workspace, and a second kernel adds the
-// slabs in split order and converts. No atomics: deterministic in every mode (the splits are a
-// function of the shape and the SM count only).
+// (4 blocks per SM, their occupancy), the tokens are split into runs of whole 64-token chunks.
 struct TokenSplits {
   int64_t splits;            // 1: the GEMM kernel writes the output itself, no workspace
   int64_t tokens_per_split;  // a multiple of 64
 };
+// The splits of one backward call. The dy, dB and dA / dW launches run in turn (dy's slabs are
+// reduced before dB starts), so they share one workspace of the largest size.
 struct BackwardPlan {
+  ColumnSplits dy;
   TokenSplits db, daw;
-  int64_t ws_floats;  // the slabs of dB or of [dA; dW], whichever is larger (they run in turn)
+  int64_t ws_floats;
 };
 BackwardPlan backward_plan(const MixShape& s, bool routed, int num_sms);
 // dB[e, j, k] = s * sum_t pi[t, G(j), e] dy[t, j] h[t, k]   (ws: splits * N * d_out * r floats)
@@ -140,7 +152,6 @@ struct BackwardArgs {
   MixShape s;
   float scaling, dropout_p;
   uint64_t seed;
-  bool deterministic;
   int num_sms;           // of the device: decides the splits of the dy, dB and dA/dW kernels
 };
 

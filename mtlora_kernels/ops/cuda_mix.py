@@ -39,10 +39,10 @@ def forward(x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, logits
 def backward(dy: Tensor, x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, h: Tensor,
              pi: Tensor, dpi: Tensor | None, groups: int, scaling: float, dropout_p: float,
              seed: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dA, dB, dW_route, dlogits)``; deterministic: no atomics (one block per output)."""
+    """``(dx, dA, dB, dW_route, dlogits)``."""
+    del deterministic  # the kernels use no atomics: bitwise reproducible in every mode
     dx, dA, dB, dW, dz = _ext().backward(dy, x, A, B, route_weight, h, pi, dpi, int(groups),
-                                         float(scaling), float(dropout_p), int(seed),
-                                         bool(deterministic))
+                                         float(scaling), float(dropout_p), int(seed))
     return dx, dA, dB, dW, dz
 
 

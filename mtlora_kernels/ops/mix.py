@@ -401,7 +401,8 @@ def mix(
         seed: the dropout seed; drawn from torch's default generator when None.
         residual: [..., d_out] added to the result (the base layer's output) in the same pass.
         backend: 'auto' | 'torch' | 'triton' | 'cuda'; None reads ``$MTLORA_BACKEND``.
-        deterministic: no atomics in the backward (bitwise reproducible gradients).
+        deterministic: no atomics in the backward (bitwise reproducible gradients). The torch
+            and cuda backends are deterministic in either mode; it changes triton's.
         return_routing: also return pi [..., g, N] (fp32, differentiable: a loss on it, e.g.
             the balance loss, reaches the router through the same fused backward).
 

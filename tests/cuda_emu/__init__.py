@@ -146,8 +146,8 @@ class Emulated:
 
     Allocates as ``bindings.cpp`` does (but fills outputs with NaN first) and runs the launch
     sequence of ``csrc/mix.cpp``. ``num_sms`` stands in for the device's SM count, which decides
-    the column splits of the forward and of the backward's dy kernel (atomics), and the token
-    splits of dB and dA/dW: 132 is an H100 / H200.
+    the column splits of the forward and of the backward's dy kernel, and the token splits of dB
+    and dA/dW: 132 is an H100 / H200.
     """
 
     def __init__(self, lib: ctypes.CDLL, num_sms: int = 132):
@@ -168,8 +168,8 @@ class Emulated:
         lib.emu_mix_backward.argtypes = (
             [ctypes.c_int] + [ctypes.c_void_p] * 16 + [ctypes.c_void_p, ctypes.c_float,
                                                        ctypes.c_float, ctypes.c_uint64,
-                                                       ctypes.c_int, ctypes.c_int,
-                                                       ctypes.c_char_p, ctypes.c_int])
+                                                       ctypes.c_int, ctypes.c_char_p,
+                                                       ctypes.c_int])
         lib.emu_dropout_keep_mask.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                               ctypes.c_float, ctypes.c_uint64, ctypes.c_char_p,
                                               ctypes.c_int]
@@ -191,13 +191,14 @@ class Emulated:
         shape = (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, g)
         return self._lib.emu_forward_workspace_floats(shape, self.num_sms)
 
-    def backward_plan(self, T, d_in, d_out, r, N, g, routed) -> tuple[int, int, int]:
-        """(token splits of dB, of dA/dW, workspace floats) at ``num_sms`` (``backward_plan`` in
-        mtlora.h); the workspace is 0 unless a launch splits the tokens."""
+    def backward_plan(self, T, d_in, d_out, r, N, g, routed) -> tuple[int, int, int, int]:
+        """(column splits of the dy kernel, token splits of dB, of dA/dW, workspace floats) at
+        ``num_sms`` (``backward_plan`` in mtlora.h); the workspace is 0 unless a launch
+        splits."""
         shape = (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, g)
-        out = (ctypes.c_int64 * 3)()
+        out = (ctypes.c_int64 * 4)()
         self._lib.emu_backward_plan(shape, int(routed), self.num_sms, out)
-        return out[0], out[1], out[2]
+        return out[0], out[1], out[2], out[3]
 
     def forward(self, x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed):
         for name, t in (("x", x), ("lora_A", A), ("lora_B", B), ("route_weight", route_weight),
@@ -220,8 +221,7 @@ class Emulated:
         self._check(rc, err)
         return y, h, pi
 
-    def backward(self, dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed,
-                 deterministic):
+    def backward(self, dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed):
         T, d_in = x.shape
         N, d_out, r = B.shape
         routed = route_weight is not None
@@ -233,7 +233,7 @@ class Emulated:
         dz = _poisoned(T, groups * N, dtype=torch.float32)
         dh_ws = _poisoned(T, r, dtype=torch.float32)
         dpi_ws = _poisoned(T, groups, N, dtype=torch.float32)
-        ws = _poisoned(self.backward_plan(T, d_in, d_out, r, N, groups, routed)[2],
+        ws = _poisoned(self.backward_plan(T, d_in, d_out, r, N, groups, routed)[3],
                        dtype=torch.float32)
         dy = dy.contiguous()
         err = ctypes.create_string_buffer(256)
@@ -242,7 +242,7 @@ class Emulated:
             _ptr(h), _ptr(pi), _ptr(dpi), _ptr(dx), _ptr(dA), _ptr(dB),
             _ptr(dW) if routed else None, _ptr(dz), _ptr(dh_ws), _ptr(dpi_ws), _ptr(ws),
             self._shape(x, A, B, groups), float(scaling), float(dropout_p),
-            int(seed) & (2**64 - 1), int(bool(deterministic)), int(self.num_sms), err, len(err))
+            int(seed) & (2**64 - 1), int(self.num_sms), err, len(err))
         self._check(rc, err)
         return dx, dA, dB, dW, dz
 

@@ -31,13 +31,15 @@ extern "C" int64_t emu_forward_workspace_floats(const int64_t* shape, int num_sm
   return mtlora::forward_plan(s, num_sms).ws_floats;
 }
 
-// out: the token splits of dB and of dA/dW, and the workspace in floats.
+// out: the column splits of the dy kernel, the token splits of dB and of dA/dW, and the
+// workspace in floats.
 extern "C" void emu_backward_plan(const int64_t* shape, int routed, int num_sms, int64_t* out) {
   const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
   const mtlora::BackwardPlan plan = mtlora::backward_plan(s, routed != 0, num_sms);
-  out[0] = plan.db.splits;
-  out[1] = plan.daw.splits;
-  out[2] = plan.ws_floats;
+  out[0] = plan.dy.splits;
+  out[1] = plan.db.splits;
+  out[2] = plan.daw.splits;
+  out[3] = plan.ws_floats;
 }
 
 extern "C" int emu_mix_forward(int dtype, const void* x, const void* A, const void* B,
@@ -61,8 +63,8 @@ extern "C" int emu_mix_backward(int dtype, const void* dy, const void* x, const 
                                 const float* dpi, void* dx, void* dA, void* dB, void* dW,
                                 float* dz, float* dh_ws, float* dpi_ws, float* ws,
                                 const int64_t* shape,
-                                float scaling, float dropout_p, uint64_t seed, int deterministic,
-                                int num_sms, char* err, int errlen) {
+                                float scaling, float dropout_p, uint64_t seed, int num_sms,
+                                char* err, int errlen) {
   const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -70,7 +72,7 @@ extern "C" int emu_mix_backward(int dtype, const void* dy, const void* x, const 
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(A),
         static_cast<const T*>(B), static_cast<const T*>(W), h, pi, dpi, static_cast<T*>(dx),
         static_cast<T*>(dA), static_cast<T*>(dB), static_cast<T*>(dW), dz, dh_ws, dpi_ws, ws, s,
-        scaling, dropout_p, seed, deterministic != 0, num_sms};
+        scaling, dropout_p, seed, num_sms};
     return report(mtlora::mix_backward<T>(a, nullptr), err, errlen);
   });
 }

@@ -16,7 +16,6 @@ struct Case {
   int64_t T, d_in, d_out, r, N, g;
   int router;  // 0: none (N == 1), 1: route_weight, 2: external logits
   float p;
-  bool deterministic;
   int num_sms;
 };
 
@@ -67,7 +66,7 @@ int run(const Case& c, std::mt19937& rng) {
       dy.data(), x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr, h.data(),
       pi.data(), c.router != 0 ? dpi.data() : nullptr, dx.data(), dA.data(), dB.data(),
       c.router == 1 ? dW.data() : nullptr, dz.data(), dh_ws.data(), dpi_ws.data(), bws.data(),
-      s, 2.f, c.p, 1234, c.deterministic, c.num_sms};
+      s, 2.f, c.p, 1234, c.num_sms};
   st = mtlora::mix_backward<T>(ba, nullptr);
   if (st.err != cudaSuccess) {
     std::printf("backward: %s failed\n", st.kernel);
@@ -81,20 +80,20 @@ int run(const Case& c, std::mt19937& rng) {
 int main() {
   // Odd sizes (scalar edges everywhere), aligned sizes (16-byte vector paths, the folded mix),
   // g = d_out (per-expert epilogue), decode (16-row tiles), r > 64 (two rank chunks), the column
-  // split of the dy kernel (atomics) and its deterministic twin, external logits, plain LoRA,
-  // the forward's column splits (num_sms = 1) with groups that span two splits, a group that
-  // starts off a 16-byte vector of dy.
+  // splits of the dy kernel (slabs) and the same shape without them, external logits, plain
+  // LoRA, the forward's column splits (num_sms = 1) with groups that span two splits, a group
+  // that starts off a 16-byte vector of dy.
   const Case cases[] = {
-      {7, 37, 30, 5, 3, 3, 1, 0.1f, false, 132},
-      {70, 64, 128, 16, 4, 2, 1, 0.1f, false, 132},
-      {70, 64, 128, 16, 4, 2, 1, 0.0f, true, 132},
-      {20, 64, 64, 16, 2, 64, 2, 0.0f, false, 132},
-      {3, 64, 64, 16, 4, 2, 1, 0.0f, false, 132},
-      {17, 40, 24, 80, 2, 2, 1, 0.05f, false, 132},
-      {5, 24, 16, 3, 1, 1, 0, 0.1f, false, 132},
-      {17, 64, 192, 16, 4, 2, 1, 0.1f, false, 1},  // forward: 2 splits, group 1 in both
-      {17, 64, 256, 16, 4, 16, 2, 0.0f, false, 1},
-      {1, 40, 24, 8, 4, 2, 2, 0.0f, false, 132},  // dy kernel: group 1 starts off a 16 B vector
+      {7, 37, 30, 5, 3, 3, 1, 0.1f, 132},
+      {70, 64, 128, 16, 4, 2, 1, 0.1f, 132},  // dy kernel: 2 column splits
+      {70, 64, 128, 16, 4, 2, 1, 0.0f, 1},    // dy kernel: no split
+      {20, 64, 64, 16, 2, 64, 2, 0.0f, 132},
+      {3, 64, 64, 16, 4, 2, 1, 0.0f, 132},
+      {17, 40, 24, 80, 2, 2, 1, 0.05f, 132},
+      {5, 24, 16, 3, 1, 1, 0, 0.1f, 132},
+      {17, 64, 192, 16, 4, 2, 1, 0.1f, 1},  // forward: 2 splits, group 1 in both
+      {17, 64, 256, 16, 4, 16, 2, 0.0f, 1},
+      {1, 40, 24, 8, 4, 2, 2, 0.0f, 132},  // dy kernel: group 1 starts off a 16 B vector
   };
   std::mt19937 rng(0);
   int failures = 0;
@@ -103,9 +102,9 @@ int main() {
       const int rc = dtype == 0   ? run<float>(c, rng)
                      : dtype == 1 ? run<__half>(c, rng)
                                   : run<__nv_bfloat16>(c, rng);
-      std::printf("T=%ld d_in=%ld d_out=%ld r=%ld N=%ld g=%ld router=%d p=%g det=%d dtype=%d: %s\n",
+      std::printf("T=%ld d_in=%ld d_out=%ld r=%ld N=%ld g=%ld router=%d p=%g sms=%d dtype=%d: %s\n",
                   long(c.T), long(c.d_in), long(c.d_out), long(c.r), long(c.N), long(c.g),
-                  c.router, c.p, int(c.deterministic), dtype, rc == 0 ? "ok" : "FAILED");
+                  c.router, c.p, c.num_sms, dtype, rc == 0 ? "ok" : "FAILED");
       failures += rc;
     }
   }
