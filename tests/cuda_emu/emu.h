@@ -6,7 +6,7 @@
 // access of a block as a concurrent access (a missing barrier is a reported race). __shared__
 // arrays become static arrays (one block at a time uses them), filled with 0xFF bytes (NaN in
 // fp32, fp16 and bf16) at the start of every block, so a read of shared memory that nothing
-// wrote shows up as NaN. Atomics are std::atomic_ref.
+// wrote shows up as NaN.
 //
 // WMMA: each lane of a warp owns 8 of the 256 accumulator elements (column lane % 16, rows
 // lane / 16 + 2m), loads just the operand rows and columns those need and computes them in fp32,
@@ -157,8 +157,6 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_
   if (bytes != 0) std::memset(p, value, bytes);
   return cudaSuccess;
 }
-
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 // CUDA's device min / max are overloaded for every integer width; one template covers the uses.
 template <typename A, typename B>
