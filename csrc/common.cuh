@@ -138,7 +138,7 @@ __device__ __forceinline__ void split_store(T* S, T* S_lo, int i, float v) {
 // Where element (row, col) of a tile operand lives: p (null: the element is 0; sources decide
 // that per row, so a null p zeroes the whole row) and whether the V = 16 / sizeof(Src)
 // elements from col on are contiguous from p and 16 B aligned, so that one vector load reads
-// them (asked only for col a multiple of V).
+// them (the loader asks only for col a multiple of V).
 template <typename Src>
 struct ElemSrc {
   const Src* p;
@@ -147,12 +147,11 @@ struct ElemSrc {
 
 // S[rr][kk] = f(row, col, *src(row, col).p) with row = row0 + rr, col = k0 + kk, for
 // rr < ROWS, kk < KC; 0 where src gives null or col >= ncols (f is only called in bounds).
-// k0 need not be a multiple of KC, but the runs then start at k0 + multiples of V, and a
-// source's vec must hold there: rows_loader's vec_ok speaks for columns that are multiples of
-// V only, so a caller whose K range starts off one passes false (the dy kernel, at a group
-// start). S_lo (16-bit T only, may be null): also store what rounding to T lost (split_store). A thread's share is ITEMS runs of V elements along a row, which
-// fetch prefetches as 16 B vectors. A run that is not one whole vector (it straddles ncols,
-// or the source is unaligned) makes the thread's chunk "slow": put() then reads the chunk
+// S_lo (16-bit T only, may be null): also store what rounding to T lost (split_store).
+// A thread's share is ITEMS runs of V elements along a row, starting at k0 + multiples of V,
+// which fetch prefetches as 16 B vectors. A run that is not one whole vector (it straddles
+// ncols, the source is unaligned, or k0 is not a multiple of V: the dy kernel's K ranges
+// start at group boundaries) makes the thread's chunk "slow": put() then reads the chunk
 // element by element in a rolled loop, so that rare case adds no registers to the common one.
 template <int ROWS, int KC_, typename T, typename Src, typename SrcOf, typename F>
 struct RowLoader {
@@ -174,6 +173,7 @@ struct RowLoader {
     col0 = k0;
     live = 0;
     slow = false;
+    const bool on_vec = k0 % V == 0;  // every run starts on a vector (ElemSrc's vec condition)
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int q = threadIdx.x + i * kThreads;
@@ -181,7 +181,7 @@ struct RowLoader {
       const int64_t col = col0 + (q % PER_ROW) * V;
       const ElemSrc<Src> g = src(row0 + q / PER_ROW, col);
       if (g.p == nullptr || col >= ncols) continue;
-      if (g.vec && col + V <= ncols) {
+      if (g.vec && on_vec && col + V <= ncols) {
         raw[i] = *reinterpret_cast<const uint4*>(g.p);
         live |= 1u << i;
       } else {

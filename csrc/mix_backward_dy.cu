@@ -50,8 +50,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int ue = min(N, BN / w);    // experts per u tile
     for (int G = jbeg / c; G <= (jend - 1) / c; ++G) {
       const int jl = max(G * c, jbeg), jh = min(G * c + c, jend);
-      // K-chunks start at jl + multiples of the chunk: 16 B vectors only if jl is on one
-      const bool vec = vec_dy && jl % (16 / sizeof(T)) == 0;
       for (int s0 = jl; s0 < jh; s0 += kUCols) {
         const int se = min(s0 + kUCols, jh);
         for (int e0 = 0; e0 < N; e0 += ue) {
@@ -59,7 +57,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           // u[t][q] = sum_j dy[t][j] B[e0 + q / w][j][rc0 + q % w], j in [s0, se)
           TileMma<T, 64> u;
           u.zero();
-          auto dys = rows_loader<64>(As, dy, s.d_out, t0, s.T, se, vec, Identity{});
+          auto dys = rows_loader<64>(As, dy, s.d_out, t0, s.T, se, vec_dy, Identity{});
           const int64_t ld_e = s.d_out * r;
           auto col_at = [=](int64_t q) { return int(q) / w * ld_e + int(q) % w; };
           auto bs = cols_loader<BN>(Bs, B + e0 * ld_e + rc0, r, se, 0, nu * w, Identity{},
