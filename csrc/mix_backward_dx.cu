@@ -6,24 +6,44 @@
 namespace mtlora {
 namespace {
 
+// Piece k (0, 1, 2) of an fp32 value split into three 16-bit ones, v = p0 + p1 / S + p2 / S^2
+// with S = lo_scale<T>() (1 for bf16, 2^11 for fp16): p0 = v rounded to T, p1 = what that
+// lost, times S, rounded, p2 = what p1 lost, times S. Each difference is exact in fp32, and
+// the three pieces carry all 24 bits of v's significand (bf16: 8 + 8 + 8; fp16: 11 + 11 + 11,
+// S lifting the lower pieces of small values out of fp16's subnormal range). As a loader
+// transform it returns the fp32 value whose rounding to T (by the loader's store) is the piece.
+template <typename T>
+struct SplitPiece {
+  int k;
+  __device__ __forceinline__ float operator()(int64_t, int64_t, float v) const {
+    constexpr float S = lo_scale<T>();
+    for (int i = 0; i < k; ++i) v = (v - to_f(from_f<T>(v))) * S;
+    return v;
+  }
+};
+
 // Block (bx, by) writes dx[t0:t0+64, i0:i0+64]. The two GEMMs (K = r, then K = g*N) cannot
 // share one accumulator because only the first is masked by dropout, so the first goes through
 // Cs into per-thread registers (8 consecutive columns each: one 16 B store at the end).
-// The router GEMM dz . W_route runs in fp32 (FMA tiles) for every T: dz sums to 0 over a group's
-// experts, so the part of W_route a group's rows share cancels in this product only while dz
-// keeps its fp32 bits (rounded to fp16 / bf16 first, dx was off by 22% / 100% with router logits
-// of ~1e4; tests/test_extreme.py). Its fp32 tiles reuse the shared memory of the first GEMM.
-// Launch bounds (kThreads, 2), as the dy kernel: 244-255 registers, no spills (CUDA 13.0).
+// The router GEMM dz . W_route needs dz's full fp32 bits: dz sums to 0 over a group's experts,
+// so the part of W_route a group's rows share cancels in this product only while dz keeps
+// them (rounded to fp16 / bf16 first, dx was off by 22% / 100% with router logits of ~1e4;
+// tests/test_extreme.py). For 16-bit inputs W_route is exact in T, so it runs on the tensor
+// cores as three GEMMs of dz's SplitPiece pieces against W into one fp32 accumulator, scaled
+// by S between them (exact powers of two): ((p0 . W) S + p1 . W) S + p2 . W, then / S^2, as
+// Triton's kernel uses 3xTF32. Two pieces (16 bits in bf16, 22 in fp16) also passed every
+// test here (tests/test_extreme.py, test_fuzz.py, emulated); three keep all of dz's bits, as
+// the FMA tiles did before, for one more K = g*N pass per tile. fp32 inputs take dz as it is
+// (one piece), on the FMA tiles.
+// Launch bounds (kThreads, 2), as the dy kernel.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     backward_dx_kernel(const float* __restrict__ dh, const float* __restrict__ dz,
                        const T* __restrict__ A, const T* __restrict__ W, T* __restrict__ dx,
                        MixShape s, float p, uint64_t seed, bool vec_dh, bool vec_dz,
                        bool vec_dx) {
-  // Sized for the fp32 tiles (34.3 KB), the larger of the two layouts (16-bit with the split
-  // operand's second As: 32.8 KB).
-  static_assert(TileSmem<float, 64>::kBytes >= TileSmem<T, 64>::kSplitBytes, "fp32 is larger");
-  __shared__ __align__(128) unsigned char smem_raw_[TileSmem<float, 64>::kBytes];
+  // The tile layout with the split operand's second As (16-bit: 32.8 KB; fp32: 34.3 KB).
+  __shared__ __align__(128) unsigned char smem_raw_[TileSmem<T, 64>::kSplitBytes];
   const TileBuffers<T> tb = tile_buffers<T, 64>(smem_raw_);
   T* As = tb.As;
   T* Bs = tb.Bs;
@@ -52,23 +72,27 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int u = 0; u < 8; ++u) own[i][u] = drop(t0 + rr, i0 + cc + u, Cs[rr * LDC + cc + u]);
   }
   if (W != nullptr) {
-    float* As32 = tile_buffers<float, 64>(smem_raw_).As;
-    float* Bs32 = tile_buffers<float, 64>(smem_raw_).Bs;
-    float* Cs32 = tile_buffers<float, 64>(smem_raw_).Cs;
-    TileMma<float, 64> acc32;
-    acc32.zero();
-    __syncthreads();  // the fp32 tiles overlap the 16-bit layout's Cs, read just above
-    auto dzs = rows_loader<64>(As32, dz, gn, t0, s.T, gn, vec_dz, Identity{});  // dz[t][n]
-    auto ws = cols_loader<BN>(Bs32, W, d_in, gn, i0, d_in, Identity{});  // Bs[i][n] = W[n][i]
-    gemm_over_k(acc32, dzs, ws, 0, gn);
-    acc32.store(Cs32);
+    constexpr int kPieces = sizeof(T) == 2 ? 3 : 1;  // fp32: dz itself, on the FMA tiles
+    static_assert(kPieces <= 3, "the unscaling below");
+    constexpr float S = lo_scale<T>();
+    acc.zero();
+    for (int k = 0; k < kPieces; ++k) {
+      if constexpr (S != 1.f) {
+        if (k > 0) acc.scale(S);
+      }
+      auto dzs = rows_loader<64>(As, dz, gn, t0, s.T, gn, vec_dz, SplitPiece<T>{k});
+      auto ws = cols_loader<BN>(Bs, W, d_in, gn, i0, d_in, Identity{});  // Bs[i][n] = W[n][i]
+      gemm_over_k(acc, dzs, ws, 0, gn);
+    }
+    if constexpr (S != 1.f) acc.scale(1.f / (kPieces == 3 ? S * S : S));
+    acc.store(Cs);  // after gemm_over_k's barriers: every thread is done reading Cs above
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
       int rr, cc;
       own_chunk(i, rr, cc);
 #pragma unroll
-      for (int u = 0; u < 8; ++u) own[i][u] += Cs32[rr * LDC + cc + u];
+      for (int u = 0; u < 8; ++u) own[i][u] += Cs[rr * LDC + cc + u];
     }
   }
 #pragma unroll
