@@ -6,9 +6,10 @@
 // loaders fill As [BM][KC] and Bs [BN][KC] (K contiguous, zero outside the matrices, any
 // elementwise transform -- dropout, routing weight -- applied on the way into shared memory),
 // then TileMma accumulates C += As . Bs^T in fp32 while the loaders' global reads of the next
-// chunk are in flight (gemm_over_k). Epilogues go through Cs [BM][BN] fp32 in shared memory, whose
-// element -> (row, col) map is explicit, so per-element routing weights need no knowledge of
-// the opaque WMMA fragment layout.
+// chunk are in flight (gemm_over_k; operands that need no transform can instead take the
+// cp.async pipeline of gemm_over_k_async). Epilogues go through Cs [BM][BN] fp32 in shared
+// memory, whose element -> (row, col) map is explicit, so per-element routing weights need no
+// knowledge of the opaque WMMA fragment layout.
 //
 // NOT verified on hardware (emulated on the CPU only); see mtlora.h.
 #pragma once
@@ -19,6 +20,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -513,6 +515,124 @@ __device__ __forceinline__ void gemm_over_k(Mma& acc, LoadA& a, LoadB& b, int64_
     }
     __syncthreads();
   }
+}
+
+// ---- the multi-stage pipeline (16-bit operands staged as they are) -------------------------
+// gemm_over_k's register prefetch keeps one chunk of loads in flight per thread, which a long
+// sweep over d_in waits on at every step. An operand that needs no transform (no dropout, no
+// conversion: 16-bit, stored as read) can instead go from global to shared memory with
+// cp.async (sm_80+), no registers in between, kStages - 1 chunks ahead. 16-bit only: fp32
+// tiles have odd row strides (kLds) that break cp.async's 16 B alignment.
+constexpr int kStages = 3;
+
+constexpr int round128(int bytes) { return (bytes + 127) / 128 * 128; }
+
+// Shared memory of a pipelined tile GEMM: kStages copies of As, then of Bs, then Cs (offsets
+// named as TileSmem's). A synchronous tile GEMM in the same kernel takes stage 0 of each as its
+// As / Bs (the same size). BM = 64: 48.1 KB; BM = 16: 38.9 KB.
+template <typename T, int BM>
+struct StagedSmem {
+  static constexpr int KC = kChunk<T, BM>;
+  static constexpr int kAsStage = round128(BM * kLds<T, KC> * int(sizeof(T)));
+  static constexpr int kBsStage = round128(BN * kLds<T, KC> * int(sizeof(T)));
+  static constexpr int kAsOff = 0;
+  static constexpr int kBsOff = kStages * kAsStage;
+  static constexpr int kCsOff = kBsOff + kStages * kBsStage;
+  static constexpr int kBytes = kCsOff + BM * LDC * int(sizeof(float));
+  static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KB");
+};
+
+// S[stage][rr][kk] = *src(row0 + rr, k0 + kk), 0 where src gives null or col >= ncols: a
+// RowLoader without transform whose whole vectors are cp.async copies (a vector cut by ncols
+// copies its in-bounds part and zero-fills the rest). Runs of an unaligned source, or of a k0
+// off a vector, are stored element by element at issue time (rare: odd sizes).
+template <int ROWS, int KC_, typename T, typename SrcOf>
+struct AsyncRowLoader {
+  static_assert(sizeof(T) == 2, "16-bit operands only (16 B aligned shared rows)");
+  static constexpr int KC = KC_;
+  static constexpr int V = 8;
+  static constexpr int PER_ROW = KC / V;
+  static constexpr int ITEMS = (ROWS * PER_ROW + kThreads - 1) / kThreads;
+  static constexpr int kStageElems = round128(ROWS * kLds<T, KC> * int(sizeof(T))) / 2;
+  T* S;  // stage 0
+  SrcOf src;
+  int64_t row0, ncols;
+
+  __device__ __forceinline__ T* stage(int st) const { return S + st * kStageElems; }
+  __device__ __forceinline__ void issue(int64_t k0, int st) const {
+    T* dst = stage(st);
+    const bool on_vec = k0 % V == 0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int q = threadIdx.x + i * kThreads;
+      if (q >= ROWS * PER_ROW) continue;
+      const int rr = q / PER_ROW, kk = (q % PER_ROW) * V;
+      const int64_t row = row0 + rr, col = k0 + kk;
+      T* d = dst + rr * kLds<T, KC> + kk;
+      const ElemSrc<T> g = src(row, col);
+      if (g.p == nullptr || col >= ncols) {
+        *reinterpret_cast<uint4*>(d) = uint4{};
+      } else if (g.vec && on_vec) {
+        const int64_t left = ncols - col;
+        __pipeline_memcpy_async(d, g.p, 16, left >= V ? 0 : size_t(V - left) * sizeof(T));
+      } else {
+        for (int u = 0; u < V; ++u) d[u] = col + u < ncols ? *src(row, col + u).p : from_f<T>(0.f);
+      }
+    }
+  }
+};
+
+template <int ROWS, int KC, typename T, typename SrcOf>
+__device__ __forceinline__ auto async_tile_loader(T* S, SrcOf src, int64_t row0, int64_t ncols) {
+  return AsyncRowLoader<ROWS, KC, T, SrcOf>{S, src, row0, ncols};
+}
+
+template <int ROWS, int KC, typename T>
+__device__ __forceinline__ auto async_rows_loader(T* S, const T* G, int64_t ldg, int64_t row0,
+                                                  int64_t nrows, int64_t ncols, bool vec_ok) {
+  return async_tile_loader<ROWS, KC>(
+      S,
+      [=](int64_t row, int64_t col) {
+        return ElemSrc<T>{row < nrows ? G + row * ldg + col : nullptr, vec_ok};
+      },
+      row0, ncols);
+}
+
+// C += As . Bs^T over K in [k_begin, k_end) with kStages - 1 chunks in flight. Iteration i
+// waits for chunk i (this thread's copies), a barrier makes every thread's copies visible and
+// ends every thread's MMA of chunk i - 1, whose stage then takes chunk i + kStages - 1. One
+// commit group per chunk slot (empty ones included), so wait_prior counts stay uniform. Ends
+// with a barrier: the stages may be refilled and Cs written after it.
+template <typename Mma, typename LoadA, typename LoadB>
+__device__ __forceinline__ void gemm_over_k_async(Mma& acc, const LoadA& a, const LoadB& b,
+                                                  int64_t k_begin, int64_t k_end) {
+  constexpr int KC = Mma::KC;
+  static_assert(LoadA::KC == KC && LoadB::KC == KC, "loaders staged for another K-chunk");
+  const int64_t chunks = k_end > k_begin ? (k_end - k_begin + KC - 1) / KC : 0;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < chunks) {
+      a.issue(k_begin + st * KC, st);
+      b.issue(k_begin + st * KC, st);
+    }
+    __pipeline_commit();
+  }
+  int st = 0;  // = i % kStages
+  for (int64_t i = 0; i < chunks; ++i) {
+    __pipeline_wait_prior(kStages - 2);
+    __syncthreads();
+    const int64_t next = i + kStages - 1;
+    if (next < chunks) {
+      const int nst = st == 0 ? kStages - 1 : st - 1;  // = next % kStages
+      a.issue(k_begin + next * KC, nst);
+      b.issue(k_begin + next * KC, nst);
+    }
+    __pipeline_commit();
+    acc.mma(a.stage(st), b.stage(st));
+    st = st == kStages - 1 ? 0 : st + 1;
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();
 }
 
 // Epilogues where each thread owns 8 consecutive columns of a [rows][BN] tile: chunk i of this

@@ -73,10 +73,15 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // group's weights go to ws. So every output element has exactly one writer and no block reads
 // what another block writes.
 //
+// Phase 1's sweeps over x are the long K loops (d_in), and at decode sizes the whole cost:
+// without dropout on x (inference, and the router's sweep in training) 16-bit inputs take
+// the cp.async pipeline (gemm_over_k_async: kStages - 1 chunks in flight, no registers for
+// them), else the register prefetch of gemm_over_k (one chunk).
+//
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
-// aim for. ptxas (CUDA 13.0) then takes 143-182 registers at BM = 16 and 228-255 at BM = 64,
-// with no spills (sm_80 and sm_90, python/tools/KERNELS.md); the prefetched next K-chunk of
-// gemm_over_k is part of that. Without a minimum, ptxas once held this kernel to 64 / 128
+// aim for (48.1 KB of shared memory per block at BM = 64, 16-bit). ptxas (CUDA 13.0) then
+// takes 143-228 registers at BM = 16 and 228-255 at BM = 64, with no spills (sm_80 and sm_90,
+// python/tools/KERNELS.md). Without a minimum, ptxas once held this kernel to 64 / 128
 // registers and spilled 8-92 B.
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -85,7 +90,14 @@ __global__ void __launch_bounds__(kThreads, 2)
                    const T* __restrict__ residual, T* __restrict__ y, float* h_out, float* pi_out,
                    float* ws, MixShape s, int64_t tiles_per_split, float scaling, float p,
                    uint64_t seed, bool vec_x, bool vec_a, bool vec_w, bool vec_b, bool vec_y) {
-  MTLORA_TILE_SMEM(T, BM);
+  // 16-bit: the pipelined layout for phase 1's sweeps over x (stage 0 doubles as phase 2's
+  // As / Bs); fp32 sweeps with the register prefetch only.
+  constexpr bool kPipelined = sizeof(T) == 2;
+  using Smem = std::conditional_t<kPipelined, StagedSmem<T, BM>, TileSmem<T, BM>>;
+  __shared__ __align__(128) unsigned char smem_raw_[Smem::kBytes];
+  T* As = reinterpret_cast<T*>(smem_raw_ + Smem::kAsOff);
+  T* Bs = reinterpret_cast<T*>(smem_raw_ + Smem::kBsOff);
+  float* Cs = reinterpret_cast<float*>(smem_raw_ + Smem::kCsOff);
   constexpr int KC = kChunk<T, BM>;                 // K-chunk of every tile GEMM here
   constexpr int CHUNKS = BM * (BN / 8) / kThreads;  // 8-column chunks per thread: 4 or 1
   const int64_t t0 = int64_t(blockIdx.x) * BM;
@@ -114,9 +126,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     const Dropout x_op(q0 < r ? p : 0.f, seed, s.d_in);
     TileMma<T, BM> mma;
     mma.zero();
-    auto xs = rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x, x_op);
-    auto aw = tile_loader<BN, KC>(Bs, packed, q0, s.d_in, Identity{});
-    gemm_over_k(mma, xs, aw, 0, s.d_in);
+    bool done = false;
+    if constexpr (kPipelined) {
+      if (x_op.p <= 0.f) {  // x as it is: cp.async, kStages - 1 chunks ahead
+        auto xs = async_rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x);
+        auto aw = async_tile_loader<BN, KC>(Bs, packed, q0, s.d_in);
+        gemm_over_k_async(mma, xs, aw, 0, s.d_in);
+        done = true;
+      }
+    }
+    if (!done) {  // dropout on x (or fp32): staged through registers
+      auto xs = rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x, x_op);
+      auto aw = tile_loader<BN, KC>(Bs, packed, q0, s.d_in, Identity{});
+      gemm_over_k(mma, xs, aw, 0, s.d_in);
+    }
     mma.store(Cs);
     __syncthreads();
     for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
