@@ -44,18 +44,20 @@ for s in "${steps[@]}"; do
       step build 400 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" MTLORA_BUILD_CUDA=1 \
         "$PY" setup.py build_ext --inplace ;;
     sanitize)
-      # One forward and backward per dtype on the cuda backend (dropout, router, odd sizes and a
-      # column split), under memcheck and racecheck, kernels of the extension only.
+      # One forward and backward per dtype and shape on the cuda backend (router, odd sizes,
+      # column splits, decode tiles; with dropout, and without it: the forward's cp.async
+      # pipeline), under memcheck and racecheck, kernels of the extension only.
       snippet='
 import torch
 from mtlora_kernels.ops.mix import mix
 for dt in (torch.float32, torch.float16, torch.bfloat16):
-    for T, d_in, d_out, N, g in ((133, 96, 80, 4, 2), (70, 64, 512, 16, 512)):
+    for T, d_in, d_out, N, g, p in ((133, 96, 80, 4, 2, 0.1), (70, 64, 512, 16, 512, 0.1),
+                                    (133, 256, 128, 4, 2, 0.0), (3, 256, 128, 4, 2, 0.0)):
         x = torch.randn(T, d_in, device="cuda", dtype=dt, requires_grad=True)
         A = (torch.randn(16, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
         B = (torch.randn(N, d_out, 16, device="cuda", dtype=dt) / 4).requires_grad_()
         W = (torch.randn(g * N, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
-        y = mix(x, A, B, W, groups=g, scaling=2.0, dropout_p=0.1, seed=3, backend="cuda")
+        y = mix(x, A, B, W, groups=g, scaling=2.0, dropout_p=p, seed=3, backend="cuda")
         y.float().square().sum().backward()
 torch.cuda.synchronize()
 print("ran")'
