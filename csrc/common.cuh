@@ -228,18 +228,21 @@ __device__ __forceinline__ auto tile_loader(T* S, SrcOf src, int64_t row0, int64
   return RowLoader<ROWS, KC, T, Src, SrcOf, F>{S, S_lo, src, f, row0, ncols};
 }
 
-// The common case: rows row0 .. of the row-major G (leading dimension ldg), zero from nrows on.
+// The common source: the row-major G (leading dimension ldg), zero from row nrows on.
 // vec_ok: G is 16 B aligned and ldg * sizeof(Src) % 16 == 0.
+template <typename Src>
+__device__ __forceinline__ auto row_major(const Src* G, int64_t ldg, int64_t nrows, bool vec_ok) {
+  return [=](int64_t row, int64_t col) {
+    return ElemSrc<Src>{row < nrows ? G + row * ldg + col : nullptr, vec_ok};
+  };
+}
+
+// The common case: rows row0 .. of row_major(G, ldg, nrows, vec_ok).
 template <int ROWS, int KC = BK, typename T, typename Src, typename F>
 __device__ __forceinline__ auto rows_loader(T* S, const Src* G, int64_t ldg, int64_t row0,
                                             int64_t nrows, int64_t ncols, bool vec_ok, F f,
                                             T* S_lo = nullptr) {
-  return tile_loader<ROWS, KC>(
-      S,
-      [=](int64_t row, int64_t col) {
-        return ElemSrc<Src>{row < nrows ? G + row * ldg + col : nullptr, vec_ok};
-      },
-      row0, ncols, f, S_lo);
+  return tile_loader<ROWS, KC>(S, row_major(G, ldg, nrows, vec_ok), row0, ncols, f, S_lo);
 }
 
 // The raw items a loader holds across the MMA of the previous chunk. 16-bit values go two per
@@ -445,13 +448,17 @@ struct TileMma<float, BM> {
 // Shared memory of one tile GEMM block, carved from raw bytes (16-bit types have constructors,
 // which __shared__ arrays may not have). Sizes for BM = 64: 16-bit 27.6 KB, fp32 34.3 KB;
 // BM = 16: 15.9 KB (16-bit, 64-wide chunks) and 15.0 KB.
+// One ROWS-row operand tile with K-chunk KC in shared memory, rounded up to 128 B: As or Bs of
+// TileSmem, and one stage of them in StagedSmem / AsyncRowLoader.
+template <typename T, int ROWS, int KC>
+constexpr int kStageBytes = (ROWS * kLds<T, KC> * int(sizeof(T)) + 127) / 128 * 128;
+
 template <typename T, int BM>
 struct TileSmem {
-  static constexpr int kAsBytes = BM * TileMma<T, BM>::LDS * int(sizeof(T));
-  static constexpr int kBsBytes = BN * TileMma<T, BM>::LDS * int(sizeof(T));
+  static constexpr int KC = kChunk<T, BM>;
   static constexpr int kAsOff = 0;
-  static constexpr int kBsOff = (kAsBytes + 127) / 128 * 128;
-  static constexpr int kCsOff = kBsOff + (kBsBytes + 127) / 128 * 128;
+  static constexpr int kBsOff = kStageBytes<T, BM, KC>;
+  static constexpr int kCsOff = kBsOff + kStageBytes<T, BN, KC>;
   static constexpr int kBytes = kCsOff + BM * LDC * int(sizeof(float));
   // A second As for the low half of a split fp32 operand (split_store), 16-bit types only.
   static constexpr int kAsLoOff = kBytes;
@@ -525,16 +532,14 @@ __device__ __forceinline__ void gemm_over_k(Mma& acc, LoadA& a, LoadB& b, int64_
 // tiles have odd row strides (kLds) that break cp.async's 16 B alignment.
 constexpr int kStages = 3;
 
-constexpr int round128(int bytes) { return (bytes + 127) / 128 * 128; }
-
 // Shared memory of a pipelined tile GEMM: kStages copies of As, then of Bs, then Cs (offsets
 // named as TileSmem's). A synchronous tile GEMM in the same kernel takes stage 0 of each as its
 // As / Bs (the same size). BM = 64: 48.1 KB; BM = 16: 38.9 KB.
 template <typename T, int BM>
 struct StagedSmem {
   static constexpr int KC = kChunk<T, BM>;
-  static constexpr int kAsStage = round128(BM * kLds<T, KC> * int(sizeof(T)));
-  static constexpr int kBsStage = round128(BN * kLds<T, KC> * int(sizeof(T)));
+  static constexpr int kAsStage = kStageBytes<T, BM, KC>;
+  static constexpr int kBsStage = kStageBytes<T, BN, KC>;
   static constexpr int kAsOff = 0;
   static constexpr int kBsOff = kStages * kAsStage;
   static constexpr int kCsOff = kBsOff + kStages * kBsStage;
@@ -553,7 +558,7 @@ struct AsyncRowLoader {
   static constexpr int V = 8;
   static constexpr int PER_ROW = KC / V;
   static constexpr int ITEMS = (ROWS * PER_ROW + kThreads - 1) / kThreads;
-  static constexpr int kStageElems = round128(ROWS * kLds<T, KC> * int(sizeof(T))) / 2;
+  static constexpr int kStageElems = kStageBytes<T, ROWS, KC> / int(sizeof(T));
   T* S;  // stage 0
   SrcOf src;
   int64_t row0, ncols;
@@ -590,12 +595,7 @@ __device__ __forceinline__ auto async_tile_loader(T* S, SrcOf src, int64_t row0,
 template <int ROWS, int KC, typename T>
 __device__ __forceinline__ auto async_rows_loader(T* S, const T* G, int64_t ldg, int64_t row0,
                                                   int64_t nrows, int64_t ncols, bool vec_ok) {
-  return async_tile_loader<ROWS, KC>(
-      S,
-      [=](int64_t row, int64_t col) {
-        return ElemSrc<T>{row < nrows ? G + row * ldg + col : nullptr, vec_ok};
-      },
-      row0, ncols);
+  return async_tile_loader<ROWS, KC>(S, row_major(G, ldg, nrows, vec_ok), row0, ncols);
 }
 
 // C += As . Bs^T over K in [k_begin, k_end) with kStages - 1 chunks in flight. Iteration i
