@@ -528,23 +528,29 @@ __device__ __forceinline__ void gemm_over_k(Mma& acc, LoadA& a, LoadB& b, int64_
 // gemm_over_k's register prefetch keeps one chunk of loads in flight per thread, which a long
 // sweep over d_in waits on at every step. An operand that needs no transform (no dropout, no
 // conversion: 16-bit, stored as read) can instead go from global to shared memory with
-// cp.async (sm_80+), no registers in between, kStages - 1 chunks ahead. 16-bit only: fp32
+// cp.async (sm_80+), no registers in between, STAGES - 1 chunks ahead. 16-bit only: fp32
 // tiles have odd row strides (kLds) that break cp.async's 16 B alignment.
-constexpr int kStages = 3;
 
-// Shared memory of a pipelined tile GEMM: kStages copies of As, then of Bs, then Cs (offsets
+// The most shared memory one block may opt into (cudaFuncAttributeMaxDynamicSharedMemorySize)
+// on every GPU the extension builds for: 99 KB on sm_86 / sm_89 / sm_120 (163 KB on sm_80,
+// 227 KB on sm_90). The CPU emulator refuses a launch over it.
+constexpr int kMaxSmemOptin = 99 * 1024;
+
+// Shared memory of a pipelined tile GEMM: STAGES copies of As, then of Bs, then Cs (offsets
 // named as TileSmem's). A synchronous tile GEMM in the same kernel takes stage 0 of each as its
-// As / Bs (the same size). BM = 64: 48.1 KB; BM = 16: 38.9 KB.
-template <typename T, int BM>
+// As / Bs (the same size). One stage of BM = 64 (K-chunk 32) is 10 KB, of BM = 16 (K-chunk
+// 64) 11.3 KB.
+template <typename T, int BM, int STAGES>
 struct StagedSmem {
   static constexpr int KC = kChunk<T, BM>;
   static constexpr int kAsStage = kStageBytes<T, BM, KC>;
   static constexpr int kBsStage = kStageBytes<T, BN, KC>;
   static constexpr int kAsOff = 0;
-  static constexpr int kBsOff = kStages * kAsStage;
-  static constexpr int kCsOff = kBsOff + kStages * kBsStage;
+  static constexpr int kBsOff = STAGES * kAsStage;
+  static constexpr int kCsOff = kBsOff + STAGES * kBsStage;
   static constexpr int kBytes = kCsOff + BM * LDC * int(sizeof(float));
-  static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KB");
+  static_assert(STAGES >= 2, "a stage to fill while one is read");
+  static_assert(kBytes <= kMaxSmemOptin, "over the opt-in shared memory of some sm_8x GPUs");
 };
 
 // S[stage][rr][kk] = *src(row0 + rr, k0 + kk), 0 where src gives null or col >= ncols: a
@@ -598,39 +604,77 @@ __device__ __forceinline__ auto async_rows_loader(T* S, const T* G, int64_t ldg,
   return async_tile_loader<ROWS, KC>(S, row_major(G, ldg, nrows, vec_ok), row0, ncols);
 }
 
-// C += As . Bs^T over K in [k_begin, k_end) with kStages - 1 chunks in flight. Iteration i
-// waits for chunk i (this thread's copies), a barrier makes every thread's copies visible and
-// ends every thread's MMA of chunk i - 1, whose stage then takes chunk i + kStages - 1. One
-// commit group per chunk slot (empty ones included), so wait_prior counts stay uniform. Ends
-// with a barrier: the stages may be refilled and Cs written after it.
-template <typename Mma, typename LoadA, typename LoadB>
+// C += As . Bs^T over K in [k_begin, k_end), both operands through the pipeline, STAGES - 1
+// chunks in flight. Iteration i waits for chunk i (this thread's copies), a barrier makes
+// every thread's copies visible and ends every thread's MMA of chunk i - 1, whose stage then
+// takes chunk i + STAGES - 1. One commit group per chunk slot (empty ones included), so
+// wait_prior counts stay uniform. Ends with a barrier: the stages may be refilled and Cs
+// written after it.
+template <int STAGES, typename Mma, typename LoadA, typename LoadB>
 __device__ __forceinline__ void gemm_over_k_async(Mma& acc, const LoadA& a, const LoadB& b,
                                                   int64_t k_begin, int64_t k_end) {
   constexpr int KC = Mma::KC;
   static_assert(LoadA::KC == KC && LoadB::KC == KC, "loaders staged for another K-chunk");
   const int64_t chunks = k_end > k_begin ? (k_end - k_begin + KC - 1) / KC : 0;
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
+  for (int st = 0; st < STAGES - 1; ++st) {
     if (st < chunks) {
       a.issue(k_begin + st * KC, st);
       b.issue(k_begin + st * KC, st);
     }
     __pipeline_commit();
   }
-  int st = 0;  // = i % kStages
+  int st = 0;  // = i % STAGES
   for (int64_t i = 0; i < chunks; ++i) {
-    __pipeline_wait_prior(kStages - 2);
+    __pipeline_wait_prior(STAGES - 2);
     __syncthreads();
-    const int64_t next = i + kStages - 1;
+    const int64_t next = i + STAGES - 1;
     if (next < chunks) {
-      const int nst = st == 0 ? kStages - 1 : st - 1;  // = next % kStages
+      const int nst = st == 0 ? STAGES - 1 : st - 1;  // = next % STAGES
       a.issue(k_begin + next * KC, nst);
       b.issue(k_begin + next * KC, nst);
     }
     __pipeline_commit();
     acc.mma(a.stage(st), b.stage(st));
-    st = st == kStages - 1 ? 0 : st + 1;
+    st = st == STAGES - 1 ? 0 : st + 1;
   }
+  __pipeline_wait_prior(0);
+  __syncthreads();
+}
+
+// The same with the A operand through registers instead (a RowLoader / ColLoader: any
+// transform, one chunk ahead, as in gemm_over_k) and B through the pipeline. A alternates
+// between two buffers, a.S and As2 (the same size), so one barrier per chunk orders both: the
+// put of chunk i into buffer i % 2 comes after barrier i - 1, which every thread reaches only
+// after its MMA of chunk i - 2, that buffer's last reader. Ends with a barrier, as above.
+template <int STAGES, typename Mma, typename LoadA, typename LoadB, typename T>
+__device__ __forceinline__ void gemm_over_k_mixed(Mma& acc, LoadA& a, T* As2, const LoadB& b,
+                                                  int64_t k_begin, int64_t k_end) {
+  constexpr int KC = Mma::KC;
+  static_assert(LoadA::KC == KC && LoadB::KC == KC, "loaders staged for another K-chunk");
+  static_assert(std::is_same_v<decltype(a.S), T*>, "As2 must hold A's element type");
+  const int64_t chunks = k_end > k_begin ? (k_end - k_begin + KC - 1) / KC : 0;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < chunks) b.issue(k_begin + st * KC, st);
+    __pipeline_commit();
+  }
+  if (chunks > 0) a.fetch(k_begin);
+  T* const As1 = a.S;
+  int st = 0;  // = i % STAGES
+  for (int64_t i = 0; i < chunks; ++i) {
+    a.S = i & 1 ? As2 : As1;
+    a.put();
+    if (i + 1 < chunks) a.fetch(k_begin + (i + 1) * KC);
+    __pipeline_wait_prior(STAGES - 2);
+    __syncthreads();
+    const int64_t next = i + STAGES - 1;
+    if (next < chunks) b.issue(k_begin + next * KC, st == 0 ? STAGES - 1 : st - 1);
+    __pipeline_commit();
+    acc.mma(a.S, b.stage(st));
+    st = st == STAGES - 1 ? 0 : st + 1;
+  }
+  a.S = As1;
   __pipeline_wait_prior(0);
   __syncthreads();
 }

@@ -75,14 +75,29 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 //
 // Phase 1's sweeps over x are the long K loops (d_in), and at decode sizes the whole cost:
 // without dropout on x (inference, and the router's sweep in training) 16-bit inputs take
-// the cp.async pipeline (gemm_over_k_async: kStages - 1 chunks in flight, no registers for
-// them), else the register prefetch of gemm_over_k (one chunk).
+// the cp.async pipeline (gemm_over_k_async: kForwardStages - 1 chunks in flight, no registers
+// for them), else the register prefetch of gemm_over_k (one chunk). Phase 2's B tiles take
+// the pipeline too (gemm_over_k_mixed; the pi-weighted h goes through registers).
 //
+// Shared memory is dynamic (ForwardSmem, up to 71.8 KB at BM = 16); forward_bm opts in.
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
-// aim for (48.1 KB of shared memory per block at BM = 64, 16-bit). ptxas (CUDA 13.0) then
+// aim for (and what fits: 2 x 71.8 KB on an A100's 164 KB per SM). ptxas (CUDA 13.0) then
 // takes 143-228 registers at BM = 16 and 228-255 at BM = 64, with no spills (sm_80 and sm_90,
 // python/tools/KERNELS.md). Without a minimum, ptxas once held this kernel to 64 / 128
 // registers and spilled 8-92 B.
+// 16-bit: pipeline stages for phase 1's sweeps over x and phase 2's B tiles. A decode block
+// (BM = 16) is one of at most 2 per SM that each sweep all of A and W_route (every column
+// split recomputes h and its logits), so its sweep is bound by latency: 6 stages keep 5
+// K-chunks (up to 4 KB of real rows each at the defaults) in flight instead of 2, at 71.8 KB
+// of shared memory. BM = 64 launches (prefill, training) have many token blocks, which hide
+// each other's latency, and keep 3 (48.1 KB). Counts, not measurements (README, "What is
+// verified").
+template <int BM>
+constexpr int kForwardStages = BM == 16 ? 6 : 3;
+template <typename T, int BM>
+using ForwardSmem = std::conditional_t<sizeof(T) == 2, StagedSmem<T, BM, kForwardStages<BM>>,
+                                       TileSmem<T, BM>>;
+
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads, 2)
     forward_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ W,
@@ -90,11 +105,12 @@ __global__ void __launch_bounds__(kThreads, 2)
                    const T* __restrict__ residual, T* __restrict__ y, float* h_out, float* pi_out,
                    float* ws, MixShape s, int64_t tiles_per_split, float scaling, float p,
                    uint64_t seed, bool vec_x, bool vec_a, bool vec_w, bool vec_b, bool vec_y) {
-  // 16-bit: the pipelined layout for phase 1's sweeps over x (stage 0 doubles as phase 2's
-  // As / Bs); fp32 sweeps with the register prefetch only.
+  // 16-bit: the pipelined layout (stage 0 doubles as the As / Bs of the synchronous tile
+  // GEMMs); fp32 sweeps with the register prefetch only.
   constexpr bool kPipelined = sizeof(T) == 2;
-  using Smem = std::conditional_t<kPipelined, StagedSmem<T, BM>, TileSmem<T, BM>>;
-  __shared__ __align__(128) unsigned char smem_raw_[Smem::kBytes];
+  constexpr int kStages = kForwardStages<BM>;
+  using Smem = ForwardSmem<T, BM>;
+  extern __shared__ __align__(128) unsigned char smem_raw_[];  // Smem::kBytes
   T* As = reinterpret_cast<T*>(smem_raw_ + Smem::kAsOff);
   T* Bs = reinterpret_cast<T*>(smem_raw_ + Smem::kBsOff);
   float* Cs = reinterpret_cast<float*>(smem_raw_ + Smem::kCsOff);
@@ -131,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (x_op.p <= 0.f) {  // x as it is: cp.async, kStages - 1 chunks ahead
         auto xs = async_rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x);
         auto aw = async_tile_loader<BN, KC>(Bs, packed, q0, s.d_in);
-        gemm_over_k_async(mma, xs, aw, 0, s.d_in);
+        gemm_over_k_async<kStages>(mma, xs, aw, 0, s.d_in);
         done = true;
       }
     }
@@ -197,8 +213,14 @@ __global__ void __launch_bounds__(kThreads, 2)
         return v * pi_row(t, g0)[by_r.div(kap)];
       };
       auto hs = tile_loader<BM, KC>(As, h_at, t0, N * r, by_pi);
-      auto bs = tile_loader<BN, KC>(Bs, b_at, j0, N * r, Identity{});
-      gemm_over_k(mma, hs, bs, 0, N * r);
+      if constexpr (kPipelined) {  // B through the pipeline, H~ through registers
+        T* const As2 = As + Smem::kAsStage / int(sizeof(T));
+        gemm_over_k_mixed<kStages>(mma, hs, As2, async_tile_loader<BN, KC>(Bs, b_at, j0, N * r),
+                                   0, N * r);
+      } else {
+        auto bs = tile_loader<BN, KC>(Bs, b_at, j0, N * r, Identity{});
+        gemm_over_k(mma, hs, bs, 0, N * r);
+      }
       mma.store(Cs);
       __syncthreads();
 #pragma unroll
@@ -268,7 +290,11 @@ cudaError_t forward_bm(const ForwardArgs<T>& a, const ForwardPlan& plan, cudaStr
   const dim3 grid(unsigned(plan.row_blocks), unsigned(plan.splits));
   const bool vy = vec_ok(a.y, s.d_out, sizeof(T)) &&
                   (a.residual == nullptr || vec_ok(a.residual, s.d_out, sizeof(T)));
-  forward_kernel<T, BM><<<grid, kThreads, 0, stream>>>(
+  constexpr int smem = ForwardSmem<T, BM>::kBytes;
+  const cudaError_t err = cudaFuncSetAttribute(
+      forward_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  forward_kernel<T, BM><<<grid, kThreads, smem, stream>>>(
       a.x, a.A, a.W, a.logits, a.B, a.residual, a.y, a.h, a.pi, a.ws, s, plan.tiles_per_split,
       a.scaling, a.dropout_p, a.seed, vec_ok(a.x, s.d_in, sizeof(T)),
       vec_ok(a.A, s.d_in, sizeof(T)), vec_ok(a.W, s.d_in, sizeof(T)),

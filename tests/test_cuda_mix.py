@@ -156,6 +156,22 @@ def test_sizes(cuda_ext, T, d_in, d_out, r, N, g, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
+    "T,d_in,d_out,r,N,g",
+    [
+        (3, 640, 128, 32, 16, 2),  # decode: 10 chunks of x, 8 of B (6 stages)
+        (3, 200, 128, 12, 40, 2),  # decode, r % 8 != 0: B staged element by element
+        (70, 200, 128, 16, 8, 2),  # 64-row tiles: 7 chunks of x (the last partial), 4 of B
+    ],
+)
+def test_forward_pipelines_wrap_around(cuda_ext, T, d_in, d_out, r, N, g, dtype):
+    """16-bit forwards stage phase 1's sweeps over x (no dropout) and phase 2's B tiles through
+    a ring of cp.async stages (6 at T <= 16, 3 above): shapes with more K-chunks than stages,
+    so every stage is refilled while the others are read (fp32 runs the register path)."""
+    check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, seed=d_in + N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
     "T,d_out,r,N,g,num_sms,splits",
     [
         (17, 192, 16, 4, 2, 1, 2),  # group 1 starts in split 0 and ends in split 1

@@ -45,15 +45,26 @@ VARIANTS = {
 # The host-side sources of the extension that the emulator compiles (bindings.cpp needs torch).
 EXCLUDED = {"bindings.cpp"}
 
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;]*?)\b(\w+)\s*\[\s*\]\s*;")
 _SHARED = re.compile(r"__shared__\s+([^;]*?)\b(\w+)\s*\[([^\];]*)\]\s*;")
 
 
+def _dynamic_shared(m: re.Match) -> str:
+    if not re.fullmatch(r"(__align__\(\d+\)\s+)?unsigned char\s*", m[1]):
+        raise ValueError(f"dynamic shared memory must be unsigned char: {m[0]!r}")
+    return f"unsigned char* {m[2]} = ::emu::dynamic_shared();"
+
+
 def rewrite(text: str) -> str:
-    """CUDA source -> C++ for emu.h: ``__shared__`` arrays and ``<<<...>>>`` launches."""
+    """CUDA source -> C++ for emu.h: ``__shared__`` arrays (static and ``extern``, i.e. dynamic)
+    and ``<<<...>>>`` launches."""
+    text = _EXTERN_SHARED.sub(_dynamic_shared, text)
     text = _SHARED.sub(r"static \1\2[\3]; ::emu::shared_init(\2, sizeof(\2));", text)
     out, pos = [], 0
     while (start := text.find("<<<", pos)) != -1:
         stmt = max(text.rfind(c, 0, start) for c in ";{}") + 1  # the kernel expression starts here
+        while text[stmt:start].lstrip().startswith("//"):  # after the comments before it
+            stmt = text.index("\n", stmt + len(text[stmt:start]) - len(text[stmt:start].lstrip()))
         close = text.index(">>>", start)
         if text[close + 3] != "(":
             raise ValueError(f"cannot parse the launch at offset {start}: {text[stmt:close + 8]!r}")
@@ -67,7 +78,8 @@ def rewrite(text: str) -> str:
         indent = lead[: len(lead) - len(lead.lstrip())]
         kernel, config, args = lead.strip(), text[start + 3:close], text[close + 4:end - 1]
         out.append(text[pos:stmt])
-        out.append(f"{indent}::emu::launch({config}, [&] {{ {kernel}({args}); }})")
+        out.append(f"{indent}::emu::launch({config}, reinterpret_cast<const void*>(&{kernel}),"
+                   f" [&] {{ {kernel}({args}); }})")
         pos = end
     out.append(text[pos:])
     return "".join(out)

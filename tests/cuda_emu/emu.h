@@ -4,9 +4,12 @@
 // Execution model: a launch runs its blocks one after another; the threads of a block are real
 // OS threads, so __syncthreads is a real barrier, and ThreadSanitizer sees every shared-memory
 // access of a block as a concurrent access (a missing barrier is a reported race). __shared__
-// arrays become static arrays (one block at a time uses them), filled with 0xFF bytes (NaN in
-// fp32, fp16 and bf16) at the start of every block, so a read of shared memory that nothing
-// wrote shows up as NaN.
+// arrays become static arrays (one block at a time uses them) and `extern __shared__` (dynamic
+// shared memory) a buffer of the launch's size, all filled with 0xFF bytes (NaN in fp32, fp16
+// and bf16) at the start of every block, so a read of shared memory that nothing wrote shows
+// up as NaN. A launch with more than 48 KB of dynamic shared memory fails unless the kernel
+// opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed
+// mtlora::kMaxSmemOptin's 99 KB, as on the GPU with the least of it.
 //
 // WMMA: each lane of a warp owns 8 of the 256 accumulator elements (column lane % 16, rows
 // lane / 16 + 2m), loads just the operand rows and columns those need and computes them in fp32,
@@ -27,6 +30,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -54,6 +60,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
@@ -104,18 +111,46 @@ inline void shared_init(void* p, size_t bytes) {
   syncthreads();
 }
 
+// Dynamic shared memory: the opt-in of each kernel (cudaFuncSetAttribute), the limits, and the
+// current launch's buffer.
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+constexpr size_t kMaxDynamicSmemOptin = 99 * 1024;
+inline std::map<const void*, size_t> smem_optin;
+inline unsigned char* dynamic_smem_buf = nullptr;
+inline size_t dynamic_smem_bytes = 0;
+
+// `extern __shared__ unsigned char name[];` is rewritten to `unsigned char* name =
+// ::emu::dynamic_shared();`: the launch's buffer, poisoned anew for each block.
+inline unsigned char* dynamic_shared() {
+  shared_init(dynamic_smem_buf, dynamic_smem_bytes);
+  return dynamic_smem_buf;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
-// [&] { kernel(args); }). Synchronous: the launch is over when this returns.
+// &kernel, [&] { kernel(args); }). Synchronous: the launch is over when this returns.
 template <typename F>
-void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, F body) {
+void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void* kernel,
+            F body) {
   const unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.y != 1 || block.z != 1 || grid.x == 0 ||
-      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || dynamic_smem != 0) {
-    last_error = cudaErrorInvalidConfiguration;  // (2-D blocks and dynamic smem: unused here)
+      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+    last_error = cudaErrorInvalidConfiguration;  // (2-D blocks: unused here)
+    return;
+  }
+  const auto optin = smem_optin.find(kernel);
+  if (dynamic_smem > (optin != smem_optin.end() ? optin->second : kDefaultDynamicSmem)) {
+    last_error = cudaErrorInvalidValue;  // over the kernel's opt-in (what the GPU reports)
     return;
   }
   gridDim = grid;
   blockDim = block;
+  struct AlignedDelete {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+  };
+  std::unique_ptr<unsigned char[], AlignedDelete> smem_buf(
+      dynamic_smem > 0 ? new (std::align_val_t(128)) unsigned char[dynamic_smem] : nullptr);
+  dynamic_smem_buf = smem_buf.get();
+  dynamic_smem_bytes = dynamic_smem;
   Barrier barrier(static_cast<unsigned>(threads));
   block_barrier = &barrier;
   std::vector<std::thread> pool;
@@ -134,8 +169,19 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, F body) {
   }
   for (auto& th : pool) th.join();
   block_barrier = nullptr;
+  dynamic_smem_buf = nullptr;
+  dynamic_smem_bytes = 0;
 }
 }  // namespace emu
+
+template <typename K>
+cudaError_t cudaFuncSetAttribute(K* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      size_t(value) > emu::kMaxDynamicSmemOptin)
+    return cudaErrorInvalidValue;
+  emu::smem_optin[reinterpret_cast<const void*>(kernel)] = size_t(value);
+  return cudaSuccess;
+}
 
 inline void __syncthreads() { emu::syncthreads(); }
 
