@@ -82,7 +82,7 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // Shared memory is dynamic (ForwardSmem, up to 71.8 KB at BM = 16); forward_bm opts in.
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
 // aim for (and what fits: 2 x 71.8 KB on an A100's 164 KB per SM). ptxas (CUDA 13.0) then
-// takes 143-228 registers at BM = 16 and 228-255 at BM = 64, with no spills (sm_80 and sm_90,
+// takes 143-211 registers at BM = 16 and 240-255 at BM = 64, with no spills (sm_80 and sm_90,
 // python/tools/KERNELS.md). Without a minimum, ptxas once held this kernel to 64 / 128
 // registers and spilled 8-92 B.
 // 16-bit: pipeline stages for phase 1's sweeps over x and phase 2's B tiles. A decode block
