@@ -30,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <new>
@@ -111,6 +112,16 @@ inline void shared_init(void* p, size_t bytes) {
   syncthreads();
 }
 
+// cp.async (include/cuda_pipeline_primitives.h): this thread's copies not yet landed, in the
+// open group and in the committed groups, oldest first. Dropped at the end of every block.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t size, zfill;
+};
+inline thread_local std::vector<AsyncCopy> async_open;
+inline thread_local std::deque<std::vector<AsyncCopy>> async_committed;
+
 // Dynamic shared memory: the opt-in of each kernel (cudaFuncSetAttribute), the limits, and the
 // current launch's buffer.
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;
@@ -163,6 +174,8 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
           for (unsigned bx = 0; bx < grid.x; ++bx) {
             blockIdx = dim3(bx, by, bz);
             body();
+            async_open.clear();  // copies the block never waited for never land
+            async_committed.clear();
             barrier.wait();  // the block is over for every thread before shared memory is reused
           }
     });
