@@ -137,15 +137,15 @@ std::vector<Tensor> mix_forward(const Tensor& x, const Tensor& A, const Tensor& 
   Tensor y = at::empty({s.T, s.d_out}, x.options());
   Tensor h = at::empty({s.T, s.r}, f32);
   Tensor pi = at::empty({s.T, s.g, s.N}, f32);
-  const int num_sms = multiprocessor_count(x.device());
-  Tensor ws = at::empty({mtlora::forward_plan(s, num_sms).ws_floats}, f32);
+  const mtlora::ForwardPlan plan = mtlora::forward_plan(s, multiprocessor_count(x.device()));
+  Tensor ws = at::empty({plan.ws_floats}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const mtlora::ForwardArgs<T> args{
         cptr<T>(x), cptr<T>(A), cptr<T>(B), cptr<T>(route_weight),
         logits.has_value() ? cptr<float>(logits32) : nullptr, cptr<T>(residual), mptr<T>(y),
         mptr<float>(h), mptr<float>(pi), mptr<float>(ws), s, static_cast<float>(scaling),
-        static_cast<float>(dropout_p), static_cast<uint64_t>(seed), num_sms};
+        static_cast<float>(dropout_p), static_cast<uint64_t>(seed), plan};
     check_launch(mtlora::mix_forward<T>(args, c10::cuda::getCurrentCUDAStream()));
   });
   return {y, h, pi};
@@ -174,8 +174,9 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
   Tensor dz = at::empty({s.T, s.g * s.N}, f32);
   Tensor dh = at::empty({s.T, s.r}, f32);  // workspaces of the sequence
   Tensor dpi_ws = at::empty({s.T, s.g, s.N}, f32);
-  const int num_sms = multiprocessor_count(x.device());
-  Tensor ws = at::empty({mtlora::backward_plan(s, routed, num_sms).ws_floats}, f32);
+  const mtlora::BackwardPlan plan =
+      mtlora::backward_plan(s, routed, multiprocessor_count(x.device()));
+  Tensor ws = at::empty({plan.ws_floats}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const mtlora::BackwardArgs<T> args{
@@ -183,7 +184,7 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
         cptr<float>(pi), cptr<float>(dpi), mptr<T>(dx), mptr<T>(dA), mptr<T>(dB),
         routed ? mptr<T>(dW) : nullptr, mptr<float>(dz), mptr<float>(dh), mptr<float>(dpi_ws),
         mptr<float>(ws), s, static_cast<float>(scaling), static_cast<float>(dropout_p),
-        static_cast<uint64_t>(seed), num_sms};
+        static_cast<uint64_t>(seed), plan};
     check_launch(mtlora::mix_backward<T>(args, c10::cuda::getCurrentCUDAStream()));
   });
   return {dx, dA, dB, dW, dz};

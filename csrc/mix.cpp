@@ -32,7 +32,7 @@ LaunchStatus mix_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
     return {cudaSuccess, nullptr};
   }
   const bool routed = a.W != nullptr;
-  const BackwardPlan plan = backward_plan(s, routed, a.num_sms);
+  const BackwardPlan& plan = a.plan;
   MTLORA_LAUNCH(launch_backward_dy<T>(a.dy, a.h, a.pi, a.B, a.dh_ws, a.dpi_ws, a.ws, plan.dy, s,
                                       a.scaling, stream),
                 "backward_dy_kernel");

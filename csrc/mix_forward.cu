@@ -285,8 +285,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 template <typename T, int BM>
-cudaError_t forward_bm(const ForwardArgs<T>& a, const ForwardPlan& plan, cudaStream_t stream) {
+cudaError_t forward_bm(const ForwardArgs<T>& a, cudaStream_t stream) {
   const MixShape& s = a.s;
+  const ForwardPlan& plan = a.plan;
   const dim3 grid(unsigned(plan.row_blocks), unsigned(plan.splits));
   const bool vy = vec_ok(a.y, s.d_out, sizeof(T)) &&
                   (a.residual == nullptr || vec_ok(a.residual, s.d_out, sizeof(T)));
@@ -322,8 +323,7 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms) {
 
 template <typename T>
 cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
-  const ForwardPlan plan = forward_plan(a.s, a.num_sms);
-  return plan.bm == 16 ? forward_bm<T, 16>(a, plan, stream) : forward_bm<T, 64>(a, plan, stream);
+  return a.plan.bm == 16 ? forward_bm<T, 16>(a, stream) : forward_bm<T, 64>(a, stream);
 }
 
 #define MTLORA_INSTANTIATE_FORWARD(T) \

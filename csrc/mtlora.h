@@ -124,11 +124,11 @@ struct ForwardArgs {
   T* y;                  // [T, d_out]
   float* h;              // [T, r]
   float* pi;             // [T, g, N]; uniform (1 when N == 1) without W and logits
-  float* ws;             // workspace of forward_plan(s, num_sms).ws_floats floats (null if 0)
+  float* ws;             // workspace of plan.ws_floats floats (null if 0)
   MixShape s;
   float scaling, dropout_p;
   uint64_t seed;
-  int num_sms;           // of the device: decides the column splits
+  ForwardPlan plan;      // forward_plan(s, the device's SM count): the launch's grid, ws's size
 };
 
 template <typename T>
@@ -148,11 +148,12 @@ struct BackwardArgs {
   float* dz;             // [T, g*N] gradient of the logits
   float* dh_ws;          // workspace [T, r]
   float* dpi_ws;         // workspace [T, g, N]
-  float* ws;             // workspace of backward_plan(s, W != null, num_sms).ws_floats floats
+  float* ws;             // workspace of plan.ws_floats floats
   MixShape s;
   float scaling, dropout_p;
   uint64_t seed;
-  int num_sms;           // of the device: decides the splits of the dy, dB and dA/dW kernels
+  BackwardPlan plan;     // backward_plan(s, W != null, the device's SM count): the splits of
+                         // the dy, dB and dA/dW kernels, ws's size
 };
 
 template <typename T>

@@ -53,7 +53,7 @@ extern "C" int emu_mix_forward(int dtype, const void* x, const void* A, const vo
     const mtlora::ForwardArgs<T> a{
         static_cast<const T*>(x), static_cast<const T*>(A), static_cast<const T*>(B),
         static_cast<const T*>(W), logits, static_cast<const T*>(residual), static_cast<T*>(y),
-        h, pi, ws, s, scaling, dropout_p, seed, num_sms};
+        h, pi, ws, s, scaling, dropout_p, seed, mtlora::forward_plan(s, num_sms)};
     return report(mtlora::mix_forward<T>(a, nullptr), err, errlen);
   });
 }
@@ -72,7 +72,7 @@ extern "C" int emu_mix_backward(int dtype, const void* dy, const void* x, const 
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(A),
         static_cast<const T*>(B), static_cast<const T*>(W), h, pi, dpi, static_cast<T*>(dx),
         static_cast<T*>(dA), static_cast<T*>(dB), static_cast<T*>(dW), dz, dh_ws, dpi_ws, ws, s,
-        scaling, dropout_p, seed, num_sms};
+        scaling, dropout_p, seed, mtlora::backward_plan(s, W != nullptr, num_sms)};
     return report(mtlora::mix_backward<T>(a, nullptr), err, errlen);
   });
 }

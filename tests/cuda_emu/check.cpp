@@ -47,11 +47,12 @@ int run(const Case& c, std::mt19937& rng) {
   auto residual = random_vec<T>(c.T * c.d_out, rng, 1.f);
   std::vector<T> y(c.T * c.d_out);
   std::vector<float> h(c.T * c.r), pi(c.T * c.g * c.N);
-  std::vector<float> ws(mtlora::forward_plan(s, c.num_sms).ws_floats);
+  const mtlora::ForwardPlan fplan = mtlora::forward_plan(s, c.num_sms);
+  std::vector<float> ws(fplan.ws_floats);
   const mtlora::ForwardArgs<T> fa{x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr,
                                   c.router == 2 ? logits.data() : nullptr, residual.data(),
                                   y.data(), h.data(), pi.data(), ws.data(), s, 2.f, c.p, 1234,
-                                  c.num_sms};
+                                  fplan};
   mtlora::LaunchStatus st = mtlora::mix_forward<T>(fa, nullptr);
   if (st.err != cudaSuccess) {
     std::printf("forward: %s failed\n", st.kernel);
@@ -61,12 +62,13 @@ int run(const Case& c, std::mt19937& rng) {
   auto dpi = random_vec<float>(c.T * c.g * c.N, rng, 1.f);
   std::vector<T> dx(c.T * c.d_in), dA(A.size()), dB(B.size()), dW(W.size());
   std::vector<float> dz(c.T * c.g * c.N), dh_ws(c.T * c.r), dpi_ws(c.T * c.g * c.N);
-  std::vector<float> bws(mtlora::backward_plan(s, c.router == 1, c.num_sms).ws_floats);
+  const mtlora::BackwardPlan bplan = mtlora::backward_plan(s, c.router == 1, c.num_sms);
+  std::vector<float> bws(bplan.ws_floats);
   const mtlora::BackwardArgs<T> ba{
       dy.data(), x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr, h.data(),
       pi.data(), c.router != 0 ? dpi.data() : nullptr, dx.data(), dA.data(), dB.data(),
       c.router == 1 ? dW.data() : nullptr, dz.data(), dh_ws.data(), dpi_ws.data(), bws.data(),
-      s, 2.f, c.p, 1234, c.num_sms};
+      s, 2.f, c.p, 1234, bplan};
   st = mtlora::mix_backward<T>(ba, nullptr);
   if (st.err != cudaSuccess) {
     std::printf("backward: %s failed\n", st.kernel);
