@@ -122,11 +122,15 @@ template <typename T>
 constexpr float lo_scale() {
   return std::is_same_v<T, __half> ? 2048.f : 1.f;
 }
+// What rounding v to T loses, times lo_scale<T>() (both steps exact in fp32).
+template <typename T>
+__device__ __forceinline__ float rounding_residual(float v) {
+  return (v - to_f(from_f<T>(v))) * lo_scale<T>();
+}
 template <typename T>
 __device__ __forceinline__ void split_store(T* S, T* S_lo, int i, float v) {
-  const T hi = from_f<T>(v);
-  S[i] = hi;
-  if (S_lo != nullptr) S_lo[i] = from_f<T>((v - to_f(hi)) * lo_scale<T>());
+  S[i] = from_f<T>(v);
+  if (S_lo != nullptr) S_lo[i] = from_f<T>(rounding_residual<T>(v));
 }
 
 // ---- tile loaders ---------------------------------------------------------------------------

@@ -16,8 +16,7 @@ template <typename T>
 struct SplitPiece {
   int k;
   __device__ __forceinline__ float operator()(int64_t, int64_t, float v) const {
-    constexpr float S = lo_scale<T>();
-    for (int i = 0; i < k; ++i) v = (v - to_f(from_f<T>(v))) * S;
+    for (int i = 0; i < k; ++i) v = rounding_residual<T>(v);
     return v;
   }
 };
