@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,25 @@ def test_missing_extension_falls_back_to_torch(no_extension):
     y = mix(x, A, B, W, groups=2, scaling=2.0, backend="auto")
     ref = mix_reference(x.double(), A.double(), B.double(), W.double(), groups=2, scaling=2.0)
     assert_close_to_reference(y, ref, torch.float32, "auto fallback forward")
+
+
+def test_backend_checks_trace_under_torch_compile_without_warnings(no_extension):
+    """A compiled layer picks its backend inside the trace (``auto`` on a GPU asks for cuda,
+    then triton). Traced, the cached checks made dynamo warn that it ignores the cache, and the
+    extension's import (importlib.import_module) is a call dynamo refuses: fullgraph=True
+    failed, and without it every layer broke the graph. ``available`` is a constant to dynamo
+    now, called at trace time."""
+
+    def pick(x):
+        return x + int(backends.available("cuda", "cuda")[0]) + 2 * int(
+            backends.available("triton", "cuda")[0])
+
+    torch._dynamo.reset()
+    x = torch.zeros(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = torch.compile(pick, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(y, pick(x))
 
 
 def test_cuda_backend_module_raises_clearly_without_extension(no_extension):
