@@ -32,6 +32,7 @@ def call(ok, **kw):
     (dict(W=None), ValueError, r"N=3 experts need a router"),
     (dict(logits=torch.randn(5, 6)), ValueError, r"either route_weight .* not both"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\^63\), got -1"),
     (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
     (dict(residual=torch.randn(5, 7)), ValueError, r"residual must have shape \(5, 6\)"),
     (dict(backend="fast"), ValueError, r"backend must be one of"),

@@ -183,6 +183,28 @@ def test_torch_compile_traces_the_custom_op():
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compile_in_training_with_dropout_in_one_graph():
+    """Training with dropout (the adapter's default): the seed is drawn inside the forward op,
+    so the compiled layer is one graph (drawn in the traced Python, `.item()` broke the graph
+    twice per layer and fullgraph=True failed), and it draws the same seeds as eager from
+    torch's generator: same outputs and gradients after the same torch.manual_seed."""
+    layer = mk.MTLoRAAdapter(16, 12, r=4, num_experts=3, groups=2, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B)
+    layer.train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outs = {}
+    for name, fn in (("compiled", compiled), ("eager", layer)):
+        torch.manual_seed(7)
+        y1, y2 = fn(x), fn(x)
+        outs[name] = (y1, y2, *torch.autograd.grad((y1 + y2).sum(), (x, layer.lora_A)))
+    assert not torch.equal(outs["eager"][0], outs["eager"][1])  # a fresh mask per call
+    for a, b in zip(outs["compiled"], outs["eager"]):
+        torch.testing.assert_close(a, b)
+
+
 def test_opcheck_custom_ops():
     x, A, B, W, _ = make_inputs(5, 8, 6, 2, 3, 2, torch.float32)
     args = (x.detach(), A.detach(), B.detach(), W.detach(), None, None, 2, 1.5, 0.0, 0,

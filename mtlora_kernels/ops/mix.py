@@ -208,6 +208,13 @@ def get_backend(name: str) -> SimpleNamespace:
 # --------------------------------------------------------------------------------------------
 # torch.library registration: one custom op for each direction, fake implementations for
 # torch.compile, and autograd wired between them. Optional outputs are empty tensors.
+#
+# The dropout seed: a negative `seed` makes the forward op draw one from torch's default
+# (CPU) generator, and the op returns the seed it used as a 0-d int64 CPU tensor, which the
+# backward op takes. The draw happens inside the op because under torch.compile the op's body
+# is not traced: drawn in the traced Python (`.item()` of a random tensor) it broke the graph
+# twice per layer in training and made fullgraph=True fail. torch.utils.checkpoint restores
+# that generator before recomputing, so the recomputed forward draws the same seed.
 # --------------------------------------------------------------------------------------------
 
 
@@ -216,11 +223,13 @@ def _mix_forward_op(
     x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, logits: Tensor | None,
     residual: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int,
     backend: str, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if seed < 0:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     y, h, pi = get_backend(backend).forward(
         x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed
     )
-    return y, h, pi
+    return y, h, pi, torch.tensor(seed, dtype=torch.int64)
 
 
 @_mix_forward_op.register_fake
@@ -232,17 +241,19 @@ def _(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed,
         x.new_empty(T, d_out),
         x.new_empty(T, rank, dtype=acc_dtype(x.dtype)),
         x.new_empty(T, groups, n_experts, dtype=acc_dtype(x.dtype)),
+        torch.empty((), dtype=torch.int64),
     )
 
 
 @torch.library.custom_op("mtlora::mix_backward", mutates_args=())
 def _mix_backward_op(
     dy: Tensor, x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, h: Tensor,
-    pi: Tensor, dpi: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int, backend: str,
-    deterministic: bool,
+    pi: Tensor, dpi: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: Tensor,
+    backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out = get_backend(backend).backward(
-        dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, deterministic
+        dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, int(seed),
+        deterministic,
     )
     return tuple(t.contiguous() for t in out)
 
@@ -263,17 +274,17 @@ def _(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, b
 def _setup_context(ctx, inputs, output):
     (x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed, backend,
      deterministic) = inputs
-    _, h, pi = output
-    ctx.save_for_backward(x, A, B, route_weight, h, pi)
-    ctx.args = (groups, scaling, dropout_p, seed, backend, deterministic)
+    _, h, pi, seed_used = output
+    ctx.save_for_backward(x, A, B, route_weight, h, pi, seed_used)
+    ctx.args = (groups, scaling, dropout_p, backend, deterministic)
     ctx.logits_dtype = logits.dtype if logits is not None else None
     ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(h)
+    ctx.mark_non_differentiable(h, seed_used)
 
 
-def _backward(ctx, dy, dh_unused, dpi):
-    x, A, B, route_weight, h, pi = ctx.saved_tensors
-    groups, scaling, dropout_p, seed, backend, deterministic = ctx.args
+def _backward(ctx, dy, dh_unused, dpi, dseed_unused):
+    x, A, B, route_weight, h, pi, seed = ctx.saved_tensors
+    groups, scaling, dropout_p, backend, deterministic = ctx.args
     if dy is None:  # only pi was used downstream
         dy = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)
     dx, dA, dB, dW, dz = _mix_backward_op(
@@ -398,7 +409,7 @@ def mix(
         scaling: s = alpha / r.
         dropout_p: dropout on the input of A (one mask shared by all experts), active only
             when ``training``.
-        seed: the dropout seed; drawn from torch's default generator when None.
+        seed: the dropout seed (>= 0); drawn from torch's default generator when None.
         residual: [..., d_out] added to the result (the base layer's output) in the same pass.
         backend: 'auto' | 'torch' | 'triton' | 'cuda'; None reads ``$MTLORA_BACKEND``.
         deterministic: no atomics in the backward (bitwise reproducible gradients). The torch
@@ -414,16 +425,16 @@ def mix(
     n_experts, d_out, rank = lora_B.shape
     name = resolve_backend(backend, x.device, x.dtype, rank, n_experts)
     p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    _check(seed is None or 0 <= seed < 2**63, f"seed must be in [0, 2^63), got {seed}")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     T = x2.shape[0]
     lg = logits.reshape(T, groups * n_experts).contiguous() if logits is not None else None
     res = residual.reshape(T, d_out).contiguous() if residual is not None else None
-    y, _, pi = _mix_forward_op(
+    y, _, pi, _ = _mix_forward_op(
         x2, lora_A.contiguous(), lora_B.contiguous(),
         route_weight.contiguous() if route_weight is not None else None, lg, res,
-        groups, float(scaling), p, int(seed or 0), name, bool(deterministic),
+        groups, float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else int(seed), name,
+        bool(deterministic),
     )
     y = y.view(*lead, d_out)
     if return_routing:
