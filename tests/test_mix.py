@@ -205,6 +205,22 @@ def test_torch_compile_in_training_with_dropout_in_one_graph():
         torch.testing.assert_close(a, b)
 
 
+def test_forward_op_puts_a_cpu_tensor_in_the_graph_only_when_it_draws_the_seed():
+    """The seed output (read by the backward op) is a CPU tensor only when the op drew the seed
+    (training with dropout and no seed): inference graphs keep every tensor on the GPU, which
+    CUDA graphs (torch.compile's reduce-overhead, decode serving) need. Fake CUDA tensors: no
+    GPU needed to check the op's device contract."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, A = torch.empty(4, 8, device="cuda"), torch.empty(2, 8, device="cuda")
+        B, W = torch.empty(3, 6, 2, device="cuda"), torch.empty(6, 8, device="cuda")
+        for seed, last in ((0, "cuda"), (5, "cuda"), (-1, "cpu")):
+            out = torch.ops.mtlora.mix_forward(x, A, B, W, None, None, 2, 1.0, 0.1, seed,
+                                               "cuda", False)
+            assert [o.device.type for o in out] == ["cuda", "cuda", "cuda", last], seed
+
+
 def test_opcheck_custom_ops():
     x, A, B, W, _ = make_inputs(5, 8, 6, 2, 3, 2, torch.float32)
     args = (x.detach(), A.detach(), B.detach(), W.detach(), None, None, 2, 1.5, 0.0, 0,

@@ -210,11 +210,13 @@ def get_backend(name: str) -> SimpleNamespace:
 # torch.compile, and autograd wired between them. Optional outputs are empty tensors.
 #
 # The dropout seed: a negative `seed` makes the forward op draw one from torch's default
-# (CPU) generator, and the op returns the seed it used as a 0-d int64 CPU tensor, which the
-# backward op takes. The draw happens inside the op because under torch.compile the op's body
-# is not traced: drawn in the traced Python (`.item()` of a random tensor) it broke the graph
-# twice per layer in training and made fullgraph=True fail. torch.utils.checkpoint restores
-# that generator before recomputing, so the recomputed forward draws the same seed.
+# (CPU) generator and return it as a 0-d int64 CPU tensor, which the backward op reads (any
+# other seed is passed as it is, and that output is an empty tensor on x's device: no CPU
+# tensor in inference graphs, which CUDA graphs would have to split around). The draw happens
+# inside the op because under torch.compile the op's body is not traced: drawn in the traced
+# Python (`.item()` of a random tensor) it broke the graph twice per layer in training and
+# made fullgraph=True fail. torch.utils.checkpoint restores that generator before
+# recomputing, so the recomputed forward draws the same seed.
 # --------------------------------------------------------------------------------------------
 
 
@@ -224,12 +226,14 @@ def _mix_forward_op(
     residual: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int,
     backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    drawn = x.new_empty(0, dtype=torch.int64)
     if seed < 0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        drawn = torch.tensor(seed, dtype=torch.int64)
     y, h, pi = get_backend(backend).forward(
         x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed
     )
-    return y, h, pi, torch.tensor(seed, dtype=torch.int64)
+    return y, h, pi, drawn
 
 
 @_mix_forward_op.register_fake
@@ -241,26 +245,26 @@ def _(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed,
         x.new_empty(T, d_out),
         x.new_empty(T, rank, dtype=acc_dtype(x.dtype)),
         x.new_empty(T, groups, n_experts, dtype=acc_dtype(x.dtype)),
-        torch.empty((), dtype=torch.int64),
+        torch.empty((), dtype=torch.int64) if seed < 0 else x.new_empty(0, dtype=torch.int64),
     )
 
 
 @torch.library.custom_op("mtlora::mix_backward", mutates_args=())
 def _mix_backward_op(
     dy: Tensor, x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, h: Tensor,
-    pi: Tensor, dpi: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: Tensor,
-    backend: str, deterministic: bool,
+    pi: Tensor, dpi: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int,
+    drawn_seed: Tensor, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out = get_backend(backend).backward(
-        dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, int(seed),
-        deterministic,
+        dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p,
+        int(drawn_seed) if seed < 0 else seed, deterministic,
     )
     return tuple(t.contiguous() for t in out)
 
 
 @_mix_backward_op.register_fake
-def _(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, backend,
-      deterministic):
+def _(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, drawn_seed,
+      backend, deterministic):
     T = x.shape[0]
     return (
         torch.empty_like(x),
@@ -274,23 +278,23 @@ def _(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed, b
 def _setup_context(ctx, inputs, output):
     (x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed, backend,
      deterministic) = inputs
-    _, h, pi, seed_used = output
-    ctx.save_for_backward(x, A, B, route_weight, h, pi, seed_used)
-    ctx.args = (groups, scaling, dropout_p, backend, deterministic)
+    _, h, pi, drawn_seed = output
+    ctx.save_for_backward(x, A, B, route_weight, h, pi, drawn_seed)
+    ctx.args = (groups, scaling, dropout_p, seed, backend, deterministic)
     ctx.logits_dtype = logits.dtype if logits is not None else None
     ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(h, seed_used)
+    ctx.mark_non_differentiable(h, drawn_seed)
 
 
 def _backward(ctx, dy, dh_unused, dpi, dseed_unused):
-    x, A, B, route_weight, h, pi, seed = ctx.saved_tensors
-    groups, scaling, dropout_p, backend, deterministic = ctx.args
+    x, A, B, route_weight, h, pi, drawn_seed = ctx.saved_tensors
+    groups, scaling, dropout_p, seed, backend, deterministic = ctx.args
     if dy is None:  # only pi was used downstream
         dy = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)
     dx, dA, dB, dW, dz = _mix_backward_op(
         dy.contiguous(), x, A, B, route_weight, h, pi,
         dpi.contiguous() if dpi is not None else None, groups, scaling, dropout_p, seed,
-        backend, deterministic,
+        drawn_seed, backend, deterministic,
     )
     dlogits = dz.to(ctx.logits_dtype) if ctx.logits_dtype is not None else None
     dres = dy if ctx.has_residual else None
