@@ -63,13 +63,13 @@ def available(name: str, device: torch.device | str | None = None) -> tuple[bool
     raise ValueError(f"unknown backend {name!r}")
 
 
-
 # A constant of the process for given arguments, and so for torch.compile, whose trace of a
 # layer runs the backend choice: dynamo calls it at trace time instead of tracing the import
 # of triton or of the extension, which it cannot (fullgraph=True failed on the first check).
 # This is what torch.compiler.assume_constant_result sets; the decorator itself imports
 # torch._dynamo, and with it triton, which made `import mtlora_kernels` 1.4 s slower.
 available._dynamo_marked_constant = True
+
 
 def load(name: str) -> SimpleNamespace:
     """The backend object (forward / backward / dropout_keep_mask) of a non-torch backend."""

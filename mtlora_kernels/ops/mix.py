@@ -226,10 +226,11 @@ def _mix_forward_op(
     residual: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int,
     backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    drawn = x.new_empty(0, dtype=torch.int64)
     if seed < 0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         drawn = torch.tensor(seed, dtype=torch.int64)
+    else:
+        drawn = x.new_empty(0, dtype=torch.int64)
     y, h, pi = get_backend(backend).forward(
         x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed
     )

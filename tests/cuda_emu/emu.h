@@ -8,8 +8,9 @@
 // shared memory) a buffer of the launch's size, all filled with 0xFF bytes (NaN in fp32, fp16
 // and bf16) at the start of every block, so a read of shared memory that nothing wrote shows
 // up as NaN. A launch with more than 48 KB of dynamic shared memory fails unless the kernel
-// opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed
-// mtlora::kMaxSmemOptin's 99 KB, as on the GPU with the least of it.
+// opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed 99 KB, the
+// least any sm_80+ GPU allows (the GPU's limit, stated here on its own: the kernels' bound,
+// mtlora::kMaxSmemOptin in common.cuh, is what this checks).
 //
 // WMMA: each lane of a warp owns 8 of the 256 accumulator elements (column lane % 16, rows
 // lane / 16 + 2m), loads just the operand rows and columns those need and computes them in fp32,
