@@ -7,7 +7,7 @@
 // elementwise transform -- dropout, routing weight -- applied on the way into shared memory),
 // then TileMma accumulates C += As . Bs^T in fp32 while the loaders' global reads of the next
 // chunk are in flight (gemm_over_k; operands that need no transform can instead take the
-// cp.async pipeline of gemm_over_k_async). Epilogues go through Cs [BM][BN] fp32 in shared
+// cp.async pipeline of gemm_over_k_pipelined). Epilogues go through Cs [BM][BN] fp32 in shared
 // memory, whose element -> (row, col) map is explicit, so per-element routing weights need no
 // knowledge of the opaque WMMA fragment layout.
 //
@@ -608,74 +608,65 @@ __device__ __forceinline__ auto async_rows_loader(T* S, const T* G, int64_t ldg,
   return async_tile_loader<ROWS, KC>(S, row_major(G, ldg, nrows, vec_ok), row0, ncols);
 }
 
-// C += As . Bs^T over K in [k_begin, k_end), both operands through the pipeline, STAGES - 1
-// chunks in flight. Iteration i waits for chunk i (this thread's copies), a barrier makes
-// every thread's copies visible and ends every thread's MMA of chunk i - 1, whose stage then
-// takes chunk i + STAGES - 1. One commit group per chunk slot (empty ones included), so
-// wait_prior counts stay uniform. Ends with a barrier: the stages may be refilled and Cs
-// written after it.
+template <typename L>
+inline constexpr bool kAsyncLoader = false;
+template <int ROWS, int KC, typename T, typename SrcOf>
+inline constexpr bool kAsyncLoader<AsyncRowLoader<ROWS, KC, T, SrcOf>> = true;
+
+// C += As . Bs^T over K in [k_begin, k_end), B through the pipeline, STAGES - 1 chunks in
+// flight. Iteration i waits for chunk i (this thread's copies), a barrier makes every thread's
+// copies visible and ends every thread's MMA of chunk i - 1, whose stage then takes chunk
+// i + STAGES - 1. One commit group per chunk slot (empty ones included), so wait_prior counts
+// stay uniform. Ends with a barrier: the stages may be refilled and Cs written after it.
+// A takes one of two paths, chosen by its loader's type:
+//  - an AsyncRowLoader (no transform): the pipeline too, in the same stages and commit groups
+//    as B; As2 is unused.
+//  - a RowLoader / ColLoader (any transform): registers, one chunk ahead, as in gemm_over_k,
+//    alternating between two buffers, a.S and As2 (the same size). The barrier of iteration
+//    i orders both: the put of chunk i into buffer i % 2 comes before it, and after barrier
+//    i - 1, which every thread reaches only after its MMA of chunk i - 2, that buffer's last
+//    reader.
 template <int STAGES, typename Mma, typename LoadA, typename LoadB>
-__device__ __forceinline__ void gemm_over_k_async(Mma& acc, const LoadA& a, const LoadB& b,
-                                                  int64_t k_begin, int64_t k_end) {
+__device__ __forceinline__ void gemm_over_k_pipelined(Mma& acc, LoadA& a, const LoadB& b,
+                                                      int64_t k_begin, int64_t k_end,
+                                                      decltype(LoadA::S) As2 = nullptr) {
   constexpr int KC = Mma::KC;
+  constexpr bool kAsyncA = kAsyncLoader<LoadA>;
   static_assert(LoadA::KC == KC && LoadB::KC == KC, "loaders staged for another K-chunk");
   const int64_t chunks = k_end > k_begin ? (k_end - k_begin + KC - 1) / KC : 0;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < chunks) {
-      a.issue(k_begin + st * KC, st);
+      if constexpr (kAsyncA) a.issue(k_begin + st * KC, st);
       b.issue(k_begin + st * KC, st);
     }
     __pipeline_commit();
   }
+  const auto As1 = a.S;
+  if constexpr (!kAsyncA) {
+    if (chunks > 0) a.fetch(k_begin);
+  }
   int st = 0;  // = i % STAGES
   for (int64_t i = 0; i < chunks; ++i) {
+    if constexpr (!kAsyncA) {
+      a.S = i & 1 ? As2 : As1;
+      a.put();
+      if (i + 1 < chunks) a.fetch(k_begin + (i + 1) * KC);
+    }
     __pipeline_wait_prior(STAGES - 2);
     __syncthreads();
     const int64_t next = i + STAGES - 1;
     if (next < chunks) {
       const int nst = st == 0 ? STAGES - 1 : st - 1;  // = next % STAGES
-      a.issue(k_begin + next * KC, nst);
+      if constexpr (kAsyncA) a.issue(k_begin + next * KC, nst);
       b.issue(k_begin + next * KC, nst);
     }
     __pipeline_commit();
-    acc.mma(a.stage(st), b.stage(st));
-    st = st == STAGES - 1 ? 0 : st + 1;
-  }
-  __pipeline_wait_prior(0);
-  __syncthreads();
-}
-
-// The same with the A operand through registers instead (a RowLoader / ColLoader: any
-// transform, one chunk ahead, as in gemm_over_k) and B through the pipeline. A alternates
-// between two buffers, a.S and As2 (the same size), so one barrier per chunk orders both: the
-// put of chunk i into buffer i % 2 comes after barrier i - 1, which every thread reaches only
-// after its MMA of chunk i - 2, that buffer's last reader. Ends with a barrier, as above.
-template <int STAGES, typename Mma, typename LoadA, typename LoadB, typename T>
-__device__ __forceinline__ void gemm_over_k_mixed(Mma& acc, LoadA& a, T* As2, const LoadB& b,
-                                                  int64_t k_begin, int64_t k_end) {
-  constexpr int KC = Mma::KC;
-  static_assert(LoadA::KC == KC && LoadB::KC == KC, "loaders staged for another K-chunk");
-  static_assert(std::is_same_v<decltype(a.S), T*>, "As2 must hold A's element type");
-  const int64_t chunks = k_end > k_begin ? (k_end - k_begin + KC - 1) / KC : 0;
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < chunks) b.issue(k_begin + st * KC, st);
-    __pipeline_commit();
-  }
-  if (chunks > 0) a.fetch(k_begin);
-  T* const As1 = a.S;
-  int st = 0;  // = i % STAGES
-  for (int64_t i = 0; i < chunks; ++i) {
-    a.S = i & 1 ? As2 : As1;
-    a.put();
-    if (i + 1 < chunks) a.fetch(k_begin + (i + 1) * KC);
-    __pipeline_wait_prior(STAGES - 2);
-    __syncthreads();
-    const int64_t next = i + STAGES - 1;
-    if (next < chunks) b.issue(k_begin + next * KC, st == 0 ? STAGES - 1 : st - 1);
-    __pipeline_commit();
-    acc.mma(a.S, b.stage(st));
+    if constexpr (kAsyncA) {
+      acc.mma(a.stage(st), b.stage(st));
+    } else {
+      acc.mma(a.S, b.stage(st));
+    }
     st = st == STAGES - 1 ? 0 : st + 1;
   }
   a.S = As1;

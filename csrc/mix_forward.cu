@@ -75,9 +75,9 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 //
 // Phase 1's sweeps over x are the long K loops (d_in), and at decode sizes the whole cost:
 // without dropout on x (inference, and the router's sweep in training) 16-bit inputs take
-// the cp.async pipeline (gemm_over_k_async: kForwardStages - 1 chunks in flight, no registers
-// for them), else the register prefetch of gemm_over_k (one chunk). Phase 2's B tiles take
-// the pipeline too (gemm_over_k_mixed; the pi-weighted h goes through registers).
+// the cp.async pipeline (gemm_over_k_pipelined: kForwardStages - 1 chunks in flight, no
+// registers for them), else the register prefetch of gemm_over_k (one chunk). Phase 2's B
+// tiles take the pipeline too (the pi-weighted h goes through registers).
 //
 // Shared memory is dynamic (ForwardSmem, up to 71.8 KB at BM = 16); forward_bm opts in.
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (x_op.p <= 0.f) {  // x as it is: cp.async, kStages - 1 chunks ahead
         auto xs = async_rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x);
         auto aw = async_tile_loader<BN, KC>(Bs, packed, q0, s.d_in);
-        gemm_over_k_async<kStages>(mma, xs, aw, 0, s.d_in);
+        gemm_over_k_pipelined<kStages>(mma, xs, aw, 0, s.d_in);
         done = true;
       }
     }
@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       auto hs = tile_loader<BM, KC>(As, h_at, t0, N * r, by_pi);
       if constexpr (kPipelined) {  // B through the pipeline, H~ through registers
         T* const As2 = As + Smem::kAsStage / int(sizeof(T));
-        gemm_over_k_mixed<kStages>(mma, hs, As2, async_tile_loader<BN, KC>(Bs, b_at, j0, N * r),
-                                   0, N * r);
+        gemm_over_k_pipelined<kStages>(mma, hs, async_tile_loader<BN, KC>(Bs, b_at, j0, N * r),
+                                       0, N * r, As2);
       } else {
         auto bs = tile_loader<BN, KC>(Bs, b_at, j0, N * r, Identity{});
         gemm_over_k(mma, hs, bs, 0, N * r);
