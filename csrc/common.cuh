@@ -450,8 +450,8 @@ struct TileMma<float, BM> {
 };
 
 // Shared memory of one tile GEMM block, carved from raw bytes (16-bit types have constructors,
-// which __shared__ arrays may not have). Sizes for BM = 64: 16-bit 27.6 KB, fp32 34.3 KB;
-// BM = 16: 15.9 KB (16-bit, 64-wide chunks) and 15.0 KB.
+// which __shared__ arrays may not have). Sizes (KB = 1024 B, as CUDA's limits) for BM = 64:
+// 16-bit 27.0 KB, fp32 33.5 KB; BM = 16: 15.5 KB (16-bit, 64-wide chunks) and 14.6 KB.
 // One ROWS-row operand tile with K-chunk KC in shared memory, rounded up to 128 B: As or Bs of
 // TileSmem, and one stage of them in StagedSmem / AsyncRowLoader.
 template <typename T, int ROWS, int KC>

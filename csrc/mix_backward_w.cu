@@ -6,7 +6,7 @@
 //
 // Launch bounds (kThreads, 4): these run the longest K loops and are memory-bound, so they
 // keep four blocks per SM (the occupancy backward_plan's token splits aim for): ptxas
-// (CUDA 13.0) fits them in 122-128 registers with no spills. Without a minimum it took 132-167
+// (CUDA 13.0) fits them in 123-128 registers with no spills. Without a minimum it took 132-167
 // for some variants and held backward_db_kernel<__half> to 96 with a 22 B spill (sm_80).
 #include <algorithm>
 

@@ -13,7 +13,8 @@ namespace mtlora {
 namespace {
 
 // Decode-sized calls (T <= 16) use 16-row tiles: a 64-row tile would spend 3/4 of its tensor
-// core work and staging on padding rows. Their K-chunks are 64 wide (kChunk in common.cuh).
+// core work and staging on padding rows. In fp16 / bf16 their K-chunks are 64 wide, fp32 keeps
+// 32 (kChunk in common.cuh).
 constexpr int64_t kSmallT = 16;
 
 // n / d and n % d (n >= 0) in per-element index math: a shift and a mask when d is a power of
@@ -59,10 +60,10 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // share a sweep (h sees drop(x), the router x). Logits stay fp32 into the softmax (SPEC
 // section 3: rounding them to bf16 first moved outputs by 9-23%).
 // Phase 2, the expand-mix, one BM x BN tile at a time. When the tile lies inside one routing
-// group G (the common case: c = d_out / g >= 64) the mix folds into the GEMM's A operand,
-// H~[t, (e, k)] = pi[t, G, e] * h[t, k], and the tile is ONE GEMM with K = N * r (SPEC
-// section 3). Otherwise (c < 64) each expert's h . B_e^T goes through Cs and is weighted per
-// column in the epilogue. Each thread owns 8 consecutive columns of a row, so the final y
+// group G (every tile when c = d_out / g is a multiple of 64, the common case) the mix folds
+// into the GEMM's A operand, H~[t, (e, k)] = pi[t, G, e] * h[t, k], and the tile is ONE GEMM
+// with K = N * r (SPEC section 3). Otherwise (c < 64, or a tile across a group boundary) each
+// expert's h . B_e^T goes through Cs and is weighted per column in the epilogue. Each thread owns 8 consecutive columns of a row, so the final y
 // (+ residual) access is one 16 B vector when aligned.
 //
 // h and pi pass through global memory between the phases, read back only by the block that
@@ -90,7 +91,7 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // split recomputes h and its logits), so its sweep is bound by latency: 6 stages keep 5
 // K-chunks (up to 4 KB of real rows each at the defaults) in flight instead of 2, at 71.8 KB
 // of shared memory. BM = 64 launches (prefill, training) have many token blocks, which hide
-// each other's latency, and keep 3 (48.1 KB). Counts, not measurements (README, "What is
+// each other's latency, and keep 3 (47.0 KB). Counts, not measurements (README, "What is
 // verified").
 template <int BM>
 constexpr int kForwardStages = BM == 16 ? 6 : 3;

@@ -1,8 +1,8 @@
 """Which backends exist on this machine, and why not when they don't.
 
 Loaded lazily: importing the package never imports triton or the CUDA extension. If the
-extension ``mtlora_kernels._C`` fails to import, the package falls back to the other backends
-with one warning that says why.
+extension ``mtlora_kernels._C`` fails to import, the package falls back to the other backends,
+with one warning that says why when a GPU is present (without one, ``info`` reports why).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``mtlora-kernels`` command line: ``bench``, ``info``, ``params``.
+"""The ``mtlora-kernels`` command line: ``bench``, ``info``, ``kernels``, ``params``.
 
 A subcommand is one function taking the parsed arguments and returning an exit code, plus a
 function adding its arguments; :func:`subcommand` registers the pair.

@@ -1,7 +1,7 @@
 """The fused mtLoRA mix: validation, backend dispatch, autograd, and the torch backend.
 
 Every backend (torch here, ``mtlora_kernels.triton.mix``, the CUDA extension ``_C``) implements
-the same two functions on 2-D, contiguous tensors; this module does everything else once:
+the same four functions on 2-D, contiguous tensors; this module does everything else once:
 
 ``forward(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed)``
     x [T, d_in]; A [r, d_in]; B [N, d_out, r]; route_weight [g*N, d_in] or None; logits
@@ -419,8 +419,9 @@ def mix(
         backend: 'auto' | 'torch' | 'triton' | 'cuda'; None reads ``$MTLORA_BACKEND``.
         deterministic: no atomics in the backward (bitwise reproducible gradients). The torch
             and cuda backends are deterministic in either mode; it changes triton's.
-        return_routing: also return pi [..., g, N] (fp32, differentiable: a loss on it, e.g.
-            the balance loss, reaches the router through the same fused backward).
+        return_routing: also return pi [..., g, N] (fp32, fp64 for fp64 inputs; differentiable:
+            a loss on it, e.g. the balance loss, reaches the router through the same fused
+            backward).
 
     Returns:
         y [..., d_out] in x's dtype, or ``(y, pi)`` with return_routing.
