@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from mtlora_kernels.integrations.hf import MTLoRAHandle, attach, get_handle
+from mtlora_kernels.integrations.hf import MTLoRAHandle, attach, get_handle, normalized_layers
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,7 +37,9 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT = "mtlora-kernels/adapters"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# Fields that change what the weights mean; dropout and backend are runtime choices.
+# Fields that change what the weights mean. dropout is a training choice (restored when
+# load_adapters attaches, not compared); backend names the machine that saved, so it is
+# recorded but not restored (this machine's $MTLORA_BACKEND / auto picks one).
 _WEIGHT_FIELDS = ("r", "num_experts", "groups", "alpha")
 
 
@@ -201,7 +203,7 @@ def _check_meta(meta: dict, where: Path) -> MTLoRAConfig:
         raise AdapterLoadError(f"{where} has format_version {meta['format_version']}; this "
                                f"mtlora_kernels reads up to {FORMAT_VERSION}")
     try:
-        return MTLoRAConfig(**meta["config"])
+        return MTLoRAConfig(**{**meta["config"], "backend": None})
     except (TypeError, ValueError, KeyError) as exc:
         raise AdapterLoadError(f"{where}: bad 'config' entry: {exc}") from exc
 
@@ -210,8 +212,17 @@ def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Pa
     diffs = [f"{k}: file has {getattr(cfg, k)!r}, the attached adapters have "
              f"{getattr(handle.config, k)!r}"
              for k in _WEIGHT_FIELDS if getattr(cfg, k) != getattr(handle.config, k)]
-    for key in ("placement", "target_modules", "layers"):
-        if meta.get(key) != getattr(handle, key):
+    # The same adapters however they were named: targets in any order, layers counted from
+    # either end.
+    same = {"placement": lambda v: v,
+            "target_modules": lambda v: sorted(v) if v is not None else None,
+            "layers": lambda v: normalized_layers(handle.model, v)}
+    for key, canon in same.items():
+        try:
+            equal = canon(meta.get(key)) == canon(getattr(handle, key))
+        except ValueError:  # the file's layer indices do not fit this model
+            equal = False
+        if not equal:
             diffs.append(f"{key}: file has {meta.get(key)!r}, the attached adapters have "
                          f"{getattr(handle, key)!r}")
     if diffs:
@@ -236,6 +247,11 @@ def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where
                             f"{tuple(exp.shape)} in the model")
         elif not got.is_floating_point():
             problems.append(f"{key}: dtype {got.dtype} is not floating")
+    on_meta = [n for n, a in handle.adapters.items() if a.lora_A.is_meta]
+    if on_meta:
+        problems.append(f"{on_meta[0]} (and {len(on_meta) - 1} more adapters) live on the meta "
+                        f"device, which holds no values; materialize the model first (e.g. "
+                        f"model.to_empty(device=...)), then load")
     if problems:
         raise AdapterLoadError(f"{where} does not fit the attached adapters: "
                                + "; ".join(problems))

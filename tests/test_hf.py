@@ -212,6 +212,58 @@ def test_enable_disable_round_trip_component_level():
     assert torch.equal(run(model, x), adapted)
 
 
+@pytest.mark.parametrize("where", [dict(placement="ffn"), dict(target_modules="o_proj")],
+                         ids=["block", "component"])
+def test_switching_a_compiled_model_follows_the_switch(where):
+    """A compiled model computes base outputs while the adapters are disabled and the adapted
+    ones again after enable() (with forward hooks toggled, dynamo, which does not guard on hooks,
+    reused the hook-less graph: base outputs after enable(), no error)."""
+    model = tiny_model("llama")
+    x = tiny_inputs("llama")
+    before = run(model, x)
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=3, groups=2, dropout=0.0), **where)
+    randomize(handle)
+    adapted = run(model, x)
+    assert rel_err(adapted, before) > 1e-2
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")  # the bug is in dynamo's guards
+    with torch.no_grad():
+        outs = [run(compiled, x)]
+        handle.disable()
+        outs.append(run(compiled, x))
+        handle.enable()
+        outs.append(run(compiled, x))
+    for got, want, what in zip(outs, (adapted, before, adapted),
+                               ("adapted", "disabled", "re-enabled")):
+        assert rel_err(got, want) <= TOL, what
+
+
+@pytest.mark.parametrize("where", [dict(placement="ffn"), dict(target_modules="o_proj")],
+                         ids=["block", "component"])
+def test_disabled_adapters_stay_in_the_model(where):
+    """While disabled the adapters are still the model's parameters: model.to() moves them and
+    the state_dict keeps its keys; the last forward left no routing for the balance loss."""
+    model = tiny_model("llama")
+    x = tiny_inputs("llama")
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=3, groups=2, dropout=0.0), **where)
+    randomize(handle)
+    adapted = run(model, x)
+    keys = list(model.state_dict())
+    handle.disable()
+    adapter_params = {id(p) for p in handle.parameters()}
+    assert adapter_params <= {id(p) for p in model.parameters()}
+    assert list(model.state_dict()) == keys
+    run(model, x)
+    with pytest.raises(RuntimeError, match="disabled"):
+        handle.aux_loss()
+    with pytest.raises(RuntimeError, match="disabled"):
+        next(iter(handle.adapters.values())).balance_loss()
+    model.to(torch.float64)
+    handle.enable()
+    assert {p.dtype for p in handle.parameters()} == {torch.float64}
+    assert rel_err(run(model, x).float(), adapted) <= TOL
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -75,6 +76,49 @@ def test_config_mismatch_is_named_and_leaves_the_adapters_alone(tmp_path):
     attach(other, CFG, placement="attn")
     with pytest.raises(AdapterLoadError, match="placement: file has 'ffn'"):
         load_adapters(other, tmp_path)
+
+
+def test_the_saved_backend_is_not_restored(tmp_path):
+    """A backend names the machine that saved (here 'cuda', unavailable on this one); the
+    loaded adapters choose their own."""
+    model = tiny_model("llama")
+    randomize(attach(model, dataclasses.replace(CFG, backend="cuda")))
+    save_adapters(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["config"]["backend"] == "cuda"
+    fresh = tiny_model("llama")
+    handle = load_adapters(fresh, tmp_path)
+    assert handle.config.backend is None
+    run(fresh, tiny_inputs("llama"))
+
+
+def test_the_same_layers_and_targets_however_named_load(tmp_path):
+    x = tiny_inputs("llama")
+    for i, (saved, attached) in enumerate([
+            (dict(layers=[-1]), dict(layers=[1])),
+            (dict(target_modules="q_proj,v_proj"), dict(target_modules=["v_proj", "q_proj"]))]):
+        model = tiny_model("llama")
+        randomize(attach(model, CFG, **saved))
+        save_adapters(model, tmp_path / str(i))
+        other = tiny_model("llama")
+        attach(other, CFG, **attached)
+        load_adapters(other, tmp_path / str(i))
+        assert torch.equal(run(other, x), run(model, x))
+    other = tiny_model("llama")
+    attach(other, CFG, layers=[0])
+    with pytest.raises(AdapterLoadError, match=r"layers: file has \[1\]"):
+        load_adapters(other, tmp_path / "0")
+
+
+def test_loading_into_a_meta_model_is_refused(tmp_path):
+    """Copying into meta parameters does nothing: the weights would be lost without a word."""
+    model = tiny_model("llama")
+    randomize(attach(model, CFG))
+    save_adapters(model, tmp_path)
+    with torch.device("meta"):
+        fresh = tiny_model("llama")
+    with pytest.raises(AdapterLoadError, match="meta device.*materialize"):
+        load_adapters(fresh, tmp_path)
+    assert get_handle(fresh) is None
 
 
 def test_shape_mismatch_is_named_and_no_tensor_is_copied(tmp_path):

@@ -47,6 +47,47 @@ def test_balance_loss_needs_a_forward():
         MTLoRAAdapter(8, r=2, num_experts=2, groups=1).balance_loss()
 
 
+def test_balance_loss_of_an_empty_batch_is_zero():
+    ad = MTLoRAAdapter(8, r=2, num_experts=3, groups=2, dropout=0.0)
+    ad(torch.randn(0, 8))
+    loss = ad.balance_loss()
+    assert loss.item() == 0.0
+
+
+def test_disabled_adapter_adds_nothing():
+    ad = MTLoRAAdapter(8, 6, r=2, num_experts=3, groups=2, dropout=0.0)
+    nn.init.normal_(ad.lora_B)
+    x, res = torch.randn(4, 8), torch.randn(4, 6)
+    ad.enabled = False
+    assert ad(x, residual=res) is res
+    assert torch.equal(ad(x), torch.zeros(4, 6))
+    ad.enabled = True
+    assert not torch.equal(ad(x, residual=res), res)
+
+
+def test_adapter_copies_and_pickles_after_a_training_forward():
+    """The last forward's routing weights carry its graph (non-leaf tensors refuse deepcopy):
+    copies start without them, with the same parameters, and the original keeps its own."""
+    import copy
+    import io
+
+    ad = MTLoRAAdapter(8, r=2, num_experts=3, groups=2, dropout=0.0)
+    nn.init.normal_(ad.lora_B)
+    x = torch.randn(4, 8)
+    y = ad(x)
+    twin = copy.deepcopy(ad)
+    buf = io.BytesIO()
+    torch.save(ad, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert other._routing is None
+        for (name, p), q in zip(ad.named_parameters(), other.parameters()):
+            assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+        torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+    assert ad._routing is not None and torch.isfinite(ad.balance_loss())
+
+
 def test_adapter_casts_parameters_to_the_input_dtype():
     ad = MTLoRAAdapter(16, r=4, num_experts=2, groups=2, dropout=0.0)
     nn.init.normal_(ad.lora_B)

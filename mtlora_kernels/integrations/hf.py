@@ -19,8 +19,11 @@ Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement)
 ``nn.Linear`` is replaced by :class:`~mtlora_kernels.nn.MTLoRALinear` wrapping it. This works on
 any model with such Linear modules.
 
-The base model is frozen; :meth:`MTLoRAHandle.remove` restores the original modules, hooks and
-``requires_grad`` flags, so the model computes exactly what it did before. Nothing here imports
+The base model is frozen. :meth:`MTLoRAHandle.disable` / :meth:`~MTLoRAHandle.enable` switch the
+adapters off and on by their ``enabled`` flag, with modules and hooks left in place (so the
+adapters move with the model, and torch.compile, which does not guard on hooks, sees the
+switch); :meth:`MTLoRAHandle.remove` restores the original modules, hooks and ``requires_grad``
+flags, so the model computes exactly what it did before. Nothing here imports
 ``transformers``: models are recognised by ``model.config.model_type`` and layer class names.
 """
 
@@ -90,14 +93,20 @@ def _find_layers(model: nn.Module, family: _Family) -> list[tuple[str, nn.Module
     return layers
 
 
-def _select_layers(layers: list, wanted: Sequence[int] | None) -> list:
-    if wanted is None:
-        return layers
-    bad = [i for i in wanted if not -len(layers) <= i < len(layers)]
+def _layer_indices(n: int, wanted: Sequence[int]) -> list[int]:
+    """``wanted`` (negative counting from the end) as sorted, distinct indices into n layers."""
+    bad = [i for i in wanted if not -n <= i < n]
     if bad:
-        raise ValueError(f"layers: indices {bad} out of range for a model with {len(layers)} "
-                         f"layers")
-    return [layers[i] for i in sorted({i % len(layers) for i in wanted})]
+        raise ValueError(f"layers: indices {bad} out of range for a model with {n} layers")
+    return sorted({i % n for i in wanted})
+
+
+def normalized_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int] | None:
+    """``layers`` as :func:`attach` records them on the handle: sorted non-negative indices."""
+    family = SUPPORTED_ARCHITECTURES.get(_model_type(model))
+    if layers is None or family is None:
+        return None if layers is None else list(layers)
+    return _layer_indices(len(_find_layers(model, family)), layers)
 
 
 def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
@@ -157,24 +166,14 @@ class MTLoRAHandle:
         """:func:`mtlora_kernels.losses.auxiliary_loss` of the model (balance + spectral terms of
         the last forward; keyword arguments go to it).
 
-        Raises if the routing weights of that forward carry no graph while gradients are on:
-        reentrant checkpointing (``use_reentrant=True``) runs the forward under no_grad, and the
-        balance term would then silently get no gradient (measured: adapter gradients off by
-        2e-4 absolute on a tiny Llama). Non-reentrant checkpointing, transformers' default,
-        keeps the graph.
+        The balance term raises if that forward's routing weights carry no graph while
+        gradients are on (reentrant checkpointing runs the forward under no_grad; see
+        :meth:`MTLoRAAdapter.balance_loss`), or if the adapters were disabled.
         """
         self._check_live()
-        if torch.is_grad_enabled():
-            stale = [name for name, a in self.adapters.items()
-                     if a._routing is not None and not a._routing.requires_grad
-                     and a.lora_route is not None and a.lora_route.requires_grad]
-            if stale:
-                raise RuntimeError(
-                    f"the routing weights of {stale[0]} (and {len(stale) - 1} more) carry no "
-                    f"gradient: the forward ran under no_grad, as reentrant gradient "
-                    f"checkpointing does. Use gradient_checkpointing_kwargs="
-                    f"{{'use_reentrant': False}} (transformers' default), or compute aux_loss "
-                    f"under torch.no_grad() if it is only logged.")
+        if not self._enabled:
+            raise RuntimeError("the adapters are disabled: the last forward computed no routing "
+                               "and adds nothing to the model; enable() them first")
         return auxiliary_loss(self.model, **kwargs)
 
     @property
@@ -191,33 +190,23 @@ class MTLoRAHandle:
 
     def enable(self) -> None:
         """Put the adapters in the forward path (the state right after :func:`attach`)."""
-        self._check_live()
-        if self._enabled:
-            return
-        for host, _ in self._hosts:
-            self._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
-        for parent, name, _, wrapper in self._swaps:
-            wrapper.train(parent.training)
-            setattr(parent, name, wrapper)
-        self._enabled = True
+        self._switch(True)
 
     def disable(self) -> None:
         """Take the adapters out of the forward path: the model computes its base outputs.
 
-        Block-level: the hooks are removed (the adapters stay registered, so
-        ``model.parameters()`` still lists them). Component-level: the original ``nn.Linear``
-        modules go back in place; their wrappers, and the adapters' parameters, are held by this
-        handle until :meth:`enable`. Do not switch while a DDP/FSDP wrapper is training.
+        Each adapter's ``enabled`` flag goes False; modules, hooks and parameters stay where
+        they are (``model.parameters()`` still lists the adapters, ``model.to(...)`` still
+        moves them), and a compiled model recompiles for the new state. Do not switch while a
+        DDP/FSDP wrapper is training (its set of used parameters changes).
         """
+        self._switch(False)
+
+    def _switch(self, on: bool) -> None:
         self._check_live()
-        if not self._enabled:
-            return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for parent, name, base, _ in self._swaps:
-            setattr(parent, name, base)
-        self._enabled = False
+        for adapter in self.adapters.values():
+            adapter.enabled = on
+        self._enabled = on
 
     @contextlib.contextmanager
     def disabled(self):
@@ -235,6 +224,11 @@ class MTLoRAHandle:
         they were before :func:`attach`. Returns the model."""
         self._check_live()
         self.disable()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for parent, name, base, _ in self._swaps:
+            setattr(parent, name, base)
         for host, _ in self._hosts:
             delattr(host, ADAPTER_ATTR)
         for param, flag in self._requires_grad.items():
@@ -288,7 +282,7 @@ def attach(
             matches a module whose dotted path ends with it): component-level instead. Exclusive
             with ``placement``.
         layers: indices of the transformer layers to adapt (default all; negative counts from
-            the end).
+            the end; the handle records them sorted and non-negative).
         dtype: the adapters' parameter dtype (fp32 master weights by default; the forward casts
             them to the activations' dtype).
 
@@ -311,7 +305,9 @@ def attach(
         if family is None:
             raise ValueError(f"layers=... needs a supported architecture ({supported}); "
                              f"{type(model).__name__} has model_type {mtype!r}")
-        chosen = _select_layers(_find_layers(model, family), layers)
+        every = _find_layers(model, family)
+        layers = _layer_indices(len(every), layers)
+        chosen = [every[i] for i in layers]
 
     if target_modules is not None:
         targets = _parse_targets(target_modules)
@@ -335,16 +331,16 @@ def attach(
                              if isinstance(m, nn.Linear)})
             raise ValueError(f"target_modules {missing} match no nn.Linear in "
                              f"{type(model).__name__}; its Linear modules are named {linear}")
-        handle = MTLoRAHandle(model, cfg, "component", targets,
-                              list(layers) if layers is not None else None)
+        handle = MTLoRAHandle(model, cfg, "component", targets, layers)
         _freeze(handle)
         for name, linear in found:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            wrapper = MTLoRALinear(linear, cfg)
+            wrapper = MTLoRALinear(linear, cfg).train(linear.training)
             wrapper.adapter.to(dtype=dtype)
             handle._swaps.append((parent, child, linear, wrapper))
             handle.adapters[f"{name}.adapter"] = wrapper.adapter
+            setattr(parent, child, wrapper)
     else:
         placement = placement or "ffn"
         if placement not in BLOCK_PLACEMENTS:
@@ -362,8 +358,7 @@ def attach(
             raise ValueError(f"groups={cfg.groups} must divide hidden_size={d}")
         subs = {"ffn": [family.ffn], "attn": [family.attn],
                 "both": [family.attn, family.ffn]}[placement]
-        handle = MTLoRAHandle(model, cfg, placement, None,
-                              list(layers) if layers is not None else None)
+        handle = MTLoRAHandle(model, cfg, placement, None, layers)
         _freeze(handle)
         for layer_name, layer in chosen:
             for sub in subs:
@@ -373,6 +368,7 @@ def attach(
                     device=ref.device if ref is not None else None, dtype=dtype)
                 adapter.train(host.training)
                 host.add_module(ADAPTER_ATTR, adapter)
+                handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
                 handle._hosts.append((host, adapter))
                 handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
     model._mtlora_handle = handle
