@@ -44,8 +44,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 # Relative error (||out - ref|| / ||ref||, per output and per gradient) a provider may show
 # against the fp64 reference before it is refused. Looser than the unit-test table because the
 # benchmark reduces over d_in = 4096 and N*r = 256 terms, and because HydraLoRA rounds pi to the
-# input dtype; this guards against wrong providers, it is not a precision test.
-CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2,
+# input dtype (and takes its softmax in fp32 even for fp64 inputs: 3e-8 off at fp64); this
+# guards against wrong providers, it is not a precision test.
+CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2,
              torch.bfloat16: 5e-2}
 
 # Peak HBM bandwidth (B/s) and dense tensor-core throughput (FLOP/s, bf16/fp16; tf32 for fp32)

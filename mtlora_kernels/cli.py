@@ -36,11 +36,22 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _ints(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        return [_positive(v) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got "
+                                         f"{text!r}") from None
 
 
 def _names(text: str) -> list[str]:
@@ -74,8 +85,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=_ints, help="r values (default 16)")
     p.add_argument("--dtype", type=_names, help="fp32, bf16, fp16, fp64 (comma-separated; "
                    "default fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--hidden", type=int, default=4096, help="d_in (default 4096, LLaMA-2-7B)")
-    p.add_argument("--d-out", type=int, help="d_out (default: = --hidden, block-level)")
+    p.add_argument("--hidden", type=_positive, default=4096, help="d_in (default 4096, LLaMA-2-7B)")
+    p.add_argument("--d-out", type=_positive, help="d_out (default: = --hidden, block-level)")
     p.add_argument("--alpha", type=float, default=64.0, help="s = alpha / r (default 64)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="dropout while timing (the correctness check always runs without it)")
@@ -83,7 +94,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", type=_names,
                    help="only these, e.g. hydralora-loop,mtlora-torch (default: all available)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_positive,
+                   help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="directory for bench.json and bench.png (default ./bench_out)")
     p.add_argument("--quick", action="store_true",
@@ -96,7 +108,19 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from mtlora_kernels import bench
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        print(f"mtlora-kernels bench: --device {args.device!r}: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("mtlora-kernels bench: --device cuda, but torch sees no CUDA GPU here",
+              file=sys.stderr)
+        return 2
+    if device.type not in ("cuda", "cpu"):
+        print(f"mtlora-kernels bench: --device must be cuda or cpu, got {args.device!r}",
+              file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = (_QUICK if args.quick else _SWEEPS)["cuda" if device.type == "cuda" else "cpu"]
@@ -117,6 +141,11 @@ def _bench(args: argparse.Namespace) -> int:
                   f"{[p.name for p in providers] + list(missing)}", file=sys.stderr)
             return 2
         providers = [p for p in providers if p.name in args.providers]
+        if not providers:
+            reasons = "; ".join(f"{n}: {missing[n]}" for n in args.providers)
+            print(f"mtlora-kernels bench: none of the requested providers can run here "
+                  f"({reasons})", file=sys.stderr)
+            return 2
     con = _console()
     for name, why in missing.items():
         con.print(f"[dim]{name} not benchmarked: {why}[/]")
@@ -194,14 +223,15 @@ def _info(args: argparse.Namespace) -> int:
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path,
                    help="a Hugging Face config.json (or its directory); fields below override it")
-    p.add_argument("--hidden-size", type=int, help="d (default 4096, LLaMA-2-7B)")
-    p.add_argument("--layers", type=int, help="num_hidden_layers (default 32)")
-    p.add_argument("--heads", type=int, help="num_attention_heads (default 32)")
-    p.add_argument("--kv-heads", type=int, help="num_key_value_heads (default = heads)")
-    p.add_argument("--head-dim", type=int, help="head_dim (default hidden_size / heads)")
-    p.add_argument("--rank", type=int, default=16, help="r (default 16)")
-    p.add_argument("--experts", type=int, default=16, help="N (default 16)")
-    p.add_argument("--groups", type=int, default=2, help="g of the fine-grained rows (default 2)")
+    p.add_argument("--hidden-size", type=_positive, help="d (default 4096, LLaMA-2-7B)")
+    p.add_argument("--layers", type=_positive, help="num_hidden_layers (default 32)")
+    p.add_argument("--heads", type=_positive, help="num_attention_heads (default 32)")
+    p.add_argument("--kv-heads", type=_positive, help="num_key_value_heads (default = heads)")
+    p.add_argument("--head-dim", type=_positive, help="head_dim (default hidden_size / heads)")
+    p.add_argument("--rank", type=_positive, default=16, help="r (default 16)")
+    p.add_argument("--experts", type=_positive, default=16, help="N (default 16)")
+    p.add_argument("--groups", type=_positive, default=2,
+                   help="g of the fine-grained rows (default 2)")
 
 
 def model_dims(config: dict | None = None, **fields: int | None) -> dict[str, int]:

@@ -597,6 +597,7 @@ def collect(specs=None, targets=TARGETS, workers: int = 0, cuda: bool = True,
         "rows": [dataclasses.asdict(r) | {"shared_total": r.shared_total,
                                           "tensor_core_family": r.tensor_core_family()}
                  for r in rows],
+        "cuda_requested": cuda,
         "csrc_found": csrc.is_dir(),
         "cuda_sources": [f.name for f in compilable],
         "cuda_skipped": {f.name: "includes torch/pybind11 headers (binding file)" for f in skipped},
@@ -697,7 +698,9 @@ def _notes(report: dict) -> list[str]:
     notes = []
     if not report["rows"]:
         notes.append("No kernels registered or found.")
-    if not report["csrc_found"]:
+    if not report["cuda_requested"]:
+        notes.append("CUDA: not compiled (--no-cuda).")
+    elif not report["csrc_found"]:
         notes.append("CUDA: csrc/ not found (an installed package without its sources).")
     elif not report["cuda_sources"]:
         skipped = ", ".join(report["cuda_skipped"]) or "none"

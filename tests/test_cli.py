@@ -105,6 +105,40 @@ def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     assert "groups=4 must divide d_out=30" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["params", "--hidden-size", "0"], "--hidden-size: expected a positive integer, got '0'"),
+    (["params", "--rank", "0"], "--rank: expected a positive integer"),
+    (["params", "--experts", "x"], "--experts: expected a positive integer, got 'x'"),
+    (["bench", "--tokens", "16,0"], "--tokens: expected comma-separated positive integers"),
+])
+def test_non_positive_sizes_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_refuses_a_device_or_providers_it_cannot_run(tmp_path, capsys):
+    small = ["--tokens", "4", "--hidden", "16", "--experts", "2", "--groups", "1",
+             "--out", str(tmp_path)]
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", *small]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--providers", "mtlora-cuda", *small]) == 2
+    assert "none of the requested providers can run here (mtlora-cuda:" in \
+        capsys.readouterr().err
+
+
+def test_bench_in_fp64_accepts_hydraloras_fp32_softmax(tmp_path):
+    """HydraLoRA takes its softmax in fp32 even for fp64 inputs (3e-8 off the fp64 reference):
+    the check must not refuse the baseline the table is relative to."""
+    assert main(["bench", "--device", "cpu", "--dtype", "fp64", "--tokens", "16", "--hidden",
+                 "64", "--experts", "4", "--groups", "2", "--min-time", "0.01", "--no-progress",
+                 "--providers", "hydralora-loop,mtlora-torch", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert {r["provider"] for r in results} == {"hydralora-loop", "mtlora-torch"}
+    assert all(r["status"] == "ok" for r in results)
+
+
 def test_cpu_peak_memory_sees_torch_allocations():
     """4 MB, then 8 MB while it is alive, then 4 MB freed: peak 12 MB (tracemalloc sees ~0)."""
     def f():

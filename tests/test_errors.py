@@ -33,6 +33,7 @@ def call(ok, **kw):
     (dict(logits=torch.randn(5, 6)), ValueError, r"either route_weight .* not both"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\^63\), got -1"),
+    (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an int or None, got float 1.5"),
     (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
     (dict(residual=torch.randn(5, 7)), ValueError, r"residual must have shape \(5, 6\)"),
     (dict(backend="fast"), ValueError, r"backend must be one of"),
@@ -54,6 +55,10 @@ def test_bad_external_logits(ok):
     lg = torch.randn(5, 6)
     lg[:, 0] = float("-inf")  # a masked expert is fine
     assert torch.isfinite(call(base, logits=lg)).all()
+    # Logits on the meta device (shape propagation) skip the value check.
+    y = call({k: v.to("meta") if v is not None else None for k, v in base.items()},
+             logits=lg.to("meta"))
+    assert y.device.type == "meta" and y.shape == (5, 6)
 
 
 def test_unavailable_backend_is_a_clear_error(ok):
@@ -96,12 +101,19 @@ def test_empty_input_returns_empty(ok):
     assert y3.shape == (2, 0, 6)
 
 
-@pytest.mark.parametrize("kw,pattern", [
-    (dict(r=0), "r must be >= 1"), (dict(num_experts=0), "num_experts must be >= 1"),
-    (dict(groups=0), "groups must be >= 1"), (dict(dropout=1.5), "dropout must be in"),
+@pytest.mark.parametrize("kw,exc,pattern", [
+    (dict(r=0), ValueError, "r must be >= 1"),
+    (dict(num_experts=0), ValueError, "num_experts must be >= 1"),
+    (dict(groups=0), ValueError, "groups must be >= 1"),
+    (dict(dropout=1.5), ValueError, "dropout must be in"),
+    (dict(r=2.5), TypeError, "r must be an int, got float 2.5"),
+    (dict(groups=True), TypeError, "groups must be an int, got bool"),
+    (dict(alpha="64"), TypeError, "alpha must be a number, got str"),
+    (dict(alpha=float("inf")), ValueError, "alpha must be finite"),
+    (dict(backend="cpu"), ValueError, "backend must be None or one of"),
 ])
-def test_bad_config(kw, pattern):
-    with pytest.raises(ValueError, match=pattern):
+def test_bad_config(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
         MTLoRAConfig(**kw)
 
 

@@ -257,6 +257,7 @@ def test_roofline_estimate_and_output_formats(tiny_report, capsys):
     assert "FAILED" in out and "HGMMA" in out and "n/a" in out and "Summary" in out
     # Summary: tiny_gemm on sm_90 has 6 variants (2 dtypes x 3 configs), 2 failing (K = 8).
     assert re.search(r"\| tiny_gemm \| sm_90 \| 6 \| 2 \| \d+-\d+ \| [1-9]\d* \| 2 \|", md)
+    assert "CUDA: not compiled (--no-cuda)." in md  # collected with cuda=False
 
 
 def test_registry_mistakes_are_reported_clearly():

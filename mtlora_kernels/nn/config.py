@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from mtlora_kernels.ops.mix import BACKEND_NAMES
 
 
 @dataclass
@@ -23,14 +26,23 @@ class MTLoRAConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if self.groups < 1:
-            raise ValueError(f"groups must be >= 1, got {self.groups}")
+        for name in ("r", "num_experts", "groups"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        for name in ("alpha", "dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.backend is not None and self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be None or one of {BACKEND_NAMES}, got "
+                             f"{self.backend!r}")
 
     @property
     def scaling(self) -> float:
