@@ -104,6 +104,7 @@ def _as_batched_operator(M, acc: torch.dtype, backend: str):
             (lambda Y: gemm(Af.mT, gemm(Bf.mT, Y))), B.device)
 
 
+@torch.no_grad()
 def randomized_svd(
     M: Tensor | tuple[Tensor, Tensor],
     k: int,
@@ -140,7 +141,9 @@ def randomized_svd(
     Returns:
         U [..., m, k], S [..., k] (descending, >= 0), Vh [..., k, n], in fp32 (fp64 for fp64
         input), U with orthonormal columns and Vh with orthonormal rows. Signs of singular vector
-        pairs are arbitrary, as in torch.linalg.svd.
+        pairs are arbitrary, as in torch.linalg.svd. Not differentiable (computed under
+        no_grad): its QR of a sketch wider than rank(M), the case where it is exact, has no
+        derivative (autograd returned NaN). Use torch.linalg.svd where gradients are needed.
     """
     if not isinstance(M, Tensor) and not (
             isinstance(M, tuple) and len(M) == 2 and all(isinstance(t, Tensor) for t in M)):
@@ -154,9 +157,12 @@ def randomized_svd(
     batch, m, n, rank_bound, mm, rmm, device = _as_batched_operator(M, acc, backend)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
         raise ValueError(f"k must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {k!r}")
-    if oversample < 0 or power_iters < 0:
-        raise ValueError(f"oversample and power_iters must be >= 0; got {oversample}, "
-                         f"{power_iters}")
+    for name, v in (("oversample", oversample), ("power_iters", power_iters)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0; got {v!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got "
+                        f"{type(generator).__name__}")
     gemm = _gemm_fn(backend)
     nb, l = batch.numel(), min(k + oversample, m, n)
     gen_device = generator.device if generator is not None else device

@@ -183,8 +183,13 @@ class SpectralRegularizer:
 
     Call ``reg(model)`` once per optimizer step: it counts its calls as steps, or takes
     ``step=global_step`` (pass it with gradient accumulation, where several calls make one
-    optimizer step; the released code seeds by the optimizer step). It returns a differentiable
-    scalar (zero when there is nothing to regularize).
+    optimizer step; the released code seeds by the optimizer step). It returns a scalar,
+    differentiable w.r.t. the experts' B (a constant zero when there is nothing to regularize).
+
+    Under torch.compile the call runs eagerly (one graph break): its step count, refreshes and
+    sampling are Python state that a traced call would guard on, recompiling the caller at every
+    step until dynamo's recompile limit turned the whole compiled step eager. A pickled
+    regularizer keeps its settings and step and recomputes the weighting at its next call.
     """
 
     def __init__(self, variant: str = "paper", *, refresh_every: int | str = 1,
@@ -213,6 +218,14 @@ class SpectralRegularizer:
             weakref.WeakKeyDictionary()
         self._refreshed_at: int | None = None
 
+    def __getstate__(self) -> dict:
+        # The cache is keyed by the adapters through weak references, which do not pickle.
+        return {**self.__dict__, "_weighting": None, "_refreshed_at": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _weighting=weakref.WeakKeyDictionary())
+
+    @torch.compiler.disable
     def __call__(self, model: nn.Module, step: int | None = None) -> Tensor:
         """The (unweighted) regularizer of ``model``'s adapters at ``step`` (default: count)."""
         step = self.step if step is None else step

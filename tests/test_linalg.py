@@ -202,6 +202,21 @@ def test_orth_cholesky_qr2_and_its_householder_fallback():
     assert torch.allclose(R, R.triu())
 
 
+def test_outputs_carry_no_gradient():
+    """Not differentiable (documented): a rank-deficient sketch takes the Householder fallback,
+    whose QR derivative does not exist (autograd gave NaN, and the fallback's in-place write
+    failed backward before that); the outputs must not pretend otherwise."""
+    g = _gen(11)
+    M = _with_spectrum((), 8, 6, torch.tensor([3.0, 1.5], dtype=F64), 12).requires_grad_()
+    B = torch.randn(2, 7, 3, generator=g, dtype=F64, requires_grad=True)
+    A = torch.randn(2, 3, 5, generator=g, dtype=F64, requires_grad=True)
+    for operand, k in ((M, 2), ((B, A), 3)):
+        out = randomized_svd(operand, k, generator=_gen(13))
+        assert not any(t.requires_grad for t in out)
+        dense = operand if isinstance(operand, torch.Tensor) else B @ A
+        assert rel_err(out[1], torch.linalg.svdvals(dense.detach())[..., :k]) <= 1e-12
+
+
 def test_zero_matrix_gives_zero_singular_values():
     U, S, Vh = randomized_svd(torch.zeros(2, 20, 10), 3, generator=_gen(10))
     assert torch.equal(S, torch.zeros(2, 3))
@@ -274,6 +289,11 @@ def test_triton_kernel_is_registered_with_its_launch_configs():
     (lambda: randomized_svd(torch.randn(5, 4), 0), ValueError, "k must be"),
     (lambda: randomized_svd(torch.randn(5), 1), ValueError, r"\[\.\.\., m, n\]"),
     (lambda: randomized_svd(torch.randn(5, 4), 2, oversample=-1), ValueError, "oversample"),
+    (lambda: randomized_svd(torch.randn(50, 40), 2, power_iters=1.5), ValueError,
+     "power_iters must be an int >= 0; got 1.5"),
+    (lambda: randomized_svd(torch.randn(5, 4), 2, oversample=True), ValueError, "oversample"),
+    (lambda: randomized_svd(torch.randn(5, 4), 2, generator=123), TypeError,
+     "generator must be a torch.Generator"),
     (lambda: randomized_svd(torch.ones(5, 4, dtype=torch.int64), 2), TypeError, "floating"),
     (lambda: randomized_svd((torch.randn(5, 3), torch.randn(2, 4)), 2), ValueError,
      r"B \[\.\.\., m, r\] and A \[\.\.\., r, n\]"),

@@ -144,6 +144,43 @@ def test_weighting_is_cached_for_refresh_every_steps(schedule):
     assert rel_err(reg(model), fresh) <= TOL  # step 3: refreshed
 
 
+def test_a_compiled_training_step_with_the_regularizer_compiles_once():
+    """The regularizer's step count is Python state: traced, it made dynamo recompile the step
+    at every call until the recompile limit turned the whole step eager. It runs eagerly
+    instead (a graph break), and the values stay those of the eager step."""
+    model = Tiny(seed=6, dtype=torch.float32)
+    x = torch.randn(4, 12)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    def step(reg):
+        return model(x).square().mean() + auxiliary_loss(model, regularizer=reg)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend)
+    reg, eager_reg = SpectralRegularizer(refresh_every=2), SpectralRegularizer(refresh_every=2)
+    for i in range(10):
+        assert rel_err(compiled(reg), step(eager_reg)) <= REL_TOL[torch.float32]
+        if i == 0:
+            first = len(compiles)
+    assert len(compiles) == first and reg.step == 10
+
+
+def test_a_used_regularizer_pickles_and_resumes_at_its_step():
+    import pickle
+
+    model = Tiny(seed=7)
+    reg = SpectralRegularizer(refresh_every=3)
+    reg(model)
+    reg(model)
+    back = pickle.loads(pickle.dumps(reg))
+    assert back.step == 2 and back.refresh_every == 3
+    assert rel_err(back(model), SpectralRegularizer()(model)) <= TOL  # recomputes the weighting
+
+
 def test_sampling_is_seeded_by_step_and_identical_across_ranks():
     model = Tiny(seed=4)
     ranks = [SpectralRegularizer(max_samples=1, seed=7), SpectralRegularizer(max_samples=1, seed=7)]
