@@ -80,7 +80,7 @@ def backend_params(accelerated_only: bool = False) -> list:
     params = []
     for name in ("triton", "cuda") if accelerated_only else ("torch", "triton", "cuda"):
         if name == "cuda" and DEVICE.type == "cpu":
-            params.append(pytest.param(name, id="cuda-emulated"))
+            params.append(pytest.param(name, id="cuda-emulated", marks=pytest.mark.emulator))
             continue
         ok, why = backends.available(name, DEVICE)
         marks = [] if ok else [pytest.mark.skip(reason=f"{name} backend unavailable: {why}")]

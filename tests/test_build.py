@@ -217,4 +217,4 @@ def test_extension_boundary_rejects_cpu_tensors():
         ext.forward(x, A, B, None, None, None, 1, 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
         ext.backward(torch.randn(3, 4), x, A, B, None, torch.randn(3, 2), torch.ones(3, 1, 1),
-                     None, 1, 1.0, 0.0, 0, False)
+                     None, 1, 1.0, 0.0, 0)

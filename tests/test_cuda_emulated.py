@@ -23,6 +23,8 @@ import pytest
 
 import cuda_emu
 
+pytestmark = pytest.mark.emulator
+
 
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
 def test_kernels_clean_under_sanitizer(variant):

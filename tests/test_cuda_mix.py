@@ -34,7 +34,8 @@ def cuda_gpu(cuda_device):
     return cuda_device
 
 
-@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "emulated"])
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu),
+                        pytest.param("emulated", marks=pytest.mark.emulator)])
 def cuda_ext(request, monkeypatch):
     """The device of a ``backend="cuda"`` run: the GPU, or the CPU with the emulated kernels."""
     if request.param == "gpu":
@@ -170,6 +171,7 @@ def test_forward_pipelines_wrap_around(cuda_ext, T, d_in, d_out, r, N, g, dtype)
     check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, seed=d_in + N)
 
 
+@pytest.mark.emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "T,d_out,r,N,g,num_sms,splits",
@@ -195,6 +197,7 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
                                 seed=d_out + g + r)
 
 
+@pytest.mark.emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "T,d_in,d_out,r,N,g,num_sms,db_splits,daw_splits",
@@ -221,6 +224,7 @@ def test_backward_token_splits(monkeypatch, T, d_in, d_out, r, N, g, num_sms, db
                                 seed=T + r + N)
 
 
+@pytest.mark.emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "T,d_out,r,N,g,num_sms,splits",
