@@ -63,8 +63,9 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // group G (every tile when c = d_out / g is a multiple of 64, the common case) the mix folds
 // into the GEMM's A operand, H~[t, (e, k)] = pi[t, G, e] * h[t, k], and the tile is ONE GEMM
 // with K = N * r (SPEC section 3). Otherwise (c < 64, or a tile across a group boundary) each
-// expert's h . B_e^T goes through Cs and is weighted per column in the epilogue. Each thread owns 8 consecutive columns of a row, so the final y
-// (+ residual) access is one 16 B vector when aligned.
+// expert's h . B_e^T goes through Cs and is weighted per column in the epilogue. Each thread
+// owns 8 consecutive columns of a row, so the final y (+ residual) access is one 16 B vector
+// when aligned.
 //
 // h and pi pass through global memory between the phases, read back only by the block that
 // wrote them (after a barrier, which makes a block's global writes visible to the block): the
@@ -74,16 +75,17 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // group's weights go to ws. So every output element has exactly one writer and no block reads
 // what another block writes.
 //
-// Phase 1's sweeps over x are the long K loops (d_in), and at decode sizes the whole cost:
-// without dropout on x (inference, and the router's sweep in training) 16-bit inputs take
-// the cp.async pipeline (gemm_over_k_pipelined: kForwardStages - 1 chunks in flight, no
-// registers for them), else the register prefetch of gemm_over_k (one chunk). Phase 2's B
-// tiles take the pipeline too (the pi-weighted h goes through registers).
+// Phase 1's sweeps over x are the long K loops (d_in), and at decode sizes the whole cost. In
+// 16-bit the packed weights take the cp.async pipeline (gemm_over_k_pipelined: kForwardStages
+// - 1 chunks in flight, no registers for them), and so does x without dropout (inference, and
+// the router's sweep in training); x with dropout goes through registers, one chunk ahead
+// (the mask is applied on the way). fp32 takes the register prefetch of gemm_over_k for both.
+// Phase 2's B tiles take the pipeline too (the pi-weighted h goes through registers).
 //
 // Shared memory is dynamic (ForwardSmem, up to 71.8 KB at BM = 16); forward_bm opts in.
 // Launch bounds (kThreads, 2): two blocks per SM, the occupancy forward_plan's column splits
 // aim for (and what fits: 2 x 71.8 KB on an A100's 164 KB per SM). ptxas (CUDA 13.0) then
-// takes 143-211 registers at BM = 16 and 240-255 at BM = 64, with no spills (sm_80 and sm_90,
+// takes 143-190 registers at BM = 16 and 240-255 at BM = 64, with no spills (sm_80 and sm_90,
 // python/tools/KERNELS.md). Without a minimum, ptxas once held this kernel to 64 / 128
 // registers and spilled 8-92 B.
 // 16-bit: pipeline stages for phase 1's sweeps over x and phase 2's B tiles. A decode block
@@ -143,16 +145,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     const Dropout x_op(q0 < r ? p : 0.f, seed, s.d_in);
     TileMma<T, BM> mma;
     mma.zero();
-    bool done = false;
-    if constexpr (kPipelined) {
-      if (x_op.p <= 0.f) {  // x as it is: cp.async, kStages - 1 chunks ahead
+    if constexpr (kPipelined) {  // the packed weights through cp.async, kStages - 1 chunks ahead
+      auto aw = async_tile_loader<BN, KC>(Bs, packed, q0, s.d_in);
+      if (x_op.p <= 0.f) {  // x as it is: the pipeline too
         auto xs = async_rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x);
-        auto aw = async_tile_loader<BN, KC>(Bs, packed, q0, s.d_in);
         gemm_over_k_pipelined<kStages>(mma, xs, aw, 0, s.d_in);
-        done = true;
+      } else {  // dropout on x: through registers, in stages 0 and 1 of As
+        auto xs = rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x, x_op);
+        T* const As2 = As + Smem::kAsStage / int(sizeof(T));
+        gemm_over_k_pipelined<kStages>(mma, xs, aw, 0, s.d_in, As2);
       }
-    }
-    if (!done) {  // dropout on x (or fp32): staged through registers
+    } else {  // fp32: both through registers
       auto xs = rows_loader<BM, KC>(As, x, s.d_in, t0, s.T, s.d_in, vec_x, x_op);
       auto aw = tile_loader<BN, KC>(Bs, packed, q0, s.d_in, Identity{});
       gemm_over_k(mma, xs, aw, 0, s.d_in);

@@ -165,10 +165,13 @@ def test_sizes(cuda_ext, T, d_in, d_out, r, N, g, dtype):
     ],
 )
 def test_forward_pipelines_wrap_around(cuda_ext, T, d_in, d_out, r, N, g, dtype):
-    """16-bit forwards stage phase 1's sweeps over x (no dropout) and phase 2's B tiles through
-    a ring of cp.async stages (6 at T <= 16, 3 above): shapes with more K-chunks than stages,
-    so every stage is refilled while the others are read (fp32 runs the register path)."""
-    check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, seed=d_in + N)
+    """16-bit forwards stage the weights of phase 1's sweeps over x and phase 2's B tiles
+    through a ring of cp.async stages (6 at T <= 16, 3 above), x too without dropout, and x
+    with dropout through registers in two alternating buffers: shapes with more K-chunks than
+    stages, so every stage is refilled while the others are read (fp32 runs the register
+    path)."""
+    for p in (0.0, 0.1):
+        check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=p, seed=d_in + N)
 
 
 @pytest.mark.emulator

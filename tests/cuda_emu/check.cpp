@@ -84,14 +84,15 @@ int main() {
   // g = d_out (per-expert epilogue), decode (16-row tiles), r > 64 (two rank chunks), the column
   // splits of the dy kernel (slabs) and the same shape without them, external logits, plain
   // LoRA, the forward's column splits (num_sms = 1) with groups that span two splits, a group
-  // that starts off a 16-byte vector of dy. Without dropout the forward's sweeps over x run
-  // the cp.async pipeline, as do phase 2's B tiles; two cases have more K-chunks than stages.
+  // that starts off a 16-byte vector of dy. In 16-bit the forward's sweeps over x run the
+  // cp.async pipeline, x through registers with dropout and through the pipeline without (the
+  // router's sweep), as do phase 2's B tiles; two cases have more K-chunks than stages.
   const Case cases[] = {
       {7, 37, 30, 5, 3, 3, 1, 0.1f, 132},
       {70, 64, 128, 16, 4, 2, 1, 0.1f, 132},  // dy kernel: 2 column splits
-      {70, 192, 128, 16, 8, 2, 1, 0.0f, 1},   // dy kernel: no split; forward: 6 + 4 chunks
+      {70, 192, 128, 16, 8, 2, 1, 0.1f, 1},   // dy kernel: no split; forward: 6 + 4 chunks
       {20, 64, 64, 16, 2, 64, 2, 0.0f, 132},
-      {3, 512, 128, 32, 16, 2, 1, 0.0f, 132},  // decode: 8 chunks of x and of B (6 stages)
+      {3, 512, 128, 32, 16, 2, 1, 0.1f, 132},  // decode: 8 chunks of x and of B (6 stages)
       {17, 40, 24, 80, 2, 2, 1, 0.05f, 132},
       {5, 24, 16, 3, 1, 1, 0, 0.1f, 132},
       {17, 64, 192, 16, 4, 2, 1, 0.1f, 1},  // forward: 2 splits, group 1 in both
