@@ -117,6 +117,17 @@ def test_bad_config(kw, exc, pattern):
         MTLoRAConfig(**kw)
 
 
+def test_config_stores_numpy_scalars_as_python_numbers():
+    """They are accepted, and must not reach the JSON of saved adapters as numpy types."""
+    import json
+
+    import numpy as np
+
+    cfg = MTLoRAConfig(r=np.int64(4), num_experts=np.int32(3), alpha=np.float32(8.0))
+    assert type(cfg.r) is int and type(cfg.num_experts) is int and type(cfg.alpha) is float
+    assert json.loads(json.dumps(cfg.to_dict()))["r"] == 4
+
+
 def test_groups_must_divide_layer_width():
     with pytest.raises(ValueError, match="groups=3 must divide d_out=8"):
         MTLoRAAdapter(8, groups=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 from mtlora_kernels.ops.mix import BACKEND_NAMES
@@ -26,16 +27,19 @@ class MTLoRAConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
+        # numpy scalars are accepted and stored as Python numbers (the config goes to JSON).
         for name in ("r", "num_experts", "groups"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+            setattr(self, name, int(v))
         for name in ("alpha", "dropout"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
                 raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+            setattr(self, name, float(v))
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be finite, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
