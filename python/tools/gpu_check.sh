@@ -60,6 +60,14 @@ for s in "${steps[@]}"; do
   case $s in
     build)
       arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+      # setuptools before 77 rejects pyproject's SPDX license string (a table then); the lent
+      # machine's version is unknown, and its copy of the tree is thrown away after the lease.
+      old='import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'
+      if ! "$PY" -c "$old"; then
+        sed -i 's/^license = "\(.*\)"$/license = {text = "\1"}/' pyproject.toml
+        echo "setuptools < 77: pyproject's license rewritten as a table for this build" \
+          | tee -a "$LOG"
+      fi
       step build 400 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" MTLORA_BUILD_CUDA=1 \
         "$PY" setup.py build_ext --inplace ;;
     sanitize)
