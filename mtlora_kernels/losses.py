@@ -17,6 +17,7 @@ choice), so under DDP every rank computes the same value from its replicated wei
 
 from __future__ import annotations
 
+import functools
 import random
 import weakref
 
@@ -151,6 +152,19 @@ def official_spectral_terms(matrices: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- the regularizer
 
 
+def _eager(fn):
+    """``torch.compiler.disable(fn)``, applied at the first call: applying it imports
+    torch._dynamo and triton, 1.4 s that importing the package must not cost (and the kernel
+    report's workers must import triton only after they set up its environment)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        disabled = getattr(fn, "_mtlora_disabled", None)
+        if disabled is None:
+            disabled = fn._mtlora_disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
+
+
 class SpectralRegularizer:
     """The spectral-aware regularizer over all adapters of a model, without its weight lambda.
 
@@ -225,7 +239,7 @@ class SpectralRegularizer:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _weighting=weakref.WeakKeyDictionary())
 
-    @torch.compiler.disable
+    @_eager
     def __call__(self, model: nn.Module, step: int | None = None) -> Tensor:
         """The (unweighted) regularizer of ``model``'s adapters at ``step`` (default: count)."""
         step = self.step if step is None else step
