@@ -139,7 +139,6 @@ class MTLoRAHandle:
         self._hooks: list = []
         self._swaps: list[tuple[nn.Module, str, nn.Linear, MTLoRALinear]] = []  # component
         self._requires_grad: dict[nn.Parameter, bool] = {}
-        self._enabled = False
         self._removed = False
 
     # --- queries -------------------------------------------------------------------------
@@ -171,20 +170,21 @@ class MTLoRAHandle:
         :meth:`MTLoRAAdapter.balance_loss`), or if the adapters were disabled.
         """
         self._check_live()
-        if not self._enabled:
+        if not self.enabled:
             raise RuntimeError("the adapters are disabled: the last forward computed no routing "
                                "and adds nothing to the model; enable() them first")
         return auxiliary_loss(self.model, **kwargs)
 
     @property
     def enabled(self) -> bool:
-        return self._enabled
+        """Whether the adapters are in the forward path (their ``enabled`` flags)."""
+        return all(a.enabled for a in self.adapters.values())
 
     def __repr__(self) -> str:
         where = (f"component {self.target_modules}" if self.placement == "component"
                  else self.placement)
         return (f"MTLoRAHandle({type(self.model).__name__}, {where}, {len(self.adapters)} "
-                f"adapters, {self.num_parameters():,} parameters, enabled={self._enabled})")
+                f"adapters, {self.num_parameters():,} parameters, enabled={self.enabled})")
 
     # --- switching -----------------------------------------------------------------------
 
@@ -206,12 +206,11 @@ class MTLoRAHandle:
         self._check_live()
         for adapter in self.adapters.values():
             adapter.enabled = on
-        self._enabled = on
 
     @contextlib.contextmanager
     def disabled(self):
         """``with handle.disabled(): base_out = model(x)``."""
-        was = self._enabled
+        was = self.enabled
         self.disable()
         try:
             yield self
@@ -371,8 +370,7 @@ def attach(
                 handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
                 handle._hosts.append((host, adapter))
                 handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
-    model._mtlora_handle = handle
-    handle.enable()
+    model._mtlora_handle = handle  # the adapters start enabled
     return handle
 
 
