@@ -129,8 +129,9 @@ class SpectralAlignment:
 
 
 def band_edges(K: int, cuts: Sequence[float] = PAPER_BANDS) -> tuple[tuple[int, int], ...]:
-    """Split the singular indices 0..K-1 at ``round(c * K)`` for each cut fraction c (every band
-    keeps at least one index): K = 16 with (0.2, 0.5) gives (0, 3), (3, 8), (8, 16)."""
+    """Split the singular indices 0..K-1 at ``floor(c * K + 0.5)`` (halves round up, unlike
+    Python's ``round``) for each cut fraction c, every band keeping at least one index: K = 16
+    with (0.2, 0.5) gives (0, 3), (3, 8), (8, 16); K = 9 gives (0, 2), (2, 5), (5, 9)."""
     if any(not 0.0 < c < 1.0 for c in cuts) or list(cuts) != sorted(cuts):
         raise ValueError(f"band cuts must be increasing fractions in (0, 1); got {tuple(cuts)}")
     if K < len(cuts) + 1:
