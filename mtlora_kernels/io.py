@@ -369,23 +369,6 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
     return mapping
 
 
-def _converted_shapes_ok(adapter: MTLoRAAdapter, state: Mapping[str, Tensor], b_key,
-                         name: str) -> list[str]:
-    """The problems of one adapter's foreign state dict (keys and shapes), empty if none."""
-    n = adapter.config.num_experts
-    need = {"lora_A.weight": tuple(adapter.lora_A.shape)}
-    need.update({b_key(i): tuple(adapter.lora_B.shape[1:]) for i in range(n)})
-    if n > 1:
-        need["lora_route.weight"] = tuple(adapter.lora_route.shape)
-    problems = [f"{name}: lacks {k}" for k in need if k not in state]
-    extra = sorted(set(state) - set(need))
-    if extra:
-        problems.append(f"{name}: unexpected {extra[:3]} (the adapters have {n} experts)")
-    problems += [f"{name}.{k}: shape {tuple(state[k].shape)} in the checkpoint, {shape} here"
-                 for k, shape in need.items() if k in state and tuple(state[k].shape) != shape]
-    return problems
-
-
 def _import(model_or_handle, source, *, kind: str, attach_kwargs: Callable[[dict | None], dict]
             ) -> MTLoRAHandle:
     pattern, b_key, strip, load = {
@@ -417,8 +400,8 @@ def _import(model_or_handle, source, *, kind: str, attach_kwargs: Callable[[dict
                                    f"{'component' if kind == 'hydralora' else 'block'}-level "
                                    f"adapters; these are placed {h.placement!r}")
         mapping = _match_modules(list(ours), list(groups), where)
-        problems = [p for name, a in ours.items()
-                    for p in _converted_shapes_ok(a, groups[mapping[name]], b_key, name)]
+        problems = [f"{name}: {p}" for name, a in ours.items()
+                    for p in a._converted_problems(groups[mapping[name]], b_key)]
         if problems:
             raise AdapterLoadError(f"{where} does not fit the attached adapters: "
                                    + "; ".join(problems))

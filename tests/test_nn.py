@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
+from mtlora_kernels.compat import HydraLoRALayer
 from mtlora_kernels.reference import balance_loss_reference, hydralora_reference, mix_reference
 
 
@@ -152,12 +153,36 @@ def test_checkpoint_import_names_the_mismatch():
     ours = MTLoRAAdapter(8, r=2, num_experts=2, groups=1)
     good = {"lora_A.weight": torch.randn(2, 8), "lora_route.weight": torch.randn(2, 8),
             "lora_B0.weight": torch.randn(8, 2), "lora_B1.weight": torch.randn(8, 2)}
-    with pytest.raises(KeyError, match="lora_B1.weight"):
+    with pytest.raises(ValueError, match=r"lacks lora_B1\.weight"):
         ours.load_hydralora_state_dict({k: v for k, v in good.items() if k != "lora_B1.weight"})
     before = ours.lora_A.detach().clone()
     with pytest.raises(ValueError, match="lora_A"):
         ours.load_hydralora_state_dict({**good, "lora_A.weight": torch.randn(3, 8)})
     torch.testing.assert_close(ours.lora_A.detach(), before)  # nothing half-loaded
+
+
+def test_checkpoint_import_refuses_extra_experts():
+    """A 4-expert HydraLoRA router [4, d_in] has the shape of a 2-expert, 2-group one: only the
+    unexpected B_2, B_3 tell them apart, and the load must refuse rather than drop them."""
+    torch.manual_seed(0)
+    theirs = HydraLoRALayer(16, 16, r=4, num_experts=4, lora_alpha=4, lora_dropout=0.0)
+    ours = MTLoRAAdapter(16, r=4, num_experts=2, groups=2, alpha=4, dropout=0.0)
+    before = ours.lora_B.detach().clone()
+    with pytest.raises(ValueError, match=r"unexpected \['lora_B2\.weight', 'lora_B3\.weight'\]"):
+        ours.load_hydralora_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours.lora_B.detach(), before)
+
+
+def test_checkpoint_import_of_one_expert_ignores_its_router():
+    """softmax over one expert is 1 whatever the logits: a one-expert router carries nothing,
+    and the adapter with N = 1 (no router) computes the same layer without it."""
+    torch.manual_seed(1)
+    theirs = HydraLoRALayer(8, 8, r=2, num_experts=1, lora_alpha=4, lora_dropout=0.0)
+    nn.init.normal_(theirs.lora_B0.weight)
+    ours = MTLoRAAdapter(8, r=2, num_experts=1, alpha=4, dropout=0.0)
+    ours.load_hydralora_state_dict(theirs.state_dict())
+    x = torch.randn(1, 5, 8)
+    torch.testing.assert_close(ours(x), theirs(x))
 
 
 def test_balance_loss_refuses_a_forward_without_autograd():

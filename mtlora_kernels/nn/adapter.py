@@ -117,25 +117,37 @@ class MTLoRAAdapter(nn.Module):
         ``lora_route.weight`` (router rows ordered ``G*N + e``, as ours)."""
         self._load_converted(state, lambda i: f"lora_B.{i}.weight", "official mtLoRA")
 
-    def _load_converted(self, state: dict[str, Tensor], b_key, source: str) -> None:
+    def _converted_problems(self, state: dict[str, Tensor], b_key) -> list[str]:
+        """What keeps a foreign state dict (expert i's B under ``b_key(i)``) from loading into
+        this adapter: missing, unexpected or misshapen tensors; empty when it fits. Unexpected
+        keys matter: a checkpoint with more experts can have a router of the same shape (N = 4,
+        g = 1 has the [g*N, d_in] of N = 2, g = 2) and would otherwise load as the wrong model."""
         n = self.config.num_experts
-        missing = [k for k in ["lora_A.weight", *(b_key(i) for i in range(n))] if k not in state]
-        if n > 1 and "lora_route.weight" not in state:
-            missing.append("lora_route.weight")
-        if missing:
-            raise KeyError(f"{source} state dict lacks {missing}")
-        ours = {"lora_A": state["lora_A.weight"],
-                "lora_B": torch.stack([state[b_key(i)] for i in range(n)])}
+        need = {"lora_A.weight": tuple(self.lora_A.shape)}
+        need.update({b_key(i): tuple(self.lora_B.shape[1:]) for i in range(n)})
         if n > 1:
-            ours["lora_route"] = state["lora_route.weight"]
-        for name, value in ours.items():
-            want = getattr(self, name).shape
-            if value.shape != want:
-                raise ValueError(f"{source} {name}: checkpoint shape {tuple(value.shape)} does "
-                                 f"not match this adapter's {tuple(want)} ({self.extra_repr()})")
+            need["lora_route.weight"] = tuple(self.lora_route.shape)
+        # One expert has no router here: a checkpoint's router of one expert weighs it by
+        # softmax = 1 whatever its logits, so leaving it out is exact.
+        extra = sorted(set(state) - set(need) - ({"lora_route.weight"} if n == 1 else set()))
+        problems = [f"lacks {k}" for k in need if k not in state]
+        if extra:
+            problems.append(f"unexpected {extra[:3]} (the adapter has {n} experts)")
+        problems += [f"{k}: shape {tuple(state[k].shape)} in the checkpoint, {shape} here"
+                     for k, shape in need.items() if k in state and tuple(state[k].shape) != shape]
+        return problems
+
+    def _load_converted(self, state: dict[str, Tensor], b_key, source: str) -> None:
+        problems = self._converted_problems(state, b_key)
+        if problems:
+            raise ValueError(f"{source} state dict does not fit this adapter "
+                             f"({self.extra_repr()}): " + "; ".join(problems))
+        n = self.config.num_experts
         with torch.no_grad():
-            for name, value in ours.items():
-                getattr(self, name).copy_(value)
+            self.lora_A.copy_(state["lora_A.weight"])
+            self.lora_B.copy_(torch.stack([state[b_key(i)] for i in range(n)]))
+            if n > 1:
+                self.lora_route.copy_(state["lora_route.weight"])
 
     def extra_repr(self) -> str:
         c = self.config
