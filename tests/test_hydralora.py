@@ -98,6 +98,20 @@ def test_layer_without_dropout_uses_identity_and_keeps_published_names():
     assert all(not layer.expert(i).weight.any() for i in range(3))  # B starts at zero
 
 
+def test_layer_casts_the_routing_weights_to_the_output_dtype():
+    """The published layer: softmax in fp32, then ``.to(result.dtype)``, the base output's
+    dtype. With bf16 inputs and an fp32 base output the weights stay fp32, not bf16."""
+    layer = random_layer(16, 8, 4, 3, seed=2, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    residual = torch.randn(2, 5, 8, dtype=torch.float32)
+    pi = torch.softmax(layer.lora_route(x).float(), -1)  # fp32, never rounded to bf16
+    want = residual + sum(pi[..., i : i + 1] * layer.expert(i)(layer.lora_A(x)) * layer.scaling
+                          for i in range(3))
+    got = layer(x, residual=residual)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # bf16 weights: ~2e-3 off
+
+
 @pytest.mark.parametrize("g", [2, 5, 10])  # g = d_out is per-dimension routing
 def test_fine_grained_loop_matches_mix_reference(g):
     layer = random_layer(12, 10, 4, 3, g=g, seed=g)

@@ -83,7 +83,9 @@ class HydraLoRALayer(nn.Module):
         logits = self.lora_route(x)
         if g > 1:
             logits = logits.unflatten(-1, (g, n))
-        pi = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        # fp32 softmax, then the output's dtype (the published layer's .to(result.dtype)).
+        out_dtype = residual.dtype if residual is not None else x.dtype
+        pi = F.softmax(logits, dim=-1, dtype=torch.float32).to(out_dtype)
         out = residual
         for i in range(n):
             y = self.expert(i)(self.lora_A(self.lora_dropout(x)))
