@@ -49,14 +49,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2,
              torch.bfloat16: 5e-2}
 
-# Peak HBM bandwidth (B/s) and dense tensor-core throughput (FLOP/s, bf16/fp16; tf32 for fp32)
-# from the vendor data sheets, for the roofline fraction. Matched on the device name.
-GPU_PEAKS = {
-    "H200": (4.8e12, {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    "H100": (3.35e12, {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    "A100": (2.0e12, {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-}
-
+# Peak HBM bandwidth (B/s) and dense tensor-core throughput (FLOP/s: bf16 / fp16, and TF32) from
+# the vendor data sheets, for the roofline fraction. Matched on the device name as CUDA reports
+# it ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB", ...): the first
+# entry whose every word is in the name, so the specific variants come before their family.
+GPU_PEAKS = (
+    (("H200",), 4.8e12, 989e12, 494e12),
+    (("H100", "PCIe"), 2.0e12, 756e12, 378e12),
+    (("H100", "NVL"), 3.9e12, 835e12, 418e12),
+    (("H100",), 3.35e12, 989e12, 494e12),  # SXM
+    (("A100", "40GB"), 1.555e12, 312e12, 156e12),
+    (("A100", "80GB", "PCIe"), 1.935e12, 312e12, 156e12),
+    (("A100",), 2.039e12, 312e12, 156e12),  # SXM4 80GB
+)
 
 @dataclass(frozen=True)
 class Shape:
@@ -79,6 +84,8 @@ class Shape:
             raise ValueError(f"groups={self.groups} must divide d_out={self.d_out}")
         if min(self.tokens, self.d_in, self.d_out, self.rank, self.experts) < 1:
             raise ValueError(f"every size must be >= 1, got {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -371,13 +378,14 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
 PASSES = ("fwd", "fwd+bwd")
 
 
-def _gpu_peaks(device: torch.device, dtype: str) -> tuple[float, float] | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bw, flops) in GPU_PEAKS.items():
-        if key in name and dtype in flops:
-            return bw, flops[dtype]
+def gpu_peaks(gpu_name: str, dtype: str) -> tuple[float, float] | None:
+    """(bytes/s, FLOP/s) that bound a ``dtype`` run on the GPU named ``gpu_name``, or None for a
+    GPU not in GPU_PEAKS. fp32 is bound by TF32 / 3: every backend keeps fp32 accuracy, and the
+    fastest way to it on tensor cores is three TF32 products (what the Triton kernels use;
+    torch's fp32 matmul and the CUDA kernels' fp32 tiles use the slower FMA units)."""
+    for words, bw, half, tf32 in GPU_PEAKS:
+        if all(w in gpu_name for w in words):
+            return {"bf16": (bw, half), "fp16": (bw, half), "fp32": (bw, tf32 / 3)}.get(dtype)
     return None
 
 
@@ -423,7 +431,8 @@ def bench_shape(s: Shape, providers: list[Provider], device: torch.device, min_t
         drop_grads(runner)
         runner(xg).backward(dy)
 
-    peaks = _gpu_peaks(device, s.dtype)
+    peaks = None if device.type != "cuda" else gpu_peaks(torch.cuda.get_device_name(device),
+                                                          s.dtype)
     for name, body in zip(PASSES, (fwd, fwd_bwd)):
         advance(f"timing {name} {s.label()}")
         fns = [functools.partial(body, runner) for _, runner in runners]
@@ -476,6 +485,8 @@ def machine(device: torch.device) -> dict:
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        # The roofline's (bytes/s, FLOP/s) per dtype; None: a GPU not in GPU_PEAKS.
+        info["roofline_peaks"] = {d: gpu_peaks(info["gpu"], d) for d in ("bf16", "fp16", "fp32")}
     return info
 
 
@@ -518,8 +529,21 @@ def table(records: list[dict], on_gpu: bool):
     return t
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float as None (JSON has no Infinity / NaN: a refused
+    provider's rel. err is inf, which strict parsers reject)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(records: list[dict], meta: dict, path: Path) -> None:
-    path.write_text(json.dumps({"machine": meta, "results": records}, indent=2))
+    path.write_text(json.dumps(_finite({"machine": meta, "results": records}), indent=2,
+                               allow_nan=False))
 
 
 def plot(records: list[dict], path: Path) -> None:

@@ -48,14 +48,18 @@ def _positive(text: str) -> int:
 
 def _ints(text: str) -> list[int]:
     try:
-        return [_positive(v) for v in text.split(",") if v.strip()]
+        return [_positive(v) for v in _names(text)]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got "
                                          f"{text!r}") from None
 
 
 def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:  # `--tokens ,` ran an empty sweep and exited 0
+        raise argparse.ArgumentTypeError(f"expected at least one comma-separated value, got "
+                                         f"{text!r}")
+    return names
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +67,7 @@ def _names(text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 # Default sweeps. The CPU one stays small (2 cores: the HydraLoRA loop alone takes ~1.4 s per
-# forward+backward at T = 2048); --quick is one point per device.
+# forward+backward at T = 2048); --quick is one shape per token count (N = 16, g = 2).
 _SWEEPS = {
     "cpu": dict(tokens=[512, 2048], experts=[8, 16], groups=[1, 2], rank=[16], dtype=["fp32"],
                 min_time=1.0),

@@ -103,6 +103,9 @@ def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     assert "unknown providers ['nope']" in capsys.readouterr().err
     assert main(["bench", "--hidden", "30", "--groups", "4", "--out", str(tmp_path)]) == 2
     assert "groups=4 must divide d_out=30" in capsys.readouterr().err
+    assert main(["bench", "--dropout", "1.5", "--out", str(tmp_path)]) == 2  # before any work
+    assert "dropout must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -110,6 +113,8 @@ def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     (["params", "--rank", "0"], "--rank: expected a positive integer"),
     (["params", "--experts", "x"], "--experts: expected a positive integer, got 'x'"),
     (["bench", "--tokens", "16,0"], "--tokens: expected comma-separated positive integers"),
+    (["bench", "--tokens", ","], "--tokens: expected comma-separated positive integers"),
+    (["bench", "--dtype", ""], "--dtype: expected at least one comma-separated value"),
 ])
 def test_non_positive_sizes_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -184,6 +189,34 @@ def test_reference_in_chunks_equals_one_piece():
     whole, chunked = (bench.reference(w, x, dy, TINY, chunk=c) for c in (TINY.tokens, 4))
     for k in whole:
         torch.testing.assert_close(chunked[k], whole[k], rtol=1e-12, atol=1e-12)
+
+
+def test_bench_json_is_strict_json_when_a_provider_is_refused(tmp_path):
+    """A refused provider's rel. err can be inf; JSON has no Infinity (strict parsers reject
+    it), so the file says null there."""
+    records = bench.bench_shape(TINY, [bench.Provider("hydralora-loop", bench._LoopRunner),
+                                       bench.Provider("frozen-router", _FrozenRouter)], CPU, 0.0)
+    assert records[1]["status"] == "refused" and records[1]["rel_err"]["droute"] == float("inf")
+    bench.write_json(records, bench.machine(CPU), tmp_path / "bench.json")
+    text = (tmp_path / "bench.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert data["results"][1]["rel_err"]["droute"] is None
+    assert data["results"][0]["fwd"]["median_ms"] > 0
+
+
+@pytest.mark.parametrize("name,dtype,want", [
+    ("NVIDIA H100 80GB HBM3", "bf16", (3.35e12, 989e12)),
+    ("NVIDIA H100 PCIe", "bf16", (2.0e12, 756e12)),
+    ("NVIDIA H100 NVL", "fp16", (3.9e12, 835e12)),
+    ("NVIDIA H200", "fp32", (4.8e12, 494e12 / 3)),
+    ("NVIDIA A100-SXM4-40GB", "bf16", (1.555e12, 312e12)),
+    ("NVIDIA A100 80GB PCIe", "bf16", (1.935e12, 312e12)),
+    ("NVIDIA A100-SXM4-80GB", "bf16", (2.039e12, 312e12)),
+    ("NVIDIA GeForce RTX 4090", "bf16", None),
+    ("NVIDIA H100 80GB HBM3", "fp64", None),
+])
+def test_gpu_peaks_match_the_card_variant(name, dtype, want):
+    assert bench.gpu_peaks(name, dtype) == want
 
 
 def test_gpu_columns_render():
