@@ -331,7 +331,8 @@ def launch_jobs(specs, targets=TARGETS) -> list[TritonJob]:
                     continue  # a kernel the selected specs do not cover
                 params = list(inspect.signature(pyfn).parameters)
                 consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
-                consts["UPCAST"] = False  # the interpreter's workaround, never set on a GPU
+                if "UPCAST" in params:
+                    consts["UPCAST"] = False  # the interpreter's workaround, never on a GPU
                 ints = {name: v for name, v in zip(params, args)
                         if isinstance(v, int) and not isinstance(v, bool)}
                 consts.update({name: 1 for name, v in ints.items() if v == 1})

@@ -152,6 +152,35 @@ def test_saturated_fused_router(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_confident_router_gradient_keeps_fp32_accuracy(backend):
+    """A confident router (one expert per group ~9 logits ahead: pi_max = 0.9996): dlogits =
+    pi * (dpi - sum pi dpi) is ~(1 - pi_max) times dpi, and the plain formula loses
+    u * |dpi| / |dz| ~ 1e-4 of it in fp32, because the rounded pi do not sum to 1. Every
+    backend shifts dpi by its value at the largest pi first (ops.mix.softmax_backward) and must
+    keep the fp32 table's tolerance, which plain PyTorch (autograd's softmax backward) misses."""
+    (x, A, B), gen = _inputs(torch.float32, seed=3)
+    top = torch.randint(0, N, (T, G, 1), generator=gen)
+    logits = torch.randn(T, G, N, generator=gen).scatter_add(-1, top, torch.full((T, G, 1), 9.0))
+    logits = logits.view(T, G * N)
+    dy = torch.randn(T, D_OUT, generator=gen)
+
+    def dlogits(backend_or_ref, dtype, device="cpu"):
+        v = [t.to(device, dtype).requires_grad_() for t in (x, A, B, logits)]
+        if backend_or_ref is None:
+            y = mix_reference(v[0], v[1], v[2], None, logits=v[3], groups=G, scaling=2.0)
+        else:
+            y = mix(v[0], v[1], v[2], logits=v[3], groups=G, scaling=2.0, backend=backend_or_ref)
+        (g,) = torch.autograd.grad(y, [v[3]], dy.to(device, dtype))
+        return g.cpu().double()
+
+    exact = dlogits(None, torch.float64)
+    plain = rel_err(dlogits(None, torch.float32), exact)
+    assert plain > 5 * REL_TOL[torch.float32], f"the case does not cancel (plain {plain:.2g})"
+    err = rel_err(dlogits(backend, torch.float32, DEVICE), exact)
+    assert err <= REL_TOL[torch.float32], f"{backend}: dlogits {err:.3g} off (plain {plain:.3g})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_router_logits_stay_fp32_near_1e3(backend, dtype):
     """SPEC section 3: logits of ~1e3 from low-precision inputs must not be rounded to the input

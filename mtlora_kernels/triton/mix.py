@@ -20,7 +20,8 @@ Backward: dy is read twice and x once, which is what the data needs (dh and dpi 
 d_out per token, dB over the tokens, dA and dW_route over the tokens again):
   ``_bwd_dh_kernel``   per token block, one sweep over dy: u = dy·Bcat per group (folded) or
            per expert (epilogue), dh = s*sum_e pi u, dpi = s*sum_k h u (+ the caller's extra
-           dpi, e.g. from the balance loss), dz = softmax backward; writes dh [T, r] and dz.
+           dpi, e.g. from the balance loss); writes dh [T, r] and dpi (into dz's buffer).
+  ``_softmax_bwd_kernel``  dz = softmax backward of dpi per (token, group), in place.
   ``_bwd_dx_kernel``   dx = keep*(dh·A)/(1-p) + dz·W_route per [BT, BK] tile (x not needed).
   ``_bwd_daw_kernel``  dA = dh^T·drop(x) and dW_route = dz^T·x, reducing over the tokens.
   ``_bwd_db_kernel``   dB = s * dy^T·H~ per (output tile, expert chunk), reducing over T.
@@ -230,18 +231,28 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _softmax_bwd_store(dpi, pi_ptr, dpi_ptr, dz_ptr, rows64, rmask, G, g, N,
-                       N_PAD: tl.constexpr, HAS_DPI: tl.constexpr):
-    """dz[rows, G*N + e] = pi * (dpi - sum_e pi*dpi) for group G, dpi [BT, N_PAD] fp32."""
+def _softmax_bwd_kernel(
+    # pointers
+    pi_ptr, dz_ptr,
+    # sizes
+    rows, N,
+    # meta
+    BR: tl.constexpr, N_PAD: tl.constexpr,
+):
+    # dz = pi * (dpi - sum_e pi * dpi) per row of N experts (one token and group), in place (dz
+    # holds the dh kernel's dpi), with dpi shifted by its value at the row's largest pi first
+    # (ops.mix.softmax_backward: why). A kernel of its own, as in the CUDA backend: inside the
+    # dh kernel the shift made 8-64 B of spills at N_PAD = 64 (ptxas, sm_80 / sm_90).
+    rr = tl.program_id(0) * BR + tl.arange(0, BR)
     en = tl.arange(0, N_PAD)
-    off = rows64[:, None] * (g * N) + G * N + en[None, :]
-    m = rmask[:, None] & (en[None, :] < N)
+    off = rr.to(tl.int64)[:, None] * N + en[None, :]
+    m = (rr[:, None] < rows) & (en[None, :] < N)
     pig = tl.load(pi_ptr + off, mask=m, other=0.0)
-    if HAS_DPI:
-        dpi += tl.load(dpi_ptr + off, mask=m, other=0.0)
-    dz = pig * (dpi - tl.sum(pig * dpi, axis=1)[:, None])
-    tl.debug_barrier()  # the caller read dpi from these slots of dz: all reads before writes
-    tl.store(dz_ptr + off, dz, mask=m)
+    dp = tl.load(dz_ptr + off, mask=m, other=0.0)
+    # dpi at an expert of the largest pi (padding: pi = 0 and dpi = 0, harmless if chosen)
+    at_max = pig == tl.max(pig, axis=1)[:, None]
+    dp -= tl.max(tl.where(at_max, dp, float("-inf")), axis=1)[:, None]
+    tl.store(dz_ptr + off, pig * (dp - tl.sum(pig * dp, axis=1)[:, None]), mask=m)
 
 
 @triton.jit
@@ -258,7 +269,8 @@ def _bwd_dh_kernel(
     UPCAST: tl.constexpr,
 ):
     # Per token block, sweeping dy once: u = dy·Bcat per group, dh = s * sum pi u,
-    # dpi = s * sum_k h u (+ the extra dpi), dz = softmax backward of dpi.
+    # dpi = s * sum_k h u (+ the extra dpi), written to dz's slots (_softmax_bwd_kernel turns
+    # them into dz).
     if ALIGNED:
         d_out = tl.multiple_of(d_out, 16)
         if GT == 1:
@@ -304,11 +316,13 @@ def _bwd_dh_kernel(
                     if cb > 0:
                         dpc += tl.load(dz_ptr + goff + ee[None, :], mask=emask, other=0.0)
                     tl.store(dz_ptr + goff + ee[None, :], dpc, mask=emask)
-            tl.debug_barrier()
-            dpig = tl.load(dz_ptr + goff + en[None, :], mask=rmask[:, None] & (en[None, :] < N),
-                           other=0.0)
-            _softmax_bwd_store(dpig, pi_ptr, dpi_ptr, dz_ptr, rows64, rmask, G, g, N,
-                               N_PAD, HAS_DPI)
+            if HAS_DPI:  # the caller's extra dpi, once the group's dpi is complete
+                tl.debug_barrier()
+                dm = rmask[:, None] & (en[None, :] < N)
+                dpig = tl.load(dz_ptr + goff + en[None, :], mask=dm, other=0.0)
+                dpig += tl.load(dpi_ptr + goff + en[None, :], mask=dm, other=0.0)
+                tl.debug_barrier()  # every thread's reads of these slots before the writes
+                tl.store(dz_ptr + goff + en[None, :], dpig, mask=dm)
     else:
         hc = h.to(dtype)
         rc = tl.arange(0, CB)
@@ -320,7 +334,6 @@ def _bwd_dh_kernel(
                           mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             poff = rows64[:, None] * (g * N) + gid[None, :] * N
             pmask = rmask[:, None] & (gid[None, :] < g)
-            pdp = tl.zeros((BT, GT), dtype=tl.float32)  # sum_e pi * dpi per group
             for e in range(0, N):
                 bt = tl.load(b_ptr + (e * d_out + cols[None, :]) * r + rr[:, None],
                              mask=(rr[:, None] < r) & cmask[None, :], other=0.0)
@@ -329,15 +342,9 @@ def _bwd_dh_kernel(
                 dpe = tl.sum(tl.reshape(dyf * ye, (BT, GT, CB)), axis=2) * scaling
                 if HAS_DPI:
                     dpe += tl.load(dpi_ptr + poff + e, mask=pmask, other=0.0)
-                tl.store(dz_ptr + poff + e, dpe, mask=pmask)  # dpi for now, dz below
-                pdp += pe * dpe
+                tl.store(dz_ptr + poff + e, dpe, mask=pmask)
                 pcol = tl.reshape(tl.broadcast_to(pe[:, :, None], (BT, GT, CB)), (BT, BN))
                 dh = mma((dyf * pcol).to(dtype), tl.trans(bt), dh, UPCAST)
-            tl.debug_barrier()
-            for e in range(0, N):
-                pe = tl.load(pi_ptr + poff + e, mask=pmask, other=0.0)
-                dpe = tl.load(dz_ptr + poff + e, mask=pmask, other=0.0)
-                tl.store(dz_ptr + poff + e, pe * (dpe - pdp), mask=pmask)
     tl.store(dh_ptr + rows64[:, None] * r + rr[None, :], dh * scaling, mask=hmask)
 
 
@@ -599,6 +606,9 @@ _SMALLER_TILES = {
 # A-operand pi*h, [BT, R_PAD] fp32, is held whole (and split in two) by every warp. A 4th
 # entry RC < R_PAD makes that kernel read h back from memory RC ranks at a time instead
 # (RC = 64 at R_PAD = 128, 32 at R_PAD = 64 with 8 warps: no spills; 4 warps spilled 4-88).
+# The folded dh kernel at R_PAD = 128 without ALIGNED takes (16, 64, 8): when its softmax
+# backward moved to _softmax_bwd_kernel (2026-12-03), (16, 32, 8) spilled 164 B on sm_80 and
+# (16, 32, 4) 96 B (ptxas held the first to 128 registers); (16, 64, 8) and (16, 16, 8) none.
 _FP32_TILES = {
     ("fwd", "epi", "decode", True): {128: (16, 32, 8)},
     ("fwd", "epi", "decode", False): {64: (16, 32, 8), 128: (16, 32, 8)},
@@ -616,9 +626,9 @@ _FP32_TILES = {
     ("dh", "epi", "train", True): {32: (16, 16, 4), 64: (16, 32, 8), 128: (16, 32, 8)},
     ("dh", "epi", "train", False): {32: (16, 32, 4), 64: (16, 32, 8), 128: (16, 32, 8)},
     ("dh", "fold", "decode", True): {16: (16, 32, 8), 64: (16, 32, 8), 128: (16, 32, 8)},
-    ("dh", "fold", "decode", False): {16: (16, 16, 8), 32: (16, 16, 8), 128: (16, 32, 8)},
+    ("dh", "fold", "decode", False): {16: (16, 16, 8), 32: (16, 16, 8), 128: (16, 64, 8)},
     ("dh", "fold", "train", True): {16: (16, 32, 8)},
-    ("dh", "fold", "train", False): {128: (16, 32, 8)},
+    ("dh", "fold", "train", False): {128: (16, 64, 8)},
     ("dx", "fold", "train", True): {128: (16, 32, 8)},
     ("dx", "fold", "train", False): {128: (16, 32, 8)},
     ("db", "fold", "train", False): {128: (16, 32, 8)},
@@ -720,6 +730,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 _recorded: list | None = None  # set by recorded_launches()
+# Rows (token, group) per program of _softmax_bwd_kernel: a [64, N_PAD <= 64] fp32 block, at
+# most 32 values per thread and tensor with 4 warps.
+_SOFTMAX_ROWS = 64
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
@@ -826,6 +839,11 @@ def backward(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, 
         dy, B, h, pi, dpi if dpi is not None else pi, dz, dh,
         T, d_out, rank, n_experts, g, c, float(scaling),
         HAS_DPI=dpi is not None, UPCAST=upcast, **args,
+    )
+    _launch(
+        _softmax_bwd_kernel, (triton.cdiv(T * g, _SOFTMAX_ROWS),),
+        pi, dz, T * g, n_experts,
+        BR=_SOFTMAX_ROWS, N_PAD=pow2_at_least(n_experts), num_warps=4, num_stages=1,
     )
     args = plan["dx"]
     _launch(
@@ -1040,6 +1058,11 @@ for _kernel, (_name, _fn, _signature, _cost) in _KERNELS.items():
                         accepted_notes=(_SERIALIZED_WGMMA,) if _kernel == "fwd" else ()))
     register(KernelSpec(f"{_name}_fp32", _fn, _signature, _configs(_kernel, fp32=True),
                         dtypes=("fp32",), uses_dot=True, notes=_NOTE))
+register(KernelSpec(
+    "mix_softmax_bwd", _softmax_bwd_kernel,
+    _sig("pi_ptr dz_ptr rows N", "*fp32 *fp32 i32 i32"),
+    (KernelConfig({"BR": _SOFTMAX_ROWS, "N_PAD": _WORST_N}, num_warps=4, num_stages=1),),
+    dtypes=("fp32",), uses_dot=False))
 register(KernelSpec(
     "mix_keep_mask", _keep_mask_kernel,
     _sig("out_ptr T d_in p seed", "*i1 i32 i32 fp32 i32"),
