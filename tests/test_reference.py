@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from mtlora_kernels.reference import hydralora_reference, mix_reference
+from mtlora_kernels.reference import hydralora_reference, mix_reference, routing_weights
 
 
 def naive_loop(x, A, B, W, groups, scaling, keep=None, p=0.0):
@@ -57,3 +57,18 @@ def test_reference_plain_lora_when_one_expert():
     A = torch.randn(2, 8, dtype=torch.float64, generator=g)
     B = torch.randn(1, 5, 2, dtype=torch.float64, generator=g)
     torch.testing.assert_close(mix_reference(x, A, B, scaling=3.0), 3.0 * x @ A.T @ B[0].T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_routing_weights_promote_low_precision_logits_to_fp32(dtype):
+    """The oracle's own promise (SPEC section 3): the softmax runs on fp32 logits, never on
+    the input dtype. With bf16 / fp16 inputs the reference in that dtype is the plain-PyTorch
+    baseline of the 2x rule, so a softmax in bf16 would loosen every such tolerance."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 2 * 3, generator=gen) * 30).to(dtype)
+    pi = routing_weights(logits, 2, 3)
+    assert pi.dtype == torch.float32 and pi.shape == (5, 2, 3)
+    want = torch.softmax(logits.double().view(5, 2, 3), -1)  # exact on the same values
+    torch.testing.assert_close(pi.double(), want, rtol=1e-6, atol=1e-7)
+    if dtype != torch.float32:  # the check can tell: a softmax in the input dtype is far off
+        assert (torch.softmax(logits.view(5, 2, 3), -1).double() - want).abs().max() > 1e-4
