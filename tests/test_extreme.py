@@ -180,6 +180,33 @@ def test_confident_router_gradient_keeps_fp32_accuracy(backend):
     assert err <= REL_TOL[torch.float32], f"{backend}: dlogits {err:.3g} off (plain {plain:.3g})"
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in Triton's interpreter on inf
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_dpi_of_the_top_expert_propagates_as_unshifted(backend):
+    """The softmax backward's shift is skipped where it is not finite: an expert whose output
+    overflows (dpi = +inf) at the largest pi gives NaN at its own logit and -inf at the others,
+    as plain PyTorch's softmax backward does, not NaN for the whole group."""
+    (x, A, B), gen = _inputs(torch.float32, seed=4)
+    x, A = x.abs(), A.abs()  # h > 0, so B_0 = 1e38 overflows its expert's output to +inf
+    B = B.clone()
+    B[0] = 1e38
+    logits = torch.randn(T, G * N, generator=gen)
+    logits.view(T, G, N)[..., 0] += 9.0  # expert 0 has the largest weight in every group
+    dy = torch.rand(T, D_OUT, generator=gen) + 0.1  # > 0: dpi_0 = +inf, not inf - inf
+
+    def dlogits(fn, device):
+        v = [t.to(device).requires_grad_() for t in (x, A, B, logits)]
+        y = fn(v[0], v[1], v[2], None, logits=v[3], groups=G, scaling=2.0)
+        return torch.autograd.grad(y, [v[3]], dy.to(device))[0].cpu()
+
+    plain = dlogits(mix_reference, "cpu")
+    got = dlogits(lambda *a, **k: mix(*a, **k, backend=backend), DEVICE)
+    assert plain.view(T, G, N)[..., 0].isnan().all() and (plain.view(T, G, N)[..., 1:] ==
+                                                          float("-inf")).all()
+    assert torch.equal(got.isnan(), plain.isnan()) and torch.equal(got.isinf(), plain.isinf())
+    assert torch.equal(got[got.isinf()], plain[plain.isinf()])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_router_logits_stay_fp32_near_1e3(backend, dtype):

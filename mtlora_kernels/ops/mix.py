@@ -119,8 +119,10 @@ def softmax_backward(pi: Tensor, dpi: Tensor) -> Tensor:
     into a small dz. Shifted, the dominant expert's term is exactly 0 and the defect is weighed
     by differences of dpi. Measured on tests/test_fuzz.py's cancelling case (one token, pi_max
     = 0.983, |dpi| / |dz| ~ 1100, fp32): dlogits 9.6e-6 off the fp64 result -> 3.8e-7. The
-    Triton and CUDA kernels apply the same shift."""
+    Triton and CUDA kernels apply the same shift. A non-finite dpi there shifts by 0 instead,
+    so that infinities propagate as in the plain form."""
     ref = dpi.gather(-1, pi.argmax(-1, keepdim=True))
+    ref = torch.where(ref.isfinite(), ref, torch.zeros_like(ref))
     dps = dpi - ref
     return pi * (dps - (pi * dps).sum(-1, keepdim=True))
 

@@ -243,15 +243,17 @@ def _softmax_bwd_kernel(
     # holds the dh kernel's dpi), with dpi shifted by its value at the row's largest pi first
     # (ops.mix.softmax_backward: why). A kernel of its own, as in the CUDA backend: inside the
     # dh kernel the shift made 8-64 B of spills at N_PAD = 64 (ptxas, sm_80 / sm_90).
-    rr = tl.program_id(0) * BR + tl.arange(0, BR)
+    rr = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # T * g passes 2^31 at g = d
     en = tl.arange(0, N_PAD)
-    off = rr.to(tl.int64)[:, None] * N + en[None, :]
+    off = rr[:, None] * N + en[None, :]
     m = (rr[:, None] < rows) & (en[None, :] < N)
     pig = tl.load(pi_ptr + off, mask=m, other=0.0)
     dp = tl.load(dz_ptr + off, mask=m, other=0.0)
-    # dpi at an expert of the largest pi (padding: pi = 0 and dpi = 0, harmless if chosen)
+    # dpi at an expert of the largest pi (padding: pi = 0 and dpi = 0, harmless if chosen);
+    # a non-finite one shifts by 0, so that infinities propagate as in the plain form
     at_max = pig == tl.max(pig, axis=1)[:, None]
-    dp -= tl.max(tl.where(at_max, dp, float("-inf")), axis=1)[:, None]
+    ref = tl.max(tl.where(at_max, dp, float("-inf")), axis=1)
+    dp -= tl.where(tl.abs(ref) < float("inf"), ref, 0.0)[:, None]
     tl.store(dz_ptr + off, pig * (dp - tl.sum(pig * dp, axis=1)[:, None]), mask=m)
 
 
@@ -1058,11 +1060,16 @@ for _kernel, (_name, _fn, _signature, _cost) in _KERNELS.items():
                         accepted_notes=(_SERIALIZED_WGMMA,) if _kernel == "fwd" else ()))
     register(KernelSpec(f"{_name}_fp32", _fn, _signature, _configs(_kernel, fp32=True),
                         dtypes=("fp32",), uses_dot=True, notes=_NOTE))
+def _softmax_bwd_cost(s: dict) -> tuple[float, float]:
+    T, d_in, d_out, r, N, g, eb = _shape(s)
+    return 6.0 * T * g * N, 4.0 * 3 * T * g * N  # pi and dpi in, dz out (fp32)
+
+
 register(KernelSpec(
     "mix_softmax_bwd", _softmax_bwd_kernel,
     _sig("pi_ptr dz_ptr rows N", "*fp32 *fp32 i32 i32"),
     (KernelConfig({"BR": _SOFTMAX_ROWS, "N_PAD": _WORST_N}, num_warps=4, num_stages=1),),
-    dtypes=("fp32",), uses_dot=False))
+    dtypes=("fp32",), uses_dot=False, cost=_softmax_bwd_cost))
 register(KernelSpec(
     "mix_keep_mask", _keep_mask_kernel,
     _sig("out_ptr T d_in p seed", "*i1 i32 i32 fp32 i32"),

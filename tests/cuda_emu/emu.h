@@ -38,6 +38,11 @@
 #include <thread>
 #include <vector>
 
+// CUDA's device math API has isfinite / isinf / isnan at global scope, as C does.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
 #define __global__
 #define __device__
 #define __host__
