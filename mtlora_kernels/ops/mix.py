@@ -341,7 +341,7 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
                TypeError)
         _check(t.dtype in _FLOAT_DTYPES, f"{name} must be a floating tensor, got {t.dtype}",
                TypeError)
-    _check(x.dim() >= 1, f"x must have shape [..., d_in], got a 0-d tensor")
+    _check(x.dim() >= 1, "x must have shape [..., d_in], got a 0-d tensor")
     _check(A.dim() == 2, f"lora_A must have shape [r, d_in], got {tuple(A.shape)}")
     _check(B.dim() == 3, f"lora_B must have shape [N, d_out, r], got {tuple(B.shape)}")
     rank, d_in = A.shape
