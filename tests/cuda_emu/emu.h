@@ -38,10 +38,8 @@
 #include <thread>
 #include <vector>
 
-// CUDA's device math API has isfinite / isinf / isnan at global scope, as C does.
+// CUDA's device math API has isfinite at global scope (csrc/mix_backward_dy.cu uses it).
 using std::isfinite;
-using std::isinf;
-using std::isnan;
 
 #define __global__
 #define __device__
