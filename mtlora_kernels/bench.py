@@ -63,6 +63,7 @@ GPU_PEAKS = (
     (("A100",), 2.039e12, 312e12, 156e12),  # SXM4 80GB
 )
 
+
 @dataclass(frozen=True)
 class Shape:
     """One point of the sweep (block-level by default: d_in = d_out)."""
