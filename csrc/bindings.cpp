@@ -11,7 +11,11 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "mtlora.h"
@@ -82,6 +86,20 @@ int multiprocessor_count(const at::Device& device) {
   return num_sms;
 }
 
+// The largest thread-block cluster the forward may use on a device (mtlora::forward_max_cluster,
+// asked once per device), or 1 when MTLORA_CUDA_CLUSTERS=0: a switch for comparing the two
+// paths on hardware, the cluster path being new (README, "What is verified").
+int max_cluster(const at::Device& device) {
+  const char* env = std::getenv("MTLORA_CUDA_CLUSTERS");
+  if (env != nullptr && std::string(env) == "0") return 1;
+  static std::mutex mu;
+  static std::map<int, int> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find(device.index());
+  if (it != known.end()) return it->second;
+  return known[device.index()] = mtlora::forward_max_cluster(device.index());
+}
+
 // Validates x, A, B (and the router) and returns the sizes.
 mtlora::MixShape check_core(const Tensor& x, const Tensor& A, const Tensor& B,
                             const OptTensor& W, int64_t groups) {
@@ -137,7 +155,8 @@ std::vector<Tensor> mix_forward(const Tensor& x, const Tensor& A, const Tensor& 
   Tensor y = at::empty({s.T, s.d_out}, x.options());
   Tensor h = at::empty({s.T, s.r}, f32);
   Tensor pi = at::empty({s.T, s.g, s.N}, f32);
-  const mtlora::ForwardPlan plan = mtlora::forward_plan(s, multiprocessor_count(x.device()));
+  const mtlora::ForwardPlan plan =
+      mtlora::forward_plan(s, multiprocessor_count(x.device()), max_cluster(x.device()));
   Tensor ws = at::empty({plan.ws_floats}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -230,6 +249,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dropout_p"), py::arg("seed"));
   m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep-mask [T, d_in]",
         py::arg("seed"), py::arg("T"), py::arg("d_in"), py::arg("dropout_p"), py::arg("device"));
+  m.def("forward_max_cluster", &mtlora::forward_max_cluster,
+        "the largest thread-block cluster the forward can use on a CUDA device (1: none)",
+        py::arg("device_index"));
   // Build facts, read by mtlora_kernels._build_info.build_info().
   m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." +
                            std::to_string(CUDART_VERSION % 1000 / 10);

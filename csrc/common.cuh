@@ -687,12 +687,12 @@ __device__ __forceinline__ void own_chunk(int i, int& rr, int& cc) {
 struct Dropout {
   float p, keep_scale;
   uint64_t seed;
-  int64_t d_in;
-  __device__ __forceinline__ Dropout(float p_, uint64_t seed_, int64_t d_in_)
-      : p(p_), keep_scale(1.f / (1.f - p_)), seed(seed_), d_in(d_in_) {}
+  int64_t d_in, k_off;
+  __device__ __forceinline__ Dropout(float p_, uint64_t seed_, int64_t d_in_, int64_t k_off_ = 0)
+      : p(p_), keep_scale(1.f / (1.f - p_)), seed(seed_), d_in(d_in_), k_off(k_off_) {}
   __device__ __forceinline__ float operator()(int64_t t, int64_t k, float v) const {
     if (p <= 0.f) return v;
-    return dropout_keep(seed, t, k, d_in, p) ? v * keep_scale : 0.f;
+    return dropout_keep(seed, t, k_off + k, d_in, p) ? v * keep_scale : 0.f;
   }
 };
 

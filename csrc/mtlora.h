@@ -38,15 +38,21 @@ constexpr int64_t kMaxRowLength = int64_t(1) << 26;
 // pi = per-group softmax of z (or of external logits, or uniform), then
 // y = residual + scaling * sum_e pi[:, G(j), e] * (h . B_e^T)[:, j]   (residual may be null).
 // The grid is (token blocks) x (column splits of d_out); a split > 0 keeps its own h and its
-// first group's pi in a workspace of ws_floats floats.
+// first group's pi in a workspace of ws_floats floats. On sm_90, clusters of consecutive
+// splits share the projection (h and the logits) over distributed shared memory.
 struct ForwardPlan {
   int bm;                   // rows per token block: 16 (decode, T <= 16) or 64
   int64_t row_blocks;       // ceil(T / bm)
   int64_t splits;           // column splits of d_out
   int64_t tiles_per_split;  // 64-wide output tiles per split
   int64_t ws_floats;        // workspace the launch needs
+  int cluster;              // splits per thread-block cluster (1: no cluster)
 };
-ForwardPlan forward_plan(const MixShape& s, int num_sms);
+// max_cluster: forward_max_cluster(device), or 1 for no clusters.
+ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster);
+// The largest cluster the forward may launch on `device` with the binary that runs there: 8
+// when the device supports cluster launch and the kernels were compiled for sm_90+, else 1.
+int forward_max_cluster(int device);
 
 // ---- backward -------------------------------------------------------------------------------
 // Reductions that would leave SMs idle are split over several blocks, each writing fp32
@@ -128,7 +134,8 @@ struct ForwardArgs {
   MixShape s;
   float scaling, dropout_p;
   uint64_t seed;
-  ForwardPlan plan;      // forward_plan(s, the device's SM count): the launch's grid, ws's size
+  ForwardPlan plan;      // forward_plan(s, the device's SM count, its max cluster): the
+                         // launch's grid and clusters, ws's size
 };
 
 template <typename T>

@@ -193,11 +193,71 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
     in an earlier split, in the workspace; every output element has one writer."""
     emu = cuda_emu.install(monkeypatch)
     monkeypatch.setattr(emu, "num_sms", num_sms)
-    ws = emu.forward_workspace_floats(T, 64, d_out, r, N, g)
+    ws, cluster = emu.forward_plan(T, 64, d_out, r, N, g)
     assert ws == (splits - 1) * T * (r + N), "the case does not split as intended"
+    assert cluster == 1  # d_in = 64 is too short for clusters (test_forward_clusters has them)
     for p in (0.0, 0.1):
         check_against_reference(T, 64, d_out, r, N, g, dtype, torch.device("cpu"), p=p,
                                 seed=d_out + g + r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T,d_in,d_out,r,N,g,cluster",
+    [
+        (3, 512, 256, 16, 4, 1, 4),  # decode: 4 splits in one cluster, 2 pieces of d_in each
+        (3, 1030, 512, 16, 4, 1, 8),  # a cluster of 8: the last two slices of d_in are empty
+        (3, 512, 384, 16, 4, 2, 2),  # c = 192: the second cluster spans groups 0 and 1
+        (20, 328, 256, 16, 4, 2, 2),  # 64-row tiles; the last slice ends in a partial chunk
+        (3, 640, 256, 80, 4, 1, 4),  # r > 64: h and the logits over several shared sweeps
+    ],
+)
+def test_forward_clusters(cuda_ext, monkeypatch, T, d_in, d_out, r, N, g, cluster, dtype):
+    """On sm_90 the forward's column splits of one token block share the projection in a
+    thread-block cluster: each block sweeps a slice of d_in and adds the cluster's partial sums
+    from distributed shared memory (132 SMs and clusters of up to 8, as an H100 / H200 has).
+    The same inputs without clusters (MTLORA_CUDA_CLUSTERS=0 on a GPU) match the reference
+    too."""
+    if cuda_ext.type == "cpu":
+        emu = cuda_emu.load()
+        assert emu.forward_plan(T, d_in, d_out, r, N, g)[1] == cluster, \
+            "the case does not cluster as intended"
+    for clusters in (True, False):
+        if cuda_ext.type == "cpu":
+            monkeypatch.setattr(emu, "max_cluster", 8 if clusters else 1)
+            assert (emu.forward_plan(T, d_in, d_out, r, N, g)[1] > 1) == clusters
+        else:
+            monkeypatch.setenv("MTLORA_CUDA_CLUSTERS", "1" if clusters else "0")
+        for p in (0.0, 0.1):
+            check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=p,
+                                    seed=d_in + g + r)
+    check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, external=True, seed=T)
+
+
+@pytest.mark.emulator
+def test_clusters_only_with_device_code_for_sm90():
+    """forward_max_cluster: clusters need a device with cluster launch running a binary
+    compiled for sm_90+ (an sm_80 build JIT-compiled on an H100 has no cluster code), and the
+    plan never takes one without."""
+    emu = cuda_emu.load()
+    assert emu.forward_max_cluster(True, 90) == 8
+    assert emu.forward_max_cluster(True, 80) == 1
+    assert emu.forward_max_cluster(False, 90) == 1
+    assert emu.forward_plan(3, 512, 256, 16, 4, 1)[1] == 4  # (emu.max_cluster = 8)
+    emu1 = cuda_emu.Emulated(emu._lib, max_cluster=1)
+    assert emu1.forward_plan(3, 512, 256, 16, 4, 1)[1] == 1
+
+
+@pytest.mark.gpu
+def test_sm90_binaries_launch_clusters(cuda_gpu):
+    """On a GPU of compute capability 9.x with the extension built for sm_90, the forward can
+    launch clusters (else test_forward_clusters would check only the path without them)."""
+    ext = backends._cuda_extension()[0]
+    major, minor = torch.cuda.get_device_capability(cuda_gpu)
+    dev_arch = 100 * major + 10 * minor
+    runnable = [a for a in map(int, ext.arch_list.split(",")) if a // 100 == major and a <= dev_arch]
+    expected = 8 if major >= 9 and runnable and max(runnable) >= 900 else 1
+    assert ext.forward_max_cluster(cuda_gpu.index or 0) == expected, (ext.arch_list, major, minor)
 
 
 @pytest.mark.emulator

@@ -16,7 +16,10 @@
 #   run 2, at once (the machine stays warm 30 s; the built _C stays): ... bench profile
 # Logs: $OUT/gpu_check.log (default OUT=./gpu_out) holds the environment and every step's full
 # log (the machine returns at most 8 files); bench and profile write 2 and 3 files beside it.
-# Builds for this GPU's architecture only (about a minute on 16 cores).
+# Builds for this GPU's architecture only: ~2.5 min on 2 cores with torch 2.11 (bindings.cpp,
+# one file, is the longest; the .cu files compile in parallel), measured on a CPU machine.
+# Exits 1 when a step that ran failed (a step skipped for lack of budget or of
+# compute-sanitizer does not count), 0 otherwise.
 # Nothing here has run on a GPU yet: it was written, with the rest of the GPU path, without one.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -59,7 +62,13 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run it within the limit and the 
 for s in "${steps[@]}"; do
   case $s in
     build)
-      arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+      arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' \
+        2>>"$LOG")
+      if [ -z "$arch" ]; then
+        echo "torch sees no CUDA device (its error is in $LOG): build skipped" | tee -a "$LOG"
+        status[build]="rc 1: no device capability"
+        continue
+      fi
       # setuptools before 77 rejects pyproject's SPDX license string (a table then); the lent
       # machine's version is unknown, and its copy of the tree is thrown away after the lease.
       old='import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'
@@ -73,13 +82,15 @@ for s in "${steps[@]}"; do
     sanitize)
       # One forward and backward per dtype and shape on the cuda backend (router, odd sizes,
       # column splits, decode tiles; with dropout, and without it: the forward's cp.async
-      # pipeline), under memcheck and racecheck, kernels of the extension only.
+      # pipeline; a cluster of 4 splits on sm_90), under memcheck and racecheck, kernels of the
+      # extension only.
       snippet='
 import torch
 from mtlora_kernels.ops.mix import mix
 for dt in (torch.float32, torch.float16, torch.bfloat16):
     for T, d_in, d_out, N, g, p in ((133, 96, 80, 4, 2, 0.1), (70, 64, 512, 16, 512, 0.1),
-                                    (133, 256, 128, 4, 2, 0.0), (3, 256, 128, 4, 2, 0.0)):
+                                    (133, 256, 128, 4, 2, 0.0), (3, 256, 128, 4, 2, 0.0),
+                                    (3, 512, 256, 4, 1, 0.1)):
         x = torch.randn(T, d_in, device="cuda", dtype=dt, requires_grad=True)
         A = (torch.randn(16, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
         B = (torch.randn(N, d_out, 16, device="cuda", dtype=dt) / 4).requires_grad_()
@@ -98,9 +109,12 @@ print("ran")'
           --report-api-errors no --kernel-name kns=mtlora "$PY" -c "$snippet"
       done ;;
     test)
-      # Not the emulator's cases (they test nothing here), and not stopping at the first failure:
-      # the kernels have never run, and one early failure must not hide the rest.
+      # Not the emulator's cases (they test nothing here), not the Triton backend's (their JIT
+      # compiles are the `triton` step's; the CUDA-vs-Triton comparison stays), and not
+      # stopping at the first failure: the kernels have never run, and one early failure must
+      # not hide the rest.
       step test-cuda 300 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -m "not emulator" \
+        -k "not triton or agrees_with_triton" \
         tests/test_cuda_mix.py tests/test_extreme.py tests/test_determinism.py \
         tests/test_fuzz.py ;;
     bench)
@@ -118,3 +132,8 @@ done
 
 echo "== summary" | tee -a "$LOG"
 for s in "${!status[@]}"; do printf '%-20s %s\n' "$s" "${status[$s]}"; done | sort | tee -a "$LOG"
+rc=0
+for s in "${!status[@]}"; do
+  case ${status[$s]} in "rc 0 "* | skipped* | *"not found") ;; *) rc=1 ;; esac
+done
+exit $rc

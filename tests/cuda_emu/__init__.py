@@ -159,24 +159,30 @@ class Emulated:
     Allocates as ``bindings.cpp`` does (but fills outputs with NaN first) and runs the launch
     sequence of ``csrc/mix.cpp``. ``num_sms`` stands in for the device's SM count, which decides
     the column splits of the forward and of the backward's dy kernel, and the token splits of dB
-    and dA/dW: 132 is an H100 / H200.
+    and dA/dW: 132 is an H100 / H200. ``max_cluster`` is ``forward_max_cluster`` of the device:
+    8 on sm_90 (the forward's column splits may share their projection in thread-block
+    clusters), 1 for a device without clusters.
     """
 
-    def __init__(self, lib: ctypes.CDLL, num_sms: int = 132):
+    def __init__(self, lib: ctypes.CDLL, num_sms: int = 132, max_cluster: int = 8):
         self._lib = lib
         self.num_sms = num_sms
+        self.max_cluster = max_cluster
         for fn in (lib.emu_mix_forward, lib.emu_mix_backward, lib.emu_dropout_keep_mask):
             fn.restype = ctypes.c_int
-        lib.emu_forward_workspace_floats.restype = ctypes.c_int64
-        lib.emu_forward_workspace_floats.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.emu_forward_plan.restype = None
+        lib.emu_forward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_void_p]
+        lib.emu_forward_max_cluster.restype = ctypes.c_int
+        lib.emu_forward_max_cluster.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.emu_backward_plan.restype = None
         lib.emu_backward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_void_p]
         lib.emu_mix_forward.argtypes = (
             [ctypes.c_int] + [ctypes.c_void_p] * 10 + [ctypes.c_void_p, ctypes.c_float,
                                                        ctypes.c_float, ctypes.c_uint64,
-                                                       ctypes.c_int, ctypes.c_char_p,
-                                                       ctypes.c_int])
+                                                       ctypes.c_int, ctypes.c_int,
+                                                       ctypes.c_char_p, ctypes.c_int])
         lib.emu_mix_backward.argtypes = (
             [ctypes.c_int] + [ctypes.c_void_p] * 16 + [ctypes.c_void_p, ctypes.c_float,
                                                        ctypes.c_float, ctypes.c_uint64,
@@ -197,11 +203,19 @@ class Emulated:
         N, d_out, r = B.shape
         return (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, groups)
 
-    def forward_workspace_floats(self, T, d_in, d_out, r, N, g) -> int:
-        """The forward's workspace for these sizes at ``num_sms`` (``forward_plan`` in mtlora.h):
-        0 unless the launch splits the columns of d_out."""
+    def forward_plan(self, T, d_in, d_out, r, N, g) -> tuple[int, int]:
+        """(workspace floats, cluster size) of the forward for these sizes at ``num_sms`` and
+        ``max_cluster`` (``forward_plan`` in mtlora.h): no workspace unless the launch splits
+        the columns of d_out, a cluster of 1 unless its splits share their projection."""
         shape = (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, g)
-        return self._lib.emu_forward_workspace_floats(shape, self.num_sms)
+        out = (ctypes.c_int64 * 2)()
+        self._lib.emu_forward_plan(shape, self.num_sms, self.max_cluster, out)
+        return out[0], out[1]
+
+    def forward_max_cluster(self, cluster_launch: bool, arch: int) -> int:
+        """``forward_max_cluster`` of csrc/mix_forward.cu on an emulated device with or without
+        cluster launch, running a binary compiled for sm_<arch>."""
+        return self._lib.emu_forward_max_cluster(int(cluster_launch), int(arch))
 
     def backward_plan(self, T, d_in, d_out, r, N, g, routed) -> tuple[int, int, int, int]:
         """(column splits of the dy kernel, token splits of dB, of dA/dW, workspace floats) at
@@ -224,12 +238,13 @@ class Emulated:
         h = _poisoned(T, r, dtype=torch.float32)
         pi = _poisoned(T, groups, N, dtype=torch.float32)
         shape = self._shape(x, A, B, groups)
-        ws = _poisoned(self.forward_workspace_floats(*shape), dtype=torch.float32)
+        ws = _poisoned(self.forward_plan(*shape)[0], dtype=torch.float32)
         err = ctypes.create_string_buffer(256)
         rc = self._lib.emu_mix_forward(
             _DTYPES[x.dtype], _ptr(x), _ptr(A), _ptr(B), _ptr(route_weight), _ptr(logits),
             _ptr(residual), _ptr(y), _ptr(h), _ptr(pi), _ptr(ws), shape, float(scaling),
-            float(dropout_p), int(seed) & (2**64 - 1), int(self.num_sms), err, len(err))
+            float(dropout_p), int(seed) & (2**64 - 1), int(self.num_sms),
+            int(self.max_cluster), err, len(err))
         self._check(rc, err)
         return y, h, pi
 

@@ -26,9 +26,24 @@ int report(const mtlora::LaunchStatus& st, char* err, int errlen) {
 
 }  // namespace
 
-extern "C" int64_t emu_forward_workspace_floats(const int64_t* shape, int num_sms) {
+// out: the forward's workspace in floats and its cluster size.
+extern "C" void emu_forward_plan(const int64_t* shape, int num_sms, int max_cluster,
+                                 int64_t* out) {
   const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
-  return mtlora::forward_plan(s, num_sms).ws_floats;
+  const mtlora::ForwardPlan plan = mtlora::forward_plan(s, num_sms, max_cluster);
+  out[0] = plan.ws_floats;
+  out[1] = plan.cluster;
+}
+
+// forward_max_cluster on an emulated device with (1) or without (0) cluster launch, whose
+// binary was compiled for sm_<arch> (the emulator's answers to the two queries).
+extern "C" int emu_forward_max_cluster(int cluster_launch, int arch) {
+  emu::device_cluster_launch = cluster_launch;
+  emu::binary_arch = arch;
+  const int max_cluster = mtlora::forward_max_cluster(0);
+  emu::device_cluster_launch = 1;
+  emu::binary_arch = 90;
+  return max_cluster;
 }
 
 // out: the column splits of the dy kernel, the token splits of dB and of dA/dW, and the
@@ -46,14 +61,14 @@ extern "C" int emu_mix_forward(int dtype, const void* x, const void* A, const vo
                                const void* W, const float* logits, const void* residual, void* y,
                                float* h, float* pi, float* ws, const int64_t* shape,
                                float scaling, float dropout_p, uint64_t seed, int num_sms,
-                               char* err, int errlen) {
+                               int max_cluster, char* err, int errlen) {
   const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const mtlora::ForwardArgs<T> a{
         static_cast<const T*>(x), static_cast<const T*>(A), static_cast<const T*>(B),
         static_cast<const T*>(W), logits, static_cast<const T*>(residual), static_cast<T*>(y),
-        h, pi, ws, s, scaling, dropout_p, seed, mtlora::forward_plan(s, num_sms)};
+        h, pi, ws, s, scaling, dropout_p, seed, mtlora::forward_plan(s, num_sms, max_cluster)};
     return report(mtlora::mix_forward<T>(a, nullptr), err, errlen);
   });
 }

@@ -17,6 +17,7 @@ struct Case {
   int router;  // 0: none (N == 1), 1: route_weight, 2: external logits
   float p;
   int num_sms;
+  int max_cluster = 8;  // an sm_90 device (clusters where the forward's plan takes them)
 };
 
 template <typename T>
@@ -47,7 +48,7 @@ int run(const Case& c, std::mt19937& rng) {
   auto residual = random_vec<T>(c.T * c.d_out, rng, 1.f);
   std::vector<T> y(c.T * c.d_out);
   std::vector<float> h(c.T * c.r), pi(c.T * c.g * c.N);
-  const mtlora::ForwardPlan fplan = mtlora::forward_plan(s, c.num_sms);
+  const mtlora::ForwardPlan fplan = mtlora::forward_plan(s, c.num_sms, c.max_cluster);
   std::vector<float> ws(fplan.ws_floats);
   const mtlora::ForwardArgs<T> fa{x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr,
                                   c.router == 2 ? logits.data() : nullptr, residual.data(),
@@ -84,7 +85,8 @@ int main() {
   // g = d_out (per-expert epilogue), decode (16-row tiles), r > 64 (two rank chunks), the column
   // splits of the dy kernel (slabs) and the same shape without them, external logits, plain
   // LoRA, the forward's column splits (num_sms = 1) with groups that span two splits, a group
-  // that starts off a 16-byte vector of dy. In 16-bit the forward's sweeps over x run the
+  // that starts off a 16-byte vector of dy, clusters of 4 and 2 splits sharing the forward's
+  // projection (with dropout, and with external logits). In 16-bit the forward's sweeps over x run the
   // cp.async pipeline, x through registers with dropout and through the pipeline without (the
   // router's sweep), as do phase 2's B tiles; two cases have more K-chunks than stages.
   const Case cases[] = {
@@ -98,6 +100,8 @@ int main() {
       {17, 64, 192, 16, 4, 2, 1, 0.1f, 1},  // forward: 2 splits, group 1 in both
       {17, 64, 256, 16, 4, 16, 2, 0.0f, 1},
       {1, 40, 24, 8, 4, 2, 2, 0.0f, 132},  // dy kernel: group 1 starts off a 16 B vector
+      {3, 512, 256, 16, 4, 1, 1, 0.1f, 132},   // forward: a cluster of 4 splits
+      {20, 328, 256, 16, 4, 2, 2, 0.0f, 132},  // forward: clusters of 2, a partial last slice
   };
   std::mt19937 rng(0);
   int failures = 0;

@@ -7,7 +7,12 @@
 // arrays become static arrays (one block at a time uses them) and `extern __shared__` (dynamic
 // shared memory) a buffer of the launch's size, all filled with 0xFF bytes (NaN in fp32, fp16
 // and bf16) at the start of every block, so a read of shared memory that nothing wrote shows
-// up as NaN. A launch with more than 48 KB of dynamic shared memory fails unless the kernel
+// up as NaN.
+// Thread-block clusters (sm_90, cudaLaunchKernelEx with a cluster dimension): the blocks of one
+// cluster run at the same time, each with its own dynamic shared memory, which the others reach
+// through __cluster_map_shared_rank; __cluster_barrier_arrive / _wait is a real split barrier
+// over all of the cluster's threads (TSan sees a remote read not ordered by it as a race).
+// Static __shared__ arrays are refused in a cluster launch (they would be shared). A launch with more than 48 KB of dynamic shared memory fails unless the kernel
 // opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed 99 KB, the
 // least any sm_80+ GPU allows (the GPU's limit, stated here on its own: the kernels' bound,
 // mtlora::kMaxSmemOptin in common.cuh, is what this checks).
@@ -78,40 +83,59 @@ inline cudaError_t last_error = cudaSuccess;
   std::abort();
 }
 
-// Barrier of one block's threads (spins with yield). A thread that waits over 120 s means some
-// threads of the block never reach this barrier (a __syncthreads in divergent code): abort.
+// Barrier of n threads (a block's, or a cluster's), split as the cluster barrier is: arrive()
+// counts this thread in and returns the phase it arrived in, wait(phase) spins (with yield)
+// until all n have arrived in it. A thread that waits over 120 s means some threads never
+// reach this barrier (a __syncthreads in divergent code): abort.
 class Barrier {
  public:
   explicit Barrier(unsigned n) : n_(n) {}
-  void wait() {
+  unsigned arrive() {
     const unsigned gen = gen_.load(std::memory_order_acquire);
     if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
       count_.store(0, std::memory_order_relaxed);
       gen_.fetch_add(1, std::memory_order_acq_rel);
-      return;
     }
+    return gen;
+  }
+  void wait(unsigned gen) {
     std::chrono::steady_clock::time_point start{};
     for (unsigned long spins = 1; gen_.load(std::memory_order_acquire) == gen; ++spins) {
       std::this_thread::yield();
       if ((spins & 0xffff) != 0) continue;
       const auto now = std::chrono::steady_clock::now();
       if (start == std::chrono::steady_clock::time_point{}) start = now;
-      if (now - start > std::chrono::seconds(120)) fail("__syncthreads never completed");
+      if (now - start > std::chrono::seconds(120)) fail("a barrier never completed");
     }
   }
+  void wait() { wait(arrive()); }
 
  private:
   const unsigned n_;
   std::atomic<unsigned> count_{0}, gen_{0};
 };
 
-inline Barrier* block_barrier = nullptr;
+// The barrier of this thread's block. In a cluster launch, several blocks run at once.
+inline thread_local Barrier* block_barrier = nullptr;
 
 inline void syncthreads() { block_barrier->wait(); }
+
+// The thread-block cluster of this thread's block (of 1 block without a cluster dimension):
+// its blocks' dynamic shared memory, by rank, and the barrier of all its threads.
+struct Cluster {
+  unsigned size;
+  std::vector<unsigned char*> smem;
+  Barrier* barrier;
+};
+inline thread_local Cluster* cluster = nullptr;
+inline thread_local unsigned cluster_rank = 0;
+inline thread_local unsigned cluster_phase = 0;  // of this thread's last arrive
+inline thread_local bool cluster_arrived = false;
 
 // Start of a __shared__ array's life in a block: poisoned, then a barrier so that no thread
 // writes it before the poison lands.
 inline void shared_init(void* p, size_t bytes) {
+  if (cluster->size > 1) fail("static __shared__ arrays in a cluster launch are not emulated");
   if (threadIdx.x == 0) std::memset(p, 0xFF, bytes);
   syncthreads();
 }
@@ -131,24 +155,31 @@ inline thread_local std::deque<std::vector<AsyncCopy>> async_committed;
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 constexpr size_t kMaxDynamicSmemOptin = 99 * 1024;
 inline std::map<const void*, size_t> smem_optin;
-inline unsigned char* dynamic_smem_buf = nullptr;
-inline size_t dynamic_smem_bytes = 0;
+inline size_t dynamic_smem_bytes = 0;  // of the current launch (read-only during it)
 
 // `extern __shared__ unsigned char name[];` is rewritten to `unsigned char* name =
-// ::emu::dynamic_shared();`: the launch's buffer, poisoned anew for each block.
+// ::emu::dynamic_shared();`: this block's buffer, poisoned anew for each block.
 inline unsigned char* dynamic_shared() {
-  shared_init(dynamic_smem_buf, dynamic_smem_bytes);
-  return dynamic_smem_buf;
+  unsigned char* buf = cluster->smem[cluster_rank];
+  if (threadIdx.x == 0 && buf != nullptr) std::memset(buf, 0xFF, dynamic_smem_bytes);
+  syncthreads();
+  return buf;
 }
 
+// The portable limit of blocks per cluster (what every sm_90 GPU allows without an opt-in).
+constexpr unsigned kMaxClusterSize = 8;
+
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
-// &kernel, [&] { kernel(args); }). Synchronous: the launch is over when this returns.
+// &kernel, [&] { kernel(args); }); cudaLaunchKernelEx calls it too, with its cluster dimension
+// (1 x cluster_y x 1 blocks; the kernels use no other shape). Synchronous: the launch is over
+// when this returns. The blocks of a cluster run at once, clusters one after another.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void* kernel,
-            F body) {
+            F body, unsigned cluster_y = 1) {
   const unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.y != 1 || block.z != 1 || grid.x == 0 ||
-      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || cluster_y == 0 ||
+      cluster_y > kMaxClusterSize || grid.y % cluster_y != 0) {
     last_error = cudaErrorInvalidConfiguration;  // (2-D blocks: unused here)
     return;
   }
@@ -159,37 +190,141 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
   }
   gridDim = grid;
   blockDim = block;
+  dynamic_smem_bytes = dynamic_smem;
   struct AlignedDelete {
     void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
   };
-  std::unique_ptr<unsigned char[], AlignedDelete> smem_buf(
-      dynamic_smem > 0 ? new (std::align_val_t(128)) unsigned char[dynamic_smem] : nullptr);
-  dynamic_smem_buf = smem_buf.get();
-  dynamic_smem_bytes = dynamic_smem;
-  Barrier barrier(static_cast<unsigned>(threads));
-  block_barrier = &barrier;
+  std::vector<std::unique_ptr<unsigned char[], AlignedDelete>> bufs;
+  Barrier cluster_barrier(static_cast<unsigned>(threads) * cluster_y);
+  Cluster cl{cluster_y, {}, &cluster_barrier};
+  std::deque<Barrier> barriers;  // one per block of the cluster (Barrier is not movable)
+  for (unsigned q = 0; q < cluster_y; ++q) {
+    bufs.emplace_back(dynamic_smem > 0 ? new (std::align_val_t(128)) unsigned char[dynamic_smem]
+                                       : nullptr);
+    cl.smem.push_back(bufs.back().get());
+    barriers.emplace_back(static_cast<unsigned>(threads));
+  }
   std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      threadIdx = dim3(t, 0, 0);
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            blockIdx = dim3(bx, by, bz);
-            body();
-            async_open.clear();  // copies the block never waited for never land
-            async_committed.clear();
-            barrier.wait();  // the block is over for every thread before shared memory is reused
-          }
-    });
+  pool.reserve(threads * cluster_y);
+  for (unsigned q = 0; q < cluster_y; ++q) {
+    for (unsigned t = 0; t < threads; ++t) {
+      pool.emplace_back([&, q, t] {
+        threadIdx = dim3(t, 0, 0);
+        block_barrier = &barriers[q];
+        cluster = &cl;
+        cluster_rank = q;
+        for (unsigned bz = 0; bz < grid.z; ++bz)
+          for (unsigned by = 0; by < grid.y; by += cluster_y)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+              blockIdx = dim3(bx, by + q, bz);
+              body();
+              async_open.clear();  // copies the block never waited for never land
+              async_committed.clear();
+              if (cluster_arrived) fail("block exits between a cluster arrive and its wait");
+              // The block is over for every thread before its shared memory is reused. In a
+              // cluster, its shared memory is gone when it exits (poisoned: a remote read after
+              // that, not ordered by a cluster barrier, is a race), and the next cluster starts
+              // when every block of this one is over.
+              block_barrier->wait();
+              if (cluster_y > 1) {
+                if (t == 0 && cl.smem[q] != nullptr) std::memset(cl.smem[q], 0xFF, dynamic_smem);
+                cluster_barrier.wait();
+              }
+            }
+        block_barrier = nullptr;
+        cluster = nullptr;
+      });
+    }
   }
   for (auto& th : pool) th.join();
-  block_barrier = nullptr;
-  dynamic_smem_buf = nullptr;
   dynamic_smem_bytes = 0;
 }
 }  // namespace emu
+
+// ---- thread-block clusters (crt/sm_90_rt.h) -------------------------------------------------
+inline unsigned __clusterRelativeBlockRank() { return emu::cluster->size > 1 ? emu::cluster_rank : 0; }
+inline unsigned __clusterSizeInBlocks() { return emu::cluster->size; }
+inline void __cluster_barrier_arrive() {
+  if (emu::cluster_arrived) emu::fail("__cluster_barrier_arrive twice without a wait");
+  emu::cluster_phase = emu::cluster->barrier->arrive();
+  emu::cluster_arrived = true;
+}
+inline void __cluster_barrier_wait() {
+  if (!emu::cluster_arrived) emu::fail("__cluster_barrier_wait without an arrive");
+  emu::cluster->barrier->wait(emu::cluster_phase);
+  emu::cluster_arrived = false;
+}
+// The address of the same byte of the dynamic shared memory of the cluster's block `rank`
+// (the kernels map only dynamic shared memory).
+inline void* __cluster_map_shared_rank(const void* p, unsigned rank) {
+  const emu::Cluster& cl = *emu::cluster;
+  const auto* b = static_cast<const unsigned char*>(p);
+  const unsigned char* own = cl.smem[emu::cluster_rank];
+  if (rank >= cl.size) emu::fail("__cluster_map_shared_rank: rank outside the cluster");
+  if (own == nullptr || b < own || b >= own + emu::dynamic_smem_bytes)
+    emu::fail("__cluster_map_shared_rank: not this block's dynamic shared memory");
+  return cl.smem[rank] + (b - own);
+}
+
+// ---- cudaLaunchKernelEx with a cluster dimension (the one launch attribute emulated) -------
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+union cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+template <typename... P, typename... A>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P...), A&&... args) {
+  unsigned cluster_y = 1;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
+    const cudaLaunchAttribute& a = cfg->attrs[i];
+    if (a.id != cudaLaunchAttributeClusterDimension || a.val.clusterDim.x != 1 ||
+        a.val.clusterDim.z != 1)
+      return cudaErrorInvalidValue;  // (not emulated)
+    cluster_y = a.val.clusterDim.y;
+  }
+  emu::launch(cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream,
+              reinterpret_cast<const void*>(kernel), [&] { kernel(P(args)...); }, cluster_y);
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
+
+// The emulated device and binary, as far as forward_max_cluster (mix_forward.cu) asks: a
+// device with cluster launch whose binaries were compiled for sm_90 (both settable by tests).
+enum cudaDeviceAttr { cudaDevAttrClusterLaunch = 120 };
+struct cudaFuncAttributes {
+  int binaryVersion, ptxVersion;
+};
+namespace emu {
+inline int device_cluster_launch = 1;
+inline int binary_arch = 90;
+}  // namespace emu
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrClusterLaunch) return cudaErrorInvalidValue;
+  *value = emu::device_cluster_launch;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+template <typename K>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K*) {
+  attr->binaryVersion = attr->ptxVersion = emu::binary_arch;
+  return cudaSuccess;
+}
 
 template <typename K>
 cudaError_t cudaFuncSetAttribute(K* kernel, cudaFuncAttribute attr, int value) {
