@@ -15,7 +15,8 @@
 #   run 1: bash python/tools/gpu_check.sh build test sanitize      (timeout_s 600)
 #   run 2, at once (the machine stays warm 30 s; the built _C stays): ... bench profile
 # Logs: $OUT/gpu_check.log (default OUT=./gpu_out) holds the environment and every step's full
-# log (the machine returns at most 8 files); bench and profile write 2 and 3 files beside it.
+# log (the machine returns at most 8 files); bench writes 2 + 2 files beside it (with the
+# sm_90 clusters and without), profile 3.
 # Builds for this GPU's architecture only: ~2.5 min on 2 cores with torch 2.11 (bindings.cpp,
 # one file, is the longest; the .cu files compile in parallel), measured on a CPU machine.
 # Exits 1 when a step that ran failed (a step skipped for lack of budget or of
@@ -120,7 +121,12 @@ print("ran")'
     bench)
       # Decode (T = 1, 16) and the SPEC's floor shape (T = 8192, d = 4096, r = 16, N = 16, g = 2).
       step bench 400 "$PY" -m mtlora_kernels bench --tokens 1,16,8192 --experts 16 --groups 2 \
-        --dtype bf16 --min-time 0.5 --out "$OUT/bench" --no-progress ;;
+        --dtype bf16 --min-time 0.5 --out "$OUT/bench" --no-progress
+      # The decode shapes again on the cuda backend with the sm_90 cluster path turned off,
+      # to tell what the clusters give (on sm_80 the two runs time the same kernels).
+      step bench-noclusters 120 env MTLORA_CUDA_CLUSTERS=0 "$PY" -m mtlora_kernels bench \
+        --tokens 1,16 --experts 16 --groups 2 --dtype bf16 --min-time 0.5 \
+        --providers mtlora-cuda --out "$OUT/bench-noclusters" --no-progress ;;
     profile)
       step profile 300 "$PY" python/tools/profile_mix.py --out "$OUT/profile" ;;
     triton)

@@ -24,8 +24,9 @@
 //
 // What this cannot show: timing, the real fragment layouts (the kernels never touch fragment
 // elements), warp-synchronous behaviour (each lane is its own thread: code that relied on
-// lockstep would race here, which is stricter than a GPU), and the device-only code paths of
-// philox.h (under __CUDA_ARCH__; the host twin runs instead).
+// lockstep would race here, which is stricter than a GPU), the device-only code paths of
+// philox.h (under __CUDA_ARCH__; the host twin runs instead), and whether a GPU can schedule a
+// cluster (the emulator runs any cluster of up to 8 blocks).
 #pragma once
 
 #include <algorithm>
