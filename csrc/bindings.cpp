@@ -249,9 +249,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dropout_p"), py::arg("seed"));
   m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep-mask [T, d_in]",
         py::arg("seed"), py::arg("T"), py::arg("d_in"), py::arg("dropout_p"), py::arg("device"));
-  m.def("forward_max_cluster", &mtlora::forward_max_cluster,
-        "the largest thread-block cluster the forward can use on a CUDA device (1: none)",
-        py::arg("device_index"));
+  m.def(
+      "forward_max_cluster",
+      [](int64_t index) {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));  // its kernels
+        return mtlora::forward_max_cluster(static_cast<int>(index));
+      },
+      "the largest thread-block cluster the forward can use on a CUDA device (1: none)",
+      py::arg("device_index"));
   // Build facts, read by mtlora_kernels._build_info.build_info().
   m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." +
                            std::to_string(CUDART_VERSION % 1000 / 10);

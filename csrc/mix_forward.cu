@@ -19,8 +19,9 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   plan.splits = (tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
   plan.ws_floats = (plan.splits - 1) * s.T * (s.r + s.N);
   // Clusters of consecutive splits share phase 1 (forward_kernel): the largest size up to
-  // max_cluster that divides the splits, leaves every block at least two 64-wide pieces of d_in
-  // (below that the barriers would cost about what they save; not measured) and spans at most
+  // max_cluster that divides the splits, with d_in >= 128 per block (two 64-wide pieces on
+  // average; below that the barriers would cost about what they save; not measured; the
+  // slices are whole pieces, so the last blocks' may be short or empty) and spans at most
   // one group's width of columns (so the shared sweeps cover at most two groups' logits, as one
   // split's may: with many narrow groups each block would sweep the others' logits as well).
   plan.cluster = 1;
@@ -34,9 +35,15 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   return plan;
 }
 
+// A device that supports clusters may still be unable to schedule one (an MPS share of too few
+// SMs): the launch then fails at once, before any work, with one of the two errors below (not
+// sticky), and the forward runs without clusters (same outputs; ws does not depend on it).
 template <typename T>
 cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
-  if (a.plan.cluster > 1) return launch_forward_clustered<T>(a, stream);
+  if (a.plan.cluster > 1) {
+    const cudaError_t err = launch_forward_clustered<T>(a, stream);
+    if (err != cudaErrorInvalidClusterSize && err != cudaErrorLaunchOutOfResources) return err;
+  }
   return a.plan.bm == 16 ? forward_bm<T, 16, false>(a, stream)
                          : forward_bm<T, 64, false>(a, stream);
 }

@@ -403,11 +403,13 @@ cudaError_t forward_bm(const ForwardArgs<T>& a, cudaStream_t stream) {
   cfg.stream = stream;
   cfg.attrs = &cluster;
   cfg.numAttrs = kCluster ? 1 : 0;
-  return cudaLaunchKernelEx(
-      &cfg, forward_kernel<T, BM, kCluster>, a.x, a.A, a.W, a.logits, a.B, a.residual, a.y, a.h, a.pi,
-      a.ws, s, plan.tiles_per_split, int(plan.cluster), a.scaling, a.dropout_p, a.seed,
+  const cudaError_t launched = cudaLaunchKernelEx(
+      &cfg, forward_kernel<T, BM, kCluster>, a.x, a.A, a.W, a.logits, a.B, a.residual, a.y, a.h,
+      a.pi, a.ws, s, plan.tiles_per_split, int(plan.cluster), a.scaling, a.dropout_p, a.seed,
       vec_ok(a.x, s.d_in, sizeof(T)), vec_ok(a.A, s.d_in, sizeof(T)),
       vec_ok(a.W, s.d_in, sizeof(T)), vec_ok(a.B, s.r, sizeof(T)), vy);
+  (void)cudaGetLastError();  // returned here: not left for a later launch check to report
+  return launched;
 }
 
 }  // namespace

@@ -210,6 +210,7 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
         (3, 512, 384, 16, 4, 2, 2),  # c = 192: the second cluster spans groups 0 and 1
         (20, 328, 256, 16, 4, 2, 2),  # 64-row tiles; the last slice ends in a partial chunk
         (3, 640, 256, 80, 4, 1, 4),  # r > 64: h and the logits over several shared sweeps
+        (3, 2048, 256, 16, 4, 1, 4),  # 8 K-chunks per slice: the decode pipeline refills
     ],
 )
 def test_forward_clusters(cuda_ext, monkeypatch, T, d_in, d_out, r, N, g, cluster, dtype):
@@ -231,7 +232,7 @@ def test_forward_clusters(cuda_ext, monkeypatch, T, d_in, d_out, r, N, g, cluste
         for p in (0.0, 0.1):
             check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=p,
                                     seed=d_in + g + r)
-    check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, external=True, seed=T)
+        check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, external=True, seed=T)
 
 
 @pytest.mark.emulator
@@ -240,12 +241,27 @@ def test_clusters_only_with_device_code_for_sm90():
     compiled for sm_90+ (an sm_80 build JIT-compiled on an H100 has no cluster code), and the
     plan never takes one without."""
     emu = cuda_emu.load()
-    assert emu.forward_max_cluster(True, 90) == 8
-    assert emu.forward_max_cluster(True, 80) == 1
-    assert emu.forward_max_cluster(False, 90) == 1
+    assert emu.forward_max_cluster(True, 90, 90) == 8
+    assert emu.forward_max_cluster(True, 80, 80) == 1
+    assert emu.forward_max_cluster(True, 80, 90) == 1  # sm_80 PTX JIT-compiled for an H100
+    assert emu.forward_max_cluster(False, 90, 90) == 1
     assert emu.forward_plan(3, 512, 256, 16, 4, 1)[1] == 4  # (emu.max_cluster = 8)
     emu1 = cuda_emu.Emulated(emu._lib, max_cluster=1)
     assert emu1.forward_plan(3, 512, 256, 16, 4, 1)[1] == 1
+
+
+@pytest.mark.emulator
+def test_forward_without_clusters_when_the_gpu_refuses_them(monkeypatch):
+    """A GPU that supports clusters may still refuse to schedule one (an MPS share of too few
+    SMs): the forward then runs without clusters, with the same results."""
+    emu = cuda_emu.install(monkeypatch)
+    assert emu.forward_plan(3, 512, 256, 16, 4, 1)[1] == 4
+    emu.refuse_clusters(True)
+    try:
+        check_against_reference(3, 512, 256, 16, 4, 1, torch.bfloat16, torch.device("cpu"),
+                                p=0.1, seed=4)
+    finally:
+        emu.refuse_clusters(False)
 
 
 @pytest.mark.gpu
@@ -253,10 +269,16 @@ def test_sm90_binaries_launch_clusters(cuda_gpu):
     """On a GPU of compute capability 9.x with the extension built for sm_90, the forward can
     launch clusters (else test_forward_clusters would check only the path without them)."""
     ext = backends._cuda_extension()[0]
+    if not ext.arch_list:
+        pytest.skip("the extension does not record the architectures it was compiled for")
     major, minor = torch.cuda.get_device_capability(cuda_gpu)
     dev_arch = 100 * major + 10 * minor
-    runnable = [a for a in map(int, ext.arch_list.split(",")) if a // 100 == major and a <= dev_arch]
-    expected = 8 if major >= 9 and runnable and max(runnable) >= 900 else 1
+    archs = [int(a) for a in ext.arch_list.split(",")]
+    # The code that runs: machine code for this major version, else PTX JIT-compiled from the
+    # newest architecture below (the build embeds PTX for its last one).
+    same = [a for a in archs if a // 100 == major and a <= dev_arch]
+    picked = max(same or [a for a in archs if a <= dev_arch] or [0])
+    expected = 8 if major >= 9 and picked >= 900 else 1
     assert ext.forward_max_cluster(cuda_gpu.index or 0) == expected, (ext.arch_list, major, minor)
 
 

@@ -174,7 +174,9 @@ class Emulated:
         lib.emu_forward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                          ctypes.c_void_p]
         lib.emu_forward_max_cluster.restype = ctypes.c_int
-        lib.emu_forward_max_cluster.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.emu_forward_max_cluster.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.emu_refuse_clusters.restype = None
+        lib.emu_refuse_clusters.argtypes = [ctypes.c_int]
         lib.emu_backward_plan.restype = None
         lib.emu_backward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_void_p]
@@ -212,10 +214,16 @@ class Emulated:
         self._lib.emu_forward_plan(shape, self.num_sms, self.max_cluster, out)
         return out[0], out[1]
 
-    def forward_max_cluster(self, cluster_launch: bool, arch: int) -> int:
-        """``forward_max_cluster`` of csrc/mix_forward.cu on an emulated device with or without
-        cluster launch, running a binary compiled for sm_<arch>."""
-        return self._lib.emu_forward_max_cluster(int(cluster_launch), int(arch))
+    def forward_max_cluster(self, cluster_launch: bool, ptx: int, binary: int) -> int:
+        """``forward_max_cluster`` of csrc/mix_forward_cluster.cu on an emulated device with or
+        without cluster launch, whose kernels were compiled from PTX for compute_<ptx> into
+        machine code for sm_<binary>."""
+        return self._lib.emu_forward_max_cluster(int(cluster_launch), int(ptx), int(binary))
+
+    def refuse_clusters(self, refuse: bool) -> None:
+        """Make every cluster launch fail (cudaErrorInvalidClusterSize), as on a GPU that
+        cannot schedule one."""
+        self._lib.emu_refuse_clusters(int(refuse))
 
     def backward_plan(self, T, d_in, d_out, r, N, g, routed) -> tuple[int, int, int, int]:
         """(column splits of the dy kernel, token splits of dB, of dA/dW, workspace floats) at

@@ -36,15 +36,20 @@ extern "C" void emu_forward_plan(const int64_t* shape, int num_sms, int max_clus
 }
 
 // forward_max_cluster on an emulated device with (1) or without (0) cluster launch, whose
-// binary was compiled for sm_<arch> (the emulator's answers to the two queries).
-extern "C" int emu_forward_max_cluster(int cluster_launch, int arch) {
+// kernels were compiled from PTX for compute_<ptx> into machine code for sm_<binary> (the
+// emulator's answers to the two queries).
+extern "C" int emu_forward_max_cluster(int cluster_launch, int ptx, int binary) {
   emu::device_cluster_launch = cluster_launch;
-  emu::binary_arch = arch;
+  emu::ptx_arch = ptx;
+  emu::binary_arch = binary;
   const int max_cluster = mtlora::forward_max_cluster(0);
   emu::device_cluster_launch = 1;
-  emu::binary_arch = 90;
+  emu::ptx_arch = emu::binary_arch = 90;
   return max_cluster;
 }
+
+// Whether every cluster launch fails, as on a GPU that cannot schedule one.
+extern "C" void emu_refuse_clusters(int refuse) { emu::refuse_clusters = refuse != 0; }
 
 // out: the column splits of the dy kernel, the token splits of dB and of dA/dW, and the
 // workspace in floats.

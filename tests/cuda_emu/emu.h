@@ -7,15 +7,15 @@
 // arrays become static arrays (one block at a time uses them) and `extern __shared__` (dynamic
 // shared memory) a buffer of the launch's size, all filled with 0xFF bytes (NaN in fp32, fp16
 // and bf16) at the start of every block, so a read of shared memory that nothing wrote shows
-// up as NaN.
+// up as NaN. A launch with more than 48 KB of dynamic shared memory fails unless the kernel
+// opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed 99 KB, the
+// least any sm_80+ GPU allows (the GPU's limit, stated here on its own: the kernels' bound,
+// mtlora::kMaxSmemOptin in common.cuh, is what this checks).
 // Thread-block clusters (sm_90, cudaLaunchKernelEx with a cluster dimension): the blocks of one
 // cluster run at the same time, each with its own dynamic shared memory, which the others reach
 // through __cluster_map_shared_rank; __cluster_barrier_arrive / _wait is a real split barrier
 // over all of the cluster's threads (TSan sees a remote read not ordered by it as a race).
-// Static __shared__ arrays are refused in a cluster launch (they would be shared). A launch with more than 48 KB of dynamic shared memory fails unless the kernel
-// opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed 99 KB, the
-// least any sm_80+ GPU allows (the GPU's limit, stated here on its own: the kernels' bound,
-// mtlora::kMaxSmemOptin in common.cuh, is what this checks).
+// Static __shared__ arrays are refused in a cluster launch (they would be shared).
 //
 // WMMA: each lane of a warp owns 8 of the 256 accumulator elements (column lane % 16, rows
 // lane / 16 + 2m), loads just the operand rows and columns those need and computes them in fp32,
@@ -70,6 +70,8 @@ enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
+  cudaErrorInvalidClusterSize = 912,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct CUstream_st;
@@ -169,6 +171,9 @@ inline unsigned char* dynamic_shared() {
 
 // The portable limit of blocks per cluster (what every sm_90 GPU allows without an opt-in).
 constexpr unsigned kMaxClusterSize = 8;
+// Tests set this to refuse every cluster launch as a GPU does that cannot schedule one (an MPS
+// share of too few SMs): cudaErrorInvalidClusterSize.
+inline bool refuse_clusters = false;
 
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
 // &kernel, [&] { kernel(args); }); cudaLaunchKernelEx calls it too, with its cluster dimension
@@ -184,6 +189,10 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
     last_error = cudaErrorInvalidConfiguration;  // (2-D blocks: unused here)
     return;
   }
+  if (cluster_y > 1 && refuse_clusters) {
+    last_error = cudaErrorInvalidClusterSize;
+    return;
+  }
   const auto optin = smem_optin.find(kernel);
   if (dynamic_smem > (optin != smem_optin.end() ? optin->second : kDefaultDynamicSmem)) {
     last_error = cudaErrorInvalidValue;  // over the kernel's opt-in (what the GPU reports)
@@ -196,7 +205,10 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
     void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
   };
   std::vector<std::unique_ptr<unsigned char[], AlignedDelete>> bufs;
+  // The kernel's cluster barrier, and the end of each cluster (its own barrier: blocks that ran
+  // different numbers of cluster barriers hang in the kernel's, as on a GPU, and abort).
   Barrier cluster_barrier(static_cast<unsigned>(threads) * cluster_y);
+  Barrier cluster_end(static_cast<unsigned>(threads) * cluster_y);
   Cluster cl{cluster_y, {}, &cluster_barrier};
   std::deque<Barrier> barriers;  // one per block of the cluster (Barrier is not movable)
   for (unsigned q = 0; q < cluster_y; ++q) {
@@ -229,7 +241,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
               block_barrier->wait();
               if (cluster_y > 1) {
                 if (t == 0 && cl.smem[q] != nullptr) std::memset(cl.smem[q], 0xFF, dynamic_smem);
-                cluster_barrier.wait();
+                cluster_end.wait();
               }
             }
         block_barrier = nullptr;
@@ -243,8 +255,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
 }  // namespace emu
 
 // ---- thread-block clusters (crt/sm_90_rt.h) -------------------------------------------------
-inline unsigned __clusterRelativeBlockRank() { return emu::cluster->size > 1 ? emu::cluster_rank : 0; }
-inline unsigned __clusterSizeInBlocks() { return emu::cluster->size; }
+inline unsigned __clusterRelativeBlockRank() { return emu::cluster_rank; }
 inline void __cluster_barrier_arrive() {
   if (emu::cluster_arrived) emu::fail("__cluster_barrier_arrive twice without a wait");
   emu::cluster_phase = emu::cluster->barrier->arrive();
@@ -302,28 +313,25 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P..
   return e;
 }
 
-// The emulated device and binary, as far as forward_max_cluster (mix_forward.cu) asks: a
-// device with cluster launch whose binaries were compiled for sm_90 (both settable by tests).
+// The emulated device and binary, as far as forward_max_cluster (mix_forward_cluster.cu) asks:
+// a device with cluster launch whose binaries were compiled for sm_90 (both settable by tests).
 enum cudaDeviceAttr { cudaDevAttrClusterLaunch = 120 };
 struct cudaFuncAttributes {
   int binaryVersion, ptxVersion;
 };
 namespace emu {
 inline int device_cluster_launch = 1;
-inline int binary_arch = 90;
+inline int ptx_arch = 90, binary_arch = 90;  // e.g. 80 / 90: sm_80 PTX JIT-compiled for sm_90
 }  // namespace emu
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   if (attr != cudaDevAttrClusterLaunch) return cudaErrorInvalidValue;
   *value = emu::device_cluster_launch;
   return cudaSuccess;
 }
-inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
-  return cudaSuccess;
-}
 template <typename K>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K*) {
-  attr->binaryVersion = attr->ptxVersion = emu::binary_arch;
+  attr->ptxVersion = emu::ptx_arch;
+  attr->binaryVersion = emu::binary_arch;
   return cudaSuccess;
 }
 
@@ -348,6 +356,8 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
   }
   return "unknown error";
 }
