@@ -207,7 +207,8 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
     [
         (3, 512, 256, 16, 4, 1, 4),  # decode: 4 splits in one cluster, 2 pieces of d_in each
         (3, 1030, 512, 16, 4, 1, 8),  # a cluster of 8: the last two slices of d_in are empty
-        (3, 512, 384, 16, 4, 2, 2),  # c = 192: the second cluster spans groups 0 and 1
+        (3, 512, 640, 16, 4, 2, 2),  # c = 320: the third cluster spans groups 0 and 1
+        (3, 1024, 448, 16, 4, 1, 7),  # 7 splits: a cluster of 7 (any size up to 8 divides)
         (20, 328, 256, 16, 4, 2, 2),  # 64-row tiles; the last slice ends in a partial chunk
         (3, 640, 256, 80, 4, 1, 4),  # r > 64: h and the logits over several shared sweeps
         (3, 2048, 256, 16, 4, 1, 4),  # 8 K-chunks per slice: the decode pipeline refills

@@ -85,10 +85,11 @@ int main() {
   // g = d_out (per-expert epilogue), decode (16-row tiles), r > 64 (two rank chunks), the column
   // splits of the dy kernel (slabs) and the same shape without them, external logits, plain
   // LoRA, the forward's column splits (num_sms = 1) with groups that span two splits, a group
-  // that starts off a 16-byte vector of dy, clusters of 4 and 2 splits sharing the forward's
-  // projection (with dropout, and with external logits). In 16-bit the forward's sweeps over x run the
-  // cp.async pipeline, x through registers with dropout and through the pipeline without (the
-  // router's sweep), as do phase 2's B tiles; two cases have more K-chunks than stages.
+  // that starts off a 16-byte vector of dy, clusters of 4, 3 and 2 splits sharing the
+  // forward's projection (with dropout, and with external logits). In 16-bit the forward's
+  // sweeps over x run the cp.async pipeline, x through registers with dropout and through the
+  // pipeline without (the router's sweep), as do phase 2's B tiles; two cases have more K-chunks
+  // than stages.
   const Case cases[] = {
       {7, 37, 30, 5, 3, 3, 1, 0.1f, 132},
       {70, 64, 128, 16, 4, 2, 1, 0.1f, 132},  // dy kernel: 2 column splits
@@ -102,6 +103,7 @@ int main() {
       {1, 40, 24, 8, 4, 2, 2, 0.0f, 132},  // dy kernel: group 1 starts off a 16 B vector
       {3, 512, 256, 16, 4, 1, 1, 0.1f, 132},   // forward: a cluster of 4 splits
       {20, 328, 256, 16, 4, 2, 2, 0.0f, 132},  // forward: clusters of 2, a partial last slice
+      {3, 768, 192, 16, 4, 1, 1, 0.1f, 132},   // forward: a cluster of 3
   };
   std::mt19937 rng(0);
   int failures = 0;
