@@ -19,15 +19,17 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   plan.splits = (tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
   plan.ws_floats = (plan.splits - 1) * s.T * (s.r + s.N);
   // Clusters of consecutive splits share phase 1 (forward_kernel): the largest size up to
-  // max_cluster (any size, not only powers of two: 63 splits take clusters of 7) that divides
-  // the splits, with d_in >= 128 per block (two 64-wide pieces on
-  // average; below that the barriers would cost about what they save; not measured; the
-  // slices are whole pieces, so the last blocks' may be short or empty) and spans at most
-  // one group's width of columns (so the shared sweeps cover at most two groups' logits, as one
-  // split's may: with many narrow groups each block would sweep the others' logits as well).
+  // max_cluster (any size, not only powers of two: 63 splits take clusters of 7) that
+  // - divides the splits;
+  // - leaves d_in >= 128 per block, two 64-wide pieces on average (below that the barriers
+  //   would cost about what they save; not measured). The slices are whole pieces, so the last
+  //   blocks' may be short or empty;
+  // - spans at most one group's width of columns, so the shared sweeps cover at most two
+  //   groups' logits, as one split's may (with many narrow groups each block would sweep the
+  //   others' logits as well).
   plan.cluster = 1;
-  for (int cl = kMaxCluster; cl >= 2; --cl) {
-    if (cl <= max_cluster && plan.splits % cl == 0 && s.d_in >= 128 * int64_t(cl) &&
+  for (int cl = std::min(kMaxCluster, max_cluster); cl >= 2; --cl) {
+    if (plan.splits % cl == 0 && s.d_in >= 128 * int64_t(cl) &&
         cl * plan.tiles_per_split * BN <= s.d_out / s.g) {
       plan.cluster = cl;
       break;

@@ -153,7 +153,7 @@ __device__ __forceinline__ void softmax_row(const float* z, float* pi, int64_t N
 // each other's latency, and keep 3 (47.0 KB). Counts, not measurements (README, "What is
 // verified"). A cluster's decode blocks sweep only their slice of d_in (at most 1/2 of it,
 // forward_plan): 4 stages, which also keeps that kernel (~8 more live values for the slice)
-// within 255 registers without spilling (6 spilled 4-8 B on sm_90).
+// within 255 registers without spilling (6 stages spilled 28-32 B in 16-bit on sm_90).
 template <int BM, bool kCluster>
 constexpr int kForwardStages = BM == 16 ? (kCluster ? 4 : 6) : 3;
 template <typename T, int BM, bool kCluster>
