@@ -4,6 +4,7 @@ extension is missing, the wheel tag, and the host twin of the kernels' dropout R
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -100,6 +101,113 @@ def test_wheel_local_version(cuda, torch_version, label):
     got = build_wheel.local_version(cuda, torch_version)
     assert got == label
     assert Version(f"0.1.0+{got}").local == label  # a valid PEP 440 local label
+
+
+# ---- the extension built here for a lent GPU machine (python/tools/gpu_prebuilt.py) -----------
+
+# A stand-in for _C with the two attributes the load check reads: a real extension module, so
+# the check's import is the one a prebuilt library goes through on the GPU machine.
+_FAKE_EXTENSION = r"""
+#include <Python.h>
+static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&def);
+  PyModule_AddStringConstant(m, "arch_list", ARCHS);
+  PyModule_AddStringConstant(m, "torch_version", TORCH);
+  return m;
+}
+"""
+
+
+def _prebuilt_tree(tmp_path: Path, arch: str, library: bytes | None = None) -> Path:
+    """A tree with this repo's csrc/ and setup.py, an empty mtlora_kernels package and a
+    gpu_prebuilt/ made for ``arch`` from those sources (holding ``library``)."""
+    import shutil
+    import sysconfig
+
+    tool = _load_tool("gpu_prebuilt")
+    root = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", root / "csrc")
+    shutil.copy2(ROOT / "setup.py", root / "setup.py")
+    (root / "mtlora_kernels").mkdir()
+    (root / "mtlora_kernels" / "__init__.py").write_text("")
+    name = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+    (root / "gpu_prebuilt").mkdir()
+    (root / "gpu_prebuilt" / name).write_bytes(library if library is not None else b"not ELF")
+    (root / "gpu_prebuilt" / "manifest.json").write_text(json.dumps(
+        {"library": name, "arch": arch, "digest": tool.source_digest(root, arch)}))
+    return root
+
+
+def _fake_extension(tmp_path: Path, archs: str, torch_version: str) -> bytes:
+    import shutil
+    import sysconfig
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler for the stand-in extension")
+    src, lib = tmp_path / "fake.c", tmp_path / "fake.so"
+    src.write_text(_FAKE_EXTENSION)
+    subprocess.run([cc, "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+                    f'-DARCHS="{archs}"', f'-DTORCH="{torch_version}"', str(src), "-o", str(lib)],
+                   check=True)
+    return lib.read_bytes()
+
+
+def test_prebuilt_digest_follows_sources_and_arch(tmp_path):
+    tool = _load_tool("gpu_prebuilt")
+    root = _prebuilt_tree(tmp_path, "9.0")
+    d = tool.source_digest(root, "9.0")
+    assert tool.source_digest(root, "9.0") == d
+    assert tool.source_digest(root, "8.0") != d
+    (root / "csrc" / "mix_forward.cu").write_text((root / "csrc" / "mix_forward.cu").read_text()
+                                                  + " ")
+    assert tool.source_digest(root, "9.0") != d
+    d2 = tool.source_digest(root, "9.0")
+    (root / "csrc" / "new.cuh").write_text("")
+    assert tool.source_digest(root, "9.0") != d2
+    d3 = tool.source_digest(root, "9.0")
+    (root / "setup.py").write_text((root / "setup.py").read_text() + "\n")
+    assert tool.source_digest(root, "9.0") != d3
+
+
+def test_prebuilt_extension_is_refused_for_other_sources_or_arch(tmp_path):
+    tool = _load_tool("gpu_prebuilt")
+    root = _prebuilt_tree(tmp_path, "9.0")
+    ok, why = tool.use("8.0", root=root)
+    assert not ok and "built for '9.0'" in why
+    (root / "csrc" / "common.cuh").write_text("// changed\n")
+    ok, why = tool.use("9.0", root=root)
+    assert not ok and "other sources" in why
+    assert not list((root / "mtlora_kernels").glob("_C*"))
+    (root / "gpu_prebuilt" / "manifest.json").unlink()
+    assert tool.use("9.0", root=root) == (False, "no gpu_prebuilt/manifest.json")
+
+
+def test_prebuilt_extension_that_does_not_load_is_removed(tmp_path):
+    tool = _load_tool("gpu_prebuilt")
+    root = _prebuilt_tree(tmp_path, "9.0")  # the library is not an ELF file
+    ok, why = tool.use("9.0", root=root)
+    assert not ok and "does not load here" in why, why
+    assert not list((root / "mtlora_kernels").glob("_C*"))
+    # Loads, but for another torch (its C++ ABI is per version) or without the GPU's arch.
+    here = torch.__version__.split("+")[0]
+    for archs, version in (("900", "1.0.0"), ("800", here)):
+        root = _prebuilt_tree(tmp_path / archs, "9.0", _fake_extension(tmp_path, archs, version))
+        ok, why = tool.use("9.0", root=root)
+        assert not ok and "does not load here" in why, why
+        assert not list((root / "mtlora_kernels").glob("_C*"))
+
+
+def test_prebuilt_extension_that_fits_is_installed(tmp_path):
+    tool = _load_tool("gpu_prebuilt")
+    lib = _fake_extension(tmp_path, "800,900", torch.__version__.split("+")[0])
+    root = _prebuilt_tree(tmp_path, "9.0", lib)
+    ok, why = tool.use("9.0", root=root)
+    assert ok, why
+    assert "archs ['800', '900']" in why
+    (installed,) = (root / "mtlora_kernels").glob("_C*")
+    assert installed.read_bytes() == lib
 
 
 # ---- build metadata -----------------------------------------------------------------------------

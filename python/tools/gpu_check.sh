@@ -18,7 +18,10 @@
 # log (the machine returns at most 8 files); bench writes 2 + 2 files beside it (with the
 # sm_90 clusters and without), profile 3.
 # Builds for this GPU's architecture only: ~2.5 min on 2 cores with torch 2.11 (bindings.cpp,
-# one file, is the longest; the .cu files compile in parallel), measured on a CPU machine.
+# one file, is the longest; the .cu files compile in parallel), measured on a CPU machine. To
+# spend no device time on it, build it here first and carry it (the build step uses it when it
+# was built from the same sources for this arch and loads there, else it compiles):
+#   python python/tools/gpu_prebuilt.py make        # then run(..., carry=["gpu_prebuilt"])
 # Exits 1 when a step that ran failed (a step skipped for lack of budget or of
 # compute-sanitizer does not count), 0 otherwise.
 # Nothing here has run on a GPU yet: it was written, with the rest of the GPU path, without one.
@@ -68,6 +71,12 @@ for s in "${steps[@]}"; do
       if [ -z "$arch" ]; then
         echo "torch sees no CUDA device (its error is in $LOG): build skipped" | tee -a "$LOG"
         status[build]="rc 1: no device capability"
+        continue
+      fi
+      # An extension built for this arch from these sources on a CPU machine (gpu_prebuilt.py
+      # make; carry gpu_prebuilt) saves the compile, if it loads here.
+      if "$PY" python/tools/gpu_prebuilt.py use --arch "$arch" 2>&1 | tee -a "$LOG"; then
+        status[build]="rc 0: prebuilt extension (gpu_prebuilt/)"
         continue
       fi
       # setuptools before 77 rejects pyproject's SPDX license string (a table then); the lent
