@@ -10,6 +10,10 @@ whose range leaves [-2^31, 2^31) and whose value reaches a pointer offset (``tt.
 wrap-around: the test names it. The analysis is itself tested on two small kernels, one that
 computes ``row * stride`` in 32 bits (must be flagged) and one that widens first (must pass).
 
+The CUDA extension's kernels, statically: clang-tidy over the emulator's C++ form of csrc/
+finds every implicit narrowing of a 64-bit integer and every int product widened into an offset
+(each reviewed, REVIEWED_WIDENINGS); what it cannot see is listed above that table.
+
 The torch backend at such a size needs real memory: ``test_torch_backend_past_2_pow_31`` runs
 it (forward, T * d_out = 2^31 + 3 * 2^16 in fp16, 9.1 GB peak RSS measured) and is marked ``slow``.
 """
@@ -551,3 +555,122 @@ def test_torch_backend_past_2_pow_31():
     from conftest import assert_close_to_reference
 
     assert_close_to_reference(y[rows], want, torch.float16, "rows past 2^31")
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA extension's kernels, statically (clang-tidy over the emulator's C++ form of csrc/).
+# --------------------------------------------------------------------------------------------
+
+# The index rule of csrc/: token offsets and every product that can reach T * d are int64_t;
+# ints hold only what is bounded by kMaxRowLength (d_in, d_out, r, g * N < 2^26, checked in
+# bindings.cpp) or by a tile. Two clang-tidy checks find where code leaves that rule implicitly:
+# - bugprone-narrowing-conversions: a 64-bit integer stored in a narrower one. None allowed.
+# - bugprone-implicit-widening-of-multiplication-result: a product computed in int and then
+#   widened (to int64_t, or as a pointer offset), which wraps before the widening if it can
+#   pass 2^31. Each one is reviewed below (file, the line's text) with why it cannot.
+# Not covered: an int product added to a pointer whose type depends on a template parameter
+# (`const T* x`: clang-tidy matches the template's definition, where that sum is unresolved, not
+# its instantiations; float* workspace pointers and int64_t results are seen); explicit casts to
+# int (`int(x)`), reviewed by hand (mix_backward_dy.cu and mix_backward_w.cu cast dims and tile
+# indices only; ColLoader's `int(ldg)` is bounded by the static_assert beside it); unsigned
+# arithmetic; a run at such sizes (the emulator is far too slow to sweep 2^31 elements).
+CLANG_TIDY_CHECKS = ("bugprone-narrowing-conversions,"
+                     "bugprone-implicit-widening-of-multiplication-result")
+REVIEWED_WIDENINGS = {
+    ("common.cuh", "const int64_t col = col0 + (q % PER_ROW) * V;"): "< KC (a chunk's columns)",
+    ("common.cuh", "if (KSTEP * i < left) {"): "KSTEP * i < KC",
+    ("common.cuh", "raw.set(i, base[KSTEP * i * int(ldg)]);"):
+        "KC * kMaxRowLength <= 2^31 (static_assert in ColLoader)",
+    ("common.cuh", "nvcuda::wmma::store_matrix_sync(Cs + wm * 16 * LDC + (wn * FN + f) * 16, "
+                   "acc[f], LDC,"): "shared memory tile",
+    ("common.cuh", "if constexpr (kAsyncA) a.issue(k_begin + st * KC, st);"): "st < stages",
+    ("common.cuh", "b.issue(k_begin + st * KC, st);"): "st < stages",
+    ("mix_backward_dy.cpp", "const float* pi_t = pi + (t0 + rr) * gN + G * N + e0;"):
+        "G * N < g * N (the token product is int64_t)",
+    ("mix_backward_dy.cpp", "const float* u_t = Cs + rr * LDC + k;"): "shared memory tile",
+    ("mix_backward_dy.cpp", "for (int e = 0; e < nu; ++e) sum += pi_t[e] * u_t[e * w];"):
+        "shared memory tile (e * w < 64)",
+    ("mix_backward_dy.cpp", "const float* u_e = Cs + rr * LDC + e * w;"): "shared memory tile",
+    ("mix_backward_w.cpp", "const float* pi_q = pi + G * N + e0 + min(col_of_thread<BN>() / w, "
+                           "nu - 1);"): "G * N < g * N",
+}
+_TIDY_LINE = re.compile(
+    r"^(?P<path>[^:\n]+):(?P<line>\d+):\d+: warning: (?P<msg>.*) \[(?P<check>[\w.,-]+)\]$", re.M)
+
+
+def _clang_tidy() -> str:
+    import shutil
+
+    exe = shutil.which("clang-tidy", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                          f"{os.environ.get('PATH', '')}")
+    if exe is None:
+        pytest.skip("needs clang-tidy (requirements-dev.txt: the clang-tidy wheel)")
+    return exe
+
+
+def _tidy(exe: str, src_dir: Path, units: list[str]) -> list[tuple[str, str, str, str]]:
+    """(file, line text, check, message) of every finding in src_dir's files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    include = ROOT / "tests" / "cuda_emu" / "include"
+
+    def one(unit: str) -> str:
+        r = subprocess.run([exe, f"-checks=-*,{CLANG_TIDY_CHECKS}", "-header-filter=.*",
+                            "-config={CheckOptions: {bugprone-narrowing-conversions."
+                            "WarnOnFloatingPointNarrowingConversion: false, "
+                            "bugprone-narrowing-conversions."
+                            "WarnOnIntegerToFloatingPointNarrowingConversion: false}}",
+                            str(src_dir / unit), "--", "-std=c++20", f"-I{include}",
+                            f"-I{src_dir}"], capture_output=True, text=True)
+        assert "error:" not in r.stdout + r.stderr, r.stdout + r.stderr
+        return r.stdout
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        out = "".join(pool.map(one, units))
+    found = set()
+    for m in _TIDY_LINE.finditer(out):
+        path = Path(m["path"]).resolve()
+        if path.parent != src_dir.resolve():
+            continue  # emu.h's own constants
+        text = path.read_text().splitlines()[int(m["line"]) - 1].strip()
+        found.add((path.name, text, m["check"], m["msg"]))
+    return sorted(found)
+
+
+def _problems(findings) -> list[str]:
+    bad = []
+    for name, text, check, msg in findings:
+        if check == "bugprone-narrowing-conversions":
+            # threadIdx / blockIdx (unsigned) into int is not a 64-bit narrowing.
+            if not msg.startswith("narrowing conversion from 'unsigned int' to signed type 'int'"):
+                bad.append(f"{name}: {text}  ({msg})")
+        elif (name, text) not in REVIEWED_WIDENINGS:
+            bad.append(f"{name}: {text}  ({msg})")
+    return bad
+
+
+def test_clang_tidy_flags_a_32_bit_row_offset(tmp_path):
+    """The checks see the two ways a row offset wraps in 32 bits, and pass the widened one."""
+    exe = _clang_tidy()
+    (tmp_path / "k.cpp").write_text(
+        "#include <cstdint>\n"
+        "float at_product(const float* x, int t, int d) { return x[t * d]; }\n"
+        "int narrowed(int64_t t, int64_t d) { const int o = t * d; return o; }\n"
+        "float widened(const float* x, int t, int d) { return x[int64_t(t) * d]; }\n")
+    findings = _tidy(exe, tmp_path, ["k.cpp"])
+    assert [text for _, text, _, _ in findings] == [
+        "float at_product(const float* x, int t, int d) { return x[t * d]; }",
+        "int narrowed(int64_t t, int64_t d) { const int o = t * d; return o; }"], findings
+    assert len(_problems(findings)) == 2
+
+
+def test_cuda_kernels_keep_offsets_in_64_bits(tmp_path):
+    import cuda_emu
+
+    exe = _clang_tidy()
+    src = cuda_emu.write_sources(tmp_path / "src")
+    findings = _tidy(exe, src, cuda_emu.unit_names())
+    assert not _problems(findings), "\n".join(_problems(findings))
+    seen = {(name, text) for name, text, _, _ in findings}
+    stale = sorted(set(REVIEWED_WIDENINGS) - seen)
+    assert not stale, f"reviewed widenings no longer in csrc/ (remove them): {stale}"

@@ -101,7 +101,8 @@ import sys, torch
 import mtlora_kernels._C as ext
 want = sys.argv[1]
 archs = {a.strip() for a in str(ext.arch_list).split(",")}
-assert str(ext.torch_version) == torch.__version__.split("+")[0], (ext.torch_version, torch.__version__)
+here = torch.__version__.split("+")[0]
+assert str(ext.torch_version) == here, ("built for torch", ext.torch_version, "here", here)
 assert want in archs, (want, archs)
 print("prebuilt mtlora_kernels._C loads: archs", sorted(archs), "torch", ext.torch_version)
 """

@@ -102,6 +102,22 @@ def _key(variant: str) -> str:
     return h.hexdigest()[:16]
 
 
+def write_sources(src_dir: Path) -> Path:
+    """csrc/ as plain C++ for emu.h (`rewrite`, each ``.cu`` as ``.cpp``) in ``src_dir``; the
+    translation units are ``unit_names()``. Returns ``src_dir``."""
+    src_dir.mkdir(parents=True, exist_ok=True)
+    for p in CSRC.iterdir():
+        if p.suffix in (".cu", ".cuh", ".h", ".cpp") and p.name not in EXCLUDED:
+            (src_dir / (p.stem + ".cpp" if p.suffix == ".cu" else p.name)).write_text(
+                rewrite(p.read_text()))
+    return src_dir
+
+
+def unit_names() -> list[str]:
+    """The emulated translation units of csrc/ (as write_sources names them)."""
+    return [Path(name).stem + ".cpp" for name in _sources()]
+
+
 def build(variant: str = "lib") -> Path:
     """Compile the emulated extension (cached under build/cuda_emu by a hash of the sources):
     the shared library for ``variant="lib"``, else the sanitizer driver ``check.cpp``."""
@@ -111,14 +127,9 @@ def build(variant: str = "lib") -> Path:
     target = out_dir / ("libmtlora_emu.so" if variant == "lib" else "check")
     if target.exists():
         return target
-    src_dir = out_dir / "src"
-    src_dir.mkdir(parents=True, exist_ok=True)
-    for p in CSRC.iterdir():
-        if p.suffix in (".cu", ".cuh", ".h", ".cpp") and p.name not in EXCLUDED:
-            (src_dir / (p.stem + ".cpp" if p.suffix == ".cu" else p.name)).write_text(
-                rewrite(p.read_text()))
+    src_dir = write_sources(out_dir / "src")
     entry = HERE / ("api.cpp" if variant == "lib" else "check.cpp")
-    units = [src_dir / (Path(name).stem + ".cpp") for name in _sources()] + [entry]
+    units = [src_dir / name for name in unit_names()] + [entry]
     flags = BASE_FLAGS + VARIANTS[variant] + ["-I", str(HERE / "include"), "-I", str(src_dir)]
 
     def compile_one(unit: Path) -> Path:
