@@ -10,6 +10,9 @@ whose range leaves [-2^31, 2^31) and whose value reaches a pointer offset (``tt.
 wrap-around: the test names it. The analysis is itself tested on two small kernels, one that
 computes ``row * stride`` in 32 bits (must be flagged) and one that widens first (must pass).
 
+The CUDA forward in the emulator (``slow``): the last two token blocks of a forward whose x or
+y has more than 2^31 elements, the other blocks skipped.
+
 The CUDA extension's kernels, statically: clang-tidy over the emulator's C++ form of csrc/
 finds every implicit narrowing of a 64-bit integer and every int product widened into an offset
 (each reviewed, REVIEWED_WIDENINGS); what it cannot see is listed above that table.
@@ -555,6 +558,75 @@ def test_torch_backend_past_2_pow_31():
     from conftest import assert_close_to_reference
 
     assert_close_to_reference(y[rows], want, torch.float16, "rows past 2^31")
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA forward, run in the emulator at the far end of inputs past 2^31 elements.
+# --------------------------------------------------------------------------------------------
+
+
+def _nan(*shape, dtype=torch.float16) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["x_past_2_pow_31", "y_past_2_pow_31"])
+def test_cuda_forward_past_2_pow_31_in_the_emulator(case, monkeypatch):
+    """The last two token blocks of a forward whose x (d_in = 2^16: with dropout, whose Philox
+    offsets pass 2^31 too) or y and residual (d_out = 2^16) hold more than 2^31 fp16 elements,
+    the other blocks skipped (`skip_blocks_below_x`). Every element of the inputs outside those
+    blocks' rows is NaN, so a read at a wrapped offset shows in y, and y outside them must stay
+    NaN, so a write at one does too. Peak memory: 4.3 GB (x) / 8.6 GB (y and residual)."""
+    import cuda_emu
+    from mtlora_kernels.reference import mix_reference
+
+    big = 2**16
+    d_in, d_out = (big, 64) if case == "x_past_2_pow_31" else (64, big)
+    T = 2**31 // big + 64 + 5  # the last token block is partial
+    r, N, g, p, seed = 4, 2, 1, (0.1 if d_in == big else 0.0), 2**33 + 7
+    need = 2 * T * (d_in + 2 * d_out) + 2**30
+    if _available_bytes() < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free memory")
+    emu = cuda_emu.load()
+    blocks = -(-T // 64)
+    lo = (blocks - 2) * 64  # the first row computed
+    rows = T - lo
+    assert lo * max(d_in, d_out) >= 2**31
+    gen = torch.Generator().manual_seed(0)
+    x = _nan(T, d_in)
+    x[lo:] = torch.randn(rows, d_in, generator=gen).half()
+    A = (torch.randn(r, d_in, generator=gen) / d_in**0.5).half()
+    B = (torch.randn(N, d_out, r, generator=gen) / 2).half()
+    W = (torch.randn(g * N, d_in, generator=gen) / d_in**0.5).half()
+    residual = None
+    if d_out == big:
+        residual = _nan(T, d_out)
+        residual[lo:] = torch.randn(rows, d_out, generator=gen).half()
+    assert emu.forward_plan(T, d_in, d_out, r, N, g) == (0, 1)  # one launch, no column splits
+    with emu.skip_blocks_below_x(blocks - 2):
+        y, h, pi = emu.forward(x, A, B, W, None, residual, g, 2.0, p, seed)
+    assert torch.isnan(y[:lo]).all() and torch.isnan(h[:lo]).all()
+    mask = None
+    if p > 0:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated
+
+        @triton.jit
+        def rand_from(out, seed, base, n, BLOCK: tl.constexpr):  # tl.rand(seed, base + i)
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(out + offs, tl.rand(seed, base + offs.to(tl.int64)), mask=offs < n)
+
+        # Triton's own Philox (an independent implementation) at the 64-bit offsets.
+        u = torch.empty(rows * d_in)
+        rand_from[(triton.cdiv(rows * d_in, 4096),)](u, seed, lo * d_in, rows * d_in,
+                                                     BLOCK=4096)
+        mask = (u >= p).view(rows, d_in)
+    ref = mix_reference(x[lo:].double(), A.double(), B.double(), W.double(), groups=g,
+                        scaling=2.0, dropout_mask=mask, dropout_p=p)
+    if residual is not None:
+        ref = ref + residual[lo:].double()
+    from conftest import assert_close_to_reference
+
+    assert_close_to_reference(y[lo:], ref, torch.float16, f"{case}: y of the last rows")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ says nothing about speed, and it is not a GPU: see the header of ``emu.h`` for w
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -188,6 +189,8 @@ class Emulated:
         lib.emu_forward_max_cluster.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.emu_refuse_clusters.restype = None
         lib.emu_refuse_clusters.argtypes = [ctypes.c_int]
+        lib.emu_skip_blocks_below_x.restype = None
+        lib.emu_skip_blocks_below_x.argtypes = [ctypes.c_uint]
         lib.emu_backward_plan.restype = None
         lib.emu_backward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_void_p]
@@ -235,6 +238,18 @@ class Emulated:
         """Make every cluster launch fail (cudaErrorInvalidClusterSize), as on a GPU that
         cannot schedule one."""
         self._lib.emu_refuse_clusters(int(refuse))
+
+    @contextlib.contextmanager
+    def skip_blocks_below_x(self, first: int):
+        """Within the block, launches skip their blocks with blockIdx.x < ``first``: the
+        forward then computes only its token blocks from ``first`` on (the rest of y stays
+        NaN), so the far end of an input too large to emulate whole can be checked. Only for
+        the forward: the backward's weight-gradient kernels have other axes in x."""
+        self._lib.emu_skip_blocks_below_x(int(first))
+        try:
+            yield
+        finally:
+            self._lib.emu_skip_blocks_below_x(0)
 
     def backward_plan(self, T, d_in, d_out, r, N, g, routed) -> tuple[int, int, int, int]:
         """(column splits of the dy kernel, token splits of dB, of dA/dW, workspace floats) at

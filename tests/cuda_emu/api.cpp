@@ -51,6 +51,9 @@ extern "C" int emu_forward_max_cluster(int cluster_launch, int ptx, int binary) 
 // Whether every cluster launch fails, as on a GPU that cannot schedule one.
 extern "C" void emu_refuse_clusters(int refuse) { emu::refuse_clusters = refuse != 0; }
 
+// Skip the blocks with blockIdx.x < first in every launch until set back to 0 (see emu.h).
+extern "C" void emu_skip_blocks_below_x(unsigned first) { emu::first_block_x = first; }
+
 // out: the column splits of the dy kernel, the token splits of dB and of dA/dW, and the
 // workspace in floats.
 extern "C" void emu_backward_plan(const int64_t* shape, int routed, int num_sms, int64_t* out) {

@@ -175,6 +175,10 @@ constexpr unsigned kMaxClusterSize = 8;
 // share of too few SMs): cudaErrorInvalidClusterSize.
 inline bool refuse_clusters = false;
 
+// Blocks with blockIdx.x below this are skipped (0: none), for running the far end of inputs
+// too large to emulate whole: the forward's token blocks are its blockIdx.x.
+inline unsigned first_block_x = 0;
+
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
 // &kernel, [&] { kernel(args); }); cudaLaunchKernelEx calls it too, with its cluster dimension
 // (1 x cluster_y x 1 blocks; the kernels use no other shape). Synchronous: the launch is over
@@ -228,7 +232,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
         cluster_rank = q;
         for (unsigned bz = 0; bz < grid.z; ++bz)
           for (unsigned by = 0; by < grid.y; by += cluster_y)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
+            for (unsigned bx = first_block_x; bx < grid.x; ++bx) {
               blockIdx = dim3(bx, by + q, bz);
               body();
               async_open.clear();  // copies the block never waited for never land
