@@ -44,13 +44,17 @@ def test_rewrite_turns_cuda_syntax_into_cpp():
   extern __shared__ __align__(128) unsigned char dyn_[];  // Smem::kBytes
   k<T, BM><<<grid, kThreads, smem, stream>>>(
       a, f(b, c), d);
+  const cudaError_t e = cudaLaunchKernelEx(
+      &cfg, fk<T, BM, kCluster>, a.x, s);
 """
     out = cuda_emu.rewrite(src)
     assert ("static __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes]; "
             "::emu::shared_init(smem_raw_, sizeof(smem_raw_));") in out
     assert "unsigned char* dyn_ = ::emu::dynamic_shared();  // Smem::kBytes" in out
     assert ("::emu::launch(grid, kThreads, smem, stream, reinterpret_cast<const void*>(&k<T, BM>),"
-            " [&] { k<T, BM>(\n      a, f(b, c), d); });" in out)
+            " [&] { k<T, BM>(\n      a, f(b, c), d); }, 1u, \"k\");" in out)
+    assert ('const cudaError_t e = ::emu::launch_kernel_ex("fk", \n      &cfg, fk<T, BM, kCluster>,'
+            ' a.x, s);') in out
     assert "<<<" not in out and "__shared__" not in out
     with pytest.raises(ValueError, match="must be unsigned char"):
         cuda_emu.rewrite("extern __shared__ float buf[];")

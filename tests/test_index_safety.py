@@ -10,8 +10,8 @@ whose range leaves [-2^31, 2^31) and whose value reaches a pointer offset (``tt.
 wrap-around: the test names it. The analysis is itself tested on two small kernels, one that
 computes ``row * stride`` in 32 bits (must be flagged) and one that widens first (must pass).
 
-The CUDA forward in the emulator (``slow``): the last two token blocks of a forward whose x or
-y has more than 2^31 elements, the other blocks skipped.
+The CUDA kernels in the emulator (``slow``): forward and backward of the last two token blocks
+of inputs whose x or y has more than 2^31 elements, the other blocks skipped.
 
 The CUDA extension's kernels, statically: clang-tidy over the emulator's C++ form of csrc/
 finds every implicit narrowing of a 64-bit integer and every int product widened into an offset
@@ -561,7 +561,7 @@ def test_torch_backend_past_2_pow_31():
 
 
 # --------------------------------------------------------------------------------------------
-# The CUDA forward, run in the emulator at the far end of inputs past 2^31 elements.
+# The CUDA kernels, run in the emulator at the far end of inputs past 2^31 elements.
 # --------------------------------------------------------------------------------------------
 
 
@@ -571,27 +571,43 @@ def _nan(*shape, dtype=torch.float16) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["x_past_2_pow_31", "y_past_2_pow_31"])
-def test_cuda_forward_past_2_pow_31_in_the_emulator(case, monkeypatch):
-    """The last two token blocks of a forward whose x (d_in = 2^16: with dropout, whose Philox
-    offsets pass 2^31 too) or y and residual (d_out = 2^16) hold more than 2^31 fp16 elements,
-    the other blocks skipped (`skip_blocks_below_x`). Every element of the inputs outside those
-    blocks' rows is NaN, so a read at a wrapped offset shows in y, and y outside them must stay
-    NaN, so a write at one does too. Peak memory: 4.3 GB (x) / 8.6 GB (y and residual)."""
+def test_cuda_kernels_past_2_pow_31_in_the_emulator(case, monkeypatch):
+    """Forward and backward of the last two token blocks of inputs whose x (d_in = 2^16, with
+    dropout, whose Philox offsets pass 2^31 too) or y, residual and dy (d_out = 2^16, g = 2)
+    hold more than 2^31 fp16 elements. The emulator runs 1e6 elements a second, so the launches
+    skip the rest (`Emulated.windows`): the token blocks below the last two, and the token
+    splits below them in dB and dA / dW, whose slabs are zero (the workspace is zeroed before
+    each phase that splits). With 2^20 SMs every 64 tokens are a split. The inputs are NaN
+    outside the computed rows, so a read at a wrapped offset shows in the result, and y and dx
+    must stay NaN outside them, so a write at one does too; a wrapped offset may also crash
+    the process. Peak memory ~10 GB (x, dx) / ~14 GB (y, residual, dy)."""
     import cuda_emu
+    from conftest import assert_close_to_reference
     from mtlora_kernels.reference import mix_reference
 
     big = 2**16
-    d_in, d_out = (big, 64) if case == "x_past_2_pow_31" else (64, big)
+    d_in, d_out, g = (big, 64, 1) if case == "x_past_2_pow_31" else (64, big, 2)
     T = 2**31 // big + 64 + 5  # the last token block is partial
-    r, N, g, p, seed = 4, 2, 1, (0.1 if d_in == big else 0.0), 2**33 + 7
-    need = 2 * T * (d_in + 2 * d_out) + 2**30
+    r, N, scaling, seed = 4, 2, 2.0, 2**33 + 7
+    p = 0.1 if d_in == big else 0.0
+    need = 2 * T * (2 * d_in + 3 * d_out) + 2**31
     if _available_bytes() < need:
         pytest.skip(f"needs {need / 2**30:.1f} GiB of free memory")
     emu = cuda_emu.load()
+    monkeypatch.setattr(emu, "num_sms", 2**20)
+    monkeypatch.setattr(emu, "max_cluster", 1)
     blocks = -(-T // 64)
     lo = (blocks - 2) * 64  # the first row computed
     rows = T - lo
     assert lo * max(d_in, d_out) >= 2**31
+    _, db_splits, daw_splits, _ = emu.backward_plan(T, d_in, d_out, r, N, g, True)
+    assert db_splits == daw_splits == blocks  # a split per token block: split q starts at 64 q
+    windows = {name: (blocks - 2, 0, 0) for name in
+               ("forward_kernel", "backward_dy_kernel", "backward_dx_kernel")}
+    windows["softmax_backward_kernel"] = (lo // 256, 0, 0)  # 256 rows per block
+    windows["backward_db_kernel"] = windows["backward_daw_kernel"] = (0, 0, blocks - 2)
+    zero = ("backward_dy_kernel", "backward_db_kernel", "backward_daw_kernel")
+
     gen = torch.Generator().manual_seed(0)
     x = _nan(T, d_in)
     x[lo:] = torch.randn(rows, d_in, generator=gen).half()
@@ -602,10 +618,19 @@ def test_cuda_forward_past_2_pow_31_in_the_emulator(case, monkeypatch):
     if d_out == big:
         residual = _nan(T, d_out)
         residual[lo:] = torch.randn(rows, d_out, generator=gen).half()
-    assert emu.forward_plan(T, d_in, d_out, r, N, g) == (0, 1)  # one launch, no column splits
-    with emu.skip_blocks_below_x(blocks - 2):
-        y, h, pi = emu.forward(x, A, B, W, None, residual, g, 2.0, p, seed)
+    with emu.windows(windows):
+        y, h, pi = emu.forward(x, A, B, W, None, residual, g, scaling, p, seed)
     assert torch.isnan(y[:lo]).all() and torch.isnan(h[:lo]).all()
+    y_rows = y[lo:].clone()
+    res_rows = None if residual is None else residual[lo:].clone()
+    del y, residual
+
+    dy = _nan(T, d_out)
+    dy[lo:] = torch.randn(rows, d_out, generator=gen).half()
+    with emu.windows(windows, zero_workspace_before=zero):
+        dx, dA, dB, dW, _ = emu.backward(dy, x, A, B, W, h, pi, None, g, scaling, p, seed)
+    assert torch.isnan(dx[:lo]).all()
+
     mask = None
     if p > 0:
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated
@@ -620,15 +645,15 @@ def test_cuda_forward_past_2_pow_31_in_the_emulator(case, monkeypatch):
         rand_from[(triton.cdiv(rows * d_in, 4096),)](u, seed, lo * d_in, rows * d_in,
                                                      BLOCK=4096)
         mask = (u >= p).view(rows, d_in)
-    ref = mix_reference(x[lo:].double(), A.double(), B.double(), W.double(), groups=g,
-                        scaling=2.0, dropout_mask=mask, dropout_p=p)
-    if residual is not None:
-        ref = ref + residual[lo:].double()
-    from conftest import assert_close_to_reference
-
-    assert_close_to_reference(y[lo:], ref, torch.float16, f"{case}: y of the last rows")
-
-
+    leaves = [t.double().requires_grad_() for t in (x[lo:], A, B, W)]
+    ref = mix_reference(*leaves, groups=g, scaling=scaling, dropout_mask=mask, dropout_p=p)
+    if res_rows is not None:
+        ref = ref + res_rows.double()
+    (ref * dy[lo:].double()).sum().backward()
+    for name, got, want in (("y", y_rows, ref.detach()), ("dx", dx[lo:], leaves[0].grad),
+                            ("dA", dA, leaves[1].grad), ("dB", dB, leaves[2].grad),
+                            ("dW_route", dW, leaves[3].grad)):
+        assert_close_to_reference(got, want, torch.float16, f"{case}: {name}")
 # --------------------------------------------------------------------------------------------
 # The CUDA extension's kernels, statically (clang-tidy over the emulator's C++ form of csrc/).
 # --------------------------------------------------------------------------------------------

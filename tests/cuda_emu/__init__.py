@@ -47,6 +47,7 @@ VARIANTS = {
 EXCLUDED = {"bindings.cpp"}
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;]*?)\b(\w+)\s*\[\s*\]\s*;")
+_LAUNCH_EX = re.compile(r"\bcudaLaunchKernelEx\((\s*[^,()]+,\s*)(\w+)")
 _SHARED = re.compile(r"__shared__\s+([^;]*?)\b(\w+)\s*\[([^\];]*)\]\s*;")
 
 
@@ -79,11 +80,13 @@ def rewrite(text: str) -> str:
         indent = lead[: len(lead) - len(lead.lstrip())]
         kernel, config, args = lead.strip(), text[start + 3:close], text[close + 4:end - 1]
         out.append(text[pos:stmt])
+        name = kernel.split("<")[0].split("::")[-1].strip()
         out.append(f"{indent}::emu::launch({config}, reinterpret_cast<const void*>(&{kernel}),"
-                   f" [&] {{ {kernel}({args}); }})")
+                   f' [&] {{ {kernel}({args}); }}, 1u, "{name}")')
         pos = end
     out.append(text[pos:])
-    return "".join(out)
+    # cudaLaunchKernelEx(cfg, kernel<...>, args) -> emu::launch_kernel_ex("kernel", cfg, ...)
+    return _LAUNCH_EX.sub(r'::emu::launch_kernel_ex("\2", \1\2', "".join(out))
 
 
 def _sources() -> list[str]:
@@ -180,6 +183,7 @@ class Emulated:
         self._lib = lib
         self.num_sms = num_sms
         self.max_cluster = max_cluster
+        self._windows: tuple[dict, tuple] = ({}, ())
         for fn in (lib.emu_mix_forward, lib.emu_mix_backward, lib.emu_dropout_keep_mask):
             fn.restype = ctypes.c_int
         lib.emu_forward_plan.restype = None
@@ -189,8 +193,9 @@ class Emulated:
         lib.emu_forward_max_cluster.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.emu_refuse_clusters.restype = None
         lib.emu_refuse_clusters.argtypes = [ctypes.c_int]
-        lib.emu_skip_blocks_below_x.restype = None
-        lib.emu_skip_blocks_below_x.argtypes = [ctypes.c_uint]
+        lib.emu_set_window.restype = lib.emu_clear_windows.restype = None
+        lib.emu_set_window.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 3 + [
+            ctypes.c_void_p, ctypes.c_size_t]
         lib.emu_backward_plan.restype = None
         lib.emu_backward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_void_p]
@@ -240,16 +245,30 @@ class Emulated:
         self._lib.emu_refuse_clusters(int(refuse))
 
     @contextlib.contextmanager
-    def skip_blocks_below_x(self, first: int):
-        """Within the block, launches skip their blocks with blockIdx.x < ``first``: the
-        forward then computes only its token blocks from ``first`` on (the rest of y stays
-        NaN), so the far end of an input too large to emulate whole can be checked. Only for
-        the forward: the backward's weight-gradient kernels have other axes in x."""
-        self._lib.emu_skip_blocks_below_x(int(first))
+    def windows(self, first_blocks: dict, zero_workspace_before: tuple = ()):
+        """Within the block, launches of each kernel named in ``first_blocks`` (``{"kernel":
+        (x, y, z)}``, names without template arguments) skip its blocks whose index is below
+        those in any axis, and before a launch of a kernel named in ``zero_workspace_before``
+        the call's workspace is zeroed. So the far end of an input too large to emulate whole
+        can be run: the token blocks past some row, and the token splits past it, whose skipped
+        splits' workspace slabs then add nothing (the phases of the backward share one)."""
+        self._windows = (dict(first_blocks), tuple(zero_workspace_before))
         try:
             yield
         finally:
-            self._lib.emu_skip_blocks_below_x(0)
+            self._windows = ({}, ())
+
+    def _run(self, ws: torch.Tensor, entry, *args) -> int:
+        """entry(*args) with the current windows set for it (``ws``: the call's workspace)."""
+        first_blocks, zero = self._windows
+        for name in {*first_blocks, *zero}:
+            self._lib.emu_set_window(name.encode(), *first_blocks.get(name, (0, 0, 0)),
+                                     ws.data_ptr() if name in zero else None,
+                                     ws.numel() * ws.element_size())
+        try:
+            return entry(*args)
+        finally:
+            self._lib.emu_clear_windows()
 
     def backward_plan(self, T, d_in, d_out, r, N, g, routed) -> tuple[int, int, int, int]:
         """(column splits of the dy kernel, token splits of dB, of dA/dW, workspace floats) at
@@ -274,11 +293,11 @@ class Emulated:
         shape = self._shape(x, A, B, groups)
         ws = _poisoned(self.forward_plan(*shape)[0], dtype=torch.float32)
         err = ctypes.create_string_buffer(256)
-        rc = self._lib.emu_mix_forward(
-            _DTYPES[x.dtype], _ptr(x), _ptr(A), _ptr(B), _ptr(route_weight), _ptr(logits),
-            _ptr(residual), _ptr(y), _ptr(h), _ptr(pi), _ptr(ws), shape, float(scaling),
-            float(dropout_p), int(seed) & (2**64 - 1), int(self.num_sms),
-            int(self.max_cluster), err, len(err))
+        rc = self._run(
+            ws, self._lib.emu_mix_forward, _DTYPES[x.dtype], _ptr(x), _ptr(A), _ptr(B),
+            _ptr(route_weight), _ptr(logits), _ptr(residual), _ptr(y), _ptr(h), _ptr(pi),
+            _ptr(ws), shape, float(scaling), float(dropout_p), int(seed) & (2**64 - 1),
+            int(self.num_sms), int(self.max_cluster), err, len(err))
         self._check(rc, err)
         return y, h, pi
 
@@ -298,9 +317,9 @@ class Emulated:
                        dtype=torch.float32)
         dy = dy.contiguous()
         err = ctypes.create_string_buffer(256)
-        rc = self._lib.emu_mix_backward(
-            _DTYPES[x.dtype], _ptr(dy), _ptr(x), _ptr(A), _ptr(B), _ptr(route_weight),
-            _ptr(h), _ptr(pi), _ptr(dpi), _ptr(dx), _ptr(dA), _ptr(dB),
+        rc = self._run(
+            ws, self._lib.emu_mix_backward, _DTYPES[x.dtype], _ptr(dy), _ptr(x), _ptr(A),
+            _ptr(B), _ptr(route_weight), _ptr(h), _ptr(pi), _ptr(dpi), _ptr(dx), _ptr(dA), _ptr(dB),
             _ptr(dW) if routed else None, _ptr(dz), _ptr(dh_ws), _ptr(dpi_ws), _ptr(ws),
             self._shape(x, A, B, groups), float(scaling), float(dropout_p),
             int(seed) & (2**64 - 1), int(self.num_sms), err, len(err))

@@ -51,8 +51,17 @@ extern "C" int emu_forward_max_cluster(int cluster_launch, int ptx, int binary) 
 // Whether every cluster launch fails, as on a GPU that cannot schedule one.
 extern "C" void emu_refuse_clusters(int refuse) { emu::refuse_clusters = refuse != 0; }
 
-// Skip the blocks with blockIdx.x < first in every launch until set back to 0 (see emu.h).
-extern "C" void emu_skip_blocks_below_x(unsigned first) { emu::first_block_x = first; }
+// Windows (emu.h): launches of `kernel` skip their blocks below (x, y, z) and zero `bytes` at
+// `zero` first (if not null); emu_clear_windows() ends them all.
+extern "C" void emu_set_window(const char* kernel, unsigned x, unsigned y, unsigned z,
+                               void* zero, size_t bytes) {
+  emu::first_block[kernel] = dim3(x, y, z);
+  if (zero != nullptr) emu::zero_before[kernel] = {zero, bytes};
+}
+extern "C" void emu_clear_windows() {
+  emu::first_block.clear();
+  emu::zero_before.clear();
+}
 
 // out: the column splits of the dy kernel, the token splits of dB and of dA/dW, and the
 // workspace in floats.

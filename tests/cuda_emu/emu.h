@@ -17,6 +17,9 @@
 // over all of the cluster's threads (TSan sees a remote read not ordered by it as a race).
 // Static __shared__ arrays are refused in a cluster launch (they would be shared).
 //
+// Windows (tests of inputs too large to emulate whole): per kernel name, blocks below a given
+// index are skipped and a buffer can be zeroed before each launch (first_block, zero_before).
+//
 // WMMA: each lane of a warp owns 8 of the 256 accumulator elements (column lane % 16, rows
 // lane / 16 + 2m), loads just the operand rows and columns those need and computes them in fp32,
 // as the tensor cores accumulate. The union over the 32 lanes reads the whole tile; pointer and
@@ -41,6 +44,8 @@
 #include <map>
 #include <memory>
 #include <new>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -175,9 +180,16 @@ constexpr unsigned kMaxClusterSize = 8;
 // share of too few SMs): cudaErrorInvalidClusterSize.
 inline bool refuse_clusters = false;
 
-// Blocks with blockIdx.x below this are skipped (0: none), for running the far end of inputs
-// too large to emulate whole: the forward's token blocks are its blockIdx.x.
-inline unsigned first_block_x = 0;
+// Windows, for running the far end of inputs too large to emulate whole (tests set them): a
+// launch of the kernel named K (its name without template arguments) skips the blocks whose
+// index is below first_block[K] in x, y or z, and before it the buffer zero_before[K] is
+// zeroed (a workspace whose skipped splits must add nothing). Kernels not named run whole.
+struct Buffer {
+  void* p;
+  size_t bytes;
+};
+inline std::map<std::string, dim3, std::less<>> first_block;
+inline std::map<std::string, Buffer, std::less<>> zero_before;
 
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
 // &kernel, [&] { kernel(args); }); cudaLaunchKernelEx calls it too, with its cluster dimension
@@ -185,7 +197,7 @@ inline unsigned first_block_x = 0;
 // when this returns. The blocks of a cluster run at once, clusters one after another.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void* kernel,
-            F body, unsigned cluster_y = 1) {
+            F body, unsigned cluster_y, std::string_view name) {
   const unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.y != 1 || block.z != 1 || grid.x == 0 ||
       grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || cluster_y == 0 ||
@@ -202,6 +214,10 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
     last_error = cudaErrorInvalidValue;  // over the kernel's opt-in (what the GPU reports)
     return;
   }
+  const auto window = first_block.find(name);
+  const dim3 first = window != first_block.end() ? window->second : dim3(0, 0, 0);
+  if (const auto z = zero_before.find(name); z != zero_before.end())
+    std::memset(z->second.p, 0, z->second.bytes);
   gridDim = grid;
   blockDim = block;
   dynamic_smem_bytes = dynamic_smem;
@@ -230,9 +246,9 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
         block_barrier = &barriers[q];
         cluster = &cl;
         cluster_rank = q;
-        for (unsigned bz = 0; bz < grid.z; ++bz)
-          for (unsigned by = 0; by < grid.y; by += cluster_y)
-            for (unsigned bx = first_block_x; bx < grid.x; ++bx) {
+        for (unsigned bz = first.z; bz < grid.z; ++bz)
+          for (unsigned by = first.y / cluster_y * cluster_y; by < grid.y; by += cluster_y)
+            for (unsigned bx = first.x; bx < grid.x; ++bx) {
               blockIdx = dim3(bx, by + q, bz);
               body();
               async_open.clear();  // copies the block never waited for never land
@@ -300,8 +316,11 @@ struct cudaLaunchConfig_t {
   cudaLaunchAttribute* attrs;
   unsigned numAttrs;
 };
+namespace emu {
+// The rewrite turns cudaLaunchKernelEx(cfg, kernel, ...) into this with the kernel's name.
 template <typename... P, typename... A>
-cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P...), A&&... args) {
+cudaError_t launch_kernel_ex(std::string_view name, const cudaLaunchConfig_t* cfg,
+                             void (*kernel)(P...), A&&... args) {
   unsigned cluster_y = 1;
   for (unsigned i = 0; i < cfg->numAttrs; ++i) {
     const cudaLaunchAttribute& a = cfg->attrs[i];
@@ -310,12 +329,13 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P..
       return cudaErrorInvalidValue;  // (not emulated)
     cluster_y = a.val.clusterDim.y;
   }
-  emu::launch(cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream,
-              reinterpret_cast<const void*>(kernel), [&] { kernel(P(args)...); }, cluster_y);
-  const cudaError_t e = emu::last_error;
-  emu::last_error = cudaSuccess;
+  launch(cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream,
+         reinterpret_cast<const void*>(kernel), [&] { kernel(P(args)...); }, cluster_y, name);
+  const cudaError_t e = last_error;
+  last_error = cudaSuccess;
   return e;
 }
+}  // namespace emu
 
 // The emulated device and binary, as far as forward_max_cluster (mix_forward_cluster.cu) asks:
 // a device with cluster launch whose binaries were compiled for sm_90 (both settable by tests).
