@@ -174,12 +174,17 @@ def test_prebuilt_digest_follows_sources_and_arch(tmp_path):
 def test_prebuilt_extension_is_refused_for_other_sources_or_arch(tmp_path):
     tool = _load_tool("gpu_prebuilt")
     root = _prebuilt_tree(tmp_path, "9.0")
+    library = json.loads((root / "gpu_prebuilt" / "manifest.json").read_text())["library"]
+    (root / "mtlora_kernels" / library).write_bytes(b"left by an earlier call")
     ok, why = tool.use("8.0", root=root)
     assert not ok and "built for '9.0'" in why
+    assert not (root / "mtlora_kernels" / library).exists()  # not left for the tests to load
     (root / "csrc" / "common.cuh").write_text("// changed\n")
     ok, why = tool.use("9.0", root=root)
     assert not ok and "other sources" in why
     assert not list((root / "mtlora_kernels").glob("_C*"))
+    (root / "gpu_prebuilt" / library).unlink()
+    assert tool.use("9.0", root=root) == (False, f"gpu_prebuilt/{library} is missing")
     (root / "gpu_prebuilt" / "manifest.json").unlink()
     assert tool.use("9.0", root=root) == (False, "no gpu_prebuilt/manifest.json")
 
@@ -208,6 +213,35 @@ def test_prebuilt_extension_that_fits_is_installed(tmp_path):
     assert "archs ['800', '900']" in why
     (installed,) = (root / "mtlora_kernels").glob("_C*")
     assert installed.read_bytes() == lib
+
+
+@pytest.mark.parametrize("prebuilt_fits", [True, False])
+def test_gpu_check_build_step_uses_the_prebuilt_extension_or_compiles(tmp_path, prebuilt_fits):
+    """gpu_check.sh's build step with a stand-in interpreter that reports an sm_90 GPU: when
+    gpu_prebuilt.py use succeeds the step passes without compiling, else it compiles (the
+    stand-in's compile fails, so the script must exit 1)."""
+    fake, use_rc = tmp_path / "python", 0 if prebuilt_fits else 1
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'case "$*" in\n'
+                    '  *get_device_capability*) echo 9.0 ;;\n'
+                    f'  *"gpu_prebuilt.py use"*) echo "prebuilt: fake"; exit {use_rc} ;;\n'
+                    '  *setuptools.__version__*) exit 0 ;;\n'
+                    '  *) echo "ran: $*"; exit 3 ;;\n'
+                    "esac\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(ROOT / "python" / "tools" / "gpu_check.sh"), "build"],
+                       env=dict(os.environ, PY=str(fake), OUT=str(out), BUDGET="200"),
+                       capture_output=True, text=True, timeout=120)
+    summary = r.stdout[r.stdout.index("== summary"):]
+    if prebuilt_fits:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "rc 0 in" in summary and "prebuilt" in summary, summary
+        assert "ran: setup.py build_ext" not in (out / "gpu_check.log").read_text()
+    else:
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "build                rc 3" in summary, summary
+        assert "ran: setup.py build_ext --inplace" in (out / "gpu_check.log").read_text()
 
 
 # ---- build metadata -----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def test_rewrite_turns_cuda_syntax_into_cpp():
       a, f(b, c), d);
   const cudaError_t e = cudaLaunchKernelEx(
       &cfg, fk<T, BM, kCluster>, a.x, s);
+  cudaLaunchKernelEx(&cfg, ns::gk<T>, b);
 """
     out = cuda_emu.rewrite(src)
     assert ("static __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes]; "
@@ -55,6 +56,7 @@ def test_rewrite_turns_cuda_syntax_into_cpp():
             " [&] { k<T, BM>(\n      a, f(b, c), d); }, 1u, \"k\");" in out)
     assert ('const cudaError_t e = ::emu::launch_kernel_ex("fk", \n      &cfg, fk<T, BM, kCluster>,'
             ' a.x, s);') in out
+    assert '::emu::launch_kernel_ex("gk", &cfg, ns::gk<T>, b);' in out
     assert "<<<" not in out and "__shared__" not in out
     with pytest.raises(ValueError, match="must be unsigned char"):
         cuda_emu.rewrite("extern __shared__ float buf[];")

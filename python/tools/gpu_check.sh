@@ -75,8 +75,10 @@ for s in "${steps[@]}"; do
       fi
       # An extension built for this arch from these sources on a CPU machine (gpu_prebuilt.py
       # make; carry gpu_prebuilt) saves the compile, if it loads here.
-      if "$PY" python/tools/gpu_prebuilt.py use --arch "$arch" 2>&1 | tee -a "$LOG"; then
-        status[build]="rc 0: prebuilt extension (gpu_prebuilt/)"
+      t0=$SECONDS
+      if timeout 120 "$PY" python/tools/gpu_prebuilt.py use --arch "$arch" 2>&1 | tee -a "$LOG"
+      then
+        status[build]="rc 0 in $((SECONDS - t0)) s (the prebuilt extension, gpu_prebuilt/)"
         continue
       fi
       # setuptools before 77 rejects pyproject's SPDX license string (a table then); the lent

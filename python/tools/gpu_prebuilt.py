@@ -12,9 +12,10 @@ library and ``manifest.json`` with a digest of the sources it was built from. Wi
 H200 image's (/work/.library/device/KINDS.md), from the package registry.
 
 ``use`` installs that library into ``mtlora_kernels/`` only when its digest matches the tree
-(sources and architecture) and it loads against the torch there; otherwise it removes the copy
-and exits 1, and gpu_check.sh builds as before. A library built on one system image may not
-load on another (other system libraries), which is what the load check is for.
+(sources and architecture), it loads against the torch there and, on a GPU, runs a kernel;
+otherwise it leaves no copy of it there and exits 1, and gpu_check.sh builds as before. A
+library built on one system image may not load on another (other system libraries), which is
+what the load check is for.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def source_digest(root: Path, arch: str) -> str:
     h = hashlib.sha256(f"arch {arch}\n".encode())
     for name in _INPUTS:
         top = root / name
-        files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
+        files = (sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir()
+                 else [top] if top.is_file() else [])
         for f in files:
             h.update(f"{f.relative_to(root)}\n".encode())
             h.update(f.read_bytes())
@@ -88,7 +90,7 @@ def make(python: Path | None, arch: str) -> Path:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
     shutil.copy2(lib, OUT / lib.name)
-    # Host debug info only (the device code keeps its -lineinfo): 22 MB -> a few.
+    # Host debug info only (the device code keeps its -lineinfo): 22 MB -> 17 MB for sm_90.
     subprocess.run(["strip", "--strip-debug", str(OUT / lib.name)], check=True)
     manifest = {"library": lib.name, "arch": arch, "torch": torch_version,
                 "python": ".".join(pyver), "digest": source_digest(src, arch)}
@@ -104,6 +106,9 @@ archs = {a.strip() for a in str(ext.arch_list).split(",")}
 here = torch.__version__.split("+")[0]
 assert str(ext.torch_version) == here, ("built for torch", ext.torch_version, "here", here)
 assert want in archs, (want, archs)
+if torch.cuda.is_available():  # one kernel of the library runs on this GPU
+    keep = ext.dropout_keep_mask(1, 64, 64, 0.5, torch.device("cuda"))
+    assert keep.is_cuda and 0.3 < keep.float().mean().item() < 0.7
 print("prebuilt mtlora_kernels._C loads: archs", sorted(archs), "torch", ext.torch_version)
 """
 
@@ -115,6 +120,10 @@ def use(arch: str, root: Path = ROOT, python: str = sys.executable) -> tuple[boo
     if not manifest_file.is_file():
         return False, f"no {manifest_file.relative_to(root)}"
     m = json.loads(manifest_file.read_text())
+    dest = root / "mtlora_kernels" / m["library"]
+    dest.unlink(missing_ok=True)  # a copy from an earlier call on this machine
+    if not (root / "gpu_prebuilt" / m["library"]).is_file():
+        return False, f"gpu_prebuilt/{m['library']} is missing"
     if m.get("arch") != arch:
         return False, f"built for {m.get('arch')!r}, this GPU is {arch!r}"
     if m.get("digest") != source_digest(root, arch):
@@ -122,7 +131,6 @@ def use(arch: str, root: Path = ROOT, python: str = sys.executable) -> tuple[boo
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     if not m["library"].endswith(suffix):
         return False, f"{m['library']} is not for this Python ({suffix})"
-    dest = root / "mtlora_kernels" / m["library"]
     shutil.copy2(root / "gpu_prebuilt" / m["library"], dest)
     major, minor = arch.split(".")
     r = subprocess.run([python, "-c", _LOAD_CHECK, str(int(major) * 100 + int(minor) * 10)],

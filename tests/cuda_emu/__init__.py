@@ -47,7 +47,7 @@ VARIANTS = {
 EXCLUDED = {"bindings.cpp"}
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;]*?)\b(\w+)\s*\[\s*\]\s*;")
-_LAUNCH_EX = re.compile(r"\bcudaLaunchKernelEx\((\s*[^,()]+,\s*)(\w+)")
+_LAUNCH_EX = re.compile(r"\bcudaLaunchKernelEx\((\s*[^,()]+,\s*)((?:\w+::)*)(\w+)")
 _SHARED = re.compile(r"__shared__\s+([^;]*?)\b(\w+)\s*\[([^\];]*)\]\s*;")
 
 
@@ -86,7 +86,7 @@ def rewrite(text: str) -> str:
         pos = end
     out.append(text[pos:])
     # cudaLaunchKernelEx(cfg, kernel<...>, args) -> emu::launch_kernel_ex("kernel", cfg, ...)
-    return _LAUNCH_EX.sub(r'::emu::launch_kernel_ex("\2", \1\2', "".join(out))
+    return _LAUNCH_EX.sub(r'::emu::launch_kernel_ex("\3", \1\2\3', "".join(out))
 
 
 def _sources() -> list[str]:
@@ -248,10 +248,11 @@ class Emulated:
     def windows(self, first_blocks: dict, zero_workspace_before: tuple = ()):
         """Within the block, launches of each kernel named in ``first_blocks`` (``{"kernel":
         (x, y, z)}``, names without template arguments) skip its blocks whose index is below
-        those in any axis, and before a launch of a kernel named in ``zero_workspace_before``
-        the call's workspace is zeroed. So the far end of an input too large to emulate whole
-        can be run: the token blocks past some row, and the token splits past it, whose skipped
-        splits' workspace slabs then add nothing (the phases of the backward share one)."""
+        those in any axis (a cluster runs whole), and before a launch of a kernel named in
+        ``zero_workspace_before`` the call's workspace is zeroed. So the far end of an input
+        too large to emulate whole can be run: the token blocks past some row, and the token
+        splits past it, whose skipped splits' workspace slabs then add nothing (the phases of
+        the backward share one)."""
         self._windows = (dict(first_blocks), tuple(zero_workspace_before))
         try:
             yield

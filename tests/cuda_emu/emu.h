@@ -182,8 +182,9 @@ inline bool refuse_clusters = false;
 
 // Windows, for running the far end of inputs too large to emulate whole (tests set them): a
 // launch of the kernel named K (its name without template arguments) skips the blocks whose
-// index is below first_block[K] in x, y or z, and before it the buffer zero_before[K] is
-// zeroed (a workspace whose skipped splits must add nothing). Kernels not named run whole.
+// index is below first_block[K] in x, y or z (in y, a cluster runs whole: from the start of
+// the one that holds first_block[K].y), and before it the buffer zero_before[K] is zeroed (a
+// workspace whose skipped splits must add nothing). Kernels not named run whole.
 struct Buffer {
   void* p;
   size_t bytes;
@@ -192,8 +193,9 @@ inline std::map<std::string, dim3, std::less<>> first_block;
 inline std::map<std::string, Buffer, std::less<>> zero_before;
 
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
-// &kernel, [&] { kernel(args); }); cudaLaunchKernelEx calls it too, with its cluster dimension
-// (1 x cluster_y x 1 blocks; the kernels use no other shape). Synchronous: the launch is over
+// &kernel, [&] { kernel(args); }, 1u, "kernel"); cudaLaunchKernelEx to launch_kernel_ex, which
+// calls it with its cluster dimension (1 x cluster_y x 1 blocks; the kernels use no other
+// shape). Synchronous: the launch is over
 // when this returns. The blocks of a cluster run at once, clusters one after another.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void* kernel,
