@@ -105,8 +105,8 @@ def test_wheel_local_version(cuda, torch_version, label):
 
 # ---- the extension built here for a lent GPU machine (python/tools/gpu_prebuilt.py) -----------
 
-# A stand-in for _C with the two attributes the load check reads: a real extension module, so
-# the check's import is the one a prebuilt library goes through on the GPU machine.
+# A stand-in for _C with the build facts build_info() reads: a real extension module, so the
+# check's import is the one a prebuilt library goes through on the GPU machine.
 _FAKE_EXTENSION = r"""
 #include <Python.h>
 static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", NULL, -1, NULL};
@@ -114,13 +114,14 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&def);
   PyModule_AddStringConstant(m, "arch_list", ARCHS);
   PyModule_AddStringConstant(m, "torch_version", TORCH);
+  PyModule_AddStringConstant(m, "cuda_version", "13.0");
   return m;
 }
 """
 
 
 def _prebuilt_tree(tmp_path: Path, arch: str, library: bytes | None = None) -> Path:
-    """A tree with this repo's csrc/ and setup.py, an empty mtlora_kernels package and a
+    """A tree with this repo's csrc/, setup.py and mtlora_kernels package (without _C) and a
     gpu_prebuilt/ made for ``arch`` from those sources (holding ``library``)."""
     import shutil
     import sysconfig
@@ -129,8 +130,8 @@ def _prebuilt_tree(tmp_path: Path, arch: str, library: bytes | None = None) -> P
     root = tmp_path / "tree"
     shutil.copytree(ROOT / "csrc", root / "csrc")
     shutil.copy2(ROOT / "setup.py", root / "setup.py")
-    (root / "mtlora_kernels").mkdir()
-    (root / "mtlora_kernels" / "__init__.py").write_text("")
+    shutil.copytree(ROOT / "mtlora_kernels", root / "mtlora_kernels",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     name = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
     (root / "gpu_prebuilt").mkdir()
     (root / "gpu_prebuilt" / name).write_bytes(library if library is not None else b"not ELF")
@@ -210,7 +211,7 @@ def test_prebuilt_extension_that_fits_is_installed(tmp_path):
     root = _prebuilt_tree(tmp_path, "9.0", lib)
     ok, why = tool.use("9.0", root=root)
     assert ok, why
-    assert "archs ['800', '900']" in why
+    assert "archs ['sm_80', 'sm_90']" in why
     (installed,) = (root / "mtlora_kernels").glob("_C*")
     assert installed.read_bytes() == lib
 

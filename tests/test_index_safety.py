@@ -566,10 +566,6 @@ def test_torch_backend_past_2_pow_31():
 # --------------------------------------------------------------------------------------------
 
 
-def _nan(*shape, dtype=torch.float16) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype)
-
-
 @pytest.mark.slow
 @pytest.mark.emulator
 @pytest.mark.parametrize("case", ["x_past_2_pow_31", "y_past_2_pow_31"])
@@ -612,14 +608,14 @@ def test_cuda_kernels_past_2_pow_31_in_the_emulator(case, monkeypatch):
     zero = ("backward_dy_kernel", "backward_db_kernel", "backward_daw_kernel")
 
     gen = torch.Generator().manual_seed(0)
-    x = _nan(T, d_in)
+    x = cuda_emu._poisoned(T, d_in, dtype=torch.float16)
     x[lo:] = torch.randn(rows, d_in, generator=gen).half()
     A = (torch.randn(r, d_in, generator=gen) / d_in**0.5).half()
     B = (torch.randn(N, d_out, r, generator=gen) / 2).half()
     W = (torch.randn(g * N, d_in, generator=gen) / d_in**0.5).half()
     residual = None
     if d_out == big:
-        residual = _nan(T, d_out)
+        residual = cuda_emu._poisoned(T, d_out, dtype=torch.float16)
         residual[lo:] = torch.randn(rows, d_out, generator=gen).half()
     with emu.windows(windows):
         y, h, pi = emu.forward(x, A, B, W, None, residual, g, scaling, p, seed)
@@ -628,7 +624,7 @@ def test_cuda_kernels_past_2_pow_31_in_the_emulator(case, monkeypatch):
     res_rows = None if residual is None else residual[lo:].clone()
     del y, residual
 
-    dy = _nan(T, d_out)
+    dy = cuda_emu._poisoned(T, d_out, dtype=torch.float16)
     dy[lo:] = torch.randn(rows, d_out, generator=gen).half()
     with emu.windows(windows, zero_workspace_before=zero):
         dx, dA, dB, dW, _ = emu.backward(dy, x, A, B, W, h, pi, None, g, scaling, p, seed)

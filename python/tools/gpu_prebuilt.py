@@ -98,18 +98,21 @@ def make(python: Path | None, arch: str) -> Path:
     return OUT / lib.name
 
 
+# The tree's own account of its extension (build_info), and on a GPU one of its kernels.
 _LOAD_CHECK = """
 import sys, torch
-import mtlora_kernels._C as ext
-want = sys.argv[1]
-archs = {a.strip() for a in str(ext.arch_list).split(",")}
-here = torch.__version__.split("+")[0]
-assert str(ext.torch_version) == here, ("built for torch", ext.torch_version, "here", here)
-assert want in archs, (want, archs)
-if torch.cuda.is_available():  # one kernel of the library runs on this GPU
+from mtlora_kernels._build_info import build_info
+info = build_info()
+assert info["cuda_extension"], info["cuda_extension_reason"]
+assert info["extension_torch_matches"], ("built for torch", info["extension_torch"], "here",
+                                         info["torch"])
+assert sys.argv[1] in info["extension_archs"], (sys.argv[1], info["extension_archs"])
+if torch.cuda.is_available():
+    import mtlora_kernels._C as ext
     keep = ext.dropout_keep_mask(1, 64, 64, 0.5, torch.device("cuda"))
     assert keep.is_cuda and 0.3 < keep.float().mean().item() < 0.7
-print("prebuilt mtlora_kernels._C loads: archs", sorted(archs), "torch", ext.torch_version)
+print("prebuilt mtlora_kernels._C loads: archs", info["extension_archs"], "torch",
+      info["extension_torch"])
 """
 
 
@@ -132,9 +135,8 @@ def use(arch: str, root: Path = ROOT, python: str = sys.executable) -> tuple[boo
     if not m["library"].endswith(suffix):
         return False, f"{m['library']} is not for this Python ({suffix})"
     shutil.copy2(root / "gpu_prebuilt" / m["library"], dest)
-    major, minor = arch.split(".")
-    r = subprocess.run([python, "-c", _LOAD_CHECK, str(int(major) * 100 + int(minor) * 10)],
-                       cwd=root, text=True, capture_output=True)
+    r = subprocess.run([python, "-c", _LOAD_CHECK, "sm_" + arch.replace(".", "")], cwd=root,
+                       text=True, capture_output=True)
     if r.returncode != 0:
         dest.unlink()
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -320,8 +320,8 @@ class Emulated:
         err = ctypes.create_string_buffer(256)
         rc = self._run(
             ws, self._lib.emu_mix_backward, _DTYPES[x.dtype], _ptr(dy), _ptr(x), _ptr(A),
-            _ptr(B), _ptr(route_weight), _ptr(h), _ptr(pi), _ptr(dpi), _ptr(dx), _ptr(dA), _ptr(dB),
-            _ptr(dW) if routed else None, _ptr(dz), _ptr(dh_ws), _ptr(dpi_ws), _ptr(ws),
+            _ptr(B), _ptr(route_weight), _ptr(h), _ptr(pi), _ptr(dpi), _ptr(dx), _ptr(dA),
+            _ptr(dB), _ptr(dW) if routed else None, _ptr(dz), _ptr(dh_ws), _ptr(dpi_ws), _ptr(ws),
             self._shape(x, A, B, groups), float(scaling), float(dropout_p),
             int(seed) & (2**64 - 1), int(self.num_sms), err, len(err))
         self._check(rc, err)

@@ -195,8 +195,8 @@ inline std::map<std::string, Buffer, std::less<>> zero_before;
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to launch(grid, block, smem, stream,
 // &kernel, [&] { kernel(args); }, 1u, "kernel"); cudaLaunchKernelEx to launch_kernel_ex, which
 // calls it with its cluster dimension (1 x cluster_y x 1 blocks; the kernels use no other
-// shape). Synchronous: the launch is over
-// when this returns. The blocks of a cluster run at once, clusters one after another.
+// shape). Synchronous: the launch is over when this returns. The blocks of a cluster run at
+// once, clusters one after another.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void* kernel,
             F body, unsigned cluster_y, std::string_view name) {
