@@ -149,6 +149,8 @@ def test_external_logits_and_routing_gradient(cuda_ext, T, g, dtype):
         (16, 256, 512, 16, 16, 8),
         (17, 256, 512, 16, 16, 8),  # just past the decode threshold
         (70, 96, 128, 80, 2, 2),  # r > 64: two rank chunks in the backward
+        (7, 96, 128, 64, 4, 2),  # r = 64: the logits' sweep of x starts at q0 = r, no dropout
+        (20, 96, 128, 64, 4, 2),  # (decode tiles, then 64-row tiles)
     ],
 )
 def test_sizes(cuda_ext, T, d_in, d_out, r, N, g, dtype):
@@ -319,6 +321,7 @@ def test_backward_token_splits(monkeypatch, T, d_in, d_out, r, N, g, num_sms, db
         (70, 200, 24, 3, 2, 132, 4),  # c = 100: split 1 ends group 0 and starts group 1
         (70, 384, 16, 4, 2, 3, 3),  # 128-column splits; the middle one spans both groups
         (17, 192, 80, 4, 2, 2, 3),  # r > 64: two rank slices per split
+        (133, 1024, 16, 4, 1, 1, 1),  # a group of 1024 columns: two 512-column pieces (kUCols)
         (133, 512, 16, 16, 2, 1, 1),  # the token tiles fill the device: no split
     ],
 )
@@ -334,6 +337,32 @@ def test_backward_dy_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, spli
     assert ws >= (splits * T * (r + g * N) if splits > 1 else 0)
     check_against_reference(T, 64, d_out, r, N, g, dtype, torch.device("cpu"), p=0.05,
                             with_dpi=True, seed=T + d_out + r)
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T,d_in,d_out,r,N,g,num_sms",
+    [
+        (70, 64, 200, 24, 3, 2, 132),  # c = 100: dB's and the dy splits' tiles end mid-group
+        (133, 37, 30, 5, 3, 3, 132),  # c = 10: several groups per tile
+        (17, 64, 192, 16, 4, 2, 1),  # forward column splits, group 1 in both
+        (200, 64, 64, 16, 4, 2, 132),  # token splits of dB and dA/dW
+        (3, 512, 640, 16, 4, 2, 132),  # clusters of 2, the third spans groups 0 and 1
+    ],
+)
+def test_blocks_in_reverse_order(monkeypatch, T, d_in, d_out, r, N, g, num_sms, dtype):
+    """A GPU runs a launch's blocks in any order; the emulator runs them in index order, where
+    an element that two blocks write passes when the later one writes it right. So the same
+    checks with every launch's blocks in reverse: each element must have one right writer."""
+    emu = cuda_emu.install(monkeypatch)
+    monkeypatch.setattr(emu, "num_sms", num_sms)
+    emu.reverse_blocks(True)
+    try:
+        check_against_reference(T, d_in, d_out, r, N, g, dtype, torch.device("cpu"), p=0.1,
+                                with_dpi=True, seed=T + d_out)
+    finally:
+        emu.reverse_blocks(False)
 
 
 def test_backward_is_bitwise_reproducible_in_both_modes(cuda_ext):

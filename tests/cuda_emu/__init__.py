@@ -191,8 +191,8 @@ class Emulated:
                                          ctypes.c_void_p]
         lib.emu_forward_max_cluster.restype = ctypes.c_int
         lib.emu_forward_max_cluster.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.emu_refuse_clusters.restype = None
-        lib.emu_refuse_clusters.argtypes = [ctypes.c_int]
+        lib.emu_refuse_clusters.restype = lib.emu_reverse_blocks.restype = None
+        lib.emu_refuse_clusters.argtypes = lib.emu_reverse_blocks.argtypes = [ctypes.c_int]
         lib.emu_set_window.restype = lib.emu_clear_windows.restype = None
         lib.emu_set_window.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 3 + [
             ctypes.c_void_p, ctypes.c_size_t]
@@ -243,6 +243,11 @@ class Emulated:
         """Make every cluster launch fail (cudaErrorInvalidClusterSize), as on a GPU that
         cannot schedule one."""
         self._lib.emu_refuse_clusters(int(refuse))
+
+    def reverse_blocks(self, reverse: bool) -> None:
+        """Run every launch's blocks (clusters, in y) in reverse index order, as a GPU may:
+        an element that two blocks write passes in index order when the later one is right."""
+        self._lib.emu_reverse_blocks(int(reverse))
 
     @contextlib.contextmanager
     def windows(self, first_blocks: dict, zero_workspace_before: tuple = ()):

@@ -50,6 +50,8 @@ extern "C" int emu_forward_max_cluster(int cluster_launch, int ptx, int binary) 
 
 // Whether every cluster launch fails, as on a GPU that cannot schedule one.
 extern "C" void emu_refuse_clusters(int refuse) { emu::refuse_clusters = refuse != 0; }
+// Whether launches run their blocks in reverse index order.
+extern "C" void emu_reverse_blocks(int reverse) { emu::reverse_blocks = reverse != 0; }
 
 // Windows (emu.h): launches of `kernel` skip their blocks below (x, y, z) and zero `bytes` at
 // `zero` first (if not null); emu_clear_windows() ends them all.

@@ -1,7 +1,8 @@
 // A CPU emulator of the part of CUDA that csrc/ uses, for running the extension's kernels and
 // launch sequence on a machine without a GPU (tests/cuda_emu/__init__.py builds it).
 //
-// Execution model: a launch runs its blocks one after another; the threads of a block are real
+// Execution model: a launch runs its blocks one after another, in index order or (a switch
+// tests set: reverse_blocks) in reverse, as a GPU may run them in any order; the threads of a block are real
 // OS threads, so __syncthreads is a real barrier, and ThreadSanitizer sees every shared-memory
 // access of a block as a concurrent access (a missing barrier is a reported race). __shared__
 // arrays become static arrays (one block at a time uses them) and `extern __shared__` (dynamic
@@ -179,6 +180,9 @@ constexpr unsigned kMaxClusterSize = 8;
 // Tests set this to refuse every cluster launch as a GPU does that cannot schedule one (an MPS
 // share of too few SMs): cudaErrorInvalidClusterSize.
 inline bool refuse_clusters = false;
+// Tests set this to run every launch's blocks (clusters, in y) in reverse index order: an
+// element that two blocks write, the later one in index order correctly, passes only in order.
+inline bool reverse_blocks = false;
 
 // Windows, for running the far end of inputs too large to emulate whole (tests set them): a
 // launch of the kernel named K (its name without template arguments) skips the blocks whose
@@ -248,10 +252,15 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
         block_barrier = &barriers[q];
         cluster = &cl;
         cluster_rank = q;
+        // In reverse, the same blocks (clusters whole, windows too) from the last one down.
+        const unsigned y0 = first.y / cluster_y * cluster_y;
         for (unsigned bz = first.z; bz < grid.z; ++bz)
-          for (unsigned by = first.y / cluster_y * cluster_y; by < grid.y; by += cluster_y)
+          for (unsigned by = y0; by < grid.y; by += cluster_y)
             for (unsigned bx = first.x; bx < grid.x; ++bx) {
-              blockIdx = dim3(bx, by + q, bz);
+              blockIdx = reverse_blocks ? dim3(grid.x - 1 - (bx - first.x),
+                                               grid.y - cluster_y - (by - y0) + q,
+                                               grid.z - 1 - (bz - first.z))
+                                        : dim3(bx, by + q, bz);
               body();
               async_open.clear();  // copies the block never waited for never land
               async_committed.clear();
