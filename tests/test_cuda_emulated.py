@@ -49,8 +49,8 @@ def test_rewrite_turns_cuda_syntax_into_cpp():
   cudaLaunchKernelEx(&cfg, ns::gk<T>, b);
 """
     out = cuda_emu.rewrite(src)
-    assert ("static __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes]; "
-            "::emu::shared_init(smem_raw_, sizeof(smem_raw_));") in out
+    assert ("unsigned char* smem_raw_ = ::emu::static_shared(TileSmem<T, BM>::kBytes);"
+            in out)
     assert "unsigned char* dyn_ = ::emu::dynamic_shared();  // Smem::kBytes" in out
     assert ("::emu::launch(grid, kThreads, smem, stream, reinterpret_cast<const void*>(&k<T, BM>),"
             " [&] { k<T, BM>(\n      a, f(b, c), d); }, 1u, \"k\");" in out)
@@ -58,5 +58,7 @@ def test_rewrite_turns_cuda_syntax_into_cpp():
             ' a.x, s);') in out
     assert '::emu::launch_kernel_ex("gk", &cfg, ns::gk<T>, b);' in out
     assert "<<<" not in out and "__shared__" not in out
-    with pytest.raises(ValueError, match="must be unsigned char"):
-        cuda_emu.rewrite("extern __shared__ float buf[];")
+    for bad in ("extern __shared__ float buf[];", "__shared__ float buf[64];",
+                "__shared__ __align__(256) unsigned char buf[64];"):
+        with pytest.raises(ValueError, match="must be unsigned char, aligned to <= 128 B"):
+            cuda_emu.rewrite(bad)

@@ -51,17 +51,29 @@ _LAUNCH_EX = re.compile(r"\bcudaLaunchKernelEx\((\s*[^,()]+,\s*)((?:\w+::)*)(\w+
 _SHARED = re.compile(r"__shared__\s+([^;]*?)\b(\w+)\s*\[([^\];]*)\]\s*;")
 
 
+def _byte_buffer(m: re.Match, what: str) -> None:
+    """Shared memory must be declared as bytes, aligned to at most the emulator's 128 B."""
+    decl = re.fullmatch(r"(?:__align__\((\d+)\)\s+)?unsigned char\s*", m[1])
+    if not decl or int(decl[1] or 1) > 128:
+        raise ValueError(f"{what} shared memory must be unsigned char, aligned to <= 128 B: "
+                         f"{m[0]!r}")
+
+
 def _dynamic_shared(m: re.Match) -> str:
-    if not re.fullmatch(r"(__align__\(\d+\)\s+)?unsigned char\s*", m[1]):
-        raise ValueError(f"dynamic shared memory must be unsigned char: {m[0]!r}")
+    _byte_buffer(m, "dynamic")
     return f"unsigned char* {m[2]} = ::emu::dynamic_shared();"
+
+
+def _static_shared(m: re.Match) -> str:
+    _byte_buffer(m, "static")
+    return f"unsigned char* {m[2]} = ::emu::static_shared({m[3]});"
 
 
 def rewrite(text: str) -> str:
     """CUDA source -> C++ for emu.h: ``__shared__`` arrays (static and ``extern``, i.e. dynamic)
     and ``<<<...>>>`` launches."""
     text = _EXTERN_SHARED.sub(_dynamic_shared, text)
-    text = _SHARED.sub(r"static \1\2[\3]; ::emu::shared_init(\2, sizeof(\2));", text)
+    text = _SHARED.sub(_static_shared, text)
     out, pos = [], 0
     while (start := text.find("<<<", pos)) != -1:
         stmt = max(text.rfind(c, 0, start) for c in ";{}") + 1  # the kernel expression starts here

@@ -2,13 +2,16 @@
 // launch sequence on a machine without a GPU (tests/cuda_emu/__init__.py builds it).
 //
 // Execution model: a launch runs its blocks one after another, in index order or (a switch
-// tests set: reverse_blocks) in reverse, as a GPU may run them in any order; the threads of a block are real
-// OS threads, so __syncthreads is a real barrier, and ThreadSanitizer sees every shared-memory
-// access of a block as a concurrent access (a missing barrier is a reported race). __shared__
-// arrays become static arrays (one block at a time uses them) and `extern __shared__` (dynamic
-// shared memory) a buffer of the launch's size, all filled with 0xFF bytes (NaN in fp32, fp16
-// and bf16) at the start of every block, so a read of shared memory that nothing wrote shows
-// up as NaN. A launch with more than 48 KB of dynamic shared memory fails unless the kernel
+// tests set: reverse_blocks) in reverse, as a GPU may run them in any order, or (another
+// switch: concurrent_blocks, which the sanitizer drivers set) several at a time, as SMs do, so
+// ThreadSanitizer sees two blocks touching the same global memory as a race. The threads of a
+// block are real OS threads, so __syncthreads is a real barrier, and ThreadSanitizer sees every
+// shared-memory access of a block as a concurrent access (a missing barrier is a reported
+// race). Every block that runs at once has its own shared memory: `__shared__` arrays (static)
+// and `extern __shared__` (dynamic, a buffer of the launch's size), all filled with 0xFF bytes
+// (NaN in fp32, fp16 and bf16) at the start of every block, so a read of shared memory that
+// nothing wrote shows up as NaN. Static shared memory may not exceed 48 KB, as on the GPU.
+// A launch with more than 48 KB of dynamic shared memory fails unless the kernel
 // opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed 99 KB, the
 // least any sm_80+ GPU allows (the GPU's limit, stated here on its own: the kernels' bound,
 // mtlora::kMaxSmemOptin in common.cuh, is what this checks).
@@ -16,7 +19,6 @@
 // cluster run at the same time, each with its own dynamic shared memory, which the others reach
 // through __cluster_map_shared_rank; __cluster_barrier_arrive / _wait is a real split barrier
 // over all of the cluster's threads (TSan sees a remote read not ordered by it as a race).
-// Static __shared__ arrays are refused in a cluster launch (they would be shared).
 //
 // Windows (tests of inputs too large to emulate whole): per kernel name, blocks below a given
 // index are skipped and a buffer can be zeroed before each launch (first_block, zero_before).
@@ -141,12 +143,21 @@ inline thread_local unsigned cluster_rank = 0;
 inline thread_local unsigned cluster_phase = 0;  // of this thread's last arrive
 inline thread_local bool cluster_arrived = false;
 
-// Start of a __shared__ array's life in a block: poisoned, then a barrier so that no thread
-// writes it before the poison lands.
-inline void shared_init(void* p, size_t bytes) {
-  if (cluster->size > 1) fail("static __shared__ arrays in a cluster launch are not emulated");
+// Static shared memory: `__shared__ unsigned char name[bytes];` is rewritten to `unsigned char*
+// name = ::emu::static_shared(bytes);`: the next 128-byte aligned piece of this block's
+// buffer (kMaxStaticSmem per block, as the GPU's limit), poisoned, then a barrier so that no
+// thread writes it before the poison lands.
+constexpr size_t kMaxStaticSmem = 48 * 1024;
+inline thread_local unsigned char* block_static_smem = nullptr;
+inline thread_local size_t block_static_used = 0;  // reset at the start of every block
+inline unsigned char* static_shared(size_t bytes) {
+  const size_t off = (block_static_used + 127) / 128 * 128;
+  if (off + bytes > kMaxStaticSmem) fail("static __shared__ arrays over 48 KB in one block");
+  block_static_used = off + bytes;
+  unsigned char* p = block_static_smem + off;
   if (threadIdx.x == 0) std::memset(p, 0xFF, bytes);
   syncthreads();
+  return p;
 }
 
 // cp.async (include/cuda_pipeline_primitives.h): this thread's copies not yet landed, in the
@@ -183,6 +194,10 @@ inline bool refuse_clusters = false;
 // Tests set this to run every launch's blocks (clusters, in y) in reverse index order: an
 // element that two blocks write, the later one in index order correctly, passes only in order.
 inline bool reverse_blocks = false;
+// The blocks of a launch without clusters that run at once (each with its own shared memory
+// and barrier, taking every concurrent_blocks-th block in turn); 1 runs them one after
+// another. The sanitizer drivers (check.cpp) set more, so TSan sees races between blocks.
+inline unsigned concurrent_blocks = 1;
 
 // Windows, for running the far end of inputs too large to emulate whole (tests set them): a
 // launch of the kernel named K (its name without template arguments) skips the blocks whose
@@ -200,7 +215,7 @@ inline std::map<std::string, Buffer, std::less<>> zero_before;
 // &kernel, [&] { kernel(args); }, 1u, "kernel"); cudaLaunchKernelEx to launch_kernel_ex, which
 // calls it with its cluster dimension (1 x cluster_y x 1 blocks; the kernels use no other
 // shape). Synchronous: the launch is over when this returns. The blocks of a cluster run at
-// once, clusters one after another.
+// once, clusters one after another; without clusters, concurrent_blocks blocks at a time.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void* kernel,
             F body, unsigned cluster_y, std::string_view name) {
@@ -227,55 +242,79 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
   gridDim = grid;
   blockDim = block;
   dynamic_smem_bytes = dynamic_smem;
+  // The blocks to run (the window's, clusters whole) as units u = 0 .. n-1 in index order, x
+  // fastest; a unit is one block, or the first block of a cluster.
+  const unsigned y0 = first.y / cluster_y * cluster_y;
+  const uint64_t nx = grid.x > first.x ? grid.x - first.x : 0;
+  const uint64_t ny = grid.y > y0 ? (grid.y - y0) / cluster_y : 0;
+  const uint64_t nz = grid.z > first.z ? grid.z - first.z : 0;
+  const uint64_t n = nx * ny * nz;
+  const auto unit = [&](uint64_t u) {
+    if (reverse_blocks) u = n - 1 - u;
+    return dim3(first.x + unsigned(u % nx), y0 + unsigned(u / nx % ny) * cluster_y,
+                first.z + unsigned(u / (nx * ny)));
+  };
+  // Slots: the blocks that run at once. A cluster's blocks run every unit together (slot q is
+  // rank q); without clusters, slot q runs units q, q + slots, ... on its own.
+  const bool clustered = cluster_y > 1;
+  const unsigned slots = clustered ? cluster_y
+                                   : unsigned(std::clamp<uint64_t>(concurrent_blocks, 1,
+                                                                   std::max<uint64_t>(n, 1)));
   struct AlignedDelete {
     void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
   };
-  std::vector<std::unique_ptr<unsigned char[], AlignedDelete>> bufs;
-  // The kernel's cluster barrier, and the end of each cluster (its own barrier: blocks that ran
-  // different numbers of cluster barriers hang in the kernel's, as on a GPU, and abort).
-  Barrier cluster_barrier(static_cast<unsigned>(threads) * cluster_y);
+  const auto alloc = [](size_t bytes) {
+    return std::unique_ptr<unsigned char[], AlignedDelete>(
+        bytes > 0 ? new (std::align_val_t(128)) unsigned char[bytes] : nullptr);
+  };
+  std::vector<std::unique_ptr<unsigned char[], AlignedDelete>> dyn, stat;
+  // Barrier is not movable: deques. A cluster's barrier spans its blocks; without clusters
+  // each slot is a cluster of one. The end of each cluster is a barrier of its own (blocks
+  // that ran different numbers of cluster barriers hang in the kernel's, as on a GPU, and
+  // abort).
+  std::deque<Barrier> barriers, cluster_barriers;
+  std::deque<Cluster> clusters;
   Barrier cluster_end(static_cast<unsigned>(threads) * cluster_y);
-  Cluster cl{cluster_y, {}, &cluster_barrier};
-  std::deque<Barrier> barriers;  // one per block of the cluster (Barrier is not movable)
-  for (unsigned q = 0; q < cluster_y; ++q) {
-    bufs.emplace_back(dynamic_smem > 0 ? new (std::align_val_t(128)) unsigned char[dynamic_smem]
-                                       : nullptr);
-    cl.smem.push_back(bufs.back().get());
+  for (unsigned q = 0; q < slots; ++q) {
+    dyn.push_back(alloc(dynamic_smem));
+    stat.push_back(alloc(kMaxStaticSmem));
     barriers.emplace_back(static_cast<unsigned>(threads));
+    if (!clustered || q == 0) {
+      cluster_barriers.emplace_back(static_cast<unsigned>(threads) * cluster_y);
+      clusters.push_back(Cluster{cluster_y, {}, &cluster_barriers.back()});
+    }
+    clusters.back().smem.push_back(dyn.back().get());
   }
   std::vector<std::thread> pool;
-  pool.reserve(threads * cluster_y);
-  for (unsigned q = 0; q < cluster_y; ++q) {
+  pool.reserve(threads * slots);
+  for (unsigned q = 0; q < slots; ++q) {
     for (unsigned t = 0; t < threads; ++t) {
       pool.emplace_back([&, q, t] {
         threadIdx = dim3(t, 0, 0);
         block_barrier = &barriers[q];
-        cluster = &cl;
-        cluster_rank = q;
-        // In reverse, the same blocks (clusters whole, windows too) from the last one down.
-        const unsigned y0 = first.y / cluster_y * cluster_y;
-        for (unsigned bz = first.z; bz < grid.z; ++bz)
-          for (unsigned by = y0; by < grid.y; by += cluster_y)
-            for (unsigned bx = first.x; bx < grid.x; ++bx) {
-              blockIdx = reverse_blocks ? dim3(grid.x - 1 - (bx - first.x),
-                                               grid.y - cluster_y - (by - y0) + q,
-                                               grid.z - 1 - (bz - first.z))
-                                        : dim3(bx, by + q, bz);
-              body();
-              async_open.clear();  // copies the block never waited for never land
-              async_committed.clear();
-              if (cluster_arrived) fail("block exits between a cluster arrive and its wait");
-              // The block is over for every thread before its shared memory is reused. In a
-              // cluster, its shared memory is gone when it exits (poisoned: a remote read after
-              // that, not ordered by a cluster barrier, is a race), and the next cluster starts
-              // when every block of this one is over.
-              block_barrier->wait();
-              if (cluster_y > 1) {
-                if (t == 0 && cl.smem[q] != nullptr) std::memset(cl.smem[q], 0xFF, dynamic_smem);
-                cluster_end.wait();
-              }
-            }
+        block_static_smem = stat[q].get();
+        cluster = &clusters[clustered ? 0 : q];
+        cluster_rank = clustered ? q : 0;
+        for (uint64_t u = clustered ? 0 : q; u < n; u += clustered ? 1 : slots) {
+          const dim3 b = unit(u);
+          blockIdx = dim3(b.x, b.y + (clustered ? q : 0), b.z);
+          block_static_used = 0;
+          body();
+          async_open.clear();  // copies the block never waited for never land
+          async_committed.clear();
+          if (cluster_arrived) fail("block exits between a cluster arrive and its wait");
+          // The block is over for every thread before its shared memory is reused. In a
+          // cluster, its shared memory is gone when it exits (poisoned: a remote read after
+          // that, not ordered by a cluster barrier, is a race), and the next cluster starts
+          // when every block of this one is over.
+          block_barrier->wait();
+          if (clustered) {
+            if (t == 0 && dyn[q] != nullptr) std::memset(dyn[q].get(), 0xFF, dynamic_smem);
+            cluster_end.wait();
+          }
+        }
         block_barrier = nullptr;
+        block_static_smem = nullptr;
         cluster = nullptr;
       });
     }
