@@ -4,10 +4,13 @@
 path (odd and aligned sizes, the folded and per-expert mix, decode tiles, two rank chunks, the
 split and deterministic dy kernel, external logits, plain LoRA) in fp32, fp16 and bf16:
 
-- under AddressSanitizer + UndefinedBehaviorSanitizer: any read or write past a tensor or a
-  shared-memory array, and any 16-byte vector access at a misaligned address;
+- under AddressSanitizer + UndefinedBehaviorSanitizer: any read or write past a tensor, a
+  static shared-memory array or the dynamic shared memory, and any 16-byte vector access at a
+  misaligned address;
 - under ThreadSanitizer: any pair of threads of a block touching the same shared or global
-  memory without a barrier or atomic between them (what compute-sanitizer's racecheck looks for).
+  memory without a barrier or atomic between them (what compute-sanitizer's racecheck looks
+  for), and of two blocks of a launch that run at once (up to four: emu.h's concurrent_blocks)
+  touching the same global memory.
 
 Each was shown to catch an injected bug (RELIABILITY.md): a dropped barrier in the
 K-loop (TSan), a tile loader reading one row past the end (ASan), vector loads without the
@@ -49,8 +52,8 @@ def test_rewrite_turns_cuda_syntax_into_cpp():
   cudaLaunchKernelEx(&cfg, ns::gk<T>, b);
 """
     out = cuda_emu.rewrite(src)
-    assert ("unsigned char* smem_raw_ = ::emu::static_shared(TileSmem<T, BM>::kBytes);"
-            in out)
+    assert ("unsigned char* smem_raw_ = ::emu::static_shared(TileSmem<T, BM>::kBytes, "
+            "__COUNTER__);" in out)
     assert "unsigned char* dyn_ = ::emu::dynamic_shared();  // Smem::kBytes" in out
     assert ("::emu::launch(grid, kThreads, smem, stream, reinterpret_cast<const void*>(&k<T, BM>),"
             " [&] { k<T, BM>(\n      a, f(b, c), d); }, 1u, \"k\");" in out)

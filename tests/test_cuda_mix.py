@@ -344,7 +344,7 @@ def test_backward_dy_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, spli
 @pytest.mark.parametrize(
     "T,d_in,d_out,r,N,g,num_sms",
     [
-        (70, 64, 200, 24, 3, 2, 132),  # c = 100: dB's and the dy splits' tiles end mid-group
+        (70, 64, 200, 24, 3, 2, 132),  # c = 100: a group ends inside a 64-column tile
         (133, 37, 30, 5, 3, 3, 132),  # c = 10: several groups per tile
         (17, 64, 192, 16, 4, 2, 1),  # forward column splits, group 1 in both
         (200, 64, 64, 16, 4, 2, 132),  # token splits of dB and dA/dW

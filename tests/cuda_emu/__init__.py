@@ -66,7 +66,7 @@ def _dynamic_shared(m: re.Match) -> str:
 
 def _static_shared(m: re.Match) -> str:
     _byte_buffer(m, "static")
-    return f"unsigned char* {m[2]} = ::emu::static_shared({m[3]});"
+    return f"unsigned char* {m[2]} = ::emu::static_shared({m[3]}, __COUNTER__);"
 
 
 def rewrite(text: str) -> str:

@@ -105,8 +105,8 @@ int main() {
       {20, 328, 256, 16, 4, 2, 2, 0.0f, 132},  // forward: clusters of 2, a partial last slice
       {3, 768, 192, 16, 4, 1, 1, 0.1f, 132},   // forward: a cluster of 3
   };
-  // Four blocks of every launch without clusters run at once (emu.h), so a race between blocks
-  // on global memory is a TSan report too.
+  // Up to four blocks of every launch without clusters run at once (emu.h), so a race between
+  // blocks on global memory is a TSan report too (between blocks that run at once).
   emu::concurrent_blocks = 4;
   std::mt19937 rng(0);
   int failures = 0;

@@ -50,7 +50,17 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define EMU_ASAN_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define EMU_ASAN_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define EMU_ASAN_POISON(p, n) ((void)(p), (void)(n))
+#define EMU_ASAN_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 // CUDA's device math API has isfinite at global scope (csrc/mix_backward_dy.cu uses it).
 using std::isfinite;
@@ -126,7 +136,8 @@ class Barrier {
   std::atomic<unsigned> count_{0}, gen_{0};
 };
 
-// The barrier of this thread's block. In a cluster launch, several blocks run at once.
+// The barrier of this thread's block. In a cluster launch, or with concurrent_blocks > 1,
+// several blocks run at once.
 inline thread_local Barrier* block_barrier = nullptr;
 
 inline void syncthreads() { block_barrier->wait(); }
@@ -144,18 +155,28 @@ inline thread_local unsigned cluster_phase = 0;  // of this thread's last arrive
 inline thread_local bool cluster_arrived = false;
 
 // Static shared memory: `__shared__ unsigned char name[bytes];` is rewritten to `unsigned char*
-// name = ::emu::static_shared(bytes);`: the next 128-byte aligned piece of this block's
-// buffer (kMaxStaticSmem per block, as the GPU's limit), poisoned, then a barrier so that no
-// thread writes it before the poison lands.
+// name = ::emu::static_shared(bytes, __COUNTER__);` (the counter names the declaration). Its
+// first execution in a block takes the next 128-byte aligned piece of the block's buffer
+// (kMaxStaticSmem, as the GPU's limit), poisoned, then a barrier so that no thread writes it
+// before the poison lands; a later one (a declaration in a loop or a function called twice)
+// is the same array, as on a GPU. Under AddressSanitizer the rest of the buffer is poisoned
+// for it, so an access past an array is reported.
 constexpr size_t kMaxStaticSmem = 48 * 1024;
 inline thread_local unsigned char* block_static_smem = nullptr;
-inline thread_local size_t block_static_used = 0;  // reset at the start of every block
-inline unsigned char* static_shared(size_t bytes) {
+inline thread_local size_t block_static_used = 0;  // these two: reset at the start of a block
+inline thread_local std::vector<std::pair<int, size_t>> block_static_arrays;  // (site, offset)
+inline unsigned char* static_shared(size_t bytes, int site) {
+  for (const auto& [s, off] : block_static_arrays)
+    if (s == site) return block_static_smem + off;
   const size_t off = (block_static_used + 127) / 128 * 128;
   if (off + bytes > kMaxStaticSmem) fail("static __shared__ arrays over 48 KB in one block");
   block_static_used = off + bytes;
+  block_static_arrays.emplace_back(site, off);
   unsigned char* p = block_static_smem + off;
-  if (threadIdx.x == 0) std::memset(p, 0xFF, bytes);
+  if (threadIdx.x == 0) {
+    EMU_ASAN_UNPOISON(p, bytes);
+    std::memset(p, 0xFF, bytes);
+  }
   syncthreads();
   return p;
 }
@@ -196,7 +217,9 @@ inline bool refuse_clusters = false;
 inline bool reverse_blocks = false;
 // The blocks of a launch without clusters that run at once (each with its own shared memory
 // and barrier, taking every concurrent_blocks-th block in turn); 1 runs them one after
-// another. The sanitizer drivers (check.cpp) set more, so TSan sees races between blocks.
+// another. The sanitizer drivers (check.cpp) set more, so TSan sees races between blocks,
+// but only between blocks that run at once: two whose linear indices (x fastest) differ by a
+// multiple of concurrent_blocks run in one slot, one after the other.
 inline unsigned concurrent_blocks = 1;
 
 // Windows, for running the far end of inputs too large to emulate whole (tests set them): a
@@ -278,6 +301,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
   for (unsigned q = 0; q < slots; ++q) {
     dyn.push_back(alloc(dynamic_smem));
     stat.push_back(alloc(kMaxStaticSmem));
+    EMU_ASAN_POISON(stat.back().get(), kMaxStaticSmem);  // static_shared unpoisons its arrays
     barriers.emplace_back(static_cast<unsigned>(threads));
     if (!clustered || q == 0) {
       cluster_barriers.emplace_back(static_cast<unsigned>(threads) * cluster_y);
@@ -299,6 +323,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
           const dim3 b = unit(u);
           blockIdx = dim3(b.x, b.y + (clustered ? q : 0), b.z);
           block_static_used = 0;
+          block_static_arrays.clear();
           body();
           async_open.clear();  // copies the block never waited for never land
           async_committed.clear();
@@ -308,6 +333,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
           // that, not ordered by a cluster barrier, is a race), and the next cluster starts
           // when every block of this one is over.
           block_barrier->wait();
+          if (t == 0) EMU_ASAN_POISON(stat[q].get(), kMaxStaticSmem);
           if (clustered) {
             if (t == 0 && dyn[q] != nullptr) std::memset(dyn[q].get(), 0xFF, dynamic_smem);
             cluster_end.wait();
@@ -320,6 +346,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
     }
   }
   for (auto& th : pool) th.join();
+  for (auto& buf : stat) EMU_ASAN_UNPOISON(buf.get(), kMaxStaticSmem);
   dynamic_smem_bytes = 0;
 }
 }  // namespace emu
