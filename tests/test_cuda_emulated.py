@@ -41,6 +41,45 @@ def test_kernels_clean_under_sanitizer(variant):
     assert res.stdout.count(": ok") == 39, res.stdout  # 13 shapes x 3 dtypes, all ran
 
 
+_SHARED_PROBE = """
+#include <cstdio>
+#include <cuda_runtime_api.h>
+__device__ unsigned char* piece(int v) {  // one static array, executed twice per block
+  __shared__ __align__(16) unsigned char buf[64];
+  if (threadIdx.x == 0 && v >= 0) buf[0] = static_cast<unsigned char>(v);
+  __syncthreads();
+  return buf;
+}
+__global__ void probe(int* out) {
+  unsigned char* a = piece(int(blockIdx.x));
+  unsigned char* b = piece(-1);
+  __shared__ unsigned char other[32];
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = (a == b) + 2 * (b[0] == blockIdx.x) + 4 * (other != a);
+}
+int main() {
+  int out[8] = {};
+  ::emu::concurrent_blocks = 4;
+  probe<<<8, 32, 0, nullptr>>>(out);
+  for (int i = 0; i < 8; ++i) std::printf("%d ", out[i]);
+  return 0;
+}
+"""
+
+
+def test_static_shared_array_is_one_per_declaration_and_block(tmp_path):
+    """A __shared__ declaration executed twice in a block (in a function called twice) is the
+    same array, which keeps what the block wrote, as on a GPU; another declaration is another
+    array; blocks that run at once (concurrent_blocks) each have their own."""
+    src = tmp_path / "probe.cpp"
+    src.write_text(cuda_emu.rewrite(_SHARED_PROBE))
+    exe = tmp_path / "probe"
+    subprocess.run([cuda_emu.CXX, *cuda_emu.BASE_FLAGS, "-O1", "-I", str(cuda_emu.HERE / "include"),
+                    str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True)
+    assert res.stdout.split() == ["7"] * 8, res.stdout
+
+
 def test_rewrite_turns_cuda_syntax_into_cpp():
     src = """
   __shared__ __align__(128) unsigned char smem_raw_[TileSmem<T, BM>::kBytes];
