@@ -249,8 +249,30 @@ def test_clusters_only_with_device_code_for_sm90():
     assert emu.forward_max_cluster(True, 80, 90) == 1  # sm_80 PTX JIT-compiled for an H100
     assert emu.forward_max_cluster(False, 90, 90) == 1
     assert emu.forward_plan(3, 512, 256, 16, 4, 1)[1] == 4  # (emu.max_cluster = 8)
-    emu1 = cuda_emu.Emulated(emu._lib, max_cluster=1)
+    emu1 = cuda_emu.Emulated(emu._module, emu._lib, max_cluster=1)
     assert emu1.forward_plan(3, 512, 256, 16, 4, 1)[1] == 1
+
+
+@pytest.mark.emulator
+def test_bindings_launch_clusters_unless_switched_off(monkeypatch):
+    """bindings.cpp plans the forward with the device's largest cluster (asked once) unless
+    MTLORA_CUDA_CLUSTERS=0, read on every call: on the emulated sm_90 device a forward whose
+    plan takes clusters launches one, and with the switch the same forward launches none and
+    gives the same result within rounding (the partial sums of h are added in another order)."""
+    emu = cuda_emu.install(monkeypatch)
+    T, d_in, d_out, r, N, g = 3, 512, 256, 16, 4, 1
+    assert emu.forward_plan(T, d_in, d_out, r, N, g)[1] == 4
+    x, A, B, W, _ = (None if t is None else t.float()
+                     for t in make_inputs(T, d_in, d_out, r, N, g, torch.device("cpu"), seed=4))
+    ys = {}
+    for max_cluster, launches in ((8, 1), (1, 0), (8, 1)):
+        monkeypatch.setattr(emu, "max_cluster", max_cluster)
+        before = emu.cluster_launches()
+        ys[max_cluster] = mix(x, A, B, W, groups=g, scaling=2.0, backend="cuda")
+        assert emu.cluster_launches() - before == launches, max_cluster
+    ref = mix_reference(x.double(), A.double(), B.double(), W.double(), groups=g, scaling=2.0)
+    for y in ys.values():
+        assert_close_to_reference(y, ref, torch.float32, "y")
 
 
 @pytest.mark.emulator
@@ -422,24 +444,76 @@ def test_agrees_with_triton_backend(cuda_ext, dtype):
             assert rel_err(a, b) <= 2 * REL_TOL[dtype]
 
 
-@pytest.mark.gpu
-def test_boundary_errors_name_the_argument(cuda_gpu):
-    x, A, B, W, _ = make_inputs(4, 16, 8, 4, 2, 2, cuda_gpu, seed=1)
+# bindings.cpp's checks, each with the message it must give: (the arguments of forward or
+# backward that differ from a valid call, given the valid ones; a pattern of the message).
+# "off_device" is a tensor the extension must refuse: a CPU tensor on a GPU, and on the
+# emulator, whose device is the CPU, a meta tensor.
+_BOUNDARY = {
+    "x_3d": ("forward", lambda a: dict(x=a["x"][None]), r"x must have shape \[T, d_in\]"),
+    "x_off_device": ("forward", lambda a: dict(x=a["x"].to(a["off_device"])),
+                     "x must be a CUDA tensor"),
+    "B_rank": ("forward", lambda a: dict(B=a["B"][:, :, :3].contiguous()),
+               r"lora_B must have shape \[2, 8, 4\] \(\[N, d_out, r\]\), got \[2, 8, 3\]"),
+    "B_strided": ("forward", lambda a: dict(B=a["B"].transpose(1, 2).contiguous().transpose(1, 2)),
+                  "lora_B must be contiguous"),
+    "A_dtype": ("forward", lambda a: dict(A=a["A"].half()), "lora_A must have dtype Float"),
+    "A_off_device": ("forward", lambda a: dict(A=a["A"].to(a["off_device"])),
+                     "lora_A must be a CUDA tensor"),
+    "route_rows": ("forward", lambda a: dict(route_weight=a["route_weight"][:3].contiguous()),
+                   r"route_weight must have shape \[4, 16\]"),
+    "groups": ("forward", lambda a: dict(groups=3),
+               "groups must be a positive divisor of d_out=8, got 3"),
+    "dropout": ("forward", lambda a: dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+    "router_twice": ("forward", lambda a: dict(logits=a["logits"]),
+                     "either route_weight or logits, not both"),
+    "no_router": ("forward", lambda a: dict(route_weight=None), "lora_B holds 2 experts"),
+    "logits_int": ("forward", lambda a: dict(route_weight=None, logits=a["logits"].long()),
+                   "logits must be floating"),
+    "logits_shape": ("forward", lambda a: dict(route_weight=None, logits=a["logits"][:, :3]),
+                     r"logits must have shape \[4, 4\]"),
+    "residual_shape": ("forward", lambda a: dict(residual=a["x"][:, :8].contiguous()[:3]),
+                       r"residual must have shape \[4, 8\]"),
+    "float64": ("forward", lambda a: {k: a[k].double() for k in ("x", "A", "B", "route_weight")},
+                "supports float32, float16 and bfloat16 inputs, got Double"),
+    "rows_past_2_26": ("forward", lambda a: dict(x=a["big"], A=a["big"], B=a["B"][:, :, :1],
+                                                 route_weight=None, groups=1),
+                       r"below 2\^26 .* got d_in=67108864"),
+    "dy_shape": ("backward", lambda a: dict(dy=a["dy"][:, :7].contiguous()),
+                 r"dy must have shape \[4, 8\]"),
+    "h_dtype": ("backward", lambda a: dict(h=a["h"].half()), "h must have dtype Float"),
+    "pi_shape": ("backward", lambda a: dict(pi=a["pi"][:, :1].contiguous()),
+                 r"pi must have shape \[4, 2, 2\]"),
+    "dpi_shape": ("backward", lambda a: dict(dpi=a["pi"][:3].contiguous()),
+                  r"dpi must have shape \[4, 2, 2\]"),
+    "backward_dropout": ("backward", lambda a: dict(dropout_p=-0.5),
+                         r"dropout_p must be in \[0, 1\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BOUNDARY))
+def test_boundary_errors_name_the_argument(cuda_ext, case):
+    """bindings.cpp refuses bad arguments before any launch, with a message that names the
+    argument and the expected shape or dtype (on the emulator: the same file, compiled against
+    the CPU build of torch)."""
+    x, A, B, W = (t.float() for t in make_inputs(4, 16, 8, 4, 2, 2, cuda_ext, seed=1)[:4])
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
-        mix(x, A, B, W, groups=2, backend="cuda")  # fp64 stays with the torch backend
+        mix(x.double(), A.double(), B.double(), W.double(), groups=2, backend="cuda")
     ext = backends._cuda_extension()[0]
-    xf, Af, Bf, Wf = (t.float() for t in (x, A, B, W))
-    with pytest.raises(RuntimeError, match=r"lora_B must have shape \[2, 8, 4\]"):
-        ext.forward(xf, Af, Bf[:, :, :3].contiguous(), Wf, None, None, 2, 1.0, 0.0, 0)
-    with pytest.raises(RuntimeError, match=r"route_weight must have shape \[4, 16\]"):
-        ext.forward(xf, Af, Bf, Wf[:3].contiguous(), None, None, 2, 1.0, 0.0, 0)
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        ext.forward(xf.cpu(), Af, Bf, Wf, None, None, 2, 1.0, 0.0, 0)
-    # Rows of 2^26 elements: past the 32-bit offsets of the kernels' tile loaders.
-    big = torch.empty(1, 2**26, device=cuda_gpu, dtype=torch.bfloat16)  # x and lora_A
-    B1 = torch.empty(1, 8, 1, device=cuda_gpu, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match=r"below 2\^26 .* got d_in=67108864"):
-        ext.forward(big, big, B1, None, None, None, 1, 1.0, 0.0, 0)
+    fwd = dict(x=x, A=A, B=B, route_weight=W, logits=None, residual=None, groups=2, scaling=1.0,
+               dropout_p=0.0, seed=0)
+    y, h, pi = ext.forward(**fwd)  # the valid call
+    assert y.shape == (4, 8) and h.shape == (4, 4) and pi.shape == (4, 2, 2)
+    bwd = dict(dy=torch.randn_like(y), x=x, A=A, B=B, route_weight=W, h=h, pi=pi, dpi=None,
+               groups=2, scaling=1.0, dropout_p=0.0, seed=0)
+    ext.backward(**bwd)
+    kind, change, message = _BOUNDARY[case]
+    have = {**fwd, **bwd, "logits": torch.randn(4, 4, device=cuda_ext),
+            "off_device": torch.device("meta" if cuda_ext.type == "cpu" else "cpu"),
+            "big": (torch.empty(1, 2**26, device=cuda_ext, dtype=torch.float32)
+                    if case == "rows_past_2_26" else None)}  # rows past the 32-bit offsets
+    args = {**(fwd if kind == "forward" else bwd), **change(have)}
+    with pytest.raises(RuntimeError, match=message):
+        getattr(ext, kind)(**args)
 
 
 @pytest.mark.gpu
@@ -469,10 +543,10 @@ def test_int64_offsets_past_2_to_31(cuda_gpu):
 
 def test_cuda_and_triton_backends_draw_the_same_mask():
     """The host twin of the kernels' Philox (same code as the device path) against the triton
-    backend's mask kernel run by Triton's interpreter on CPU tensors."""
-    ext, why = backends._cuda_extension()
-    if ext is None:
-        pytest.skip(f"needs the built extension: {why}")
+    backend's mask kernel run by Triton's interpreter on CPU tensors: bindings.cpp's
+    dropout_keep_mask on a CPU device, in the built extension or, without one, in the
+    emulator's build of the same file."""
+    ext = backends._cuda_extension()[0] or cuda_emu.load()._module
     ok, why = backends.available("triton", torch.device("cpu"))
     if not ok:
         pytest.skip(f"needs the triton backend on CPU tensors (TRITON_INTERPRET=1): {why}")

@@ -618,7 +618,7 @@ def test_cuda_kernels_past_2_pow_31_in_the_emulator(case, monkeypatch):
         residual = cuda_emu._poisoned(T, d_out, dtype=torch.float16)
         residual[lo:] = torch.randn(rows, d_out, generator=gen).half()
     with emu.windows(windows):
-        y, h, pi = emu.forward(x, A, B, W, None, residual, g, scaling, p, seed)
+        y, h, pi = emu.launch_forward(x, A, B, W, None, residual, g, scaling, p, seed)
     assert torch.isnan(y[:lo]).all() and torch.isnan(h[:lo]).all()
     y_rows = y[lo:].clone()
     res_rows = None if residual is None else residual[lo:].clone()
@@ -627,7 +627,8 @@ def test_cuda_kernels_past_2_pow_31_in_the_emulator(case, monkeypatch):
     dy = cuda_emu._poisoned(T, d_out, dtype=torch.float16)
     dy[lo:] = torch.randn(rows, d_out, generator=gen).half()
     with emu.windows(windows, zero_workspace_before=zero):
-        dx, dA, dB, dW, _ = emu.backward(dy, x, A, B, W, h, pi, None, g, scaling, p, seed)
+        dx, dA, dB, dW, _ = emu.launch_backward(dy, x, A, B, W, h, pi, None, g, scaling, p,
+                                                  seed)
     assert torch.isnan(dx[:lo]).all()
 
     mask = None

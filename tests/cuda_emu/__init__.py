@@ -1,12 +1,15 @@
 """Run the CUDA extension's kernels and launch sequence on the CPU, without a GPU.
 
-``csrc/`` (all of it but the torch-facing ``bindings.cpp``) is compiled by g++ against the
-emulated CUDA headers of this folder (``emu.h``): ``__shared__`` declarations and
-``kernel<<<grid, block, smem, stream>>>(args)`` launches are rewritten to plain C++ first, the
-rest of the source is compiled as it is. :func:`load` gives an object with the interface of
-``mtlora_kernels._C`` (``forward``, ``backward``, ``dropout_keep_mask``) over CPU tensors, which
-the tests put behind the ``cuda`` backend; :func:`build` also makes the sanitizer drivers
-(``check.cpp`` under AddressSanitizer + UndefinedBehaviorSanitizer, and ThreadSanitizer).
+``csrc/`` is compiled by g++ against the emulated CUDA headers of this folder (``emu.h``):
+``__shared__`` declarations and ``kernel<<<grid, block, smem, stream>>>(args)`` launches are
+rewritten to plain C++ first, the rest of the source is compiled as it is. The torch-facing
+``bindings.cpp`` is compiled too, against torch's headers (``torch_bindings.cpp``), into a Python
+module over CPU tensors: :func:`load` gives an object with the interface of ``mtlora_kernels._C``
+(``forward``, ``backward``, ``dropout_keep_mask``) whose ``forward`` and ``backward`` are the
+extension's own boundary checks, allocations and dtype dispatch, which the tests put behind the
+``cuda`` backend. :func:`build` also makes the sanitizer drivers (``check.cpp`` under
+AddressSanitizer + UndefinedBehaviorSanitizer, and ThreadSanitizer), which run the launch
+sequence without bindings.cpp.
 
 This checks the kernels' arithmetic, indexing, bounds, barriers and launch configuration. It
 says nothing about speed, and it is not a GPU: see the header of ``emu.h`` for what differs.
@@ -18,10 +21,12 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,16 +40,20 @@ BUILD = ROOT / "build" / "cuda_emu"
 CXX = os.environ.get("CXX", "g++")
 BASE_FLAGS = ["-std=c++20", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function",
               "-Wno-unknown-pragmas"]
-# name -> extra flags. "lib": the ctypes library of the tests; the others: check.cpp drivers.
+# name -> extra flags. "lib": the Python module of the tests; the others: check.cpp drivers.
+# (The module's units share emu.h's inline globals with torch_bindings.cpp, so all of them take
+# torch's C++ ABI.)
 VARIANTS = {
-    "lib": ["-O2", "-fPIC", "-shared"],
+    "lib": ["-O2", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"],
     "asan": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
              "-fno-omit-frame-pointer"],
     "tsan": ["-O1", "-g", "-fsanitize=thread"],
 }
 
-# The host-side sources of the extension that the emulator compiles (bindings.cpp needs torch).
-EXCLUDED = {"bindings.cpp"}
+# The extension's source that needs torch: only the "lib" variant compiles it, through
+# torch_bindings.cpp (which includes it).
+TORCH_FACING = "bindings.cpp"
+MODULE = "_C_emu"  # the Python module of the "lib" variant
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;]*?)\b(\w+)\s*\[\s*\]\s*;")
 _LAUNCH_EX = re.compile(r"\bcudaLaunchKernelEx\((\s*[^,()]+,\s*)((?:\w+::)*)(\w+)")
@@ -102,19 +111,21 @@ def rewrite(text: str) -> str:
 
 
 def _sources() -> list[str]:
-    """File names of the extension's sources that the emulator compiles (csrc/sources.txt)."""
+    """File names of the extension's torch-free sources (csrc/sources.txt)."""
     listed = [ln.strip() for ln in (CSRC / "sources.txt").read_text().splitlines()
               if ln.strip() and not ln.lstrip().startswith("#")]
-    return [Path(s).name for s in listed if Path(s).name not in EXCLUDED]
+    return [Path(s).name for s in listed if Path(s).name != TORCH_FACING]
 
 
 def _key(variant: str) -> str:
     h = hashlib.sha256()
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
     h.update((version + variant + " ".join(BASE_FLAGS + VARIANTS[variant])).encode())
-    for p in sorted([*CSRC.iterdir(), *HERE.iterdir(), *(HERE / "include").iterdir()]):
+    if variant == "lib":  # compiled against torch's headers and linked against its libraries
+        h.update((torch.__version__ + sysconfig.get_config_var("EXT_SUFFIX")).encode())
+    for p in sorted([*CSRC.iterdir(), *HERE.rglob("*")]):
         if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".cpp", ".py"):
-            h.update(p.name.encode() + p.read_bytes())
+            h.update(str(p.relative_to(p.parent.parent)).encode() + p.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -123,34 +134,53 @@ def write_sources(src_dir: Path) -> Path:
     translation units are ``unit_names()``. Returns ``src_dir``."""
     src_dir.mkdir(parents=True, exist_ok=True)
     for p in CSRC.iterdir():
-        if p.suffix in (".cu", ".cuh", ".h", ".cpp") and p.name not in EXCLUDED:
+        if p.suffix in (".cu", ".cuh", ".h", ".cpp"):
             (src_dir / (p.stem + ".cpp" if p.suffix == ".cu" else p.name)).write_text(
                 rewrite(p.read_text()))
     return src_dir
 
 
 def unit_names() -> list[str]:
-    """The emulated translation units of csrc/ (as write_sources names them)."""
+    """The emulated torch-free translation units of csrc/ (as write_sources names them)."""
     return [Path(name).stem + ".cpp" for name in _sources()]
+
+
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """(compile, link) flags of a Python extension module against this torch."""
+    from torch.utils import cpp_extension
+
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    compile_flags = [f"-DTORCH_EXTENSION_NAME={MODULE}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    for inc in includes:  # after -I: include/c10/cuda's stand-ins win over torch's headers
+        compile_flags += ["-isystem", inc]
+    link = ["-shared"]
+    for lib_dir in cpp_extension.library_paths():
+        link += ["-L", lib_dir, f"-Wl,-rpath,{lib_dir}"]
+    return compile_flags, link + ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
 
 
 def build(variant: str = "lib") -> Path:
     """Compile the emulated extension (cached under build/cuda_emu by a hash of the sources):
-    the shared library for ``variant="lib"``, else the sanitizer driver ``check.cpp``."""
+    the Python module ``_C_emu`` (bindings.cpp, api.cpp's controls and the kernels) for
+    ``variant="lib"`` (about 40 s of the build is bindings.cpp against torch's headers), else
+    the sanitizer driver ``check.cpp``."""
     if shutil.which(CXX) is None:
         raise RuntimeError(f"the CUDA emulator needs a C++20 compiler; {CXX!r} is not on PATH")
+    lib = variant == "lib"
     out_dir = BUILD / f"{variant}-{_key(variant)}"
-    target = out_dir / ("libmtlora_emu.so" if variant == "lib" else "check")
+    target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX") if lib else "check")
     if target.exists():
         return target
     src_dir = write_sources(out_dir / "src")
-    entry = HERE / ("api.cpp" if variant == "lib" else "check.cpp")
-    units = [src_dir / name for name in unit_names()] + [entry]
+    entries = ["torch_bindings.cpp", "api.cpp"] if lib else ["check.cpp"]
+    units = [HERE / name for name in entries] + [src_dir / name for name in unit_names()]
     flags = BASE_FLAGS + VARIANTS[variant] + ["-I", str(HERE / "include"), "-I", str(src_dir)]
+    torch_compile, torch_link = _torch_flags() if lib else ([], [])
 
     def compile_one(unit: Path) -> Path:
         obj = out_dir / (unit.stem + ".o")
-        cmd = [CXX, *flags, "-c", str(unit), "-o", str(obj)]
+        extra = torch_compile if unit.name == "torch_bindings.cpp" else []
+        cmd = [CXX, *flags, *extra, "-c", str(unit), "-o", str(obj)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compiling {unit.name} for the CUDA emulator failed:\n"
@@ -160,8 +190,8 @@ def build(variant: str = "lib") -> Path:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objs = list(pool.map(compile_one, units))
     tmp = target.with_suffix(".tmp")
-    res = subprocess.run([CXX, *flags, *map(str, objs), "-o", str(tmp)], capture_output=True,
-                         text=True)
+    res = subprocess.run([CXX, *flags, *map(str, objs), *torch_link, "-o", str(tmp)],
+                         capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"linking the CUDA emulator failed:\n{res.stderr}")
     tmp.rename(target)  # atomic: a concurrent build never sees a half-written target
@@ -183,21 +213,30 @@ def _poisoned(*shape, dtype) -> torch.Tensor:
 class Emulated:
     """``mtlora_kernels._C``'s interface over the emulated kernels, on CPU tensors.
 
-    Allocates as ``bindings.cpp`` does (but fills outputs with NaN first) and runs the launch
-    sequence of ``csrc/mix.cpp``. ``num_sms`` stands in for the device's SM count, which decides
-    the column splits of the forward and of the backward's dy kernel, and the token splits of dB
-    and dA/dW: 132 is an H100 / H200. ``max_cluster`` is ``forward_max_cluster`` of the device:
-    8 on sm_90 (the forward's column splits may share their projection in thread-block
-    clusters), 1 for a device without clusters.
+    ``forward`` and ``backward`` are bindings.cpp's (``module``: its checks, allocations and
+    dtype dispatch, then the launch sequence of ``csrc/mix.cpp``), run with every tensor they
+    allocate filled with NaN (torch's deterministic mode fills uninitialized memory), so an
+    output element no kernel writes shows. ``launch_forward`` and ``launch_backward`` run the
+    launch sequence alone, on buffers allocated here (``lib``, the module's C entry points of
+    api.cpp): for :meth:`windows`, which zero the call's workspace between phases.
+    ``num_sms`` stands in for the device's SM count, which decides the column splits of the
+    forward and of the backward's dy kernel, and the token splits of dB and dA/dW: 132 is an
+    H100 / H200. ``max_cluster`` is ``forward_max_cluster`` of the device: 8 on sm_90 (the
+    forward's column splits may share their projection in thread-block clusters), 1 for a
+    device without clusters (bindings.cpp gets it from its switch MTLORA_CUDA_CLUSTERS=0).
     """
 
-    def __init__(self, lib: ctypes.CDLL, num_sms: int = 132, max_cluster: int = 8):
+    def __init__(self, module, lib: ctypes.CDLL, num_sms: int = 132, max_cluster: int = 8):
+        self._module = module
         self._lib = lib
         self.num_sms = num_sms
         self.max_cluster = max_cluster
         self._windows: tuple[dict, tuple] = ({}, ())
         for fn in (lib.emu_mix_forward, lib.emu_mix_backward, lib.emu_dropout_keep_mask):
             fn.restype = ctypes.c_int
+        lib.emu_set_multiprocessor_count.restype = None
+        lib.emu_set_multiprocessor_count.argtypes = [ctypes.c_int]
+        lib.emu_cluster_launches.restype = ctypes.c_uint64
         lib.emu_forward_plan.restype = None
         lib.emu_forward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                          ctypes.c_void_p]
@@ -256,6 +295,10 @@ class Emulated:
         cannot schedule one."""
         self._lib.emu_refuse_clusters(int(refuse))
 
+    def cluster_launches(self) -> int:
+        """How many thread-block cluster launches have run in this process."""
+        return self._lib.emu_cluster_launches()
+
     def reverse_blocks(self, reverse: bool) -> None:
         """Run every launch's blocks (clusters, in y) in reverse index order, as a GPU may:
         an element that two blocks write passes in index order when the later one is right."""
@@ -263,7 +306,8 @@ class Emulated:
 
     @contextlib.contextmanager
     def windows(self, first_blocks: dict, zero_workspace_before: tuple = ()):
-        """Within the block, launches of each kernel named in ``first_blocks`` (``{"kernel":
+        """Within the block, in ``launch_forward`` / ``launch_backward``, launches of each kernel
+        named in ``first_blocks`` (``{"kernel":
         (x, y, z)}``, names without template arguments) skip its blocks whose index is below
         those in any axis (a cluster runs whole), and before a launch of a kernel named in
         ``zero_workspace_before`` the call's workspace is zeroed. So the far end of an input
@@ -297,7 +341,45 @@ class Emulated:
         self._lib.emu_backward_plan(shape, int(routed), self.num_sms, out)
         return out[0], out[1], out[2], out[3]
 
+    @contextlib.contextmanager
+    def _device(self):
+        """The emulated device for a call of bindings.cpp: ``num_sms`` SMs, clusters up to
+        ``max_cluster``, and torch's empty tensors filled with NaN."""
+        if self.max_cluster not in (1, 8):
+            raise ValueError(f"bindings.cpp knows max_cluster 8 (sm_90) or 1 (its switch "
+                             f"MTLORA_CUDA_CLUSTERS=0), got {self.max_cluster}")
+        self._lib.emu_set_multiprocessor_count(int(self.num_sms))
+        env = os.environ.pop("MTLORA_CUDA_CLUSTERS", None)
+        if self.max_cluster == 1:
+            os.environ["MTLORA_CUDA_CLUSTERS"] = "0"
+        deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        try:
+            yield
+        finally:
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+            os.environ.pop("MTLORA_CUDA_CLUSTERS", None)
+            if env is not None:
+                os.environ["MTLORA_CUDA_CLUSTERS"] = env
+
     def forward(self, x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed):
+        with self._device():
+            return self._module.forward(x, A, B, route_weight, logits, residual, groups, scaling,
+                                        dropout_p, seed)
+
+    def backward(self, dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed):
+        with self._device():
+            return self._module.backward(dy, x, A, B, route_weight, h, pi, dpi, groups, scaling,
+                                         dropout_p, seed)
+
+    def launch_forward(self, x, A, B, route_weight, logits, residual, groups, scaling, dropout_p,
+                       seed):
+        """``forward`` without bindings.cpp: mix.cpp's launch sequence on buffers allocated
+        here (NaN until written), within the current :meth:`windows`."""
         for name, t in (("x", x), ("lora_A", A), ("lora_B", B), ("route_weight", route_weight),
                         ("residual", residual)):
             assert t is None or (t.device.type == "cpu" and t.is_contiguous()), name
@@ -319,7 +401,9 @@ class Emulated:
         self._check(rc, err)
         return y, h, pi
 
-    def backward(self, dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p, seed):
+    def launch_backward(self, dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p,
+                        seed):
+        """``backward`` without bindings.cpp, as ``launch_forward``."""
         T, d_in = x.shape
         N, d_out, r = B.shape
         routed = route_weight is not None
@@ -358,7 +442,11 @@ class Emulated:
 @functools.cache
 def load() -> Emulated:
     """The emulated extension, built on first use."""
-    return Emulated(ctypes.CDLL(str(build("lib"))))
+    path = build("lib")
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return Emulated(module, ctypes.CDLL(str(path)))  # the same library: dlopen'ed once
 
 
 def install(monkeypatch) -> Emulated:

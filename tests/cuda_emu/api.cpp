@@ -1,7 +1,7 @@
-// C entry points of the emulated extension, called through ctypes by tests/cuda_emu/__init__.py
-// (which allocates like bindings.cpp and fills every output with NaN first). dtype: 0 = fp32,
-// 1 = fp16, 2 = bf16. Returns 0, or writes the failed kernel and the error into err and
-// returns 1.
+// C entry points of the emulated extension, called through ctypes by tests/cuda_emu/__init__.py:
+// the emulated device's settings, the plans, and the launch sequence without bindings.cpp (on
+// buffers that __init__.py allocates, NaN until written). dtype: 0 = fp32, 1 = fp16, 2 = bf16.
+// The launch entries return 0, or write the failed kernel and the error into err and return 1.
 #include <cstdio>
 
 #include "mtlora.h"
@@ -48,6 +48,12 @@ extern "C" int emu_forward_max_cluster(int cluster_launch, int ptx, int binary) 
   return max_cluster;
 }
 
+// The SM count the emulated device reports (cudaDevAttrMultiProcessorCount), which bindings.cpp
+// plans with.
+extern "C" void emu_set_multiprocessor_count(int n) { emu::multiprocessor_count = n; }
+
+// How many cluster launches ran so far.
+extern "C" uint64_t emu_cluster_launches() { return emu::cluster_launches; }
 // Whether every cluster launch fails, as on a GPU that cannot schedule one.
 extern "C" void emu_refuse_clusters(int refuse) { emu::refuse_clusters = refuse != 0; }
 // Whether launches run their blocks in reverse index order.

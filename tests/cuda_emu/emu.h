@@ -65,6 +65,8 @@
 // CUDA's device math API has isfinite at global scope (csrc/mix_backward_dy.cu uses it).
 using std::isfinite;
 
+// No CUDA runtime: the emulated extension's cuda_version (bindings.cpp) reads 0.0.
+#define CUDART_VERSION 0
 #define __global__
 #define __device__
 #define __host__
@@ -212,6 +214,8 @@ constexpr unsigned kMaxClusterSize = 8;
 // Tests set this to refuse every cluster launch as a GPU does that cannot schedule one (an MPS
 // share of too few SMs): cudaErrorInvalidClusterSize.
 inline bool refuse_clusters = false;
+// Cluster launches that ran (tests read it to see which path a call took).
+inline uint64_t cluster_launches = 0;
 // Tests set this to run every launch's blocks (clusters, in y) in reverse index order: an
 // element that two blocks write, the later one in index order correctly, passes only in order.
 inline bool reverse_blocks = false;
@@ -253,6 +257,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
     last_error = cudaErrorInvalidClusterSize;
     return;
   }
+  if (cluster_y > 1) ++cluster_launches;
   const auto optin = smem_optin.find(kernel);
   if (dynamic_smem > (optin != smem_optin.end() ? optin->second : kDefaultDynamicSmem)) {
     last_error = cudaErrorInvalidValue;  // over the kernel's opt-in (what the GPU reports)
@@ -414,20 +419,24 @@ cudaError_t launch_kernel_ex(std::string_view name, const cudaLaunchConfig_t* cf
 }
 }  // namespace emu
 
-// The emulated device and binary, as far as forward_max_cluster (mix_forward_cluster.cu) asks:
-// a device with cluster launch whose binaries were compiled for sm_90 (both settable by tests).
-enum cudaDeviceAttr { cudaDevAttrClusterLaunch = 120 };
+// The emulated device and binary, as far as forward_max_cluster (mix_forward_cluster.cu) and
+// bindings.cpp ask: a device of 132 SMs (an H100 / H200) with cluster launch whose binaries were
+// compiled for sm_90 (all settable by tests).
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrClusterLaunch = 120 };
 struct cudaFuncAttributes {
   int binaryVersion, ptxVersion;
 };
 namespace emu {
+inline int multiprocessor_count = 132;
 inline int device_cluster_launch = 1;
 inline int ptx_arch = 90, binary_arch = 90;  // e.g. 80 / 90: sm_80 PTX JIT-compiled for sm_90
 }  // namespace emu
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrClusterLaunch) return cudaErrorInvalidValue;
-  *value = emu::device_cluster_launch;
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = emu::multiprocessor_count; return cudaSuccess;
+    case cudaDevAttrClusterLaunch: *value = emu::device_cluster_launch; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 template <typename K>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K*) {
