@@ -307,13 +307,12 @@ class Emulated:
     @contextlib.contextmanager
     def windows(self, first_blocks: dict, zero_workspace_before: tuple = ()):
         """Within the block, in ``launch_forward`` / ``launch_backward``, launches of each kernel
-        named in ``first_blocks`` (``{"kernel":
-        (x, y, z)}``, names without template arguments) skip its blocks whose index is below
-        those in any axis (a cluster runs whole), and before a launch of a kernel named in
-        ``zero_workspace_before`` the call's workspace is zeroed. So the far end of an input
-        too large to emulate whole can be run: the token blocks past some row, and the token
-        splits past it, whose skipped splits' workspace slabs then add nothing (the phases of
-        the backward share one)."""
+        named in ``first_blocks`` (``{"kernel": (x, y, z)}``, names without template arguments)
+        skip its blocks whose index is below those in any axis (a cluster runs whole), and
+        before a launch of a kernel named in ``zero_workspace_before`` the call's workspace is
+        zeroed. So the far end of an input too large to emulate whole can be run: the token
+        blocks past some row, and the token splits past it, whose skipped splits' workspace
+        slabs then add nothing (the phases of the backward share one)."""
         self._windows = (dict(first_blocks), tuple(zero_workspace_before))
         try:
             yield
