@@ -261,15 +261,22 @@ class SpectralRegularizer:
 
     def _paper_terms(self, adapters: list[MTLoRAAdapter], step: int) -> list[Tensor]:
         routed = [a for a in adapters if a.config.num_experts > 1]
+        gathered: dict[int, Tensor] = {}
+
+        def full(i: int) -> Tensor:  # adapter i's lora_B, all-gathered at most once under FSDP2
+            if i not in gathered:
+                gathered[i] = _full(routed[i].lora_B)
+            return gathered[i]
+
         since = None if self._refreshed_at is None else step - self._refreshed_at
         if since is None or not 0 <= since < self.refresh_every:
             self._weighting.clear()
-            for adapter in routed:
-                self._weighting[adapter] = spectral_weighting(_full(adapter.lora_B))
+            for i, adapter in enumerate(routed):
+                self._weighting[adapter] = spectral_weighting(full(i))
             self._refreshed_at = step
         terms = []
         for i in self._sample(len(routed), step):
-            B = _full(routed[i].lora_B)
+            B = full(i)
             weighting = self._weighting.get(routed[i])
             n_exp, _, rank = B.shape
             if weighting is None or weighting.shape != (n_exp, rank, rank) \
