@@ -15,12 +15,18 @@ split and deterministic dy kernel, external logits, plain LoRA) in fp32, fp16 an
 Each was shown to catch an injected bug (RELIABILITY.md): a dropped barrier in the
 K-loop (TSan), a tile loader reading one row past the end (ASan), vector loads without the
 alignment test (UBSan). Correctness against the reference is tests/test_cuda_mix.py's job.
+
+The drivers allocate their own buffers; the tensors bindings.cpp allocates (outputs and
+workspaces sized by its plans) are checked by running emulated cases of test_cuda_mix.py in a
+Python with the extension module built under ASan + UBSan (``lib-asan``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 
 import pytest
 
@@ -39,6 +45,37 @@ def test_kernels_clean_under_sanitizer(variant):
     assert res.returncode == 0, f"{variant} run failed (rc {res.returncode}):\n{report}"
     assert "Sanitizer" not in res.stderr and "runtime error" not in res.stderr, report
     assert res.stdout.count(": ok") == 39, res.stdout  # 13 shapes x 3 dtypes, all ran
+
+
+def test_bindings_allocations_under_address_sanitizer():
+    """The emulated cases whose tensors bindings.cpp sizes by its plans (column and token
+    splits' workspaces, clusters, external logits) and its refusals, in a Python that
+    preloads libasan (and libstdc++, without which ASan cannot intercept the C++ exceptions
+    of torch's checks) with the module built under ASan + UBSan: torch's CPU tensors then
+    come from ASan's allocator, so a kernel touching memory past any tensor bindings.cpp
+    allocated (a workspace too small, an output of the wrong shape) aborts the run. Shown on
+    an injected bug: the forward's workspace one float short passes every test of the plain
+    module and is a heap-buffer-overflow in forward_kernel here."""
+    cuda_emu.build("lib-asan")  # here, so a compile error fails with its message
+    preload = " ".join(subprocess.run([cuda_emu.CXX, f"-print-file-name={name}"],
+                                      capture_output=True, text=True, check=True).stdout.strip()
+                       for name in ("libasan.so", "libstdc++.so"))
+    env = {**os.environ, "LD_PRELOAD": preload, "ASAN_OPTIONS": "detect_leaks=0",
+           cuda_emu.VARIANT_ENV: "lib-asan"}
+    # -s: an ASan report goes to the process's stderr, which pytest's capture would lose when
+    # ASan aborts the process. fp32 only ("float16" also matches bfloat16): bindings.cpp sizes
+    # its tensors in elements, whatever the dtype, and this keeps the run near 80 s.
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", str(cuda_emu.ROOT / "tests" / "test_cuda_mix.py"),
+         "-q", "-s", "-p", "no:cacheprovider", "-m", "emulator", "-k",
+         "(boundary or splits or clusters or external_logits) and not float16"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=cuda_emu.ROOT)
+    found = [i for i in (res.stderr.find("ERROR: AddressSanitizer"),
+                         res.stderr.find("runtime error")) if i >= 0]
+    start = min(found, default=max(0, len(res.stderr) - 6000))  # the sanitizer's report
+    report = res.stdout[-3000:] + res.stderr[start:start + 6000]
+    assert res.returncode == 0, f"the run under ASan failed (rc {res.returncode}):\n{report}"
+    assert re.search(r"\b\d+ passed", res.stdout) and "skipped" not in res.stdout, report
 
 
 _SHARED_PROBE = """

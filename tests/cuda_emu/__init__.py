@@ -40,15 +40,21 @@ BUILD = ROOT / "build" / "cuda_emu"
 CXX = os.environ.get("CXX", "g++")
 BASE_FLAGS = ["-std=c++20", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function",
               "-Wno-unknown-pragmas"]
-# name -> extra flags. "lib": the Python module of the tests; the others: check.cpp drivers.
-# (The module's units share emu.h's inline globals with torch_bindings.cpp, so all of them take
-# torch's C++ ABI.)
+# name -> extra flags. "lib": the Python module of the tests, "lib-asan" the same under
+# AddressSanitizer + UBSan (for a Python started with libasan preloaded: load() builds it when
+# ``VARIANT_ENV`` says so); the others: check.cpp drivers. (The module's units share emu.h's
+# inline globals with torch_bindings.cpp, so all of them take torch's C++ ABI.)
+_ASAN = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         "-fno-omit-frame-pointer"]
+_MODULE_FLAGS = ["-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 VARIANTS = {
-    "lib": ["-O2", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"],
-    "asan": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-             "-fno-omit-frame-pointer"],
+    "lib": ["-O2", *_MODULE_FLAGS],
+    "lib-asan": [*_ASAN, *_MODULE_FLAGS],
+    "asan": _ASAN,
     "tsan": ["-O1", "-g", "-fsanitize=thread"],
 }
+# The module variant load() builds: "lib" unless this environment variable names another.
+VARIANT_ENV = "CUDA_EMU_VARIANT"
 
 # The extension's source that needs torch: only the "lib" variant compiles it, through
 # torch_bindings.cpp (which includes it).
@@ -121,7 +127,7 @@ def _key(variant: str) -> str:
     h = hashlib.sha256()
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
     h.update((version + variant + " ".join(BASE_FLAGS + VARIANTS[variant])).encode())
-    if variant == "lib":  # compiled against torch's headers and linked against its libraries
+    if variant.startswith("lib"):  # compiled against torch's headers, linked against its libs
         h.update((torch.__version__ + sysconfig.get_config_var("EXT_SUFFIX")).encode())
     for p in sorted([*CSRC.iterdir(), *HERE.rglob("*")]):
         if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".cpp", ".py"):
@@ -162,11 +168,11 @@ def _torch_flags() -> tuple[list[str], list[str]]:
 def build(variant: str = "lib") -> Path:
     """Compile the emulated extension (cached under build/cuda_emu by a hash of the sources):
     the Python module ``_C_emu`` (bindings.cpp, api.cpp's controls and the kernels) for
-    ``variant="lib"`` (about 40 s of the build is bindings.cpp against torch's headers), else
-    the sanitizer driver ``check.cpp``."""
+    ``variant="lib"`` or ``"lib-asan"`` (about 40 s of the build is bindings.cpp against
+    torch's headers), else the sanitizer driver ``check.cpp``."""
     if shutil.which(CXX) is None:
         raise RuntimeError(f"the CUDA emulator needs a C++20 compiler; {CXX!r} is not on PATH")
-    lib = variant == "lib"
+    lib = variant.startswith("lib")
     out_dir = BUILD / f"{variant}-{_key(variant)}"
     target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX") if lib else "check")
     if target.exists():
@@ -440,8 +446,15 @@ class Emulated:
 
 @functools.cache
 def load() -> Emulated:
-    """The emulated extension, built on first use."""
-    path = build("lib")
+    """The emulated extension (the module variant named by ``$CUDA_EMU_VARIANT``, default
+    "lib"), built on first use."""
+    variant = os.environ.get(VARIANT_ENV, "lib")
+    if variant not in ("lib", "lib-asan"):
+        raise ValueError(f"{VARIANT_ENV} must be lib or lib-asan, got {variant!r}")
+    if variant == "lib-asan" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        raise RuntimeError("the lib-asan module needs libasan in LD_PRELOAD (see "
+                           "test_bindings_allocations_under_address_sanitizer)")
+    path = build(variant)
     spec = importlib.util.spec_from_file_location(MODULE, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
