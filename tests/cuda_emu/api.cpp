@@ -54,6 +54,7 @@ extern "C" void emu_set_multiprocessor_count(int n) { emu::multiprocessor_count 
 
 // How many cluster launches ran so far.
 extern "C" uint64_t emu_cluster_launches() { return emu::cluster_launches; }
+
 // Whether every cluster launch fails, as on a GPU that cannot schedule one.
 extern "C" void emu_refuse_clusters(int refuse) { emu::refuse_clusters = refuse != 0; }
 // Whether launches run their blocks in reverse index order.
