@@ -30,9 +30,10 @@ struct SplitPiece {
 // tests/test_extreme.py). For 16-bit inputs W_route is exact in T, so it runs on the tensor
 // cores as three GEMMs of dz's SplitPiece pieces against W into one fp32 accumulator, scaled
 // by S between them (exact powers of two): ((p0 . W) S + p1 . W) S + p2 . W, then / S^2, as
-// Triton's kernel uses 3xTF32. Two pieces (16 bits in bf16, 22 in fp16) also passed every
-// test here (tests/test_extreme.py, test_fuzz.py, emulated); three keep all of dz's bits, as
-// the FMA tiles did before, for one more K = g*N pass per tile. fp32 inputs take dz as it is
+// Triton's kernel uses 3xTF32. Three keep all of dz's bits, as the FMA tiles did before, for
+// one more K = g*N pass per tile than two (16 bits in bf16, 22 in fp16): with two, bf16 dx was
+// 0.13 off (tolerance 3e-2) where a group's router rows share large columns (emulated;
+// tests/test_extreme.py, test_router_offset_shared_by_a_group_cancels_in_dx). fp32 inputs take dz as it is
 // (one piece), on the FMA tiles.
 // Launch bounds (kThreads, 2), as the dy kernel.
 template <typename T>
