@@ -33,8 +33,8 @@ struct SplitPiece {
 // Triton's kernel uses 3xTF32. Three keep all of dz's bits, as the FMA tiles did before, for
 // one more K = g*N pass per tile than two (16 bits in bf16, 22 in fp16): with two, bf16 dx was
 // 0.13 off (tolerance 3e-2) where a group's router rows share large columns (emulated;
-// tests/test_extreme.py, test_router_offset_shared_by_a_group_cancels_in_dx). fp32 inputs take dz as it is
-// (one piece), on the FMA tiles.
+// tests/test_extreme.py, test_router_offset_shared_by_a_group_cancels_in_dx). fp32 inputs
+// take dz as it is (one piece), on the FMA tiles.
 // Launch bounds (kThreads, 2), as the dy kernel.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
