@@ -5,8 +5,8 @@ deterministic mode, odd and aligned sizes, T * d_out > 2^31, and against the tri
 Each check runs twice through the ``cuda_ext`` fixture: on a GPU with the built extension
 (skipped with a reason without one), and on the CPU with the same kernels, launch sequence and
 bindings.cpp compiled for the CUDA emulator of ``tests/cuda_emu`` (no GPU needed; outputs and
-shared memory start as NaN there, so an element no kernel writes fails the comparison). The sanitizer runs of
-the emulator are in ``tests/test_cuda_emulated.py``.
+shared memory start as NaN there, so an element no kernel writes fails the comparison). The
+sanitizer runs of the emulator are in ``tests/test_cuda_emulated.py``.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def _key(variant: str) -> str:
         h.update((torch.__version__ + sysconfig.get_config_var("EXT_SUFFIX")).encode())
     for p in sorted([*CSRC.iterdir(), *HERE.rglob("*")]):
         if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".cpp", ".py"):
-            h.update(str(p.relative_to(p.parent.parent)).encode() + p.read_bytes())
+            h.update(str(p.relative_to(ROOT)).encode() + p.read_bytes())
     return h.hexdigest()[:16]
 
 
