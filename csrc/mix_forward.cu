@@ -24,13 +24,28 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   // - leaves d_in >= 128 per block, two 64-wide pieces on average (below that the barriers
   //   would cost about what they save; not measured). The slices are whole pieces, so the last
   //   blocks' may be short or empty;
-  // - spans at most one group's width of columns, so the shared sweeps cover at most two
-  //   groups' logits, as one split's may (with many narrow groups each block would sweep the
-  //   others' logits as well).
+  // - cuts a block's phase 1 by at least a quarter. A block sweeps the packed rows of A and of
+  //   the router rows of the groups it touches: r + N * (groups of its split) rows over all of
+  //   d_in alone, r + N * (groups of all the cluster's splits) rows over 1/cluster of d_in in a
+  //   cluster (the worst block of either launch, in rows x d_in; x's reads, which shrink by
+  //   1/cluster in any case, are left out). With narrow groups the blocks would sweep each
+  //   other's logits for little gain (decode at the defaults with g = d_out: 1040 rows per
+  //   block alone, 1032 in a cluster of 2, 1026 in one of 8), and the two cluster barriers per
+  //   64-wide piece of rows grow with them. At g = 2 and T = 8192 (2 splits, one group each) a
+  //   cluster of 2 sweeps 24 rows per block where a split swept 32: a quarter, and x is read
+  //   once. Counts, not measurements.
+  const int64_t c = std::max<int64_t>(s.d_out / std::max<int64_t>(s.g, 1), 1);
+  auto worst_rows = [&](int64_t cols) {  // most packed rows of one run of `cols` columns
+    int64_t groups = 0;
+    for (int64_t lo = 0; lo < s.d_out; lo += cols)
+      groups = std::max(groups, (std::min(lo + cols, s.d_out) - 1) / c - lo / c + 1);
+    return s.r + s.N * groups;
+  };
+  const int64_t split_cols = plan.tiles_per_split * BN;
   plan.cluster = 1;
-  for (int cl = std::min(kMaxCluster, max_cluster); cl >= 2; --cl) {
+  for (int cl = std::min(kMaxCluster, max_cluster); cl >= 2 && s.d_out > 0; --cl) {
     if (plan.splits % cl == 0 && s.d_in >= 128 * int64_t(cl) &&
-        cl * plan.tiles_per_split * BN <= s.d_out / s.g) {
+        4 * worst_rows(cl * split_cols) <= 3 * int64_t(cl) * worst_rows(split_cols)) {
       plan.cluster = cl;
       break;
     }

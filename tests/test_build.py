@@ -287,6 +287,25 @@ def test_missing_extension_falls_back_to_torch(no_extension):
     assert_close_to_reference(y, ref, torch.float32, "auto fallback forward")
 
 
+def test_missing_extension_warns_once_with_a_gpu(no_extension, monkeypatch):
+    """With a GPU, an extension that fails to load is said once, with the reason, however many
+    calls ask for the backend; without one, ``info`` says why and nothing warns."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert not backends.available("cuda", "cpu")[0]
+    assert seen == []
+    backends._cuda_extension.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            ok, why = backends.available("cuda", "cuda")
+            assert not ok and "mtlora_kernels._C" in why
+    assert len(seen) == 1, [str(w.message) for w in seen]
+    assert why in str(seen[0].message) and "falling back" in str(seen[0].message)
+
+
 def test_backend_checks_trace_under_torch_compile_without_warnings(no_extension):
     """A compiled layer picks its backend inside the trace (``auto`` on a GPU asks for cuda,
     then triton). Traced, the cached checks made dynamo warn that it ignores the cache, and the

@@ -214,6 +214,9 @@ def test_forward_column_splits(monkeypatch, T, d_out, r, N, g, num_sms, splits, 
         (20, 328, 256, 16, 4, 2, 2),  # 64-row tiles; the last slice ends in a partial chunk
         (3, 640, 256, 80, 4, 1, 4),  # r > 64: h and the logits over several shared sweeps
         (3, 2048, 256, 16, 4, 1, 4),  # 8 K-chunks per slice: the decode pipeline refills
+        (3, 512, 512, 16, 4, 4, 4),  # c = 128: each cluster spans two whole groups
+        (70, 256, 128, 16, 4, 2, 2),  # one group per split, both in the cluster (as T = 8192)
+        (3, 512, 256, 16, 4, 16, 4),  # c = 16 < 64: 16 groups, the per-expert epilogue
     ],
 )
 def test_forward_clusters(cuda_ext, monkeypatch, T, d_in, d_out, r, N, g, cluster, dtype):
@@ -251,6 +254,28 @@ def test_clusters_only_with_device_code_for_sm90():
     assert emu.forward_plan(3, 512, 256, 16, 4, 1)[1] == 4  # (emu.max_cluster = 8)
     emu1 = cuda_emu.Emulated(emu._module, emu._lib, max_cluster=1)
     assert emu1.forward_plan(3, 512, 256, 16, 4, 1)[1] == 1
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize(
+    "T,d_in,d_out,g,cluster",
+    [
+        (8192, 4096, 4096, 2, 2),  # 2 splits of one group: 24 rows per block instead of 32
+        (8192, 4096, 4096, 8, 1),  # 2 splits of 4 groups: 72 instead of 80, a tenth
+        (4096, 4096, 4096, 8, 4),  # 4 splits of 2 groups: 36 instead of 48, a quarter
+        (1, 4096, 4096, 64, 8),  # decode, one group per split: 18 instead of 32
+        (1024, 4096, 4096, 64, 1),  # 16 splits of 4 groups: at best 66 instead of 80
+        (1, 4096, 4096, 4096, 1),  # g = d_out: at best 1026 instead of 1040
+        (1, 512, 4096, 1, 4),  # d_in = 512: at most 4 slices of 128
+    ],
+)
+def test_forward_plan_clusters_where_they_cut_the_projection(T, d_in, d_out, g, cluster):
+    """A cluster is taken when it cuts each block's phase 1 (its packed rows of A and of the
+    router, r + N * groups touched, over its slice of d_in) by at least a quarter: narrow
+    groups make a cluster's blocks sweep each other's logits. r = 16, N = 16, 132 SMs, clusters
+    of up to 8; the comments count rows x d_in per block, with and without the cluster."""
+    emu = cuda_emu.load()
+    assert emu.forward_plan(T, d_in, d_out, 16, 16, g)[1] == cluster
 
 
 @pytest.mark.emulator

@@ -133,10 +133,11 @@ print("ran")'
       # Decode (T = 1, 16) and the SPEC's floor shape (T = 8192, d = 4096, r = 16, N = 16, g = 2).
       step bench 400 "$PY" -m mtlora_kernels bench --tokens 1,16,8192 --experts 16 --groups 2 \
         --dtype bf16 --min-time 0.5 --out "$OUT/bench" --no-progress
-      # The decode shapes again on the cuda backend with the sm_90 cluster path turned off,
-      # to tell what the clusters give (on sm_80 the two runs time the same kernels).
-      step bench-noclusters 120 env MTLORA_CUDA_CLUSTERS=0 "$PY" -m mtlora_kernels bench \
-        --tokens 1,16 --experts 16 --groups 2 --dtype bf16 --min-time 0.5 \
+      # The same shapes again on the cuda backend with the sm_90 cluster path turned off, to
+      # tell what the clusters give (each takes one there: 8 blocks at T = 1 and 16, 2 at 8192;
+      # on sm_80 the two runs time the same kernels).
+      step bench-noclusters 150 env MTLORA_CUDA_CLUSTERS=0 "$PY" -m mtlora_kernels bench \
+        --tokens 1,16,8192 --experts 16 --groups 2 --dtype bf16 --min-time 0.5 \
         --providers mtlora-cuda --out "$OUT/bench-noclusters" --no-progress ;;
     profile)
       step profile 300 "$PY" python/tools/profile_mix.py --out "$OUT/profile" ;;

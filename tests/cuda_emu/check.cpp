@@ -86,7 +86,8 @@ int main() {
   // splits of the dy kernel (slabs) and the same shape without them, external logits, plain
   // LoRA, the forward's column splits (num_sms = 1) with groups that span two splits, a group
   // that starts off a 16-byte vector of dy, clusters of 4, 3 and 2 splits sharing the
-  // forward's projection (with dropout, and with external logits). In 16-bit the forward's
+  // forward's projection (with dropout, and with external logits; one of 4 over 16 groups of
+  // 16 columns, the per-expert epilogue). In 16-bit the forward's
   // sweeps over x run the cp.async pipeline, x through registers with dropout and through the
   // pipeline without (the router's sweep), as do phase 2's B tiles; two cases have more K-chunks
   // than stages.
@@ -104,6 +105,7 @@ int main() {
       {3, 512, 256, 16, 4, 1, 1, 0.1f, 132},   // forward: a cluster of 4 splits
       {20, 328, 256, 16, 4, 2, 2, 0.0f, 132},  // forward: clusters of 2, a partial last slice
       {3, 768, 192, 16, 4, 1, 1, 0.1f, 132},   // forward: a cluster of 3
+      {3, 512, 256, 16, 4, 16, 1, 0.1f, 132},  // forward: a cluster of 4 over 16 groups
   };
   // Up to four blocks of every launch without clusters run at once (emu.h), so a race between
   // blocks on global memory is a TSan report too (between blocks that run at once).
