@@ -5,51 +5,86 @@
 
 namespace mtlora {
 
+namespace {
+
+// The packed rows a block sweeps in phase 1 when its columns are a run of `cols` (a split's, or
+// a cluster's): A's r and the router rows of every group the run touches, for the worst run.
+int64_t worst_rows(const MixShape& s, int64_t cols) {
+  const int64_t c = s.d_out / s.g;
+  int64_t groups = 0;
+  for (int64_t lo = 0; lo < s.d_out; lo += cols)
+    groups = std::max(groups, (std::min(lo + cols, s.d_out) - 1) / c - lo / c + 1);
+  return s.r + s.N * groups;
+}
+
+// A block's work in rows x K, the weights it reads (BM x this is its multiply-adds): phase 1's
+// packed rows over its slice of d_in, then phase 2's tiles of B, N * r deep.
+int64_t block_work(const MixShape& s, int64_t tiles_per_split, int cluster) {
+  return worst_rows(s, cluster * tiles_per_split * BN) * ((s.d_in + cluster - 1) / cluster) +
+         tiles_per_split * BN * s.N * s.r;
+}
+
+// Clusters of consecutive splits share phase 1 (forward_kernel): the largest size up to
+// max_cluster (any size, not only powers of two: 63 splits take clusters of 7) that
+// - divides the splits;
+// - leaves d_in >= 128 per block, two 64-wide pieces on average (below that the barriers
+//   would cost about what they save; not measured). The slices are whole pieces, so the last
+//   blocks' may be short or empty;
+// - cuts a block's phase 1 by at least a quarter: its packed rows over 1/cluster of d_in
+//   (worst_rows of the cluster's columns) against a split's over all of it (x's reads, which
+//   shrink by 1/cluster in any case, are left out). With narrow groups the blocks would sweep
+//   each other's logits for little gain (decode at the defaults with g = d_out: 1040 rows per
+//   block alone, 1032 in a cluster of 2, 1026 in one of 8), and the two cluster barriers per
+//   64-wide piece of rows grow with them. At g = 2 and T = 8192 (2 splits, one group each) a
+//   cluster of 2 sweeps 24 rows per block where a split swept 32: a quarter, and x is read
+//   once.
+// 1: no cluster. Counts, not measurements.
+int cluster_for(const MixShape& s, int64_t splits, int64_t tiles_per_split, int max_cluster) {
+  const int64_t alone = worst_rows(s, tiles_per_split * BN);
+  for (int cl = std::min(kMaxCluster, max_cluster); cl >= 2; --cl) {
+    if (splits % cl == 0 && s.d_in >= 128 * int64_t(cl) &&
+        4 * worst_rows(s, cl * tiles_per_split * BN) <= 3 * int64_t(cl) * alone)
+      return cl;
+  }
+  return 1;
+}
+
+}  // namespace
+
 ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   ForwardPlan plan{};
   plan.bm = s.T <= kSmallT ? 16 : 64;
   plan.row_blocks = (s.T + plan.bm - 1) / plan.bm;
   const int64_t tiles = (s.d_out + BN - 1) / BN;
   // Column splits only when the token blocks alone cannot fill the device (2 blocks per SM):
-  // decode and short sequences. Each split recomputes h and its groups' logits.
+  // decode and short sequences. Each split recomputes h and its groups' logits, unless a
+  // cluster shares them.
   const int64_t target = 2 * int64_t(std::max(num_sms, 1));
   const int64_t per_block = target / std::max<int64_t>(plan.row_blocks, 1);  // T = 0: 0 blocks
   const int64_t want = std::max<int64_t>(1, std::min(tiles, per_block));
   plan.tiles_per_split = (tiles + want - 1) / want;
   plan.splits = (tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
-  plan.ws_floats = (plan.splits - 1) * s.T * (s.r + s.N);
-  // Clusters of consecutive splits share phase 1 (forward_kernel): the largest size up to
-  // max_cluster (any size, not only powers of two: 63 splits take clusters of 7) that
-  // - divides the splits;
-  // - leaves d_in >= 128 per block, two 64-wide pieces on average (below that the barriers
-  //   would cost about what they save; not measured). The slices are whole pieces, so the last
-  //   blocks' may be short or empty;
-  // - cuts a block's phase 1 by at least a quarter. A block sweeps the packed rows of A and of
-  //   the router rows of the groups it touches: r + N * (groups of its split) rows over all of
-  //   d_in alone, r + N * (groups of all the cluster's splits) rows over 1/cluster of d_in in a
-  //   cluster (the worst block of either launch, in rows x d_in; x's reads, which shrink by
-  //   1/cluster in any case, are left out). With narrow groups the blocks would sweep each
-  //   other's logits for little gain (decode at the defaults with g = d_out: 1040 rows per
-  //   block alone, 1032 in a cluster of 2, 1026 in one of 8), and the two cluster barriers per
-  //   64-wide piece of rows grow with them. At g = 2 and T = 8192 (2 splits, one group each) a
-  //   cluster of 2 sweeps 24 rows per block where a split swept 32: a quarter, and x is read
-  //   once. Counts, not measurements.
-  const int64_t c = std::max<int64_t>(s.d_out / std::max<int64_t>(s.g, 1), 1);
-  auto worst_rows = [&](int64_t cols) {  // most packed rows of one run of `cols` columns
-    int64_t groups = 0;
-    for (int64_t lo = 0; lo < s.d_out; lo += cols)
-      groups = std::max(groups, (std::min(lo + cols, s.d_out) - 1) / c - lo / c + 1);
-    return s.r + s.N * groups;
-  };
-  const int64_t split_cols = plan.tiles_per_split * BN;
-  plan.cluster = 1;
-  for (int cl = std::min(kMaxCluster, max_cluster); cl >= 2 && s.d_out > 0; --cl) {
-    if (plan.splits % cl == 0 && s.d_in >= 128 * int64_t(cl) &&
-        4 * worst_rows(cl * split_cols) <= 3 * int64_t(cl) * worst_rows(split_cols)) {
-      plan.cluster = cl;
-      break;
+  plan.cluster = cluster_for(s, plan.splits, plan.tiles_per_split, max_cluster);
+  // A prime number of splits above 8 takes no cluster: 13 or 11 of 64 tiles at T = 1025-1472
+  // on 132 SMs, 17 to 43 at wider d_out. Fewer, longer splits (down to half as many) never add
+  // a wave of blocks: the most of them that take a cluster are used if their blocks do less
+  // work than the plain splits' (block_work). At d = 4096 and the defaults, T = 1280 goes from
+  // 13 splits of 5 tiles (279K rows x K per block) to 10 of 7 in clusters of 5 (154K).
+  // Counts, not measurements.
+  if (plan.cluster == 1 && max_cluster > 1) {
+    const int64_t plain = block_work(s, plan.tiles_per_split, 1);
+    for (int64_t fewer = plan.splits - 1; 2 * fewer >= plan.splits; --fewer) {
+      const int64_t tps = (tiles + fewer - 1) / fewer, splits = (tiles + tps - 1) / tps;
+      const int cl = cluster_for(s, splits, tps, max_cluster);
+      if (cl > 1 && block_work(s, tps, cl) < plain) {
+        plan.tiles_per_split = tps;
+        plan.splits = splits;
+        plan.cluster = cl;
+        break;
+      }
     }
   }
+  plan.ws_floats = (plan.splits - 1) * s.T * (s.r + s.N);
   return plan;
 }
 

@@ -258,24 +258,45 @@ def test_clusters_only_with_device_code_for_sm90():
 
 @pytest.mark.emulator
 @pytest.mark.parametrize(
-    "T,d_in,d_out,g,cluster",
+    "T,d_in,d_out,g,splits,cluster",
     [
-        (8192, 4096, 4096, 2, 2),  # 2 splits of one group: 24 rows per block instead of 32
-        (8192, 4096, 4096, 8, 1),  # 2 splits of 4 groups: 72 instead of 80, a tenth
-        (4096, 4096, 4096, 8, 4),  # 4 splits of 2 groups: 36 instead of 48, a quarter
-        (1, 4096, 4096, 64, 8),  # decode, one group per split: 18 instead of 32
-        (1024, 4096, 4096, 64, 1),  # 16 splits of 4 groups: at best 66 instead of 80
-        (1, 4096, 4096, 4096, 1),  # g = d_out: at best 1026 instead of 1040
-        (1, 512, 4096, 1, 4),  # d_in = 512: at most 4 slices of 128
+        (8192, 4096, 4096, 2, 2, 2),  # 2 splits of one group: 24 rows per block instead of 32
+        (8192, 4096, 4096, 8, 2, 1),  # 2 splits of 4 groups: 72 instead of 80, a tenth
+        (4096, 4096, 4096, 8, 4, 4),  # 4 splits of 2 groups: 36 instead of 48, a quarter
+        (1, 4096, 4096, 64, 64, 8),  # decode, one group per split: 18 instead of 32
+        (1024, 4096, 4096, 64, 16, 1),  # 16 splits of 4 groups: at best 66 instead of 80
+        (1, 4096, 4096, 4096, 64, 1),  # g = d_out: at best 1026 instead of 1040
+        (1, 512, 4096, 1, 64, 4),  # d_in = 512: at most 4 slices of 128
+        (1280, 4096, 4096, 2, 10, 5),  # 13 splits would take none: 10 longer ones, less work
+        (1280, 4096, 4096, 64, 13, 1),  # ... not with narrow groups
     ],
 )
-def test_forward_plan_clusters_where_they_cut_the_projection(T, d_in, d_out, g, cluster):
+def test_forward_plan_clusters_where_they_cut_the_projection(T, d_in, d_out, g, splits, cluster):
     """A cluster is taken when it cuts each block's phase 1 (its packed rows of A and of the
     router, r + N * groups touched, over its slice of d_in) by at least a quarter: narrow
-    groups make a cluster's blocks sweep each other's logits. r = 16, N = 16, 132 SMs, clusters
-    of up to 8; the comments count rows x d_in per block, with and without the cluster."""
+    groups make a cluster's blocks sweep each other's logits. A prime number of splits (13)
+    gives way to fewer, longer ones that take a cluster when their blocks do less work. r = 16,
+    N = 16, 132 SMs, clusters of up to 8; the comments count rows x d_in per block, with and
+    without the cluster."""
     emu = cuda_emu.load()
-    assert emu.forward_plan(T, d_in, d_out, 16, 16, g)[1] == cluster
+    ws, cl = emu.forward_plan(T, d_in, d_out, 16, 16, g)
+    assert (ws // (T * 32) + 1, cl) == (splits, cluster)
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_fewer_splits_to_take_a_cluster(monkeypatch, dtype):
+    """At 7 SMs a token block of 26 tiles would take 13 splits, a prime: the plan takes 9 of 3
+    tiles instead, in clusters of 3 (with the same inputs, 13 without clusters)."""
+    emu = cuda_emu.install(monkeypatch)
+    monkeypatch.setattr(emu, "num_sms", 7)
+    T, d_in, d_out, r, N, g = 20, 512, 1664, 16, 4, 1
+    for max_cluster, splits, cluster in ((8, 9, 3), (1, 13, 1)):
+        monkeypatch.setattr(emu, "max_cluster", max_cluster)
+        assert emu.forward_plan(T, d_in, d_out, r, N, g) == ((splits - 1) * T * (r + N), cluster)
+        for p in (0.0, 0.1):
+            check_against_reference(T, d_in, d_out, r, N, g, dtype, torch.device("cpu"), p=p,
+                                    seed=splits + int(10 * p))
 
 
 @pytest.mark.emulator
