@@ -1,6 +1,9 @@
 // Forward of the fused mix: the plan of a launch and its launch without clusters (the kernel is
 // in mix_forward.cuh; launches with clusters are mix_forward_cluster.cu's).
 // NOT verified on hardware (emulated on the CPU only); see mtlora.h.
+#include <numeric>
+#include <utility>
+
 #include "mix_forward.cuh"
 
 namespace mtlora {
@@ -9,12 +12,16 @@ namespace {
 
 // The packed rows a block sweeps in phase 1 when its columns are a run of `cols` (a split's, or
 // a cluster's): A's r and the router rows of every group the run touches, for the worst run.
+// A full run's groups depend only on where it starts within a group, which repeats every
+// c / gcd(cols, c) runs: those and the last run, which may be short, are all there is to see
+// (one run at g = d_out, 32 at g = 2 and cols = 64; forward_plan is on every call's path).
 int64_t worst_rows(const MixShape& s, int64_t cols) {
-  const int64_t c = s.d_out / s.g;
-  int64_t groups = 0;
-  for (int64_t lo = 0; lo < s.d_out; lo += cols)
-    groups = std::max(groups, (std::min(lo + cols, s.d_out) - 1) / c - lo / c + 1);
-  return s.r + s.N * groups;
+  const int64_t c = s.d_out / s.g, runs = (s.d_out + cols - 1) / cols;
+  auto groups = [&](int64_t lo) { return (std::min(lo + cols, s.d_out) - 1) / c - lo / c + 1; };
+  int64_t most = groups((runs - 1) * cols);
+  for (int64_t k = 0, n = std::min(runs - 1, c / std::gcd(cols, c)); k < n; ++k)
+    most = std::max(most, groups(k * cols));
+  return s.r + s.N * most;
 }
 
 // A block's work in rows x K, the weights it reads (BM x this is its multiply-adds): phase 1's
@@ -65,16 +72,17 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   plan.tiles_per_split = (tiles + want - 1) / want;
   plan.splits = (tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
   plan.cluster = cluster_for(s, plan.splits, plan.tiles_per_split, max_cluster);
-  // A prime number of splits above 8 takes no cluster: 13 or 11 of 64 tiles at T = 1025-1472
-  // on 132 SMs, 17 to 43 at wider d_out. Fewer, longer splits (down to half as many) never add
-  // a wave of blocks: the most of them that take a cluster are used if their blocks do less
-  // work than the plain splits' (block_work). At d = 4096 and the defaults, T = 1280 goes from
-  // 13 splits of 5 tiles (279K rows x K per block) to 10 of 7 in clusters of 5 (154K).
-  // Counts, not measurements.
+  // No cluster divides a prime number of splits above 8: 13 or 11 of 64 tiles at T = 1025-1472
+  // on 132 SMs, 17 to 43 at wider d_out. When a plan has no cluster, fewer and longer splits
+  // (down to half as many, so never another wave of blocks) may: the most of them that take
+  // one are used if their blocks do less work than the plain splits' (block_work). At d = 4096
+  // and the defaults, T = 1280 goes from 13 splits of 5 tiles (279K rows x K per block) to 10
+  // of 7 in clusters of 5 (154K). Counts, not measurements.
   if (plan.cluster == 1 && max_cluster > 1) {
     const int64_t plain = block_work(s, plan.tiles_per_split, 1);
-    for (int64_t fewer = plan.splits - 1; 2 * fewer >= plan.splits; --fewer) {
+    for (int64_t fewer = plan.splits - 1, last = 0; 2 * fewer >= plan.splits; --fewer) {
       const int64_t tps = (tiles + fewer - 1) / fewer, splits = (tiles + tps - 1) / tps;
+      if (tps == std::exchange(last, tps)) continue;  // the same splits as the last count
       const int cl = cluster_for(s, splits, tps, max_cluster);
       if (cl > 1 && block_work(s, tps, cl) < plain) {
         plan.tiles_per_split = tps;

@@ -283,6 +283,59 @@ def test_forward_plan_clusters_where_they_cut_the_projection(T, d_in, d_out, g, 
     assert (ws // (T * 32) + 1, cl) == (splits, cluster)
 
 
+def _forward_plan_by_brute_force(T, d_in, d_out, r, N, g, num_sms, max_cluster):
+    """forward_plan's rules (mix_forward.cu) with every run of columns looked at: (splits,
+    cluster)."""
+    c, tiles = d_out // g, -(-d_out // 64)
+
+    def rows(cols):  # packed rows of the worst run of `cols` columns
+        return r + N * max((min(lo + cols, d_out) - 1) // c - lo // c + 1
+                           for lo in range(0, d_out, cols))
+
+    def cluster_for(splits, tps):
+        for cl in range(min(8, max_cluster), 1, -1):
+            if (splits % cl == 0 and d_in >= 128 * cl
+                    and 4 * rows(cl * tps * 64) <= 3 * cl * rows(tps * 64)):
+                return cl
+        return 1
+
+    def work(tps, cl):
+        return rows(cl * tps * 64) * -(-d_in // cl) + tps * 64 * N * r
+
+    row_blocks = -(-T // (16 if T <= 16 else 64))
+    want = max(1, min(tiles, 2 * num_sms // max(row_blocks, 1)))
+    tps = -(-tiles // want)
+    splits = -(-tiles // tps)
+    cl = cluster_for(splits, tps)
+    if cl == 1 and max_cluster > 1:
+        for fewer in range(splits - 1, (splits - 1) // 2, -1):
+            tps2 = -(-tiles // fewer)
+            splits2 = -(-tiles // tps2)
+            cl2 = cluster_for(splits2, tps2)
+            if cl2 > 1 and work(tps2, cl2) < work(tps, 1):
+                return splits2, cl2
+    return splits, cl
+
+
+@pytest.mark.emulator
+def test_forward_plan_matches_its_rules_by_brute_force(monkeypatch):
+    """forward_plan finds a run's worst groups from one period of group offsets (it runs on
+    every forward call): the same plans as looking at every run, over random shapes with
+    groups of every width (odd ones included) and SM counts."""
+    emu = cuda_emu.load()
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        T, d_in, r, N, num_sms = (int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in
+                                  ((1, 3000), (64, 2200), (1, 40), (1, 20), (1, 140)))
+        c, g = (int(torch.randint(1, 300, (), generator=rng)) for _ in range(2))
+        d_out = c * g
+        monkeypatch.setattr(emu, "num_sms", num_sms)
+        splits, cluster = _forward_plan_by_brute_force(T, d_in, d_out, r, N, g, num_sms, 8)
+        ws, cl = emu.forward_plan(T, d_in, d_out, r, N, g)
+        assert (ws // (T * (r + N)) + 1, cl) == (splits, cluster), (T, d_in, d_out, r, N, g,
+                                                                    num_sms)
+
+
 @pytest.mark.emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_fewer_splits_to_take_a_cluster(monkeypatch, dtype):
