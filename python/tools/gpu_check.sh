@@ -130,14 +130,15 @@ print("ran")'
         tests/test_cuda_mix.py tests/test_extreme.py tests/test_determinism.py \
         tests/test_fuzz.py ;;
     bench)
-      # Decode (T = 1, 16) and the SPEC's floor shape (T = 8192, d = 4096, r = 16, N = 16, g = 2).
-      step bench 400 "$PY" -m mtlora_kernels bench --tokens 1,16,8192 --experts 16 --groups 2 \
+      # Decode (T = 1, 16), a prefill whose cuda forward trades 13 splits for 10 in clusters
+      # (T = 1280) and the SPEC's floor shape (T = 8192, d = 4096, r = 16, N = 16, g = 2).
+      step bench 400 "$PY" -m mtlora_kernels bench --tokens 1,16,1280,8192 --experts 16 --groups 2 \
         --dtype bf16 --min-time 0.5 --out "$OUT/bench" --no-progress
       # The same shapes again on the cuda backend with the sm_90 cluster path turned off, to
-      # tell what the clusters give (each takes one there: 8 blocks at T = 1 and 16, 2 at 8192;
-      # on sm_80 the two runs time the same kernels).
+      # tell what the clusters give (each takes one there: 8 blocks at T = 1 and 16, 5 at 1280,
+      # 2 at 8192; on sm_80 the two runs time the same kernels).
       step bench-noclusters 150 env MTLORA_CUDA_CLUSTERS=0 "$PY" -m mtlora_kernels bench \
-        --tokens 1,16,8192 --experts 16 --groups 2 --dtype bf16 --min-time 0.5 \
+        --tokens 1,16,1280,8192 --experts 16 --groups 2 --dtype bf16 --min-time 0.5 \
         --providers mtlora-cuda --out "$OUT/bench-noclusters" --no-progress ;;
     profile)
       step profile 300 "$PY" python/tools/profile_mix.py --out "$OUT/profile" ;;
