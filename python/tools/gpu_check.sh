@@ -94,15 +94,15 @@ for s in "${steps[@]}"; do
     sanitize)
       # One forward and backward per dtype and shape on the cuda backend (router, odd sizes,
       # column splits, decode tiles; with dropout, and without it: the forward's cp.async
-      # pipeline; a cluster of 4 splits on sm_90), under memcheck and racecheck, kernels of the
-      # extension only.
+      # pipeline; on sm_90 clusters of 4 splits, of one group and of 16), under memcheck and
+      # racecheck, kernels of the extension only.
       snippet='
 import torch
 from mtlora_kernels.ops.mix import mix
 for dt in (torch.float32, torch.float16, torch.bfloat16):
     for T, d_in, d_out, N, g, p in ((133, 96, 80, 4, 2, 0.1), (70, 64, 512, 16, 512, 0.1),
                                     (133, 256, 128, 4, 2, 0.0), (3, 256, 128, 4, 2, 0.0),
-                                    (3, 512, 256, 4, 1, 0.1)):
+                                    (3, 512, 256, 4, 1, 0.1), (3, 512, 256, 4, 16, 0.1)):
         x = torch.randn(T, d_in, device="cuda", dtype=dt, requires_grad=True)
         A = (torch.randn(16, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
         B = (torch.randn(N, d_out, 16, device="cuda", dtype=dt) / 4).requires_grad_()
