@@ -52,16 +52,27 @@ def source_digest(root: Path, arch: str) -> str:
     return h.hexdigest()
 
 
+def _device_python_base() -> str:
+    """An interpreter of DEVICE_PYTHON's version that runs: the one on PATH, else one of
+    pyenv's versions (pyenv puts a shim for every version on PATH, which fails unless that
+    version is the active one)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    found = sorted(pyenv.glob(f"versions/{DEVICE_PYTHON.removeprefix('python')}*/bin/"
+                              f"{DEVICE_PYTHON}"))
+    for cand in filter(None, [shutil.which(DEVICE_PYTHON), *map(str, found)]):
+        if subprocess.run([cand, "-c", ""], capture_output=True).returncode == 0:
+            return cand
+    sys.exit(f"no working {DEVICE_PYTHON} found: pass --python with the GPU machine's torch")
+
+
 def _default_python() -> Path:
     venv = ROOT / "build" / "gpu_prebuilt" / "venv"
-    py = venv / "bin" / "python"
-    if not py.exists():
-        base = shutil.which(DEVICE_PYTHON)
-        if base is None:
-            sys.exit(f"{DEVICE_PYTHON} not found: pass --python with the GPU machine's torch")
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    py, ready = venv / "bin" / "python", venv / ".ready"
+    if not ready.exists():  # also after an earlier attempt failed half-way
+        subprocess.run([_device_python_base(), "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", f"torch=={DEVICE_TORCH}",
                         "setuptools", "ninja"], check=True)
+        ready.touch()
     return py
 
 
