@@ -156,7 +156,8 @@ std::vector<Tensor> mix_forward(const Tensor& x, const Tensor& A, const Tensor& 
   Tensor h = at::empty({s.T, s.r}, f32);
   Tensor pi = at::empty({s.T, s.g, s.N}, f32);
   const mtlora::ForwardPlan plan =
-      mtlora::forward_plan(s, multiprocessor_count(x.device()), max_cluster(x.device()));
+      mtlora::forward_plan(s, route_weight.has_value(), multiprocessor_count(x.device()),
+                           max_cluster(x.device()));
   Tensor ws = at::empty({plan.ws_floats}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

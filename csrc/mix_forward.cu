@@ -11,11 +11,13 @@ namespace mtlora {
 namespace {
 
 // The packed rows a block sweeps in phase 1 when its columns are a run of `cols` (a split's, or
-// a cluster's): A's r and the router rows of every group the run touches, for the worst run.
-// A full run's groups depend only on where it starts within a group, which repeats every
+// a cluster's): A's r, and with a router (W) the router rows of every group the run touches,
+// for the worst run (external logits are read, not projected: r alone). A full run's groups
+// depend only on where it starts within a group, which repeats every
 // c / gcd(cols, c) runs: those and the last run, which may be short, are all there is to see
 // (one run at g = d_out, 32 at g = 2 and cols = 64; forward_plan is on every call's path).
-int64_t worst_rows(const MixShape& s, int64_t cols) {
+int64_t worst_rows(const MixShape& s, bool router, int64_t cols) {
+  if (!router) return s.r;
   const int64_t c = s.d_out / s.g, runs = (s.d_out + cols - 1) / cols;
   auto groups = [&](int64_t lo) { return (std::min(lo + cols, s.d_out) - 1) / c - lo / c + 1; };
   int64_t most = groups((runs - 1) * cols);
@@ -26,8 +28,9 @@ int64_t worst_rows(const MixShape& s, int64_t cols) {
 
 // A block's work in rows x K, the weights it reads (BM x this is its multiply-adds): phase 1's
 // packed rows over its slice of d_in, then phase 2's tiles of B, N * r deep.
-int64_t block_work(const MixShape& s, int64_t tiles_per_split, int cluster) {
-  return worst_rows(s, cluster * tiles_per_split * BN) * ((s.d_in + cluster - 1) / cluster) +
+int64_t block_work(const MixShape& s, bool router, int64_t tiles_per_split, int cluster) {
+  return worst_rows(s, router, cluster * tiles_per_split * BN) *
+             ((s.d_in + cluster - 1) / cluster) +
          tiles_per_split * BN * s.N * s.r;
 }
 
@@ -44,13 +47,16 @@ int64_t block_work(const MixShape& s, int64_t tiles_per_split, int cluster) {
 //   block alone, 1032 in a cluster of 2, 1026 in one of 8), and the two cluster barriers per
 //   64-wide piece of rows grow with them. At g = 2 and T = 8192 (2 splits, one group each) a
 //   cluster of 2 sweeps 24 rows per block where a split swept 32: a quarter, and x is read
-//   once.
+//   once. Without a router (external logits, or N == 1) the rows are A's r alone, which any
+//   cluster divides: decode with g = d_out then takes clusters of 8, 16 rows over 1/8 of d_in
+//   per block where a split swept all of A.
 // 1: no cluster. Counts, not measurements.
-int cluster_for(const MixShape& s, int64_t splits, int64_t tiles_per_split, int max_cluster) {
-  const int64_t alone = worst_rows(s, tiles_per_split * BN);
+int cluster_for(const MixShape& s, bool router, int64_t splits, int64_t tiles_per_split,
+                int max_cluster) {
+  const int64_t alone = worst_rows(s, router, tiles_per_split * BN);
   for (int cl = std::min(kMaxCluster, max_cluster); cl >= 2; --cl) {
     if (splits % cl == 0 && s.d_in >= 128 * int64_t(cl) &&
-        4 * worst_rows(s, cl * tiles_per_split * BN) <= 3 * int64_t(cl) * alone)
+        4 * worst_rows(s, router, cl * tiles_per_split * BN) <= 3 * int64_t(cl) * alone)
       return cl;
   }
   return 1;
@@ -58,7 +64,7 @@ int cluster_for(const MixShape& s, int64_t splits, int64_t tiles_per_split, int 
 
 }  // namespace
 
-ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
+ForwardPlan forward_plan(const MixShape& s, bool router, int num_sms, int max_cluster) {
   ForwardPlan plan{};
   plan.bm = s.T <= kSmallT ? 16 : 64;
   plan.row_blocks = (s.T + plan.bm - 1) / plan.bm;
@@ -71,7 +77,7 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   const int64_t want = std::max<int64_t>(1, std::min(tiles, per_block));
   plan.tiles_per_split = (tiles + want - 1) / want;
   plan.splits = (tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
-  plan.cluster = cluster_for(s, plan.splits, plan.tiles_per_split, max_cluster);
+  plan.cluster = cluster_for(s, router, plan.splits, plan.tiles_per_split, max_cluster);
   // No cluster divides a prime number of splits above 8: 13 or 11 of 64 tiles at T = 1025-1472
   // on 132 SMs, 17 to 43 at wider d_out. When a plan has no cluster, fewer and longer splits
   // (down to half as many, so never another wave of blocks) may: the most of them that take
@@ -79,12 +85,12 @@ ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster) {
   // and the defaults, T = 1280 goes from 13 splits of 5 tiles (279K rows x K per block) to 10
   // of 7 in clusters of 5 (154K). Counts, not measurements.
   if (plan.cluster == 1 && max_cluster > 1) {
-    const int64_t plain = block_work(s, plan.tiles_per_split, 1);
+    const int64_t plain = block_work(s, router, plan.tiles_per_split, 1);
     for (int64_t fewer = plan.splits - 1, last = 0; 2 * fewer >= plan.splits; --fewer) {
       const int64_t tps = (tiles + fewer - 1) / fewer, splits = (tiles + tps - 1) / tps;
       if (tps == std::exchange(last, tps)) continue;  // the same splits as the last count
-      const int cl = cluster_for(s, splits, tps, max_cluster);
-      if (cl > 1 && block_work(s, tps, cl) < plain) {
+      const int cl = cluster_for(s, router, splits, tps, max_cluster);
+      if (cl > 1 && block_work(s, router, tps, cl) < plain) {
         plan.tiles_per_split = tps;
         plan.splits = splits;
         plan.cluster = cl;

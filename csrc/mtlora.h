@@ -48,8 +48,9 @@ struct ForwardPlan {
   int64_t ws_floats;        // workspace the launch needs
   int cluster;              // splits per thread-block cluster (1: no cluster)
 };
+// router: W is given (its rows are swept with A's; external logits are only read).
 // max_cluster: forward_max_cluster(device), or 1 for no clusters.
-ForwardPlan forward_plan(const MixShape& s, int num_sms, int max_cluster);
+ForwardPlan forward_plan(const MixShape& s, bool router, int num_sms, int max_cluster);
 // The largest cluster the forward may launch on `device` with the binary that runs there: 8
 // when the device supports cluster launch and the kernels were compiled for sm_90+, else 1.
 int forward_max_cluster(int device);
@@ -134,7 +135,7 @@ struct ForwardArgs {
   MixShape s;
   float scaling, dropout_p;
   uint64_t seed;
-  ForwardPlan plan;      // forward_plan(s, the device's SM count, its max cluster): the
+  ForwardPlan plan;      // forward_plan(s, W != null, the SM count, the max cluster): the
                          // launch's grid and clusters, ws's size
 };
 

@@ -44,7 +44,7 @@ def test_kernels_clean_under_sanitizer(variant):
     report = res.stdout[-3000:] + res.stderr[-6000:]
     assert res.returncode == 0, f"{variant} run failed (rc {res.returncode}):\n{report}"
     assert "Sanitizer" not in res.stderr and "runtime error" not in res.stderr, report
-    assert res.stdout.count(": ok") == 42, res.stdout  # 14 shapes x 3 dtypes, all ran
+    assert res.stdout.count(": ok") == 45, res.stdout  # 15 shapes x 3 dtypes, all ran
 
 
 def test_bindings_allocations_under_address_sanitizer():

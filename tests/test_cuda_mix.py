@@ -241,6 +241,32 @@ def test_forward_clusters(cuda_ext, monkeypatch, T, d_in, d_out, r, N, g, cluste
         check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, external=True, seed=T)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_clusters_without_a_router(cuda_ext, monkeypatch, dtype):
+    """External logits are read, not projected, so phase 1 sweeps A's r rows alone, which any
+    cluster divides: decode with g = d_out takes clusters of 4 with them where a router (each
+    block would sweep the others' logit rows) takes none, and so does plain LoRA (N = 1, no
+    routing at all). Against the reference with clusters and without."""
+    T, d_in, d_out, r = 3, 512, 256, 16
+    if cuda_ext.type == "cpu":
+        emu = cuda_emu.load()
+        assert emu.forward_plan(T, d_in, d_out, r, 4, d_out, router=True)[1] == 1
+    for N, g, external in ((4, d_out, True), (1, 1, False)):
+        for clusters in (True, False):
+            if cuda_ext.type == "cpu":
+                monkeypatch.setattr(emu, "max_cluster", 8 if clusters else 1)
+                assert emu.forward_plan(T, d_in, d_out, r, N, g, router=False)[1] == (
+                    4 if clusters else 1)
+                before = emu.cluster_launches()
+            else:
+                monkeypatch.setenv("MTLORA_CUDA_CLUSTERS", "1" if clusters else "0")
+            for p in (0.0, 0.1):
+                check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=p,
+                                        external=external, seed=N + int(10 * p))
+            if cuda_ext.type == "cpu":  # bindings.cpp plans without the router, as asserted
+                assert (emu.cluster_launches() - before == 2) == clusters
+
+
 @pytest.mark.emulator
 def test_clusters_only_with_device_code_for_sm90():
     """forward_max_cluster: clusters need a device with cluster launch running a binary
@@ -258,38 +284,42 @@ def test_clusters_only_with_device_code_for_sm90():
 
 @pytest.mark.emulator
 @pytest.mark.parametrize(
-    "T,d_in,d_out,g,splits,cluster",
+    "T,d_in,d_out,g,router,splits,cluster",
     [
-        (8192, 4096, 4096, 2, 2, 2),  # 2 splits of one group: 24 rows per block instead of 32
-        (8192, 4096, 4096, 8, 2, 1),  # 2 splits of 4 groups: 72 instead of 80, a tenth
-        (4096, 4096, 4096, 8, 4, 4),  # 4 splits of 2 groups: 36 instead of 48, a quarter
-        (1, 4096, 4096, 64, 64, 8),  # decode, one group per split: 18 instead of 32
-        (1024, 4096, 4096, 64, 16, 1),  # 16 splits of 4 groups: at best 66 instead of 80
-        (1, 4096, 4096, 4096, 64, 1),  # g = d_out: at best 1026 instead of 1040
-        (1, 512, 4096, 1, 64, 4),  # d_in = 512: at most 4 slices of 128
-        (1280, 4096, 4096, 2, 10, 5),  # 13 splits would take none: 10 longer ones, less work
-        (1280, 4096, 4096, 64, 13, 1),  # ... not with narrow groups
+        (8192, 4096, 4096, 2, True, 2, 2),  # 2 splits of one group: 24 rows per block, not 32
+        (8192, 4096, 4096, 8, True, 2, 1),  # 2 splits of 4 groups: 72 instead of 80, a tenth
+        (4096, 4096, 4096, 8, True, 4, 4),  # 4 splits of 2 groups: 36 instead of 48, a quarter
+        (1, 4096, 4096, 64, True, 64, 8),  # decode, one group per split: 18 instead of 32
+        (1024, 4096, 4096, 64, True, 16, 1),  # 16 splits of 4 groups: at best 66 instead of 80
+        (1, 4096, 4096, 4096, True, 64, 1),  # g = d_out: at best 1026 instead of 1040
+        (1, 512, 4096, 1, True, 64, 4),  # d_in = 512: at most 4 slices of 128
+        (1280, 4096, 4096, 2, True, 10, 5),  # 13 splits would take none: 10 longer ones
+        (1280, 4096, 4096, 64, True, 13, 1),  # ... not with narrow groups
+        (1, 4096, 4096, 4096, False, 64, 8),  # external logits: 2 rows instead of 16
+        (1024, 4096, 4096, 64, False, 16, 8),  # ... whatever the groups
+        (8192, 4096, 4096, 8, False, 2, 2),  # 8 instead of 16
     ],
 )
-def test_forward_plan_clusters_where_they_cut_the_projection(T, d_in, d_out, g, splits, cluster):
+def test_forward_plan_clusters_where_they_cut_the_projection(T, d_in, d_out, g, router, splits,
+                                                             cluster):
     """A cluster is taken when it cuts each block's phase 1 (its packed rows of A and of the
     router, r + N * groups touched, over its slice of d_in) by at least a quarter: narrow
-    groups make a cluster's blocks sweep each other's logits. A prime number of splits (13)
-    gives way to fewer, longer ones that take a cluster when their blocks do less work. r = 16,
-    N = 16, 132 SMs, clusters of up to 8; the comments count rows x d_in per block, with and
-    without the cluster."""
+    groups make a cluster's blocks sweep each other's logits. Without a router (external
+    logits) the rows are A's alone. A prime number of splits (13) gives way to fewer, longer
+    ones that take a cluster when their blocks do less work. r = 16, N = 16, 132 SMs, clusters
+    of up to 8; the comments count rows x d_in per block, with and without the cluster."""
     emu = cuda_emu.load()
-    ws, cl = emu.forward_plan(T, d_in, d_out, 16, 16, g)
+    ws, cl = emu.forward_plan(T, d_in, d_out, 16, 16, g, router)
     assert (ws // (T * 32) + 1, cl) == (splits, cluster)
 
 
-def _forward_plan_by_brute_force(T, d_in, d_out, r, N, g, num_sms, max_cluster):
+def _forward_plan_by_brute_force(T, d_in, d_out, r, N, g, num_sms, max_cluster, router):
     """forward_plan's rules (mix_forward.cu) with every run of columns looked at: (splits,
     cluster)."""
     c, tiles = d_out // g, -(-d_out // 64)
 
-    def rows(cols):  # packed rows of the worst run of `cols` columns
-        return r + N * max((min(lo + cols, d_out) - 1) // c - lo // c + 1
+    def rows(cols):  # packed rows of the worst run of `cols` columns (A's alone without W)
+        return r + router * N * max((min(lo + cols, d_out) - 1) // c - lo // c + 1
                            for lo in range(0, d_out, cols))
 
     def cluster_for(splits, tps):
@@ -321,7 +351,7 @@ def _forward_plan_by_brute_force(T, d_in, d_out, r, N, g, num_sms, max_cluster):
 def test_forward_plan_matches_its_rules_by_brute_force(monkeypatch):
     """forward_plan finds a run's worst groups from one period of group offsets (it runs on
     every forward call): the same plans as looking at every run, over random shapes with
-    groups of every width (odd ones included) and SM counts."""
+    groups of every width (odd ones included) and SM counts, with a router and without."""
     emu = cuda_emu.load()
     rng = torch.Generator().manual_seed(0)
     for _ in range(400):
@@ -329,11 +359,13 @@ def test_forward_plan_matches_its_rules_by_brute_force(monkeypatch):
                                   ((1, 3000), (64, 2200), (1, 40), (1, 20), (1, 140)))
         c, g = (int(torch.randint(1, 300, (), generator=rng)) for _ in range(2))
         d_out = c * g
+        router = bool(torch.randint(0, 4, (), generator=rng))  # 1 in 4 without
         monkeypatch.setattr(emu, "num_sms", num_sms)
-        splits, cluster = _forward_plan_by_brute_force(T, d_in, d_out, r, N, g, num_sms, 8)
-        ws, cl = emu.forward_plan(T, d_in, d_out, r, N, g)
+        splits, cluster = _forward_plan_by_brute_force(T, d_in, d_out, r, N, g, num_sms, 8,
+                                                       router)
+        ws, cl = emu.forward_plan(T, d_in, d_out, r, N, g, router)
         assert (ws // (T * (r + N)) + 1, cl) == (splits, cluster), (T, d_in, d_out, r, N, g,
-                                                                    num_sms)
+                                                                    num_sms, router)
 
 
 @pytest.mark.emulator

@@ -94,20 +94,26 @@ for s in "${steps[@]}"; do
     sanitize)
       # One forward and backward per dtype and shape on the cuda backend (router, odd sizes,
       # column splits, decode tiles; with dropout, and without it: the forward's cp.async
-      # pipeline; on sm_90 clusters of 4 splits, of one group and of 16), under memcheck and
-      # racecheck, kernels of the extension only.
+      # pipeline; on sm_90 clusters of 4 splits, of one group and of 16, and with external
+      # logits at g = d_out), under memcheck and racecheck, kernels of the extension only.
       snippet='
 import torch
 from mtlora_kernels.ops.mix import mix
 for dt in (torch.float32, torch.float16, torch.bfloat16):
-    for T, d_in, d_out, N, g, p in ((133, 96, 80, 4, 2, 0.1), (70, 64, 512, 16, 512, 0.1),
-                                    (133, 256, 128, 4, 2, 0.0), (3, 256, 128, 4, 2, 0.0),
-                                    (3, 512, 256, 4, 1, 0.1), (3, 512, 256, 4, 16, 0.1)):
+    for T, d_in, d_out, N, g, p, ext in (
+            (133, 96, 80, 4, 2, 0.1, 0), (70, 64, 512, 16, 512, 0.1, 0),
+            (133, 256, 128, 4, 2, 0.0, 0), (3, 256, 128, 4, 2, 0.0, 0),
+            (3, 512, 256, 4, 1, 0.1, 0), (3, 512, 256, 4, 16, 0.1, 0),
+            (3, 512, 256, 4, 256, 0.1, 1)):
         x = torch.randn(T, d_in, device="cuda", dtype=dt, requires_grad=True)
         A = (torch.randn(16, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
         B = (torch.randn(N, d_out, 16, device="cuda", dtype=dt) / 4).requires_grad_()
-        W = (torch.randn(g * N, d_in, device="cuda", dtype=dt) / 8).requires_grad_()
-        y = mix(x, A, B, W, groups=g, scaling=2.0, dropout_p=p, seed=3, backend="cuda")
+        if ext:  # external logits
+            W, L = None, torch.randn(T, g * N, device="cuda", dtype=dt, requires_grad=True)
+        else:
+            W, L = (torch.randn(g * N, d_in, device="cuda", dtype=dt) / 8).requires_grad_(), None
+        y = mix(x, A, B, W, logits=L, groups=g, scaling=2.0, dropout_p=p, seed=3,
+                backend="cuda")
         y.float().square().sum().backward()
 torch.cuda.synchronize()
 print("ran")'

@@ -245,7 +245,7 @@ class Emulated:
         lib.emu_cluster_launches.restype = ctypes.c_uint64
         lib.emu_forward_plan.restype = None
         lib.emu_forward_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_void_p]
+                                         ctypes.c_int, ctypes.c_void_p]
         lib.emu_forward_max_cluster.restype = ctypes.c_int
         lib.emu_forward_max_cluster.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.emu_refuse_clusters.restype = lib.emu_reverse_blocks.restype = None
@@ -281,13 +281,14 @@ class Emulated:
         N, d_out, r = B.shape
         return (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, groups)
 
-    def forward_plan(self, T, d_in, d_out, r, N, g) -> tuple[int, int]:
+    def forward_plan(self, T, d_in, d_out, r, N, g, router=True) -> tuple[int, int]:
         """(workspace floats, cluster size) of the forward for these sizes at ``num_sms`` and
-        ``max_cluster`` (``forward_plan`` in mtlora.h): no workspace unless the launch splits
-        the columns of d_out, a cluster of 1 unless its splits share their projection."""
+        ``max_cluster`` (``forward_plan`` in mtlora.h), with a router (W) or without (external
+        logits, N == 1): no workspace unless the launch splits the columns of d_out, a cluster
+        of 1 unless its splits share their projection."""
         shape = (ctypes.c_int64 * 6)(T, d_in, d_out, r, N, g)
         out = (ctypes.c_int64 * 2)()
-        self._lib.emu_forward_plan(shape, self.num_sms, self.max_cluster, out)
+        self._lib.emu_forward_plan(shape, int(router), self.num_sms, self.max_cluster, out)
         return out[0], out[1]
 
     def forward_max_cluster(self, cluster_launch: bool, ptx: int, binary: int) -> int:
@@ -396,7 +397,8 @@ class Emulated:
         h = _poisoned(T, r, dtype=torch.float32)
         pi = _poisoned(T, groups, N, dtype=torch.float32)
         shape = self._shape(x, A, B, groups)
-        ws = _poisoned(self.forward_plan(*shape)[0], dtype=torch.float32)
+        ws = _poisoned(self.forward_plan(*shape, router=route_weight is not None)[0],
+                       dtype=torch.float32)
         err = ctypes.create_string_buffer(256)
         rc = self._run(
             ws, self._lib.emu_mix_forward, _DTYPES[x.dtype], _ptr(x), _ptr(A), _ptr(B),

@@ -27,10 +27,10 @@ int report(const mtlora::LaunchStatus& st, char* err, int errlen) {
 }  // namespace
 
 // out: the forward's workspace in floats and its cluster size.
-extern "C" void emu_forward_plan(const int64_t* shape, int num_sms, int max_cluster,
+extern "C" void emu_forward_plan(const int64_t* shape, int router, int num_sms, int max_cluster,
                                  int64_t* out) {
   const mtlora::MixShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
-  const mtlora::ForwardPlan plan = mtlora::forward_plan(s, num_sms, max_cluster);
+  const mtlora::ForwardPlan plan = mtlora::forward_plan(s, router != 0, num_sms, max_cluster);
   out[0] = plan.ws_floats;
   out[1] = plan.cluster;
 }
@@ -94,7 +94,8 @@ extern "C" int emu_mix_forward(int dtype, const void* x, const void* A, const vo
     const mtlora::ForwardArgs<T> a{
         static_cast<const T*>(x), static_cast<const T*>(A), static_cast<const T*>(B),
         static_cast<const T*>(W), logits, static_cast<const T*>(residual), static_cast<T*>(y),
-        h, pi, ws, s, scaling, dropout_p, seed, mtlora::forward_plan(s, num_sms, max_cluster)};
+        h, pi, ws, s, scaling, dropout_p, seed,
+        mtlora::forward_plan(s, W != nullptr, num_sms, max_cluster)};
     return report(mtlora::mix_forward<T>(a, nullptr), err, errlen);
   });
 }

@@ -48,7 +48,8 @@ int run(const Case& c, std::mt19937& rng) {
   auto residual = random_vec<T>(c.T * c.d_out, rng, 1.f);
   std::vector<T> y(c.T * c.d_out);
   std::vector<float> h(c.T * c.r), pi(c.T * c.g * c.N);
-  const mtlora::ForwardPlan fplan = mtlora::forward_plan(s, c.num_sms, c.max_cluster);
+  const mtlora::ForwardPlan fplan =
+      mtlora::forward_plan(s, c.router == 1, c.num_sms, c.max_cluster);
   std::vector<float> ws(fplan.ws_floats);
   const mtlora::ForwardArgs<T> fa{x.data(), A.data(), B.data(), c.router == 1 ? W.data() : nullptr,
                                   c.router == 2 ? logits.data() : nullptr, residual.data(),
@@ -106,6 +107,7 @@ int main() {
       {20, 328, 256, 16, 4, 2, 2, 0.0f, 132},  // forward: clusters of 2, a partial last slice
       {3, 768, 192, 16, 4, 1, 1, 0.1f, 132},   // forward: a cluster of 3
       {3, 512, 256, 16, 4, 16, 1, 0.1f, 132},  // forward: a cluster of 4 over 16 groups
+      {3, 512, 256, 16, 4, 256, 2, 0.1f, 132},  // external logits, g = d_out: a cluster of 4
   };
   // Up to four blocks of every launch without clusters run at once (emu.h), so a race between
   // blocks on global memory is a TSan report too (between blocks that run at once).
