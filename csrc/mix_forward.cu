@@ -13,9 +13,9 @@ namespace {
 // The packed rows a block sweeps in phase 1 when its columns are a run of `cols` (a split's, or
 // a cluster's): A's r, and with a router (W) the router rows of every group the run touches,
 // for the worst run (external logits are read, not projected: r alone). A full run's groups
-// depend only on where it starts within a group, which repeats every
-// c / gcd(cols, c) runs: those and the last run, which may be short, are all there is to see
-// (one run at g = d_out, 32 at g = 2 and cols = 64; forward_plan is on every call's path).
+// depend only on where it starts within a group, which repeats every c / gcd(cols, c) runs:
+// those and the last run, which may be short, are all there is to see (one run at g = d_out,
+// 32 at g = 2 and cols = 64; forward_plan is on every call's path).
 int64_t worst_rows(const MixShape& s, bool router, int64_t cols) {
   if (!router) return s.r;
   const int64_t c = s.d_out / s.g, runs = (s.d_out + cols - 1) / cols;

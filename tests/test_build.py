@@ -176,17 +176,16 @@ def test_prebuilt_finds_a_device_python_that_runs(tmp_path, monkeypatch):
     """pyenv puts a python3.12 shim on PATH that fails unless 3.12 is the active version:
     make's venv then comes from pyenv's own 3.12, and with no working one it says so."""
     tool = _load_tool("gpu_prebuilt")
-    shims, pyenv = tmp_path / "shims", tmp_path / "pyenv"
-    for path, rc in ((shims / tool.DEVICE_PYTHON, 127),
-                     (pyenv / "versions" / "3.12.1" / "bin" / tool.DEVICE_PYTHON, 0)):
+    shim = tmp_path / "shims" / tool.DEVICE_PYTHON
+    real = tmp_path / "pyenv" / "versions" / "3.12.1" / "bin" / tool.DEVICE_PYTHON
+    for path, rc in ((shim, 127), (real, 0)):
         path.parent.mkdir(parents=True)
         path.write_text(f"#!/bin/sh\nexit {rc}\n")
         path.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{shims}:/usr/bin:/bin")
-    monkeypatch.setenv("PYENV_ROOT", str(pyenv))
-    assert tool._device_python_base() == str(
-        pyenv / "versions" / "3.12.1" / "bin" / tool.DEVICE_PYTHON)
-    (pyenv / "versions" / "3.12.1" / "bin" / tool.DEVICE_PYTHON).write_text("#!/bin/sh\nexit 1\n")
+    monkeypatch.setenv("PATH", f"{shim.parent}:/usr/bin:/bin")
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    assert tool._device_python_base() == str(real)
+    real.write_text("#!/bin/sh\nexit 1\n")
     with pytest.raises(SystemExit, match="no working python3.12 found"):
         tool._device_python_base()
 
