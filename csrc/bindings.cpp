@@ -253,10 +253,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "forward_max_cluster",
       [](int64_t index) {
-        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));  // its kernels
-        return mtlora::forward_max_cluster(static_cast<int>(index));
+        const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
+        const c10::cuda::CUDAGuard guard(device);  // the device whose kernels are asked about
+        return max_cluster(device);
       },
-      "the largest thread-block cluster the forward can use on a CUDA device (1: none)",
+      "the largest thread-block cluster the forward launches on a CUDA device (1: none, as "
+      "without sm_90 device code or with MTLORA_CUDA_CLUSTERS=0)",
       py::arg("device_index"));
   // Build facts, read by mtlora_kernels._build_info.build_info().
   m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." +

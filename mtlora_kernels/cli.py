@@ -213,6 +213,12 @@ def _info(args: argparse.Namespace) -> int:
     for name, state in backends.report().items():
         style = "green" if state == "available" else "yellow"
         con.print(f"  {name:>8}  [{style}]{state}[/]")
+    if backends.available("cuda")[0]:
+        n = backends._cuda_extension()[0].forward_max_cluster(0)
+        con.print("  cuda forward on device 0: " + (
+            f"thread-block clusters of up to {n} (MTLORA_CUDA_CLUSTERS=0 turns them off)"
+            if n > 1 else "no thread-block clusters (they need an sm_90+ GPU and device code "
+                          "built for it; or MTLORA_CUDA_CLUSTERS=0 is set)"))
     info = build_info()
     con.print("[bold]CUDA build[/]  " + (info if isinstance(info, str)
                                          else json.dumps(info, indent=2, default=str)))

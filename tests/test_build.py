@@ -245,6 +245,7 @@ def test_gpu_check_build_step_uses_the_prebuilt_extension_or_compiles(tmp_path, 
                     '  *get_device_capability*) echo 9.0 ;;\n'
                     f'  *"gpu_prebuilt.py use"*) echo "prebuilt: fake"; exit {use_rc} ;;\n'
                     '  *setuptools.__version__*) exit 0 ;;\n'
+                    '  *"-m mtlora_kernels info"*) echo "info: fake" ;;\n'
                     '  *) echo "ran: $*"; exit 3 ;;\n'
                     "esac\n")
     fake.chmod(0o755)
@@ -253,6 +254,7 @@ def test_gpu_check_build_step_uses_the_prebuilt_extension_or_compiles(tmp_path, 
                        env=dict(os.environ, PY=str(fake), OUT=str(out), BUDGET="200"),
                        capture_output=True, text=True, timeout=120)
     summary = r.stdout[r.stdout.index("== summary"):]
+    assert "info: fake" in (out / "gpu_check.log").read_text()  # `info` after the steps
     if prebuilt_fits:
         assert r.returncode == 0, r.stdout + r.stderr
         assert "rc 0 in" in summary and "prebuilt" in summary, summary

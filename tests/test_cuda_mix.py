@@ -273,10 +273,10 @@ def test_clusters_only_with_device_code_for_sm90():
     compiled for sm_90+ (an sm_80 build JIT-compiled on an H100 has no cluster code), and the
     plan never takes one without."""
     emu = cuda_emu.load()
-    assert emu.forward_max_cluster(True, 90, 90) == 8
-    assert emu.forward_max_cluster(True, 80, 80) == 1
-    assert emu.forward_max_cluster(True, 80, 90) == 1  # sm_80 PTX JIT-compiled for an H100
-    assert emu.forward_max_cluster(False, 90, 90) == 1
+    assert emu.device_max_cluster(True, 90, 90) == 8
+    assert emu.device_max_cluster(True, 80, 80) == 1
+    assert emu.device_max_cluster(True, 80, 90) == 1  # sm_80 PTX JIT-compiled for an H100
+    assert emu.device_max_cluster(False, 90, 90) == 1
     assert emu.forward_plan(3, 512, 256, 16, 4, 1)[1] == 4  # (emu.max_cluster = 8)
     emu1 = cuda_emu.Emulated(emu._module, emu._lib, max_cluster=1)
     assert emu1.forward_plan(3, 512, 256, 16, 4, 1)[1] == 1
@@ -398,12 +398,27 @@ def test_bindings_launch_clusters_unless_switched_off(monkeypatch):
     ys = {}
     for max_cluster, launches in ((8, 1), (1, 0), (8, 1)):
         monkeypatch.setattr(emu, "max_cluster", max_cluster)
+        assert emu.forward_max_cluster(0) == max_cluster  # as `mtlora-kernels info` shows it
         before = emu.cluster_launches()
         ys[max_cluster] = mix(x, A, B, W, groups=g, scaling=2.0, backend="cuda")
         assert emu.cluster_launches() - before == launches, max_cluster
     ref = mix_reference(x.double(), A.double(), B.double(), W.double(), groups=g, scaling=2.0)
     for y in ys.values():
         assert_close_to_reference(y, ref, torch.float32, "y")
+
+
+@pytest.mark.emulator
+def test_info_says_whether_the_forward_takes_clusters(monkeypatch, capsys):
+    """`mtlora-kernels info` shows the cluster size bindings.cpp plans the forward with on
+    device 0: up to 8 on the emulated sm_90 device, none with MTLORA_CUDA_CLUSTERS=0."""
+    from mtlora_kernels.cli import main
+
+    emu = cuda_emu.install(monkeypatch)
+    for max_cluster, shown in ((8, "thread-block clusters of up to 8"),
+                              (1, "no thread-block clusters")):
+        monkeypatch.setattr(emu, "max_cluster", max_cluster)
+        assert main(["info"]) == 0
+        assert "cuda forward on device 0: " + shown in capsys.readouterr().out
 
 
 @pytest.mark.emulator
@@ -421,9 +436,10 @@ def test_forward_without_clusters_when_the_gpu_refuses_them(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_sm90_binaries_launch_clusters(cuda_gpu):
+def test_sm90_binaries_launch_clusters(cuda_gpu, monkeypatch):
     """On a GPU of compute capability 9.x with the extension built for sm_90, the forward can
     launch clusters (else test_forward_clusters would check only the path without them)."""
+    monkeypatch.delenv("MTLORA_CUDA_CLUSTERS", raising=False)
     ext = backends._cuda_extension()[0]
     if not ext.arch_list:
         pytest.skip("the extension does not record the architectures it was compiled for")

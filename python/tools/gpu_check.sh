@@ -7,7 +7,8 @@
 # With no STEP it runs build, test, sanitize and bench, in that order (the ones the CUDA issue
 # asks for, most important first); `profile` adds per-kernel times of one forward + backward on
 # the cuda and triton backends (python/tools/profile_mix.py); `triton` adds the Triton test
-# files, whose first run JIT-compiles many kernels.
+# files, whose first run JIT-compiles many kernels. After the steps, `mtlora-kernels info`
+# logs the build and the cluster size the cuda forward takes on this GPU.
 # Each step has its own time limit, and all of them share a budget of $BUDGET seconds (default
 # 560, inside the lent machine's 600 s per command): a step gets what is left and is skipped
 # when under 30 s remain, so the summary and the logs always come back. One machine call is
@@ -155,6 +156,8 @@ print("ran")'
   esac
 done
 
+# After any steps: the backends, the build's metadata and the cluster size the forward takes.
+step info 60 "$PY" -m mtlora_kernels info
 echo "== summary" | tee -a "$LOG"
 for s in "${!status[@]}"; do printf '%-20s %s\n' "$s" "${status[$s]}"; done | sort | tee -a "$LOG"
 rc=0

@@ -270,6 +270,11 @@ class Emulated:
                                               ctypes.c_float, ctypes.c_uint64, ctypes.c_char_p,
                                               ctypes.c_int]
 
+    # The build facts bindings.cpp records (mtlora_kernels._build_info reads them).
+    arch_list = property(lambda self: self._module.arch_list)
+    cuda_version = property(lambda self: self._module.cuda_version)
+    torch_version = property(lambda self: self._module.torch_version)
+
     @staticmethod
     def _check(rc: int, err: ctypes.Array) -> None:
         if rc != 0:
@@ -291,11 +296,17 @@ class Emulated:
         self._lib.emu_forward_plan(shape, int(router), self.num_sms, self.max_cluster, out)
         return out[0], out[1]
 
-    def forward_max_cluster(self, cluster_launch: bool, ptx: int, binary: int) -> int:
+    def device_max_cluster(self, cluster_launch: bool, ptx: int, binary: int) -> int:
         """``forward_max_cluster`` of csrc/mix_forward_cluster.cu on an emulated device with or
         without cluster launch, whose kernels were compiled from PTX for compute_<ptx> into
         machine code for sm_<binary>."""
         return self._lib.emu_forward_max_cluster(int(cluster_launch), int(ptx), int(binary))
+
+    def forward_max_cluster(self, device_index: int) -> int:
+        """bindings.cpp's ``forward_max_cluster``: the largest cluster the forward launches on
+        the emulated device (``max_cluster``)."""
+        with self._device():
+            return self._module.forward_max_cluster(device_index)
 
     def refuse_clusters(self, refuse: bool) -> None:
         """Make every cluster launch fail (cudaErrorInvalidClusterSize), as on a GPU that
