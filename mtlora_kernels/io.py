@@ -218,13 +218,14 @@ def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Pa
             "target_modules": lambda v: sorted(v) if v is not None else None,
             "layers": lambda v: normalized_layers(handle.model, v)}
     for key, canon in same.items():
+        ours = getattr(handle, key)
         try:
-            equal = canon(meta.get(key)) == canon(getattr(handle, key))
+            equal = meta.get(key) == ours or canon(meta.get(key)) == canon(ours)
         except ValueError:  # the file's layer indices do not fit this model
             equal = False
         if not equal:
             diffs.append(f"{key}: file has {meta.get(key)!r}, the attached adapters have "
-                         f"{getattr(handle, key)!r}")
+                         f"{ours!r}")
     if diffs:
         raise AdapterLoadError(f"{where} does not match the attached adapters: "
                                + "; ".join(diffs))

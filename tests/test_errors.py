@@ -1,5 +1,6 @@
 """Bad input gives a clear error naming the argument and the expected shape."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,8 @@ def call(ok, **kw):
     (dict(W=torch.randn(5, 8)), ValueError, r"route_weight must have shape \[g\*N=6, d_in=8\]"),
     (dict(groups=4), ValueError, r"groups must be a positive divisor of d_out=6"),
     (dict(groups=0), ValueError, r"groups must be a positive divisor"),
+    (dict(groups=2.0), ValueError, r"groups must be a positive divisor of d_out=6, got 2.0"),
+    (dict(groups=True), ValueError, r"groups must be a positive divisor of d_out=6, got True"),
     (dict(W=torch.randn(6, 8, dtype=torch.float64)), TypeError, r"route_weight has dtype"),
     (dict(A=torch.randn(2, 8).half()), TypeError, r"lora_A has dtype torch.float16"),
     (dict(x=torch.randint(0, 3, (5, 8))), TypeError, r"x must be a floating tensor"),
@@ -41,6 +44,11 @@ def call(ok, **kw):
 def test_bad_input_is_named(ok, kw, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(ok, **kw)
+
+
+def test_integer_groups_of_any_integral_type_are_taken(ok):
+    """A numpy integer (read from a config array, say) is a group count like an int."""
+    assert torch.equal(call(ok, groups=np.int64(2)), call(ok))
 
 
 def test_bad_external_logits(ok):

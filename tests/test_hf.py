@@ -310,6 +310,8 @@ def test_other_config_errors():
         attach(model, MTLoRAConfig(groups=3))
     with pytest.raises(ValueError, match=r"indices \[5\] out of range .* 2 layers"):
         attach(model, layers=[5])
+    with pytest.raises(ValueError, match=r"layers=\[\] selects no layer"):
+        attach(model, layers=[])
     with pytest.raises(TypeError, match="MTLoRAConfig"):
         attach(model, {"r": 4})
     handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1))

@@ -95,6 +95,9 @@ def test_the_same_layers_and_targets_however_named_load(tmp_path):
     x = tiny_inputs("llama")
     for i, (saved, attached) in enumerate([
             (dict(layers=[-1]), dict(layers=[1])),
+            (dict(layers=[1, 0]), dict()),  # every layer of the two, named or by None
+            (dict(), dict(layers=[-2, -1])),
+            (dict(target_modules="q_proj", layers=[0, 1]), dict(target_modules="q_proj")),
             (dict(target_modules="q_proj,v_proj"), dict(target_modules=["v_proj", "q_proj"]))]):
         model = tiny_model("llama")
         randomize(attach(model, CFG, **saved))

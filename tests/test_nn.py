@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICE, assert_close_to_reference, backend_params
+
 from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
 from mtlora_kernels.compat import HydraLoRALayer
 from mtlora_kernels.reference import balance_loss_reference, hydralora_reference, mix_reference
@@ -111,6 +113,44 @@ def test_linear_wrapper_is_frozen_base_plus_adapter():
     torch.testing.assert_close(layer(x), want)
     with pytest.raises(TypeError, match="nn.Linear"):
         MTLoRALinear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-in"])
+def test_linear_wrapper_under_autocast_computes_in_its_dtype(backend, dtype, backward_inside):
+    """Under torch.autocast an MTLoRALinear (frozen fp32 base, fp32 adapter) runs as a linear
+    layer does: y in the autocast dtype, the fp64 reference of the cast inputs, and so every
+    gradient, with the backward inside the region or after it. It failed on every backend:
+    the base's 16-bit output as residual beside fp32 x was refused, and the adapter alone
+    failed in the backward (the torch backend's fp32 h came back recast to bf16)."""
+    torch.manual_seed(3)
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8, dropout=0.0, backend=backend)
+    layer = MTLoRALinear(nn.Linear(24, 16), cfg).to(DEVICE)
+    a = layer.adapter
+    nn.init.normal_(a.lora_B, std=0.5)
+    x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    dy = torch.randn(2, 7, 16, device=DEVICE, dtype=dtype)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        y = layer(x)
+        if backward_inside:
+            y.backward(dy)
+    if not backward_inside:
+        y.backward(dy)
+    assert y.dtype == dtype
+
+    def cast(t):  # the values autocast computes with, in fp64
+        return t.detach().to(dtype).double().requires_grad_()
+
+    xr, A, B, W = map(cast, (x, a.lora_A, a.lora_B, a.lora_route))
+    base = nn.functional.linear(xr, cast(layer.base.weight), cast(layer.base.bias))
+    ref = base + mix_reference(xr, A, B, W, groups=2, scaling=cfg.scaling)
+    ref.backward(dy.double())
+    assert_close_to_reference(y, ref, dtype, "y")
+    for name, got, want in (("dx", x.grad, xr.grad), ("dA", a.lora_A.grad, A.grad),
+                            ("dB", a.lora_B.grad, B.grad), ("dW", a.lora_route.grad, W.grad)):
+        assert got.dtype == torch.float32, name  # through the casts, to the fp32 tensors
+        assert_close_to_reference(got, want, dtype, name)
 
 
 def test_hydralora_checkpoint_import_gives_hydralora_outputs():

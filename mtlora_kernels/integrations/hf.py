@@ -102,11 +102,13 @@ def _layer_indices(n: int, wanted: Sequence[int]) -> list[int]:
 
 
 def normalized_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int] | None:
-    """``layers`` as :func:`attach` records them on the handle: sorted non-negative indices."""
+    """``layers`` as sorted non-negative indices, None (every layer) included, so that two
+    ways of naming the same layers compare equal; as given on an unsupported architecture."""
     family = SUPPORTED_ARCHITECTURES.get(_model_type(model))
-    if layers is None or family is None:
+    if family is None:
         return None if layers is None else list(layers)
-    return _layer_indices(len(_find_layers(model, family)), layers)
+    n = len(_find_layers(model, family))
+    return list(range(n)) if layers is None else _layer_indices(n, layers)
 
 
 def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
@@ -301,6 +303,8 @@ def attach(
     supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
     chosen = None
     if layers is not None:
+        if len(layers) == 0:
+            raise ValueError("layers=[] selects no layer; pass None for every layer")
         if family is None:
             raise ValueError(f"layers=... needs a supported architecture ({supported}); "
                              f"{type(model).__name__} has model_type {mtype!r}")

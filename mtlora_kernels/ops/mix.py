@@ -27,16 +27,19 @@ the same four functions on 2-D, contiguous tensors; this module does everything 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 
 from mtlora_kernels import backends
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast keeps fp64
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +227,23 @@ def get_backend(name: str) -> SimpleNamespace:
     return backends.load(name)
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of the autocast region enabled for ``device``'s type here, else None."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _autocast_off(device: torch.device):
+    """A backend computes in its inputs' dtype with its own accumulation: a caller's autocast
+    region (``mix`` casts the inputs itself) must not recast the ops inside it. It did: the
+    torch backend's fp32 h came back bf16 and its backward failed on the mixed dtypes."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------
 # torch.library registration: one custom op for each direction, fake implementations for
 # torch.compile, and autograd wired between them. Optional outputs are empty tensors.
@@ -250,9 +270,10 @@ def _mix_forward_op(
         drawn = torch.tensor(seed, dtype=torch.int64)
     else:
         drawn = x.new_empty(0, dtype=torch.int64)
-    y, h, pi = get_backend(backend).forward(
-        x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed
-    )
+    with _autocast_off(x.device):
+        y, h, pi = get_backend(backend).forward(
+            x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed
+        )
     return y, h, pi, drawn
 
 
@@ -275,10 +296,11 @@ def _mix_backward_op(
     pi: Tensor, dpi: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int,
     drawn_seed: Tensor, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = get_backend(backend).backward(
-        dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p,
-        int(drawn_seed) if seed < 0 else seed, deterministic,
-    )
+    with _autocast_off(x.device):
+        out = get_backend(backend).backward(
+            dy, x, A, B, route_weight, h, pi, dpi, groups, scaling, dropout_p,
+            int(drawn_seed) if seed < 0 else seed, deterministic,
+        )
     return tuple(t.contiguous() for t in out)
 
 
@@ -353,7 +375,8 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
            f"lora_B must have shape [N, d_out, r={rank}] to match lora_A, got {tuple(B.shape)}")
     _check(rank >= 1 and n_experts >= 1 and d_out >= 1,
            f"need r, N, d_out >= 1; got lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
-    _check(isinstance(groups, int) and groups >= 1 and d_out % groups == 0,
+    _check(isinstance(groups, numbers.Integral) and not isinstance(groups, bool)
+           and groups >= 1 and d_out % groups == 0,
            f"groups must be a positive divisor of d_out={d_out}, got {groups!r}")
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
     _check(math.isfinite(float(scaling)),
@@ -443,9 +466,18 @@ def mix(
             a loss on it, e.g. the balance loss, reaches the router through the same fused
             backward).
 
+    Under ``torch.autocast`` mix runs as a linear layer does there: x, the weights and the
+    residual, when floating and not fp64, are cast to the autocast dtype (the gradients reach
+    the uncast tensors through the casts), and so is y; the logits are not cast.
+
     Returns:
         y [..., d_out] in x's dtype, or ``(y, pi)`` with return_routing.
     """
+    autocast = _autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if autocast is not None:
+        x, lora_A, lora_B, route_weight, residual = (
+            t.to(autocast) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+            for t in (x, lora_A, lora_B, route_weight, residual))
     _validate(x, lora_A, lora_B, route_weight, logits, residual, groups, scaling, dropout_p)
     lead = x.shape[:-1]
     n_experts, d_out, rank = lora_B.shape
@@ -461,7 +493,7 @@ def mix(
     y, _, pi, _ = _mix_forward_op(
         x2, lora_A.contiguous(), lora_B.contiguous(),
         route_weight.contiguous() if route_weight is not None else None, lg, res,
-        groups, float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else int(seed), name,
+        int(groups), float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else int(seed), name,
         bool(deterministic),
     )
     y = y.view(*lead, d_out)
