@@ -85,6 +85,8 @@ class Shape:
             raise ValueError(f"groups={self.groups} must divide d_out={self.d_out}")
         if min(self.tokens, self.d_in, self.d_out, self.rank, self.experts) < 1:
             raise ValueError(f"every size must be >= 1, got {self}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -136,6 +136,11 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mtlora-kernels bench: {exc}", file=sys.stderr)
         return 2
+    try:  # before the sweep, which a bad --out would otherwise throw away at the end
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"mtlora-kernels bench: --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     providers, missing = bench.default_providers(
         device, interpreted="mtlora-triton" in (args.providers or ()))
     if args.providers:
@@ -158,7 +163,6 @@ def _bench(args: argparse.Namespace) -> int:
                         progress=not args.no_progress)
     meta["load_avg_1m_end"] = bench.machine(device)["load_avg_1m"]
     con.print(bench.table(records, on_gpu=device.type == "cuda"))
-    args.out.mkdir(parents=True, exist_ok=True)
     bench.write_json(records, meta, args.out / "bench.json")
     bench.plot(records, args.out / "bench.png")
     con.print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
@@ -246,20 +250,26 @@ def _params_args(p: argparse.ArgumentParser) -> None:
 
 def model_dims(config: dict | None = None, **fields: int | None) -> dict[str, int]:
     """hidden_size, layers, q_out, v_out from a HF config dict and/or explicit fields (which
-    win); LLaMA-2-7B's values where neither says."""
+    win); LLaMA-2-7B's values where neither says. ValueError names a size that is not a
+    positive integer."""
     cfg = dict(config or {})
-    cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg  # multimodal configs
-    pick = {
-        "hidden_size": fields.get("hidden_size") or cfg.get("hidden_size", 4096),
-        "layers": fields.get("layers") or cfg.get("num_hidden_layers", 32),
-        "heads": fields.get("heads") or cfg.get("num_attention_heads", 32),
-    }
-    pick["kv_heads"] = (fields.get("kv_heads") or cfg.get("num_key_value_heads")
-                        or pick["heads"])
-    head_dim = (fields.get("head_dim") or cfg.get("head_dim")
-                or pick["hidden_size"] // pick["heads"])
-    return {"hidden_size": pick["hidden_size"], "layers": pick["layers"],
-            "q_out": pick["heads"] * head_dim, "v_out": pick["kv_heads"] * head_dim}
+    if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]  # multimodal configs
+
+    def size(key: str, value) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        return value
+
+    d = size("hidden_size", fields.get("hidden_size") or cfg.get("hidden_size", 4096))
+    layers = size("num_hidden_layers", fields.get("layers") or cfg.get("num_hidden_layers", 32))
+    heads = size("num_attention_heads",
+                 fields.get("heads") or cfg.get("num_attention_heads", 32))
+    kv_heads = size("num_key_value_heads",
+                    fields.get("kv_heads") or cfg.get("num_key_value_heads") or heads)
+    head_dim = size("head_dim", fields.get("head_dim") or cfg.get("head_dim") or d // heads)
+    return {"hidden_size": d, "layers": layers, "q_out": heads * head_dim,
+            "v_out": kv_heads * head_dim}
 
 
 def count_params(dims: dict[str, int], rank: int, experts: int, groups: int
@@ -318,8 +328,16 @@ def _params(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"mtlora-kernels params: cannot read --config {path}: {exc}", file=sys.stderr)
             return 2
-    dims = model_dims(config, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-                      kv_heads=args.kv_heads, head_dim=args.head_dim)
+        if not isinstance(config, dict):
+            print(f"mtlora-kernels params: --config {path} holds a JSON "
+                  f"{type(config).__name__}, not a model config (an object)", file=sys.stderr)
+            return 2
+    try:
+        dims = model_dims(config, hidden_size=args.hidden_size, layers=args.layers,
+                          heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
+    except ValueError as exc:
+        print(f"mtlora-kernels params: {exc} (from --config or the flags)", file=sys.stderr)
+        return 2
     if dims["hidden_size"] % args.groups:
         print(f"mtlora-kernels params: --groups {args.groups} must divide hidden_size "
               f"{dims['hidden_size']}", file=sys.stderr)

@@ -148,8 +148,10 @@ def save_adapters(model_or_handle, directory: str | os.PathLike) -> Path:
     """Write the adapters of a model (or handle) to ``directory``; returns the directory.
 
     Only the adapters are saved (``adapter_model.safetensors`` + ``adapter_config.json``), never
-    the base model and never a pickle. Under torch.distributed only rank 0 writes; a model
-    sharded with FSDP2 must call this on every rank (gathering the shards is collective).
+    the base model and never a pickle. Under torch.distributed only rank 0 writes, and the
+    other ranks return at once: put a ``torch.distributed.barrier()`` between this and a load
+    on every rank. A model sharded with FSDP2 must call this on every rank (gathering the
+    shards is collective), and then every rank returns after rank 0 has written.
     """
     from mtlora_kernels import __version__
 
@@ -185,9 +187,11 @@ def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, mo
         "adapters": {name: {"d_in": a.d_in, "d_out": a.d_out}
                      for name, a in handle.adapters.items()},
     }
-    # Write beside, then rename: an interrupted save never leaves a half-written file in place.
+    # The config text first (a value JSON cannot hold fails before anything is written), then
+    # each file beside its place and renamed: an interrupted save leaves no half-written file.
+    config = json.dumps(meta, indent=2)
     for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))):
+                        (CONFIG_NAME, lambda p: p.write_text(config))):
         tmp = directory / (name + ".tmp")
         write(tmp)
         os.replace(tmp, directory / name)

@@ -804,6 +804,11 @@ def run(args: argparse.Namespace) -> int:
     specs = all_kernels()
     if args.kernel:
         specs = [s for s in specs if any(k in s.name for k in args.kernel)]
+        if not specs:
+            names = ", ".join(sorted(s.name for s in all_kernels()))
+            print(f"kernels: no Triton kernel name contains {' or '.join(args.kernel)}; "
+                  f"they are: {names}", file=sys.stderr)
+            return 2
     report = collect(specs, targets=tuple(args.target or TARGETS), workers=args.jobs,
                      cuda=not args.no_cuda)
     if args.json:

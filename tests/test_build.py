@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,18 @@ def _fake_extension(tmp_path: Path, archs: str, torch_version: str) -> bytes:
                     f'-DARCHS="{archs}"', f'-DTORCH="{torch_version}"', str(src), "-o", str(lib)],
                    check=True)
     return lib.read_bytes()
+
+
+def test_wheel_ships_no_file_of_an_earlier_build(tmp_path):
+    """setuptools packs what its staging directory build/lib holds: a module an earlier build
+    left there (deleted from the sources since) must not ship in the next wheel."""
+    tool = _load_tool("build_wheel")
+    stale = tool.ROOT / "build" / "lib" / "mtlora_kernels" / "deleted_since.py"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("")
+    names = zipfile.ZipFile(tool.build("8.0", tmp_path, cuda=False)).namelist()
+    assert "mtlora_kernels/ops/mix.py" in names
+    assert "mtlora_kernels/deleted_since.py" not in names
 
 
 def test_prebuilt_digest_follows_sources_and_arch(tmp_path):

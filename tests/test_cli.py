@@ -105,7 +105,14 @@ def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     assert "groups=4 must divide d_out=30" in capsys.readouterr().err
     assert main(["bench", "--dropout", "1.5", "--out", str(tmp_path)]) == 2  # before any work
     assert "dropout must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert main(["bench", "--alpha", "nan", "--out", str(tmp_path)]) == 2
+    assert "alpha must be finite, got nan" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+    # An --out that cannot be a directory is refused before the sweep, not after it.
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--tokens", "4", "--hidden", "16", "--experts", "2", "--groups", "1",
+                 "--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'}:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -110,6 +111,25 @@ def test_the_same_layers_and_targets_however_named_load(tmp_path):
     attach(other, CFG, layers=[0])
     with pytest.raises(AdapterLoadError, match=r"layers: file has \[1\]"):
         load_adapters(other, tmp_path / "0")
+
+
+def test_layers_of_any_integer_type_are_saved(tmp_path):
+    """Layer indices given as numpy integers or a tensor are kept as Python ints (the config
+    is JSON), duplicates dropped; a save whose config cannot be written writes no weights."""
+    for layers in (np.arange(2), torch.tensor([1, 0, 1])):
+        model = tiny_model("llama")
+        handle = attach(model, CFG, layers=layers)
+        assert handle.layers == [0, 1] and all(type(i) is int for i in handle.layers)
+        save_adapters(model, tmp_path / "ok")
+        assert json.loads((tmp_path / "ok" / "adapter_config.json").read_text())["layers"] == [0, 1]
+        handle.remove()
+    handle = attach(model, CFG)
+    handle.target_modules = object()  # stands in for any value JSON cannot hold
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_adapters(model, tmp_path / "bad")
+    assert not list((tmp_path / "bad").glob("*"))
+    with pytest.raises(TypeError, match=r"layers must be integers, got \[0.5\]"):
+        attach(tiny_model("llama"), CFG, layers=[0.5])
 
 
 def test_loading_into_a_meta_model_is_refused(tmp_path):

@@ -356,3 +356,7 @@ def test_cli_kernels_subcommand(monkeypatch, capsys):
     (row,) = report["rows"]
     assert row["kernel"] == "tiny_scale" and row["target"] == 90 and row["ok"]
     assert row["registers"] > 0 and row["tensor_core_family"] == "none"
+    # A --kernel filter that matches nothing is an error, not an empty report.
+    assert cli.main(["kernels", "--no-cuda", "--kernel", "tiny_scael"]) == 2
+    assert "no Triton kernel name contains tiny_scael; they are: tiny_scale" in \
+        capsys.readouterr().err

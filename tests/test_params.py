@@ -82,8 +82,20 @@ def test_bad_config_is_reported(tmp_path, capsys):
     assert "cannot read --config" in capsys.readouterr().err
     assert main(["params", "--hidden-size", "4096", "--groups", "3"]) == 2
     assert "--groups 3 must divide hidden_size 4096" in capsys.readouterr().err
+    # Valid JSON that is not a model config, or sizes of the wrong type: a message, no traceback.
+    for text, message in (("[1, 2]", "holds a JSON list, not a model config"),
+                          ('{"hidden_size": "4096"}', "hidden_size must be a positive integer, "
+                                                      "got '4096'"),
+                          ('{"num_attention_heads": 0}', "num_attention_heads must be a "
+                                                         "positive integer, got 0")):
+        bad = tmp_path / "config.json"
+        bad.write_text(text)
+        assert main(["params", "--config", str(bad)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_multimodal_config_uses_its_text_config():
     cfg = {"model_type": "llava", "text_config": _llama2_7b(hidden_size=2048).to_dict()}
+    assert model_dims(json.loads(json.dumps(cfg)))["hidden_size"] == 2048
+    cfg["hidden_size"] = None  # a top-level null defers to text_config too
     assert model_dims(json.loads(json.dumps(cfg)))["hidden_size"] == 2048

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,10 @@ def build(archs: str, out: Path, cuda: bool, python: str = sys.executable) -> Pa
     if cuda:
         env.setdefault("CUDA_HOME", "/usr/local/cuda")
     out.mkdir(parents=True, exist_ok=True)
+    # setuptools packs what its staging directories hold: a module an earlier build left
+    # there (deleted from the sources since) would ship in this wheel.
+    for staged in (*ROOT.glob("build/lib*"), *ROOT.glob("build/bdist*")):
+        shutil.rmtree(staged)
     before = set(out.glob("*.whl"))
     cmd = [python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
            "-w", str(out), str(ROOT)]
