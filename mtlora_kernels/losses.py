@@ -45,9 +45,10 @@ def _adapters_or_raise(model: nn.Module) -> list[MTLoRAAdapter]:
     return adapters
 
 
-def balance_loss(model: nn.Module) -> Tensor:
-    """``mean(a.balance_loss() for a in adapters with N > 1)``: the MoLE balance loss of the last
-    forward, averaged over the routed adapters of ``model`` (zero when none is routed).
+def balance_loss(model: nn.Module, mask: Tensor | None = None) -> Tensor:
+    """``mean(a.balance_loss(mask) for a in adapters with N > 1)``: the MoLE balance loss of the
+    last forward, averaged over the routed adapters of ``model`` (zero when none is routed);
+    ``mask`` (e.g. the batch's attention_mask) picks the tokens that count.
 
     Each term is ``var(p) / (mean(p)^2 + 1e-10)`` with p the mean routing weight per expert over
     the tokens and groups of that adapter's last forward; differentiable w.r.t. the routers.
@@ -57,7 +58,7 @@ def balance_loss(model: nn.Module) -> Tensor:
     routed = [a for a in adapters if a.config.num_experts > 1]
     if not routed:
         return torch.zeros((), device=adapters[0].lora_B.device)
-    return torch.stack([a.balance_loss() for a in routed]).mean()
+    return torch.stack([a.balance_loss(mask) for a in routed]).mean()
 
 
 # ---------------------------------------------------------------------------- the two variants
@@ -296,7 +297,8 @@ class SpectralRegularizer:
 
 
 def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weight: float = 1.0,
-                   regularizer: SpectralRegularizer | None = None) -> Tensor:
+                   regularizer: SpectralRegularizer | None = None,
+                   mask: Tensor | None = None) -> Tensor:
     """``balance_weight * balance_loss(model) + spectral_weight * regularizer(model)``: the
     auxiliary loss to add to the task loss, after the forward pass and before ``backward``.
 
@@ -304,12 +306,13 @@ def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weig
     variant). ``regularizer=None`` uses a fresh ``SpectralRegularizer()`` (paper variant,
     weighting recomputed at this call, every adapter); pass one object for the whole run to cache
     the weighting (``refresh_every``), sample adapters or use the official variant. A zero
-    weight skips that term.
+    weight skips that term. ``mask`` goes to :func:`balance_loss`: with padded batches, pass
+    the attention_mask so that padding tokens do not count.
     """
     adapters = _adapters_or_raise(model)
     total = torch.zeros((), device=adapters[0].lora_B.device)
     if balance_weight:
-        total = total + balance_weight * balance_loss(model)
+        total = total + balance_weight * balance_loss(model, mask)
     if spectral_weight:
         reg = regularizer if regularizer is not None else SpectralRegularizer()
         total = total + spectral_weight * reg(model)

@@ -20,7 +20,7 @@ from conftest import REL_TOL, assert_close_to_reference, rel_err  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.hf import SUPPORTED_ARCHITECTURES, get_handle  # noqa: E402
 from mtlora_kernels.losses import SpectralRegularizer  # noqa: E402
-from mtlora_kernels.reference import mix_reference  # noqa: E402
+from mtlora_kernels.reference import balance_loss_reference, mix_reference  # noqa: E402
 
 TOL = REL_TOL[torch.float32]
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -237,6 +237,32 @@ def test_aux_loss_is_the_packages_auxiliary_loss_and_has_gradients():
     loss.backward()
     for a in handle.adapters.values():
         assert a.lora_route.grad.abs().sum() > 0 and a.lora_B.grad.abs().sum() > 0
+
+
+def test_aux_loss_with_the_attention_mask_ignores_padding():
+    """A right-padded batch with its attention_mask: the balance term over the real tokens is
+    the one of the sequences run alone, unpadded (causal attention: the real tokens never see
+    the padding); without the mask the padding counts."""
+    model = tiny_model("llama").train()
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=4, groups=2, dropout=0.0),
+                    placement="both")
+    randomize(handle)
+    ids = tiny_inputs("llama")  # [2, 7]
+    short = ids[:1, :4]
+    routing = []
+    for alone in (short, ids[1:]):
+        model(alone)
+        routing.append({k: a._routing.reshape(-1, 2, 4) for k, a in handle.adapters.items()})
+    want = torch.stack([balance_loss_reference(torch.cat([r[k] for r in routing]))
+                        for k in handle.adapters]).mean()
+    padded = ids.clone()
+    padded[0, 4:] = 0
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    model(padded, attention_mask=mask)
+    got = handle.aux_loss(spectral_weight=0.0, mask=mask) / 0.01
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    assert abs(handle.aux_loss(spectral_weight=0.0) / 0.01 - want) > 1e-3 * want
 
 
 def test_enable_disable_round_trip_component_level():

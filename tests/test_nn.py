@@ -45,6 +45,30 @@ def test_adapter_forward_is_the_reference_and_balance_loss_matches():
     torch.testing.assert_close(g_ours, g_ref)
 
 
+def test_balance_loss_with_a_mask_counts_only_its_tokens():
+    """balance_loss(mask) of a padded batch is the balance loss of its real tokens alone, and
+    so is its gradient; a mask of the wrong shape is refused, one picking nothing gives 0."""
+    torch.manual_seed(4)
+    ad = MTLoRAAdapter(20, 12, r=4, num_experts=5, groups=3, alpha=8, dropout=0.0).double()
+    x = torch.randn(2, 6, 20, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])  # an attention_mask
+    ad(x)
+    got = ad.balance_loss(mask)
+    (g_got,) = torch.autograd.grad(got, ad.lora_route)
+    ad(x[mask.bool()])  # the 10 real tokens alone
+    want = ad.balance_loss()
+    (g_want,) = torch.autograd.grad(want, ad.lora_route)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+    ad(x)
+    assert abs(ad.balance_loss(mask.bool()).item() - want.item()) < 1e-12
+    assert abs(ad.balance_loss().item() - want.item()) > 1e-6  # the padding did count
+    assert ad.balance_loss(torch.zeros(2, 6)).item() == 0.0
+    with pytest.raises(ValueError, match=r"mask must have the last forward's token shape "
+                                         r"\(2, 6\), got \(12,\)"):
+        ad.balance_loss(mask.reshape(-1))
+
+
 def test_balance_loss_needs_a_forward():
     with pytest.raises(RuntimeError, match="forward"):
         MTLoRAAdapter(8, r=2, num_experts=2, groups=1).balance_loss()

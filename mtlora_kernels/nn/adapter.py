@@ -79,9 +79,13 @@ class MTLoRAAdapter(nn.Module):
         self._routed_by_own_router = route is not None
         return y
 
-    def balance_loss(self) -> Tensor:
+    def balance_loss(self, mask: Tensor | None = None) -> Tensor:
         """``var(p) / (mean(p)^2 + 1e-10)`` with p the mean routing weight per expert over the
-        tokens and groups of the last forward (unbiased var). Zero for N == 1."""
+        tokens and groups of the last forward (unbiased var). Zero for N == 1.
+
+        ``mask``: which tokens count, shaped as that forward's leading dims (e.g. the batch's
+        ``attention_mask``, so that padding does not pull p towards its own routing); bool or
+        0/1. Zero when no token counts."""
         if self._routing is None:
             raise RuntimeError("balance_loss() needs a forward pass of this adapter first (none "
                                "ran, or the last one ran while the adapter was disabled)")
@@ -96,9 +100,19 @@ class MTLoRAAdapter(nn.Module):
                 "non-reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': "
                 "False}, transformers' default), or compute the loss under torch.no_grad() if "
                 "it is only logged.")
-        if self.config.num_experts == 1 or self._routing.numel() == 0:  # no router / no tokens
-            return self._routing.new_zeros(())
-        p = self._routing.reshape(-1, self.config.num_experts).mean(0)
+        pi = self._routing  # [..., g, N]
+        if mask is not None and tuple(mask.shape) != tuple(pi.shape[:-2]):
+            raise ValueError(f"mask must have the last forward's token shape "
+                             f"{tuple(pi.shape[:-2])}, got {tuple(mask.shape)}")
+        if self.config.num_experts == 1 or pi.numel() == 0:  # no router / no tokens
+            return pi.new_zeros(())
+        n = self.config.num_experts
+        if mask is None:
+            p = pi.reshape(-1, n).mean(0)
+        else:  # a weighted mean: no data-dependent shapes (no host sync, compile-friendly)
+            w = mask.reshape(-1).to(device=pi.device, dtype=pi.dtype)
+            picked = (pi.reshape(w.shape[0], -1, n) * w[:, None, None]).sum((0, 1))
+            p = picked / (w.sum() * pi.shape[-2]).clamp_min(1.0)
         return p.var() / (p.mean() ** 2 + 1e-10)
 
     def __getstate__(self) -> dict:
