@@ -212,10 +212,15 @@ def _check_meta(meta: dict, where: Path) -> MTLoRAConfig:
         raise AdapterLoadError(f"{where}: bad 'config' entry: {exc}") from exc
 
 
+def _config_diffs(cfg: MTLoRAConfig, handle: MTLoRAHandle, source: str = "file") -> list[str]:
+    """The fields that shape or scale the weights (alpha: shapes cannot tell) that differ."""
+    return [f"{k}: {source} has {getattr(cfg, k)!r}, the attached adapters have "
+            f"{getattr(handle.config, k)!r}"
+            for k in _WEIGHT_FIELDS if getattr(cfg, k) != getattr(handle.config, k)]
+
+
 def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Path) -> None:
-    diffs = [f"{k}: file has {getattr(cfg, k)!r}, the attached adapters have "
-             f"{getattr(handle.config, k)!r}"
-             for k in _WEIGHT_FIELDS if getattr(cfg, k) != getattr(handle.config, k)]
+    diffs = _config_diffs(cfg, handle)
     # The same adapters however they were named: targets in any order, layers counted from
     # either end.
     same = {"placement": lambda v: v,
@@ -374,8 +379,8 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
     return mapping
 
 
-def _import(model_or_handle, source, *, kind: str, attach_kwargs: Callable[[dict | None], dict]
-            ) -> MTLoRAHandle:
+def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
+            attach_kwargs: Callable[[dict | None], dict]) -> MTLoRAHandle:
     pattern, b_key, strip, load = {
         "hydralora": (_HYDRA_KEY, lambda i: f"lora_B{i}.weight", ".adapter",
                       MTLoRAAdapter.load_hydralora_state_dict),
@@ -414,6 +419,15 @@ def _import(model_or_handle, source, *, kind: str, attach_kwargs: Callable[[dict
             load(adapter, groups[mapping[name]])
 
     if handle is not None:
+        # The checkpoint's config (given, or its file's) must be the attached adapters': a
+        # different alpha loads without a shape error and scales every output wrongly.
+        if config is None and peft_config is not None:
+            config = (hydralora_config(peft_config)[0] if kind == "hydralora" else
+                      official_config(peft_config, model.config.hidden_size)[0])
+        diffs = _config_diffs(config, handle, "checkpoint") if config is not None else []
+        if diffs:
+            raise AdapterLoadError(f"{where} does not match the attached adapters: "
+                                   + "; ".join(diffs))
         fill(handle)
         return handle
     return _attach_then(model, attach_kwargs(peft_config), fill)
@@ -483,7 +497,8 @@ def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = N
                                    f"{CONFIG_NAME}")
         return {"config": _need_config(cfg, "HydraLoRA"), "target_modules": targets}
 
-    return _import(model_or_handle, source, kind="hydralora", attach_kwargs=kwargs)
+    return _import(model_or_handle, source, kind="hydralora", config=config,
+                   attach_kwargs=kwargs)
 
 
 def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = None,
@@ -500,7 +515,8 @@ def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = No
         return {"config": _need_config(cfg, "official mtLoRA"),
                 "placement": where or "ffn"}
 
-    return _import(model_or_handle, source, kind="official", attach_kwargs=kwargs)
+    return _import(model_or_handle, source, kind="official", config=config,
+                   attach_kwargs=kwargs)
 
 
 __all__ = ["save_adapters", "load_adapters", "read_safetensors", "import_hydralora",

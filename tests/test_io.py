@@ -312,6 +312,29 @@ def test_hydralora_import_mismatch_is_named_and_model_unchanged():
     assert_unchanged(model, snap, x, before)
 
 
+def test_import_into_attached_adapters_of_another_config_is_refused(tmp_path):
+    """Importing into adapters already attached: a checkpoint config (given, or in the
+    directory) whose alpha differs loads without any shape error and would scale every output
+    wrongly, so it is refused, naming the field; the same config loads."""
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=1, alpha=8.0, dropout=0.0)
+    state = _hydralora_state(attach(tiny_model("llama"), cfg, target_modules=["q_proj"]))
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(
+        {"r": 4, "lora_alpha": 8, "lora_nums": 3, "target_modules": ["q_proj"]}))
+    model = tiny_model("llama")
+    handle = attach(model, dataclasses.replace(cfg, alpha=32.0), target_modules=["q_proj"])
+    x = tiny_inputs("llama")
+    snap, before = snapshot(model), run(model, x)
+    for source, kw in ((state, dict(config=cfg)), (tmp_path, {})):
+        with pytest.raises(AdapterLoadError, match="alpha: checkpoint has 8.0, the attached "
+                                                   "adapters have 32.0"):
+            import_hydralora(handle, source, **kw)
+    assert_unchanged(model, snap, x, before)
+    handle.remove()
+    handle = attach(model, cfg, target_modules=["q_proj"])
+    assert import_hydralora(handle, tmp_path) is handle
+
+
 def test_official_import_block_level_with_fine_grained_routing(tmp_path):
     cfg = MTLoRAConfig(r=4, num_experts=3, groups=4, alpha=8.0, dropout=0.0)
     src = tiny_model("mistral")
