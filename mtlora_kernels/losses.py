@@ -18,6 +18,7 @@ choice), so under DDP every rank computes the same value from its replicated wei
 from __future__ import annotations
 
 import functools
+import operator
 import random
 import weakref
 
@@ -186,9 +187,10 @@ class SpectralRegularizer:
 
     Args:
         variant: 'paper' or 'official'.
-        refresh_every: recompute the cached M_i every this many steps (int >= 1), or 'epoch' for
-            every ``steps_per_epoch`` steps (the paper: once per epoch). Paper variant only;
-            the default 1 keeps Eq. 2 exact at every step.
+        refresh_every: recompute the cached M_i every this many steps (int >= 1: at the steps
+            that are its multiples, and at a first call), or 'epoch' for every
+            ``steps_per_epoch`` steps (the paper: once per epoch). Paper variant only; the
+            default 1 keeps Eq. 2 exact at every step.
         steps_per_epoch: the epoch length in steps, for ``refresh_every='epoch'``.
         max_samples: how many units enter one call, drawn afresh each step: adapters (paper;
             default None = all) or B matrices (official; default 64, as released).
@@ -203,7 +205,8 @@ class SpectralRegularizer:
     Under torch.compile the call runs eagerly (one graph break): its step count, refreshes and
     sampling are Python state that a traced call would guard on, recompiling the caller at every
     step until dynamo's recompile limit turned the whole compiled step eager. A pickled
-    regularizer keeps its settings and step and recomputes the weighting at its next call.
+    regularizer keeps its settings and step and recomputes the weighting at its next call;
+    its later refreshes fall on the uninterrupted run's steps.
     """
 
     def __init__(self, variant: str = "paper", *, refresh_every: int | str = 1,
@@ -223,10 +226,11 @@ class SpectralRegularizer:
             raise ValueError(f"refresh_every must be an int >= 1 or 'epoch'; got {refresh_every!r}")
         if max_samples is None and variant == "official":
             max_samples = OFFICIAL_MAX_MATRICES
-        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        if max_samples is not None and (not isinstance(max_samples, int)
+                                        or isinstance(max_samples, bool) or max_samples < 1):
             raise ValueError(f"max_samples must be None or an int >= 1; got {max_samples!r}")
         self.variant, self.refresh_every, self.max_samples = variant, refresh_every, max_samples
-        self.reduction, self.seed = reduction, seed
+        self.reduction, self.seed = reduction, _integer(seed, "seed")
         self.step = 0  # the step the next call is for
         self._weighting: weakref.WeakKeyDictionary[MTLoRAAdapter, Tensor] = \
             weakref.WeakKeyDictionary()
@@ -242,7 +246,7 @@ class SpectralRegularizer:
     @_eager
     def __call__(self, model: nn.Module, step: int | None = None) -> Tensor:
         """The (unweighted) regularizer of ``model``'s adapters at ``step`` (default: count)."""
-        step = self.step if step is None else step
+        step = self.step if step is None else _integer(step, "step")
         self.step = step + 1
         adapters = _adapters_or_raise(model)
         device = adapters[0].lora_B.device
@@ -269,8 +273,11 @@ class SpectralRegularizer:
                 gathered[i] = _full(routed[i].lora_B)
             return gathered[i]
 
-        since = None if self._refreshed_at is None else step - self._refreshed_at
-        if since is None or not 0 <= since < self.refresh_every:
+        # Refreshed at the steps that are multiples of refresh_every (and at a first call, or
+        # the first after a restore from a pickle, which drops the cache): a resumed run
+        # refreshes where the uninterrupted one does.
+        every = self.refresh_every
+        if self._refreshed_at is None or step // every != self._refreshed_at // every:
             self._weighting.clear()
             for i, adapter in enumerate(routed):
                 self._weighting[adapter] = spectral_weighting(full(i))
@@ -281,7 +288,8 @@ class SpectralRegularizer:
             weighting = self._weighting.get(routed[i])
             n_exp, _, rank = B.shape
             if weighting is None or weighting.shape != (n_exp, rank, rank) \
-                    or weighting.device != B.device:  # a new adapter, or moved since the refresh
+                    or weighting.device != B.device or weighting.dtype != B.dtype:
+                # a new adapter, or moved or cast since the refresh
                 weighting = self._weighting[routed[i]] = spectral_weighting(B)
             terms.append(paper_spectral_loss(B, weighting).reshape(1))
         return terms
@@ -294,6 +302,15 @@ class SpectralRegularizer:
             chosen.setdefault(adapter, []).append(expert)
         # One batched call per adapter; the mean does not depend on the order of the units.
         return [official_spectral_terms(_full(a.lora_B)[experts]) for a, experts in chosen.items()]
+
+
+def _integer(value, name: str) -> int:
+    """``value`` as a Python int (numpy and 0-d tensor integers included), else TypeError."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} "
+                        f"{value!r}") from None
 
 
 def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weight: float = 1.0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -181,6 +182,49 @@ def test_a_used_regularizer_pickles_and_resumes_at_its_step():
     assert rel_err(back(model), SpectralRegularizer()(model)) <= TOL  # recomputes the weighting
 
 
+def test_a_resumed_regularizer_refreshes_on_the_uninterrupted_schedule():
+    """Restored from a pickle after step 1 (the cache is dropped: recomputed at step 2), the
+    regularizer refreshes again at step 3, as the uninterrupted one does, so from step 3 on the
+    two runs agree (they drifted apart for good when the refresh counted from the restore)."""
+    import pickle
+
+    def run(resume_after=None):
+        model, reg, out = Tiny(seed=8), SpectralRegularizer(refresh_every=3), []
+        for step in range(7):
+            out.append(reg(model).item())
+            if step == resume_after:
+                reg = pickle.loads(pickle.dumps(reg))
+            with torch.no_grad():
+                for a in _routed(model):
+                    a.lora_B.mul_(1.3).add_(0.2)
+        return out
+
+    straight, resumed = run(), run(resume_after=1)
+    assert straight[:2] == resumed[:2]
+    assert abs(straight[2] - resumed[2]) > 1e-3 * abs(straight[2])  # refreshed early, once
+    assert straight[3:] == pytest.approx(resumed[3:], rel=TOL)
+
+
+def test_weighting_cached_in_one_dtype_is_redone_for_another():
+    model = Tiny(seed=9, dtype=torch.float32)
+    reg = SpectralRegularizer(refresh_every=100)
+    assert reg(model).dtype == torch.float32
+    model.double()
+    out = reg(model)
+    assert out.dtype == torch.float64
+    assert rel_err(out, SpectralRegularizer()(model)) <= REL_TOL[torch.float64]
+
+
+def test_integer_steps_and_seeds_of_any_integer_type_sample_alike():
+    model = Tiny(seed=4)
+    want = SpectralRegularizer(max_samples=1, seed=7)(model, step=5)
+    for step in (np.int64(5), torch.tensor(5)):
+        got = SpectralRegularizer(max_samples=1, seed=np.int64(7))(model, step=step)
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="step must be an integer, got float 5.0"):
+        SpectralRegularizer(max_samples=1)(model, step=5.0)
+
+
 def test_sampling_is_seeded_by_step_and_identical_across_ranks():
     model = Tiny(seed=4)
     ranks = [SpectralRegularizer(max_samples=1, seed=7), SpectralRegularizer(max_samples=1, seed=7)]
@@ -301,6 +345,8 @@ def test_auxiliary_loss_adds_the_weighted_terms():
     (lambda: SpectralRegularizer(refresh_every=0), ValueError, "refresh_every"),
     (lambda: SpectralRegularizer(refresh_every="epoch"), ValueError, "steps_per_epoch"),
     (lambda: SpectralRegularizer(max_samples=0), ValueError, "max_samples"),
+    (lambda: SpectralRegularizer(max_samples=True), ValueError, "max_samples"),
+    (lambda: SpectralRegularizer(seed=None), TypeError, "seed must be an integer, got NoneType"),
 ])
 def test_bad_arguments_are_named(call, exc, match):
     with pytest.raises(exc, match=match):
