@@ -466,14 +466,24 @@ def official_config(peft_config: Mapping, hidden_size: int) -> tuple[MTLoRAConfi
                                f"scales; only 'lowrank' is the mtLoRA adapter")
     groups = 1
     if peft_config.get("enable_fine_grained_routing"):
-        groups = hidden_size // int(peft_config.get("routing_group_size", 1))
-    placement = {"attention": "attn", "ffn": "ffn", "both": "both"}[
-        peft_config.get("block_adapter_type", "attention")]
-    cfg = MTLoRAConfig(r=int(peft_config.get("block_adapter_rank") or peft_config["r"]),
-                       num_experts=int(peft_config.get("lora_nums") or 1), groups=groups,
-                       alpha=float(peft_config["lora_alpha"]),
+        size = int(peft_config.get("routing_group_size", 1))
+        if size < 1 or hidden_size % size:
+            raise AdapterLoadError(f"routing_group_size {size} must divide the model's "
+                                   f"hidden_size {hidden_size}")
+        groups = hidden_size // size
+    placements = {"attention": "attn", "ffn": "ffn", "both": "both"}
+    kind = peft_config.get("block_adapter_type", "attention")  # the released code's default
+    if kind not in placements:
+        raise AdapterLoadError(f"block_adapter_type must be one of {sorted(placements)}, got "
+                               f"{kind!r}")
+    rank = peft_config.get("block_adapter_rank") or peft_config.get("r")
+    if rank is None or "lora_alpha" not in peft_config:
+        raise AdapterLoadError("official mtLoRA adapter config lacks "
+                               + ("block_adapter_rank (or r)" if rank is None else "lora_alpha"))
+    cfg = MTLoRAConfig(r=int(rank), num_experts=int(peft_config.get("lora_nums") or 1),
+                       groups=groups, alpha=float(peft_config["lora_alpha"]),
                        dropout=float(peft_config.get("lora_dropout") or 0.0))
-    return cfg, placement
+    return cfg, placements[kind]
 
 
 def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = None,

@@ -20,7 +20,7 @@ from mtlora_kernels import MTLoRAConfig, attach, load_adapters, save_adapters  #
 from mtlora_kernels.integrations.hf import get_handle  # noqa: E402
 from mtlora_kernels.io import (  # noqa: E402
     CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, import_hydralora, import_official,
-    read_safetensors,
+    official_config, read_safetensors,
 )
 from mtlora_kernels.reference import hydralora_reference  # noqa: E402
 
@@ -367,3 +367,26 @@ def test_official_import_block_level_with_fine_grained_routing(tmp_path):
         import_official(other, tmp_path / WEIGHTS_NAME, config=cfg, placement="attn")
     assert get_handle(other) is None
     assert_unchanged(other, snap, x, before)
+
+
+OFFICIAL = {"r": 4, "lora_alpha": 8, "lora_nums": 3, "enable_block_adapter": True,
+            "block_adapter_type": "ffn", "enable_fine_grained_routing": True,
+            "routing_group_size": 8}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(lora_alpha=None), "lacks lora_alpha"),
+    (dict(r=None), r"lacks block_adapter_rank \(or r\)"),
+    (dict(block_adapter_type="mlp"), r"block_adapter_type must be one of \['attention', "
+                                     r"'both', 'ffn'\], got 'mlp'"),
+    (dict(routing_group_size=12), "routing_group_size 12 must divide the model's hidden_size 32"),
+    (dict(routing_group_size=64), "routing_group_size 64 must divide the model's hidden_size 32"),
+])
+def test_official_config_errors_are_named(change, message):
+    """A field missing, unknown or not fitting the model: an AdapterLoadError that names it
+    (a bare KeyError, or 32 // 12 = 2 groups of 16 read silently, before)."""
+    cfg = {k: v for k, v in {**OFFICIAL, **change}.items() if v is not None}
+    with pytest.raises(AdapterLoadError, match=message):
+        official_config(cfg, hidden_size=32)
+    assert official_config(OFFICIAL, hidden_size=32) == (
+        MTLoRAConfig(r=4, num_experts=3, groups=4, alpha=8.0, dropout=0.0), "ffn")

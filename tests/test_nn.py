@@ -223,6 +223,14 @@ def test_checkpoint_import_names_the_mismatch():
     with pytest.raises(ValueError, match="lora_A"):
         ours.load_hydralora_state_dict({**good, "lora_A.weight": torch.randn(3, 8)})
     torch.testing.assert_close(ours.lora_A.detach(), before)  # nothing half-loaded
+    # Values that could not be copied, or only by truncation: refused before any copy.
+    for bad, message in (({"lora_B1.weight": torch.empty(8, 2, device="meta")},
+                          r"lora_B1\.weight: on the meta device"),
+                         ({"lora_B0.weight": torch.ones(8, 2, dtype=torch.int64)},
+                          r"lora_B0\.weight: torch\.int64 is not a floating dtype")):
+        with pytest.raises(ValueError, match=message):
+            ours.load_hydralora_state_dict({**good, **bad})
+        torch.testing.assert_close(ours.lora_A.detach(), before)
 
 
 def test_checkpoint_import_refuses_extra_experts():

@@ -149,6 +149,11 @@ class MTLoRAAdapter(nn.Module):
             problems.append(f"unexpected {extra[:3]} (the adapter has {n} experts)")
         problems += [f"{k}: shape {tuple(state[k].shape)} in the checkpoint, {shape} here"
                      for k, shape in need.items() if k in state and tuple(state[k].shape) != shape]
+        # Checked here, not met half-way through the copies: a failed load changes nothing.
+        problems += [f"{k}: {state[k].dtype} is not a floating dtype" for k in need
+                     if k in state and not state[k].is_floating_point()]
+        problems += [f"{k}: on the meta device (no values)" for k in need
+                     if k in state and state[k].device.type == "meta"]
         return problems
 
     def _load_converted(self, state: dict[str, Tensor], b_key, source: str) -> None:
