@@ -493,8 +493,8 @@ def mix(
     y, _, pi, _ = _mix_forward_op(
         x2, lora_A.contiguous(), lora_B.contiguous(),
         route_weight.contiguous() if route_weight is not None else None, lg, res,
-        int(groups), float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else int(seed), name,
-        bool(deterministic),
+        int(groups), float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else int(seed),
+        name, bool(deterministic),
     )
     y = y.view(*lead, d_out)
     if return_routing:
