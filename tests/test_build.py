@@ -247,35 +247,80 @@ def test_prebuilt_extension_that_fits_is_installed(tmp_path):
     assert installed.read_bytes() == lib
 
 
-@pytest.mark.parametrize("prebuilt_fits", [True, False])
-def test_gpu_check_build_step_uses_the_prebuilt_extension_or_compiles(tmp_path, prebuilt_fits):
-    """gpu_check.sh's build step with a stand-in interpreter that reports an sm_90 GPU: when
-    gpu_prebuilt.py use succeeds the step passes without compiling, else it compiles (the
-    stand-in's compile fails, so the script must exit 1)."""
-    fake, use_rc = tmp_path / "python", 0 if prebuilt_fits else 1
+def _gpu_check(tmp_path, steps, cases: str, timeout: float = 120):
+    """gpu_check.sh STEPS with a stand-in interpreter (``cases``: its extra ``case`` arms; it
+    reports an sm_90 GPU, runs `info`, and prints anything else it is asked and exits 3) ->
+    (returncode, stdout, the log). Run in its own process group, killed whole at ``timeout``
+    (children a killed script leaves behind would otherwise hold the pipes open)."""
+    fake = tmp_path / "python"
     fake.write_text("#!/usr/bin/env bash\n"
                     'case "$*" in\n'
                     '  *get_device_capability*) echo 9.0 ;;\n'
-                    f'  *"gpu_prebuilt.py use"*) echo "prebuilt: fake"; exit {use_rc} ;;\n'
                     '  *setuptools.__version__*) exit 0 ;;\n'
                     '  *"-m mtlora_kernels info"*) echo "info: fake" ;;\n'
+                    + cases +
                     '  *) echo "ran: $*"; exit 3 ;;\n'
                     "esac\n")
     fake.chmod(0o755)
     out = tmp_path / "out"
-    r = subprocess.run(["bash", str(ROOT / "python" / "tools" / "gpu_check.sh"), "build"],
-                       env=dict(os.environ, PY=str(fake), OUT=str(out), BUDGET="200"),
-                       capture_output=True, text=True, timeout=120)
-    summary = r.stdout[r.stdout.index("== summary"):]
-    assert "info: fake" in (out / "gpu_check.log").read_text()  # `info` after the steps
+    proc = subprocess.Popen(["bash", str(ROOT / "python" / "tools" / "gpu_check.sh"), *steps],
+                            env=dict(os.environ, PY=str(fake), OUT=str(out), BUDGET="200"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        stdout, _ = proc.communicate()
+    log = out / "gpu_check.log"
+    return proc.returncode, stdout, log.read_text() if log.exists() else ""
+
+
+@pytest.mark.parametrize("prebuilt_fits", [True, False])
+def test_gpu_check_build_step_uses_the_prebuilt_extension_or_compiles(tmp_path, prebuilt_fits):
+    """gpu_check.sh's build step: when gpu_prebuilt.py use succeeds the step passes without
+    compiling, else it compiles (the stand-in's compile fails, so the script must exit 1)."""
+    rc, stdout, log = _gpu_check(tmp_path, ["build"], '  *"gpu_prebuilt.py use"*) echo "prebuilt:'
+                                 f' fake"; exit {0 if prebuilt_fits else 1} ;;\n')
+    summary = stdout[stdout.index("== summary"):]
+    assert "info: fake" in log  # `info` after the steps
     if prebuilt_fits:
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert rc == 0, stdout
         assert "rc 0 in" in summary and "prebuilt" in summary, summary
-        assert "ran: setup.py build_ext" not in (out / "gpu_check.log").read_text()
+        assert "ran: setup.py build_ext" not in log
     else:
-        assert r.returncode == 1, r.stdout + r.stderr
+        assert rc == 1, stdout
         assert "build                rc 3" in summary, summary
-        assert "ran: setup.py build_ext --inplace" in (out / "gpu_check.log").read_text()
+        assert "ran: setup.py build_ext --inplace" in log
+
+
+def test_gpu_check_refuses_an_unknown_step_before_running_any(tmp_path):
+    rc, stdout, log = _gpu_check(tmp_path, ["build", "tset"], "")
+    assert rc == 2 and "unknown step tset" in stdout, stdout
+    assert "ran:" not in stdout + log
+
+
+def test_gpu_check_steps_fail_at_once_without_the_extension(tmp_path):
+    """Without an importable _C the tests would skip and the benchmark leave the cuda backend
+    out, each passing; they fail instead, without running."""
+    rc, stdout, log = _gpu_check(tmp_path, ["test", "bench", "sanitize", "profile"],
+                                 '  *"import mtlora_kernels._C"*) exit 1 ;;\n')
+    assert rc == 1, stdout
+    for s in ("test", "bench", "sanitize", "profile"):
+        assert re.search(rf"^{s} +failed: mtlora_kernels._C does not import", stdout, re.M), stdout
+    assert "ran:" not in log.replace("ran: -c import sys, torch", "")  # only the environment
+
+
+def test_gpu_check_logs_a_step_as_it_runs(tmp_path):
+    """A step killed with the whole command (the device's limit) keeps its output in the log,
+    and leaves no other file under $OUT (the machine returns 8 at most); the tests run with
+    pytest-timeout where it is installed."""
+    rc, stdout, log = _gpu_check(tmp_path, ["test"], '  *"import mtlora_kernels._C"*) ;;\n'
+                                 '  *"import pytest_timeout"*) ;;\n'
+                                 '  *"-m pytest"*) echo "pytest: $*"; sleep 60 ;;\n', timeout=8)
+    assert rc != 0
+    assert re.search(r"pytest: -m pytest .*-p timeout --timeout 120 .*tests/test_cuda_mix\.py", log)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["gpu_check.log"]
 
 
 # ---- build metadata -----------------------------------------------------------------------------
