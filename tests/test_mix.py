@@ -211,6 +211,35 @@ def test_torch_compile_in_training_with_dropout_in_one_graph():
         torch.testing.assert_close(a, b)
 
 
+def test_compiled_checkpoint_with_dropout_keeps_the_forward_mask():
+    """A compiled non-reentrant checkpoint region recomputes its forward in the backward graph
+    without restoring torch's generator: the op drew a new seed there, so the backward used
+    another dropout mask than the forward (gradients off by O(1) at p = 0.5). The op is tagged
+    nondeterministic_seeded, so the compiler keeps its outputs instead of recomputing it; the
+    gradients equal eager checkpointing's (themselves the uncheckpointed ones)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    A = torch.randn(4, 16, requires_grad=True)
+    B, W = torch.randn(3, 16, 4), torch.randn(6, 16)
+
+    def loss(x):
+        def layer(x):
+            return torch.tanh(mix(x, A, B, W, groups=2, dropout_p=0.5))
+        return checkpoint(layer, x, use_reentrant=False).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for seed in range(2):
+        grads = []
+        for fn in (loss, compiled):
+            torch.manual_seed(seed)
+            grads.append(torch.autograd.grad(fn(x), (x, A)))
+        for got, want in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, want)
+
+
 def test_forward_op_puts_a_cpu_tensor_in_the_graph_only_when_it_draws_the_seed():
     """The seed output (read by the backward op) is a CPU tensor only when the op drew the seed
     (training with dropout and no seed): inference graphs keep every tensor on the GPU, which

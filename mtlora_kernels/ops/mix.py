@@ -255,11 +255,15 @@ def _autocast_off(device: torch.device):
 # inside the op because under torch.compile the op's body is not traced: drawn in the traced
 # Python (`.item()` of a random tensor) it broke the graph twice per layer in training and
 # made fullgraph=True fail. torch.utils.checkpoint restores that generator before
-# recomputing, so the recomputed forward draws the same seed.
+# recomputing, so the recomputed forward draws the same seed. A compiled checkpoint region
+# recomputes in its backward graph without restoring it: there the op drew a new seed, a new
+# mask, and the gradients were off by O(1) (dropout 0.5). Tagged nondeterministic_seeded, the
+# op is never recomputed by the compiler: its outputs are kept instead.
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mtlora::mix_forward", mutates_args=())
+@torch.library.custom_op("mtlora::mix_forward", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
 def _mix_forward_op(
     x: Tensor, A: Tensor, B: Tensor, route_weight: Tensor | None, logits: Tensor | None,
     residual: Tensor | None, groups: int, scaling: float, dropout_p: float, seed: int,
