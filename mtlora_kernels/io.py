@@ -29,7 +29,8 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from mtlora_kernels.integrations.hf import MTLoRAHandle, attach, get_handle, normalized_layers
+from mtlora_kernels.integrations.hf import (MTLoRAHandle, attach, get_handle, normalized_layers,
+                                            unwrapped)
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -122,7 +123,7 @@ def _weights_in(directory: Path) -> Path:
 def _resolve(model_or_handle) -> tuple[nn.Module, MTLoRAHandle | None]:
     if isinstance(model_or_handle, MTLoRAHandle):
         return model_or_handle.model, model_or_handle
-    model = model_or_handle
+    model = unwrapped(model_or_handle)
     handle = get_handle(model)
     if handle is None and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module  # a DDP wrapper: the adapters live on the wrapped model

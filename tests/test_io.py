@@ -132,6 +132,26 @@ def test_layers_of_any_integer_type_are_saved(tmp_path):
         attach(tiny_model("llama"), CFG, layers=[0.5])
 
 
+def test_a_compiled_model_shares_checkpoints_with_the_plain_one(tmp_path):
+    """torch.compile's wrapper names its modules `_orig_mod.…`: adapters attached through it
+    were named so, and checkpoints of a compiled and a plain model did not load into each
+    other. The adapters are named after the model's own modules, whichever is given."""
+    x = tiny_inputs("llama")
+    compiled = torch.compile(tiny_model("llama"))
+    handle = attach(compiled, CFG)
+    randomize(handle)
+    assert get_handle(compiled) is handle
+    assert not [name for name in handle.adapters if "_orig_mod" in name]
+    save_adapters(compiled, tmp_path / "compiled")
+    plain = tiny_model("llama")
+    load_adapters(plain, tmp_path / "compiled")
+    assert torch.equal(run(plain, x), run(compiled._orig_mod, x))
+    save_adapters(plain, tmp_path / "plain")
+    other = torch.compile(tiny_model("llama"))
+    load_adapters(other, tmp_path / "plain")
+    assert torch.equal(run(other._orig_mod, x), run(plain, x))
+
+
 def test_loading_into_a_meta_model_is_refused(tmp_path):
     """Copying into meta parameters does nothing: the weights would be lost without a word."""
     model = tiny_model("llama")

@@ -249,9 +249,17 @@ class MTLoRAHandle:
             raise RuntimeError("these adapters were removed; attach() again to add new ones")
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s wrapper, else ``model``: the adapters are named
+    after the model's own modules (the wrapper's names start with ``_orig_mod.``, which would
+    reach checkpoint keys and keep a compiled and a plain model from sharing checkpoints)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def get_handle(model: nn.Module) -> MTLoRAHandle | None:
-    """The handle of the adapters attached to ``model``, or None."""
-    return getattr(model, "_mtlora_handle", None)
+    """The handle of the adapters attached to ``model`` (compiled or not), or None."""
+    return getattr(unwrapped(model), "_mtlora_handle", None)
 
 
 def _parse_targets(target_modules) -> list[str]:
@@ -295,6 +303,7 @@ def attach(
 
     Everything is checked before the model is touched: on an error the model is unchanged.
     """
+    model = unwrapped(model)
     if get_handle(model) is not None:
         raise RuntimeError(f"{type(model).__name__} already has mtLoRA adapters attached; call "
                            f"remove() on its handle first")
