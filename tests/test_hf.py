@@ -349,6 +349,11 @@ def test_missing_or_non_linear_targets_are_named():
     with pytest.raises(TypeError, match="post_attention_layernorm is a LlamaRMSNorm"):
         attach(model, target_modules=["post_attention_layernorm"])
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+    # A Linear whose owner reads its weight (MultiheadAttention's out_proj) never runs forward.
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    with pytest.raises(TypeError, match="0.out_proj belongs to an nn.MultiheadAttention"):
+        attach(mha, target_modules="out_proj")
+    assert get_handle(mha) is None
 
 
 def test_unsupported_architecture_gets_a_clear_error():

@@ -64,6 +64,10 @@ def test_balance_loss_with_a_mask_counts_only_its_tokens():
     assert abs(ad.balance_loss(mask.bool()).item() - want.item()) < 1e-12
     assert abs(ad.balance_loss().item() - want.item()) > 1e-6  # the padding did count
     assert ad.balance_loss(torch.zeros(2, 6)).item() == 0.0
+    lin = MTLoRALinear(nn.Linear(20, 12), ad.config)  # the component-level wrapper passes it on
+    lin.adapter.load_state_dict(ad.state_dict())
+    lin(x.float())
+    torch.testing.assert_close(lin.balance_loss(mask).double(), want, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match=r"mask must have the last forward's token shape "
                                          r"\(2, 6\), got \(12,\)"):
         ad.balance_loss(mask.reshape(-1))

@@ -339,6 +339,11 @@ def attach(
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"target {name} is a {type(module).__name__}; component-level "
                                 f"mtLoRA wraps nn.Linear modules only")
+            owner = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(owner, nn.MultiheadAttention):
+                raise TypeError(f"target {name} belongs to an nn.MultiheadAttention, which reads "
+                                f"its weight instead of calling it: an adapter there would "
+                                f"never run")
             if module.out_features % cfg.groups:
                 raise ValueError(f"groups={cfg.groups} must divide {name}.out_features="
                                  f"{module.out_features}")

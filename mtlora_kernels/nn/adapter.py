@@ -191,5 +191,6 @@ class MTLoRALinear(nn.Module):
     def forward(self, x: Tensor, *, logits: Tensor | None = None) -> Tensor:
         return self.adapter(x, logits=logits, residual=self.base(x))
 
-    def balance_loss(self) -> Tensor:
-        return self.adapter.balance_loss()
+    def balance_loss(self, mask: Tensor | None = None) -> Tensor:
+        """The adapter's :meth:`MTLoRAAdapter.balance_loss` (``mask``: the tokens that count)."""
+        return self.adapter.balance_loss(mask)
