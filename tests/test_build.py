@@ -271,6 +271,8 @@ def _gpu_check(tmp_path, steps, cases: str, timeout: float = 120):
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
+        # `timeout` puts each step in a process group of its own: end those too.
+        subprocess.run(["pkill", "-9", "-f", str(fake)], check=False)
         stdout, _ = proc.communicate()
     log = out / "gpu_check.log"
     return proc.returncode, stdout, log.read_text() if log.exists() else ""
