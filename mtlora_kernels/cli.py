@@ -214,10 +214,11 @@ def _info(args: argparse.Namespace) -> int:
     for k, v in rows.items():
         con.print(f"[bold]{k:>15}[/]  {v}")
     con.print("[bold]backends[/]")
-    for name, state in backends.report().items():
+    states = backends.report()
+    for name, state in states.items():
         style = "green" if state == "available" else "yellow"
         con.print(f"  {name:>8}  [{style}]{state}[/]")
-    if backends.available("cuda")[0]:
+    if states["cuda"] == "available":
         n = backends._cuda_extension()[0].forward_max_cluster(0)
         con.print("  cuda forward on device 0: " + (
             f"thread-block clusters of up to {n} (MTLORA_CUDA_CLUSTERS=0 turns them off)"
