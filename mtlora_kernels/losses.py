@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlora_kernels.nn.adapter import MTLoRAAdapter
+from mtlora_kernels.ops.mix import _autocast_off
 
 VARIANTS = ("paper", "official")
 # The released code regularizes at most 64 B matrices per call (seeded by the step).
@@ -202,6 +203,7 @@ class SpectralRegularizer:
     optimizer step; the released code seeds by the optimizer step). It returns a scalar,
     differentiable w.r.t. the experts' B (a constant zero when there is nothing to regularize).
 
+    It computes in the weights' dtype (fp32 accumulation) inside an autocast region too.
     Under torch.compile the call runs eagerly (one graph break): its step count, refreshes and
     sampling are Python state that a traced call would guard on, recompiling the caller at every
     step until dynamo's recompile limit turned the whole compiled step eager. A pickled
@@ -250,10 +252,13 @@ class SpectralRegularizer:
         self.step = step + 1
         adapters = _adapters_or_raise(model)
         device = adapters[0].lora_B.device
-        if self.variant == "paper":
-            terms = self._paper_terms(adapters, step)
-        else:
-            terms = self._official_terms(adapters, step)
+        # In the weights' dtype (fp32 accumulation), not autocast's: under bf16 autocast its
+        # GEMMs ran in bf16, 2e-3 (paper) and 1e-3 (official) off the fp64 value, measured.
+        with _autocast_off(device):
+            if self.variant == "paper":
+                terms = self._paper_terms(adapters, step)
+            else:
+                terms = self._official_terms(adapters, step)
         if not terms:
             return torch.zeros((), device=device)
         total = torch.cat(terms)
