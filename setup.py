@@ -95,9 +95,12 @@ def extension_kwargs() -> dict:
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={
             "cxx": ["-O3"],  # torch picks the C++ standard it needs (C++20 for torch 2.14)
-            # -lineinfo: kernels map back to source in ncu / compute-sanitizer at no runtime
-            # cost. No --use_fast_math: the router softmax relies on an accurate expf.
-            "nvcc": ["-O3", "-lineinfo"],
+            # -std=c++17 pinned: the .cu files include no torch headers, so they need no more,
+            # and without it each torch adds its own (C++20 for 2.14), which CMakeLists.txt and
+            # the kernel report (`mtlora-kernels kernels`) would not match. -lineinfo: kernels
+            # map back to source in ncu / compute-sanitizer at no runtime cost. No
+            # --use_fast_math: the router softmax relies on an accurate expf.
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
         },
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

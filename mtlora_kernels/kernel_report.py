@@ -472,7 +472,7 @@ def cuda_sources(csrc: Path = CSRC) -> tuple[list[Path], list[Path]]:
 
 
 def nvcc_flags() -> list[str]:
-    """The flags setup.py's CUDAExtension compiles csrc/*.cu with: its own (-O3 -std=c++17
+    """The flags setup.py's CUDAExtension compiles csrc/*.cu with: its own (-O3, -std=c++17,
     -lineinfo) plus the ones torch adds to every extension (no half/bf16 operator overloads,
     relaxed constexpr), which decide what compiles."""
     import logging

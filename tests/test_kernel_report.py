@@ -4,11 +4,13 @@ compiler output correctly (tiny kernels defined here, compiled for real)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import sys
 from collections import Counter
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -360,3 +362,15 @@ def test_cli_kernels_subcommand(monkeypatch, capsys):
     assert cli.main(["kernels", "--no-cuda", "--kernel", "tiny_scael"]) == 2
     assert "no Triton kernel name contains tiny_scael; they are: tiny_scale" in \
         capsys.readouterr().err
+
+
+def test_nvcc_flags_are_the_builds():
+    """The report compiles csrc/ with the flags setup.py gives nvcc (read from its source: the
+    build needs a CUDA toolkit), so its registers and spills are the built extension's."""
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    given = [ast.literal_eval(node.values[node.keys.index(key)])
+             for node in ast.walk(tree) if isinstance(node, ast.Dict)
+             for key in node.keys if isinstance(key, ast.Constant) and key.value == "nvcc"]
+    assert len(given) == 1, "setup.py should pass nvcc flags in one place"
+    assert kr.nvcc_flags()[:len(given[0])] == given[0]
+    assert any(f.startswith("-std=") for f in given[0]), "torch would pick the C++ standard"
