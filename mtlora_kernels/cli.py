@@ -179,17 +179,6 @@ def _bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def build_info() -> object:
-    """The CUDA extension's build metadata, or "not built" when the package has none."""
-    try:
-        from mtlora_kernels import _build_info as mod
-    except ImportError:
-        return "not built"
-    get = getattr(mod, "build_info", None)
-    return get() if callable(get) else {k: v for k, v in vars(mod).items()
-                                       if not k.startswith("_")}
-
-
 @subcommand("info", "versions, device, available backends and CUDA build metadata")
 def _info(args: argparse.Namespace) -> int:
     import mtlora_kernels
@@ -224,9 +213,8 @@ def _info(args: argparse.Namespace) -> int:
             f"thread-block clusters of up to {n} (MTLORA_CUDA_CLUSTERS=0 turns them off)"
             if n > 1 else "no thread-block clusters (they need an sm_90+ GPU and device code "
                           "built for it; or MTLORA_CUDA_CLUSTERS=0 is set)"))
-    info = build_info()
-    con.print("[bold]CUDA build[/]  " + (info if isinstance(info, str)
-                                         else json.dumps(info, indent=2, default=str)))
+    con.print("[bold]CUDA build[/]  "
+              + json.dumps(mtlora_kernels.build_info(), indent=2, default=str))
     return 0
 
 

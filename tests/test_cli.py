@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mtlora_kernels
-from mtlora_kernels import bench
+from mtlora_kernels import backends, bench
 from mtlora_kernels.cli import main
 
 CPU = torch.device("cpu")
@@ -167,12 +166,13 @@ def test_info_prints_backends_and_build_metadata(monkeypatch, capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert f"torch  {torch.__version__}" in text and "available" in text
-    fake = types.ModuleType("mtlora_kernels._build_info")
-    fake.build_info = lambda: {"arch_list": "8.0;9.0", "nvcc": "13.0"}
-    monkeypatch.setitem(sys.modules, "mtlora_kernels._build_info", fake)
-    monkeypatch.setattr(mtlora_kernels, "_build_info", fake, raising=False)
+    # The build facts come from the loaded extension (a stand-in with _C's attributes here).
+    ext = types.SimpleNamespace(arch_list="800,900", cuda_version="13.0", torch_version="2.11.0")
+    monkeypatch.setattr(backends, "_cuda_extension", lambda: (ext, ""))
     main(["info"])
-    assert '"arch_list": "8.0;9.0"' in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert '"extension_archs": [\n    "sm_80",\n    "sm_90"\n  ]' in text
+    assert '"extension_torch": "2.11.0"' in text and '"extension_cuda": "13.0"' in text
 
 
 def test_python_dash_m_runs_the_cli():
