@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 MTLORA_BUILD_CUDA ?= auto
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: bench test benchmarks kernels wheel clean
+.PHONY: bench test benchmarks kernels clean
 
 $(VENV)/.ready: requirements-dev.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)

@@ -72,7 +72,8 @@ available._dynamo_marked_constant = True
 
 
 def load(name: str) -> SimpleNamespace:
-    """The backend object (forward / backward / dropout_keep_mask) of a non-torch backend."""
+    """The backend object (forward / backward / dropout_keep_mask / unsupported) of a non-torch
+    backend."""
     if name == "triton":
         from mtlora_kernels.triton import mix as triton_mix
 

@@ -56,7 +56,8 @@ TARGETS = (80, 90)
 
 # Shared memory one block may use, bytes (CUDA C Programming Guide, "Technical Specifications
 # per Compute Capability": 163 KB on 8.0, 227 KB on 9.0). A config above it compiles here but
-# fails at launch with OutOfResources, so the report flags it.
+# fails at launch with OutOfResources: the compile tests (tests/test_kernel_report.py) hold
+# every registered configuration under it.
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 
 # Benchmark shapes of SPEC section 3 and the H100 SXM figures the roofline uses (NVIDIA H100
@@ -774,8 +775,8 @@ def markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the report's flags to ``parser`` (its handler is :func:`run`)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the report's flags to ``parser`` (``mtlora-kernels kernels``; :func:`run` reads them)."""
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the report as JSON")
     out.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -786,15 +787,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-cuda", action="store_true", help="skip the csrc/*.cu kernels")
     parser.add_argument("--jobs", type=int, default=0,
                         help="compile processes (default: one per CPU core)")
-    parser.set_defaults(func=run)
-    return parser
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``kernels`` subcommand to a CLI's ``add_subparsers()`` object."""
-    return add_arguments(subparsers.add_parser(
-        "kernels", help="compile every kernel for sm_80/sm_90 (no GPU needed) and report "
-                        "registers, spills, shared memory, tensor-core use and a roofline"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -820,13 +812,3 @@ def run(args: argparse.Namespace) -> int:
         print_report(report)
     return 0 if all(r["ok"] for r in report["rows"]) else 1
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernel_report", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,7 +16,7 @@ class MTLoRAConfig:
     r: rank of the shared A. num_experts: N up-projections (1 = plain LoRA, no router).
     groups: g routing groups over the output dimensions (1 = HydraLoRA's scalar routing).
     alpha: scaling numerator, s = alpha / r. dropout: on the input of A.
-    backend: None (``$MTLORA_BACKEND`` or auto), 'torch', 'triton' or 'cuda'.
+    backend: None (``$MTLORA_BACKEND``, else 'auto'), 'auto', 'torch', 'triton' or 'cuda'.
     """
 
     r: int = 16

@@ -221,7 +221,8 @@ def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype |
 
 
 def get_backend(name: str) -> SimpleNamespace:
-    """The module-like object with forward / backward / dropout_keep_mask for a concrete name."""
+    """The module-like object with forward / backward / dropout_keep_mask / unsupported for a
+    concrete name."""
     if name == "torch":
         return TORCH_BACKEND
     return backends.load(name)

@@ -35,9 +35,10 @@ Only h and pi are saved from the forward; the dropout mask is regenerated from t
 (``tl.rand(seed, t*d_in + k)``, keep = rand >= p, shared by all experts); no [T, N, d_out]
 tensor exists anywhere.
 
-Launch configurations come from :func:`_plan`: the table ``_TILES`` keyed by kernel, tile
-form, token bucket, padded rank and alignment (the reasons are in its comment). The registry at
-the bottom registers every kernel with every configuration the table can produce.
+Launch configurations come from :func:`_plan` through :func:`_tile`: the tables
+``_SMALLER_TILES`` (fp16 / bf16) and ``_FP32_TILES``, keyed by kernel, tile form, token bucket
+and alignment, then padded rank (the reasons are in their comments). The registry at the bottom
+registers every kernel with every configuration the tables can produce.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The registry of Triton kernels and every launch configuration their launchers can pick.
 
 Each kernel module registers its kernels here at import, with the same configuration list its
-launcher (or its ``triton.autotune``) draws from, so the kernel report (``mtlora-kernels
+launcher draws from, so the kernel report (``mtlora-kernels
 kernels``) and the compile tests cover new kernels and configurations automatically.
 """
 
