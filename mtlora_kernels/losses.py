@@ -293,7 +293,8 @@ class SpectralRegularizer:
             weighting = self._weighting.get(routed[i])
             n_exp, _, rank = B.shape
             if weighting is None or weighting.shape != (n_exp, rank, rank) \
-                    or weighting.device != B.device or weighting.dtype != B.dtype:
+                    or weighting.device != B.device \
+                    or weighting.dtype != torch.promote_types(B.dtype, torch.float32):
                 # a new adapter, or moved or cast since the refresh
                 weighting = self._weighting[routed[i]] = spectral_weighting(B)
             terms.append(paper_spectral_loss(B, weighting).reshape(1))
@@ -320,7 +321,7 @@ def _integer(value, name: str) -> int:
 
 def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weight: float = 1.0,
                    regularizer: SpectralRegularizer | None = None,
-                   mask: Tensor | None = None) -> Tensor:
+                   mask: Tensor | None = None, step: int | None = None) -> Tensor:
     """``balance_weight * balance_loss(model) + spectral_weight * regularizer(model)``: the
     auxiliary loss to add to the task loss, after the forward pass and before ``backward``.
 
@@ -329,7 +330,8 @@ def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weig
     weighting recomputed at this call, every adapter); pass one object for the whole run to cache
     the weighting (``refresh_every``), sample adapters or use the official variant. A zero
     weight skips that term. ``mask`` goes to :func:`balance_loss`: with padded batches, pass
-    the attention_mask so that padding tokens do not count.
+    the attention_mask so that padding tokens do not count. ``step`` goes to the regularizer:
+    with gradient accumulation pass the optimizer step, or each micro-batch counts as one.
     """
     adapters = _adapters_or_raise(model)
     total = torch.zeros((), device=adapters[0].lora_B.device)
@@ -337,7 +339,7 @@ def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weig
         total = total + balance_weight * balance_loss(model, mask)
     if spectral_weight:
         reg = regularizer if regularizer is not None else SpectralRegularizer()
-        total = total + spectral_weight * reg(model)
+        total = total + spectral_weight * reg(model, step)
     return total
 
 

@@ -126,10 +126,11 @@ def test_svd_never_sits_on_the_autograd_path():
     assert len(seen) > 5
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])  # 16-bit B: an fp32 weighting
 @pytest.mark.parametrize("schedule", [{"refresh_every": 3},
                                       {"refresh_every": "epoch", "steps_per_epoch": 3}])
-def test_weighting_is_cached_for_refresh_every_steps(schedule):
-    model = Tiny(seed=2)
+def test_weighting_is_cached_for_refresh_every_steps(schedule, dtype):
+    model = Tiny(seed=2, dtype=dtype)
     reg = SpectralRegularizer(**schedule)
     old = {a: spectral_weighting(a.lora_B) for a in _routed(model)}
     reg(model)  # step 0 computes M
@@ -143,6 +144,22 @@ def test_weighting_is_cached_for_refresh_every_steps(schedule):
     assert rel_err(reg(model), stale) <= TOL  # step 1: the M of step 0
     assert rel_err(reg(model), stale) <= TOL  # step 2
     assert rel_err(reg(model), fresh) <= TOL  # step 3: refreshed
+
+
+def test_auxiliary_loss_passes_the_optimizer_step_on():
+    """With gradient accumulation the micro-batches of one optimizer step share its step: the
+    regularizer counts optimizer steps (its refreshes, the official variant's sample)."""
+    model = Tiny(seed=3)
+    reg = SpectralRegularizer("official", max_samples=2)
+
+    def spectral(step):
+        return auxiliary_loss(model, balance_weight=0.0, regularizer=reg, step=step)
+
+    micro = [spectral(0) for _ in range(3)]
+    assert reg.step == 1 and micro[0] == micro[1] == micro[2]
+    for step in (0, 1, 7):
+        assert spectral(step) == SpectralRegularizer("official", max_samples=2)(model, step)
+    assert spectral(0) != spectral(1)  # the sample depends on the step
 
 
 def test_a_compiled_training_step_with_the_regularizer_compiles_once():
