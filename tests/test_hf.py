@@ -151,6 +151,20 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
+                         ids=["block", "component"])
+def test_remove_restores_requires_grad_of_parameters_replaced_after_attach(where):
+    """to('meta') + to_empty (and FSDP2's fully_shard) put new Parameter objects in the model:
+    remove() restored the flags on the old objects and left the whole base model frozen."""
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)  # a flag that must come back False
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3), **where)
+    model.to("meta").to_empty(device="cpu")
+    handle.remove()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
 @pytest.mark.parametrize("where", PLACEMENTS, ids=[w.get("placement", "component")
                                                   for w in PLACEMENTS])
 def test_training_step_under_autocast(where):

@@ -146,7 +146,7 @@ class MTLoRAHandle:
         self._hosts: list[tuple[nn.Module, nn.Module]] = []  # block: (sub-layer, adapter)
         self._hooks: list = []
         self._swaps: list[tuple[nn.Module, str, nn.Linear, MTLoRALinear]] = []  # component
-        self._requires_grad: dict[nn.Parameter, bool] = {}
+        self._requires_grad: dict[str, bool] = {}  # by name: to_empty / FSDP2 swap the objects
         self._removed = False
 
     # --- queries -------------------------------------------------------------------------
@@ -238,8 +238,10 @@ class MTLoRAHandle:
             setattr(parent, name, base)
         for host, _ in self._hosts:
             delattr(host, ADAPTER_ATTR)
-        for param, flag in self._requires_grad.items():
-            param.requires_grad_(flag)
+        params = dict(self.model.named_parameters())  # the names of before attach() again
+        for name, flag in self._requires_grad.items():
+            if name in params:
+                params[name].requires_grad_(flag)
         del self.model._mtlora_handle
         self._removed = True
         return self.model
@@ -399,7 +401,7 @@ def attach(
 
 
 def _freeze(handle: MTLoRAHandle) -> None:
-    handle._requires_grad = {p: p.requires_grad for p in handle.model.parameters()}
+    handle._requires_grad = {n: p.requires_grad for n, p in handle.model.named_parameters()}
     handle.model.requires_grad_(False)
 
 
