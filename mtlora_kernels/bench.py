@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -52,8 +53,10 @@ CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2,
 # Peak HBM bandwidth (B/s) and dense tensor-core throughput (FLOP/s: bf16 / fp16, and TF32) from
 # the vendor data sheets, for the roofline fraction. Matched on the device name as CUDA reports
 # it ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB", ...): the first
-# entry whose every word is in the name, so the specific variants come before their family.
+# entry whose every word is a word of the name (split at spaces and hyphens: a GH200 is not an
+# H200), so the specific variants come before their family.
 GPU_PEAKS = (
+    (("H200", "NVL"), 4.8e12, 835e12, 418e12),
     (("H200",), 4.8e12, 989e12, 494e12),
     (("H100", "PCIe"), 2.0e12, 756e12, 378e12),
     (("H100", "NVL"), 3.9e12, 835e12, 418e12),
@@ -99,8 +102,12 @@ class Shape:
         return self.alpha / self.rank
 
     def label(self) -> str:
+        """The shape's sizes and dtype, then alpha and dropout where they are not the defaults'
+        (two shapes with the same label measure the same thing)."""
+        extra = "".join([f" alpha={self.alpha:g}" if self.alpha != Shape.alpha else "",
+                         f" dropout={self.dropout:g}" if self.dropout else ""])
         return (f"T={self.tokens} d={self.d_in}x{self.d_out} r={self.rank} N={self.experts} "
-                f"g={self.groups} {self.dtype}")
+                f"g={self.groups} {self.dtype}{extra}")
 
     def flops(self, backward: bool) -> float:
         """~2*T*(d_in*r + d_in*g*N + N*r*d_out) for the forward; the backward does ~2x that."""
@@ -386,8 +393,9 @@ def gpu_peaks(gpu_name: str, dtype: str) -> tuple[float, float] | None:
     GPU not in GPU_PEAKS. fp32 is bound by TF32 / 3: every backend keeps fp32 accuracy, and the
     fastest way to it on tensor cores is three TF32 products (what the Triton kernels use;
     torch's fp32 matmul and the CUDA kernels' fp32 tiles use the slower FMA units)."""
+    name_words = set(re.split(r"[\s-]+", gpu_name))
     for words, bw, half, tf32 in GPU_PEAKS:
-        if all(w in gpu_name for w in words):
+        if name_words.issuperset(words):
             return {"bf16": (bw, half), "fp16": (bw, half), "fp32": (bw, tf32 / 3)}.get(dtype)
     return None
 
@@ -395,15 +403,22 @@ def gpu_peaks(gpu_name: str, dtype: str) -> tuple[float, float] | None:
 def bench_shape(s: Shape, providers: list[Provider], device: torch.device, min_time: float,
                 advance: Callable[[str], None] = lambda _: None) -> list[dict]:
     """Check every provider, then time (in turns) and measure the memory of those that agree;
-    one record per provider."""
-    w, x, dy = make_inputs(s, device)
-    ref = reference(w, x, dy, s)
+    one record per provider (all of them "error" when the shape's inputs cannot be made)."""
+    records = [{"shape": dataclasses.asdict(s), "label": s.label(), "provider": p.name}
+               for p in providers]
+    advance(f"inputs and fp64 reference {s.label()}")
+    try:
+        w, x, dy = make_inputs(s, device)
+        ref = reference(w, x, dy, s)
+    except (RuntimeError, MemoryError) as exc:  # out of memory, most likely: the next shape
+        for rec in records:
+            rec.update(status="error", reason=f"inputs or reference: {type(exc).__name__}: "
+                                              f"{str(exc).splitlines()[0]}")
+        return records
     tol = CHECK_TOL[s.torch_dtype]
-    records, runners = [], []
-    for p in providers:
+    runners = []
+    for p, rec in zip(providers, records):
         advance(f"checking {p.name} {s.label()}")
-        rec = {"shape": dataclasses.asdict(s), "label": s.label(), "provider": p.name}
-        records.append(rec)
         try:
             runner = p.make(w, s)
             errs = check(runner, x, dy, ref, s)
@@ -468,10 +483,12 @@ def sweep(tokens, experts, groups, ranks, dtypes, d_in: int = 4096, d_out: int |
 def run(shapes: list[Shape], providers: list[Provider], device: torch.device, min_time: float,
         progress: bool = True) -> list[dict]:
     """Every shape x provider, with a progress bar (rich) when ``progress``."""
+    from rich.console import Console
     from rich.progress import Progress
 
     records: list[dict] = []
-    with Progress(disable=not progress, transient=True) as bar:
+    # On stderr: stdout carries the table, and a transient bar left a blank line there.
+    with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("bench", total=len(shapes))
         for s in shapes:
             def advance(what: str) -> None:
@@ -502,6 +519,14 @@ def _mib(b: int | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:,.2f}"
 
 
+def _speedup(x: float | None) -> str:
+    """One decimal from 1x up (what a reader compares), two significant digits below it: a
+    backend 500x slower than the loop printed as "0.0x"."""
+    if x is None:
+        return "-"
+    return f"{x:.1f}x" if x >= 0.95 else f"{x:.2g}x"
+
+
 def table(records: list[dict], on_gpu: bool):
     """A rich Table: one row per shape x provider x pass."""
     from rich.table import Table
@@ -516,13 +541,13 @@ def table(records: list[dict], on_gpu: bool):
     for r in records:
         label = r["label"] if r["label"] != last else ""
         last = r["label"]
-        if r["status"] != "ok":
-            t.add_row(label, r["provider"], "", f"[red]{r['status']}[/]", r["reason"][:60], "")
+        if r["status"] != "ok":  # the reason is printed under the table (cli)
+            t.add_row(label, r["provider"], "", f"[red]{r['status']}[/]", "", "")
             continue
         for name in PASSES:
             m = r[name]
             row = [label, r["provider"], name, f"{m['median_ms']:.2f}",
-                   f"{m['speedup']:.1f}x" if "speedup" in m else "-", _mib(m["peak_bytes"])]
+                   _speedup(m.get("speedup")), _mib(m["peak_bytes"])]
             if on_gpu:
                 roof = m.get("roofline")
                 row += [f"{m['GBps']:.0f}", f"{m['TFLOPs']:.2f}",
@@ -547,6 +572,13 @@ def _finite(obj):
 def write_json(records: list[dict], meta: dict, path: Path) -> None:
     path.write_text(json.dumps(_finite({"machine": meta, "results": records}), indent=2,
                                allow_nan=False))
+
+
+def _tick(label: str) -> str:
+    """A shape label on short lines (about 13 characters): one line ran into the next shape's
+    at the figure's ~1.2 inch per shape."""
+    words = label.split()
+    return "\n".join([words[0], words[1], " ".join(words[2:5]), " ".join(words[5:])])
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -574,8 +606,9 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_title(pas)
         ax.set_ylabel("median ms (log)")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-        ax.set_xticklabels([lab.replace(" d=", "\nd=") for lab in labels], fontsize=7)
-    axes[0][0].legend(fontsize=8)
+        ax.set_xticklabels([_tick(lab) for lab in labels], fontsize=7)
+    if names:  # else nothing ran: empty panels, and no legend to draw
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

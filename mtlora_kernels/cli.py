@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -48,18 +50,30 @@ def _positive(text: str) -> int:
 
 def _ints(text: str) -> list[int]:
     try:
-        return [_positive(v) for v in _names(text)]
+        return list(dict.fromkeys(_positive(v) for v in _names(text)))  # "16,016" is one
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got "
                                          f"{text!r}") from None
 
 
 def _names(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
+    """The comma-separated values, each once (a repeat was timed twice under one label)."""
+    names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
     if not names:  # `--tokens ,` ran an empty sweep and exited 0
         raise argparse.ArgumentTypeError(f"expected at least one comma-separated value, got "
                                          f"{text!r}")
     return names
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:  # inf timed forever; nan and negatives timed once, silently
+        raise argparse.ArgumentTypeError(f"expected a positive finite number of seconds, got "
+                                         f"{text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +108,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=64.0, help="s = alpha / r (default 64)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="dropout while timing (the correctness check always runs without it)")
-    p.add_argument("--min-time", type=float, help="seconds of timing per provider and pass")
+    p.add_argument("--min-time", type=_seconds, help="seconds of timing per provider and pass")
     p.add_argument("--providers", type=_names,
                    help="only these, e.g. hydralora-loop,mtlora-torch (default: all available)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
@@ -118,8 +132,12 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"mtlora-kernels bench: --device {args.device!r}: {exc}", file=sys.stderr)
         return 2
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("mtlora-kernels bench: --device cuda, but torch sees no CUDA GPU here",
+        print(f"mtlora-kernels bench: --device {args.device}, but torch sees no CUDA GPU here",
               file=sys.stderr)
+        return 2
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        print(f"mtlora-kernels bench: --device {args.device}, but torch sees "
+              f"{torch.cuda.device_count()} CUDA GPU(s)", file=sys.stderr)
         return 2
     if device.type not in ("cuda", "cpu"):
         print(f"mtlora-kernels bench: --device must be cuda or cpu, got {args.device!r}",
@@ -136,11 +154,6 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mtlora-kernels bench: {exc}", file=sys.stderr)
         return 2
-    try:  # before the sweep, which a bad --out would otherwise throw away at the end
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"mtlora-kernels bench: --out {args.out}: {exc}", file=sys.stderr)
-        return 2
     providers, missing = bench.default_providers(
         device, interpreted="mtlora-triton" in (args.providers or ()))
     if args.providers:
@@ -155,6 +168,15 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"mtlora-kernels bench: none of the requested providers can run here "
                   f"({reasons})", file=sys.stderr)
             return 2
+    try:  # before the sweep, which a bad --out would otherwise throw away at the end
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in ("bench.json", "bench.png"):
+            if (args.out / name).is_dir():
+                raise IsADirectoryError(f"{args.out / name} is a directory")
+        tempfile.TemporaryFile(dir=args.out).close()  # writable (os.access trusts root)
+    except OSError as exc:
+        print(f"mtlora-kernels bench: --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     con = _console()
     for name, why in missing.items():
         con.print(f"[dim]{name} not benchmarked: {why}[/]")

@@ -112,6 +112,42 @@ def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     assert main(["bench", "--tokens", "4", "--hidden", "16", "--experts", "2", "--groups", "1",
                  "--out", str(tmp_path / "file")]) == 2
     assert f"--out {tmp_path / 'file'}:" in capsys.readouterr().err
+    # ... and an --out where bench.json cannot be written (it ran the sweep, then crashed).
+    (tmp_path / "dir" / "bench.json").mkdir(parents=True)
+    assert main(["bench", "--tokens", "4", "--hidden", "16", "--experts", "2", "--groups", "1",
+                 "--out", str(tmp_path / "dir")]) == 2
+    assert "bench.json is a directory" in capsys.readouterr().err
+    # A refused run leaves no --out directory behind.
+    assert main(["bench", "--providers", "nope", "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_bench_reports_a_shape_whose_inputs_cannot_be_made(monkeypatch):
+    def no_memory(*_):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory\nmore")
+
+    monkeypatch.setattr(bench, "make_inputs", no_memory)
+    records = bench.bench_shape(TINY, [bench.Provider("hydralora-loop", bench._LoopRunner),
+                                       bench.Provider("eager", bench._LoopRunner)], CPU, 0.0)
+    assert [r["provider"] for r in records] == ["hydralora-loop", "eager"]
+    assert all(r["status"] == "error" and r["reason"] == "inputs or reference: RuntimeError: "
+               "DefaultCPUAllocator: can't allocate memory" for r in records)
+
+
+def test_bench_sizes_are_deduplicated_and_labels_tell_shapes_apart():
+    from mtlora_kernels.cli import _ints, _names
+
+    assert _ints("16,8,16,016") == [16, 8] and _names("fp32, fp32,bf16") == ["fp32", "bf16"]
+    labels = {bench.Shape(4).label(), bench.Shape(4, alpha=32.0).label(),
+              bench.Shape(4, dropout=0.1).label()}
+    assert len(labels) == 3 and bench.Shape(4, alpha=32.0, dropout=0.1).label().endswith(
+        "fp32 alpha=32 dropout=0.1")
+
+
+@pytest.mark.parametrize("value,text", [(None, "-"), (19.47, "19.5x"), (0.96, "1.0x"),
+                                        (0.5, "0.5x"), (0.0021, "0.0021x")])
+def test_speedups_below_one_keep_two_digits(value, text):
+    assert bench._speedup(value) == text
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -121,6 +157,9 @@ def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     (["bench", "--tokens", "16,0"], "--tokens: expected comma-separated positive integers"),
     (["bench", "--tokens", ","], "--tokens: expected comma-separated positive integers"),
     (["bench", "--dtype", ""], "--dtype: expected at least one comma-separated value"),
+    (["bench", "--min-time", "inf"], "--min-time: expected a positive finite number"),
+    (["bench", "--min-time", "nan"], "--min-time: expected a positive finite number"),
+    (["bench", "--min-time", "-1"], "--min-time: expected a positive finite number"),
 ])
 def test_non_positive_sizes_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -132,8 +171,8 @@ def test_bench_refuses_a_device_or_providers_it_cannot_run(tmp_path, capsys):
     small = ["--tokens", "4", "--hidden", "16", "--experts", "2", "--groups", "1",
              "--out", str(tmp_path)]
     if not torch.cuda.is_available():
-        assert main(["bench", "--device", "cuda", *small]) == 2
-        assert "no CUDA GPU" in capsys.readouterr().err
+        assert main(["bench", "--device", "cuda:1", *small]) == 2
+        assert "--device cuda:1, but torch sees no CUDA GPU" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--providers", "mtlora-cuda", *small]) == 2
     assert "none of the requested providers can run here (mtlora-cuda:" in \
         capsys.readouterr().err
@@ -216,6 +255,8 @@ def test_bench_json_is_strict_json_when_a_provider_is_refused(tmp_path):
     ("NVIDIA H100 PCIe", "bf16", (2.0e12, 756e12)),
     ("NVIDIA H100 NVL", "fp16", (3.9e12, 835e12)),
     ("NVIDIA H200", "fp32", (4.8e12, 494e12 / 3)),
+    ("NVIDIA H200 NVL", "bf16", (4.8e12, 835e12)),
+    ("NVIDIA GH200 480GB", "bf16", None),  # not an H200
     ("NVIDIA A100-SXM4-40GB", "bf16", (1.555e12, 312e12)),
     ("NVIDIA A100 80GB PCIe", "bf16", (1.935e12, 312e12)),
     ("NVIDIA A100-SXM4-80GB", "bf16", (2.039e12, 312e12)),
