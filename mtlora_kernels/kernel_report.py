@@ -52,6 +52,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mtlora_kernels.bench import gpu_peaks
+
 TARGETS = (80, 90)
 
 # Shared memory one block may use, bytes (CUDA C Programming Guide, "Technical Specifications
@@ -60,12 +62,11 @@ TARGETS = (80, 90)
 # every registered configuration under it.
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 
-# Benchmark shapes of SPEC section 3 and the H100 SXM figures the roofline uses (NVIDIA H100
-# datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 tensor core).
+# Benchmark shapes of SPEC section 3, and the H100 SXM figures the roofline uses (bench's table
+# of data-sheet peaks: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 tensor core).
 BENCH_SHAPES = {"T": 8192, "d": 4096, "d_in": 4096, "d_out": 4096, "r": 16, "N": 16, "g": 2,
                 "dtype": "bf16", "elem_bytes": 2}
-H100_HBM_BYTES_PER_S = 3.35e12
-H100_BF16_FLOP_PER_S = 989e12
+H100_HBM_BYTES_PER_S, H100_BF16_FLOP_PER_S = gpu_peaks("NVIDIA H100 80GB HBM3", "bf16")
 
 TENSOR_CORE_OPS = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "DMMA", "BMMA")
 # One SASS line: "/*01a0*/   HGMMA.64x128x16.F32.BF16 gdesc[UR4], RZ, !UPT ;" (address, op).

@@ -159,7 +159,7 @@ def test_memory_no_TgNr_nor_TNdout_intermediate(d, N, r, g):
     """No allocation as large as [T, g, N*r] (g = d_out) or [T, N, d_out] (small g): the largest
     single allocation stays within the tensors the layer must hold anyway (x, y, pi)."""
     T = 256
-    assert mix_mod._use_grouped(T, g, N, r, d) == (g * N * r <= d)
+    assert mix_mod._use_grouped(g, N, r, d) == (g * N * r <= d)
     inherent = 4 * T * max(d, g * N)  # bytes of x / y / dy, or of pi [T, g, N] in fp32
     largest = _largest_allocation(_fwd_bwd(T, d, N, r, g))
     assert largest <= inherent, f"{largest} bytes allocated at once, bound {inherent}"

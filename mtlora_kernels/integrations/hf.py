@@ -143,9 +143,9 @@ class MTLoRAHandle:
         self.target_modules = target_modules
         self.layers = layers
         self.adapters: dict[str, MTLoRAAdapter] = {}
-        self._hosts: list[tuple[nn.Module, nn.Module]] = []  # block: (sub-layer, adapter)
+        self._hosts: list[nn.Module] = []  # block: the sub-layers that carry an adapter
         self._hooks: list = []
-        self._swaps: list[tuple[nn.Module, str, nn.Linear, MTLoRALinear]] = []  # component
+        self._swaps: list[tuple[nn.Module, str, nn.Linear]] = []  # component: parent, name, base
         self._requires_grad: dict[str, bool] = {}  # by name: to_empty / FSDP2 swap the objects
         self._removed = False
 
@@ -234,9 +234,9 @@ class MTLoRAHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for parent, name, base, _ in self._swaps:
+        for parent, name, base in self._swaps:
             setattr(parent, name, base)
-        for host, _ in self._hosts:
+        for host in self._hosts:
             delattr(host, ADAPTER_ATTR)
         params = dict(self.model.named_parameters())  # the names of before attach() again
         for name, flag in self._requires_grad.items():
@@ -363,7 +363,7 @@ def attach(
             parent = model.get_submodule(parent_name)
             wrapper = MTLoRALinear(linear, cfg).train(linear.training)
             wrapper.adapter.to(dtype=dtype)
-            handle._swaps.append((parent, child, linear, wrapper))
+            handle._swaps.append((parent, child, linear))
             handle.adapters[f"{name}.adapter"] = wrapper.adapter
             setattr(parent, child, wrapper)
     else:
@@ -394,7 +394,7 @@ def attach(
                 adapter.train(host.training)
                 host.add_module(ADAPTER_ATTR, adapter)
                 handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
-                handle._hosts.append((host, adapter))
+                handle._hosts.append(host)
                 handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
     model._mtlora_handle = handle  # the adapters start enabled
     return handle

@@ -74,7 +74,7 @@ def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
     return a.to(acc_dtype(a.dtype)) @ b.to(acc_dtype(a.dtype))
 
 
-def _use_grouped(T: int, groups: int, n_experts: int, rank: int, d_out: int) -> bool:
+def _use_grouped(groups: int, n_experts: int, rank: int, d_out: int) -> bool:
     # The grouped form builds H~ [g, T, N*r]. It is one GEMM per group and wins while H~ is no
     # larger than y itself (g*N*r <= d_out: 512 <= 4096 at the defaults). Beyond that (g = d_out
     # has c = 1 and K = N*r per output column) it would allocate r times y, so we switch to the
@@ -96,7 +96,7 @@ def _torch_forward(x, A, B, route_weight, logits, residual, groups, scaling, dro
     else:
         pi = torch.softmax(logits.to(acc).view(T, groups, n_experts), dim=-1)
     hx = h.to(x.dtype)
-    if _use_grouped(T, groups, n_experts, rank, d_out):
+    if _use_grouped(groups, n_experts, rank, d_out):
         # H~[G, t, e*r + k] = pi[t, G, e] * h[t, k];  Bcat[G, e*r + k, j'] = B[e, G*c + j', k]
         ht = (pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)).to(x.dtype)
         ht = ht.reshape(groups, T, n_experts * rank)
@@ -139,7 +139,7 @@ def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling
     dt = x.dtype
     acc = acc_dtype(dt)
     dyg = dy.view(T, groups, c)
-    if _use_grouped(T, groups, n_experts, rank, d_out):
+    if _use_grouped(groups, n_experts, rank, d_out):
         ht = (pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)).to(dt)
         ht = ht.reshape(groups, T, n_experts * rank)
         bcat = B.view(n_experts, groups, c, rank).permute(1, 0, 3, 2).reshape(groups, -1, c)

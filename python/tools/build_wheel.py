@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_ARCHS = "8.0 8.6 8.9 9.0+PTX"
 
 
 def local_version(cuda: str | None, torch_version: str) -> str:
@@ -34,13 +33,15 @@ def local_version(cuda: str | None, torch_version: str) -> str:
     return f"{tag}torch{major_minor}"
 
 
-def build(archs: str, out: Path, cuda: bool, python: str = sys.executable) -> Path:
-    """Build the wheel into ``out`` and return its path."""
+def build(archs: str | None, out: Path, cuda: bool) -> Path:
+    """Build the wheel into ``out`` and return its path; ``archs`` None: setup.py's default
+    TORCH_CUDA_ARCH_LIST (or the environment's)."""
     import torch
 
     label = local_version(torch.version.cuda if cuda else None, torch.__version__)
-    env = dict(os.environ, MTLORA_LOCAL_VERSION=label, MTLORA_BUILD_CUDA="1" if cuda else "0",
-               TORCH_CUDA_ARCH_LIST=archs)
+    env = dict(os.environ, MTLORA_LOCAL_VERSION=label, MTLORA_BUILD_CUDA="1" if cuda else "0")
+    if archs is not None:
+        env["TORCH_CUDA_ARCH_LIST"] = archs
     if cuda:
         env.setdefault("CUDA_HOME", "/usr/local/cuda")
     out.mkdir(parents=True, exist_ok=True)
@@ -49,10 +50,10 @@ def build(archs: str, out: Path, cuda: bool, python: str = sys.executable) -> Pa
     for staged in (*ROOT.glob("build/lib*"), *ROOT.glob("build/bdist*")):
         shutil.rmtree(staged)
     before = set(out.glob("*.whl"))
-    cmd = [python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
            "-w", str(out), str(ROOT)]
-    print(f"building {label} wheel for TORCH_CUDA_ARCH_LIST={archs!r}: {' '.join(cmd)}",
-          flush=True)
+    print(f"building {label} wheel for TORCH_CUDA_ARCH_LIST="
+          f"{env.get('TORCH_CUDA_ARCH_LIST', 'setup.py default')!r}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
     wheels = sorted(set(out.glob(f"*+{label}-*.whl")) - before) or sorted(out.glob(f"*+{label}-*.whl"))
@@ -64,8 +65,8 @@ def build(archs: str, out: Path, cuda: bool, python: str = sys.executable) -> Pa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--archs", default=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS),
-                    help=f"TORCH_CUDA_ARCH_LIST for the extension (default {DEFAULT_ARCHS!r})")
+    ap.add_argument("--archs", help="TORCH_CUDA_ARCH_LIST for the extension (default: the "
+                    "environment's, else setup.py's DEFAULT_ARCHS)")
     ap.add_argument("--out", type=Path, default=ROOT / "dist", help="output directory")
     ap.add_argument("--no-cuda", action="store_true", help="build without the CUDA extension")
     args = ap.parse_args(argv)
