@@ -80,16 +80,29 @@ __device__ __forceinline__ void load_vec16(const Src* p, float* v) {
   for (int u = 0; u < int(16 / sizeof(Src)); ++u) v[u] = to_f(e[u]);
 }
 
-// Store 8 consecutive values (16 B for 16-bit types, 2 x 16 B for fp32).
+// Store 8 consecutive values (16 B for 16-bit types, 2 x 16 B for fp32): packed into 32-bit
+// words in registers, stored by __stwb (st.global.wb.v4, the default write-back policy). A T[8]
+// array reinterpreted as uint4 compiled to four 4-byte stores for 16-bit T in the dx kernel and
+// the forward (st.global.v2.u16, nvcc 13.0), and so did a plain uint4 assignment of the words.
 template <typename T>
 __device__ __forceinline__ void store_vec8(T* p, const float* v) {
-  alignas(16) T tmp[8];
+  constexpr int kWords = 2 * int(sizeof(T));  // 8 values of sizeof(T) bytes
+  uint32_t w[kWords];
 #pragma unroll
-  for (int u = 0; u < 8; ++u) tmp[u] = from_f<T>(v[u]);
-  const uint4* src = reinterpret_cast<const uint4*>(tmp);
+  for (int u = 0; u < 8; ++u) {
+    const T t = from_f<T>(v[u]);
+    if constexpr (sizeof(T) == 4) {
+      std::memcpy(&w[u], &t, 4);
+    } else {
+      uint16_t bits;
+      std::memcpy(&bits, &t, 2);
+      w[u / 2] = u % 2 ? w[u / 2] | (uint32_t(bits) << 16) : uint32_t(bits);
+    }
+  }
   uint4* dst = reinterpret_cast<uint4*>(p);
 #pragma unroll
-  for (int u = 0; u < int(8 * sizeof(T) / 16); ++u) dst[u] = src[u];
+  for (int q = 0; q < kWords / 4; ++q)
+    __stwb(dst + q, uint4{w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]});
 }
 
 template <typename T>
@@ -121,7 +134,7 @@ struct Identity {
 // experts at scaling 1e-5 (tests/test_extreme.py, test_router_offset_shared_by_a_group_...).
 // bf16 has fp32's exponent range and needs none (as the Triton kernels' mma_split).
 template <typename T>
-constexpr float lo_scale() {
+__host__ __device__ constexpr float lo_scale() {
   return std::is_same_v<T, __half> ? 2048.f : 1.f;
 }
 // What rounding v to T loses, times lo_scale<T>() (both steps exact in fp32).
