@@ -207,8 +207,10 @@ class SpectralRegularizer:
     Under torch.compile the call runs eagerly (one graph break): its step count, refreshes and
     sampling are Python state that a traced call would guard on, recompiling the caller at every
     step until dynamo's recompile limit turned the whole compiled step eager. A pickled
-    regularizer keeps its settings and step and recomputes the weighting at its next call;
-    its later refreshes fall on the uninterrupted run's steps.
+    regularizer keeps its settings, step and cached weighting (one [N, r, r] tensor per routed
+    adapter, matched to the model's routed adapters by position at the next call), so a
+    resumed run computes what the uninterrupted one does; if the adapters do not match (count
+    or shapes), it refreshes at its next call.
     """
 
     def __init__(self, variant: str = "paper", *, refresh_every: int | str = 1,
@@ -237,13 +239,18 @@ class SpectralRegularizer:
         self._weighting: weakref.WeakKeyDictionary[MTLoRAAdapter, Tensor] = \
             weakref.WeakKeyDictionary()
         self._refreshed_at: int | None = None
+        self._restored: list[Tensor] | None = None  # a pickled cache, until the next call
 
     def __getstate__(self) -> dict:
-        # The cache is keyed by the adapters through weak references, which do not pickle.
-        return {**self.__dict__, "_weighting": None, "_refreshed_at": None}
+        # The cache is keyed by the adapters through weak references, which do not pickle: it
+        # goes as a list in the routed adapters' order (the order of the refresh that filled it).
+        pending = self._restored  # restored and not called since: still the cache
+        return {**self.__dict__, "_restored": None,
+                "_weighting": pending if pending is not None else list(self._weighting.values())}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _weighting=weakref.WeakKeyDictionary())
+        self.__dict__.update(state, _weighting=weakref.WeakKeyDictionary(),
+                             _restored=state["_weighting"])
 
     @_eager
     def __call__(self, model: nn.Module, step: int | None = None) -> Tensor:
@@ -278,9 +285,17 @@ class SpectralRegularizer:
                 gathered[i] = _full(routed[i].lora_B)
             return gathered[i]
 
-        # Refreshed at the steps that are multiples of refresh_every (and at a first call, or
-        # the first after a restore from a pickle, which drops the cache): a resumed run
-        # refreshes where the uninterrupted one does.
+        if self._restored is not None:  # the first call after a restore from a pickle
+            restored, self._restored = self._restored, None
+            if len(restored) == len(routed) and all(
+                    w.shape == (a.config.num_experts, a.config.r, a.config.r)
+                    for w, a in zip(restored, routed)):
+                for w, a in zip(restored, routed):
+                    self._weighting[a] = w.to(a.lora_B.device)
+            else:
+                self._refreshed_at = None
+        # Refreshed at the steps that are multiples of refresh_every (and at a first call): a
+        # resumed run refreshes where the uninterrupted one does.
         every = self.refresh_every
         if self._refreshed_at is None or step // every != self._refreshed_at // every:
             self._weighting.clear()
