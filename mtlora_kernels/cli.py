@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mtlora_kernels._checks import as_int
+
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None],
                       Callable[[argparse.Namespace], int]]] = []
 
@@ -261,16 +263,14 @@ def _params_args(p: argparse.ArgumentParser) -> None:
 
 def model_dims(config: dict | None = None, **fields: int | None) -> dict[str, int]:
     """hidden_size, layers, q_out, v_out from a HF config dict and/or explicit fields (which
-    win); LLaMA-2-7B's values where neither says. ValueError names a size that is not a
-    positive integer."""
+    win); LLaMA-2-7B's values where neither says. TypeError names a size that is not an
+    integer (a bool, a string, a float), ValueError one below 1."""
     cfg = dict(config or {})
     if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]  # multimodal configs
 
     def size(key: str, value) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        return value
+        return as_int(value, key, minimum=1)
 
     d = size("hidden_size", fields.get("hidden_size") or cfg.get("hidden_size", 4096))
     layers = size("num_hidden_layers", fields.get("layers") or cfg.get("num_hidden_layers", 32))
@@ -346,7 +346,7 @@ def _params(args: argparse.Namespace) -> int:
     try:
         dims = model_dims(config, hidden_size=args.hidden_size, layers=args.layers,
                           heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # a config.json's "4096" (TypeError) included
         print(f"mtlora-kernels params: {exc} (from --config or the flags)", file=sys.stderr)
         return 2
     if dims["hidden_size"] % args.groups:

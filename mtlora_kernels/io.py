@@ -223,15 +223,17 @@ def _config_diffs(cfg: MTLoRAConfig, handle: MTLoRAHandle, source: str = "file")
 def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Path) -> None:
     diffs = _config_diffs(cfg, handle)
     # The same adapters however they were named: targets in any order, layers counted from
-    # either end.
+    # either end. Compared canonical only: a raw == took a file's [0, true] for layers [0, 1].
     same = {"placement": lambda v: v,
             "target_modules": lambda v: sorted(v) if v is not None else None,
             "layers": lambda v: normalized_layers(handle.model, v)}
     for key, canon in same.items():
         ours = getattr(handle, key)
         try:
-            equal = meta.get(key) == ours or canon(meta.get(key)) == canon(ours)
-        except ValueError:  # the file's layer indices do not fit this model
+            equal = canon(meta.get(key)) == canon(ours)
+        # The file's layer indices do not fit this model (ValueError) or are not integers,
+        # a JSON true or "3" (TypeError): a difference to report, not a traceback.
+        except (TypeError, ValueError):
             equal = False
         if not equal:
             diffs.append(f"{key}: file has {meta.get(key)!r}, the attached adapters have "

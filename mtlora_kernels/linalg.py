@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mtlora_kernels import backends
+from mtlora_kernels._checks import as_int
 
 # CholeskyQR2 falls back to Householder QR (torch.linalg.qr, per batch element) when Cholesky
 # fails or the first pass leaves ||Q1^T Q1 - I||_F above this. Measured on Y = U diag(s) V^T with
@@ -155,11 +156,11 @@ def randomized_svd(
     backend = _resolve_backend(backend, (M if isinstance(M, Tensor) else M[0]).device, dtype)
     acc = torch.promote_types(dtype, torch.float32)
     batch, m, n, rank_bound, mm, rmm, device = _as_batched_operator(M, acc, backend)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
+    k = as_int(k, "k")
+    if not 1 <= k <= min(m, n):
         raise ValueError(f"k must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {k!r}")
-    for name, v in (("oversample", oversample), ("power_iters", power_iters)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0; got {v!r}")
+    oversample = as_int(oversample, "oversample", minimum=0)
+    power_iters = as_int(power_iters, "power_iters", minimum=0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got "
                         f"{type(generator).__name__}")

@@ -18,13 +18,13 @@ choice), so under DDP every rank computes the same value from its replicated wei
 from __future__ import annotations
 
 import functools
-import operator
 import random
 import weakref
 
 import torch
 from torch import Tensor, nn
 
+from mtlora_kernels._checks import as_int
 from mtlora_kernels.nn.adapter import MTLoRAAdapter
 from mtlora_kernels.ops.mix import _autocast_off
 
@@ -220,21 +220,20 @@ class SpectralRegularizer:
             raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
-        if refresh_every == "epoch":
-            if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-                raise ValueError("refresh_every='epoch' needs steps_per_epoch, an int >= 1; got "
-                                 f"{steps_per_epoch!r}")
-            refresh_every = steps_per_epoch
-        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) \
-                or refresh_every < 1:
-            raise ValueError(f"refresh_every must be an int >= 1 or 'epoch'; got {refresh_every!r}")
+        if isinstance(refresh_every, str):  # a string other than 'epoch' is a bad value
+            if refresh_every != "epoch":
+                raise ValueError(f"refresh_every must be an int >= 1 or 'epoch'; got "
+                                 f"{refresh_every!r}")
+            if steps_per_epoch is None:
+                raise ValueError("refresh_every='epoch' needs steps_per_epoch, an int >= 1")
+            refresh_every = as_int(steps_per_epoch, "steps_per_epoch", minimum=1)
+        refresh_every = as_int(refresh_every, "refresh_every", minimum=1)
         if max_samples is None and variant == "official":
             max_samples = OFFICIAL_MAX_MATRICES
-        if max_samples is not None and (not isinstance(max_samples, int)
-                                        or isinstance(max_samples, bool) or max_samples < 1):
-            raise ValueError(f"max_samples must be None or an int >= 1; got {max_samples!r}")
+        if max_samples is not None:
+            max_samples = as_int(max_samples, "max_samples", minimum=1)
         self.variant, self.refresh_every, self.max_samples = variant, refresh_every, max_samples
-        self.reduction, self.seed = reduction, _integer(seed, "seed")
+        self.reduction, self.seed = reduction, as_int(seed, "seed")
         self.step = 0  # the step the next call is for
         self._weighting: weakref.WeakKeyDictionary[MTLoRAAdapter, Tensor] = \
             weakref.WeakKeyDictionary()
@@ -255,7 +254,7 @@ class SpectralRegularizer:
     @_eager
     def __call__(self, model: nn.Module, step: int | None = None) -> Tensor:
         """The (unweighted) regularizer of ``model``'s adapters at ``step`` (default: count)."""
-        step = self.step if step is None else _integer(step, "step")
+        step = self.step if step is None else as_int(step, "step")
         self.step = step + 1
         adapters = _adapters_or_raise(model)
         device = adapters[0].lora_B.device
@@ -323,15 +322,6 @@ class SpectralRegularizer:
             chosen.setdefault(adapter, []).append(expert)
         # One batched call per adapter; the mean does not depend on the order of the units.
         return [official_spectral_terms(_full(a.lora_B)[experts]) for a, experts in chosen.items()]
-
-
-def _integer(value, name: str) -> int:
-    """``value`` as a Python int (numpy and 0-d tensor integers included), else TypeError."""
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} "
-                        f"{value!r}") from None
 
 
 def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weight: float = 1.0,

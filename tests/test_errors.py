@@ -27,8 +27,8 @@ def call(ok, **kw):
     (dict(W=torch.randn(5, 8)), ValueError, r"route_weight must have shape \[g\*N=6, d_in=8\]"),
     (dict(groups=4), ValueError, r"groups must be a positive divisor of d_out=6"),
     (dict(groups=0), ValueError, r"groups must be a positive divisor"),
-    (dict(groups=2.0), ValueError, r"groups must be a positive divisor of d_out=6, got 2.0"),
-    (dict(groups=True), ValueError, r"groups must be a positive divisor of d_out=6, got True"),
+    (dict(groups=2.0), TypeError, r"groups must be an integer, got float 2.0"),
+    (dict(groups=True), TypeError, r"groups must be an integer, got bool True"),
     (dict(W=torch.randn(6, 8, dtype=torch.float64)), TypeError, r"route_weight has dtype"),
     (dict(A=torch.randn(2, 8).half()), TypeError, r"lora_A has dtype torch.float16"),
     (dict(x=torch.randint(0, 3, (5, 8))), TypeError, r"x must be a floating tensor"),
@@ -36,7 +36,7 @@ def call(ok, **kw):
     (dict(logits=torch.randn(5, 6)), ValueError, r"either route_weight .* not both"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\^63\), got -1"),
-    (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an int or None, got float 1.5"),
+    (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an integer, got float 1.5"),
     (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
     (dict(residual=torch.randn(5, 7)), ValueError, r"residual must have shape \(5, 6\)"),
     (dict(backend="fast"), ValueError, r"backend must be one of"),
@@ -49,6 +49,28 @@ def test_bad_input_is_named(ok, kw, exc, pattern):
 def test_integer_groups_of_any_integral_type_are_taken(ok):
     """A numpy integer (read from a config array, say) is a group count like an int."""
     assert torch.equal(call(ok, groups=np.int64(2)), call(ok))
+
+
+# Integer arguments take any integer type (numpy, a 0-d tensor) and never a bool, whatever
+# its type: True as a group count or a seed is a mistake, not a 1.
+INTEGERS = pytest.mark.parametrize("value", [np.int64(2), np.int32(2), torch.tensor(2)],
+                                   ids=["np.int64", "np.int32", "tensor"])
+BOOLS = pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True)],
+                                ids=["bool", "np.bool", "bool-tensor"])
+
+
+@INTEGERS
+def test_mix_integer_arguments_of_any_integer_type_are_taken(ok, value):
+    want = call(ok, groups=2, dropout_p=0.5, seed=2)
+    assert torch.equal(call(ok, groups=value, dropout_p=0.5, seed=2), want)
+    assert torch.equal(call(ok, groups=2, dropout_p=0.5, seed=value), want)
+
+
+@BOOLS
+@pytest.mark.parametrize("name", ["groups", "seed"])
+def test_mix_refuses_bools_as_integers(ok, name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got"):
+        call(ok, **{"dropout_p": 0.5, name: value})
 
 
 def test_bad_external_logits(ok):
@@ -114,8 +136,8 @@ def test_empty_input_returns_empty(ok):
     (dict(num_experts=0), ValueError, "num_experts must be >= 1"),
     (dict(groups=0), ValueError, "groups must be >= 1"),
     (dict(dropout=1.5), ValueError, "dropout must be in"),
-    (dict(r=2.5), TypeError, "r must be an int, got float 2.5"),
-    (dict(groups=True), TypeError, "groups must be an int, got bool"),
+    (dict(r=2.5), TypeError, "r must be an integer, got float 2.5"),
+    (dict(groups=True), TypeError, "groups must be an integer, got bool"),
     (dict(alpha="64"), TypeError, "alpha must be a number, got str"),
     (dict(alpha=float("inf")), ValueError, "alpha must be finite"),
     (dict(backend="cpu"), ValueError, "backend must be None or one of"),
@@ -123,6 +145,19 @@ def test_empty_input_returns_empty(ok):
 def test_bad_config(kw, exc, pattern):
     with pytest.raises(exc, match=pattern):
         MTLoRAConfig(**kw)
+
+
+@INTEGERS
+def test_config_takes_any_integer_type_as_a_python_int(value):
+    cfg = MTLoRAConfig(r=value, num_experts=value, groups=value)
+    assert [(v, type(v)) for v in (cfg.r, cfg.num_experts, cfg.groups)] == [(2, int)] * 3
+
+
+@BOOLS
+@pytest.mark.parametrize("name", ["r", "num_experts", "groups"])
+def test_config_refuses_bools(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got"):
+        MTLoRAConfig(**{name: value})
 
 
 def test_config_stores_numpy_scalars_as_python_numbers():

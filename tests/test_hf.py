@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -234,6 +235,25 @@ def test_layers_selects_which_blocks_get_adapters():
     handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), target_modules=["q_proj"],
                     layers=[0])
     assert list(handle.adapters) == ["model.layers.0.self_attn.q_proj.adapter"]
+
+
+@pytest.mark.parametrize("index", [np.int64(-1), np.int32(1), torch.tensor(1)],
+                         ids=["np.int64", "np.int32", "tensor"])
+def test_layer_indices_of_any_integer_type_are_taken(index):
+    handle = attach(tiny_model("llama"), MTLoRAConfig(r=2, num_experts=2, groups=1),
+                    placement="ffn", layers=[index])
+    assert list(handle.adapters) == ["model.layers.1.mlp.mtlora_adapter"]
+    assert handle.layers == [1] and type(handle.layers[0]) is int
+
+
+@pytest.mark.parametrize("index", [True, np.True_, torch.tensor(True)],
+                         ids=["bool", "np.bool", "bool-tensor"])
+def test_bool_layer_indices_are_refused(index):
+    """layers=[0, True] meant layer 1 (True's index) and was taken without a word."""
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"layers\[1\] must be an integer, got"):
+        attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), layers=[0, index])
+    assert get_handle(model) is None
 
 
 def test_aux_loss_is_the_packages_auxiliary_loss_and_has_gradients():

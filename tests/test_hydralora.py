@@ -4,6 +4,7 @@ checkpoints (g = 1, no dropout) against HydraLoRA's layer."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close_to_reference
@@ -190,7 +191,7 @@ def test_our_op_loads_hydralora_and_computes_its_semantics(dtype):
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="groups=3 must divide out_features=10"):
         HydraLoRALayer(8, 10, groups=3)
-    with pytest.raises(ValueError, match="r must be a positive int"):
+    with pytest.raises(ValueError, match="r must be >= 1, got 0"):
         HydraLoRALayer(8, 10, r=0)
     layer = HydraLoRALayer(8, 10, r=2, num_experts=3)
     with pytest.raises(ValueError, match=r"x must have shape \[..., d_in=8\]"):
@@ -200,3 +201,21 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"route_weight must have shape \[g\*N=4, d_in=8\]"):
         hydralora_eager(torch.randn(4, 8), torch.randn(2, 8), torch.randn(2, 10, 2),
                         torch.randn(3, 8), groups=2)
+
+
+SIZES = dict(in_features=8, out_features=10, r=2, num_experts=2, groups=1)
+
+
+@pytest.mark.parametrize("value", [np.int64(2), torch.tensor(2)], ids=["np.int64", "tensor"])
+def test_sizes_of_any_integer_type_are_taken_as_python_ints(value):
+    layer = HydraLoRALayer(value, value, r=value, num_experts=value, groups=value)
+    assert [(getattr(layer, k), type(getattr(layer, k))) for k in SIZES] == [(2, int)] * 5
+    assert layer.lora_A.weight.shape == (2, 2)
+
+
+@pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True)],
+                         ids=["bool", "np.bool", "bool-tensor"])
+@pytest.mark.parametrize("name", list(SIZES))
+def test_bool_sizes_are_refused(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got"):
+        HydraLoRALayer(**{**SIZES, name: value})

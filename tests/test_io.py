@@ -113,6 +113,22 @@ def test_the_same_layers_and_targets_however_named_load(tmp_path):
         load_adapters(other, tmp_path / "0")
 
 
+def test_a_file_whose_layers_are_not_integers_is_a_mismatch(tmp_path):
+    """A hand-edited adapter_config.json with layers ["1"] or [0, true]: reported as a mismatch
+    (a TypeError traceback before), never read as layer 1."""
+    model = tiny_model("llama")
+    attach(model, CFG, layers=[0, 1])
+    save_adapters(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    for bad in (["1"], [0, True]):
+        path.write_text(json.dumps({**meta, "layers": bad}))
+        other = tiny_model("llama")
+        attach(other, CFG, layers=[0, 1])
+        with pytest.raises(AdapterLoadError, match=r"layers: file has \["):
+            load_adapters(other, tmp_path)
+
+
 def test_layers_of_any_integer_type_are_saved(tmp_path):
     """Layer indices given as numpy integers or a tensor are kept as Python ints (the config
     is JSON), duplicates dropped; a save whose config cannot be written writes no weights."""
@@ -128,7 +144,7 @@ def test_layers_of_any_integer_type_are_saved(tmp_path):
     with pytest.raises(TypeError, match="not JSON serializable"):
         save_adapters(model, tmp_path / "bad")
     assert not list((tmp_path / "bad").glob("*"))
-    with pytest.raises(TypeError, match=r"layers must be integers, got \[0.5\]"):
+    with pytest.raises(TypeError, match=r"layers\[0\] must be an integer, got float 0.5"):
         attach(tiny_model("llama"), CFG, layers=[0.5])
 
 

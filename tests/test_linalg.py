@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,9 +290,9 @@ def test_triton_kernel_is_registered_with_its_launch_configs():
     (lambda: randomized_svd(torch.randn(5, 4), 0), ValueError, "k must be"),
     (lambda: randomized_svd(torch.randn(5), 1), ValueError, r"\[\.\.\., m, n\]"),
     (lambda: randomized_svd(torch.randn(5, 4), 2, oversample=-1), ValueError, "oversample"),
-    (lambda: randomized_svd(torch.randn(50, 40), 2, power_iters=1.5), ValueError,
-     "power_iters must be an int >= 0; got 1.5"),
-    (lambda: randomized_svd(torch.randn(5, 4), 2, oversample=True), ValueError, "oversample"),
+    (lambda: randomized_svd(torch.randn(50, 40), 2, power_iters=1.5), TypeError,
+     "power_iters must be an integer, got float 1.5"),
+    (lambda: randomized_svd(torch.randn(5, 4), 2, oversample=True), TypeError, "oversample"),
     (lambda: randomized_svd(torch.randn(5, 4), 2, generator=123), TypeError,
      "generator must be a torch.Generator"),
     (lambda: randomized_svd(torch.ones(5, 4, dtype=torch.int64), 2), TypeError, "floating"),
@@ -305,3 +306,20 @@ def test_triton_kernel_is_registered_with_its_launch_configs():
 def test_bad_input_is_named(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# k, oversample and power_iters take any integer type (numpy, a 0-d tensor), never a bool.
+@pytest.mark.parametrize("value", [np.int64(2), torch.tensor(2)], ids=["np.int64", "tensor"])
+def test_integer_arguments_of_any_integer_type_are_taken(value):
+    M = torch.randn(9, 7, generator=torch.Generator().manual_seed(0), dtype=F64)
+    want = randomized_svd(M, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    got = randomized_svd(M, value, value, value, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True)],
+                         ids=["bool", "np.bool", "bool-tensor"])
+@pytest.mark.parametrize("name", ["k", "oversample", "power_iters"])
+def test_bools_are_refused(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got"):
+        randomized_svd(torch.randn(5, 4), **{"k": 2, name: value})

@@ -385,12 +385,36 @@ def test_auxiliary_loss_adds_the_weighted_terms():
     (lambda: SpectralRegularizer(refresh_every=0), ValueError, "refresh_every"),
     (lambda: SpectralRegularizer(refresh_every="epoch"), ValueError, "steps_per_epoch"),
     (lambda: SpectralRegularizer(max_samples=0), ValueError, "max_samples"),
-    (lambda: SpectralRegularizer(max_samples=True), ValueError, "max_samples"),
+    (lambda: SpectralRegularizer(max_samples=True), TypeError, "max_samples"),
     (lambda: SpectralRegularizer(seed=None), TypeError, "seed must be an integer, got NoneType"),
 ])
 def test_bad_arguments_are_named(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# The counts and seeds take any integer type (numpy, a 0-d tensor) as a Python int, never a
+# bool: refresh_every=True or seed=True is a mistake, not a 1.
+@pytest.mark.parametrize("value", [np.int64(3), torch.tensor(3)], ids=["np.int64", "tensor"])
+def test_counts_of_any_integer_type_are_taken_as_python_ints(value):
+    reg = SpectralRegularizer(refresh_every=value, max_samples=value, seed=value)
+    epoch = SpectralRegularizer(refresh_every="epoch", steps_per_epoch=value)
+    got = (reg.refresh_every, reg.max_samples, reg.seed, epoch.refresh_every)
+    assert [(v, type(v)) for v in got] == [(3, int)] * 4
+
+
+@pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True)],
+                         ids=["bool", "np.bool", "bool-tensor"])
+@pytest.mark.parametrize("name", ["refresh_every", "steps_per_epoch", "max_samples", "seed",
+                                  "step"])
+def test_bools_are_refused_as_integers(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got"):
+        if name == "step":
+            SpectralRegularizer()(Tiny(), step=value)
+        elif name == "steps_per_epoch":
+            SpectralRegularizer(refresh_every="epoch", steps_per_epoch=value)
+        else:
+            SpectralRegularizer(**{name: value})
 
 
 # ---------------------------------------------------------------------------- training smoke

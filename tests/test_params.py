@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
+import torch
 import transformers
 
 from mtlora_kernels.cli import count_params, main, model_dims
@@ -76,6 +78,24 @@ def test_counts_do_not_allocate_weights():
     assert sum(counted for _, counted, _ in rows) * 4 > 50 * 2**30
 
 
+# A config dict's sizes take any integer type (numpy, a 0-d tensor: a config built in Python),
+# never a bool (JSON true).
+@pytest.mark.parametrize("value", [np.int64(2048), torch.tensor(2048)], ids=["np.int64", "tensor"])
+def test_model_dims_take_any_integer_type(value):
+    dims = model_dims({"hidden_size": value, "num_hidden_layers": value // 64})
+    assert dims == {"hidden_size": 2048, "layers": 32, "q_out": 2048, "v_out": 2048}
+    assert all(type(v) is int for v in dims.values())
+
+
+@pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True)],
+                         ids=["bool", "np.bool", "bool-tensor"])
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "head_dim"])
+def test_model_dims_refuse_bools(key, value):
+    with pytest.raises(TypeError, match=f"{key} must be an integer, got"):
+        model_dims({key: value})
+
+
 def test_bad_config_is_reported(tmp_path, capsys):
     missing = tmp_path / "nope.json"
     assert main(["params", "--config", str(missing)]) == 2
@@ -84,10 +104,12 @@ def test_bad_config_is_reported(tmp_path, capsys):
     assert "--groups 3 must divide hidden_size 4096" in capsys.readouterr().err
     # Valid JSON that is not a model config, or sizes of the wrong type: a message, no traceback.
     for text, message in (("[1, 2]", "holds a JSON list, not a model config"),
-                          ('{"hidden_size": "4096"}', "hidden_size must be a positive integer, "
-                                                      "got '4096'"),
-                          ('{"num_attention_heads": 0}', "num_attention_heads must be a "
-                                                         "positive integer, got 0")):
+                          ('{"hidden_size": "4096"}', "hidden_size must be an integer, "
+                                                      "got str '4096'"),
+                          ('{"hidden_size": true}', "hidden_size must be an integer, "
+                                                    "got bool True"),
+                          ('{"num_attention_heads": 0}', "num_attention_heads must be >= 1, "
+                                                         "got 0")):
         bad = tmp_path / "config.json"
         bad.write_text(text)
         assert main(["params", "--config", str(bad)]) == 2

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlora_kernels._checks import as_int
+
 
 class HydraLoRALayer(nn.Module):
     """``delta = sum_i softmax(route(x))[..., i:i+1] * B_i(A(drop_i(x))) * s``: HydraLoRA's adapter.
@@ -45,10 +47,10 @@ class HydraLoRALayer(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int = 8, num_experts: int = 2,
                  lora_alpha: float = 32.0, lora_dropout: float = 0.05, groups: int = 1) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features), ("r", r),
-                        ("num_experts", num_experts), ("groups", groups)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        in_features, out_features, r, num_experts, groups = (
+            as_int(v, name, minimum=1) for name, v in (
+                ("in_features", in_features), ("out_features", out_features), ("r", r),
+                ("num_experts", num_experts), ("groups", groups)))
         if out_features % groups:
             raise ValueError(f"groups={groups} must divide out_features={out_features}")
         if not 0.0 <= lora_dropout < 1.0:

@@ -30,13 +30,13 @@ flags, so the model computes exactly what it did before. Nothing here imports
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mtlora_kernels._checks import as_int
 from mtlora_kernels.losses import auxiliary_loss
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
 
@@ -97,10 +97,7 @@ def _find_layers(model: nn.Module, family: _Family) -> list[tuple[str, nn.Module
 def _layer_indices(n: int, wanted: Sequence[int]) -> list[int]:
     """``wanted`` (negative counting from the end) as sorted, distinct indices into n layers,
     Python ints whatever integer type they came as (numpy, 0-d tensors: saved as JSON)."""
-    try:
-        wanted = [operator.index(i) for i in wanted]
-    except TypeError:
-        raise TypeError(f"layers must be integers, got {list(wanted)!r}") from None
+    wanted = [as_int(index, f"layers[{j}]") for j, index in enumerate(wanted)]
     bad = [i for i in wanted if not -n <= i < n]
     if bad:
         raise ValueError(f"layers: indices {bad} out of range for a model with {n} layers")

@@ -6,6 +6,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
+from mtlora_kernels._checks import as_int
 from mtlora_kernels.ops.mix import BACKEND_NAMES
 
 
@@ -29,12 +30,7 @@ class MTLoRAConfig:
     def __post_init__(self) -> None:
         # numpy scalars are accepted and stored as Python numbers (the config goes to JSON).
         for name in ("r", "num_experts", "groups"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-            setattr(self, name, int(v))
+            setattr(self, name, as_int(getattr(self, name), name, minimum=1))
         for name in ("alpha", "dropout"):
             v = getattr(self, name)
             if not isinstance(v, numbers.Real) or isinstance(v, bool):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import os
 from types import SimpleNamespace
 
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from mtlora_kernels import backends
+from mtlora_kernels._checks import as_int
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast keeps fp64
@@ -362,7 +362,8 @@ def _check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
         raise exc(msg)
 
 
-def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p):
+def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p) -> int:
+    """Raises on bad arguments; returns groups as a Python int."""
     for name, t in (("x", x), ("lora_A", A), ("lora_B", B)):
         _check(isinstance(t, Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}",
                TypeError)
@@ -380,8 +381,8 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
            f"lora_B must have shape [N, d_out, r={rank}] to match lora_A, got {tuple(B.shape)}")
     _check(rank >= 1 and n_experts >= 1 and d_out >= 1,
            f"need r, N, d_out >= 1; got lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
-    _check(isinstance(groups, numbers.Integral) and not isinstance(groups, bool)
-           and groups >= 1 and d_out % groups == 0,
+    groups = as_int(groups, "groups")
+    _check(groups >= 1 and d_out % groups == 0,
            f"groups must be a positive divisor of d_out={d_out}, got {groups!r}")
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
     _check(math.isfinite(float(scaling)),
@@ -425,6 +426,7 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
         _check(t.dtype == x.dtype,
                f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype",
                TypeError)
+    return groups
 
 
 def mix(
@@ -483,13 +485,13 @@ def mix(
         x, lora_A, lora_B, route_weight, residual = (
             t.to(autocast) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
             for t in (x, lora_A, lora_B, route_weight, residual))
-    _validate(x, lora_A, lora_B, route_weight, logits, residual, groups, scaling, dropout_p)
+    groups = _validate(x, lora_A, lora_B, route_weight, logits, residual, groups, scaling,
+                       dropout_p)
     lead = x.shape[:-1]
     n_experts, d_out, rank = lora_B.shape
     name = resolve_backend(backend, x.device, x.dtype, rank, n_experts)
     p = float(dropout_p) if training else 0.0
-    _check(seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)),
-           f"seed must be an int or None, got {type(seed).__name__} {seed!r}", TypeError)
+    seed = None if seed is None else as_int(seed, "seed")
     _check(seed is None or 0 <= seed < 2**63, f"seed must be in [0, 2^63), got {seed}")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     T = x2.shape[0]
@@ -498,7 +500,7 @@ def mix(
     y, _, pi, _ = _mix_forward_op(
         x2, lora_A.contiguous(), lora_B.contiguous(),
         route_weight.contiguous() if route_weight is not None else None, lg, res,
-        int(groups), float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else int(seed),
+        groups, float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else seed,
         name, bool(deterministic),
     )
     y = y.view(*lead, d_out)
