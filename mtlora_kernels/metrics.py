@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mtlora_kernels._checks import as_int
 from mtlora_kernels.linalg import randomized_svd
 from mtlora_kernels.losses import find_adapters
 from mtlora_kernels.nn.adapter import MTLoRAAdapter
@@ -93,8 +94,8 @@ def gradient_conflict(
         raise ValueError("no parameters to take gradients of: the model has no trainable "
                          "MTLoRAAdapter parameters and params= was not given")
     all_pairs = list(itertools.combinations(range(len(batches)), 2))
-    if num_pairs is not None and num_pairs < 1:
-        raise ValueError(f"num_pairs must be None or >= 1; got {num_pairs}")
+    if num_pairs is not None:  # True would have measured one pair
+        num_pairs = as_int(num_pairs, "num_pairs", minimum=1)
     pairs = all_pairs if num_pairs is None or num_pairs >= len(all_pairs) \
         else sorted(random.Random(seed).sample(all_pairs, num_pairs))
     grads = {t: _task_gradient(model, batches[t], loss_fn, params)

@@ -112,6 +112,11 @@ def test_conflict_bad_input(call, match):
         call(_adapter())
 
 
+def test_conflict_num_pairs_is_an_integer():
+    with pytest.raises(TypeError, match="num_pairs must be an integer"):
+        gradient_conflict(_adapter(), [1, 2, 3], _signed_sum, num_pairs=True)
+
+
 # ---------------------------------------------------------------------------- spectral alignment
 
 
