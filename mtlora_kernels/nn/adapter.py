@@ -5,6 +5,7 @@ Both are thin: their forward is one call into :func:`mtlora_kernels.mix`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -34,7 +35,7 @@ class MTLoRAAdapter(nn.Module):
         super().__init__()
         cfg = config or MTLoRAConfig()
         if overrides:
-            cfg = MTLoRAConfig(**{**cfg.to_dict(), **overrides})
+            cfg = dataclasses.replace(cfg, **overrides)
         d_out = d_in if d_out is None else d_out
         if d_out % cfg.groups != 0:
             raise ValueError(f"groups={cfg.groups} must divide d_out={d_out}")
