@@ -4,16 +4,21 @@ The paper (Dolly-15k): the mean cosine between two tasks' adapter gradients is -
 component-level HydraLoRA and -0.013 for block-level mtLoRA, 76% less conflict in magnitude,
 with half the parameters. Here: the same adapter config (r = 16, N = 8, g = 1) placed on the FFN
 blocks or on q_proj and v_proj of a frozen random tiny Llama, trained on 15 synthetic
-permutation tasks; at several steps, :func:`mtlora_kernels.metrics.gradient_conflict` takes
-each task's gradient on a fresh batch of that task and averages the cosine over all 105 pairs.
+permutation tasks; at several steps of one continuous training run (one Adam, one data
+stream), :func:`mtlora_kernels.metrics.gradient_conflict` takes each task's gradient on a batch
+of 128 examples of that task (generator seed 1000 + seed) and averages the cosine over all 105
+pairs.
 
-Writes results/gradient_conflict.md and results/gradient_conflict.png.
-Run: ``PYTHONPATH=. python python/experiments/gradient_conflict.py`` (about a minute).
+Writes gradient_conflict.md and gradient_conflict.png to --out (default: results/ beside this
+file). Run from the repository root: ``.venv/bin/python python/experiments/gradient_conflict.py``
+(about two minutes on one core).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import time
 
 import torch
 from torch import nn
@@ -31,23 +36,41 @@ def task_loss(model, batch):
     return nn.functional.cross_entropy(common.answer_logits(model, ids), y)
 
 
+GRAD_BATCH = 128  # examples per task for each task's gradient
+
+
 def measure(model, tasks, seed):
+    """(mean cosine, share of pairs < 0, mean over the pairs < 0: NaN when there is none)."""
     g = torch.Generator().manual_seed(1000 + seed)
-    batches = [tasks.batch(128, g, task=t)[:2] for t in range(tasks.n)]
+    batches = [tasks.batch(GRAD_BATCH, g, task=t)[:2] for t in range(tasks.n)]
     model.eval()
     result = gradient_conflict(model, batches, task_loss)
     sims = torch.tensor([result.similarity[i, j].item() for i, j in result.pairs])
     negative = sims[sims < 0]
     return (result.mean, (sims < 0).double().mean().item(),
-            negative.mean().item() if len(negative) else 0.0)
+            negative.mean().item() if len(negative) else math.nan)
 
 
 def main() -> None:
+    start = time.perf_counter(), time.process_time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=15)
-    ap.add_argument("--checkpoints", type=int, nargs="+", default=[10, 50, 150, 400])
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--tasks", type=common.positive_int, default=15,
+                    help="at least 2 (a conflict needs a pair of tasks)")
+    ap.add_argument("--checkpoints", type=common.positive_int, nargs="+",
+                    default=[10, 50, 150, 400],
+                    help="training steps at which to measure, strictly increasing")
+    common.add_common_args(ap)
     args = ap.parse_args()
+    if args.tasks < 2:
+        ap.error(f"--tasks: a conflict needs at least 2 tasks, got {args.tasks}")
+    if any(b <= a for a, b in zip(args.checkpoints, args.checkpoints[1:])):
+        ap.error(f"--checkpoints must be strictly increasing, got {args.checkpoints}")
+    out = common.output_dir(ap, args.out)
+    info = common.provenance(args, {
+        "gradients": f"per task, on {GRAD_BATCH} examples of that task drawn with generator "
+                     "seed 1000 + seed (the same batches at every checkpoint), model in eval "
+                     "mode; training continues with one Adam and one data stream across "
+                     "checkpoints"})
     common.setup()
     import matplotlib.pyplot as plt
 
@@ -58,10 +81,9 @@ def main() -> None:
             tasks = common.Tasks.make(args.tasks, seed=seed)
             cfg = MTLoRAConfig(r=16, num_experts=8, groups=1, alpha=32.0, dropout=0.0)
             model, handle = common.adapted(args.tasks, cfg, seed=seed, **where)
-            done, points = 0, []
+            trainer, points = common.Trainer(model, handle, tasks, seed=seed), []
             for step in args.checkpoints:
-                common.train(model, handle, tasks, steps=step - done, seed=seed * 7919 + done)
-                done = step
+                trainer.run(step - trainer.steps)
                 points.append(measure(model, tasks, seed))
                 print(f"{label:17s} seed {seed} step {step:4d}: mean cos {points[-1][0]:+.4f}, "
                       f"negative pairs {points[-1][1]:.0%} (their mean {points[-1][2]:+.4f})",
@@ -72,11 +94,16 @@ def main() -> None:
         for k, step in enumerate(args.checkpoints):
             cos = sum(pts[k][0] for pts, _, _ in per_seed) / len(per_seed)
             neg = sum(pts[k][1] for pts, _, _ in per_seed) / len(per_seed)
-            neg_mean = sum(pts[k][2] for pts, _, _ in per_seed) / len(per_seed)
+            # A seed with no pair < 0 has no such mean: left out, and said so, rather than
+            # averaged in as 0.
+            neg_means = torch.tensor([pts[k][2] for pts, _, _ in per_seed])
+            defined = int((~neg_means.isnan()).sum())
+            neg_mean = ("n/a (no pair < 0)" if defined == 0 else
+                        f"{neg_means.nanmean():+.4f}" + ("" if defined == len(per_seed) else
+                                                          f" ({defined} of {len(per_seed)} seeds)"))
             acc = sum(a for _, a, _ in per_seed) / len(per_seed)
             table.append([label, f"{per_seed[0][2]:,}", step, f"{cos:+.4f}", f"{neg:.0%}",
-                          f"{neg_mean:+.4f}",
-                          f"{acc:.3f}" if step == args.checkpoints[-1] else ""])
+                          neg_mean, f"{acc:.3f}" if step == args.checkpoints[-1] else ""])
     block, comp = curves["block (FFN)"], curves["component (q, v)"]
     # The paper's "76% less conflict" compares negative means; with a non-negative
     # component-level mean there is no conflict to reduce.
@@ -90,15 +117,20 @@ def main() -> None:
         + common.markdown_table(["placement", "adapter params", "step", "mean cosine",
                                  "pairs < 0", "mean over pairs < 0", "final accuracy"], table)
         + "\nConflict (|mean cosine| when negative), block vs component: "
-        + ", ".join(f"step {s}: {r}" for s, r in zip(args.checkpoints, ratio)) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, curve in curves.items():
-        ax.plot(args.checkpoints, curve.tolist(), marker="o", label=label)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xlabel="training step", ylabel="mean gradient cosine (task pairs)", xscale="log",
-           title=f"Gradient conflict, {args.tasks} tasks")
-    ax.legend()
-    common.publish("gradient_conflict", markdown, fig)
+        + ", ".join(f"step {s}: {r}" for s, r in zip(args.checkpoints, ratio)) + "\n"
+        + common.provenance_markdown(info, start))
+
+    def plot():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, curve in curves.items():
+            ax.plot(args.checkpoints, curve.tolist(), marker="o", label=label)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(xlabel="training step", ylabel="mean gradient cosine (task pairs)", xscale="log",
+               title=f"Gradient conflict, {args.tasks} tasks")
+        ax.legend()
+        return fig
+
+    common.publish(out, "gradient_conflict", markdown, plot)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ frozen random tiny Llama, trained on the synthetic permutation tasks of ``common
 1/32). "Averaging" replaces the router by equal weights (pi = 1/N, router frozen at zero), which
 makes the N experts one rank-r LoRA; "routing" learns the router (with the 0.01 balance loss).
 
-Writes results/task_scaling.md and results/task_scaling.png.
-Run: ``PYTHONPATH=. python python/experiments/task_scaling.py`` (about a minute on one core).
+Writes task_scaling.md and task_scaling.png to --out (default: results/ beside this file).
+Run from the repository root: ``.venv/bin/python python/experiments/task_scaling.py``
+(about two minutes on one core).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -40,11 +42,15 @@ def run(tasks_list, seeds, steps):
 
 
 def main() -> None:
+    start = time.perf_counter(), time.process_time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, nargs="+", default=[5, 10, 15])
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--tasks", type=common.positive_int, nargs="+", default=[5, 10, 15])
+    ap.add_argument("--steps", type=common.positive_int, default=500)
+    common.add_common_args(ap)
     args = ap.parse_args()
+    args.tasks = sorted(set(args.tasks))  # the x axis of the plot
+    out = common.output_dir(ap, args.out)
+    info = common.provenance(args)
     common.setup()
     import matplotlib.pyplot as plt
 
@@ -54,20 +60,25 @@ def main() -> None:
              for (n, mode), acc in rows.items()]
     markdown = (
         "# (a) Task scaling: routing vs naive expert averaging\n\n"
-        f"Block-level FFN adapters, r=16, N=8, g=1, {args.steps} Adam steps (lr 1e-2, batch "
-        f"128) on a frozen random 2-layer Llama (d=64); {args.seeds} seeds; chance = 1/32 = "
-        "0.031.\n\n"
+        f"Block-level FFN adapters, r=16, N=8, g=1, {args.steps} Adam steps (lr {common.LR:g}, "
+        f"batch {common.BATCH}) on a frozen random 2-layer Llama (d={common.HIDDEN}); "
+        f"{args.seeds} seeds; chance = 1/32 = 0.031.\n\n"
         + common.markdown_table(["tasks", "mode", "mean accuracy", "range over seeds",
-                                 "worst task (mean over seeds)"], table))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, marker in (("routing", "o"), ("averaging", "s")):
-        means = [rows[n, mode].mean().item() for n in args.tasks]
-        ax.plot(args.tasks, means, marker=marker, label=mode)
-    ax.axhline(1 / common.SYMBOLS, color="gray", ls=":", label="chance")
-    ax.set(xlabel="number of tasks", ylabel="mean task accuracy", ylim=(0, 1.05),
-           xticks=args.tasks, title="Task scaling (block-level FFN)")
-    ax.legend()
-    common.publish("task_scaling", markdown, fig)
+                                 "worst task (mean over seeds)"], table)
+        + common.provenance_markdown(info, start))
+
+    def plot():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for mode, marker in (("routing", "o"), ("averaging", "s")):
+            means = [rows[n, mode].mean().item() for n in args.tasks]
+            ax.plot(args.tasks, means, marker=marker, label=mode)
+        ax.axhline(1 / common.SYMBOLS, color="gray", ls=":", label="chance")
+        ax.set(xlabel="number of tasks", ylabel="mean task accuracy", ylim=(0, 1.05),
+               xticks=args.tasks, title="Task scaling (block-level FFN)")
+        ax.legend()
+        return fig
+
+    common.publish(out, "task_scaling", markdown, plot)
 
 
 if __name__ == "__main__":
