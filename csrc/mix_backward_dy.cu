@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             const float* u_t = Cs + rr * LDC + k;
             float sum = 0.f;
             for (int e = 0; e < nu; ++e) sum += pi_t[e] * u_t[e * w];
-            dh[rr * r + rc0 + k] += scaling * sum;
+            dh[int64_t(rr) * r + rc0 + k] += scaling * sum;  // 63 * r passes 2^31 at r > 2^25
           }
           if (N > 1) {
             for (int q = threadIdx.x; q < rows * nu; q += kThreads) {
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 2)
               const float* u_e = Cs + rr * LDC + e * w;
               float sum = 0.f;
               for (int k = 0; k < w; ++k) sum += h_t[k] * u_e[k];
-              dpi[rr * gN + G * N + e0 + e] += scaling * sum;
+              dpi[int64_t(rr) * gN + G * N + e0 + e] += scaling * sum;
             }
           }
           __syncthreads();  // Cs is rewritten by the next u tile
