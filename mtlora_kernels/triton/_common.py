@@ -33,22 +33,70 @@ def target_programs(device: torch.device) -> int:
 
 
 @triton.jit
+def _tf32_round(x):
+    """``cvt.rna.tf32.f32``: x to 10 mantissa bits, to nearest with ties away from zero
+    (infinities and NaN kept)."""
+    u = x.to(tl.uint32, bitcast=True)
+    special = (u & 0x7F800000) == 0x7F800000
+    return tl.where(special, u, (u + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_truncate(x):
+    """An fp32 register read by the tensor cores in TF32 mode: its low 13 bits ignored."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32x3_interpreted(a, b, acc):
+    """What ``tl.dot(a, b, acc, input_precision="tf32x3")`` computes on a GPU, for the
+    interpreter, which computes every fp32 product exactly whatever the precision asked: the
+    decomposition of triton 3.6's and 3.8's TTGIR for sm_90 (big = round(a), small = a - big,
+    read truncated; big*big + big*small + small*big, the small*small term dropped, NaN of the
+    small terms zeroed). About 22 significant bits, not fp32's 24; the products of TF32 values
+    are exact in fp32, so only the accumulation order and its rounding differ from the GPU's."""
+    a_big, b_big = _tf32_round(a), _tf32_round(b)
+    zero = tl.zeros(acc.shape, dtype=tl.float32)
+    t = tl.dot(_tf32_truncate(a - a_big), b_big, zero, input_precision="ieee")
+    t = tl.dot(a_big, _tf32_truncate(b - b_big), t, input_precision="ieee")
+    t = tl.where(t != t, 0.0, t)
+    return tl.dot(a_big, b_big, t, input_precision="ieee") + acc
+
+
+@triton.jit
 def mma(a, b, acc, UPCAST: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 
     fp16 / bf16 operands go to the tensor cores as they are. fp32 operands use
-    ``input_precision="tf32x3"``: plain TF32 would cost fp32 inputs ~1e-3 relative error (the
-    fp32 tolerance is 1e-5, and torch's fp32 matmul is exact by default), while "ieee" runs on
-    the FMA units in a layout that spilled 0.6-4 KB per thread (ptxas, 64 x 64 tiles, sm_80 and
-    sm_90). UPCAST (set by the launchers under ``TRITON_INTERPRET=1`` only) runs the product in
-    fp32 because the Triton 3.8 interpreter returns garbage for bf16 ``tl.dot`` (SPEC section
-    6); it is never set on a GPU.
+    ``input_precision="tf32x3"`` (about 22 significant bits: :func:`_tf32x3_interpreted`):
+    plain TF32 would cost fp32 inputs ~1e-3 relative error (the fp32 tolerance is 1e-5, and
+    torch's fp32 matmul is exact by default), while "ieee" runs on the FMA units in a layout
+    that spilled 0.6-4 KB per thread (ptxas, 64 x 64 tiles, sm_80 and sm_90). UPCAST (set by
+    the launchers under ``TRITON_INTERPRET=1`` only) runs 16-bit products in fp32 because the
+    Triton 3.8 interpreter returns garbage for bf16 ``tl.dot`` (SPEC section 6), and fp32
+    products as the GPU's tf32x3 computes them; it is never set on a GPU.
     """
     if UPCAST:
+        if a.dtype == tl.float32:
+            return _tf32x3_interpreted(a, b.to(tl.float32), acc)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="tf32x3")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def mma_logits(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` for the router logits ``x · W_route^T``: as :func:`mma`, but fp32
+    operands in full fp32 ("ieee", the FMA units). The softmax sees the logits' absolute
+    errors: with logits near 1e4 that share most of their value across a group's experts
+    (tests/test_extreme.py, test_router_offset_shared_by_a_group_cancels_in_dx), tf32x3's ~22
+    bits put pi 3.5e-3 off (tolerance 2.9e-3, measured with :func:`_tf32x3_interpreted`).
+    The product is [BT, d_in] x [d_in, ZW = 32] per tile, small beside the FMA tiles that
+    spilled in :func:`mma`."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    return mma(a, b, acc, UPCAST)
 
 
 @triton.jit
@@ -58,11 +106,12 @@ def mma_fp32(a, b, acc, UPCAST: tl.constexpr):
     For products whose fp32 operand must not be rounded to 16 bits: softmax gradients sum to
     zero over each group's experts, so the part of W_route shared by a group's rows cancels
     exactly in ``dz · W_route``, and only while dz keeps its fp32 bits (rounded to bf16, dx was
-    off by up to 90% with router logits of ~1e4, tests/test_extreme.py). ``tf32x3`` keeps fp32
-    accuracy on the tensor cores (3 TF32 passes); the interpreter uses "ieee".
+    off by up to 90% with router logits of ~1e4, tests/test_extreme.py). ``tf32x3`` keeps about
+    22 bits on the tensor cores (3 TF32 passes), which those tests pass with; the interpreter
+    computes it as the GPU does (:func:`_tf32x3_interpreted`).
     """
     if UPCAST:
-        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+        return _tf32x3_interpreted(a, b.to(tl.float32), acc)
     return tl.dot(a, b.to(tl.float32), acc, input_precision="tf32x3")
 
 

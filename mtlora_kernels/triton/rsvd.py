@@ -6,7 +6,8 @@ basis": ``C[b] = A[b] @ X[b]`` with A [b, p, q] either the input matrix (bf16 / 
 strides, so ``M^T`` is a stride swap and never a copy) or an fp32 basis, and X [b, q, l] fp32 with
 l = k + oversample columns. The kernel loads A in its storage dtype and up-casts the tile to fp32
 before ``tl.dot``: the basis must stay fp32 (rounding Q to bf16 would put a 2^-9 relative error on
-every singular value), and ``input_precision="tf32x3"`` keeps fp32 accuracy on tensor cores.
+every singular value), and ``input_precision="tf32x3"`` keeps about 22 bits on tensor cores
+(``_common.mma_fp32``; the interpreter computes it as the GPU does).
 The up-cast also keeps clear of the Triton 3.8 interpreter's bf16 ``tl.dot`` bug, though that is
 not why it is here. These GEMMs stream A once per pass with l <= 64 columns, so they are bound
 by memory, not by the 3 tensor-core passes of tf32x3 (estimate for an H100, unmeasured).
@@ -19,7 +20,11 @@ import triton.language as tl
 import torch
 from torch import Tensor
 
+from mtlora_kernels.triton._common import interpreting, mma_fp32
 from mtlora_kernels.triton.registry import KernelConfig, KernelSpec, register
+
+# CUDA's limit on grid.y and grid.z; the batch (axis 2) is launched in chunks of at most this.
+_MAX_GRID_Z = 65535
 
 
 @triton.jit
@@ -33,7 +38,7 @@ def rsvd_bmm_kernel(
     stride_xb, stride_xq, stride_xl,
     stride_cb, stride_cp, stride_cl,
     # meta
-    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_Q: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_l = tl.program_id(1)
@@ -49,7 +54,7 @@ def rsvd_bmm_kernel(
         q_ok = offs_q < Q - q0
         a = tl.load(a_ptrs, mask=(offs_p[:, None] < P) & q_ok[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=q_ok[:, None] & (offs_l[None, :] < L), other=0.0)
-        acc = tl.dot(a.to(tl.float32), x, acc, input_precision="tf32x3")
+        acc = mma_fp32(a.to(tl.float32), x, acc, UPCAST)
         a_ptrs += BLOCK_Q * stride_aq
         x_ptrs += BLOCK_Q * stride_xq
     c_ptrs = c_ptr + pid_b * stride_cb + offs_p[:, None] * stride_cp + offs_l[None, :] * stride_cl
@@ -66,7 +71,8 @@ _TILES = (
     (16, 16, 64, 4), (16, 32, 64, 4), (16, 64, 32, 4),
 )
 CONFIGS = tuple(
-    KernelConfig({"BLOCK_P": bp, "BLOCK_L": bl, "BLOCK_Q": bq}, num_warps=w, num_stages=3)
+    KernelConfig({"BLOCK_P": bp, "BLOCK_L": bl, "BLOCK_Q": bq, "UPCAST": False}, num_warps=w,
+                 num_stages=3)
     for bp, bl, bq, w in _TILES
 )
 _CONFIG_BY_TILE = {(c.constexprs["BLOCK_P"], c.constexprs["BLOCK_L"]): c for c in CONFIGS}
@@ -122,13 +128,16 @@ def bmm(a: Tensor, x: Tensor) -> Tensor:
         return c.zero_()
     cfg = pick_config(P, L)
     bp, bl = cfg.constexprs["BLOCK_P"], cfg.constexprs["BLOCK_L"]
-    grid = (triton.cdiv(P, bp), triton.cdiv(L, bl), nb)
-    rsvd_bmm_kernel[grid](
-        a, x, c,
-        P, L, Q,
-        a.stride(0), a.stride(1), a.stride(2),
-        x.stride(0), x.stride(1), x.stride(2),
-        c.stride(0), c.stride(1), c.stride(2),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    meta = {**cfg.constexprs, "UPCAST": interpreting()}
+    for b0 in range(0, nb, _MAX_GRID_Z):  # more matrices than grid.z takes: several launches
+        b1 = min(nb, b0 + _MAX_GRID_Z)
+        grid = (triton.cdiv(P, bp), triton.cdiv(L, bl), b1 - b0)
+        rsvd_bmm_kernel[grid](
+            a[b0:b1], x[b0:b1], c[b0:b1],
+            P, L, Q,
+            a.stride(0), a.stride(1), a.stride(2),
+            x.stride(0), x.stride(1), x.stride(2),
+            c.stride(0), c.stride(1), c.stride(2),
+            **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return c
