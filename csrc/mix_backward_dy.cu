@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 2)
               const float* u_e = Cs + rr * LDC + e * w;
               float sum = 0.f;
               for (int k = 0; k < w; ++k) sum += h_t[k] * u_e[k];
-              dpi[int64_t(rr) * gN + G * N + e0 + e] += scaling * sum;
+              dpi[int64_t(rr) * gN + int64_t(G) * N + e0 + e] += scaling * sum;
             }
           }
           __syncthreads();  // Cs is rewritten by the next u tile
