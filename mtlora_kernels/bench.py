@@ -390,9 +390,10 @@ PASSES = ("fwd", "fwd+bwd")
 
 def gpu_peaks(gpu_name: str, dtype: str) -> tuple[float, float] | None:
     """(bytes/s, FLOP/s) that bound a ``dtype`` run on the GPU named ``gpu_name``, or None for a
-    GPU not in GPU_PEAKS. fp32 is bound by TF32 / 3: every backend keeps fp32 accuracy, and the
-    fastest way to it on tensor cores is three TF32 products (what the Triton kernels use;
-    torch's fp32 matmul and the CUDA kernels' fp32 tiles use the slower FMA units)."""
+    GPU not in GPU_PEAKS. fp32 is bound by TF32 / 3: the fastest near-fp32 tensor-core product
+    is three TF32 products (tf32x3, about 22 bits: what the Triton kernels use, but for the fp32
+    forward's router logits, which run on the FMA units as torch's fp32 matmul and the CUDA
+    kernels' fp32 tiles do)."""
     name_words = set(re.split(r"[\s-]+", gpu_name))
     for words, bw, half, tf32 in GPU_PEAKS:
         if name_words.issuperset(words):

@@ -113,7 +113,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-time", type=_seconds, help="seconds of timing per provider and pass")
     p.add_argument("--providers", type=_names,
                    help="only these, e.g. hydralora-loop,mtlora-torch (default: all available)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--threads", type=_positive,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench_out"),

@@ -1,5 +1,6 @@
 """Small pieces shared by the Triton kernels of the package: padding, the interpreter switch and
-the tensor-core product every GEMM of the mix kernels goes through."""
+the products every GEMM of the mix kernels goes through (tensor cores, but the fp32 router
+logits on the FMA units)."""
 
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ def mma_logits(a, b, acc, UPCAST: tl.constexpr):
     errors: with logits near 1e4 that share most of their value across a group's experts
     (tests/test_extreme.py, test_router_offset_shared_by_a_group_cancels_in_dx), tf32x3's ~22
     bits put pi 3.5e-3 off (tolerance 2.9e-3, measured with :func:`_tf32x3_interpreted`).
-    The product is [BT, d_in] x [d_in, ZW = 32] per tile, small beside the FMA tiles that
-    spilled in :func:`mma`."""
+    The product is [BT, d_in] x [d_in, ZW = max(32, N_PAD)] per tile, small beside the FMA
+    tiles that spilled in :func:`mma`, though the fp32 forward spills 4-252 B with it."""
     if a.dtype == tl.float32:
         return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
     return mma(a, b, acc, UPCAST)
@@ -101,7 +102,8 @@ def mma_logits(a, b, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def mma_fp32(a, b, acc, UPCAST: tl.constexpr):
-    """``acc + a @ b`` to fp32 accuracy for an fp32 ``a`` and ``b`` of any float dtype.
+    """``acc + a @ b`` for an fp32 ``a`` kept at about 22 bits (tf32x3), never rounded to 16 bits,
+    and ``b`` of any float dtype.
 
     For products whose fp32 operand must not be rounded to 16 bits: softmax gradients sum to
     zero over each group's experts, so the part of W_route shared by a group's rows cancels
@@ -125,7 +127,7 @@ def mma_split(a, b, acc, UPCAST: tl.constexpr):
     fuzz's tolerance, where the torch backend (dh in fp32) was 0.7% / 1.7% off
     (tests/test_fuzz.py, test_regression_bf16_dA_dx_cancelling_over_tokens). Cheaper than
     ``mma_fp32``, whose fp32 copy of ``b`` spilled up to 680 bytes in these kernels (sm_80).
-    An fp32 ``b`` takes the plain fp32 product.
+    An fp32 ``b`` takes :func:`mma`'s product (tf32x3).
 
     fp16: ``lo`` is stored times 2^11 and its product scaled back on the accumulator (exact
     power-of-two scalings, no second accumulator): for a value below fp16's normal range

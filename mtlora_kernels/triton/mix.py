@@ -600,8 +600,9 @@ _SMALLER_TILES = {
 }
 
 
-# fp32 inputs: every product runs as tf32x3 (three TF32 MMAs, fp32 accuracy, see
-# _common.mma), whose split operands take about twice the registers of a bf16 tile: at the
+# fp32 inputs: every product but the forward's router logits (_common.mma_logits: full fp32 on
+# the FMA units) runs as tf32x3 (three TF32 MMAs, about 22 bits, see _common.mma), whose split
+# operands take about twice the registers of a bf16 tile: at the
 # preferred bf16 tiles fp32 spilled 120-960 bytes per thread. Their own table starts from
 # (32, 32, 8) for training sizes and (16, 32, 4) for decode, exceptions found the same way
 # among (32, 32, 8), (16, 32, 8), (16, 32, 4), (16, 16, 4), (16, 16, 8). The folded forward
@@ -1061,7 +1062,7 @@ _SERIALIZED_WGMMA = "wgmma.mma_async instructions are serialized"
 # fast path; the spills' cost is unmeasured (no GPU yet).
 _FP32_FWD_SPILLS = 252
 for _kernel, (_name, _fn, _signature, _cost) in _KERNELS.items():
-    # fp16 / bf16 inputs share one table; fp32 inputs (tf32x3 products) have their own
+    # fp16 / bf16 inputs share one table; fp32 inputs (tf32x3, full-fp32 logits) their own
     register(KernelSpec(_name, _fn, _signature, _configs(_kernel, fp32=False),
                         dtypes=("bf16", "fp16"), uses_dot=True, cost=_cost, notes=_NOTE,
                         accepted_notes=(_SERIALIZED_WGMMA,) if _kernel == "fwd" else ()))

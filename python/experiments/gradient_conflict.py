@@ -11,7 +11,7 @@ pairs.
 
 Writes gradient_conflict.md and gradient_conflict.png to --out (default: results/ beside this
 file). Run from the repository root: ``.venv/bin/python python/experiments/gradient_conflict.py``
-(about two minutes on one core).
+(about 30 s of CPU on one core: the run time its results file records).
 """
 
 from __future__ import annotations

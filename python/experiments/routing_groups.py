@@ -9,7 +9,7 @@ g = 1 with N = 7 (9,088 parameters, vs 9,216 for g = 8) and N = 32 (37,888, as g
 
 Writes routing_groups.md and routing_groups.png to --out (default: results/ beside this file).
 Run from the repository root: ``.venv/bin/python python/experiments/routing_groups.py``
-(about two minutes on one core).
+(about a minute of CPU on one core: the run time its results file records).
 """
 
 from __future__ import annotations

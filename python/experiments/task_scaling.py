@@ -8,7 +8,7 @@ makes the N experts one rank-r LoRA; "routing" learns the router (with the 0.01 
 
 Writes task_scaling.md and task_scaling.png to --out (default: results/ beside this file).
 Run from the repository root: ``.venv/bin/python python/experiments/task_scaling.py``
-(about two minutes on one core).
+(about a minute of CPU on one core: the run time its results file records).
 """
 
 from __future__ import annotations
