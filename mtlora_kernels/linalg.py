@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mtlora_kernels import backends
 from mtlora_kernels._checks import as_int
+from mtlora_kernels.ops.mix import acc_dtype
 
 # CholeskyQR2 falls back to Householder QR (torch.linalg.qr, per batch element) when Cholesky
 # fails or the first pass leaves ||Q1^T Q1 - I||_F above this. Measured on Y = U diag(s) V^T with
@@ -154,7 +155,7 @@ def randomized_svd(
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"M must be a real floating tensor (fp16/bf16/fp32/fp64); got {dtype}")
     backend = _resolve_backend(backend, (M if isinstance(M, Tensor) else M[0]).device, dtype)
-    acc = torch.promote_types(dtype, torch.float32)
+    acc = acc_dtype(dtype)
     batch, m, n, rank_bound, mm, rmm, device = _as_batched_operator(M, acc, backend)
     k = as_int(k, "k")
     if not 1 <= k <= min(m, n):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mtlora_kernels._checks import as_int
 from mtlora_kernels.nn.adapter import MTLoRAAdapter
-from mtlora_kernels.ops.mix import _autocast_off
+from mtlora_kernels.ops.mix import _autocast_off, acc_dtype
 
 VARIANTS = ("paper", "official")
 # The released code regularizes at most 64 B matrices per call (seeded by the step).
@@ -94,7 +94,7 @@ def spectral_weighting(lora_B: Tensor) -> Tensor:
     as much as the exact thin SVD; B also starts at zero and stays nearly rank-deficient early in
     training, where CholeskyQR2 falls back to Householder anyway. It runs once per refresh.
     """
-    acc = torch.promote_types(lora_B.dtype, torch.float32)
+    acc = acc_dtype(lora_B.dtype)
     _, sigma, Vh = torch.linalg.svd(lora_B.detach().to(acc), full_matrices=False)
     mean = sigma.mean(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
     root_w = torch.exp(-sigma / mean).sqrt()
@@ -139,7 +139,7 @@ def official_spectral_terms(matrices: Tensor) -> Tensor:
     if d_out < rank:
         raise ValueError(f"the official variant indexes w (min(d_out, r) values) by the r columns "
                          f"of B; it needs d_out >= r, got B [{d_out}, {rank}]")
-    acc = torch.promote_types(matrices.dtype, torch.float32)
+    acc = acc_dtype(matrices.dtype)
     b = matrices.to(acc)
     gram = b.mT @ b
     with torch.no_grad():
@@ -308,7 +308,7 @@ class SpectralRegularizer:
             n_exp, _, rank = B.shape
             if weighting is None or weighting.shape != (n_exp, rank, rank) \
                     or weighting.device != B.device \
-                    or weighting.dtype != torch.promote_types(B.dtype, torch.float32):
+                    or weighting.dtype != acc_dtype(B.dtype):
                 # a new adapter, or moved or cast since the refresh
                 weighting = self._weighting[routed[i]] = spectral_weighting(B)
             terms.append(paper_spectral_loss(B, weighting).reshape(1))
