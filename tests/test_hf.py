@@ -166,6 +166,49 @@ def test_remove_restores_requires_grad_of_parameters_replaced_after_attach(where
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
+def test_wrapped_lm_head_stays_tied_through_tie_weights_and_remove():
+    """Tied embeddings with lm_head wrapped: the wrapped head shares the embedding's weight, and
+    transformers' tie_weights() after attach (which assigns ``lm_head.weight``) keeps it so; it
+    registered a second ``lm_head.weight`` on the wrapper, a stray key in the state dict."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **SMALL, vocab_size=64, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    embedding = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embedding
+    x = tiny_inputs("llama")
+    before = run(model, x)
+    keys = list(model.state_dict())
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1),
+                    target_modules="lm_head,q_proj")
+    randomize(handle)
+    adapted = run(model, x)
+    attached_keys = list(model.state_dict())
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is embedding
+    assert list(model.state_dict()) == attached_keys
+    assert torch.equal(run(model, x), adapted)
+    handle.remove()
+    assert model.lm_head.weight is embedding
+    assert list(model.state_dict()) == keys
+    assert torch.equal(run(model, x), before)
+
+
+def test_model_code_reading_a_targets_weight_runs():
+    """T5's feed-forward reads ``wo.weight.dtype`` in its forward: with wo wrapped it raised
+    AttributeError."""
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        decoder_start_token_id=0)).eval()
+    x = tiny_inputs("llama")
+    with torch.no_grad():  # attach's freezing alone moves T5's logits by 6e-7 under autograd
+        before = model(input_ids=x, decoder_input_ids=x).logits
+        handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), target_modules="wo")
+        assert torch.equal(model(input_ids=x, decoder_input_ids=x).logits, before)
+        randomize(handle)
+        assert rel_err(model(input_ids=x, decoder_input_ids=x).logits, before) > 1e-3
+
+
 @pytest.mark.parametrize("where", PLACEMENTS, ids=[w.get("placement", "component")
                                                   for w in PLACEMENTS])
 def test_training_step_under_autocast(where):

@@ -143,6 +143,21 @@ def test_linear_wrapper_is_frozen_base_plus_adapter():
         MTLoRALinear(nn.Conv1d(3, 3, 1))
 
 
+def test_linear_wrapper_reads_and_writes_the_linear_attributes_of_its_base():
+    """Model code reads ``weight`` etc. from the modules it calls (T5's ``wo.weight.dtype``) and
+    transformers' tie_weights() assigns ``lm_head.weight``: the wrapper had no such attributes
+    (AttributeError), and an assigned weight became a second, stray parameter of the wrapper."""
+    base = nn.Linear(10, 14)
+    layer = MTLoRALinear(base, MTLoRAConfig(r=3, num_experts=2, groups=1))
+    keys = list(layer.state_dict())
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert (layer.in_features, layer.out_features) == (10, 14)
+    shared = nn.Parameter(torch.randn(14, 10), requires_grad=False)
+    layer.weight = shared
+    assert base.weight is shared and layer.weight is shared
+    assert list(layer.state_dict()) == keys
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-in"])

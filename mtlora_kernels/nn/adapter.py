@@ -175,10 +175,21 @@ class MTLoRAAdapter(nn.Module):
                 f"groups={c.groups}, alpha={c.alpha}, dropout={c.dropout}")
 
 
+#: The attributes of ``nn.Linear`` that :class:`MTLoRALinear` passes through to its base.
+_BASE_ATTRS = frozenset({"weight", "bias", "in_features", "out_features"})
+
+
 class MTLoRALinear(nn.Module):
     """``out = base(x) + adapter(x)``: an existing ``nn.Linear`` (frozen) with an mtLoRA adapter
     on its input and output widths (component-level, HydraLoRA's placement). The base output
-    enters the fused op as its residual, so the add costs no extra pass."""
+    enters the fused op as its residual, so the add costs no extra pass.
+
+    ``weight``, ``bias``, ``in_features`` and ``out_features`` read and write the base's: model
+    code reads them from the modules it calls (T5's ``wo.weight.dtype``), and transformers'
+    ``tie_weights()`` assigns ``lm_head.weight``, which would otherwise register a second,
+    stray weight on the wrapper. The parameters stay the base's alone (``base.weight`` in the
+    state dict).
+    """
 
     def __init__(self, base: nn.Linear, config: MTLoRAConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -188,6 +199,17 @@ class MTLoRALinear(nn.Module):
         base.requires_grad_(False)
         self.adapter = MTLoRAAdapter(base.in_features, base.out_features, config, **overrides)
         self.adapter.to(device=base.weight.device)
+
+    def __getattr__(self, name: str):
+        if name in _BASE_ATTRS:
+            return getattr(self.base, name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _BASE_ATTRS:
+            setattr(self.base, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: Tensor, *, logits: Tensor | None = None) -> Tensor:
         return self.adapter(x, logits=logits, residual=self.base(x))
