@@ -35,7 +35,12 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
         return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+           "olmo": (transformers.OlmoConfig, transformers.OlmoForCausalLM)}[family]
+    if family in ("qwen3", "gemma"):  # their head_dim defaults to 128 / 256
+        small["head_dim"] = small["hidden_size"] // small["num_attention_heads"]
     cfg = cls[0](**small, vocab_size=64, num_key_value_heads=2, max_position_embeddings=32)
     return cls[1](cfg).eval()
 
@@ -100,12 +105,19 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "vit"]
+LLAMA_LIKE = ["qwen3", "gemma", "olmo"]  # LLaMA's layer code under other names
 PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
               dict(target_modules=["q_proj", "v_proj"])]
 
 
-# Every placement on LLaMA; the other families differ only in names: 'both' and component.
-CASES = [("llama", w) for w in PLACEMENTS] + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
+# Every placement on LLaMA; the other families differ only in names: 'both' and component
+# ('both' alone where the Linear names are LLaMA's too).
+CASES = ([("llama", w) for w in PLACEMENTS] + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
+         + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE])
+
+
+def test_every_supported_architecture_is_tested():
+    assert set(SUPPORTED_ARCHITECTURES) == set(FAMILIES + LLAMA_LIKE)
 
 
 @pytest.mark.parametrize("family,where", CASES,
@@ -437,7 +449,8 @@ def test_unsupported_architecture_gets_a_clear_error():
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
-    with pytest.raises(NotImplementedError, match="llama, mistral, qwen2, vit.*'gpt2'"):
+    with pytest.raises(NotImplementedError,
+                       match="gemma, llama, mistral, olmo, qwen2, qwen3, vit.*'gpt2'"):
         attach(gpt2, placement="ffn")
     with pytest.raises(TypeError, match="c_attn is a Conv1D"):  # GPT-2 has no nn.Linear there
         attach(gpt2, target_modules=["c_attn"])

@@ -64,6 +64,14 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
                        "post_attention_layernorm"),
     "qwen2": _Family("Qwen2DecoderLayer", "self_attn", "input_layernorm", "mlp",
                      "post_attention_layernorm"),
+    # The same layer code as LLaMA's in transformers 5 (their own norms, attention and MLP
+    # inside; Gemma2/3, OLMo2 and Granite are not: extra norms or a scale after the sub-layer).
+    "qwen3": _Family("Qwen3DecoderLayer", "self_attn", "input_layernorm", "mlp",
+                     "post_attention_layernorm"),
+    "gemma": _Family("GemmaDecoderLayer", "self_attn", "input_layernorm", "mlp",
+                     "post_attention_layernorm"),
+    "olmo": _Family("OlmoDecoderLayer", "self_attn", "input_layernorm", "mlp",
+                    "post_attention_layernorm"),
     # In ViT the layer's hidden dropout applies to FFN(z) + adapter(z) together.
     "vit": _Family("ViTLayer", "attention", "layernorm_before", "mlp", "layernorm_after"),
 }
@@ -288,8 +296,9 @@ def attach(
 
     Args:
         model: a transformers model. Block-level placement supports the model types in
-            :data:`SUPPORTED_ARCHITECTURES` (llama, mistral, qwen2 decoders; vit); any model
-            with the named ``nn.Linear`` modules works component-level.
+            :data:`SUPPORTED_ARCHITECTURES` (llama, mistral, qwen2, qwen3, gemma, olmo
+            decoders; vit); any model with the named ``nn.Linear`` modules works
+            component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
