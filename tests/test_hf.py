@@ -292,6 +292,17 @@ def test_layers_selects_which_blocks_get_adapters():
     assert list(handle.adapters) == ["model.layers.0.self_attn.q_proj.adapter"]
 
 
+def test_a_target_outside_the_selected_layers_is_named_so():
+    """target_modules='lm_head' with layers=[0] said it matched no nn.Linear and then listed
+    'lm_head' among the model's Linear names."""
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"\['lm_head'\] match no nn.Linear in layers \[0\] of "
+                                         r"LlamaForCausalLM; .* named \[[^]]*'q_proj'[^]]*\]$") as err:
+        attach(model, target_modules="q_proj,lm_head", layers=[0])
+    assert "'lm_head'" not in str(err.value).partition("named")[2]
+    assert get_handle(model) is None
+
+
 @pytest.mark.parametrize("index", [np.int64(-1), np.int32(1), torch.tensor(1)],
                          ids=["np.int64", "np.int32", "tensor"])
 def test_layer_indices_of_any_integer_type_are_taken(index):

@@ -358,10 +358,14 @@ def attach(
             found.append((name, module))
         missing = [t for t in targets if not any(_matches(n, t) for n, _ in found)]
         if missing:
+            # With layers=..., only the Linear modules inside those layers count (lm_head does not).
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if isinstance(m, nn.Linear)})
-            raise ValueError(f"target_modules {missing} match no nn.Linear in "
-                             f"{type(model).__name__}; its Linear modules are named {linear}")
+                             if isinstance(m, nn.Linear)
+                             and (scope is None or any(n.startswith(s + ".") for s in scope))})
+            where = (type(model).__name__ if scope is None
+                     else f"layers {layers} of {type(model).__name__}")
+            raise ValueError(f"target_modules {missing} match no nn.Linear in {where}; the "
+                             f"Linear modules there are named {linear}")
         handle = MTLoRAHandle(model, cfg, "component", targets, layers)
         _freeze(handle)
         for name, linear in found:
