@@ -112,7 +112,8 @@ PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="bot
 
 # Every placement on LLaMA; the other families differ only in names: 'both' and component
 # ('both' alone where the Linear names are LLaMA's too).
-CASES = ([("llama", w) for w in PLACEMENTS] + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
+CASES = ([("llama", w) for w in PLACEMENTS]
+         + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
          + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE])
 
 
@@ -296,8 +297,9 @@ def test_a_target_outside_the_selected_layers_is_named_so():
     """target_modules='lm_head' with layers=[0] said it matched no nn.Linear and then listed
     'lm_head' among the model's Linear names."""
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=r"\['lm_head'\] match no nn.Linear in layers \[0\] of "
-                                         r"LlamaForCausalLM; .* named \[[^]]*'q_proj'[^]]*\]$") as err:
+    want = (r"\['lm_head'\] match no nn.Linear in layers \[0\] of LlamaForCausalLM; "
+            r".* named \[[^]]*'q_proj'[^]]*\]$")
+    with pytest.raises(ValueError, match=want) as err:
         attach(model, target_modules="q_proj,lm_head", layers=[0])
     assert "'lm_head'" not in str(err.value).partition("named")[2]
     assert get_handle(model) is None

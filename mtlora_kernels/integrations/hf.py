@@ -358,7 +358,7 @@ def attach(
             found.append((name, module))
         missing = [t for t in targets if not any(_matches(n, t) for n, _ in found)]
         if missing:
-            # With layers=..., only the Linear modules inside those layers count (lm_head does not).
+            # With layers=..., only the Linear modules inside those layers count.
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                              if isinstance(m, nn.Linear)
                              and (scope is None or any(n.startswith(s + ".") for s in scope))})
