@@ -9,6 +9,7 @@ the model taken before attaching.
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import numpy as np
 import pytest
@@ -297,7 +298,8 @@ def test_a_target_outside_the_selected_layers_is_named_so():
     """target_modules='lm_head' with layers=[0] said it matched no nn.Linear and then listed
     'lm_head' among the model's Linear names."""
     model = tiny_model("llama")
-    want = (r"\['lm_head'\] match no nn.Linear in layers \[0\] of LlamaForCausalLM; "
+    want = (r"\['lm_head'\] match no nn.Linear \(or Conv1D\) in layers \[0\] of "
+            r"LlamaForCausalLM; "
             r".* named \[[^]]*'q_proj'[^]]*\]$")
     with pytest.raises(ValueError, match=want) as err:
         attach(model, target_modules="q_proj,lm_head", layers=[0])
@@ -465,10 +467,46 @@ def test_unsupported_architecture_gets_a_clear_error():
     with pytest.raises(NotImplementedError,
                        match="gemma, llama, mistral, olmo, qwen2, qwen3, vit.*'gpt2'"):
         attach(gpt2, placement="ffn")
-    with pytest.raises(TypeError, match="c_attn is a Conv1D"):  # GPT-2 has no nn.Linear there
-        attach(gpt2, target_modules=["c_attn"])
     with pytest.raises(ValueError, match="layers=.*supported architecture"):
         attach(gpt2, target_modules=["c_attn"], layers=[0])
+
+
+def test_gpt2_conv1d_targets_are_wrapped_and_removed():
+    """GPT-2's c_attn / c_fc are transformers' Conv1D (a linear layer with its weight stored
+    [d_in, d_out]), not nn.Linear: attach refused them. Wrapped, they compute
+    base(x) + mix_reference(x, ...) and train, save, load and come off like Linear targets."""
+    from mtlora_kernels import load_adapters, save_adapters
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)).eval()
+
+    model, x = gpt2(), tiny_inputs("gpt2")
+    before, keys = run(model, x), list(model.state_dict())
+    model.transformer.wte.requires_grad_(False)  # a flag remove() must bring back False
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    base = copy.deepcopy(model)
+    with pytest.raises(TypeError, match="ln_1 is a LayerNorm; .*nn.Linear .*Conv1D"):
+        attach(model, target_modules="c_attn,ln_1")
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    target_modules="c_attn,c_fc")
+    assert len(handle.adapters) == 4
+    assert handle.adapters["transformer.h.0.attn.c_attn.adapter"].d_out == 96  # 3 * n_embd
+    randomize(handle)
+    ours = run(model, x)
+    assert rel_err(ours, before) > 1e-3
+    assert rel_err(ours, run(reference_model(base, handle), x)) <= TOL
+    loss_of(ours).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in handle.parameters())
+    with handle.disabled():
+        assert torch.equal(run(model, x), before)
+    with tempfile.TemporaryDirectory() as d:
+        save_adapters(handle, d)
+        assert torch.equal(run(load_adapters(gpt2(), d).model, x), ours)
+    handle.remove()
+    assert torch.equal(run(model, x), before) and list(model.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 def test_other_config_errors():

@@ -16,8 +16,8 @@ hooks is what makes this safe under gradient checkpointing (the recompute re-run
 and under torch.compile (dynamo inlines it).
 
 Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement): each named
-``nn.Linear`` is replaced by :class:`~mtlora_kernels.nn.MTLoRALinear` wrapping it. This works on
-any model with such Linear modules.
+``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
+:class:`~mtlora_kernels.nn.MTLoRALinear` wrapping it. This works on any model with such modules.
 
 The base model is frozen. :meth:`MTLoRAHandle.disable` / :meth:`~MTLoRAHandle.enable` switch the
 adapters off and on by their ``enabled`` flag, with modules and hooks left in place (so the
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from mtlora_kernels._checks import as_int
 from mtlora_kernels.losses import auxiliary_loss
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
+from mtlora_kernels.nn.adapter import linear_widths
 
 BLOCK_PLACEMENTS = ("ffn", "attn", "both")
 ADAPTER_ATTR = "mtlora_adapter"
@@ -338,34 +339,35 @@ def attach(
     if target_modules is not None:
         targets = _parse_targets(target_modules)
         scope = [name for name, _ in chosen] if chosen is not None else None
-        found: list[tuple[str, nn.Linear]] = []
+        found: list[tuple[str, nn.Module]] = []
         for name, module in model.named_modules():
             if not any(_matches(name, t) for t in targets):
                 continue
             if scope is not None and not any(name.startswith(s + ".") for s in scope):
                 continue
-            if not isinstance(module, nn.Linear):
+            widths = linear_widths(module)
+            if widths is None:
                 raise TypeError(f"target {name} is a {type(module).__name__}; component-level "
-                                f"mtLoRA wraps nn.Linear modules only")
+                                f"mtLoRA wraps nn.Linear (and transformers' Conv1D) modules only")
             owner = model.get_submodule(name.rpartition(".")[0])
             if isinstance(owner, nn.MultiheadAttention):
                 raise TypeError(f"target {name} belongs to an nn.MultiheadAttention, which reads "
                                 f"its weight instead of calling it: an adapter there would "
                                 f"never run")
-            if module.out_features % cfg.groups:
-                raise ValueError(f"groups={cfg.groups} must divide {name}.out_features="
-                                 f"{module.out_features}")
+            if widths[1] % cfg.groups:
+                raise ValueError(f"groups={cfg.groups} must divide {name}'s output width "
+                                 f"{widths[1]}")
             found.append((name, module))
         missing = [t for t in targets if not any(_matches(n, t) for n, _ in found)]
         if missing:
             # With layers=..., only the Linear modules inside those layers count.
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if isinstance(m, nn.Linear)
+                             if linear_widths(m) is not None
                              and (scope is None or any(n.startswith(s + ".") for s in scope))})
             where = (type(model).__name__ if scope is None
                      else f"layers {layers} of {type(model).__name__}")
-            raise ValueError(f"target_modules {missing} match no nn.Linear in {where}; the "
-                             f"Linear modules there are named {linear}")
+            raise ValueError(f"target_modules {missing} match no nn.Linear (or Conv1D) in "
+                             f"{where}; the Linear modules there are named {linear}")
         handle = MTLoRAHandle(model, cfg, "component", targets, layers)
         _freeze(handle)
         for name, linear in found:

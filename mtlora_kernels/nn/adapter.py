@@ -179,10 +179,25 @@ class MTLoRAAdapter(nn.Module):
 _BASE_ATTRS = frozenset({"weight", "bias", "in_features", "out_features"})
 
 
+def linear_widths(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of an ``nn.Linear`` or of transformers' ``Conv1D`` (GPT-2's linear layer,
+    its weight stored transposed, [d_in, d_out]; known by class name: no transformers import);
+    None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+            and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2
+            and tuple(module.weight.shape) == (getattr(module, "nx", None),
+                                               getattr(module, "nf", None))):
+        return module.nx, module.nf
+    return None
+
+
 class MTLoRALinear(nn.Module):
-    """``out = base(x) + adapter(x)``: an existing ``nn.Linear`` (frozen) with an mtLoRA adapter
-    on its input and output widths (component-level, HydraLoRA's placement). The base output
-    enters the fused op as its residual, so the add costs no extra pass.
+    """``out = base(x) + adapter(x)``: an existing ``nn.Linear`` (or transformers' ``Conv1D``)
+    (frozen) with an mtLoRA adapter on its input and output widths (component-level, HydraLoRA's
+    placement). The base output enters the fused op as its residual, so the add costs no extra
+    pass.
 
     ``weight``, ``bias``, ``in_features`` and ``out_features`` read and write the base's: model
     code reads them from the modules it calls (T5's ``wo.weight.dtype``), and transformers'
@@ -193,11 +208,13 @@ class MTLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, config: MTLoRAConfig | None = None, **overrides) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"MTLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        widths = linear_widths(base)
+        if widths is None:
+            raise TypeError(f"MTLoRALinear wraps an nn.Linear or transformers' Conv1D, got "
+                            f"{type(base).__name__}")
         self.base = base
         base.requires_grad_(False)
-        self.adapter = MTLoRAAdapter(base.in_features, base.out_features, config, **overrides)
+        self.adapter = MTLoRAAdapter(*widths, config, **overrides)
         self.adapter.to(device=base.weight.device)
 
     def __getattr__(self, name: str):
