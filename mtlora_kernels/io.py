@@ -122,6 +122,9 @@ def _weights_in(directory: Path) -> Path:
 
 def _resolve(model_or_handle) -> tuple[nn.Module, MTLoRAHandle | None]:
     if isinstance(model_or_handle, MTLoRAHandle):
+        # A removed handle's adapters are no longer in the model: loading into them would
+        # "succeed" and leave the model computing its base outputs.
+        model_or_handle._check_live()
         return model_or_handle.model, model_or_handle
     model = unwrapped(model_or_handle)
     handle = get_handle(model)

@@ -426,3 +426,19 @@ def test_official_config_errors_are_named(change, message):
         official_config(cfg, hidden_size=32)
     assert official_config(OFFICIAL, hidden_size=32) == (
         MTLoRAConfig(r=4, num_experts=3, groups=4, alpha=8.0, dropout=0.0), "ffn")
+
+
+def test_a_removed_handle_is_refused(tmp_path):
+    """load_adapters / import into a handle whose adapters were removed returned the handle as
+    if loaded, while the model computed its base outputs; now it raises, the model untouched."""
+    model = tiny_model("llama")
+    randomize(attach(model, CFG))
+    save_adapters(model, tmp_path)
+    other = tiny_model("llama")
+    handle = attach(other, CFG)
+    handle.remove()
+    for load in (lambda: load_adapters(handle, tmp_path),
+                 lambda: import_official(handle, {}), lambda: save_adapters(handle, tmp_path)):
+        with pytest.raises(RuntimeError, match="removed"):
+            load()
+    assert get_handle(other) is None
