@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from mtlora_kernels.integrations.hf import (MTLoRAHandle, attach, get_handle, normalized_layers,
                                             unwrapped)
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
+from mtlora_kernels.nn.adapter import linear_widths
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -386,7 +387,7 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
 
 
 def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
-            attach_kwargs: Callable[[dict | None], dict]) -> MTLoRAHandle:
+            attach_kwargs: Callable[[dict | None, list[str], str], dict]) -> MTLoRAHandle:
     pattern, b_key, strip, load = {
         "hydralora": (_HYDRA_KEY, lambda i: f"lora_B{i}.weight", ".adapter",
                       MTLoRAAdapter.load_hydralora_state_dict),
@@ -436,7 +437,18 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
                                    + "; ".join(diffs))
         fill(handle)
         return handle
-    return _attach_then(model, attach_kwargs(peft_config), fill)
+    return _attach_then(model, attach_kwargs(peft_config, list(groups), str(where)), fill)
+
+
+def _checkpoint_targets(model: nn.Module, theirs: list[str], where: str) -> list[str]:
+    """The paths of this model's Linear (or Conv1D) modules that the checkpoint's module names
+    name, up to a wrapper prefix such as PEFT's ``base_model.model.``."""
+    linear = [n for n, m in model.named_modules() if linear_widths(m) is not None]
+    found = sorted({n for t in theirs for n in linear if _dotted_suffix(n, t)})
+    if not found:
+        raise AdapterLoadError(f"{where}: none of its modules (e.g. {theirs[:3]}) is an "
+                               f"nn.Linear of {type(model).__name__}")
+    return found
 
 
 def _need_config(config: MTLoRAConfig | None, kind: str) -> MTLoRAConfig:
@@ -499,18 +511,19 @@ def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = N
 
     ``source``: a directory (its ``adapter_model.safetensors``, and ``adapter_config.json`` for
     the config when the model has no adapters yet), a ``.safetensors`` file, or a dict of
-    tensors. Without attached adapters, ``config``/``target_modules`` (or the directory's
-    config) say what to attach. Everything is checked first; on an error the model is unchanged.
+    tensors. Without attached adapters, ``config`` (or the directory's config) gives the
+    hyper-parameters, and the adapters go on ``target_modules`` or, by default, on exactly the
+    modules the checkpoint holds (the config's ``target_modules`` may be a regex string or a bare
+    suffix that PEFT matches differently). Everything is checked first; on an error the model
+    is unchanged.
     """
-    def kwargs(peft_config):
-        cfg, targets = config, target_modules
-        if peft_config is not None and (cfg is None or targets is None):
-            cfg_p, targets_p = hydralora_config(peft_config)
-            cfg, targets = cfg or cfg_p, targets or targets_p
+    def kwargs(peft_config, modules, where):
+        cfg = config
+        if cfg is None and peft_config is not None:
+            cfg = hydralora_config(peft_config)[0]
+        targets = target_modules
         if targets is None:
-            raise AdapterLoadError("importing HydraLoRA into a model without adapters needs "
-                                   "target_modules=[...] or a directory with its "
-                                   f"{CONFIG_NAME}")
+            targets = _checkpoint_targets(_resolve(model_or_handle)[0], modules, where)
         return {"config": _need_config(cfg, "HydraLoRA"), "target_modules": targets}
 
     return _import(model_or_handle, source, kind="hydralora", config=config,
@@ -522,7 +535,7 @@ def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = No
     """Load an official mtLoRA block-level checkpoint (keys ``<layer>.mlp.block_adapter.lora_A
     .weight``, ``...lora_B.{i}.weight``, ``...lora_route.weight``, any PEFT prefix; router rows
     ``G*N + e`` as ours). ``source`` and the all-or-nothing rule as in :func:`import_hydralora`."""
-    def kwargs(peft_config):
+    def kwargs(peft_config, _modules, _where):
         cfg, where = config, placement
         if peft_config is not None and (cfg is None or where is None):
             model, _ = _resolve(model_or_handle)
