@@ -408,9 +408,6 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
     model, handle = _resolve(model_or_handle)
 
     def fill(h: MTLoRAHandle) -> None:
-        if kind == "hydralora" and h.config.groups != 1:
-            raise AdapterLoadError(f"HydraLoRA routes with one weight per expert: the adapters "
-                                   f"need groups=1, they have groups={h.config.groups}")
         ours = {name[: -len(strip)]: a for name, a in h.adapters.items() if name.endswith(strip)}
         if len(ours) != len(h.adapters):
             raise AdapterLoadError(f"{kind} checkpoints hold "
@@ -460,7 +457,17 @@ def _need_config(config: MTLoRAConfig | None, kind: str) -> MTLoRAConfig:
 
 def hydralora_config(peft_config: Mapping) -> tuple[MTLoRAConfig, list[str]]:
     """Our config and target modules from a HydraLoRA ``adapter_config.json`` (its fields ``r``,
-    ``lora_alpha``, ``lora_nums``, ``lora_dropout``, ``target_modules``)."""
+    ``lora_alpha``, ``lora_nums``, ``lora_dropout``, ``target_modules``).
+
+    The official mtLoRA code's component-level checkpoints have these keys too; with
+    ``enable_fine_grained_routing`` their g is each module's ``out_features /
+    routing_group_size``, which one config cannot say: that raises, asking for ``config=``."""
+    if peft_config.get("enable_fine_grained_routing"):
+        raise AdapterLoadError(
+            f"this adapter config routes fine-grained (routing_group_size "
+            f"{peft_config.get('routing_group_size')}): groups is out_features / "
+            f"routing_group_size of each module; pass config=MTLoRAConfig(..., groups=g) with "
+            f"that g (all target modules must share it)")
     try:
         cfg = MTLoRAConfig(r=int(peft_config["r"]), num_experts=int(peft_config["lora_nums"]),
                            groups=1, alpha=float(peft_config["lora_alpha"]),
@@ -507,7 +514,9 @@ def official_config(peft_config: Mapping, hidden_size: int) -> tuple[MTLoRAConfi
 def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = None,
                      target_modules=None) -> MTLoRAHandle:
     """Load a HydraLoRA checkpoint (keys ``<module>.lora_A.weight``, ``<module>.lora_B{i}.weight``,
-    ``<module>.lora_route.weight``, any PEFT prefix) into component-level adapters.
+    ``<module>.lora_route.weight``, any PEFT prefix) into component-level adapters. With
+    ``groups`` g > 1 the router is [g*N, d_in], rows ``G*N + e``: the official mtLoRA code's
+    component-level fine-grained checkpoints.
 
     ``source``: a directory (its ``adapter_model.safetensors``, and ``adapter_config.json`` for
     the config when the model has no adapters yet), a ``.safetensors`` file, or a dict of

@@ -344,7 +344,8 @@ def test_hydralora_import_mismatch_is_named_and_model_unchanged():
                          config=cfg, target_modules=["q_proj"])
     with pytest.raises(AdapterLoadError, match="v_proj: no matching checkpoint modules"):
         import_hydralora(model, state, config=cfg, target_modules=["q_proj", "v_proj"])
-    with pytest.raises(AdapterLoadError, match="groups=1"):
+    with pytest.raises(AdapterLoadError, match=r"lora_route\.weight: shape \(3, 32\) in the "
+                                               r"checkpoint, \(6, 32\) here"):  # g = 2 wanted
         import_hydralora(model, state, config=CFG, target_modules=["q_proj"])
     assert get_handle(model) is None
     assert_unchanged(model, snap, x, before)
@@ -506,3 +507,24 @@ def test_hydralora_import_places_adapters_where_the_checkpoint_has_them(tmp_path
     # fp32 both, summed in other orders over up to 14 adapters in series: 1.7e-5 measured.
     assert rel_err(run(model, x), run(oracle, x)) <= 10 * REL_TOL[torch.float32]
     assert rel_err(run(model, x), run(tiny_model("llama"), x)) > 1e-2
+
+
+def test_hydralora_layout_with_fine_grained_routing_imports(tmp_path):
+    """The official code's component-level checkpoints with fine-grained routing: HydraLoRA's
+    keys, router [g*N, d_in]. import_hydralora refused any groups != 1, though the layout is
+    ours; now the model computes the grouped HydraLoRA loop. Their adapter_config.json cannot
+    say one g (it is out_features / routing_group_size per module): a named error asks for it."""
+    model = tiny_model("llama")
+    state, oracle = _hydralora_checkpoint(model, lambda n: n.endswith(("q_proj", "o_proj")),
+                                          groups=4)
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(
+        {"r": 4, "lora_alpha": 8, "lora_nums": 3, "target_modules": ["q_proj", "o_proj"],
+         "enable_fine_grained_routing": True, "routing_group_size": 8}))
+    with pytest.raises(AdapterLoadError, match="routing_group_size 8.*config=MTLoRAConfig"):
+        import_hydralora(model, tmp_path)
+    assert get_handle(model) is None
+    import_hydralora(model, tmp_path, config=MTLoRAConfig(r=4, num_experts=3, groups=4,
+                                                          alpha=8.0, dropout=0.0))
+    x = tiny_inputs("llama")
+    assert rel_err(run(model, x), run(oracle, x)) <= REL_TOL[torch.float32]
