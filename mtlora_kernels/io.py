@@ -102,9 +102,13 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no adapter config at {path}")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterLoadError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise AdapterLoadError(f"{path} holds a JSON {type(meta).__name__}, not an adapter config "
+                               f"object")
+    return meta
 
 
 def _weights_in(directory: Path) -> Path:
@@ -357,7 +361,9 @@ def _group(tensors: Mapping[str, Tensor], pattern: re.Pattern, source: str, wher
             groups.setdefault(m["module"], {})[m["leaf"]] = value
     if foreign:
         raise AdapterLoadError(f"{where}: {len(foreign)} keys are not {source} adapter weights, "
-                               f"e.g. {foreign[:3]}")
+                               f"e.g. {foreign[:3]}. The import loads adapters only: load the "
+                               f"other tensors (base weights, modules_to_save, biases) into the "
+                               f"model yourself and pass a dict of the adapter keys")
     return groups
 
 

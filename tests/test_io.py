@@ -528,3 +528,21 @@ def test_hydralora_layout_with_fine_grained_routing_imports(tmp_path):
                                                           alpha=8.0, dropout=0.0))
     x = tiny_inputs("llama")
     assert rel_err(run(model, x), run(oracle, x)) <= REL_TOL[torch.float32]
+
+
+def test_foreign_keys_and_a_config_that_is_no_object_are_named(tmp_path):
+    """A PEFT file with modules_to_save or base weights beside the adapters is refused (loading
+    only the adapters would drop trained weights) with the way out; an adapter_config.json
+    holding a JSON list was an AttributeError / TypeError, now an AdapterLoadError."""
+    model = tiny_model("llama")
+    state, _ = _hydralora_checkpoint(model, lambda n: n.endswith("q_proj"))
+    state["base_model.model.lm_head.weight"] = torch.randn(64, 32)
+    with pytest.raises(AdapterLoadError, match=r"lm_head\.weight'\]\. The import loads adapters "
+                                               r"only: load the other tensors"):
+        import_hydralora(model, state, config=CFG)
+    save_file({k: v for k, v in state.items() if "lora_" in k}, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).write_text("[1, 2]")
+    for load in (load_adapters, import_hydralora):
+        with pytest.raises(AdapterLoadError, match="holds a JSON list, not an adapter config"):
+            load(model, tmp_path)
+    assert get_handle(model) is None
