@@ -360,10 +360,15 @@ def _group(tensors: Mapping[str, Tensor], pattern: re.Pattern, source: str, wher
         else:
             groups.setdefault(m["module"], {})[m["leaf"]] = value
     if foreign:
+        other, name = ((_OFFICIAL_KEY, "official") if pattern is _HYDRA_KEY else
+                       (_HYDRA_KEY, "hydralora"))
+        hint = (f"they are {name} adapter keys: use import_{name}"
+                if any(other.match(k) for k in foreign) else
+                "the import loads adapters only: load the other tensors (base weights, "
+                "modules_to_save, biases) into the model yourself and pass a dict of the "
+                "adapter keys")
         raise AdapterLoadError(f"{where}: {len(foreign)} keys are not {source} adapter weights, "
-                               f"e.g. {foreign[:3]}. The import loads adapters only: load the "
-                               f"other tensors (base weights, modules_to_save, biases) into the "
-                               f"model yourself and pass a dict of the adapter keys")
+                               f"e.g. {foreign[:3]}; {hint}")
     return groups
 
 

@@ -537,9 +537,12 @@ def test_foreign_keys_and_a_config_that_is_no_object_are_named(tmp_path):
     model = tiny_model("llama")
     state, _ = _hydralora_checkpoint(model, lambda n: n.endswith("q_proj"))
     state["base_model.model.lm_head.weight"] = torch.randn(64, 32)
-    with pytest.raises(AdapterLoadError, match=r"lm_head\.weight'\]\. The import loads adapters "
+    with pytest.raises(AdapterLoadError, match=r"lm_head\.weight'\]; the import loads adapters "
                                                r"only: load the other tensors"):
         import_hydralora(model, state, config=CFG)
+    del state["base_model.model.lm_head.weight"]
+    with pytest.raises(AdapterLoadError, match="hydralora adapter keys: use import_hydralora"):
+        import_official(model, state, config=CFG)
     save_file({k: v for k, v in state.items() if "lora_" in k}, tmp_path / WEIGHTS_NAME)
     (tmp_path / CONFIG_NAME).write_text("[1, 2]")
     for load in (load_adapters, import_hydralora):
