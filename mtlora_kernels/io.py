@@ -230,10 +230,11 @@ def _config_diffs(cfg: MTLoRAConfig, handle: MTLoRAHandle, source: str = "file")
 
 def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Path) -> None:
     diffs = _config_diffs(cfg, handle)
-    # The same adapters however they were named: targets in any order, layers counted from
-    # either end. Compared canonical only: a raw == took a file's [0, true] for layers [0, 1].
+    # The same adapters however they were named: layers counted from either end. Compared
+    # canonical only: a raw == took a file's [0, true] for layers [0, 1]. Target names are not
+    # compared ("q_proj" and "model.layers.0.self_attn.q_proj" can pick the same modules): the
+    # tensor keys, checked next, name the adapters each side has.
     same = {"placement": lambda v: v,
-            "target_modules": lambda v: sorted(v) if v is not None else None,
             "layers": lambda v: normalized_layers(handle.model, v)}
     for key, canon in same.items():
         ours = getattr(handle, key)
@@ -310,7 +311,8 @@ def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle
     """Load adapters saved by :func:`save_adapters`; returns the handle.
 
     If the model has no adapters yet they are attached with the saved config and placement; if
-    it has, the saved config (r, N, g, alpha, placement, targets, layers) must match them.
+    it has, the saved config (r, N, g, alpha, placement, layers) must match them, and the file
+    must hold exactly their tensors (the same adapted modules, however the targets were named).
     Raises :class:`AdapterLoadError` naming the mismatch; the model is then unchanged.
     """
     directory = Path(directory)

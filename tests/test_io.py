@@ -487,8 +487,9 @@ _EVERY_PROJ = [f"model.layers.{i}.{p}" for i in (0, 1) for p in (
     "self_attn.q_proj", "self_attn.v_proj")]
 
 
-@pytest.mark.parametrize("targets,modules", [(r".*layers\.0\.self_attn\.(q|v)_proj", _LAYER0_QV),
-                                             (["proj"], _EVERY_PROJ)], ids=["regex", "bare-suffix"])
+@pytest.mark.parametrize("targets,modules", [
+    (r".*layers\.0\.self_attn\.(q|v)_proj", _LAYER0_QV), (["proj"], _EVERY_PROJ)],
+    ids=["regex", "bare-suffix"])
 def test_hydralora_import_places_adapters_where_the_checkpoint_has_them(tmp_path, targets,
                                                                           modules):
     """PEFT reads a string target_modules as a regex (re.fullmatch) and a list entry as a plain
@@ -549,3 +550,25 @@ def test_foreign_keys_and_a_config_that_is_no_object_are_named(tmp_path):
         with pytest.raises(AdapterLoadError, match="holds a JSON list, not an adapter config"):
             load(model, tmp_path)
     assert get_handle(model) is None
+
+
+def test_an_imported_checkpoint_reloads_into_adapters_attached_by_target_name(tmp_path):
+    """import_hydralora names its targets by the checkpoint's module paths; a save of that
+    model was refused by adapters attached with target_modules=["q_proj"] (the same modules)
+    because the names differed. Targets are compared by the adapters they make (the tensor
+    keys), so it loads, and other modules are still named as missing."""
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=1, alpha=8.0, dropout=0.0)
+    model = tiny_model("llama")
+    state, oracle = _hydralora_checkpoint(model, lambda n: n.endswith("q_proj"))
+    import_hydralora(model, state, config=cfg)
+    save_adapters(model, tmp_path)
+    other = tiny_model("llama")
+    attach(other, cfg, target_modules=["q_proj"])
+    load_adapters(other, tmp_path)
+    x = tiny_inputs("llama")
+    assert torch.equal(run(other, x), run(model, x))
+    third = tiny_model("llama")
+    attach(third, cfg, target_modules=["k_proj"])
+    with pytest.raises(AdapterLoadError, match=r"missing 6 tensors, e\.g\. \['model\.layers\.0"
+                                               r"\.self_attn\.k_proj"):
+        load_adapters(third, tmp_path)
