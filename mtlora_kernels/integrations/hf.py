@@ -298,7 +298,7 @@ def attach(
     Args:
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (llama, mistral, qwen2, qwen3, gemma, olmo
-            decoders; vit); any model with the named ``nn.Linear`` modules works
+            decoders; vit); any model with the named ``nn.Linear`` (or ``Conv1D``) modules works
             component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
@@ -387,7 +387,7 @@ def attach(
             raise NotImplementedError(
                 f"block-level mtLoRA supports model types {supported}; {type(model).__name__} "
                 f"has model_type {mtype!r}. Component-level placement (target_modules=[...]) "
-                f"works on any model with nn.Linear modules.")
+                f"works on any model with nn.Linear (or Conv1D) modules.")
         if chosen is None:
             chosen = _find_layers(model, family)
         d = model.config.hidden_size
