@@ -101,3 +101,37 @@ def _cuda_backend_on_cpu_is_emulated(request):
     with pytest.MonkeyPatch.context() as mp:
         cuda_emu.install(mp)
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and gradients shared by the op's tests of each backend (test_mix, test_triton_mix,
+# test_cuda_mix).
+# --------------------------------------------------------------------------------------------
+
+
+def random_inputs(T, d_in, d_out, r, N, g, *, seed=0, lead=(), route="weight", residual=False,
+                  route_div=1.0, logits_scale=1.0):
+    """Fresh fp64 inputs of the op, drawn in one fixed order from a generator seeded with
+    ``seed``: ``[x, A, B, W, L, R]``. x [*lead, T, d_in]; A [r, d_in] / sqrt(d_in);
+    B [N, d_out, r] / sqrt(r); W [g*N, d_in] / route_div when ``route == "weight"`` and N > 1;
+    L [*lead, T, g*N] * logits_scale when ``route == "logits"`` and N > 1; R [*lead, T, d_out]
+    when ``residual``. Absent ones are None (and draw nothing)."""
+    assert route in ("weight", "logits", "none"), route
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = rnd(*lead, T, d_in)
+    A = rnd(r, d_in) / d_in**0.5
+    B = rnd(N, d_out, r) / r**0.5
+    W = rnd(g * N, d_in) / route_div if route == "weight" and N > 1 else None
+    L = rnd(*lead, T, g * N) * logits_scale if route == "logits" and N > 1 else None
+    R = rnd(*lead, T, d_out) if residual else None
+    return [x, A, B, W, L, R]
+
+
+def grads_of(out, inputs, grad_out=None):
+    """The gradients of ``out`` (with ``grad_out``, or a scalar loss) w.r.t. the inputs that are
+    not None, in the inputs' order, with None in the slots of the None inputs (and of inputs
+    that ``out`` does not depend on)."""
+    live = [t for t in inputs if t is not None]
+    gs = iter(torch.autograd.grad(out, live, grad_out, allow_unused=True))
+    return [None if t is None else next(gs) for t in inputs]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REL_TOL, assert_close_to_reference, rel_err
+from conftest import REL_TOL, assert_close_to_reference, grads_of, random_inputs, rel_err
 
 import cuda_emu
 
@@ -46,14 +46,9 @@ def cuda_ext(request, monkeypatch):
 
 def make_inputs(T, d_in, d_out, r, N, g, device, *, seed, external=False, lead=()):
     """fp64 leaves: x, A, B, W (None without a router or with external logits), logits."""
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    x = rnd(*lead, T, d_in)
-    A = rnd(r, d_in) / d_in**0.5
-    B = rnd(N, d_out, r) / r**0.5
-    W = rnd(g * N, d_in) / d_in**0.5 if (N > 1 and not external) else None
-    L = rnd(*lead, T, g * N) if (N > 1 and external) else None
-    return [None if t is None else t.to(device) for t in (x, A, B, W, L)]
+    ins = random_inputs(T, d_in, d_out, r, N, g, seed=seed, lead=lead,
+                        route="logits" if external else "weight", route_div=d_in**0.5)[:5]
+    return [None if t is None else t.to(device) for t in ins]
 
 
 def leaves(ts, dtype):
@@ -67,9 +62,7 @@ def run(fn, ins, dy, dpi=None):
     loss = (y.double() * dy).sum()
     if dpi is not None:
         loss = loss + (pi.double() * dpi).sum()
-    live = [t for t in ins if t is not None]
-    gs = iter(torch.autograd.grad(loss, live))
-    return y, [None if t is None else next(gs) for t in ins]
+    return y, grads_of(loss, ins)
 
 
 def check_against_reference(T, d_in, d_out, r, N, g, dtype, device, *, p=0.0, seed=0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, grads_of, random_inputs
 from torch.profiler import ProfilerActivity, profile
 
 import mtlora_kernels as mk
@@ -15,21 +15,10 @@ from mtlora_kernels.reference import mix_reference
 
 
 def make_inputs(T, d_in, d_out, r, N, g, dtype, *, lead=(), seed=0, external=False):
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    x = rnd(*lead, T, d_in)
-    A = rnd(r, d_in) / d_in**0.5
-    B = rnd(N, d_out, r) / r**0.5
-    W = None if (N == 1 or external) else rnd(g * N, d_in)
-    L = rnd(*lead, T, g * N) if (external and N > 1) else None
-    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()  # noqa: E731
-    return cast(x), cast(A), cast(B), cast(W), cast(L)
-
-
-def grads_of(y, inputs, dy):
-    live = [t for t in inputs if t is not None]
-    gs = iter(torch.autograd.grad(y, live, dy, allow_unused=True))
-    return [None if t is None else next(gs) for t in inputs]
+    """x, A, B, W (None with external logits or N = 1), logits: fresh, ``dtype``, with grad."""
+    ins = random_inputs(T, d_in, d_out, r, N, g, seed=seed, lead=lead,
+                        route="logits" if external else "weight")[:5]
+    return [None if t is None else t.to(dtype).requires_grad_() for t in ins]
 
 
 CASES = [  # T, d_in, d_out, r, N, g

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, REL_TOL, assert_close_to_reference, rel_err
+from conftest import DEVICE, REL_TOL, assert_close_to_reference, grads_of, random_inputs, rel_err
 
 from mtlora_kernels.nn import MTLoRAAdapter
 from mtlora_kernels.ops.mix import dropout_keep_mask, mix
@@ -39,16 +39,9 @@ def poisoned_outputs(monkeypatch):
 def make_inputs(T, d_in, d_out, r, N, g, dtype, *, lead=(), seed=0, route="weight",
                 residual=True, device=DEVICE):
     """Fresh random inputs (fp64 values cast to ``dtype``), each requiring grad."""
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    x = rnd(*lead, T, d_in)
-    A = rnd(r, d_in) / d_in**0.5
-    B = rnd(N, d_out, r) / r**0.5
-    W = rnd(g * N, d_in) if route == "weight" and N > 1 else None
-    L = 3.0 * rnd(*lead, T, g * N) if route == "logits" and N > 1 else None
-    R = rnd(*lead, T, d_out) if residual else None
-    cast = lambda t: None if t is None else t.to(device, dtype).requires_grad_()  # noqa: E731
-    return [cast(t) for t in (x, A, B, W, L, R)]
+    ins = random_inputs(T, d_in, d_out, r, N, g, seed=seed, lead=lead, route=route,
+                        residual=residual, logits_scale=3.0)
+    return [None if t is None else t.to(device, dtype).requires_grad_() for t in ins]
 
 
 def run_both(inputs, g, *, scaling=2.5, dropout_p=0.0, seed=0, deterministic=False,
@@ -67,9 +60,7 @@ def run_both(inputs, g, *, scaling=2.5, dropout_p=0.0, seed=0, deterministic=Fal
         loss = (y.double() * dy.to(y.device)).sum()
         if balance:
             loss = loss + 3.0 * balance_loss_reference(pi)
-        live = [t for t in tensors if t is not None]
-        gs = iter(torch.autograd.grad(loss, live, allow_unused=True))
-        return [None if t is None else next(gs) for t in tensors]
+        return grads_of(loss, tensors)
 
     y, pi = mix(x, A, B, W, logits=L, residual=R, groups=g, scaling=scaling,
                 dropout_p=dropout_p, seed=seed, backend="triton", deterministic=deterministic,
