@@ -65,15 +65,22 @@ def test_leading_shapes_and_noncontiguous_input(lead):
         y_ref = mix_reference(xin, A, B, W, groups=2, scaling=1.5)
         assert_close_to_reference(y, y_ref, torch.float64, "y")
         dy = torch.randn_like(y)
-        for a, b in zip(torch.autograd.grad(y, (xin, W), dy),
-                        torch.autograd.grad(y_ref, (xin, W), dy)):
-            assert_close_to_reference(a, b, torch.float64, "grad")
+        for name, a, b in zip(("dx", "dA", "dB", "dW_route"),
+                              torch.autograd.grad(y, (xin, A, B, W), dy),
+                              torch.autograd.grad(y_ref, (xin, A, B, W), dy)):
+            assert_close_to_reference(a, b, torch.float64, name)
 
 
-@pytest.mark.parametrize("g", [1, 2, 6])
+@pytest.mark.parametrize("d_out,r,g,grouped", [
+    (6, 3, 1, False), (6, 3, 2, False), (6, 3, 6, False),  # g*N*r > d_out: per-expert form
+    (12, 1, 1, True), (12, 1, 4, True),  # g*N*r <= d_out: the grouped (folded) form
+])
 @pytest.mark.parametrize("external", [False, True])
-def test_gradcheck_float64(g, external):
-    x, A, B, W, L = make_inputs(5, 7, 6, 3, 3, g, torch.float64, seed=g, external=external)
+def test_gradcheck_float64(d_out, r, g, grouped, external):
+    """Both forms of the torch backward, with dropout, a residual and a gradient on pi."""
+    assert mix_mod._use_grouped(g, 3, r, d_out) == grouped
+    x, A, B, W, L = make_inputs(5, 7, d_out, r, 3, g, torch.float64, seed=g,
+                                external=external)
     args = tuple(t for t in (x, A, B, W, L) if t is not None)
 
     def f(*ts):
@@ -81,7 +88,7 @@ def test_gradcheck_float64(g, external):
         xx, aa, bb = next(it), next(it), next(it)
         ww = None if external else next(it)
         ll = next(it) if external else None
-        res = torch.ones(5, 6, dtype=torch.float64)
+        res = torch.ones(5, d_out, dtype=torch.float64)
         y, pi = mix(xx, aa, bb, ww, logits=ll, groups=g, scaling=1.3, dropout_p=0.25, seed=11,
                     residual=res, backend="torch", return_routing=True)
         return y, pi  # pi is differentiable: the balance loss reaches the router
@@ -99,23 +106,34 @@ def test_dropout_uses_one_mask_shared_by_experts_and_regenerated_in_backward():
     y_ref = mix_reference(x, A, B, W, groups=2, scaling=2.0, dropout_mask=keep, dropout_p=p)
     assert_close_to_reference(y, y_ref, torch.float64, "y")
     dy = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (x, A, W), dy),
-                    torch.autograd.grad(y_ref, (x, A, W), dy)):
-        assert_close_to_reference(a, b, torch.float64, "grad")
+    for name, a, b in zip(("dx", "dA", "dB", "dW_route"),
+                          torch.autograd.grad(y, (x, A, B, W), dy),
+                          torch.autograd.grad(y_ref, (x, A, B, W), dy)):
+        assert_close_to_reference(a, b, torch.float64, name)
     # Not training: no dropout at all.
     y_eval = mix(x, A, B, W, groups=2, scaling=2.0, dropout_p=p, training=False)
     assert_close_to_reference(y_eval, mix_reference(x, A, B, W, groups=2, scaling=2.0),
                               torch.float64, "eval")
 
 
-def test_residual_is_added_in_the_same_pass():
-    x, A, B, W, _ = make_inputs(6, 8, 10, 2, 3, 5, torch.float32, seed=8)
+@pytest.mark.parametrize("external", [False, True])
+def test_residual_is_added_in_the_same_pass(external):
+    """y = residual + delta, and every gradient (the residual's is dy itself) against the
+    reference on a random dy: with dy = ones a residual gradient of ones passed too."""
+    x, A, B, W, L = make_inputs(6, 8, 10, 2, 3, 5, torch.float32, seed=8, external=external)
     res = torch.randn(6, 10, requires_grad=True)
-    y = mix(x, A, B, W, groups=5, scaling=1.0, residual=res)
-    assert_close_to_reference(y, res.double() + mix_reference(
-        x.double(), A.double(), B.double(), W.double(), groups=5), torch.float32, "y")
-    (dres,) = torch.autograd.grad(y, res, torch.ones_like(y))
-    torch.testing.assert_close(dres, torch.ones_like(res))
+    y = mix(x, A, B, W, logits=L, groups=5, scaling=1.5, residual=res, backend="torch")
+    ins64 = [None if t is None else t.detach().double().requires_grad_()
+             for t in (x, A, B, W, L, res)]
+    y64 = ins64[5] + mix_reference(*ins64[:4], logits=ins64[4], groups=5, scaling=1.5)
+    assert_close_to_reference(y, y64, torch.float32, "y")
+    dy = torch.randn(6, 10, dtype=torch.float64)
+    got = grads_of(y, (x, A, B, W, L, res), dy.float())
+    want = grads_of(y64, ins64, dy)
+    for name, a, b in zip(("dx", "dA", "dB", "dW_route", "dlogits", "dresidual"), got, want):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert_close_to_reference(a, b, torch.float32, name)
 
 
 def test_task_id_one_hot_routing_selects_one_expert():
