@@ -164,13 +164,18 @@ def test_three_d_noncontiguous_input(route):
     check_all(got, ref, torch.float32)
 
 
-def test_balance_loss_extra_dpi_reaches_the_router():
-    """A loss on pi (the balance loss) adds its dpi before the softmax backward."""
-    inputs = make_inputs(7, 24, 40, 16, 4, 2, torch.float32, seed=11)
-    got, ref, _ = run_both(inputs, 2, balance=True)
+@pytest.mark.parametrize("g,route", [(2, "weight"), (20, "weight"), (20, "logits")])
+def test_balance_loss_extra_dpi_reaches_the_router(g, route):
+    """A loss on pi (the balance loss) adds its dpi before the softmax backward: in the dh
+    kernel's folded form (g = 2, c = 20) and its epilogue form (g = 20, c = 2), where each adds
+    it on its own code path."""
+    assert tmix._plan(7, 24, 40, 16, 4, 40 // g, False)["dh"]["GT"] == (1 if g == 2 else 32)
+    inputs = make_inputs(7, 24, 40, 16, 4, g, torch.float32, seed=11, route=route)
+    got, ref, _ = run_both(inputs, g, balance=True)
     check_all(got, ref, torch.float32)
-    without, _, _ = run_both(inputs, 2)
-    assert rel_err(got[4], without[4]) > 1e-3  # the extra term changed dW_route
+    without, _, _ = run_both(inputs, g)
+    k = 4 if route == "weight" else 5
+    assert rel_err(got[k], without[k]) > 1e-3  # the extra term changed dW_route / dlogits
 
 
 @pytest.mark.parametrize("route", ["weight", "logits"])
