@@ -66,23 +66,29 @@ def run(fn, ins, dy, dpi=None):
 
 
 def check_against_reference(T, d_in, d_out, r, N, g, dtype, device, *, p=0.0, seed=0,
-                            external=False, with_dpi=False, deterministic=False):
+                            external=False, with_dpi=False, deterministic=False,
+                            residual=False):
     base = make_inputs(T, d_in, d_out, r, N, g, device, seed=seed, external=external)
     gen = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(T, d_out, generator=gen, dtype=torch.float64).to(device)
     dpi = torch.randn(T, g, N, generator=gen, dtype=torch.float64).to(device) if with_dpi else None
+    res = torch.randn(T, d_out, generator=gen, dtype=torch.float64).to(device) if residual else None
+    base = [*base, res]
     drop_seed = 1000 + seed
     keep = None
     if p > 0.0:
         keep = backends.load("cuda").dropout_keep_mask(drop_seed, T, d_in, p, device)
 
-    def cuda_fn(x, A, B, W, L):
+    def cuda_fn(x, A, B, W, L, R):
         return mix(x, A, B, W, logits=L, groups=g, scaling=2.5, dropout_p=p, seed=drop_seed,
-                   backend="cuda", deterministic=deterministic, return_routing=with_dpi)
+                   residual=R, backend="cuda", deterministic=deterministic,
+                   return_routing=with_dpi)
 
-    def ref_fn(x, A, B, W, L):
+    def ref_fn(x, A, B, W, L, R):
         y = mix_reference(x, A, B, W, logits=L, groups=g, scaling=2.5, dropout_mask=keep,
                           dropout_p=p)
+        if R is not None:
+            y = y + R
         if not with_dpi:
             return y
         acc = torch.promote_types(x.dtype, torch.float32)  # as mix_reference's router
@@ -96,7 +102,7 @@ def check_against_reference(T, d_in, d_out, r, N, g, dtype, device, *, p=0.0, se
         baseline, grads_lp = run(ref_fn, leaves(base, dtype), dy, dpi)
     assert y.dtype == dtype and y.shape == (T, d_out)
     assert_close_to_reference(y, y64, dtype, "y", baseline=baseline)
-    for i, name in enumerate(("dx", "dA", "dB", "dW_route", "dlogits")):
+    for i, name in enumerate(("dx", "dA", "dB", "dW_route", "dlogits", "dresidual")):
         if grads64[i] is None:
             continue
         assert grads[i] is not None and grads[i].shape == grads64[i].shape, name
@@ -547,6 +553,19 @@ def test_backward_is_bitwise_reproducible_in_both_modes(cuda_ext):
             continue
         assert torch.equal(a, b), "the default mode gave different bits on a rerun"
         assert torch.equal(a, c), "deterministic=True gave different bits"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,r,N,g", [
+    (7, 40, 24, 8, 4, 2),  # d_out * 2 bytes a multiple of 16: y and residual as 16 B vectors
+    (7, 37, 30, 5, 3, 3),  # odd d_out: the element-by-element epilogue
+])
+def test_residual_forward_and_every_gradient(cuda_ext, T, d_in, d_out, r, N, g, dtype):
+    """The forward adds the residual in its epilogue (vector and scalar stores); its gradient
+    is dy. Before, only test_three_d_noncontiguous_input_and_residual (fp32, forward only,
+    the vector path) used a residual here."""
+    check_against_reference(T, d_in, d_out, r, N, g, dtype, cuda_ext, p=0.1, with_dpi=True,
+                            seed=d_out, residual=True)
 
 
 def test_three_d_noncontiguous_input_and_residual(cuda_ext):
