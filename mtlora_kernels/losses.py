@@ -183,8 +183,8 @@ class SpectralRegularizer:
     unit; at most ``max_samples`` (default 64) of them are drawn with Python's
     ``random.Random(seed + step).sample`` (seed 0 gives the released ``random.seed(step)`` choice
     when the adapters are listed in the same order), and their terms are averaged (or summed).
-    The released trainer adds the term only on its refresh steps (every ``spectral_reg_steps``
-    steps or once per epoch); call this object on those steps to reproduce that.
+    The released trainer adds the term only every ``spectral_reg_steps`` optimizer steps (its
+    scripts: 500, or 300), not at every step: ``apply_every=K`` does the same.
 
     Args:
         variant: 'paper' or 'official'.
@@ -193,6 +193,10 @@ class SpectralRegularizer:
             ``steps_per_epoch`` steps (the paper: once per epoch). Paper variant only; the
             default 1 keeps Eq. 2 exact at every step.
         steps_per_epoch: the epoch length in steps, for ``refresh_every='epoch'``.
+        apply_every: compute the term only at steps K-1, 2K-1, ... (int K >= 1; the default 1 is
+            every step) and return a constant zero, computing nothing, at the others. K-1, 2K-1
+            are where the released trainer with ``spectral_reg_steps=K`` adds it, at the first
+            micro-batch of that optimizer step only; here every call with that step gets it.
         max_samples: how many units enter one call, drawn afresh each step: adapters (paper;
             default None = all) or B matrices (official; default 64, as released).
         reduction: 'mean' or 'sum' over the units.
@@ -214,8 +218,8 @@ class SpectralRegularizer:
     """
 
     def __init__(self, variant: str = "paper", *, refresh_every: int | str = 1,
-                 steps_per_epoch: int | None = None, max_samples: int | None = None,
-                 reduction: str = "mean", seed: int = 0) -> None:
+                 steps_per_epoch: int | None = None, apply_every: int = 1,
+                 max_samples: int | None = None, reduction: str = "mean", seed: int = 0) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
         if reduction not in ("mean", "sum"):
@@ -233,6 +237,7 @@ class SpectralRegularizer:
         if max_samples is not None:
             max_samples = as_int(max_samples, "max_samples", minimum=1)
         self.variant, self.refresh_every, self.max_samples = variant, refresh_every, max_samples
+        self.apply_every = as_int(apply_every, "apply_every", minimum=1)
         self.reduction, self.seed = reduction, as_int(seed, "seed")
         self.step = 0  # the step the next call is for
         self._weighting: weakref.WeakKeyDictionary[MTLoRAAdapter, Tensor] = \
@@ -258,6 +263,8 @@ class SpectralRegularizer:
         self.step = step + 1
         adapters = _adapters_or_raise(model)
         device = adapters[0].lora_B.device
+        if (step + 1) % self.apply_every:
+            return torch.zeros((), device=device)
         # In the weights' dtype (fp32 accumulation), not autocast's: under bf16 autocast its
         # GEMMs ran in bf16, 2e-3 (paper) and 1e-3 (official) off the fp64 value, measured.
         with _autocast_off(device):
@@ -330,8 +337,9 @@ def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weig
     """``balance_weight * balance_loss(model) + spectral_weight * regularizer(model)``: the
     auxiliary loss to add to the task loss, after the forward pass and before ``backward``.
 
-    The defaults are the official runs' (balance weight 0.01, spectral lambda 1.0 on the paper
-    variant). ``regularizer=None`` uses a fresh ``SpectralRegularizer()`` (paper variant,
+    The default weights are the released scripts' (balance 0.01 in every one; spectral lambda 1.0
+    as in the BBH runs, 0.5 in the MMLU ones, 0.25 the released code's own default), here on the
+    paper variant. ``regularizer=None`` uses a fresh ``SpectralRegularizer()`` (paper variant,
     weighting recomputed at this call, every adapter); pass one object for the whole run to cache
     the weighting (``refresh_every``), sample adapters or use the official variant. A zero
     weight skips that term. ``mask`` goes to :func:`balance_loss`: with padded batches, pass

@@ -378,6 +378,31 @@ def test_auxiliary_loss_adds_the_weighted_terms():
                    SpectralRegularizer("official")(model)) <= TOL
 
 
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_apply_every_adds_the_term_where_the_released_trainer_does(variant):
+    """With apply_every=K the term enters at steps K-1, 2K-1, ... (the released trainer's
+    spectral_reg_steps=K: its first trigger is when global_step - (-1) >= K), computed as an
+    every-step regularizer computes it there; the other steps give a constant zero. Step-counted
+    and step= calls agree."""
+    model, K = Tiny(seed=10), 3
+    gated = SpectralRegularizer(variant, apply_every=K)
+    by_step = SpectralRegularizer(variant, apply_every=K)
+    every = SpectralRegularizer(variant)
+    fired = []
+    for step in range(8):
+        got, want = gated(model), every(model)
+        assert torch.equal(by_step(model, step=step), got)
+        if step % K == K - 1:
+            fired.append(step)
+            assert got.requires_grad and rel_err(got, want) <= TOL
+        else:
+            assert not got.requires_grad and got.item() == 0.0
+        with torch.no_grad():  # training moves B between steps
+            for a in _routed(model):
+                a.lora_B.mul_(1.1).add_(0.05)
+    assert fired == [2, 5]
+
+
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: auxiliary_loss(nn.Linear(3, 3)), ValueError, "no MTLoRAAdapter"),
     (lambda: auxiliary_loss([nn.Linear(3, 3)]), TypeError, "nn.Module"),
@@ -386,6 +411,8 @@ def test_auxiliary_loss_adds_the_weighted_terms():
     (lambda: SpectralRegularizer(refresh_every=0), ValueError, "refresh_every"),
     (lambda: SpectralRegularizer(refresh_every="epoch"), ValueError, "steps_per_epoch"),
     (lambda: SpectralRegularizer(max_samples=0), ValueError, "max_samples"),
+    (lambda: SpectralRegularizer(apply_every=0), ValueError, "apply_every"),
+    (lambda: SpectralRegularizer(apply_every=2.0), TypeError, "apply_every"),
     (lambda: SpectralRegularizer(max_samples=True), TypeError, "max_samples"),
     (lambda: SpectralRegularizer(seed=None), TypeError, "seed must be an integer, got NoneType"),
 ])

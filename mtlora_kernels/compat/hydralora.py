@@ -41,7 +41,8 @@ class HydraLoRALayer(nn.Module):
         groups: 1 is HydraLoRA; g > 1 runs the loop with per-group routing (router g*N rows,
             row ``G*N + e`` = group G, expert e, as ``lora_route`` of mtLoRA).
 
-    Defaults are HydraLoRA's scripts' (r = 8, alpha = 32, dropout 0.05); N has no default there.
+    Defaults: r = 8, alpha = 32, N = 2 as in HydraLoRA's fine-tuning.py, dropout 0.05 as in its
+    fine-tuning.sh (which also sets r = 4, N = 4).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, num_experts: int = 2,
