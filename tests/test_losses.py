@@ -146,6 +146,41 @@ def test_weighting_is_cached_for_refresh_every_steps(schedule, dtype):
     assert rel_err(reg(model), fresh) <= TOL  # step 3: refreshed
 
 
+def _eq2_with_weighting_of(B, B_then):
+    """sum_{i<j} ||(B_i M_i)^T (B_j M_j)||_F^2 with M_i = V diag(sqrt(w)) V^T taken from the
+    full SVD of ``B_then`` (the B of the last refresh), written out."""
+    M = []
+    for Bi in B_then:
+        _, S, Vh = torch.linalg.svd(Bi, full_matrices=False)
+        M.append(Vh.T @ torch.diag(torch.exp(-S / S.mean()).sqrt()) @ Vh)
+    bp = [B[i] @ M[i] for i in range(len(M))]
+    return sum((bp[i].T @ bp[j]).square().sum()
+               for i in range(len(bp)) for j in range(i + 1, len(bp)))
+
+
+def test_refresh_follows_the_multiples_of_refresh_every_when_steps_jump():
+    """refresh_every=K refreshes at a first call and whenever step // K changes ("at the steps
+    that are its multiples"), not K steps after the last refresh. Steps 0, 4, 5, 6 with K = 3:
+    refreshed at 0 and 4 (windows 0 and 1), not at 5, again at 6 (window 2) although only 2
+    steps passed since 4. B moves before every call."""
+    model, K = Tiny(seed=12), 3
+    reg = SpectralRegularizer(refresh_every=K)
+    refreshed_with = None
+    for step, refreshes in ((0, True), (4, True), (5, False), (6, True)):
+        with torch.no_grad():
+            for a in _routed(model):
+                a.lora_B.mul_(1.2).add_(0.1 * step)
+        now = [a.lora_B.detach().clone() for a in _routed(model)]
+        if refreshes:
+            refreshed_with = now
+        want = torch.stack([_eq2_with_weighting_of(B, B_then)
+                            for B, B_then in zip(now, refreshed_with)]).mean()
+        assert rel_err(reg(model, step=step), want) <= TOL, step
+        if not refreshes:  # the stale weighting really differs from a fresh one here
+            fresh = torch.stack([_eq2_direct(B) for B in now]).mean()
+            assert rel_err(fresh, want) > 1e-3
+
+
 def test_auxiliary_loss_passes_the_optimizer_step_on():
     """With gradient accumulation the micro-batches of one optimizer step share its step: the
     regularizer counts optimizer steps (its refreshes, the official variant's sample)."""
@@ -318,17 +353,19 @@ def _released_official(model, step):
         random.seed(step)
         mats = random.sample(mats, 64)
         random.setstate(state)
-    total = 0.0
-    for b in mats:
-        rank = b.shape[1]
-        gram = b.t() @ b
-        with torch.no_grad():
-            S = torch.linalg.svdvals(b.detach())
-            weights = torch.exp(-S / (S.mean() + 1e-8))
-            scale = torch.linalg.norm(b.detach()).item() / rank ** 0.5 + 1e-8
-        diff = gram - torch.eye(rank, dtype=b.dtype) * scale ** 2
-        total = total + (diff * weights.unsqueeze(0) * weights.unsqueeze(1)).square().sum()
-    return total / len(mats)
+    return sum(_released_official_term(b) for b in mats) / len(mats)
+
+
+def _released_official_term(b):
+    """The released code's term of one matrix b [d_out, r], as it computes it."""
+    rank = b.shape[1]
+    gram = b.t() @ b
+    with torch.no_grad():
+        S = torch.linalg.svdvals(b.detach())
+        weights = torch.exp(-S / (S.mean() + 1e-8))
+        scale = torch.linalg.norm(b.detach()).item() / rank ** 0.5 + 1e-8
+    diff = gram - torch.eye(rank, dtype=b.dtype) * scale ** 2
+    return (diff * weights.unsqueeze(0) * weights.unsqueeze(1)).square().sum()
 
 
 @pytest.mark.parametrize("experts", [(3, 4, 2), (16, 30, 20)])  # 10 and 67 matrices (> 64)
@@ -344,6 +381,15 @@ def test_official_equals_the_released_formula(experts):
     want.backward()
     for p, q in zip(find_adapters(model), find_adapters(twin)):
         assert rel_err(p.lora_B.grad, q.lora_B.grad) <= TOL
+
+
+def test_official_term_of_square_matrices_is_the_released_formula():
+    """d_out == r is the smallest B the official variant takes (w has min(d_out, r) = r values,
+    one per column): fresh random square matrices give the released formula, term by term."""
+    mats = torch.randn(3, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(13))
+    got = official_spectral_terms(mats)
+    want = torch.stack([_released_official_term(b) for b in mats])
+    assert got.shape == (3,) and rel_err(got, want) <= TOL
 
 
 def test_official_needs_d_out_at_least_r():
@@ -364,6 +410,40 @@ def test_balance_loss_averages_the_routed_adapters():
     assert rel_err(got, want) <= TOL and got > 0
     got.backward()
     assert model.a1.lora_route.grad.abs().sum() > 0
+
+
+def test_balance_loss_and_auxiliary_loss_count_only_the_masked_tokens():
+    """balance_loss(model, mask) and auxiliary_loss(mask=...) hand the mask to every routed
+    adapter. Each term written out (SPEC section 2): pi = softmax over e of the router logits of
+    the adapter's input (captured by a hook), p_e = mean of pi[..., e] over the unmasked tokens
+    and the groups, var(p) unbiased, / (mean(p)^2 + 1e-10); averaged over the routed adapters."""
+    model = Tiny(seed=11)
+    inputs = {}
+    for a in _routed(model):
+        a.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0].detach()))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 5, 12, dtype=F64, generator=g)
+    mask = (torch.rand(3, 5, generator=g) > 0.4).long()  # an attention_mask: 1 = real token
+    mask[:, 0] = 1
+    mask[1, 3] = 0
+    model(x)
+
+    def by_hand(a, keep):
+        n, groups = a.config.num_experts, a.config.groups
+        logits = inputs[a] @ a.lora_route.detach().T  # [3, 5, g*N], row G*N + e
+        pi = torch.softmax(logits.reshape(3, 5, groups, n), -1)[keep]  # [kept, g, N]
+        p = pi.reshape(-1, n).mean(0)
+        var = (p - p.mean()).square().sum() / (n - 1)
+        return var / (p.mean() ** 2 + 1e-10)
+
+    keep, everything = mask.bool(), torch.ones(3, 5, dtype=torch.bool)
+    want = torch.stack([by_hand(a, keep) for a in _routed(model)]).mean()
+    unmasked = torch.stack([by_hand(a, everything) for a in _routed(model)]).mean()
+    assert rel_err(want, unmasked) > 1e-2  # the padding would count
+    assert rel_err(balance_loss(model, mask), want) <= TOL
+    assert rel_err(balance_loss(model), unmasked) <= TOL
+    got = auxiliary_loss(model, balance_weight=0.3, spectral_weight=0.0, mask=mask)
+    assert rel_err(got, 0.3 * want) <= TOL
 
 
 def test_auxiliary_loss_adds_the_weighted_terms():
