@@ -158,6 +158,34 @@ def test_power_iterations_are_skipped_once_the_sketch_spans_the_range(monkeypatc
     assert count(12, 3) > count(12, 0)
 
 
+@pytest.mark.parametrize("operand,rank,orths_per_round", [
+    ("dense", 20, 2), ("dense", 6, 0), ("product", 12, 2), ("product", 6, 0)])
+def test_each_power_iteration_reorthonormalises_both_products(monkeypatch, operand, rank,
+                                                              orths_per_round):
+    """The documented range finder: orth(M Omega), then q rounds of Q <- orth(M orth(M^T Q)),
+    then M^T Q = Z R: 2 + 2q orthonormalisations. When l = k + p reaches the rank bound (dense:
+    min(m, n); product: min(m, n, r)) the sketch already spans range(M) and no round runs: l =
+    6 here, so n = 6 or r = 6 is that case (exactly at the bound), 20 and 12 are not. The
+    results stay exact where rank(M) <= l."""
+    calls = []
+    real = linalg._orth
+    monkeypatch.setattr(linalg, "_orth", lambda Y, gemm: calls.append(1) or real(Y, gemm))
+    g = _gen(17)
+    if operand == "dense":
+        M = torch.randn(2, 30, rank, generator=g, dtype=F64)
+        dense = M
+    else:
+        M = (torch.randn(2, 30, rank, generator=g, dtype=F64),
+             torch.randn(rank, 20, generator=g, dtype=F64))
+        dense = M[0] @ M[1]
+    for q in (0, 1, 3):
+        calls.clear()
+        out = randomized_svd(M, 3, oversample=3, power_iters=q, generator=_gen(18))
+        assert len(calls) == 2 + orths_per_round * q, (q, len(calls))
+        if orths_per_round == 0:  # the sketch spans range(M): exact
+            _check_against_svd(dense, out, 3, tol_s=REL_TOL[F64], tol_orth=1e-12, tol_sub=1e-8)
+
+
 # --------------------------------------------------------------------------- dtypes, generator
 
 
@@ -196,11 +224,44 @@ def test_orth_cholesky_qr2_and_its_householder_fallback():
     good = torch.randn(40, 8, generator=g, dtype=F64)
     rank_deficient = good[:, :3] @ torch.randn(3, 8, generator=g, dtype=F64)
     zero = torch.zeros(40, 8, dtype=F64)
-    Y = torch.stack([good, rank_deficient, zero])
+    # cond 1e6: CholeskyQR2's own range (below u^(-1/2) = 7e7), where its second pass matters:
+    # the first leaves R2 visibly off I, so R = R2 R1 (not R1 R2) is needed for Q R = Y.
+    U, _ = torch.linalg.qr(torch.randn(40, 8, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=F64))
+    ill = (U * torch.logspace(0, -6, 8, dtype=F64)) @ V.T
+    Y = torch.stack([good, rank_deficient, zero, ill])
     Q, R = linalg._orth(Y, torch.matmul)
     assert (Q.mT @ Q - torch.eye(8, dtype=F64)).abs().max() <= 1e-12
-    assert rel_err(Q @ R, Y) <= REL_TOL[F64]
+    for y, q, r in zip(Y, Q, R):
+        assert rel_err(q @ r, y) <= REL_TOL[F64]
     assert torch.allclose(R, R.triu())
+
+
+def test_orth_falls_back_to_householder_past_the_first_pass_threshold():
+    """Candidates with cond(Y) = 1e4 in fp32 (past CholeskyQR2's u^(-1/2) ~ 4e3): where both
+    Cholesky factorisations succeed but the first pass leaves ||Q1^T Q1 - I||_F above the
+    threshold, that element's Q, R are Householder QR's (torch.linalg.qr), exactly; where the
+    first Cholesky fails, too. A well-conditioned element keeps CholeskyQR2 (R's diagonal > 0).
+    Which candidates are past the threshold is computed here, as the first pass computes it."""
+    g = _gen(21)
+    m, l = 256, 16
+    U, _ = torch.linalg.qr(torch.randn(8, m, l, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(8, l, l, generator=g, dtype=F64))
+    Y = ((U * torch.logspace(0, -4, l, dtype=F64)) @ V.mT).float()
+    Y = torch.cat([Y, torch.randn(1, m, l, generator=g)])  # + one well-conditioned element
+    eye = torch.eye(l)
+    R1, info1 = torch.linalg.cholesky_ex(Y.mT @ Y, upper=True)
+    Q1 = torch.linalg.solve_triangular(R1, Y, upper=True, left=False)
+    G2 = Q1.mT @ Q1
+    _, info2 = torch.linalg.cholesky_ex(G2, upper=True)
+    past = (info1 == 0) & (info2 == 0) & (torch.linalg.matrix_norm(G2 - eye) > 0.5)
+    failed = info1 != 0
+    assert past.sum() >= 2 and failed.sum() >= 1 and not (past | failed)[-1]
+    Q, R = linalg._orth(Y, torch.matmul)
+    Qh, Rh = torch.linalg.qr(Y[past | failed])
+    assert torch.equal(Q[past | failed], Qh) and torch.equal(R[past | failed], Rh)
+    assert (torch.diagonal(R[-1]) > 0).all()
+    assert (Q.double().mT @ Q.double() - eye.double()).abs().max() <= 1e-5
 
 
 def test_outputs_carry_no_gradient():
@@ -259,10 +320,20 @@ def test_triton_bmm_launches_a_large_batch_in_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_randomized_svd(dtype):
+def test_triton_randomized_svd(dtype, monkeypatch):
+    from mtlora_kernels.triton import rsvd
+
     M = _with_spectrum((2,), 40, 24, 0.6 ** torch.arange(24, dtype=F64), seed=12).to(dtype)
+    launched, matmuls = [], []
+    real_bmm, real_matmul = rsvd.bmm, torch.matmul
+    monkeypatch.setattr(rsvd, "bmm", lambda a, x: launched.append(1) or real_bmm(a, x))
+    monkeypatch.setattr(torch, "matmul", lambda a, b: matmuls.append(1) or real_matmul(a, b))
     out = randomized_svd(M.to(TRITON_DEV), 4, oversample=4, power_iters=2, generator=_gen(13),
                          backend="triton")
+    monkeypatch.undo()
+    # Every GEMM of the method went through the kernel: sketch, 2 per power round, final
+    # product, the Gram matrices (2 per orthonormalisation) and the two rotations.
+    assert len(launched) == 2 + 2 * 2 + 2 * (2 + 2 * 2) + 2 and not matmuls
     out = tuple(t.cpu() for t in out)
     _check_against_svd(M.double(), out, 4, tol_s=REL_TOL[torch.float32], tol_orth=1e-5,
                        tol_sub=1e-4)
@@ -280,6 +351,34 @@ def test_triton_low_rank_product():
                        tol_sub=1e-4)
 
 
+def test_triton_bmm_over_an_empty_inner_dimension_is_zero(monkeypatch):
+    """An empty sum is 0: Q = 0 gives zeros, not the uninitialised output (torch.empty is
+    poisoned with NaN here, so that leftover memory cannot pass by chance)."""
+    from mtlora_kernels.triton import rsvd
+
+    a, x = torch.randn(2, 5, 0, device=TRITON_DEV), torch.randn(2, 0, 3, device=TRITON_DEV)
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *s, **k: real(*s, **k).fill_(float("nan")))
+    out = rsvd.bmm(a, x)
+    monkeypatch.undo()
+    assert torch.equal(out.cpu(), torch.zeros(2, 5, 3))
+
+
+def test_auto_backend_is_triton_on_a_gpu_below_fp64_only(monkeypatch):
+    """'auto': Triton on a CUDA tensor when it is available and M is not fp64, else torch (the
+    documented rule; Triton computes in fp32). Availability is faked: no GPU is needed."""
+    from mtlora_kernels import backends
+
+    monkeypatch.setattr(backends, "available", lambda name, device: (True, ""))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert linalg._resolve_backend("auto", cuda, dtype) == "triton"
+        assert linalg._resolve_backend(None, cpu, dtype) == "torch"
+    assert linalg._resolve_backend("auto", cuda, F64) == "torch"
+    monkeypatch.setattr(backends, "available", lambda name, device: (False, "no triton"))
+    assert linalg._resolve_backend("auto", cuda, torch.float32) == "torch"
+
+
 def test_triton_backend_rejects_fp64():
     with pytest.raises(ValueError, match="float64"):
         randomized_svd(torch.randn(8, 8, dtype=F64, device=TRITON_DEV), 2, backend="triton")
@@ -293,6 +392,11 @@ def test_triton_kernel_is_registered_with_its_launch_configs():
     picked = {rsvd.pick_config(P, L).label()
               for P in (1, 16, 17, 4096) for L in (1, 16, 17, 33, 200)}
     assert picked == {cfg.label() for cfg in spec.configs}
+    for P in (1, 15, 16, 17, 64, 4096):  # the rule of pick_config's docstring, at its edges
+        for L in (1, 16, 17, 32, 33, 64, 65, 200):
+            c = rsvd.pick_config(P, L).constexprs
+            assert c["BLOCK_P"] == (16 if P <= 16 else 64), (P, L)
+            assert c["BLOCK_L"] == min(b for b in (16, 32, 64) if b >= min(L, 64)), (P, L)
     for cfg in spec.configs:  # every tl.dot operand dimension >= 16 (the compiler's rule)
         assert min(cfg.constexprs[k] for k in ("BLOCK_P", "BLOCK_L", "BLOCK_Q")) >= 16
 
