@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -94,6 +95,44 @@ def test_pairs_are_sampled_with_the_seed_and_only_needed_tasks_run():
         assert res.similarity[i, j].item() == pytest.approx(batches[i][1] * batches[j][1])
 
 
+def test_sampled_pairs_are_the_seeded_sample_of_all_pairs():
+    """num_pairs < T(T-1)/2: the pairs are ``random.Random(seed).sample`` of all i < j pairs in
+    order (the documented draw), sorted; at least T(T-1)/2 measures every pair."""
+    model = _adapter(seed=8)
+    x = torch.randn(3, 10, dtype=F64, generator=torch.Generator().manual_seed(8))
+    batches = [(x, float(s)) for s in (1, -1, -1, 1, 1)]
+    every = list(itertools.combinations(range(5), 2))
+    drawn = set()
+    for seed in (0, 3, 11):
+        res = gradient_conflict(model, batches, _signed_sum, num_pairs=4, seed=seed)
+        assert res.pairs == sorted(random.Random(seed).sample(every, 4)), seed
+        drawn.add(tuple(res.pairs))
+    assert len(drawn) > 1
+    assert gradient_conflict(model, batches, _signed_sum, num_pairs=10).pairs == every
+
+
+def test_default_params_are_the_trainable_adapter_parameters():
+    """Without params=, the gradient vector is every adapter parameter that requires grad: a
+    frozen A is left out (taking its gradient would fail), and the cosines are those of the
+    B and router gradients taken by hand."""
+    model = _adapter(seed=9)
+    model.lora_A.requires_grad_(False)
+    g = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(4, 10, generator=g, dtype=F64), torch.randn(4, 10, generator=g,
+                                                                        dtype=F64))
+               for _ in range(3)]
+
+    def mse(m, batch):
+        return (m(batch[0]) - batch[1]).square().mean()
+
+    res = gradient_conflict(model, batches, mse)
+    flat = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+        mse(model, b), [model.lora_B, model.lora_route])]) for b in batches]
+    for i, j in itertools.combinations(range(3), 2):
+        want = (flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())).item()
+        assert res.similarity[i, j].item() == pytest.approx(want, rel=1e-10)
+
+
 def test_a_task_without_gradient_has_no_direction():
     model = _adapter(seed=3)
     x = torch.randn(4, 10, dtype=F64)
@@ -158,6 +197,25 @@ def _experts_sharing(indices, N=4, m=24, r=10, n=16, seed=5):
     return torch.stack(B), V.T
 
 
+def test_alignment_of_the_top_k_passes_oversample_and_power_iters_on():
+    """k below the rank: randomized_svd is exact when k + oversample reaches min(m, n) (a sketch
+    of the whole range), so the top-k Eq. 7 equals the one written out from full SVDs; with
+    no oversampling a slowly decaying spectrum needs the power iterations asked for."""
+    g = torch.Generator().manual_seed(10)
+    experts = torch.randn(3, 14, 9, dtype=F64, generator=g)
+    res = spectral_alignment(experts, k=4, oversample=5, power_iters=0,
+                             generator=torch.Generator().manual_seed(1))
+    assert rel_err(torch.tensor(res.values, dtype=F64), _eq7_direct(experts, K=4)) <= TOL
+    U, _ = torch.linalg.qr(torch.randn(3, 40, 30, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(3, 30, 30, generator=g, dtype=F64))
+    decaying = (U * 0.7 ** torch.arange(30, dtype=F64)) @ V.mT
+    errs = [rel_err(torch.tensor(spectral_alignment(
+        decaying, k=4, oversample=0, power_iters=q,
+        generator=torch.Generator().manual_seed(2)).values, dtype=F64),
+        _eq7_direct(decaying, K=4)) for q in (0, 8)]
+    assert errs[1] <= 1e-4 and errs[0] > 1e-2, errs  # measured 2.9e-5 and 0.77
+
+
 def test_shared_top_directions_put_the_top_band_first():
     top = spectral_alignment(_experts_sharing([0, 1]))
     assert top.bands == ((0, 2), (2, 5), (5, 10))
@@ -184,6 +242,17 @@ def test_band_edges():
     assert band_edges(16) == ((0, 3), (3, 8), (8, 16))
     assert band_edges(3) == ((0, 1), (1, 2), (2, 3))
     assert band_edges(4, (0.1, 0.2)) == ((0, 1), (1, 2), (2, 4))
+    # Cuts crowding the end: floor(0.8 * 3 + 0.5) = 2 is capped at K - 2 = 1 (two bands must
+    # follow), floor(0.9 * 3 + 0.5) = 3 at K - 1 = 2; every band keeps one index.
+    assert band_edges(3, (0.8, 0.9)) == ((0, 1), (1, 2), (2, 3))
+    # And crowding the start: floor(0.05 * 10 + 0.5) = 1, floor(0.1 * 10 + 0.5) = 1 -> 2.
+    assert band_edges(10, (0.05, 0.1, 0.97)) == ((0, 1), (1, 2), (2, 9), (9, 10))
+    for K in range(3, 40):  # contiguous, non-empty bands covering 0..K-1, for any cuts
+        for cuts in ((0.2, 0.5), (0.01, 0.02), (0.98, 0.99), (0.3, 0.31), (0.5, 0.999)):
+            bands = band_edges(K, cuts)
+            assert bands[0][0] == 0 and bands[-1][1] == K, (K, cuts, bands)
+            assert all(a < b for a, b in bands), (K, cuts, bands)
+            assert all(b == a2 for (_, b), (a2, _) in zip(bands, bands[1:])), (K, cuts, bands)
     with pytest.raises(ValueError, match="at least"):
         band_edges(2)
     with pytest.raises(ValueError, match="increasing fractions"):
