@@ -29,6 +29,17 @@ def _adapter(seed=0, d=10, n_exp=3, r=4):
     return a
 
 
+def _regression_batches(seed, rows, n=3, d=10):
+    """n fresh (x, target) fp64 pairs of [rows, d] each."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, d, generator=g, dtype=F64),
+             torch.randn(rows, d, generator=g, dtype=F64)) for _ in range(n)]
+
+
+def _mse(model, batch):
+    return (model(batch[0]) - batch[1]).square().mean()
+
+
 def _signed_sum(model, batch):
     x, sign = batch
     return sign * model(x).sum()
@@ -50,27 +61,20 @@ def test_opposite_gradients_give_minus_one_identical_give_one():
 
 def test_conflict_equals_cosines_of_gradients_taken_by_hand():
     model = _adapter(seed=1)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(5, 10, generator=g, dtype=F64), torch.randn(5, 10, generator=g,
-                                                                        dtype=F64))
-               for _ in range(3)]
-
-    def mse(m, batch):
-        return (m(batch[0]) - batch[1]).square().mean()
-
-    res = gradient_conflict(model, batches, mse)
+    batches = _regression_batches(seed=1, rows=5)
+    res = gradient_conflict(model, batches, _mse)
     assert all(p.grad is None for p in model.parameters())  # .grad untouched
     flat = []
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        mse(model, batch).backward()
+        _mse(model, batch).backward()
         flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     cos = {(i, j): torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0).item()
            for i, j in itertools.combinations(range(3), 2)}
     for (i, j), want in cos.items():
         assert res.similarity[i, j].item() == pytest.approx(want, rel=1e-10)
     assert res.mean == pytest.approx(sum(cos.values()) / 3, rel=1e-10)
-    only_b = gradient_conflict(model, batches, mse, params=[model.lora_B])
+    only_b = gradient_conflict(model, batches, _mse, params=[model.lora_B])
     assert only_b.mean != pytest.approx(res.mean, rel=1e-3)  # a different gradient vector
 
 
@@ -117,17 +121,10 @@ def test_default_params_are_the_trainable_adapter_parameters():
     B and router gradients taken by hand."""
     model = _adapter(seed=9)
     model.lora_A.requires_grad_(False)
-    g = torch.Generator().manual_seed(9)
-    batches = [(torch.randn(4, 10, generator=g, dtype=F64), torch.randn(4, 10, generator=g,
-                                                                        dtype=F64))
-               for _ in range(3)]
-
-    def mse(m, batch):
-        return (m(batch[0]) - batch[1]).square().mean()
-
-    res = gradient_conflict(model, batches, mse)
+    batches = _regression_batches(seed=9, rows=4)
+    res = gradient_conflict(model, batches, _mse)
     flat = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(
-        mse(model, b), [model.lora_B, model.lora_route])]) for b in batches]
+        _mse(model, b), [model.lora_B, model.lora_route])]) for b in batches]
     for i, j in itertools.combinations(range(3), 2):
         want = (flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())).item()
         assert res.similarity[i, j].item() == pytest.approx(want, rel=1e-10)
