@@ -400,7 +400,8 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
 
 
 def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
-            attach_kwargs: Callable[[dict | None, list[str], str], dict]) -> MTLoRAHandle:
+            attach_kwargs: Callable[[nn.Module, dict | None, list[str], str], dict]
+            ) -> MTLoRAHandle:
     pattern, b_key, strip, load = {
         "hydralora": (_HYDRA_KEY, lambda i: f"lora_B{i}.weight", ".adapter",
                       MTLoRAAdapter.load_hydralora_state_dict),
@@ -447,7 +448,7 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
                                    + "; ".join(diffs))
         fill(handle)
         return handle
-    return _attach_then(model, attach_kwargs(peft_config, list(groups), str(where)), fill)
+    return _attach_then(model, attach_kwargs(model, peft_config, list(groups), str(where)), fill)
 
 
 def _checkpoint_targets(model: nn.Module, theirs: list[str], where: str) -> list[str]:
@@ -539,13 +540,13 @@ def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = N
     suffix that PEFT matches differently). Everything is checked first; on an error the model
     is unchanged.
     """
-    def kwargs(peft_config, modules, where):
+    def kwargs(model, peft_config, modules, where):
         cfg = config
         if cfg is None and peft_config is not None:
             cfg = hydralora_config(peft_config)[0]
         targets = target_modules
         if targets is None:
-            targets = _checkpoint_targets(_resolve(model_or_handle)[0], modules, where)
+            targets = _checkpoint_targets(model, modules, where)
         return {"config": _need_config(cfg, "HydraLoRA"), "target_modules": targets}
 
     return _import(model_or_handle, source, kind="hydralora", config=config,
@@ -557,10 +558,9 @@ def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = No
     """Load an official mtLoRA block-level checkpoint (keys ``<layer>.mlp.block_adapter.lora_A
     .weight``, ``...lora_B.{i}.weight``, ``...lora_route.weight``, any PEFT prefix; router rows
     ``G*N + e`` as ours). ``source`` and the all-or-nothing rule as in :func:`import_hydralora`."""
-    def kwargs(peft_config, _modules, _where):
+    def kwargs(model, peft_config, _modules, _where):
         cfg, where = config, placement
         if peft_config is not None and (cfg is None or where is None):
-            model, _ = _resolve(model_or_handle)
             cfg_p, where_p = official_config(peft_config, model.config.hidden_size)
             cfg, where = cfg or cfg_p, where or where_p
         return {"config": _need_config(cfg, "official mtLoRA"),
