@@ -339,11 +339,13 @@ def attach(
     if target_modules is not None:
         targets = _parse_targets(target_modules)
         scope = [name for name, _ in chosen] if chosen is not None else None
+
+        def in_scope(name: str) -> bool:  # inside the layers=... chosen, when given
+            return scope is None or any(name.startswith(s + ".") for s in scope)
+
         found: list[tuple[str, nn.Module]] = []
         for name, module in model.named_modules():
-            if not any(_matches(name, t) for t in targets):
-                continue
-            if scope is not None and not any(name.startswith(s + ".") for s in scope):
+            if not any(_matches(name, t) for t in targets) or not in_scope(name):
                 continue
             widths = linear_widths(module)
             if widths is None:
@@ -360,10 +362,8 @@ def attach(
             found.append((name, module))
         missing = [t for t in targets if not any(_matches(n, t) for n, _ in found)]
         if missing:
-            # With layers=..., only the Linear modules inside those layers count.
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if linear_widths(m) is not None
-                             and (scope is None or any(n.startswith(s + ".") for s in scope))})
+                             if linear_widths(m) is not None and in_scope(n)})
             where = (type(model).__name__ if scope is None
                      else f"layers {layers} of {type(model).__name__}")
             raise ValueError(f"target_modules {missing} match no nn.Linear (or Conv1D) in "

@@ -206,7 +206,7 @@ class MTLoRALinear(nn.Module):
     state dict).
     """
 
-    def __init__(self, base: nn.Linear, config: MTLoRAConfig | None = None, **overrides) -> None:
+    def __init__(self, base: nn.Module, config: MTLoRAConfig | None = None, **overrides) -> None:
         super().__init__()
         widths = linear_widths(base)
         if widths is None:
