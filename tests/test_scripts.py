@@ -5,11 +5,13 @@ part of the package, so nothing else runs them."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +72,43 @@ def test_experiment_refuses_bad_arguments(tmp_path, script, args, message):
     proc = _run(f"python/experiments/{script}", *args, "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def _readme_snippets() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_readme_snippets_run_and_do_what_their_comments_say(tmp_path, monkeypatch):
+    """The README's two Python blocks, run as written: the API block, then the training block
+    on a tiny LLaMA (its ``model`` and ``batch``; its ``...``, the training, draws every B at
+    random so the adapters change the outputs), which must leave the model as it was."""
+    transformers = pytest.importorskip("transformers")
+    api, training = _readme_snippets()
+    monkeypatch.delenv("MTLORA_BACKEND", raising=False)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(api, "README.md (API)", "exec"), ns)
+    assert ns["out"].shape == ns["z"].shape == ns["y"].shape and ns["aux"].ndim == 0
+    assert ns["layer"](ns["z"]).shape == ns["z"].shape
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        before = model(**batch).logits
+    keys = list(model.state_dict())
+    monkeypatch.chdir(tmp_path)
+    assert "\n...\n" in training
+    training = training.replace("\n...\n", "\nfor p in handle.parameters(): p.data.normal_()\n"
+                                "assert not torch.equal(model(**batch).logits, before)\n")
+    ns = {"model": model, "batch": batch, "torch": torch, "before": before}
+    exec(compile(training, "README.md (training)", "exec"), ns)
+    assert torch.isfinite(ns["loss"]) and ns["loss"].requires_grad
+    assert torch.equal(ns["ref"], before)  # disabled: the base model's logits
+    assert {p.suffix for p in (tmp_path / "ckpt").iterdir()} == {".safetensors", ".json"}
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)  # removed: the original model
+    assert list(model.state_dict()) == keys
