@@ -539,3 +539,27 @@ def test_importing_the_package_does_not_import_transformers():
             "assert not heavy, f'{heavy} imported'")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
+                         ids=["block", "component"])
+def test_generate_with_the_kv_cache_matches_full_forwards(where):
+    """Greedy ``generate`` with adapters attached: its cached decode steps (one new token per
+    sequence through the adapters) pick the tokens that full forwards over the whole prefix
+    pick, and no cache gives the same."""
+    model = tiny_model("llama")
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1), **where)
+    randomize(handle)
+    prompt = tiny_inputs("llama")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(prompt))  # else the prompt's 0s count as padding
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kw)
+        uncached = model.generate(prompt, use_cache=False, **kw)
+        ids = prompt
+        for _ in range(6):
+            ids = torch.cat([ids, run(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        with handle.disabled():
+            base = model.generate(prompt, use_cache=True, **kw)
+    assert torch.equal(cached, ids) and torch.equal(uncached, ids)
+    assert not torch.equal(base, ids), "the adapters must change what is generated"
