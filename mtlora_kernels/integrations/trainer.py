@@ -1,0 +1,91 @@
+"""``transformers.Trainer`` with mtLoRA's auxiliary loss (balance + spectral) in training.
+
+Attach the adapters first, then train as usual::
+
+    handle = attach(model, MTLoRAConfig(), placement="ffn")
+    trainer = MTLoRATrainer(model=model, args=args, train_dataset=ds)
+    trainer.train()
+    save_adapters(handle, "adapters/")
+
+Adding ``handle.aux_loss()`` to the loss in a ``compute_loss`` override is easy to get subtly
+wrong, which is why this class exists:
+
+- **Gradient accumulation.** When the model normalizes its loss over the whole accumulated batch
+  (``num_items_in_batch``, transformers' default for causal LMs), the Trainer does not divide the
+  loss by the accumulation steps; a per-micro-batch auxiliary term added to it would then count
+  once per micro-batch, k times too much. Here the term is divided by the steps in that case and
+  left to the Trainer's own division otherwise: each optimizer step takes the mean of the term
+  over its micro-batches either way.
+- **The regularizer's step.** One :class:`~mtlora_kernels.losses.SpectralRegularizer` serves the
+  whole run (its cached weighting and its ``apply_every`` schedule) and is called with the
+  optimizer step (``state.global_step``), not a count of micro-batches.
+- **Padding.** The batch's ``attention_mask`` goes to the balance loss, so padding tokens do
+  not count.
+- **Evaluation** reports the task loss alone: the term is added only while the model trains.
+
+The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
+of the package does not).
+"""
+
+from __future__ import annotations
+
+import transformers
+
+from mtlora_kernels.integrations.hf import get_handle
+from mtlora_kernels.losses import SpectralRegularizer
+
+
+class MTLoRATrainer(transformers.Trainer):
+    """``transformers.Trainer`` that adds ``balance_weight * balance loss + spectral_weight *
+    regularizer`` (:func:`mtlora_kernels.losses.auxiliary_loss`) to the training loss.
+
+    Args (keyword, besides the Trainer's own): ``balance_weight`` (default 0.01) and
+    ``spectral_weight`` (default 1.0), the released scripts' weights; ``regularizer``, the
+    :class:`SpectralRegularizer` for the run (default: the paper variant, every step). The model
+    must have adapters attached (:func:`mtlora_kernels.attach`, or a loader that attaches).
+    The logs carry ``aux_loss``, the term of the last micro-batch before each log.
+    """
+
+    def __init__(self, *args, balance_weight: float = 0.01, spectral_weight: float = 1.0,
+                 regularizer: SpectralRegularizer | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mtlora_handle = get_handle(self.model)
+        if self.mtlora_handle is None:
+            raise ValueError("MTLoRATrainer: the model has no mtLoRA adapters; attach them "
+                             "(mtlora_kernels.attach(model, config, ...)) before building the "
+                             "trainer")
+        self.balance_weight = float(balance_weight)
+        self.spectral_weight = float(spectral_weight)
+        self.regularizer = regularizer if regularizer is not None else SpectralRegularizer()
+        self._last_aux = None  # a tensor: no device sync per step, only per log
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether ``training_step`` will leave the loss undivided by the accumulation steps
+        (the Trainer's own rule; ``loss_is_scaled_for_ga`` is its override where it has one)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")  # before the Trainer may pop anything
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        if model.training:
+            aux = self.mtlora_handle.aux_loss(
+                balance_weight=self.balance_weight, spectral_weight=self.spectral_weight,
+                regularizer=self.regularizer, mask=mask, step=self.state.global_step)
+            self._last_aux = aux.detach()
+            if self._loss_scaled_for_accumulation(num_items_in_batch):
+                aux = aux / self.current_gradient_accumulation_steps
+            loss = loss + aux
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._last_aux is not None:
+            logs["aux_loss"] = round(float(self._last_aux), 6)
+        super().log(logs, *args, **kwargs)
+
+
+__all__ = ["MTLoRATrainer"]

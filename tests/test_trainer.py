@@ -1,0 +1,118 @@
+"""MTLoRATrainer (mtlora_kernels.integrations.trainer): transformers' Trainer with the auxiliary
+loss, on a tiny LLaMA built from a config, on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer's own requirement
+
+from conftest import rel_err  # noqa: E402
+from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
+from mtlora_kernels.integrations.trainer import MTLoRATrainer  # noqa: E402
+from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
+
+
+def tiny_llama(placement: dict | None = None):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64))
+    if placement is None:
+        return model, None
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0), **placement)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B = 0 at init: draw it, so every term has a gradient
+        for p in handle.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, handle
+
+
+def dataset(n: int = 8, length: int = 9, seed: int = 2) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids})
+    return rows
+
+
+def args(tmp_path, **kw) -> transformers.TrainingArguments:
+    base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
+                logging_steps=1, disable_tqdm=True, seed=0, max_grad_norm=0.0, weight_decay=0.0,
+                optim="sgd", learning_rate=1.0, lr_scheduler_type="constant")
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def test_the_training_loss_is_the_task_loss_plus_the_auxiliary_loss(tmp_path):
+    model, handle = tiny_llama(dict(placement="ffn"))
+    trainer = MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset(),
+                            balance_weight=0.3, spectral_weight=0.7)
+    batch = {k: torch.tensor([r[k] for r in dataset(3, seed=5)])
+             for k in ("input_ids", "attention_mask", "labels")}
+    batch["attention_mask"][0, -3:] = 0  # padding: the balance loss must leave it out
+    model.train()
+    ours = trainer.compute_loss(model, dict(batch))
+    task = model(**batch).loss
+    want = task + auxiliary_loss(model, balance_weight=0.3, spectral_weight=0.7,
+                                 mask=batch["attention_mask"])
+    assert rel_err(ours, want) <= 1e-6
+    assert rel_err(ours, task) > 1e-3, "the auxiliary term must count"
+    model.eval()
+    assert rel_err(trainer.compute_loss(model, dict(batch)), model(**batch).loss) <= 1e-6
+
+
+@pytest.mark.parametrize("placement,normalized", [
+    (dict(placement="ffn"), True), (dict(target_modules="q_proj,v_proj"), True),
+    (dict(placement="ffn"), False)], ids=["block", "component", "block-mean-loss"])
+def test_gradient_accumulation_gives_the_update_of_one_large_batch(tmp_path, placement,
+                                                                   normalized):
+    """One optimizer step over 4 sequences, as 2 micro-batches of 2 or one batch of 4: the same
+    SGD update of every adapter parameter. The spectral term counts once per step either way:
+    added as it is to each micro-batch's causal-LM loss, which transformers normalizes over the
+    whole accumulated batch (``normalized``), it counted twice; where the Trainer divides the
+    loss by the accumulation steps itself (a model that takes no loss kwargs: per-micro-batch
+    means), it must not be divided again. The balance term is left out: a mean over
+    micro-batches of var/mean^2 is not that of the whole batch."""
+    updates = []
+    for micro, accumulate in ((4, 1), (2, 2)):
+        model, handle = tiny_llama(placement)
+        before = [p.detach().clone() for p in handle.parameters()]
+        trainer = MTLoRATrainer(
+            model=model, train_dataset=dataset(4), balance_weight=0.0, spectral_weight=5.0,
+            args=args(tmp_path, max_steps=1, per_device_train_batch_size=micro,
+                      gradient_accumulation_steps=accumulate))
+        trainer.model_accepts_loss_kwargs = normalized
+        trainer.train()
+        updates.append([p.detach() - b for p, b in zip(handle.parameters(), before)])
+    for one, accumulated in zip(*updates):
+        assert one.abs().max() > 0
+        assert rel_err(accumulated, one) <= 1e-5
+
+
+def test_training_runs_logs_the_term_and_calls_the_regularizer_with_the_optimizer_step(tmp_path):
+    model, handle = tiny_llama(dict(target_modules="q_proj,v_proj"))
+    steps = []
+
+    class Recording(SpectralRegularizer):
+        def __call__(self, model, step=None):
+            steps.append(step)
+            return super().__call__(model, step)
+
+    trainer = MTLoRATrainer(
+        model=model, train_dataset=dataset(8), regularizer=Recording(),
+        args=args(tmp_path, max_steps=3, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2, learning_rate=1e-3))
+    trainer.train()
+    assert steps == [0, 0, 1, 1, 2, 2]  # each micro-batch, with its optimizer step
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(entry["aux_loss"] > 0 for entry in logged)
+
+
+def test_a_model_without_adapters_is_refused(tmp_path):
+    model, _ = tiny_llama()
+    with pytest.raises(ValueError, match="no mtLoRA adapters.*attach"):
+        MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset())
+
