@@ -1,7 +1,8 @@
 """attach() on tiny random transformers models of every supported family (no downloads).
 
 The oracle is written the way SPEC section 2 states the placement, independently of attach()'s
-one-hook design: a hook on the norm captures z, a hook on the sub-layer adds
+one-hook design: a hook on the norm captures z (where a layer has no norm before the sub-layer,
+hooks on the layer capture the residual stream), a hook on the sub-layer adds
 ``mix_reference(z, ...)`` (component-level: ``base(x) + mix_reference(x, ...)``) on a copy of
 the model taken before attaching.
 """
@@ -28,22 +29,42 @@ TOL = REL_TOL[torch.float32]
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
+# Config fields beyond SMALL: tiny MoE blocks (4 experts, 2 per token), Granite's multiplier
+# away from 1 (so that a test sees it), StableLM's parallel layout.
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+EXTRA = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(MOE, num_experts=4, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(MOE, num_experts=4),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),
+    "granite": dict(residual_multiplier=0.5),
+    "stablelm": dict(use_parallel_residual=True),
+    "stablelm-sequential": dict(use_parallel_residual=False),
+}
+
+
 def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
+    """A tiny random model of ``family`` (a model_type; 'stablelm-sequential': StableLM without
+    use_parallel_residual), built from a config: no download."""
     torch.manual_seed(seed)
     small = {**SMALL, "num_hidden_layers": layers}
     if family == "vit":
         cfg = transformers.ViTConfig(**small, image_size=16, patch_size=8)
         return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-           "olmo": (transformers.OlmoConfig, transformers.OlmoForCausalLM)}[family]
-    if family in ("qwen3", "gemma"):  # their head_dim defaults to 128 / 256
-        small["head_dim"] = small["hidden_size"] // small["num_attention_heads"]
-    cfg = cls[0](**small, vocab_size=64, num_key_value_heads=2, max_position_embeddings=32)
-    return cls[1](cfg).eval()
+    # head_dim fixed (Qwen3's and Gemma's default to 128 / 256); token ids inside the vocabulary
+    # (LLaMA's defaults: its tiny model stays the one the other test files were written with).
+    text = dict(small, vocab_size=64, num_key_value_heads=2, max_position_embeddings=32,
+                head_dim=small["hidden_size"] // small["num_attention_heads"],
+                pad_token_id=None, bos_token_id=1, eos_token_id=2, **EXTRA.get(family, {}))
+    if family == "gemma3":  # the multimodal model: a tiny SigLIP tower beside the decoder
+        cfg = transformers.Gemma3Config(
+            text_config=text, mm_tokens_per_image=4, image_token_id=64,  # past the text ids
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=16, patch_size=8))
+    else:
+        cfg = transformers.AutoConfig.for_model(family.removesuffix("-sequential"), **text)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor:
@@ -78,14 +99,43 @@ def randomize(handle, seed: int = 2) -> None:
                     p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
+def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
+    """Hooks on ``layer`` (of a model without adapters) that put sub-layer ``sub``'s z in
+    ``store[key]`` as SPEC and the module docstring define it: the output of the norm the table
+    names (of alternatives, the one the layer has); where the layer has no norm there, the
+    residual stream: for attention the layer's input h, for the FFN
+    ``h1 = h + PostNorm(Attn(h))``, the sum the layer forms (OLMo2's layout)."""
+    norm = family.ffn_norm if sub == family.ffn else family.attn_norm
+    if norm is not None:
+        if not isinstance(norm, str):
+            norm = next(n for n in norm if getattr(layer, n, None) is not None)
+        getattr(layer, norm).register_forward_hook(
+            lambda m, args, out: store.__setitem__(key, out))
+        return
+
+    def layer_input(m, args, kwargs):
+        store[key, "h"] = args[0] if args else kwargs["hidden_states"]
+
+    layer.register_forward_pre_hook(layer_input, with_kwargs=True)
+    if sub == family.attn:
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs: store.__setitem__(key, store[key, "h"]), with_kwargs=True)
+    else:
+        getattr(layer, family.attn_after).register_forward_hook(
+            lambda m, args, out: store.__setitem__(key, store[key, "h"] + out))
+
+
+def delta(x: torch.Tensor, a, cfg) -> torch.Tensor:
+    return mix_reference(x, a.lora_A, a.lora_B, a.lora_route, groups=cfg.groups,
+                         scaling=cfg.scaling)
+
+
 def reference_model(base: nn.Module, handle) -> nn.Module:
-    """``base`` (a pre-attach copy) with the adapters' delta added the way SPEC writes it."""
+    """``base`` (a pre-attach copy) with the adapters' delta added the way SPEC writes it: to
+    the sub-layer's output (so before what the layer applies after it: the module docstring's
+    kind 3), from z captured by :func:`capture_z`."""
     cfg = handle.config
     captured = {}
-
-    def delta(x, a):
-        return mix_reference(x, a.lora_A, a.lora_B, a.lora_route, groups=cfg.groups,
-                             scaling=cfg.scaling)
 
     def plus(out, d):
         return (out[0] + d, *out[1:]) if isinstance(out, tuple) else out + d
@@ -94,32 +144,39 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
     for name, a in handle.adapters.items():
         if handle.placement == "component":
             lin = base.get_submodule(name.removesuffix(".adapter"))
-            lin.register_forward_hook(lambda m, args, out, a=a: out + delta(args[0], a))
+            lin.register_forward_hook(lambda m, args, out, a=a: out + delta(args[0], a, cfg))
             continue
         layer_name, sub, _ = name.rsplit(".", 2)
         layer = base.get_submodule(layer_name)
-        norm = getattr(layer, family.ffn_norm if sub == family.ffn else family.attn_norm)
-        norm.register_forward_hook(lambda m, args, out, k=name: captured.__setitem__(k, out))
+        capture_z(layer, family, sub, captured, name)
         getattr(layer, sub).register_forward_hook(
-            lambda m, args, out, k=name, a=a: plus(out, delta(captured[k], a)))
+            lambda m, args, out, k=name, a=a: plus(out, delta(captured[k], a, cfg)))
     return base
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "vit"]
-LLAMA_LIKE = ["qwen3", "gemma", "olmo"]  # LLaMA's layer code under other names
+# The module docstring's three kinds. LLaMA's layer code under other names (the last five: MoE
+# blocks as the FFN; Phi-3: with residual dropouts).
+LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
+              "helium", "arcee", "seed_oss", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+              "gpt_oss"]
+PARALLEL = ["cohere", "cohere2", "phi", "stablelm", "stablelm-sequential"]
+POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "exaone4",
+                  "granite"]
 PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
               dict(target_modules=["q_proj", "v_proj"])]
 
 
 # Every placement on LLaMA; the other families differ only in names: 'both' and component
-# ('both' alone where the Linear names are LLaMA's too).
+# ('both' alone where the Linear names are LLaMA's too, or where block-level is what differs).
 CASES = ([("llama", w) for w in PLACEMENTS]
          + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
-         + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE])
+         + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE + PARALLEL + POST_TRANSFORM])
 
 
 def test_every_supported_architecture_is_tested():
-    assert set(SUPPORTED_ARCHITECTURES) == set(FAMILIES + LLAMA_LIKE)
+    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM
+    assert set(SUPPORTED_ARCHITECTURES) == {f.removesuffix("-sequential") for f in tested}
 
 
 @pytest.mark.parametrize("family,where", CASES,
@@ -164,6 +221,74 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert get_handle(model) is None
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", POST_TRANSFORM)
+def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
+    """The module docstring's kind 3, by hand on the last layer: what the layer applies to the
+    FFN's output (T: a post-norm, Granite's residual_multiplier 0.5) applies to the adapter's
+    delta too. The layer's output moves from h1 + T(FFN(z)) to h1 + T(FFN(z) + adapter(z)),
+    not to h1 + T(FFN(z)) + adapter(z) (SPEC's pre-LN form)."""
+    model = tiny_model(family)
+    base = copy.deepcopy(model)
+    x = tiny_inputs(family)
+    fam = SUPPORTED_ARCHITECTURES[base.config.model_type]
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
+                    placement="ffn", layers=[-1])
+    randomize(handle)
+    [(name, adapter)] = handle.adapters.items()
+    layer_name = name.rsplit(".", 2)[0]
+    got = {}
+    layer = base.get_submodule(layer_name)  # without adapters: h1 + T(FFN(z)), FFN(z) and z
+    capture_z(layer, fam, fam.ffn, got, "z")
+    getattr(layer, fam.ffn).register_forward_hook(lambda m, a, out: got.__setitem__("ffn", out))
+    layer.register_forward_hook(lambda m, a, out: got.__setitem__("base", out))
+    model.get_submodule(layer_name).register_forward_hook(
+        lambda m, a, out: got.__setitem__("ours", out))
+    with torch.no_grad():
+        run(base, x)
+        run(model, x)
+        d = delta(got["z"], adapter, handle.config)
+        after = getattr(layer, fam.ffn_after)
+        transform = after if isinstance(after, nn.Module) else (lambda v: after * v)
+        moved = got["ours"] - got["base"]
+        assert rel_err(moved, transform(got["ffn"] + d) - transform(got["ffn"])) <= TOL
+        assert rel_err(moved, d) > 0.3, "the delta must not skip the transform"
+
+
+@pytest.mark.parametrize("family,gone", [("llama", "post_attention_layernorm"),
+                                         ("olmo2", "post_feedforward_layernorm"),
+                                         ("granite", "residual_multiplier")])
+def test_a_layer_laid_out_otherwise_is_refused(family, gone):
+    """A transformers version whose layer lacks a piece the table names (the norm before a
+    sub-layer, the post-norm or the multiplier after it) gets a named error, the model as it was."""
+    model = tiny_model(family)
+    delattr(model.model.layers[1], gone)
+    with pytest.raises(ValueError, match=rf"layers\.1 \(\w+DecoderLayer\) lacks \['{gone}'\], "
+                                         r".*target_modules"):
+        attach(model, placement="ffn")
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_gemma3_multimodal_adapts_its_language_model_only():
+    """Gemma 3's multimodal model (model_type 'gemma3'): adapters on its language model's
+    decoder layers, none in the SigLIP vision tower (whose layers have an ``mlp`` too) or the
+    projector, whose image features stay what they were."""
+    model = tiny_model("gemma3")
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def image_features():
+        out = model.get_image_features(pixels)
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    with torch.no_grad():
+        before = image_features()
+        handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=2), placement="both")
+        randomize(handle)
+        assert list(handle.adapters) == [f"model.language_model.layers.{i}.{sub}.mtlora_adapter"
+                                         for i in (0, 1) for sub in ("self_attn", "mlp")]
+        assert handle.adapters[next(iter(handle.adapters))].d_in == 32  # text width, not 16
+        assert torch.equal(image_features(), before)
 
 
 @pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
@@ -464,9 +589,10 @@ def test_unsupported_architecture_gets_a_clear_error():
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
-    with pytest.raises(NotImplementedError,
-                       match="gemma, llama, mistral, olmo, qwen2, qwen3, vit.*'gpt2'"):
+    with pytest.raises(NotImplementedError, match=r"supports model types arcee, cohere, .*, vit; "
+                       r"GPT2LMHeadModel has model_type 'gpt2'.*target_modules") as err:
         attach(gpt2, placement="ffn")
+    assert ", ".join(sorted(SUPPORTED_ARCHITECTURES)) in str(err.value)
     with pytest.raises(ValueError, match="layers=.*supported architecture"):
         attach(gpt2, target_modules=["c_attn"], layers=[0])
 

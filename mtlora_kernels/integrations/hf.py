@@ -9,11 +9,25 @@ sub-layer::
 
 The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (``mlp`` or the
 attention module; the official code's ``block_adapter`` sits in the same place) and runs from
-ONE forward hook on that module. In every supported layer the sub-layer is called on the norm's
-output and on nothing else, so the hook's input *is* z; the hook passes the sub-layer's output
-to the fused op as its residual (no extra pass over [T, d]). One hook with no state kept between
-hooks is what makes this safe under gradient checkpointing (the recompute re-runs the same hook)
-and under torch.compile (dynamo inlines it).
+ONE forward hook on that module. In every supported layer the sub-layer is called on its z and
+on nothing else, so the hook's input *is* z; the hook passes the sub-layer's output to the fused
+op as its residual (no extra pass over [T, d]). One hook with no state kept between hooks is what
+makes this safe under gradient checkpointing (the recompute re-runs the same hook) and under
+torch.compile (dynamo inlines it).
+
+The supported layers (:data:`SUPPORTED_ARCHITECTURES`) come in three kinds:
+
+- pre-LN (LLaMA, Mistral, Qwen2/3, their MoE versions, ...): SPEC's formula above, exactly;
+- parallel (Cohere, Phi, StableLM with ``use_parallel_residual``): one norm feeds both
+  sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus ``adapter(z)`` of each placed
+  adapter;
+- a transform after the sub-layer (Gemma2/3, GLM4, OLMo2/3, Exaone4: a post-norm; Granite: its
+  ``residual_multiplier`` m). SPEC's formula is for pre-LN layers; here the layer applies the
+  transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z) +
+  adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
+  adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear
+  layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3 and Exaone4 have no norm before the
+  sub-layer: there z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself.
 
 Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement): each named
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
@@ -47,39 +61,112 @@ ADAPTER_ATTR = "mtlora_adapter"
 
 @dataclass(frozen=True)
 class _Family:
-    """Where the pieces of one pre-LN transformer layer live, by attribute name."""
+    """Where the pieces of one transformer layer live, by attribute name.
+
+    ``attn_norm`` / ``ffn_norm``: the norm whose output the sub-layer is called on; a tuple names
+    alternatives, the first the layer has (StableLM); None where the layer has no norm there and
+    the sub-layer reads the residual stream itself (OLMo2). ``attn_after`` / ``ffn_after``: what
+    the layer applies to the sub-layer's output before adding it to the residual (a post-norm, a
+    dropout, Granite's ``residual_multiplier``), so to the sub-layer's output plus the adapter's.
+    """
 
     layer_class: str
     attn: str
-    attn_norm: str
+    attn_norm: str | tuple[str, ...] | None
     ffn: str
-    ffn_norm: str
+    ffn_norm: str | tuple[str, ...] | None
+    attn_after: str | None = None
+    ffn_after: str | None = None
 
 
-#: model_type -> layer layout. The norms are only checked to exist: the adapter's input is taken
-#: from the sub-layer's own input, which these layers compute as ``sublayer(norm(h))``.
+def _pre_ln(layer_class: str, attn_after: str | None = None,
+            ffn_after: str | None = None) -> _Family:
+    """LLaMA's layout: ``h1 = h + Attn(input_layernorm(h))``,
+    ``out = h1 + FFN(post_attention_layernorm(h1))``."""
+    return _Family(layer_class, "self_attn", "input_layernorm", "mlp", "post_attention_layernorm",
+                   attn_after, ffn_after)
+
+
+def _parallel(layer_class: str, after: str | None = None) -> _Family:
+    """One norm feeds both: ``h + Attn(z) + FFN(z)`` with ``z = input_layernorm(h)``."""
+    return _Family(layer_class, "self_attn", "input_layernorm", "mlp", "input_layernorm",
+                   after, after)
+
+
+def _post_norm(layer_class: str, attn_norm: str | None, ffn_norm: str | None,
+               attn_after: str, ffn_after: str) -> _Family:
+    """A norm after each sub-layer: ``h1 + PostNorm(FFN(z))``."""
+    return _Family(layer_class, "self_attn", attn_norm, "mlp", ffn_norm, attn_after, ffn_after)
+
+
+_GEMMA2 = ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm",
+           "post_feedforward_layernorm")
+_OLMO2 = (None, None, "post_attention_layernorm", "post_feedforward_layernorm")
+
+#: model_type -> layer layout. The hook takes the adapter's input z from the sub-layer's own input
+#: and adds the adapter's output to the sub-layer's output; the names here are only checked to
+#: exist (a transformers version that lays a layer out differently gets an error) and tell the
+#: tests which norm's output z must be. Three kinds of layer:
 SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
-    "llama": _Family("LlamaDecoderLayer", "self_attn", "input_layernorm", "mlp",
-                     "post_attention_layernorm"),
-    "mistral": _Family("MistralDecoderLayer", "self_attn", "input_layernorm", "mlp",
-                       "post_attention_layernorm"),
-    "qwen2": _Family("Qwen2DecoderLayer", "self_attn", "input_layernorm", "mlp",
-                     "post_attention_layernorm"),
-    # The same layer code as LLaMA's in transformers 5 (their own norms, attention and MLP
-    # inside; Gemma2/3, OLMo2 and Granite are not: extra norms or a scale after the sub-layer).
-    "qwen3": _Family("Qwen3DecoderLayer", "self_attn", "input_layernorm", "mlp",
-                     "post_attention_layernorm"),
-    "gemma": _Family("GemmaDecoderLayer", "self_attn", "input_layernorm", "mlp",
-                     "post_attention_layernorm"),
-    "olmo": _Family("OlmoDecoderLayer", "self_attn", "input_layernorm", "mlp",
-                    "post_attention_layernorm"),
-    # In ViT the layer's hidden dropout applies to FFN(z) + adapter(z) together.
-    "vit": _Family("ViTLayer", "attention", "layernorm_before", "mlp", "layernorm_after"),
+    # 1. Pre-LN, LLaMA's layout (its layer code under other names in transformers 5):
+    #    out = h1 + FFN(z) + adapter(z), z = LN2(h1), as SPEC section 2 writes it.
+    **{t: _pre_ln(c) for t, c in (
+        ("llama", "LlamaDecoderLayer"), ("mistral", "MistralDecoderLayer"),
+        ("ministral", "MinistralDecoderLayer"), ("ministral3", "Ministral3DecoderLayer"),
+        ("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer"),
+        ("gemma", "GemmaDecoderLayer"), ("olmo", "OlmoDecoderLayer"),
+        ("starcoder2", "Starcoder2DecoderLayer"), ("smollm3", "SmolLM3DecoderLayer"),
+        ("helium", "HeliumDecoderLayer"), ("arcee", "ArceeDecoderLayer"),
+        ("seed_oss", "SeedOssDecoderLayer"),
+        # MoE: the adapter runs in parallel with the whole MoE block (router, experts and any
+        # shared expert). gpt_oss's block returns (output, router_scores): the hook adds to
+        # output. Mixtral's router jitter (router_jitter_noise > 0, training) scales the
+        # block's input in place, so its adapter then sees the jittered z too.
+        ("mixtral", "MixtralDecoderLayer"), ("qwen2_moe", "Qwen2MoeDecoderLayer"),
+        ("qwen3_moe", "Qwen3MoeDecoderLayer"), ("olmoe", "OlmoeDecoderLayer"),
+        ("gpt_oss", "GptOssDecoderLayer"))},
+    # Phi-3's residual dropouts apply to FFN(z) + adapter(z) together (ViT's too, below).
+    "phi3": _pre_ln("Phi3DecoderLayer", "resid_attn_dropout", "resid_mlp_dropout"),
+    "vit": _Family("ViTLayer", "attention", "layernorm_before", "mlp", "layernorm_after",
+                   "dropout", "dropout"),
+    # 2. Parallel attention and FFN on one norm: out = h + Attn(z) + FFN(z) [+ adapters(z)],
+    #    z = LN(h), the same z for both adapters. StableLM is parallel with use_parallel_residual
+    #    (its post_attention_layernorm is then None) and LLaMA-like otherwise.
+    "cohere": _parallel("CohereDecoderLayer"),
+    "cohere2": _parallel("Cohere2DecoderLayer"),
+    "phi": _parallel("PhiDecoderLayer", "resid_dropout"),
+    "stablelm": _Family("StableLmDecoderLayer", "self_attn", "input_layernorm", "mlp",
+                        ("post_attention_layernorm", "input_layernorm"), None, "dropout"),
+    # 3. A transform after the sub-layer, which the layer applies to FFN(z) + adapter(z)
+    #    together: out = h1 + PostNorm(FFN(z) + adapter(z)) (Granite: h1 + m * (FFN(z) +
+    #    adapter(z)), m its residual_multiplier). The adapter sits inside the post-norm, where a
+    #    LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3 and
+    #    Exaone4 have no norm before the sub-layer: z is the residual stream h1 itself.
+    "gemma2": _post_norm("Gemma2DecoderLayer", *_GEMMA2),
+    "gemma3_text": _post_norm("Gemma3DecoderLayer", *_GEMMA2),
+    # Gemma 3's multimodal model: the layers are its language model's; the SigLIP vision tower
+    # has none of them and gets no adapter.
+    "gemma3": _post_norm("Gemma3DecoderLayer", *_GEMMA2),
+    "glm4": _post_norm("Glm4DecoderLayer", "input_layernorm", "post_attention_layernorm",
+                       "post_self_attn_layernorm", "post_mlp_layernorm"),
+    "olmo2": _post_norm("Olmo2DecoderLayer", *_OLMO2),
+    "olmo3": _post_norm("Olmo3DecoderLayer", *_OLMO2),
+    "exaone4": _post_norm("Exaone4DecoderLayer", *_OLMO2),
+    "granite": _pre_ln("GraniteDecoderLayer", "residual_multiplier", "residual_multiplier"),
 }
 
 
 def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """The width of the model's layers: ``config.hidden_size``, or its ``text_config``'s for a
+    multimodal model (Gemma 3's config holds its language model's width there)."""
+    config = model.config
+    if getattr(config, "hidden_size", None) is None and hasattr(config, "text_config"):
+        config = config.text_config
+    return config.hidden_size
 
 
 def _is_layer(module: nn.Module, class_name: str) -> bool:
@@ -92,13 +179,19 @@ def _find_layers(model: nn.Module, family: _Family) -> list[tuple[str, nn.Module
     if not layers:
         raise ValueError(f"model_type {_model_type(model)!r} but no {family.layer_class} module "
                          f"found in {type(model).__name__}")
+    # Every name the family gives must be there (of a tuple of alternatives, one): a module, or
+    # after a sub-layer a number too (Granite's multiplier). None, no norm there, is not looked up.
+    kinds = {n: nn.Module for n in (family.attn, family.attn_norm, family.ffn, family.ffn_norm)}
+    kinds.update({n: (nn.Module, int, float) for n in (family.attn_after, family.ffn_after)})
+    kinds.pop(None, None)
     for name, layer in layers:
-        absent = [a for a in (family.attn, family.attn_norm, family.ffn, family.ffn_norm)
-                  if not isinstance(getattr(layer, a, None), nn.Module)]
+        absent = [n for n, kind in kinds.items()
+                  if not any(isinstance(getattr(layer, a, None), kind)
+                             for a in ((n,) if isinstance(n, str) else n))]
         if absent:
             raise ValueError(
-                f"{name} ({type(layer).__name__}) lacks the sub-modules {absent} that mtLoRA's "
-                f"block-level placement expects; this transformers version lays the layer out "
+                f"{name} ({type(layer).__name__}) lacks {absent}, which mtLoRA's block-level "
+                f"placement expects there; this transformers version lays the layer out "
                 f"differently. Use component-level placement (target_modules=[...]) instead.")
     return layers
 
@@ -297,9 +390,9 @@ def attach(
 
     Args:
         model: a transformers model. Block-level placement supports the model types in
-            :data:`SUPPORTED_ARCHITECTURES` (llama, mistral, qwen2, qwen3, gemma, olmo
-            decoders; vit); any model with the named ``nn.Linear`` (or ``Conv1D``) modules works
-            component-level.
+            :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, parallel and post-norm decoders,
+            ViT; see the module docstring); any model with the named ``nn.Linear`` (or
+            ``Conv1D``) modules works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
@@ -390,7 +483,7 @@ def attach(
                 f"works on any model with nn.Linear (or Conv1D) modules.")
         if chosen is None:
             chosen = _find_layers(model, family)
-        d = model.config.hidden_size
+        d = hidden_size_of(model)
         if d % cfg.groups:
             raise ValueError(f"groups={cfg.groups} must divide hidden_size={d}")
         subs = {"ffn": [family.ffn], "attn": [family.attn],
