@@ -29,8 +29,8 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from mtlora_kernels.integrations.hf import (MTLoRAHandle, attach, get_handle, normalized_layers,
-                                            unwrapped)
+from mtlora_kernels.integrations.hf import (MTLoRAHandle, attach, get_handle, hidden_size_of,
+                                            normalized_layers, unwrapped)
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
 from mtlora_kernels.nn.adapter import linear_widths
 
@@ -441,7 +441,7 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
         # different alpha loads without a shape error and scales every output wrongly.
         if config is None and peft_config is not None:
             config = (hydralora_config(peft_config)[0] if kind == "hydralora" else
-                      official_config(peft_config, model.config.hidden_size)[0])
+                      official_config(peft_config, hidden_size_of(model))[0])
         diffs = _config_diffs(config, handle, "checkpoint") if config is not None else []
         if diffs:
             raise AdapterLoadError(f"{where} does not match the attached adapters: "
@@ -561,7 +561,7 @@ def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = No
     def kwargs(model, peft_config, _modules, _where):
         cfg, where = config, placement
         if peft_config is not None and (cfg is None or where is None):
-            cfg_p, where_p = official_config(peft_config, model.config.hidden_size)
+            cfg_p, where_p = official_config(peft_config, hidden_size_of(model))
             cfg, where = cfg or cfg_p, where or where_p
         return {"config": _need_config(cfg, "official mtLoRA"),
                 "placement": where or "ffn"}

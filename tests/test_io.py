@@ -374,12 +374,15 @@ def test_import_into_attached_adapters_of_another_config_is_refused(tmp_path):
     assert import_hydralora(handle, tmp_path) is handle
 
 
-def test_official_import_block_level_with_fine_grained_routing(tmp_path):
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_official_import_block_level_with_fine_grained_routing(tmp_path, family):
+    """gemma3: the multimodal model, whose config keeps the hidden size in text_config (the
+    group count read model.config.hidden_size: AttributeError)."""
     cfg = MTLoRAConfig(r=4, num_experts=3, groups=4, alpha=8.0, dropout=0.0)
-    src = tiny_model("mistral")
+    src = tiny_model(family)
     h = attach(src, cfg, placement="ffn")
     randomize(h)
-    x = tiny_inputs("mistral")
+    x = tiny_inputs(family)
     want = run(src, x)
     state = {}
     for name, a in h.adapters.items():  # the official keys: <layer>.mlp.block_adapter....
@@ -394,13 +397,13 @@ def test_official_import_block_level_with_fine_grained_routing(tmp_path):
          "enable_block_adapter": True, "block_adapter_type": "ffn",
          "block_adapter_style": "lowrank", "enable_fine_grained_routing": True,
          "routing_group_size": 8}))  # 32 / 8 = 4 groups
-    model = tiny_model("mistral")
+    model = tiny_model(family)
     handle = import_official(model, tmp_path)
     assert handle.config.groups == 4 and handle.placement == "ffn"
     assert torch.equal(run(model, x), want)
 
     # Wrong placement against the checkpoint: named, and the model left alone.
-    other = tiny_model("mistral")
+    other = tiny_model(family)
     snap, before = snapshot(other), run(other, x)
     with pytest.raises(AdapterLoadError, match="self_attn: no matching checkpoint modules"):
         import_official(other, tmp_path / WEIGHTS_NAME, config=cfg, placement="attn")
