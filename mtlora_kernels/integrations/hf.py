@@ -115,6 +115,8 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
         ("ministral", "MinistralDecoderLayer"), ("ministral3", "Ministral3DecoderLayer"),
         ("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer"),
         ("gemma", "GemmaDecoderLayer"), ("olmo", "OlmoDecoderLayer"),
+        # StarCoder2's residual dropout is inside its sub-layer modules: it drops FFN(z), not the
+        # adapter's output (Phi-3's, below, drops both).
         ("starcoder2", "Starcoder2DecoderLayer"), ("smollm3", "SmolLM3DecoderLayer"),
         ("helium", "HeliumDecoderLayer"), ("arcee", "ArceeDecoderLayer"),
         ("seed_oss", "SeedOssDecoderLayer"),
