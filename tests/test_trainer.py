@@ -116,3 +116,25 @@ def test_a_model_without_adapters_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no mtLoRA adapters.*attach"):
         MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset())
 
+
+
+def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
+    """The Trainer's checkpoints (the whole model: the adapters' tensors beside the base's) hold
+    the adapters, and resuming from one gives the parameters of the run that never stopped."""
+
+    def adapters_after(steps: int, out: str, **kw) -> list[torch.Tensor]:
+        model, handle = tiny_llama(dict(placement="ffn"))
+        resume = kw.pop("resume", None)
+        trainer = MTLoRATrainer(
+            model=model, train_dataset=dataset(16),
+            args=args(tmp_path / out, max_steps=steps, per_device_train_batch_size=2,
+                      learning_rate=0.05, optim="adamw_torch", **kw))
+        trainer.train(resume_from_checkpoint=resume)
+        return [p.detach().clone() for p in handle.parameters()]
+
+    straight = adapters_after(4, "straight")
+    stopped = adapters_after(2, "stopped", save_strategy="steps", save_steps=2)
+    resumed = adapters_after(4, "resumed", resume=str(tmp_path / "stopped" / "checkpoint-2"))
+    for a, b, s in zip(straight, resumed, stopped):
+        assert not torch.equal(a, s)  # steps 3 and 4 moved them
+        assert rel_err(b, a) <= 1e-6
