@@ -205,6 +205,10 @@ def test_info_prints_backends_and_build_metadata(monkeypatch, capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert f"torch  {torch.__version__}" in text and "available" in text
+    import importlib.metadata
+
+    for name in ("transformers", "accelerate"):  # the integrations' libraries (CI has both)
+        assert f"{name}  {importlib.metadata.version(name)}" in text
     # The build facts come from the loaded extension (a stand-in with _C's attributes here).
     ext = types.SimpleNamespace(arch_list="800,900", cuda_version="13.0", torch_version="2.11.0")
     monkeypatch.setattr(backends, "_cuda_extension", lambda: (ext, ""))
