@@ -128,20 +128,26 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_and_fsdp2_match_one_process(tmp_path):
-    """The verdict is each rank's ``passed`` marker, written after its last check. A rank that
-    dies of a signal after it (CI saw gloo's worker threads abort at process exit once,
-    "terminate called without an active exception", after a pass) is reported as a warning,
-    not hidden and not failed: every check had already passed on both ranks."""
+def run_on_two_ranks(worker, tmp_path, *args, timeout: float = 300,
+                     start_method: str = "spawn") -> None:
+    """Runs ``worker(rank, port, out_dir, *args)`` in 2 processes (``port``: a free one for
+    ``init_process_group``; ``start_method``: multiprocessing's, spawn unless the caller knows
+    that its process may fork) and fails unless each rank wrote ``rank<r>.passed`` in
+    ``out_dir``, which the worker does after its last check (``rank<r>.stage`` names where it
+    got to). A rank that dies of a signal after it (CI saw gloo's worker threads abort at
+    process exit once, "terminate called without an active exception", after a pass) is
+    reported as a warning, not hidden and not failed: every check had already passed on both
+    ranks."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    ctx = mp.get_context(start_method)
+    procs = [ctx.Process(target=worker, args=(rank, port, str(tmp_path), *args))
+             for rank in range(2)]
     for proc in procs:
         proc.start()
     for proc in procs:
-        proc.join(timeout=300)
+        proc.join(timeout=timeout)
     failed = []
     for rank, proc in enumerate(procs):
         if proc.is_alive():
@@ -155,6 +161,11 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
             warnings.warn(f"rank {rank} passed every check, then exited with code "
                           f"{proc.exitcode} while tearing down", RuntimeWarning)
     assert not failed, f"did not pass: {', '.join(failed)}; tracebacks in the captured stderr"
+
+
+def test_ddp_and_fsdp2_match_one_process(tmp_path):
+    """The verdict is each rank's ``passed`` marker (:func:`run_on_two_ranks`)."""
+    run_on_two_ranks(_worker, tmp_path)
 
 
 def _step(model, handle, ids, seed=123):

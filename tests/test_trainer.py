@@ -3,13 +3,20 @@ loss, on a tiny LLaMA built from a config, on the CPU."""
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer's own requirement
 
 from conftest import rel_err  # noqa: E402
+from test_distributed import run_on_two_ranks  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.trainer import MTLoRATrainer  # noqa: E402
 from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
@@ -90,6 +97,99 @@ def test_gradient_accumulation_gives_the_update_of_one_large_batch(tmp_path, pla
     for one, accumulated in zip(*updates):
         assert one.abs().max() > 0
         assert rel_err(accumulated, one) <= 1e-5
+
+
+class _Recording(MTLoRATrainer):
+    """Keeps the ``input_ids`` rows of every training micro-batch it is given."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.seen += inputs["input_ids"].tolist()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bool = True,
+                    spectral_weight: float = 5.0) -> tuple[list[torch.Tensor], list]:
+    """One SGD step over ``dataset(n)`` (micro-batches of ``micro`` per process, ``accumulate``
+    of them): the update of every adapter parameter, and the rows this process trained on.
+    The sampler is sequential, so that no seed decides which rank gets which rows."""
+    model, handle = tiny_llama(dict(placement="ffn"))
+    before = [p.detach().clone() for p in handle.parameters()]
+    trainer = _Recording(
+        model=model, train_dataset=dataset(n), balance_weight=0.0,
+        spectral_weight=spectral_weight,
+        args=args(out_dir, max_steps=1, per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=accumulate, train_sampling_strategy="sequential"))
+    trainer.model_accepts_loss_kwargs = normalized
+    trainer.train()
+    return [p.detach() - b for p, b in zip(handle.parameters(), before)], trainer.seen
+
+
+# name, sequences (one optimizer step over all of them), per-rank micro-batch, accumulation
+# steps, whether the causal-LM loss is normalized over the whole batch (num_items_in_batch).
+DDP_CASES = [("ddp", 4, 2, 1, True), ("ddp-accumulate", 8, 2, 2, True),
+             ("ddp-accumulate-mean-loss", 8, 2, 2, False)]
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str, cases) -> None:
+    """Trains each case on this rank (the Trainer's own DDP: accelerate, CPU, gloo, from the
+    environment a launcher sets) and saves its update and rows; the checks are the parent's."""
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Forked, this process holds the parent's accelerate state (one process, no DDP): drop it,
+    # so that the Trainer's Accelerator reads the distributed environment set here.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=120))
+    try:
+        for name, n, micro, accumulate, normalized in cases:
+            Path(out_dir, f"rank{rank}.stage").write_text(name)
+            update, seen = one_step_update(Path(out_dir, name), n, micro, accumulate, normalized)
+            torch.save({"update": update, "seen": seen}, Path(out_dir, f"{name}.rank{rank}.pt"))
+        Path(out_dir, f"rank{rank}.passed").touch()
+        dist.barrier()  # neither rank tears down while the other still communicates
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_training_gives_the_update_of_one_process(tmp_path):
+    """One optimizer step over 4 sequences as 2 ranks x 2 (the Trainer's DDP) or 1 process x 4,
+    and over 8 as 2 ranks x 2 micro-batches x 2: the same SGD update of every adapter parameter.
+    The Trainer multiplies the causal-LM loss by the number of processes (it is normalized over
+    the tokens of all ranks, and DDP averages the gradients); the auxiliary term, the same on
+    every rank, is not multiplied, and DDP's average leaves it counted once, as in one process.
+    Without num_items_in_batch (``mean-loss``) nothing is multiplied and the per-rank means
+    average to the whole batch's (equal token counts). The balance term is left out: each rank's
+    var/mean^2 over its own tokens, averaged, is not that of the whole batch."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available on this platform")
+    # Forked ranks start with the parent's imports (spawned, each imports torch and transformers
+    # again: about 5 s, twice, on a 2-core CI machine); fork is unsafe only once CUDA is on.
+    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    run_on_two_ranks(_ddp_worker, tmp_path, DDP_CASES, start_method="fork" if fork else "spawn")
+    worst, reference = {}, {}
+    for name, n, micro, accumulate, normalized in DDP_CASES:
+        ranks = [torch.load(tmp_path / f"{name}.rank{r}.pt") for r in range(2)]
+        # Each sequence on exactly one rank: the two ranks' rows are the dataset (the sequential
+        # sampler gives rank 0 rows 0-1, then 4-5 when accumulating; rank 1 rows 2-3, 6-7).
+        assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == sorted(
+            row["input_ids"] for row in dataset(n)), name
+        one = reference[name] = one_step_update(tmp_path / f"{name}-one", n, n, 1, normalized)[0]
+        assert all(want.abs().max() > 0 for want in one)
+        worst[name] = max(rel_err(got, want) for rank in ranks
+                          for got, want in zip(rank["update"], one, strict=True))
+    assert all(err <= 1e-5 for err in worst.values()), f"rel. error of the update: {worst}"
+    # The term matters: counted twice (once per rank), the update would be off by far more.
+    twice, _ = one_step_update(tmp_path / "twice", 4, 4, 1, spectral_weight=10.0)
+    assert max(rel_err(a, b) for a, b in zip(twice, reference["ddp"])) > 1e-2
 
 
 def test_training_runs_logs_the_term_and_calls_the_regularizer_with_the_optimizer_step(tmp_path):
