@@ -128,11 +128,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_on_two_ranks(worker, tmp_path, *args, timeout: float = 300,
-                     start_method: str = "spawn") -> None:
-    """Runs ``worker(rank, port, out_dir, *args)`` in 2 processes (``port``: a free one for
-    ``init_process_group``; ``start_method``: multiprocessing's, spawn unless the caller knows
-    that its process may fork) and fails unless each rank wrote ``rank<r>.passed`` in
+def run_on_two_ranks(worker, tmp_path, *args, timeout: float = 300) -> None:
+    """Runs ``worker(rank, port, out_dir, *args)`` in 2 spawned processes (``port``: a free one
+    for ``init_process_group``) and fails unless each rank wrote ``rank<r>.passed`` in
     ``out_dir``, which the worker does after its last check (``rank<r>.stage`` names where it
     got to). A rank that dies of a signal after it (CI saw gloo's worker threads abort at
     process exit once, "terminate called without an active exception", after a pass) is
@@ -141,7 +139,7 @@ def run_on_two_ranks(worker, tmp_path, *args, timeout: float = 300,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context(start_method)
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(rank, port, str(tmp_path), *args))
              for rank in range(2)]
     for proc in procs:
