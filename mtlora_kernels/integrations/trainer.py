@@ -24,7 +24,7 @@ wrong, which is why this class exists:
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
-of the package does not).
+of the package does not); tested with transformers 5.25.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class MTLoRATrainer(transformers.Trainer):
                 regularizer=self.regularizer, mask=mask, step=self.state.global_step)
             self._last_aux = aux.detach()
             if self._loss_scaled_for_accumulation(num_items_in_batch):
-                aux = aux / self.current_gradient_accumulation_steps
+                # The steps of this optimizer step (the last one of an epoch may have fewer).
+                aux = aux / getattr(self, "current_gradient_accumulation_steps",
+                                    self.args.gradient_accumulation_steps)
             loss = loss + aux
         return (loss, outputs) if return_outputs else loss
 
