@@ -83,7 +83,9 @@ def test_readme_snippets_run_and_do_what_their_comments_say(tmp_path, monkeypatc
     """The README's first two Python blocks, run as written: the API block, then the training block
     on a tiny LLaMA (its ``model`` and ``batch``; its ``...``, the training, draws every B at
     random so the adapters change the outputs), which must leave the model as it was."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from test_hf import tiny_model
+
     api, training, _ = _readme_snippets()
     monkeypatch.delenv("MTLORA_BACKEND", raising=False)
     torch.manual_seed(0)
@@ -92,9 +94,7 @@ def test_readme_snippets_run_and_do_what_their_comments_say(tmp_path, monkeypatc
     assert ns["out"].shape == ns["z"].shape == ns["y"].shape and ns["aux"].ndim == 0
     assert ns["layer"](ns["z"]).shape == ns["z"].shape
 
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64)).eval()
+    model = tiny_model("llama")
     ids = torch.randint(0, 64, (2, 7))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with torch.no_grad():
@@ -119,11 +119,10 @@ def test_readme_trainer_snippet_trains_and_saves_the_adapters(tmp_path, monkeypa
     train (B moves off zero) and are saved alone."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    from test_hf import tiny_model
+
     *_, trainer_block = _readme_snippets()
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64))
+    model = tiny_model("llama")
     rows = [torch.randint(0, 64, (9,)).tolist() for _ in range(4)]
     ns = {"model": model,
           "train_dataset": [{"input_ids": r, "labels": r} for r in rows],

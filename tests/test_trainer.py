@@ -16,23 +16,20 @@ pytest.importorskip("accelerate")  # the Trainer's own requirement
 
 from conftest import rel_err  # noqa: E402
 from test_distributed import run_on_two_ranks  # noqa: E402
+from test_hf import randomize, tiny_model  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.trainer import MTLoRATrainer  # noqa: E402
 from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
 
 
 def tiny_llama(placement: dict | None = None):
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64))
+    """test_hf's tiny LLaMA, with adapters at ``placement`` drawn at random (B = 0 at init:
+    every term then has a gradient)."""
+    model = tiny_model("llama")
     if placement is None:
         return model, None
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0), **placement)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # B = 0 at init: draw it, so every term has a gradient
-        for p in handle.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomize(handle)
     return model, handle
 
 
@@ -50,6 +47,38 @@ def args(tmp_path, **kw) -> transformers.TrainingArguments:
                 logging_steps=1, disable_tqdm=True, seed=0, max_grad_norm=0.0, weight_decay=0.0,
                 optim="sgd", learning_rate=1.0, lr_scheduler_type="constant")
     return transformers.TrainingArguments(**{**base, **kw})
+
+
+class _Recording(MTLoRATrainer):
+    """Keeps the ``input_ids`` rows of every training micro-batch it is given."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.seen += inputs["input_ids"].tolist()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bool = True,
+                    spectral_weight: float = 5.0, placement: dict | None = None
+                    ) -> tuple[list[torch.Tensor], list]:
+    """One SGD step over ``dataset(n)`` (micro-batches of ``micro`` per process, ``accumulate``
+    of them; adapters at ``placement``, default block-level FFN): the update of every adapter
+    parameter, and the rows this process trained on. The sampler is sequential, so that no
+    seed decides which rank gets which rows."""
+    model, handle = tiny_llama(placement or dict(placement="ffn"))
+    before = [p.detach().clone() for p in handle.parameters()]
+    trainer = _Recording(
+        model=model, train_dataset=dataset(n), balance_weight=0.0,
+        spectral_weight=spectral_weight,
+        args=args(out_dir, max_steps=1, per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=accumulate, train_sampling_strategy="sequential"))
+    trainer.model_accepts_loss_kwargs = normalized
+    trainer.train()
+    return [p.detach() - b for p, b in zip(handle.parameters(), before)], trainer.seen
 
 
 def test_the_training_loss_is_the_task_loss_plus_the_auxiliary_loss(tmp_path):
@@ -82,50 +111,12 @@ def test_gradient_accumulation_gives_the_update_of_one_large_batch(tmp_path, pla
     loss by the accumulation steps itself (a model that takes no loss kwargs: per-micro-batch
     means), it must not be divided again. The balance term is left out: a mean over
     micro-batches of var/mean^2 is not that of the whole batch."""
-    updates = []
-    for micro, accumulate in ((4, 1), (2, 2)):
-        model, handle = tiny_llama(placement)
-        before = [p.detach().clone() for p in handle.parameters()]
-        trainer = MTLoRATrainer(
-            model=model, train_dataset=dataset(4), balance_weight=0.0, spectral_weight=5.0,
-            args=args(tmp_path, max_steps=1, per_device_train_batch_size=micro,
-                      gradient_accumulation_steps=accumulate))
-        trainer.model_accepts_loss_kwargs = normalized
-        trainer.train()
-        updates.append([p.detach() - b for p, b in zip(handle.parameters(), before)])
+    updates = [one_step_update(tmp_path / f"{micro}x{accumulate}", 4, micro, accumulate,
+                               normalized, placement=placement)[0]
+               for micro, accumulate in ((4, 1), (2, 2))]
     for one, accumulated in zip(*updates):
         assert one.abs().max() > 0
         assert rel_err(accumulated, one) <= 1e-5
-
-
-class _Recording(MTLoRATrainer):
-    """Keeps the ``input_ids`` rows of every training micro-batch it is given."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.seen = []
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            self.seen += inputs["input_ids"].tolist()
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-
-def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bool = True,
-                    spectral_weight: float = 5.0) -> tuple[list[torch.Tensor], list]:
-    """One SGD step over ``dataset(n)`` (micro-batches of ``micro`` per process, ``accumulate``
-    of them): the update of every adapter parameter, and the rows this process trained on.
-    The sampler is sequential, so that no seed decides which rank gets which rows."""
-    model, handle = tiny_llama(dict(placement="ffn"))
-    before = [p.detach().clone() for p in handle.parameters()]
-    trainer = _Recording(
-        model=model, train_dataset=dataset(n), balance_weight=0.0,
-        spectral_weight=spectral_weight,
-        args=args(out_dir, max_steps=1, per_device_train_batch_size=micro,
-                  gradient_accumulation_steps=accumulate, train_sampling_strategy="sequential"))
-    trainer.model_accepts_loss_kwargs = normalized
-    trainer.train()
-    return [p.detach() - b for p, b in zip(handle.parameters(), before)], trainer.seen
 
 
 # name, sequences (one optimizer step over all of them), per-rank micro-batch, accumulation
