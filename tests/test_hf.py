@@ -32,6 +32,9 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 # Config fields beyond SMALL: tiny MoE blocks (4 experts, 2 per token), Granite's multiplier
 # away from 1 (so that a test sees it), StableLM's parallel layout.
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+# Multi-head latent attention (DeepSeek's, MiniCPM3's): tiny low-rank projections.
+MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+           v_head_dim=8, num_key_value_heads=4)
 EXTRA = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(MOE, num_experts=4, shared_expert_intermediate_size=32),
@@ -41,6 +44,34 @@ EXTRA = {
     "granite": dict(residual_multiplier=0.5),
     "stablelm": dict(use_parallel_residual=True),
     "stablelm-sequential": dict(use_parallel_residual=False),
+    # MoE models that build a dense FFN in some layers: layer 0 dense, layer 1 MoE.
+    "deepseek_v2": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
+                        first_k_dense_replace=1),
+    "deepseek_v3": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=2, topk_group=1),
+    "glm4_moe": dict(MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1),
+    "glm4_moe_lite": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
+                          mlp_layer_types=["dense", "sparse"]),
+    "dots1": dict(MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1),
+    "exaone_moe": dict(MOE, num_experts=4, num_shared_experts=1,
+                       mlp_layer_types=["dense", "sparse"]),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=16,
+                         moe_num_shared_experts=1, moe_layer_start_index=1),
+    "mimo_v2_flash": dict(MOE, n_routed_experts=4, v_head_dim=8,
+                          mlp_layer_types=["dense", "sparse"]),
+    "cohere2_moe": dict(num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                        mlp_layer_types=["dense", "sparse"], prefix_dense_intermediate_size=64),
+    # MoE in every layer.
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "solar_open": dict(MOE, n_routed_experts=4, n_shared_experts=1),
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2),
+    "flex_olmo": dict(num_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5,
+                             shared_intermediate_size=16),
+    # residual_scale = scale_depth / sqrt(2 layers) = 0.5
+    "minicpm3": dict(**MLA, scale_depth=0.5 * 2 ** 0.5),
 }
 
 
@@ -54,9 +85,9 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
         return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
     # head_dim fixed (Qwen3's and Gemma's default to 128 / 256); token ids inside the vocabulary
     # (LLaMA's defaults: its tiny model stays the one the other test files were written with).
-    text = dict(small, vocab_size=64, num_key_value_heads=2, max_position_embeddings=32,
-                head_dim=small["hidden_size"] // small["num_attention_heads"],
-                pad_token_id=None, bos_token_id=1, eos_token_id=2, **EXTRA.get(family, {}))
+    text = {**small, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
+            "head_dim": small["hidden_size"] // small["num_attention_heads"],
+            "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, **EXTRA.get(family, {})}
     if family == "gemma3":  # the multimodal model: a tiny SigLIP tower beside the decoder
         cfg = transformers.Gemma3Config(
             text_config=text, mm_tokens_per_image=4, image_token_id=64,  # past the text ids
@@ -155,14 +186,22 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "vit"]
-# The module docstring's three kinds. LLaMA's layer code under other names (the last five: MoE
-# blocks as the FFN; Phi-3: with residual dropouts).
+# The module docstring's three kinds. LLaMA's layer code under other names (exaone, internlm3:
+# LLaMA's own classes under another model_type; Apertus: with its own norm names; Phi-3: with
+# residual dropouts), then with MoE blocks as the FFN (from deepseek_v2 on: MIXED below).
 LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
-              "helium", "arcee", "seed_oss", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-              "gpt_oss"]
-PARALLEL = ["cohere", "cohere2", "phi", "stablelm", "stablelm-sequential"]
-POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "exaone4",
-                  "granite"]
+              "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
+              "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3",
+              "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe",
+              "solar_open", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+              "glm4_moe_lite", "dots1", "exaone_moe", "ernie4_5_moe", "mimo_v2_flash"]
+PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential"]
+POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
+                  "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3"]
+# Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute: their tiny
+# models (EXTRA) have one of each, so the tests above see both.
+MIXED = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
+         "ernie4_5_moe", "mimo_v2_flash", "cohere2_moe"]
 PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
               dict(target_modules=["q_proj", "v_proj"])]
 
@@ -223,6 +262,17 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("family", MIXED)
+def test_mixed_dense_and_moe_models_are_tested_on_both_kinds_of_ffn(family):
+    """Layer 0 of the tiny model holds a dense FFN, layer 1 an MoE block (a config field that
+    stopped taking effect would leave the MoE layers untested)."""
+    model = tiny_model(family)
+    fam = SUPPORTED_ARCHITECTURES[model.config.model_type]
+    dense, moe = (getattr(layer, fam.ffn) for layer in model.model.layers)
+    assert "experts" not in dict(dense.named_children())
+    assert "experts" in dict(moe.named_children())
+
+
 @pytest.mark.parametrize("family", POST_TRANSFORM)
 def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     """The module docstring's kind 3, by hand on the last layer: what the layer applies to the
@@ -233,6 +283,7 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     base = copy.deepcopy(model)
     x = tiny_inputs(family)
     fam = SUPPORTED_ARCHITECTURES[base.config.model_type]
+    assert fam.ffn_after is not None, f"the table names no transform after {family}'s FFN"
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
                     placement="ffn", layers=[-1])
     randomize(handle)
@@ -258,10 +309,12 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
 
 @pytest.mark.parametrize("family,gone", [("llama", "post_attention_layernorm"),
                                          ("olmo2", "post_feedforward_layernorm"),
-                                         ("granite", "residual_multiplier")])
+                                         ("granite", "residual_multiplier"),
+                                         ("granitemoe", "block_sparse_moe")])
 def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     """A transformers version whose layer lacks a piece the table names (the norm before a
-    sub-layer, the post-norm or the multiplier after it) gets a named error, the model as it was."""
+    sub-layer, the post-norm or the multiplier after it, the FFN by its name) gets a named error,
+    the model as it was."""
     model = tiny_model(family)
     delattr(model.model.layers[1], gone)
     with pytest.raises(ValueError, match=rf"layers\.1 \(\w+DecoderLayer\) lacks \['{gone}'\], "
@@ -589,7 +642,7 @@ def test_unsupported_architecture_gets_a_clear_error():
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
-    with pytest.raises(NotImplementedError, match=r"supports model types arcee, cohere, .*, vit; "
+    with pytest.raises(NotImplementedError, match=r"supports model types apertus, arcee, .*, vit; "
                        r"GPT2LMHeadModel has model_type 'gpt2'.*target_modules") as err:
         attach(gpt2, placement="ffn")
     assert ", ".join(sorted(SUPPORTED_ARCHITECTURES)) in str(err.value)

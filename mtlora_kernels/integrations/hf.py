@@ -7,27 +7,36 @@ sub-layer::
     h1 = h + Attn(LN1(h));  z = LN2(h1);  out = h1 + FFN(z) + adapter(z)      # 'ffn'
     out = h + Attn(LN1(h)) + adapter(LN1(h))  (then the FFN as usual)         # 'attn'
 
-The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (``mlp`` or the
-attention module; the official code's ``block_adapter`` sits in the same place) and runs from
-ONE forward hook on that module. In every supported layer the sub-layer is called on its z and
-on nothing else, so the hook's input *is* z; the hook passes the sub-layer's output to the fused
-op as its residual (no extra pass over [T, d]). One hook with no state kept between hooks is what
-makes this safe under gradient checkpointing (the recompute re-runs the same hook) and under
-torch.compile (dynamo inlines it).
+The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
+or Granite-MoE's ``block_sparse_moe``, or the attention module; the official code's
+``block_adapter`` sits in the same place) and runs from ONE forward hook on that module. In
+every supported layer the sub-layer is called on its z and on nothing else, so the hook's input
+*is* z; the hook passes the sub-layer's output to the fused op as its residual (no extra pass
+over [T, d]). One hook with no state kept between hooks is what makes this safe under gradient
+checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
 
-The supported layers (:data:`SUPPORTED_ARCHITECTURES`) come in three kinds:
+The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``) come in three
+kinds:
 
-- pre-LN (LLaMA, Mistral, Qwen2/3, their MoE versions, ...): SPEC's formula above, exactly;
-- parallel (Cohere, Phi, StableLM with ``use_parallel_residual``): one norm feeds both
-  sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus ``adapter(z)`` of each placed
-  adapter;
-- a transform after the sub-layer (Gemma2/3, GLM4, OLMo2/3, Exaone4: a post-norm; Granite: its
-  ``residual_multiplier`` m). SPEC's formula is for pre-LN layers; here the layer applies the
-  transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z) +
-  adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
+- pre-LN, SPEC's formula above, exactly: llama, mistral, ministral, ministral3, qwen2, qwen3,
+  gemma, olmo, starcoder2, smollm3, helium, arcee, seed_oss, exaone, internlm3, glm, ernie4_5,
+  hunyuan_v1_dense, bitnet, nemotron, apertus, phi3, vit; with an MoE block as the FFN (the
+  adapter in parallel with the whole block): mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss,
+  minimax_m2, phimoe, solar_open, hunyuan_v1_moe, and with a dense FFN in some layers and an MoE
+  block in the others: deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, dots1, exaone_moe,
+  ernie4_5_moe, mimo_v2_flash;
+- parallel (cohere, cohere2, cohere2_moe, phi; stablelm with ``use_parallel_residual``, without
+  it LLaMA's layout): one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) +
+  FFN(z)`` plus ``adapter(z)`` of each placed adapter;
+- a transform after the sub-layer (gemma2, gemma3_text, gemma3, glm4, olmo2, olmo3, flex_olmo,
+  exaone4: a post-norm; granite, granitemoe, granitemoeshared: their ``residual_multiplier`` m;
+  minicpm3: its ``residual_scale``). SPEC's formula is for pre-LN layers; here the layer applies
+  the transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z)
+  + adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
   adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear
-  layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3 and Exaone4 have no norm before the
-  sub-layer: there z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself.
+  layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3, FlexOlmo and Exaone4 have no norm
+  before the sub-layer: there z is the residual stream (``h1`` for the FFN, ``h`` for
+  attention) itself.
 
 Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement): each named
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
@@ -79,11 +88,11 @@ class _Family:
     ffn_after: str | None = None
 
 
-def _pre_ln(layer_class: str, attn_after: str | None = None,
-            ffn_after: str | None = None) -> _Family:
+def _pre_ln(layer_class: str, attn_after: str | None = None, ffn_after: str | None = None,
+            ffn: str = "mlp") -> _Family:
     """LLaMA's layout: ``h1 = h + Attn(input_layernorm(h))``,
-    ``out = h1 + FFN(post_attention_layernorm(h1))``."""
-    return _Family(layer_class, "self_attn", "input_layernorm", "mlp", "post_attention_layernorm",
+    ``out = h1 + FFN(post_attention_layernorm(h1))``, the FFN module named ``ffn``."""
+    return _Family(layer_class, "self_attn", "input_layernorm", ffn, "post_attention_layernorm",
                    attn_after, ffn_after)
 
 
@@ -112,6 +121,8 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
     #    out = h1 + FFN(z) + adapter(z), z = LN2(h1), as SPEC section 2 writes it.
     **{t: _pre_ln(c) for t, c in (
         ("llama", "LlamaDecoderLayer"), ("mistral", "MistralDecoderLayer"),
+        # EXAONE 3/3.5 and InternLM3 checkpoints load into transformers' LLaMA model.
+        ("exaone", "LlamaDecoderLayer"), ("internlm3", "LlamaDecoderLayer"),
         ("ministral", "MinistralDecoderLayer"), ("ministral3", "Ministral3DecoderLayer"),
         ("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer"),
         ("gemma", "GemmaDecoderLayer"), ("olmo", "OlmoDecoderLayer"),
@@ -119,14 +130,30 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
         # adapter's output (Phi-3's, below, drops both).
         ("starcoder2", "Starcoder2DecoderLayer"), ("smollm3", "SmolLM3DecoderLayer"),
         ("helium", "HeliumDecoderLayer"), ("arcee", "ArceeDecoderLayer"),
-        ("seed_oss", "SeedOssDecoderLayer"),
+        ("seed_oss", "SeedOssDecoderLayer"), ("glm", "GlmDecoderLayer"),
+        ("ernie4_5", "Ernie4_5DecoderLayer"), ("hunyuan_v1_dense", "HunYuanDenseV1DecoderLayer"),
+        # BitNet's extra norms (attn_sub_norm, ffn_sub_norm) are inside its sub-layer modules.
+        ("bitnet", "BitNetDecoderLayer"), ("nemotron", "NemotronDecoderLayer"),
         # MoE: the adapter runs in parallel with the whole MoE block (router, experts and any
         # shared expert). gpt_oss's block returns (output, router_scores): the hook adds to
-        # output. Mixtral's router jitter (router_jitter_noise > 0, training) scales the
-        # block's input in place, so its adapter then sees the jittered z too.
+        # output. Mixtral's and MiniMax-M2's router_jitter_noise and PhiMoE's input_jitter_noise
+        # (> 0, in training) scale the block's input in place, so its adapter then sees the
+        # jittered z too.
         ("mixtral", "MixtralDecoderLayer"), ("qwen2_moe", "Qwen2MoeDecoderLayer"),
         ("qwen3_moe", "Qwen3MoeDecoderLayer"), ("olmoe", "OlmoeDecoderLayer"),
-        ("gpt_oss", "GptOssDecoderLayer"))},
+        ("gpt_oss", "GptOssDecoderLayer"), ("minimax_m2", "MiniMaxM2DecoderLayer"),
+        ("phimoe", "PhimoeDecoderLayer"), ("solar_open", "SolarOpenDecoderLayer"),
+        ("hunyuan_v1_moe", "HunYuanMoEV1DecoderLayer"),
+        # A dense FFN in some layers (first_k_dense_replace, mlp_layer_types, ERNIE's
+        # moe_layer_* fields) and an MoE block in the others, both as ``mlp``.
+        ("deepseek_v2", "DeepseekV2DecoderLayer"), ("deepseek_v3", "DeepseekV3DecoderLayer"),
+        ("glm4_moe", "Glm4MoeDecoderLayer"), ("glm4_moe_lite", "Glm4MoeLiteDecoderLayer"),
+        ("dots1", "Dots1DecoderLayer"), ("exaone_moe", "ExaoneMoeDecoderLayer"),
+        ("ernie4_5_moe", "Ernie4_5_MoeDecoderLayer"),
+        ("mimo_v2_flash", "MiMoV2FlashDecoderLayer"))},
+    # Apertus: LLaMA's layout with the norms named for their sub-layers.
+    "apertus": _Family("ApertusDecoderLayer", "self_attn", "attention_layernorm", "mlp",
+                       "feedforward_layernorm"),
     # Phi-3's residual dropouts apply to FFN(z) + adapter(z) together (ViT's too, below).
     "phi3": _pre_ln("Phi3DecoderLayer", "resid_attn_dropout", "resid_mlp_dropout"),
     "vit": _Family("ViTLayer", "attention", "layernorm_before", "mlp", "layernorm_after",
@@ -136,14 +163,17 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
     #    (its post_attention_layernorm is then None) and LLaMA-like otherwise.
     "cohere": _parallel("CohereDecoderLayer"),
     "cohere2": _parallel("Cohere2DecoderLayer"),
+    # Cohere2-MoE: dense FFN or MoE block by mlp_layer_types, both as ``mlp``.
+    "cohere2_moe": _parallel("Cohere2MoeDecoderLayer"),
     "phi": _parallel("PhiDecoderLayer", "resid_dropout"),
     "stablelm": _Family("StableLmDecoderLayer", "self_attn", "input_layernorm", "mlp",
                         ("post_attention_layernorm", "input_layernorm"), None, "dropout"),
     # 3. A transform after the sub-layer, which the layer applies to FFN(z) + adapter(z)
     #    together: out = h1 + PostNorm(FFN(z) + adapter(z)) (Granite: h1 + m * (FFN(z) +
     #    adapter(z)), m its residual_multiplier). The adapter sits inside the post-norm, where a
-    #    LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3 and
-    #    Exaone4 have no norm before the sub-layer: z is the residual stream h1 itself.
+    #    LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3,
+    #    FlexOlmo and Exaone4 have no norm before the sub-layer: z is the residual stream h1
+    #    itself.
     "gemma2": _post_norm("Gemma2DecoderLayer", *_GEMMA2),
     "gemma3_text": _post_norm("Gemma3DecoderLayer", *_GEMMA2),
     # Gemma 3's multimodal model: the layers are its language model's; the SigLIP vision tower
@@ -153,8 +183,17 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
                        "post_self_attn_layernorm", "post_mlp_layernorm"),
     "olmo2": _post_norm("Olmo2DecoderLayer", *_OLMO2),
     "olmo3": _post_norm("Olmo3DecoderLayer", *_OLMO2),
+    "flex_olmo": _post_norm("FlexOlmoDecoderLayer", *_OLMO2),  # OLMo2's layer, an MoE block
     "exaone4": _post_norm("Exaone4DecoderLayer", *_OLMO2),
     "granite": _pre_ln("GraniteDecoderLayer", "residual_multiplier", "residual_multiplier"),
+    # Granite's MoE layers: the FFN is block_sparse_moe. GraniteMoeShared adds its shared_mlp(z)
+    # beside the block, then scales the sum: h1 + m * (MoE(z) + adapter(z) + shared_mlp(z)).
+    "granitemoe": _pre_ln("GraniteMoeDecoderLayer", "residual_multiplier",
+                          "residual_multiplier", ffn="block_sparse_moe"),
+    "granitemoeshared": _pre_ln("GraniteMoeSharedDecoderLayer", "residual_multiplier",
+                                "residual_multiplier", ffn="block_sparse_moe"),
+    # MiniCPM3 scales each sub-layer's output by residual_scale = scale_depth / sqrt(layers).
+    "minicpm3": _pre_ln("MiniCPM3DecoderLayer", "residual_scale", "residual_scale"),
 }
 
 
