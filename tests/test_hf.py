@@ -72,7 +72,66 @@ EXTRA = {
                              shared_intermediate_size=16),
     # residual_scale = scale_depth / sqrt(2 layers) = 0.5
     "minicpm3": dict(**MLA, scale_depth=0.5 * 2 ** 0.5),
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=8),
+    "youtu": dict(MLA),
+    "mellum": dict(MOE, num_experts=4, mlp_layer_types=["dense", "sparse"]),
+    "laguna": dict(MOE, num_experts=4, shared_expert_intermediate_size=16,
+                   mlp_layer_types=["dense", "sparse"]),
+    "minicpm5_moe": dict(MOE, n_routed_experts=4, n_shared_experts=1,
+                         mlp_layer_types=["dense", "sparse"]),
+    # DeepSeek-V3.2's indexer keeps 4 of the 7 keys: its sparse attention takes effect.
+    "deepseek_v32": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1, n_group=2,
+                         topk_group=1, mlp_layer_types=["dense", "sparse"], index_topk=4,
+                         index_head_dim=16, index_n_heads=2),
+    # Mistral 4 ropes qk_rope_head_dim of head_dim = qk_nope_head_dim + qk_rope_head_dim.
+    "mistral4": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
+                     first_k_dense_replace=1, head_dim=16),
 }
+# Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
+CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
+
+# Multimodal models (model_type -> their text_config's model_type, the table's entry attach
+# uses): a tiny vision tower beside a tiny language model of the text config below. Their
+# vision configs (16 wide, one layer, 16x16 or 32x32 images), and Qwen-VL's M-RoPE sections
+# for head_dim 8 (the default sections are for head_dim 128).
+MULTIMODAL = {"gemma3": "gemma3_text", "llava": "llama", "mistral3": "mistral",
+              "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text",
+              "qwen3_vl": "qwen3_vl_text", "qwen3_vl_moe": "qwen3_vl_moe_text"}
+_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=16, patch_size=8)
+_QWEN_VISION = dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, intermediate_size=32,
+                    out_hidden_size=32, patch_size=4, temporal_patch_size=2,
+                    spatial_merge_size=2, window_size=8, fullatt_block_indexes=[0],
+                    num_position_embeddings=16, deepstack_visual_indexes=[0])
+_QWEN_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62,
+                    vision_end_token_id=63)  # beside the ids tiny_inputs draws (0..59)
+
+
+def _mrope(interleaved: bool = False) -> dict:
+    return dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                     mrope_section=[2, 1, 1], mrope_interleaved=interleaved))
+
+
+def multimodal_config(family: str, text: dict):
+    """The config of the tiny multimodal model ``family`` around the text config ``text``."""
+    if family == "gemma3":  # the image token past the text ids
+        return transformers.Gemma3Config(text_config=text, mm_tokens_per_image=4,
+                                         image_token_id=64, vision_config=_VISION)
+    if family == "llava":
+        return transformers.LlavaConfig(
+            text_config=dict(text, model_type="llama"), image_token_id=63,
+            vision_config=dict(_VISION, model_type="clip_vision_model", projection_dim=16))
+    if family == "mistral3":  # 32x32: 4 tokens after the 2x2 patch merger
+        return transformers.Mistral3Config(
+            text_config=dict(text, model_type="mistral"), image_token_id=63,
+            vision_config=dict(_VISION, model_type="pixtral", head_dim=8, image_size=32))
+    if family == "qwen3_vl_moe":  # layer 0 dense, layer 1 MoE
+        text = dict(text, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                    mlp_only_layers=[0])
+    interleaved = family.startswith("qwen3")
+    return transformers.AutoConfig.for_model(
+        family, text_config=dict(text, **_mrope(interleaved)), vision_config=_QWEN_VISION,
+        **_QWEN_TOKENS)
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
@@ -88,14 +147,29 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
     text = {**small, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
             "head_dim": small["hidden_size"] // small["num_attention_heads"],
             "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, **EXTRA.get(family, {})}
-    if family == "gemma3":  # the multimodal model: a tiny SigLIP tower beside the decoder
-        cfg = transformers.Gemma3Config(
-            text_config=text, mm_tokens_per_image=4, image_token_id=64,  # past the text ids
-            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, image_size=16, patch_size=8))
-    else:
-        cfg = transformers.AutoConfig.for_model(family.removesuffix("-sequential"), **text)
+    if family in MULTIMODAL:
+        model = transformers.AutoModelForImageTextToText.from_config(
+            multimodal_config(family, text))
+        return model.eval()
+    cfg = transformers.AutoConfig.for_model(family.removesuffix("-sequential"), **text)
+    if family in CAUSAL_LM:
+        return getattr(transformers, CAUSAL_LM[family])(cfg).eval()
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def family_of(model: nn.Module):
+    """The table's entry for ``model``, by its model_type or (a multimodal model) its
+    text_config's, as the module docstring states the rule."""
+    config = model.config
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        config = config.text_config
+    return SUPPORTED_ARCHITECTURES[config.model_type]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers: its own, or its language model's."""
+    inner = model.model
+    return list(getattr(inner, "language_model", inner).layers)
 
 
 def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor:
@@ -171,7 +245,7 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
     def plus(out, d):
         return (out[0] + d, *out[1:]) if isinstance(out, tuple) else out + d
 
-    family = SUPPORTED_ARCHITECTURES.get(base.config.model_type)
+    family = family_of(base) if handle.placement != "component" else None
     for name, a in handle.adapters.items():
         if handle.placement == "component":
             lin = base.get_submodule(name.removesuffix(".adapter"))
@@ -187,21 +261,28 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
 
 FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 # The module docstring's three kinds. LLaMA's layer code under other names (exaone, internlm3:
-# LLaMA's own classes under another model_type; Apertus: with its own norm names; Phi-3: with
-# residual dropouts), then with MoE blocks as the FFN (from deepseek_v2 on: MIXED below).
+# LLaMA's own classes under another model_type; Apertus, VaultGemma, JetMoE: with their own
+# norm or attention names; Phi-3, Persimmon: with residual dropouts; llava, mistral3 and the
+# Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
+# deepseek_v2 on: MIXED below).
 LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
               "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
-              "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3",
+              "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
+              "youtu", "cwm", "nanochat", "jais2", "vaultgemma", "persimmon",
+              "llava", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe",
-              "solar_open", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-              "glm4_moe_lite", "dots1", "exaone_moe", "ernie4_5_moe", "mimo_v2_flash"]
+              "solar_open", "hunyuan_v1_moe", "jetmoe", "deepseek_v2", "deepseek_v3",
+              "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "ernie4_5_moe",
+              "mimo_v2_flash", "mellum", "laguna", "minicpm5_moe", "deepseek_v32", "mistral4",
+              "qwen3_vl_moe"]
 PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential"]
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3"]
 # Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute: their tiny
 # models (EXTRA) have one of each, so the tests above see both.
 MIXED = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
-         "ernie4_5_moe", "mimo_v2_flash", "cohere2_moe"]
+         "ernie4_5_moe", "mimo_v2_flash", "cohere2_moe", "mellum", "laguna", "minicpm5_moe",
+         "deepseek_v32", "mistral4", "qwen3_vl_moe"]
 PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
               dict(target_modules=["q_proj", "v_proj"])]
 
@@ -214,8 +295,13 @@ CASES = ([("llama", w) for w in PLACEMENTS]
 
 
 def test_every_supported_architecture_is_tested():
+    """Each table entry by a model of its type, or (the Qwen-VL language models, Gemma 3's)
+    by the multimodal model whose text_config has it."""
     tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM
-    assert set(SUPPORTED_ARCHITECTURES) == {f.removesuffix("-sequential") for f in tested}
+    assert set(MULTIMODAL) <= set(tested)
+    assert set(SUPPORTED_ARCHITECTURES) == {MULTIMODAL.get(f, f.removesuffix("-sequential"))
+                                            for f in tested}
+    assert not set(MULTIMODAL) & set(SUPPORTED_ARCHITECTURES), "wrappers go by text_config"
 
 
 @pytest.mark.parametrize("family,where", CASES,
@@ -267,8 +353,7 @@ def test_mixed_dense_and_moe_models_are_tested_on_both_kinds_of_ffn(family):
     """Layer 0 of the tiny model holds a dense FFN, layer 1 an MoE block (a config field that
     stopped taking effect would leave the MoE layers untested)."""
     model = tiny_model(family)
-    fam = SUPPORTED_ARCHITECTURES[model.config.model_type]
-    dense, moe = (getattr(layer, fam.ffn) for layer in model.model.layers)
+    dense, moe = (getattr(layer, family_of(model).ffn) for layer in decoder_layers(model))
     assert "experts" not in dict(dense.named_children())
     assert "experts" in dict(moe.named_children())
 
@@ -282,7 +367,7 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     model = tiny_model(family)
     base = copy.deepcopy(model)
     x = tiny_inputs(family)
-    fam = SUPPORTED_ARCHITECTURES[base.config.model_type]
+    fam = family_of(base)
     assert fam.ffn_after is not None, f"the table names no transform after {family}'s FFN"
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
                     placement="ffn", layers=[-1])
@@ -323,25 +408,57 @@ def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
 
 
-def test_gemma3_multimodal_adapts_its_language_model_only():
-    """Gemma 3's multimodal model (model_type 'gemma3'): adapters on its language model's
-    decoder layers, none in the SigLIP vision tower (whose layers have an ``mlp`` too) or the
-    projector, whose image features stay what they were."""
-    model = tiny_model("gemma3")
-    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+def image_inputs(family: str) -> dict:
+    """One image for ``family``'s tiny vision tower, as its get_image_features takes it (Qwen-VL:
+    16 flattened 4x4 patches of 2 frames, a 4x4 grid)."""
+    g = torch.Generator().manual_seed(4)
+    if family.startswith("qwen"):
+        return dict(pixel_values=torch.randn(16, 3 * 2 * 4 * 4, generator=g),
+                    image_grid_thw=torch.tensor([[1, 4, 4]]))
+    if family == "mistral3":
+        return dict(pixel_values=torch.randn(1, 3, 32, 32, generator=g),
+                    image_sizes=torch.tensor([[32, 32]]))
+    return dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g))
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_multimodal_models_adapt_their_language_model_only(family):
+    """A multimodal model (its model_type not in the table, its text_config's in it): adapters on
+    its language model's decoder layers, layers=... counting those; none in the vision tower
+    (whose layers have an ``mlp`` too) or the projector, whose image features stay what they
+    were; the adapters as wide as the text model (32), not the vision tower (16)."""
+    model = tiny_model(family)
+    assert model.config.model_type not in SUPPORTED_ARCHITECTURES
+    assert model.config.text_config.model_type == MULTIMODAL[family]
 
     def image_features():
-        out = model.get_image_features(pixels)
-        return out.pooler_output if hasattr(out, "pooler_output") else out
+        out = model.get_image_features(**image_inputs(family))
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
 
     with torch.no_grad():
         before = image_features()
         handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=2), placement="both")
         randomize(handle)
         assert list(handle.adapters) == [f"model.language_model.layers.{i}.{sub}.mtlora_adapter"
-                                         for i in (0, 1) for sub in ("self_attn", "mlp")]
-        assert handle.adapters[next(iter(handle.adapters))].d_in == 32  # text width, not 16
+                                         for i in (0, 1)
+                                         for sub in (family_of(model).attn, "mlp")]
+        assert {a.d_in for a in handle.adapters.values()} == {32}
         assert torch.equal(image_features(), before)
+        handle.remove()
+        handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=2), layers=[-1])
+        assert list(handle.adapters) == ["model.language_model.layers.1.mlp.mtlora_adapter"]
+
+
+def test_layers_of_the_class_outside_the_one_stack_are_refused():
+    """A second stack of the layer class (a vision tower built of it, extra prediction layers)
+    would get adapters too and shift the indices layers=... counts: refused, named."""
+    model = tiny_model("llama")
+    model.extra = nn.ModuleList([copy.deepcopy(model.model.layers[0])])
+    with pytest.raises(ValueError, match=r"LlamaDecoderLayer modules in 2 places \(extra, "
+                                         r"model.layers\) .*target_modules"):
+        attach(model, placement="ffn")
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
@@ -642,7 +759,8 @@ def test_unsupported_architecture_gets_a_clear_error():
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
-    with pytest.raises(NotImplementedError, match=r"supports model types apertus, arcee, .*, vit; "
+    with pytest.raises(NotImplementedError, match=r"supports model types apertus, arcee, .*, vit, "
+                       r"youtu, and multimodal models whose text_config has one of these types; "
                        r"GPT2LMHeadModel has model_type 'gpt2'.*target_modules") as err:
         attach(gpt2, placement="ffn")
     assert ", ".join(sorted(SUPPORTED_ARCHITECTURES)) in str(err.value)

@@ -20,16 +20,18 @@ kinds:
 
 - pre-LN, SPEC's formula above, exactly: llama, mistral, ministral, ministral3, qwen2, qwen3,
   gemma, olmo, starcoder2, smollm3, helium, arcee, seed_oss, exaone, internlm3, glm, ernie4_5,
-  hunyuan_v1_dense, bitnet, nemotron, apertus, phi3, vit; with an MoE block as the FFN (the
-  adapter in parallel with the whole block): mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss,
-  minimax_m2, phimoe, solar_open, hunyuan_v1_moe, and with a dense FFN in some layers and an MoE
-  block in the others: deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, dots1, exaone_moe,
-  ernie4_5_moe, mimo_v2_flash;
+  hunyuan_v1_dense, bitnet, nemotron, apertus, diffllama, youtu, cwm, nanochat, jais2,
+  vaultgemma, phi3, persimmon, vit, qwen2_vl_text, qwen2_5_vl_text, qwen3_vl_text; with an MoE
+  block as the FFN (the adapter in parallel with the whole block): mixtral, qwen2_moe,
+  qwen3_moe, olmoe, gpt_oss, minimax_m2, phimoe, solar_open, hunyuan_v1_moe, jetmoe, and with a
+  dense FFN in some layers and an MoE block in the others: deepseek_v2, deepseek_v3,
+  deepseek_v32, glm4_moe, glm4_moe_lite, dots1, exaone_moe, ernie4_5_moe, mimo_v2_flash, mellum,
+  laguna, minicpm5_moe, mistral4, qwen3_vl_moe_text;
 - parallel (cohere, cohere2, cohere2_moe, phi; stablelm with ``use_parallel_residual``, without
   it LLaMA's layout): one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) +
   FFN(z)`` plus ``adapter(z)`` of each placed adapter;
-- a transform after the sub-layer (gemma2, gemma3_text, gemma3, glm4, olmo2, olmo3, flex_olmo,
-  exaone4: a post-norm; granite, granitemoe, granitemoeshared: their ``residual_multiplier`` m;
+- a transform after the sub-layer (gemma2, gemma3_text, glm4, olmo2, olmo3, flex_olmo, exaone4:
+  a post-norm; granite, granitemoe, granitemoeshared: their ``residual_multiplier`` m;
   minicpm3: its ``residual_scale``). SPEC's formula is for pre-LN layers; here the layer applies
   the transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z)
   + adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
@@ -37,6 +39,14 @@ kinds:
   layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3, FlexOlmo and Exaone4 have no norm
   before the sub-layer: there z is the residual stream (``h1`` for the FFN, ``h`` for
   attention) itself.
+
+Multimodal models go by their language model: where ``config.model_type`` is not in the table
+and ``config.text_config.model_type`` is (gemma3, llava, mistral3, qwen2_vl, qwen2_5_vl,
+qwen3_vl, qwen3_vl_moe, tested; others built the same way, a vision tower beside
+``AutoModel.from_config(text_config)``), that entry is used: its layer class names the language
+model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's blocks) does not
+contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of the class
+found in more than one place (a vision tower built of them, extra prediction layers) are refused.
 
 Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement): each named
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
@@ -47,7 +57,8 @@ adapters off and on by their ``enabled`` flag, with modules and hooks left in pl
 adapters move with the model, and torch.compile, which does not guard on hooks, sees the
 switch); :meth:`MTLoRAHandle.remove` restores the original modules, hooks and ``requires_grad``
 flags, so the model computes exactly what it did before. Nothing here imports
-``transformers``: models are recognised by ``model.config.model_type`` and layer class names.
+``transformers``: models are recognised by ``model.config.model_type`` (or its
+``text_config``'s) and layer class names.
 """
 
 from __future__ import annotations
@@ -112,10 +123,11 @@ _GEMMA2 = ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layer
            "post_feedforward_layernorm")
 _OLMO2 = (None, None, "post_attention_layernorm", "post_feedforward_layernorm")
 
-#: model_type -> layer layout. The hook takes the adapter's input z from the sub-layer's own input
-#: and adds the adapter's output to the sub-layer's output; the names here are only checked to
-#: exist (a transformers version that lays a layer out differently gets an error) and tell the
-#: tests which norm's output z must be. Three kinds of layer:
+#: model_type (a multimodal model's: its text_config's) -> layer layout. The hook takes the
+#: adapter's input z from the sub-layer's own input and adds the adapter's output to the
+#: sub-layer's output; the names here are only checked to exist (a transformers version that lays
+#: a layer out differently gets an error) and tell the tests which norm's output z must be. Three
+#: kinds of layer:
 SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
     # 1. Pre-LN, LLaMA's layout (its layer code under other names in transformers 5):
     #    out = h1 + FFN(z) + adapter(z), z = LN2(h1), as SPEC section 2 writes it.
@@ -150,12 +162,41 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
         ("glm4_moe", "Glm4MoeDecoderLayer"), ("glm4_moe_lite", "Glm4MoeLiteDecoderLayer"),
         ("dots1", "Dots1DecoderLayer"), ("exaone_moe", "ExaoneMoeDecoderLayer"),
         ("ernie4_5_moe", "Ernie4_5_MoeDecoderLayer"),
-        ("mimo_v2_flash", "MiMoV2FlashDecoderLayer"))},
+        ("mimo_v2_flash", "MiMoV2FlashDecoderLayer"),
+        # More of LLaMA's layer code: DiffLlama's differential attention (two softmaxes, one V
+        # split in two) is inside its self_attn, called once on input_layernorm(h); Youtu's is
+        # DeepSeek's MLA; Jais2 has LayerNorms.
+        ("diffllama", "DiffLlamaDecoderLayer"), ("youtu", "YoutuDecoderLayer"),
+        ("cwm", "CwmDecoderLayer"), ("nanochat", "NanoChatDecoderLayer"),
+        ("jais2", "Jais2DecoderLayer"),
+        # ... with an MoE block in some layers (mlp_layer_types, first_k_dense_replace) or all
+        # (Mellum's default), as ``mlp``. DeepSeek-V3.2's sparse-attention indexer is inside
+        # its self_attn.
+        ("mellum", "MellumDecoderLayer"), ("laguna", "LagunaDecoderLayer"),
+        ("minicpm5_moe", "MiniCPM5MoeDecoderLayer"), ("deepseek_v32", "DeepseekV32DecoderLayer"),
+        ("mistral4", "Mistral4DecoderLayer"),
+        # The language models of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (their own
+        # model_types, the text_config's of the multimodal models; below the table): LLaMA's
+        # layer. M-RoPE changes only the position embeddings the attention gets, and Qwen3-VL's
+        # deepstack adds visual features to the residual stream between layers, not inside one.
+        ("qwen2_vl_text", "Qwen2VLDecoderLayer"), ("qwen2_5_vl_text", "Qwen2_5_VLDecoderLayer"),
+        ("qwen3_vl_text", "Qwen3VLTextDecoderLayer"),
+        ("qwen3_vl_moe_text", "Qwen3VLMoeTextDecoderLayer"))},
     # Apertus: LLaMA's layout with the norms named for their sub-layers.
     "apertus": _Family("ApertusDecoderLayer", "self_attn", "attention_layernorm", "mlp",
                        "feedforward_layernorm"),
+    # VaultGemma: LLaMA's layout, its FFN's norm named pre_feedforward_layernorm (Gemma 2's
+    # name, without Gemma 2's post-norms).
+    "vaultgemma": _Family("VaultGemmaDecoderLayer", "self_attn", "input_layernorm", "mlp",
+                          "pre_feedforward_layernorm"),
+    # JetMoE: the attention (a mixture of attention heads) is ``self_attention`` and returns
+    # (output, weights, router_logits): the hook adds to the output; the FFN is an MoE block.
+    "jetmoe": _Family("JetMoeDecoderLayer", "self_attention", "input_layernorm", "mlp",
+                      "post_attention_layernorm"),
     # Phi-3's residual dropouts apply to FFN(z) + adapter(z) together (ViT's too, below).
     "phi3": _pre_ln("Phi3DecoderLayer", "resid_attn_dropout", "resid_mlp_dropout"),
+    # Persimmon: a dropout after the FFN only (none after the attention).
+    "persimmon": _pre_ln("PersimmonDecoderLayer", ffn_after="dropout"),
     "vit": _Family("ViTLayer", "attention", "layernorm_before", "mlp", "layernorm_after",
                    "dropout", "dropout"),
     # 2. Parallel attention and FFN on one norm: out = h + Attn(z) + FFN(z) [+ adapters(z)],
@@ -176,9 +217,6 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
     #    itself.
     "gemma2": _post_norm("Gemma2DecoderLayer", *_GEMMA2),
     "gemma3_text": _post_norm("Gemma3DecoderLayer", *_GEMMA2),
-    # Gemma 3's multimodal model: the layers are its language model's; the SigLIP vision tower
-    # has none of them and gets no adapter.
-    "gemma3": _post_norm("Gemma3DecoderLayer", *_GEMMA2),
     "glm4": _post_norm("Glm4DecoderLayer", "input_layernorm", "post_attention_layernorm",
                        "post_self_attn_layernorm", "post_mlp_layernorm"),
     "olmo2": _post_norm("Olmo2DecoderLayer", *_OLMO2),
@@ -201,10 +239,37 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def _layers_config(config):
+    """The config of the layers block-level placement adapts: ``config`` where its model_type
+    is in the table; for a multimodal model whose own type is not, and whose ``text_config``'s
+    is (LLaVA, Mistral 3, Gemma 3, Qwen-VL: a vision tower beside a language model built from
+    text_config), that text_config; else None."""
+    if getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES:
+        return config
+    text = getattr(config, "text_config", None)
+    return text if getattr(text, "model_type", None) in SUPPORTED_ARCHITECTURES else None
+
+
+def _family_of(model: nn.Module) -> _Family | None:
+    config = _layers_config(getattr(model, "config", None))
+    return None if config is None else SUPPORTED_ARCHITECTURES[config.model_type]
+
+
+def _type_named(model: nn.Module) -> str:
+    """The model's type as an error message names it (with its text_config's, where used)."""
+    mtype = _model_type(model)
+    config = _layers_config(getattr(model, "config", None))
+    if config is None or config.model_type == mtype:
+        return f"model_type {mtype!r}"
+    return f"model_type {mtype!r} (text_config: {config.model_type!r})"
+
+
 def hidden_size_of(model: nn.Module) -> int:
-    """The width of the model's layers: ``config.hidden_size``, or its ``text_config``'s for a
-    multimodal model (Gemma 3's config holds its language model's width there)."""
-    config = model.config
+    """The width of the model's layers: ``hidden_size`` of the config :func:`_layers_config`
+    picks (a multimodal model's text_config: its language model's width, where LLaVA's and
+    Qwen-VL's configs have none of their own and Qwen-VL's vision_config has another); of an
+    unsupported model, ``config.hidden_size``, or its ``text_config``'s where it has none."""
+    config = _layers_config(model.config) or model.config
     if getattr(config, "hidden_size", None) is None and hasattr(config, "text_config"):
         config = config.text_config
     return config.hidden_size
@@ -218,8 +283,16 @@ def _is_layer(module: nn.Module, class_name: str) -> bool:
 def _find_layers(model: nn.Module, family: _Family) -> list[tuple[str, nn.Module]]:
     layers = [(n, m) for n, m in model.named_modules() if _is_layer(m, family.layer_class)]
     if not layers:
-        raise ValueError(f"model_type {_model_type(model)!r} but no {family.layer_class} module "
-                         f"found in {type(model).__name__}")
+        raise ValueError(f"{_type_named(model)} but no {family.layer_class} module found in "
+                         f"{type(model).__name__}")
+    # One stack of layers: layers of that class anywhere else (a vision tower built of them,
+    # extra prediction layers) would get adapters too, and shift the indices layers=... counts.
+    stacks = sorted({n.rpartition(".")[0] for n, _ in layers})
+    if len(stacks) > 1:
+        raise ValueError(
+            f"{family.layer_class} modules in {len(stacks)} places ({', '.join(stacks)}) of "
+            f"{type(model).__name__}; block-level placement adapts one stack of layers. Use "
+            f"component-level placement (target_modules=[...]) instead.")
     # Every name the family gives must be there (of a tuple of alternatives, one): a module, or
     # after a sub-layer a number too (Granite's multiplier). None, no norm there, is not looked up.
     kinds = {n: nn.Module for n in (family.attn, family.attn_norm, family.ffn, family.ffn_norm)}
@@ -250,7 +323,7 @@ def _layer_indices(n: int, wanted: Sequence[int]) -> list[int]:
 def normalized_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int] | None:
     """``layers`` as sorted non-negative indices, None (every layer) included, so that two
     ways of naming the same layers compare equal; as given on an unsupported architecture."""
-    family = SUPPORTED_ARCHITECTURES.get(_model_type(model))
+    family = _family_of(model)
     if family is None:
         return None if layers is None else list(layers)
     n = len(_find_layers(model, family))
@@ -432,7 +505,8 @@ def attach(
     Args:
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, parallel and post-norm decoders,
-            ViT; see the module docstring); any model with the named ``nn.Linear`` (or
+            ViT; see the module docstring), and multimodal models whose ``text_config`` has one
+            of them (their language model's layers); any model with the named ``nn.Linear`` (or
             ``Conv1D``) modules works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
@@ -456,16 +530,16 @@ def attach(
     if target_modules is not None and placement is not None:
         raise ValueError(f"give either placement={placement!r} (block-level) or target_modules "
                          f"(component-level), not both")
-    mtype = _model_type(model)
-    family = SUPPORTED_ARCHITECTURES.get(mtype)
-    supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+    family = _family_of(model)
+    supported = (", ".join(sorted(SUPPORTED_ARCHITECTURES))
+                 + ", and multimodal models whose text_config has one of these types")
     chosen = None
     if layers is not None:
         if len(layers) == 0:
             raise ValueError("layers=[] selects no layer; pass None for every layer")
         if family is None:
             raise ValueError(f"layers=... needs a supported architecture ({supported}); "
-                             f"{type(model).__name__} has model_type {mtype!r}")
+                             f"{type(model).__name__} has {_type_named(model)}")
         every = _find_layers(model, family)
         layers = _layer_indices(len(every), layers)
         chosen = [every[i] for i in layers]
@@ -520,7 +594,7 @@ def attach(
         if family is None:
             raise NotImplementedError(
                 f"block-level mtLoRA supports model types {supported}; {type(model).__name__} "
-                f"has model_type {mtype!r}. Component-level placement (target_modules=[...]) "
+                f"has {_type_named(model)}. Component-level placement (target_modules=[...]) "
                 f"works on any model with nn.Linear (or Conv1D) modules.")
         if chosen is None:
             chosen = _find_layers(model, family)
