@@ -107,9 +107,11 @@ _QWEN_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=
                     vision_end_token_id=63)  # beside the ids tiny_inputs draws (0..59)
 
 
-def _mrope(interleaved: bool = False) -> dict:
-    return dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                     mrope_section=[2, 1, 1], mrope_interleaved=interleaved))
+def _mrope(interleaved: bool) -> dict:
+    """M-RoPE sections for head_dim 8; Qwen3-VL's interleaved (a field Qwen2-VL's config does
+    not know, and warns about)."""
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
+    return dict(rope_parameters=dict(rope, mrope_interleaved=True) if interleaved else rope)
 
 
 def multimodal_config(family: str, text: dict):
