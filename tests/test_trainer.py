@@ -50,7 +50,9 @@ def args(tmp_path, **kw) -> transformers.TrainingArguments:
 
 
 class _Recording(MTLoRATrainer):
-    """Keeps the ``input_ids`` rows of every training micro-batch it is given."""
+    """Keeps the ``input_ids`` rows of every training micro-batch it is given; samples the rows
+    in order (``train_sampling_strategy="sequential"`` of transformers 5, by the sampler hook that
+    transformers 4.57 has too)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -60,6 +62,10 @@ class _Recording(MTLoRATrainer):
         if model.training:
             self.seen += inputs["input_ids"].tolist()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        data = self.train_dataset if train_dataset is None else train_dataset
+        return torch.utils.data.SequentialSampler(data)
 
 
 def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bool = True,
@@ -75,7 +81,7 @@ def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bo
         model=model, train_dataset=dataset(n), balance_weight=0.0,
         spectral_weight=spectral_weight,
         args=args(out_dir, max_steps=1, per_device_train_batch_size=micro,
-                  gradient_accumulation_steps=accumulate, train_sampling_strategy="sequential"))
+                  gradient_accumulation_steps=accumulate))
     trainer.model_accepts_loss_kwargs = normalized
     trainer.train()
     return [p.detach() - b for p, b in zip(handle.parameters(), before)], trainer.seen
