@@ -24,7 +24,7 @@ wrong, which is why this class exists:
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
-of the package does not); tested with transformers 5.25.0 and 4.57.6.
+of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 """
 
 from __future__ import annotations
