@@ -35,6 +35,12 @@ MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
 # Multi-head latent attention (DeepSeek's, MiniCPM3's): tiny low-rank projections.
 MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
            v_head_dim=8, num_key_value_heads=4)
+# Hybrid stacks: a Gated DeltaNet (or Kimi's delta attention) in layer 0, full attention in
+# layer 1; tiny linear-attention heads.
+HYBRID_LAYERS = dict(layer_types=["linear_attention", "full_attention"])
+GATED_DELTA = dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                   linear_num_value_heads=4)
+GEMMA_PER_LAYER = dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=64)
 EXTRA = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(MOE, num_experts=4, shared_expert_intermediate_size=32),
@@ -86,6 +92,30 @@ EXTRA = {
     # Mistral 4 ropes qk_rope_head_dim of head_dim = qk_nope_head_dim + qk_rope_head_dim.
     "mistral4": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
                      first_k_dense_replace=1, head_dim=16),
+    # Hybrid token mixers (HYBRID below): layer 0 linear attention, layer 1 full attention.
+    "qwen3_next": dict(HYBRID_LAYERS, **GATED_DELTA, **MOE, num_experts=4,
+                       shared_expert_intermediate_size=16, mlp_only_layers=[0]),
+    "lara_mini": dict(HYBRID_LAYERS, **GATED_DELTA, **MOE, num_experts=4,
+                      shared_expert_intermediate_size=16),
+    "olmo_hybrid": dict(HYBRID_LAYERS, **GATED_DELTA),
+    "qwen3_5": dict(HYBRID_LAYERS, **GATED_DELTA),
+    "qwen3_5_moe": dict(HYBRID_LAYERS, **GATED_DELTA, **MOE, num_experts=4,
+                        shared_expert_intermediate_size=16),
+    "kimi_linear": dict(HYBRID_LAYERS, **MOE, **MLA, num_local_experts=4,
+                        mlp_layer_types=["dense", "sparse"], linear_head_dim=8,
+                        linear_num_heads=4),
+    "bailing_hybrid": dict(HYBRID_LAYERS, **MOE, **MLA, num_local_experts=4, n_group=2,
+                           topk_group=1, mlp_layer_types=["dense", "sparse"]),
+    # Llama 4: layer 1 MoE (intermediate_size is its experts', intermediate_size_mlp the dense).
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, moe_layers=[1],
+                        intermediate_size=16, intermediate_size_mlp=64),
+    "hyperclovax": dict(use_post_norm=True, residual_multiplier=0.5),
+    # Gemma 4 and 3n with their per-layer inputs (8 wide); 3n's KV sharing off (it needs more
+    # layers than two), Gemma 4's is off by default.
+    "gemma4_text": dict(GEMMA_PER_LAYER, layer_types=["sliding_attention", "full_attention"]),
+    "gemma4": dict(GEMMA_PER_LAYER, layer_types=["sliding_attention", "full_attention"]),
+    "gemma3n_text": dict(GEMMA_PER_LAYER, layer_types=["sliding_attention", "full_attention"],
+                         laurel_rank=4, num_kv_shared_layers=0),
 }
 # Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
 CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
@@ -96,13 +126,22 @@ CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
 # for head_dim 8 (the default sections are for head_dim 128).
 MULTIMODAL = {"gemma3": "gemma3_text", "llava": "llama", "mistral3": "mistral",
               "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text",
-              "qwen3_vl": "qwen3_vl_text", "qwen3_vl_moe": "qwen3_vl_moe_text"}
+              "qwen3_vl": "qwen3_vl_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
+              "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
+              "gemma4": "gemma4_text"}
 _VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                image_size=16, patch_size=8)
 _QWEN_VISION = dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, intermediate_size=32,
                     out_hidden_size=32, patch_size=4, temporal_patch_size=2,
                     spatial_merge_size=2, window_size=8, fullatt_block_indexes=[0],
                     num_position_embeddings=16, deepstack_visual_indexes=[0])
+# Qwen3.5's vision tower: Qwen3-VL's without deepstack (nor Qwen2.5-VL's windows).
+_QWEN3_5_VISION = {k: v for k, v in _QWEN_VISION.items() if k not in (
+    "window_size", "fullatt_block_indexes", "deepstack_visual_indexes")}
+# Gemma 4's: 4x4 patches, pooled 2x2.
+_GEMMA4_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, patch_size=4,
+                      pooling_kernel_size=2, position_embedding_size=16)
 _QWEN_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62,
                     vision_end_token_id=63)  # beside the ids tiny_inputs draws (0..59)
 
@@ -127,18 +166,25 @@ def multimodal_config(family: str, text: dict):
         return transformers.Mistral3Config(
             text_config=dict(text, model_type="mistral"), image_token_id=63,
             vision_config=dict(_VISION, model_type="pixtral", head_dim=8, image_size=32))
+    if family == "gemma4":  # no audio tower; its model swaps the image tokens for pad_token_id
+        return transformers.Gemma4Config(
+            text_config=dict(text, model_type="gemma4_text", pad_token_id=0), audio_config=None,
+            vision_config=_GEMMA4_VISION, image_token_id=64, video_token_id=65, boi_token_id=66,
+            eoi_token_id=67, audio_token_id=None, boa_token_id=None, eoa_token_index=None)
     if family == "qwen3_vl_moe":  # layer 0 dense, layer 1 MoE
         text = dict(text, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                     mlp_only_layers=[0])
     interleaved = family.startswith("qwen3")
+    vision = _QWEN3_5_VISION if family.startswith("qwen3_5") else _QWEN_VISION
     return transformers.AutoConfig.for_model(
-        family, text_config=dict(text, **_mrope(interleaved)), vision_config=_QWEN_VISION,
+        family, text_config=dict(text, **_mrope(interleaved)), vision_config=vision,
         **_QWEN_TOKENS)
 
 
-def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
+def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Module:
     """A tiny random model of ``family`` (a model_type; 'stablelm-sequential': StableLM without
-    use_parallel_residual), built from a config: no download."""
+    use_parallel_residual), built from a config (``config``: fields over EXTRA's): no
+    download."""
     torch.manual_seed(seed)
     small = {**SMALL, "num_hidden_layers": layers}
     if family == "vit":
@@ -148,7 +194,8 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
     # (LLaMA's defaults: its tiny model stays the one the other test files were written with).
     text = {**small, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
             "head_dim": small["hidden_size"] // small["num_attention_heads"],
-            "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, **EXTRA.get(family, {})}
+            "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, **EXTRA.get(family, {}),
+            **config}
     if family in MULTIMODAL:
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
@@ -159,13 +206,30 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def family_of(model: nn.Module):
-    """The table's entry for ``model``, by its model_type or (a multimodal model) its
-    text_config's, as the module docstring states the rule."""
+def family_of(model: nn.Module, layer: nn.Module):
+    """The table's family of ``layer`` in ``model``: the entry of the model's model_type or (a
+    multimodal model) its text_config's, as the module docstring states the rule; of an entry
+    that is a tuple of families (OLMo-Hybrid's), the one of the layer's class."""
     config = model.config
     if config.model_type not in SUPPORTED_ARCHITECTURES:
         config = config.text_config
-    return SUPPORTED_ARCHITECTURES[config.model_type]
+    entry = SUPPORTED_ARCHITECTURES[config.model_type]
+    classes = {c.__name__ for c in type(layer).__mro__}
+    [family] = [f for f in (entry if isinstance(entry, tuple) else (entry,))
+                if f.layer_class in classes]
+    return family
+
+
+def names(field) -> tuple:
+    """A table field as a tuple of names (a tuple already: alternatives or, after a sub-layer,
+    transforms in order)."""
+    return () if field is None else (field,) if isinstance(field, str) else tuple(field)
+
+
+def mixer_name(layer: nn.Module, family) -> str:
+    """The attention the layer has: of the family's alternatives (a hybrid stack's
+    ``self_attn`` / ``linear_attn``), the first that is a module of the layer."""
+    return next(n for n in names(family.attn) if isinstance(getattr(layer, n, None), nn.Module))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -210,12 +274,12 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
     """Hooks on ``layer`` (of a model without adapters) that put sub-layer ``sub``'s z in
     ``store[key]`` as SPEC and the module docstring define it: the output of the norm the table
     names (of alternatives, the one the layer has); where the layer has no norm there, the
-    residual stream: for attention the layer's input h, for the FFN
-    ``h1 = h + PostNorm(Attn(h))``, the sum the layer forms (OLMo2's layout)."""
+    residual stream: for attention (``sub`` any other than the FFN: a hybrid layer's
+    ``linear_attn`` too) the layer's input h, for the FFN ``h1 = h + PostNorm(Attn(h))``, the
+    sum the layer forms (OLMo2's layout)."""
     norm = family.ffn_norm if sub == family.ffn else family.attn_norm
     if norm is not None:
-        if not isinstance(norm, str):
-            norm = next(n for n in norm if getattr(layer, n, None) is not None)
+        norm = next(n for n in names(norm) if getattr(layer, n, None) is not None)
         getattr(layer, norm).register_forward_hook(
             lambda m, args, out: store.__setitem__(key, out))
         return
@@ -224,11 +288,11 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
         store[key, "h"] = args[0] if args else kwargs["hidden_states"]
 
     layer.register_forward_pre_hook(layer_input, with_kwargs=True)
-    if sub == family.attn:
+    if sub != family.ffn:
         layer.register_forward_pre_hook(
             lambda m, args, kwargs: store.__setitem__(key, store[key, "h"]), with_kwargs=True)
-    else:
-        getattr(layer, family.attn_after).register_forward_hook(
+    else:  # the last transform after the attention: its output is what the layer adds to h
+        getattr(layer, names(family.attn_after)[-1]).register_forward_hook(
             lambda m, args, out: store.__setitem__(key, store[key, "h"] + out))
 
 
@@ -244,10 +308,11 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
     cfg = handle.config
     captured = {}
 
-    def plus(out, d):
-        return (out[0] + d, *out[1:]) if isinstance(out, tuple) else out + d
+    def plus(out, d):  # in the sub-layer's output's shape (Llama 4's MoE block: [B*S, d])
+        if isinstance(out, tuple):
+            return (out[0] + d.reshape(out[0].shape), *out[1:])
+        return out + d.reshape(out.shape)
 
-    family = family_of(base) if handle.placement != "component" else None
     for name, a in handle.adapters.items():
         if handle.placement == "component":
             lin = base.get_submodule(name.removesuffix(".adapter"))
@@ -255,7 +320,7 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
             continue
         layer_name, sub, _ = name.rsplit(".", 2)
         layer = base.get_submodule(layer_name)
-        capture_z(layer, family, sub, captured, name)
+        capture_z(layer, family_of(base, layer), sub, captured, name)
         getattr(layer, sub).register_forward_hook(
             lambda m, args, out, k=name, a=a: plus(out, delta(captured[k], a, cfg)))
     return base
@@ -266,7 +331,8 @@ FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 # LLaMA's own classes under another model_type; Apertus, VaultGemma, JetMoE: with their own
 # norm or attention names; Phi-3, Persimmon: with residual dropouts; llava, mistral3 and the
 # Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
-# deepseek_v2 on: MIXED below).
+# deepseek_v2 on: MIXED below), then hybrid stacks of linear and full attention (HYBRID below;
+# Qwen3.5(-MoE): multimodal) and Llama 4.
 LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
               "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
               "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
@@ -276,15 +342,26 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "solar_open", "hunyuan_v1_moe", "jetmoe", "deepseek_v2", "deepseek_v3",
               "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "ernie4_5_moe",
               "mimo_v2_flash", "mellum", "laguna", "minicpm5_moe", "deepseek_v32", "mistral4",
-              "qwen3_vl_moe"]
+              "qwen3_vl_moe",
+              "qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear",
+              "bailing_hybrid", "llama4_text"]
 PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential"]
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
-                  "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3"]
+                  "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
+                  "hyperclovax", "gemma4_text", "gemma4", "gemma3n_text", "olmo_hybrid"]
 # Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute: their tiny
 # models (EXTRA) have one of each, so the tests above see both.
 MIXED = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
          "ernie4_5_moe", "mimo_v2_flash", "cohere2_moe", "mellum", "laguna", "minicpm5_moe",
-         "deepseek_v32", "mistral4", "qwen3_vl_moe"]
+         "deepseek_v32", "mistral4", "qwen3_vl_moe", "qwen3_next", "kimi_linear",
+         "bailing_hybrid", "llama4_text"]
+# Hybrid stacks: linear attention in some layers, full attention in the others (OLMo-Hybrid:
+# layers of two classes, one family each); their tiny models have one of each.
+HYBRID = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear", "bailing_hybrid",
+          "olmo_hybrid"]
+# Layers that go on after the FFN's residual add (Gemma 4's per-layer input and layer_scalar,
+# Gemma 3n's AltUp correction): the kind-3 test reads the post-norm's output there.
+GOES_ON = ["gemma4_text", "gemma4", "gemma3n_text"]
 PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
               dict(target_modules=["q_proj", "v_proj"])]
 
@@ -355,9 +432,22 @@ def test_mixed_dense_and_moe_models_are_tested_on_both_kinds_of_ffn(family):
     """Layer 0 of the tiny model holds a dense FFN, layer 1 an MoE block (a config field that
     stopped taking effect would leave the MoE layers untested)."""
     model = tiny_model(family)
-    dense, moe = (getattr(layer, family_of(model).ffn) for layer in decoder_layers(model))
+    dense, moe = (getattr(layer, family_of(model, layer).ffn) for layer in decoder_layers(model))
     assert "experts" not in dict(dense.named_children())
     assert "experts" in dict(moe.named_children())
+
+
+@pytest.mark.parametrize("family", HYBRID)
+def test_hybrid_models_are_tested_on_both_token_mixers(family):
+    """Layer 0 of the tiny model mixes tokens by linear attention (a Gated DeltaNet, Kimi's delta
+    attention), layer 1 by full attention, as its layer_types say: the tests above see both
+    (a config field that stopped taking effect would leave one untested)."""
+    model = tiny_model(family)
+    config = getattr(model.config, "text_config", model.config)
+    assert list(config.layer_types) == ["linear_attention", "full_attention"]
+    linear, full = (type(getattr(layer, mixer_name(layer, family_of(model, layer)))).__name__
+                    for layer in decoder_layers(model))
+    assert "Delta" in linear and "Delta" not in full, (linear, full)
 
 
 @pytest.mark.parametrize("family", POST_TRANSFORM)
@@ -369,8 +459,6 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     model = tiny_model(family)
     base = copy.deepcopy(model)
     x = tiny_inputs(family)
-    fam = family_of(base)
-    assert fam.ffn_after is not None, f"the table names no transform after {family}'s FFN"
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
                     placement="ffn", layers=[-1])
     randomize(handle)
@@ -378,17 +466,26 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     layer_name = name.rsplit(".", 2)[0]
     got = {}
     layer = base.get_submodule(layer_name)  # without adapters: h1 + T(FFN(z)), FFN(z) and z
+    fam = family_of(base, layer)
+    assert fam.ffn_after is not None, f"the table names no transform after {family}'s FFN"
+    afters = [getattr(layer, n) for n in names(fam.ffn_after)]  # in the order the layer applies
     capture_z(layer, fam, fam.ffn, got, "z")
     getattr(layer, fam.ffn).register_forward_hook(lambda m, a, out: got.__setitem__("ffn", out))
-    layer.register_forward_hook(lambda m, a, out: got.__setitem__("base", out))
-    model.get_submodule(layer_name).register_forward_hook(
-        lambda m, a, out: got.__setitem__("ours", out))
+    # The layer's output, h1 + T(...); where the layer goes on after that sum, T(...) itself.
+    read = names(fam.ffn_after)[-1] if family in GOES_ON else None
+    for key, net in (("base", base), ("ours", model)):
+        where = net.get_submodule(layer_name if read is None else f"{layer_name}.{read}")
+        where.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(key, out))
+
+    def transform(v):
+        for after in afters:
+            v = after(v) if isinstance(after, nn.Module) else after * v
+        return v
+
     with torch.no_grad():
         run(base, x)
         run(model, x)
         d = delta(got["z"], adapter, handle.config)
-        after = getattr(layer, fam.ffn_after)
-        transform = after if isinstance(after, nn.Module) else (lambda v: after * v)
         moved = got["ours"] - got["base"]
         assert rel_err(moved, transform(got["ffn"] + d) - transform(got["ffn"])) <= TOL
         assert rel_err(moved, d) > 0.3, "the delta must not skip the transform"
@@ -397,17 +494,74 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
 @pytest.mark.parametrize("family,gone", [("llama", "post_attention_layernorm"),
                                          ("olmo2", "post_feedforward_layernorm"),
                                          ("granite", "residual_multiplier"),
-                                         ("granitemoe", "block_sparse_moe")])
+                                         ("granitemoe", "block_sparse_moe"),
+                                         ("hyperclovax", "post_norm2")])
 def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     """A transformers version whose layer lacks a piece the table names (the norm before a
-    sub-layer, the post-norm or the multiplier after it, the FFN by its name) gets a named error,
-    the model as it was."""
+    sub-layer, the post-norm or the multiplier after it, either of two transforms after it, the
+    FFN by its name) gets a named error, the model as it was."""
     model = tiny_model(family)
     delattr(model.model.layers[1], gone)
     with pytest.raises(ValueError, match=rf"layers\.1 \(\w+DecoderLayer\) lacks \['{gone}'\], "
                                          r".*target_modules"):
         attach(model, placement="ffn")
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_gemma4s_per_layer_input_and_layer_scalar_take_the_delta_as_the_ffns_output():
+    """Gemma 4's layer goes on after the FFN's residual add h2 = h1 + PostNorm(FFN(z) +
+    adapter(z)): out = s * (h2 + P(h2)), P its per-layer-input block (gate, times the layer's
+    per-layer input, projection, norm), s its layer_scalar (0.5 here). By hand on the last
+    layer: the adapter's delta goes through P and s as the FFN's output does."""
+    model = tiny_model("gemma4_text")
+    for layer in decoder_layers(model):
+        layer.layer_scalar.fill_(0.5)
+    base = copy.deepcopy(model)
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
+                    placement="ffn", layers=[-1])
+    randomize(handle)
+    [adapter] = handle.adapters.values()
+    layer = decoder_layers(base)[-1]
+    got = {}
+    capture_z(layer, family_of(base, layer), "mlp", got, "z")
+    layer.pre_feedforward_layernorm.register_forward_pre_hook(
+        lambda m, a: got.__setitem__("h1", a[0]))
+    layer.mlp.register_forward_hook(lambda m, a, out: got.__setitem__("ffn", out))
+    layer.register_forward_pre_hook(lambda m, a: got.__setitem__("per_layer_input", a[1]))
+    decoder_layers(model)[-1].register_forward_hook(lambda m, a, out: got.__setitem__("ours", out))
+
+    def rest(h2):  # s * (h2 + P(h2))
+        p = layer.act_fn(layer.per_layer_input_gate(h2)) * got["per_layer_input"]
+        return (h2 + layer.post_per_layer_input_norm(layer.per_layer_projection(p))) * 0.5
+
+    x = tiny_inputs("gemma4_text")
+    with torch.no_grad():
+        run(base, x)
+        run(model, x)
+        d = delta(got["z"], adapter, handle.config)
+        post = layer.post_feedforward_layernorm
+        assert rel_err(got["ours"], rest(got["h1"] + post(got["ffn"] + d))) <= TOL
+        assert rel_err(got["ours"], rest(got["h1"] + post(got["ffn"])) + d) > 0.1
+
+
+@pytest.mark.parametrize("placement", ["ffn", "both"])
+def test_gemma4_moe_layers_refuse_the_ffn_placement(placement):
+    """Gemma 4's MoE layers (enable_moe_block) run router and experts beside the mlp, on another
+    norm of h1, and add them between the mlp's two post-norms: no one module is their FFN.
+    'ffn' and 'both' are refused, named, the model as it was; 'attn' (Gemma 2's layout there
+    too) matches the oracle."""
+    moe = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16)
+    model = tiny_model("gemma4_text", **moe)
+    with pytest.raises(NotImplementedError, match=rf"placement='{placement}': model.layers.0 "
+                                                  r"\(Gemma4TextDecoderLayer\) has 'experts': "
+                                                  r"Gemma 4's MoE layers .*placement='attn'"):
+        attach(model, placement=placement)
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+    base, x = copy.deepcopy(model), tiny_inputs("gemma4_text")
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="attn")
+    randomize(handle)
+    assert rel_err(run(model, x), run(reference_model(base, handle), x)) <= TOL
 
 
 def image_inputs(family: str) -> dict:
@@ -420,6 +574,10 @@ def image_inputs(family: str) -> dict:
     if family == "mistral3":
         return dict(pixel_values=torch.randn(1, 3, 32, 32, generator=g),
                     image_sizes=torch.tensor([[32, 32]]))
+    if family == "gemma4":  # 16 flattened 4x4 patches and their (x, y) on a 4x4 grid
+        grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1)
+        return dict(pixel_values=torch.rand(1, 16, 3 * 4 * 4, generator=g),
+                    image_position_ids=grid.reshape(1, 16, 2))
     return dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g))
 
 
@@ -442,9 +600,10 @@ def test_multimodal_models_adapt_their_language_model_only(family):
         before = image_features()
         handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=2), placement="both")
         randomize(handle)
-        assert list(handle.adapters) == [f"model.language_model.layers.{i}.{sub}.mtlora_adapter"
-                                         for i in (0, 1)
-                                         for sub in (family_of(model).attn, "mlp")]
+        layers = decoder_layers(model)
+        assert list(handle.adapters) == [
+            f"model.language_model.layers.{i}.{sub}.mtlora_adapter" for i in (0, 1)
+            for sub in (mixer_name(layers[i], family_of(model, layers[i])), "mlp")]
         assert {a.d_in for a in handle.adapters.values()} == {32}
         assert torch.equal(image_features(), before)
         handle.remove()

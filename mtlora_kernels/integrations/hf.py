@@ -8,12 +8,13 @@ sub-layer::
     out = h + Attn(LN1(h)) + adapter(LN1(h))  (then the FFN as usual)         # 'attn'
 
 The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
-or Granite-MoE's ``block_sparse_moe``, or the attention module; the official code's
-``block_adapter`` sits in the same place) and runs from ONE forward hook on that module. In
-every supported layer the sub-layer is called on its z and on nothing else, so the hook's input
-*is* z; the hook passes the sub-layer's output to the fused op as its residual (no extra pass
-over [T, d]). One hook with no state kept between hooks is what makes this safe under gradient
-checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
+or Granite-MoE's ``block_sparse_moe``, or the attention module: in a hybrid stack the token
+mixer each layer has, ``self_attn`` or ``linear_attn``; the official code's ``block_adapter``
+sits in the same place) and runs from ONE forward hook on that module. In every supported layer
+the sub-layer is called on its z and on nothing else, so the hook's input *is* z; the hook
+passes the sub-layer's output to the fused op as its residual (no extra pass over [T, d]). One
+hook with no state kept between hooks is what makes this safe under gradient checkpointing (the
+recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
 
 The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``) come in three
 kinds:
@@ -26,27 +27,42 @@ kinds:
   qwen3_moe, olmoe, gpt_oss, minimax_m2, phimoe, solar_open, hunyuan_v1_moe, jetmoe, and with a
   dense FFN in some layers and an MoE block in the others: deepseek_v2, deepseek_v3,
   deepseek_v32, glm4_moe, glm4_moe_lite, dots1, exaone_moe, ernie4_5_moe, mimo_v2_flash, mellum,
-  laguna, minicpm5_moe, mistral4, qwen3_vl_moe_text;
+  laguna, minicpm5_moe, mistral4, qwen3_vl_moe_text, llama4_text (its FFN ``feed_forward``);
+  hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some layers and
+  full attention in the others, either mixer called once on ``LN1(h)`` and added to the
+  residual, so that 'attn' puts the adapter in parallel with the layer's mixer, whichever it is:
+  qwen3_next, qwen3_5_text, qwen3_5_moe_text, lara_mini (``linear_attn`` or ``self_attn``),
+  kimi_linear, bailing_hybrid (``self_attn`` either way); an MoE block as the FFN in some
+  layers (qwen3_next, kimi_linear, bailing_hybrid) or all (qwen3_5_moe_text, lara_mini);
 - parallel (cohere, cohere2, cohere2_moe, phi; stablelm with ``use_parallel_residual``, without
   it LLaMA's layout): one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) +
   FFN(z)`` plus ``adapter(z)`` of each placed adapter;
-- a transform after the sub-layer (gemma2, gemma3_text, glm4, olmo2, olmo3, flex_olmo, exaone4:
-  a post-norm; granite, granitemoe, granitemoeshared: their ``residual_multiplier`` m;
-  minicpm3: its ``residual_scale``). SPEC's formula is for pre-LN layers; here the layer applies
-  the transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z)
-  + adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
-  adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear
-  layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3, FlexOlmo and Exaone4 have no norm
-  before the sub-layer: there z is the residual stream (``h1`` for the FFN, ``h`` for
-  attention) itself.
+- a transform after the sub-layer (gemma2, gemma3_text, gemma4_text, gemma3n_text, glm4, olmo2,
+  olmo3, flex_olmo, exaone4: a post-norm; granite, granitemoe, granitemoeshared: their
+  ``residual_multiplier`` m; minicpm3: its ``residual_scale``; hyperclovax: a post-norm, then m).
+  SPEC's formula is for pre-LN layers; here the layer applies the transform to the sub-layer's
+  output with the adapter's added, ``out = h1 + PostNorm(FFN(z) + adapter(z))`` (Granite:
+  ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) + adapter(z)``: the adapter
+  sits inside the post-norm, where a LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's
+  placement) sits too. OLMo2/3, FlexOlmo and Exaone4 have no norm before the sub-layer: there
+  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. olmo_hybrid
+  stacks layers of two classes: attention layers in OLMo2's layout, linear-attention layers in
+  LLaMA's. Gemma 4 goes on after the FFN's residual add (its per-layer input, ``layer_scalar``),
+  Gemma 3n too (AltUp's correction of its streams, the per-layer input): that goes on from the
+  sum (and the layer's other inputs), so the adapter's delta goes through it as the FFN's
+  output does. Gemma 4's MoE layers (``enable_moe_block``) run their experts beside the ``mlp``
+  on another norm of ``h1`` and add them between the ``mlp``'s two post-norms: no one module is
+  their FFN, so 'ffn' and 'both' are refused there ('attn' is as in the dense layers).
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
-and ``config.text_config.model_type`` is (gemma3, llava, mistral3, qwen2_vl, qwen2_5_vl,
-qwen3_vl, qwen3_vl_moe, tested; others built the same way, a vision tower beside
-``AutoModel.from_config(text_config)``), that entry is used: its layer class names the language
-model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's blocks) does not
-contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of the class
-found in more than one place (a vision tower built of them, extra prediction layers) are refused.
+and ``config.text_config.model_type`` is (gemma3, gemma4, llava, mistral3, qwen2_vl,
+qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, tested; others built the same way, a
+vision tower beside ``AutoModel.from_config(text_config)``: llama4, tried once; gemma3n, whose
+vision tower needs timm, not tried), that entry is used: its layer class names the language
+model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's and Gemma 4's blocks)
+does not contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of
+the class found in more than one place (a vision tower built of them, extra prediction layers)
+are refused.
 
 Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement): each named
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
@@ -64,7 +80,7 @@ flags, so the model computes exactly what it did before. Nothing here imports
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -83,27 +99,46 @@ ADAPTER_ATTR = "mtlora_adapter"
 class _Family:
     """Where the pieces of one transformer layer live, by attribute name.
 
+    ``attn``: the token mixer; a tuple names alternatives, the first the layer has (a hybrid
+    stack's ``self_attn`` in its full-attention layers, ``linear_attn`` in its linear-attention
+    ones: the adapter goes on the one each layer has, and is named after it). ``ffn``: the FFN.
     ``attn_norm`` / ``ffn_norm``: the norm whose output the sub-layer is called on; a tuple names
     alternatives, the first the layer has (StableLM); None where the layer has no norm there and
     the sub-layer reads the residual stream itself (OLMo2). ``attn_after`` / ``ffn_after``: what
     the layer applies to the sub-layer's output before adding it to the residual (a post-norm, a
-    dropout, Granite's ``residual_multiplier``), so to the sub-layer's output plus the adapter's.
+    dropout, Granite's ``residual_multiplier``), so to the sub-layer's output plus the adapter's;
+    a tuple names several, applied in that order, all of them there (HyperCLOVA X: a post-norm,
+    then the multiplier). ``ffn_refused_if``: (attribute, why): a layer that has the attribute
+    has no one module for its FFN, and 'ffn' / 'both' are refused there (Gemma 4's MoE layers).
     """
 
     layer_class: str
-    attn: str
+    attn: str | tuple[str, ...]
     attn_norm: str | tuple[str, ...] | None
     ffn: str
     ffn_norm: str | tuple[str, ...] | None
-    attn_after: str | None = None
-    ffn_after: str | None = None
+    attn_after: str | tuple[str, ...] | None = None
+    ffn_after: str | tuple[str, ...] | None = None
+    ffn_refused_if: tuple[str, str] | None = None
 
 
-def _pre_ln(layer_class: str, attn_after: str | None = None, ffn_after: str | None = None,
-            ffn: str = "mlp") -> _Family:
+def _names(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A table field as a tuple of attribute names (none for None)."""
+    return () if names is None else (names,) if isinstance(names, str) else tuple(names)
+
+
+def _module_named(layer: nn.Module, names: str | tuple[str, ...]) -> str | None:
+    """Of alternative names, the first that is a module of ``layer`` (None: none is)."""
+    return next((n for n in _names(names) if isinstance(getattr(layer, n, None), nn.Module)),
+                None)
+
+
+def _pre_ln(layer_class: str, attn_after: str | tuple[str, ...] | None = None,
+            ffn_after: str | tuple[str, ...] | None = None, ffn: str = "mlp",
+            attn: str | tuple[str, ...] = "self_attn") -> _Family:
     """LLaMA's layout: ``h1 = h + Attn(input_layernorm(h))``,
     ``out = h1 + FFN(post_attention_layernorm(h1))``, the FFN module named ``ffn``."""
-    return _Family(layer_class, "self_attn", "input_layernorm", ffn, "post_attention_layernorm",
+    return _Family(layer_class, attn, "input_layernorm", ffn, "post_attention_layernorm",
                    attn_after, ffn_after)
 
 
@@ -119,6 +154,8 @@ def _post_norm(layer_class: str, attn_norm: str | None, ffn_norm: str | None,
     return _Family(layer_class, "self_attn", attn_norm, "mlp", ffn_norm, attn_after, ffn_after)
 
 
+#: The token mixers of a hybrid stack: full attention or a linear attention (Gated DeltaNet).
+_HYBRID = ("self_attn", "linear_attn")
 _GEMMA2 = ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm",
            "post_feedforward_layernorm")
 _OLMO2 = (None, None, "post_attention_layernorm", "post_feedforward_layernorm")
@@ -126,9 +163,10 @@ _OLMO2 = (None, None, "post_attention_layernorm", "post_feedforward_layernorm")
 #: model_type (a multimodal model's: its text_config's) -> layer layout. The hook takes the
 #: adapter's input z from the sub-layer's own input and adds the adapter's output to the
 #: sub-layer's output; the names here are only checked to exist (a transformers version that lays
-#: a layer out differently gets an error) and tell the tests which norm's output z must be. Three
+#: a layer out differently gets an error) and tell the tests which norm's output z must be. A
+#: tuple of families: a stack of layers of several classes, one family each (OLMo-Hybrid). Three
 #: kinds of layer:
-SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
+SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # 1. Pre-LN, LLaMA's layout (its layer code under other names in transformers 5):
     #    out = h1 + FFN(z) + adapter(z), z = LN2(h1), as SPEC section 2 writes it.
     **{t: _pre_ln(c) for t, c in (
@@ -182,6 +220,23 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
         ("qwen2_vl_text", "Qwen2VLDecoderLayer"), ("qwen2_5_vl_text", "Qwen2_5_VLDecoderLayer"),
         ("qwen3_vl_text", "Qwen3VLTextDecoderLayer"),
         ("qwen3_vl_moe_text", "Qwen3VLMoeTextDecoderLayer"))},
+    # Hybrid token mixers: linear attention (a Gated DeltaNet, ``linear_attn``) in some layers
+    # (config.layer_types), full attention (``self_attn``) in the others, either called once on
+    # input_layernorm(h) and added to the residual: 'attn' puts the adapter in parallel with the
+    # layer's mixer, whichever it is (its name in the adapter's). Qwen3-Next: an MoE block as
+    # ``mlp`` but in mlp_only_layers; Qwen3.5-MoE, LARA-mini: in every layer. Qwen3.5 and
+    # Qwen3.5-MoE: their language models' types.
+    **{t: _pre_ln(c, attn=_HYBRID) for t, c in (
+        ("qwen3_next", "Qwen3NextDecoderLayer"), ("qwen3_5_text", "Qwen3_5DecoderLayer"),
+        ("qwen3_5_moe_text", "Qwen3_5MoeDecoderLayer"), ("lara_mini", "LaraMiniDecoderLayer"))},
+    # Kimi Linear and Ling's hybrid (bailing_hybrid): ``self_attn`` is the one or the other, by
+    # layer_types: Kimi Delta Attention or MLA; a dense FFN or an MoE block by mlp_layer_types.
+    "kimi_linear": _pre_ln("KimiLinearDecoderLayer"),
+    "bailing_hybrid": _pre_ln("BailingHybridDecoderLayer"),
+    # Llama 4's language model: the FFN is ``feed_forward``, an MoE block in moe_layers. The block
+    # returns (output flattened to [B*S, d], router_logits) and the layer views the output back:
+    # the hook adds the adapter's output in the block's shape.
+    "llama4_text": _pre_ln("Llama4TextDecoderLayer", ffn="feed_forward"),
     # Apertus: LLaMA's layout with the norms named for their sub-layers.
     "apertus": _Family("ApertusDecoderLayer", "self_attn", "attention_layernorm", "mlp",
                        "feedforward_layernorm"),
@@ -232,6 +287,32 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
                                 "residual_multiplier", ffn="block_sparse_moe"),
     # MiniCPM3 scales each sub-layer's output by residual_scale = scale_depth / sqrt(layers).
     "minicpm3": _pre_ln("MiniCPM3DecoderLayer", "residual_scale", "residual_scale"),
+    # HyperCLOVA X: two transforms after each sub-layer, in this order: a post-norm (nn.Identity
+    # without use_post_norm), then residual_multiplier: h1 + m * PostNorm(FFN(z) + adapter(z)).
+    "hyperclovax": _pre_ln("HyperCLOVAXDecoderLayer", ("post_norm1", "residual_multiplier"),
+                           ("post_norm2", "residual_multiplier")),
+    # Gemma 4's language model: Gemma 2's layer. After the FFN's residual add it goes on: the
+    # per-layer-input block adds a function of that sum h2 = h1 + PostNorm(FFN(z) + adapter(z))
+    # (hidden_size_per_layer_input) and layer_scalar scales the layer's output, so the adapter's
+    # delta flows through them as the FFN's own output does. KV sharing is inside self_attn.
+    # MoE layers (enable_moe_block) are refused for 'ffn' / 'both' ('attn' as in the dense ones).
+    "gemma4_text": replace(_post_norm("Gemma4TextDecoderLayer", *_GEMMA2), ffn_refused_if=(
+        "experts", "Gemma 4's MoE layers run their experts beside the mlp on another norm of the "
+                   "residual and add them between the mlp's two post-norms, so no one module is "
+                   "the FFN")),
+    # Gemma 3n's language model: Gemma 2's layer on AltUp's active stream p (the layer's input
+    # is a stack of streams): z = input_layernorm(p), a = p + PostNorm(Attn(z)), LAuReL's branch
+    # added and the sum scaled, h1 = (a + laurel(z)) / sqrt(2), then h1 + PostNorm(FFN(z2) +
+    # adapter(z2)), z2 = pre_feedforward_layernorm(h1). AltUp's correction of the streams and
+    # the per-layer input act on that sum afterwards, on the adapter's delta as on the FFN's
+    # output (as Gemma 4's per-layer input does).
+    "gemma3n_text": _post_norm("Gemma3nTextDecoderLayer", *_GEMMA2),
+    # OLMo-Hybrid: one stack of two layer classes (by layer_types): the attention layers are
+    # OLMo2's (no norm before a sub-layer, post-norms after), the linear-attention layers
+    # LLaMA's (their post_attention_layernorm is the FFN's norm).
+    "olmo_hybrid": (_post_norm("OlmoHybridAttentionDecoderLayer", *_OLMO2),
+                    _Family("OlmoHybridLinearAttentionDecoderLayer", "linear_attn",
+                            "input_layernorm", "mlp", "post_attention_layernorm")),
 }
 
 
@@ -250,9 +331,13 @@ def _layers_config(config):
     return text if getattr(text, "model_type", None) in SUPPORTED_ARCHITECTURES else None
 
 
-def _family_of(model: nn.Module) -> _Family | None:
+def _family_of(model: nn.Module) -> tuple[_Family, ...] | None:
+    """The table's families for ``model`` (one per layer class of its stack), or None."""
     config = _layers_config(getattr(model, "config", None))
-    return None if config is None else SUPPORTED_ARCHITECTURES[config.model_type]
+    if config is None:
+        return None
+    entry = SUPPORTED_ARCHITECTURES[config.model_type]
+    return entry if isinstance(entry, tuple) else (entry,)
 
 
 def _type_named(model: nn.Module) -> str:
@@ -280,28 +365,37 @@ def _is_layer(module: nn.Module, class_name: str) -> bool:
     return any(cls.__name__ == class_name for cls in type(module).__mro__)
 
 
-def _find_layers(model: nn.Module, family: _Family) -> list[tuple[str, nn.Module]]:
-    layers = [(n, m) for n, m in model.named_modules() if _is_layer(m, family.layer_class)]
+def _find_layers(model: nn.Module, families: tuple[_Family, ...]
+                 ) -> list[tuple[str, nn.Module, _Family]]:
+    """The model's layers of the families' classes, in order, each with its family."""
+    layers = []
+    for n, m in model.named_modules():
+        family = next((f for f in families if _is_layer(m, f.layer_class)), None)
+        if family is not None:
+            layers.append((n, m, family))
+    classes = " or ".join(f.layer_class for f in families)
     if not layers:
-        raise ValueError(f"{_type_named(model)} but no {family.layer_class} module found in "
+        raise ValueError(f"{_type_named(model)} but no {classes} module found in "
                          f"{type(model).__name__}")
     # One stack of layers: layers of that class anywhere else (a vision tower built of them,
     # extra prediction layers) would get adapters too, and shift the indices layers=... counts.
-    stacks = sorted({n.rpartition(".")[0] for n, _ in layers})
+    stacks = sorted({n.rpartition(".")[0] for n, _, _ in layers})
     if len(stacks) > 1:
         raise ValueError(
-            f"{family.layer_class} modules in {len(stacks)} places ({', '.join(stacks)}) of "
+            f"{classes} modules in {len(stacks)} places ({', '.join(stacks)}) of "
             f"{type(model).__name__}; block-level placement adapts one stack of layers. Use "
             f"component-level placement (target_modules=[...]) instead.")
-    # Every name the family gives must be there (of a tuple of alternatives, one): a module, or
-    # after a sub-layer a number too (Granite's multiplier). None, no norm there, is not looked up.
-    kinds = {n: nn.Module for n in (family.attn, family.attn_norm, family.ffn, family.ffn_norm)}
-    kinds.update({n: (nn.Module, int, float) for n in (family.attn_after, family.ffn_after)})
-    kinds.pop(None, None)
-    for name, layer in layers:
+    # Every name the family gives must be there (of a tuple of alternatives, one; of the
+    # transforms after a sub-layer, each): a module, or after a sub-layer a number too (Granite's
+    # multiplier). None, no norm there, is not looked up.
+    for name, layer, family in layers:
+        kinds = {n: nn.Module
+                 for n in (family.attn, family.attn_norm, family.ffn, family.ffn_norm)}
+        kinds.update({n: (nn.Module, int, float)
+                      for n in _names(family.attn_after) + _names(family.ffn_after)})
+        kinds.pop(None, None)
         absent = [n for n, kind in kinds.items()
-                  if not any(isinstance(getattr(layer, a, None), kind)
-                             for a in ((n,) if isinstance(n, str) else n))]
+                  if not any(isinstance(getattr(layer, a, None), kind) for a in _names(n))]
         if absent:
             raise ValueError(
                 f"{name} ({type(layer).__name__}) lacks {absent}, which mtLoRA's block-level "
@@ -323,20 +417,27 @@ def _layer_indices(n: int, wanted: Sequence[int]) -> list[int]:
 def normalized_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int] | None:
     """``layers`` as sorted non-negative indices, None (every layer) included, so that two
     ways of naming the same layers compare equal; as given on an unsupported architecture."""
-    family = _family_of(model)
-    if family is None:
+    families = _family_of(model)
+    if families is None:
         return None if layers is None else list(layers)
-    n = len(_find_layers(model, family))
+    n = len(_find_layers(model, families))
     return list(range(n)) if layers is None else _layer_indices(n, layers)
 
 
 def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    """``output + adapter(z)`` with z the sub-layer's own input (positional or hidden_states=)."""
+    """``output + adapter(z)`` with z the sub-layer's own input (positional or hidden_states=).
+
+    An output of another shape than z, as many elements (Llama 4's MoE block: [B*S, d], which
+    its layer views back), gets the adapter's output in its own shape."""
     z = args[0] if args else kwargs["hidden_states"]
     adapter = getattr(module, ADAPTER_ATTR)
-    if isinstance(output, tuple):  # attention returns (attn_output, attn_weights)
-        return (adapter(z, residual=output[0]), *output[1:])
-    return adapter(z, residual=output)
+    # attention returns (attn_output, attn_weights), some MoE blocks (output, router_logits)
+    out = output[0] if isinstance(output, tuple) else output
+    if out.shape == z.shape:
+        y = adapter(z, residual=out)
+    else:
+        y = adapter(z, residual=out.reshape(z.shape)).reshape(out.shape)
+    return (y, *output[1:]) if isinstance(output, tuple) else y
 
 
 class MTLoRAHandle:
@@ -504,10 +605,10 @@ def attach(
 
     Args:
         model: a transformers model. Block-level placement supports the model types in
-            :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, parallel and post-norm decoders,
-            ViT; see the module docstring), and multimodal models whose ``text_config`` has one
-            of them (their language model's layers); any model with the named ``nn.Linear`` (or
-            ``Conv1D``) modules works component-level.
+            :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear / full attention,
+            parallel and post-norm decoders, ViT; see the module docstring), and multimodal
+            models whose ``text_config`` has one of them (their language model's layers); any
+            model with the named ``nn.Linear`` (or ``Conv1D``) modules works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
@@ -530,23 +631,23 @@ def attach(
     if target_modules is not None and placement is not None:
         raise ValueError(f"give either placement={placement!r} (block-level) or target_modules "
                          f"(component-level), not both")
-    family = _family_of(model)
+    families = _family_of(model)
     supported = (", ".join(sorted(SUPPORTED_ARCHITECTURES))
                  + ", and multimodal models whose text_config has one of these types")
     chosen = None
     if layers is not None:
         if len(layers) == 0:
             raise ValueError("layers=[] selects no layer; pass None for every layer")
-        if family is None:
+        if families is None:
             raise ValueError(f"layers=... needs a supported architecture ({supported}); "
                              f"{type(model).__name__} has {_type_named(model)}")
-        every = _find_layers(model, family)
+        every = _find_layers(model, families)
         layers = _layer_indices(len(every), layers)
         chosen = [every[i] for i in layers]
 
     if target_modules is not None:
         targets = _parse_targets(target_modules)
-        scope = [name for name, _ in chosen] if chosen is not None else None
+        scope = [name for name, _, _ in chosen] if chosen is not None else None
 
         def in_scope(name: str) -> bool:  # inside the layers=... chosen, when given
             return scope is None or any(name.startswith(s + ".") for s in scope)
@@ -591,22 +692,28 @@ def attach(
         if placement not in BLOCK_PLACEMENTS:
             raise ValueError(f"placement must be one of {BLOCK_PLACEMENTS} (block-level), or "
                              f"pass target_modules=[...] for component-level; got {placement!r}")
-        if family is None:
+        if families is None:
             raise NotImplementedError(
                 f"block-level mtLoRA supports model types {supported}; {type(model).__name__} "
                 f"has {_type_named(model)}. Component-level placement (target_modules=[...]) "
                 f"works on any model with nn.Linear (or Conv1D) modules.")
         if chosen is None:
-            chosen = _find_layers(model, family)
+            chosen = _find_layers(model, families)
         d = hidden_size_of(model)
         if d % cfg.groups:
             raise ValueError(f"groups={cfg.groups} must divide hidden_size={d}")
-        subs = {"ffn": [family.ffn], "attn": [family.attn],
-                "both": [family.attn, family.ffn]}[placement]
+        kinds = {"ffn": ["ffn"], "attn": ["attn"], "both": ["attn", "ffn"]}[placement]
+        for layer_name, layer, fam in chosen:
+            if "ffn" in kinds and fam.ffn_refused_if and hasattr(layer, fam.ffn_refused_if[0]):
+                raise NotImplementedError(
+                    f"placement={placement!r}: {layer_name} ({type(layer).__name__}) has "
+                    f"{fam.ffn_refused_if[0]!r}: {fam.ffn_refused_if[1]}. Use placement='attn' "
+                    f"or component-level placement (target_modules=[...]).")
         handle = MTLoRAHandle(model, cfg, placement, None, layers)
         _freeze(handle)
-        for layer_name, layer in chosen:
-            for sub in subs:
+        for layer_name, layer, fam in chosen:
+            for kind in kinds:  # the attention: the first of its alternatives the layer has
+                sub = fam.ffn if kind == "ffn" else _module_named(layer, fam.attn)
                 host = getattr(layer, sub)
                 ref = next(host.parameters(), None)
                 adapter = MTLoRAAdapter(d, d, cfg).to(
