@@ -10,7 +10,9 @@ the model taken before attaching.
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1021,3 +1023,13 @@ def test_generate_with_the_kv_cache_matches_full_forwards(where):
             base = model.generate(prompt, use_cache=True, **kw)
     assert torch.equal(cached, ids) and torch.equal(uncached, ids)
     assert not torch.equal(base, ids), "the adapters must change what is generated"
+
+
+def test_readme_names_every_supported_type():
+    """README's block-level section, the users' list, names every type of the table and every
+    multimodal model tested here (a type added without it, or dropped from it, fails)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("Block-level placement (`placement="):
+                   text.index("Block-level adapters hang on the model")]
+    missing = (set(SUPPORTED_ARCHITECTURES) | set(MULTIMODAL)) - set(re.findall(r"\w+", section))
+    assert not missing, f"README's block-level section does not name {sorted(missing)}"

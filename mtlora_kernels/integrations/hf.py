@@ -16,43 +16,30 @@ passes the sub-layer's output to the fused op as its residual (no extra pass ove
 hook with no state kept between hooks is what makes this safe under gradient checkpointing (the
 recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
 
-The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``) come in three
-kinds:
+The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``; the table
+below names every type, README lists them for users) come in three kinds:
 
-- pre-LN, SPEC's formula above, exactly: llama, mistral, ministral, ministral3, qwen2, qwen3,
-  gemma, olmo, starcoder2, smollm3, helium, arcee, seed_oss, exaone, internlm3, glm, ernie4_5,
-  hunyuan_v1_dense, bitnet, nemotron, apertus, diffllama, youtu, cwm, nanochat, jais2,
-  vaultgemma, phi3, persimmon, vit, qwen2_vl_text, qwen2_5_vl_text, qwen3_vl_text; with an MoE
-  block as the FFN (the adapter in parallel with the whole block): mixtral, qwen2_moe,
-  qwen3_moe, olmoe, gpt_oss, minimax_m2, phimoe, solar_open, hunyuan_v1_moe, jetmoe, and with a
-  dense FFN in some layers and an MoE block in the others: deepseek_v2, deepseek_v3,
-  deepseek_v32, glm4_moe, glm4_moe_lite, dots1, exaone_moe, ernie4_5_moe, mimo_v2_flash, mellum,
-  laguna, minicpm5_moe, mistral4, qwen3_vl_moe_text, llama4_text (its FFN ``feed_forward``);
-  hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some layers and
-  full attention in the others, either mixer called once on ``LN1(h)`` and added to the
-  residual, so that 'attn' puts the adapter in parallel with the layer's mixer, whichever it is:
-  qwen3_next, qwen3_5_text, qwen3_5_moe_text, lara_mini (``linear_attn`` or ``self_attn``),
-  kimi_linear, bailing_hybrid (``self_attn`` either way); an MoE block as the FFN in some
-  layers (qwen3_next, kimi_linear, bailing_hybrid) or all (qwen3_5_moe_text, lara_mini);
-- parallel (cohere, cohere2, cohere2_moe, phi; stablelm with ``use_parallel_residual``, without
-  it LLaMA's layout): one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) +
-  FFN(z)`` plus ``adapter(z)`` of each placed adapter;
-- a transform after the sub-layer (gemma2, gemma3_text, gemma4_text, gemma3n_text, glm4, olmo2,
-  olmo3, flex_olmo, exaone4: a post-norm; granite, granitemoe, granitemoeshared: their
-  ``residual_multiplier`` m; minicpm3: its ``residual_scale``; hyperclovax: a post-norm, then m).
-  SPEC's formula is for pre-LN layers; here the layer applies the transform to the sub-layer's
-  output with the adapter's added, ``out = h1 + PostNorm(FFN(z) + adapter(z))`` (Granite:
-  ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) + adapter(z)``: the adapter
-  sits inside the post-norm, where a LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's
-  placement) sits too. OLMo2/3, FlexOlmo and Exaone4 have no norm before the sub-layer: there
-  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. olmo_hybrid
-  stacks layers of two classes: attention layers in OLMo2's layout, linear-attention layers in
-  LLaMA's. Gemma 4 goes on after the FFN's residual add (its per-layer input, ``layer_scalar``),
-  Gemma 3n too (AltUp's correction of its streams, the per-layer input): that goes on from the
-  sum (and the layer's other inputs), so the adapter's delta goes through it as the FFN's
-  output does. Gemma 4's MoE layers (``enable_moe_block``) run their experts beside the ``mlp``
-  on another norm of ``h1`` and add them between the ``mlp``'s two post-norms: no one module is
-  their FFN, so 'ffn' and 'both' are refused there ('attn' is as in the dense layers).
+- pre-LN, SPEC's formula above, exactly: LLaMA's layout under many names (llama, mistral, qwen2,
+  qwen3, gemma, ..., vit), with an MoE block as the FFN in every layer or in some (mixtral,
+  qwen3_moe, deepseek_v3, glm4_moe, llama4_text, ...: the adapter in parallel with the whole
+  block), and hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some
+  layers and full attention in the others (qwen3_next, qwen3_5_text, kimi_linear, ...): either
+  mixer is called once on ``LN1(h)`` and added to the residual, so 'attn' puts the adapter in
+  parallel with the layer's mixer, whichever it is;
+- parallel (cohere, phi, stablelm with ``use_parallel_residual``, ...): one norm feeds both
+  sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus ``adapter(z)`` of each placed
+  adapter;
+- a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, ...: a post-norm; granite:
+  its ``residual_multiplier`` m; hyperclovax: a post-norm, then m). SPEC's formula is for pre-LN
+  layers; here the layer applies the transform to the sub-layer's output with the adapter's
+  added, ``out = h1 + PostNorm(FFN(z) + adapter(z))`` (Granite: ``h1 + m * (FFN(z) +
+  adapter(z))``), not ``h1 + PostNorm(FFN(z)) + adapter(z)``: the adapter sits inside the
+  post-norm, where a LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's placement) sits too.
+  Where a layer has no norm before the sub-layer (OLMo2/3), z is the residual stream (``h1`` for
+  the FFN, ``h`` for attention) itself. What a layer does after the FFN's residual add (Gemma
+  4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp correction) takes the adapter's
+  delta as it takes the FFN's output. The table's comments give each type's peculiarities
+  (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse 'ffn' and 'both').
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
 and ``config.text_config.model_type`` is (gemma3, gemma4, llava, mistral3, qwen2_vl,
