@@ -23,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import REL_TOL, assert_close_to_reference, rel_err  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
-from mtlora_kernels.integrations.hf import SUPPORTED_ARCHITECTURES, get_handle  # noqa: E402
+from mtlora_kernels.integrations.hf import (  # noqa: E402
+    DUAL_ENCODERS, SUPPORTED_ARCHITECTURES, get_handle)
 from mtlora_kernels.losses import SpectralRegularizer  # noqa: E402
 from mtlora_kernels.reference import balance_loss_reference, mix_reference  # noqa: E402
 
@@ -118,9 +119,37 @@ EXTRA = {
     "gemma4": dict(GEMMA_PER_LAYER, layer_types=["sliding_attention", "full_attention"]),
     "gemma3n_text": dict(GEMMA_PER_LAYER, layer_types=["sliding_attention", "full_attention"],
                          laurel_rank=4, num_kv_shared_layers=0),
+    # Vision encoders: layer scales away from 1 (so that a test sees them; BEiT's default is
+    # 0.1), stochastic depth on (a DropPath module where drop_path_rate 0 builds nn.Identity;
+    # identity in eval), registers, BEiT's relative position bias; ViT-MAE keeps 2 of 4 patches.
+    "dinov2": dict(layerscale_value=0.5, drop_path_rate=0.1),
+    "dinov2_with_registers": dict(layerscale_value=0.5, drop_path_rate=0.1,
+                                  num_register_tokens=2),
+    "dinov3_vit": dict(layerscale_value=0.5, drop_path_rate=0.1, num_register_tokens=2),
+    "beit": dict(layer_scale_init_value=0.5, drop_path_rate=0.1, use_relative_position_bias=True),
+    "vit_mae": dict(mask_ratio=0.5),
+    "siglip2_vision_model": dict(num_patches=4),  # 2x2 patches of 8x8 (SigLIP 2 has no image_size)
+    "siglip2": dict(num_patches=4),
 }
 # Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
 CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
+
+# Vision encoders: model_type -> the model class tiny_model builds (SMALL's fields, 16x16 images
+# of 8x8 patches). The dual encoders (DUAL): their image classifiers, which hold the vision tower
+# alone (the dual encoder itself, a text tower of the same layer class beside it, is refused).
+VISION_CLASSES = {
+    "vit": "ViTModel", "deit": "DeiTModel", "vit_msn": "ViTMSNModel", "vit_mae": "ViTMAEModel",
+    "ijepa": "IJepaModel", "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel", "dinov3_vit": "DINOv3ViTModel",
+    "beit": "BeitModel", "aimv2_vision_model": "Aimv2VisionModel",
+    "clip_vision_model": "CLIPVisionModel", "metaclip_2_vision_model": "MetaClip2VisionModel",
+    "siglip_vision_model": "SiglipVisionModel", "siglip2_vision_model": "Siglip2VisionModel",
+    "mlcd_vision_model": "MLCDVisionModel",
+    "clip": "CLIPForImageClassification", "metaclip_2": "MetaClip2ForImageClassification",
+    "siglip": "SiglipForImageClassification", "siglip2": "Siglip2ForImageClassification"}
+# Dual encoders -> their vision_config's model_type, the table's entry attach uses.
+DUAL = {"clip": "clip_vision_model", "metaclip_2": "metaclip_2_vision_model",
+        "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
 
 # Multimodal models (model_type -> their text_config's model_type, the table's entry attach
 # uses): a tiny vision tower beside a tiny language model of the text config below. Their
@@ -183,15 +212,27 @@ def multimodal_config(family: str, text: dict):
         **_QWEN_TOKENS)
 
 
+def vision_config(family: str, layers: int = 2, text: dict | None = None, **config):
+    """The config of ``family``'s tiny vision model (VISION_CLASSES): SMALL's fields, 16x16
+    images of 8x8 patches, EXTRA's and ``config``'s fields over them; a dual encoder's with them
+    as its vision_config, ``text`` its text_config (default the config class's, wider: unused by
+    its image classifier)."""
+    fields = {**SMALL, "num_hidden_layers": layers, "image_size": 16, "patch_size": 8,
+              **EXTRA.get(family, {}), **config}
+    if family in DUAL:
+        fields = dict(vision_config=fields, **({} if text is None else dict(text_config=text)))
+    return transformers.AutoConfig.for_model(family, **fields)
+
+
 def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Module:
     """A tiny random model of ``family`` (a model_type; 'stablelm-sequential': StableLM without
     use_parallel_residual), built from a config (``config``: fields over EXTRA's): no
     download."""
     torch.manual_seed(seed)
     small = {**SMALL, "num_hidden_layers": layers}
-    if family == "vit":
-        cfg = transformers.ViTConfig(**small, image_size=16, patch_size=8)
-        return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    if family in VISION_CLASSES:
+        cfg = vision_config(family, layers, **config)
+        return getattr(transformers, VISION_CLASSES[family])(cfg).eval()
     # head_dim fixed (Qwen3's and Gemma's default to 128 / 256); token ids inside the vocabulary
     # (LLaMA's defaults: its tiny model stays the one the other test files were written with).
     text = {**small, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
@@ -208,18 +249,31 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def family_of(model: nn.Module, layer: nn.Module):
-    """The table's family of ``layer`` in ``model``: the entry of the model's model_type or (a
-    multimodal model) its text_config's, as the module docstring states the rule; of an entry
-    that is a tuple of families (OLMo-Hybrid's), the one of the layer's class."""
+def entry_of(model: nn.Module) -> tuple:
+    """The table's families for ``model``: the entry of its model_type, or (a dual encoder) its
+    vision_config's, or (a multimodal model) its text_config's, as the module docstring states
+    the rule; a tuple either way (OLMo-Hybrid's has two)."""
     config = model.config
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
+    if config.model_type in DUAL:
+        config = config.vision_config
+    elif config.model_type not in SUPPORTED_ARCHITECTURES:
         config = config.text_config
     entry = SUPPORTED_ARCHITECTURES[config.model_type]
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
+def family_of(model: nn.Module, layer: nn.Module):
+    """The table's family of ``layer`` in ``model`` (of :func:`entry_of`'s, the one of the
+    layer's class)."""
     classes = {c.__name__ for c in type(layer).__mro__}
-    [family] = [f for f in (entry if isinstance(entry, tuple) else (entry,))
-                if f.layer_class in classes]
+    [family] = [f for f in entry_of(model) if f.layer_class in classes]
     return family
+
+
+def stack_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's layers of its entry's classes, (name, module) in order."""
+    classes = {f.layer_class for f in entry_of(model)}
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
 
 
 def names(field) -> tuple:
@@ -240,15 +294,24 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(getattr(inner, "language_model", inner).layers)
 
 
-def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor:
+def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor | dict:
+    """Token ids [2, 7]; for a vision model (VISION_CLASSES) its keyword inputs, two images."""
     g = torch.Generator().manual_seed(seed)
-    if family == "vit":
-        return torch.randn(2, 3, 16, 16, generator=g)
+    if family.startswith("siglip2"):  # SigLIP 2 takes flattened patches (4 of 8x8) and a grid
+        return dict(pixel_values=torch.randn(2, 4, 3 * 8 * 8, generator=g),
+                    pixel_attention_mask=torch.ones(2, 4, dtype=torch.long),
+                    spatial_shapes=torch.tensor([[2, 2], [2, 2]]))
+    if family in VISION_CLASSES:
+        images = dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g))
+        if family == "vit_mae":  # the noise that picks the patches MAE keeps, else random
+            images["noise"] = torch.rand(2, 4, generator=g)
+        return images
     return torch.randint(0, 64, (2, 7), generator=g)
 
 
 def run(model, x) -> torch.Tensor:
-    out = model(x)
+    """The model's last hidden states (or logits) on ``x``, token ids or keyword inputs."""
+    out = model(**x) if isinstance(x, dict) else model(x)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
 
 
@@ -334,7 +397,8 @@ FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 # norm or attention names; Phi-3, Persimmon: with residual dropouts; llava, mistral3 and the
 # Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
 # deepseek_v2 on: MIXED below), then hybrid stacks of linear and full attention (HYBRID below;
-# Qwen3.5(-MoE): multimodal) and Llama 4.
+# Qwen3.5(-MoE): multimodal) and Llama 4, then vision encoders (ViT's layer under other names;
+# CLIP's and its kin's; AIMv2's; the dual encoders' image classifiers, DUAL).
 LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
               "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
               "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
@@ -346,11 +410,15 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "mimo_v2_flash", "mellum", "laguna", "minicpm5_moe", "deepseek_v32", "mistral4",
               "qwen3_vl_moe",
               "qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear",
-              "bailing_hybrid", "llama4_text"]
+              "bailing_hybrid", "llama4_text",
+              "deit", "vit_msn", "vit_mae", "ijepa", "clip_vision_model",
+              "metaclip_2_vision_model", "siglip_vision_model", "siglip2_vision_model",
+              "mlcd_vision_model", "aimv2_vision_model", "clip", "metaclip_2", "siglip", "siglip2"]
 PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential"]
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
-                  "hyperclovax", "gemma4_text", "gemma4", "gemma3n_text", "olmo_hybrid"]
+                  "hyperclovax", "gemma4_text", "gemma4", "gemma3n_text", "olmo_hybrid",
+                  "dinov2", "dinov2_with_registers", "dinov3_vit", "beit"]
 # Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute: their tiny
 # models (EXTRA) have one of each, so the tests above see both.
 MIXED = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
@@ -377,12 +445,15 @@ CASES = ([("llama", w) for w in PLACEMENTS]
 
 def test_every_supported_architecture_is_tested():
     """Each table entry by a model of its type, or (the Qwen-VL language models, Gemma 3's)
-    by the multimodal model whose text_config has it."""
+    by the multimodal model whose text_config has it; the dual encoders' by their image
+    classifiers too."""
     tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM
-    assert set(MULTIMODAL) <= set(tested)
-    assert set(SUPPORTED_ARCHITECTURES) == {MULTIMODAL.get(f, f.removesuffix("-sequential"))
+    assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
+    assert set(DUAL) == set(DUAL_ENCODERS)
+    wrappers = {**MULTIMODAL, **DUAL}
+    assert set(SUPPORTED_ARCHITECTURES) == {wrappers.get(f, f.removesuffix("-sequential"))
                                             for f in tested}
-    assert not set(MULTIMODAL) & set(SUPPORTED_ARCHITECTURES), "wrappers go by text_config"
+    assert not set(wrappers) & set(SUPPORTED_ARCHITECTURES), "wrappers go by a sub-config"
 
 
 @pytest.mark.parametrize("family,where", CASES,
@@ -393,11 +464,18 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
     before = run(model, x)
     keys = list(model.state_dict())
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # The outputs of the model frozen, as attach leaves it: freezing alone can move them by an
+    # ulp (AIMv2's: a Linear on a non-contiguous input, its patches transposed, takes another
+    # kernel once its weight needs no grad), and adapters with B = 0 must add exactly nothing.
+    model.requires_grad_(False)
+    frozen = run(model, x)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
     base = copy.deepcopy(model)
     cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
 
     handle = attach(model, cfg, **where)
-    assert torch.equal(run(model, x), before), "B = 0 at init must leave the outputs as they were"
+    assert torch.equal(run(model, x), frozen), "B = 0 at init must leave the outputs as they were"
     assert all(not p.requires_grad for n, p in model.named_parameters() if "adapter" not in n)
 
     randomize(handle)
@@ -418,7 +496,7 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
             assert rel_err(grads[f"{name}.{k}"], p.grad) <= TOL, f"{name}.{k}"
 
     with handle.disabled():
-        assert torch.equal(run(model, x), before)
+        assert torch.equal(run(model, x), frozen)
     assert rel_err(run(model, x), want) <= TOL
 
     handle.remove()
@@ -497,15 +575,18 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
                                          ("olmo2", "post_feedforward_layernorm"),
                                          ("granite", "residual_multiplier"),
                                          ("granitemoe", "block_sparse_moe"),
-                                         ("hyperclovax", "post_norm2")])
+                                         ("hyperclovax", "post_norm2"),
+                                         ("dinov2", "layer_scale2"), ("beit", "lambda_2")])
 def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     """A transformers version whose layer lacks a piece the table names (the norm before a
     sub-layer, the post-norm or the multiplier after it, either of two transforms after it, the
-    FFN by its name) gets a named error, the model as it was."""
+    FFN by its name, a layer scale: a module, or BEiT's parameter) gets a named error, the model
+    as it was."""
     model = tiny_model(family)
-    delattr(model.model.layers[1], gone)
-    with pytest.raises(ValueError, match=rf"layers\.1 \(\w+DecoderLayer\) lacks \['{gone}'\], "
-                                         r".*target_modules"):
+    name, layer = stack_of(model)[1]
+    delattr(layer, gone)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} \({type(layer).__name__}\) lacks "
+                                         rf"\['{gone}'\], .*target_modules"):
         attach(model, placement="ffn")
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
 
@@ -622,6 +703,72 @@ def test_layers_of_the_class_outside_the_one_stack_are_refused():
                                          r"model.layers\) .*target_modules"):
         attach(model, placement="ffn")
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", DUAL)
+def test_a_dual_encoder_is_refused_and_its_vision_model_takes_adapters(family):
+    """CLIPModel, SiglipModel, ...: a text tower of the vision tower's layer class beside it.
+    attach refuses the whole model by the one-stack guard, naming both stacks and the way out,
+    the model as it was; attached to its vision_model (a CLIPVisionModel, ..., its own type in
+    the table) the adapters sit on the vision tower, as wide as it (32; the text tower 48),
+    and the text features stay what they were."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, vocab_size=64, max_position_embeddings=16,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.AutoModel.from_config(vision_config(family, text=text)).eval()
+    with pytest.raises(ValueError, match=r"EncoderLayer modules in 2 places \(text_model\.\S+, "
+                                         r"vision_model\.\S+\) .*a dual encoder's vision_model"):
+        attach(model, placement="ffn")
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+    def features(kind, x):
+        out = getattr(model, f"get_{kind}_features")(**x)
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    ids = dict(input_ids=tiny_inputs("llama"))
+    with torch.no_grad():
+        text_before, image_before = features("text", ids), features("image", tiny_inputs(family))
+        handle = attach(model.vision_model, MTLoRAConfig(r=2, num_experts=2, groups=2),
+                        placement="both")
+        randomize(handle)
+        assert len(handle.adapters) == 4 and {a.d_in for a in handle.adapters.values()} == {32}
+        assert torch.equal(features("text", ids), text_before)
+        assert rel_err(features("image", tiny_inputs(family)), image_before) > 1e-3
+
+
+# Vision types AutoModelForImageClassification builds a model of (its model_type the type's);
+# DeiT's it maps to two, one by the config's architectures (the other, with a distillation
+# head, takes no labels).
+CLASSIFIERS = ["vit", "deit", "vit_msn", "ijepa", "dinov2", "dinov2_with_registers", "beit",
+               "siglip"]
+ARCHITECTURES = {"deit": ["DeiTForImageClassification"]}
+
+
+@pytest.mark.parametrize("family", CLASSIFIERS)
+def test_image_classifiers_match_the_oracle_and_train(family):
+    """AutoModelForImageClassification's model (a head on the backbone, the backbone's
+    model_type; a dual encoder's image classifier): adapters on the backbone's layers only,
+    matching the oracle in eval; a training step (train mode, DINOv2's and BEiT's drop path
+    live; the labels' loss plus aux_loss) sends gradients to every adapter parameter and to
+    nothing else (attach freezes the classifier head with the rest of the base model)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageClassification.from_config(
+        vision_config(family, architectures=ARCHITECTURES.get(family))).eval()
+    assert model.config.model_type == family
+    base, x = copy.deepcopy(model), tiny_inputs(family)
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="both")
+    assert [n.rsplit(".", 2)[0] for n in handle.adapters][::2] == [n for n, _ in stack_of(model)]
+    randomize(handle)
+    ours = run(model, x)
+    assert rel_err(ours, run(base, x)) > 1e-3
+    assert rel_err(ours, run(reference_model(base, handle), x)) <= TOL
+    model.train()
+    out = model(**x, labels=torch.tensor([0, 1]))
+    (out.loss + handle.aux_loss()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in handle.parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if ".mtlora_adapter." not in n)
 
 
 @pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
@@ -922,9 +1069,11 @@ def test_unsupported_architecture_gets_a_clear_error():
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
-    with pytest.raises(NotImplementedError, match=r"supports model types apertus, arcee, .*, vit, "
-                       r"youtu, and multimodal models whose text_config has one of these types; "
-                       r"GPT2LMHeadModel has model_type 'gpt2'.*target_modules") as err:
+    with pytest.raises(NotImplementedError, match=r"supports model types aimv2_vision_model, "
+                       r"apertus, arcee, .*, vit, vit_mae, vit_msn, youtu, multimodal models "
+                       r"whose text_config has one of these types, and the image classifiers of "
+                       r"the dual encoders clip, metaclip_2, siglip, siglip2; GPT2LMHeadModel has "
+                       r"model_type 'gpt2'.*target_modules") as err:
         attach(gpt2, placement="ffn")
     assert ", ".join(sorted(SUPPORTED_ARCHITECTURES)) in str(err.value)
     with pytest.raises(ValueError, match="layers=.*supported architecture"):
@@ -1026,10 +1175,12 @@ def test_generate_with_the_kv_cache_matches_full_forwards(where):
 
 
 def test_readme_names_every_supported_type():
-    """README's block-level section, the users' list, names every type of the table and every
-    multimodal model tested here (a type added without it, or dropped from it, fails)."""
+    """README's block-level section, the users' list, names every type of the table, every
+    multimodal model tested here and every dual encoder (a type added without it, or dropped
+    from it, fails)."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text[text.index("Block-level placement (`placement="):
                    text.index("Block-level adapters hang on the model")]
-    missing = (set(SUPPORTED_ARCHITECTURES) | set(MULTIMODAL)) - set(re.findall(r"\w+", section))
+    missing = ((set(SUPPORTED_ARCHITECTURES) | set(MULTIMODAL) | set(DUAL))
+               - set(re.findall(r"\w+", section)))
     assert not missing, f"README's block-level section does not name {sorted(missing)}"

@@ -20,26 +20,28 @@ The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``;
 below names every type, README lists them for users) come in three kinds:
 
 - pre-LN, SPEC's formula above, exactly: LLaMA's layout under many names (llama, mistral, qwen2,
-  qwen3, gemma, ..., vit), with an MoE block as the FFN in every layer or in some (mixtral,
-  qwen3_moe, deepseek_v3, glm4_moe, llama4_text, ...: the adapter in parallel with the whole
-  block), and hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some
-  layers and full attention in the others (qwen3_next, qwen3_5_text, kimi_linear, ...): either
-  mixer is called once on ``LN1(h)`` and added to the residual, so 'attn' puts the adapter in
-  parallel with the layer's mixer, whichever it is;
+  qwen3, gemma, ...), with an MoE block as the FFN in every layer or in some (mixtral, qwen3_moe,
+  deepseek_v3, glm4_moe, llama4_text, ...: the adapter in parallel with the whole block), and
+  hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some layers and
+  full attention in the others (qwen3_next, qwen3_5_text, kimi_linear, ...): either mixer is called
+  once on ``LN1(h)`` and added to the residual, so 'attn' puts the adapter in parallel with the
+  layer's mixer, whichever it is; and the same layout in vision encoders, on image patches (vit,
+  deit, clip_vision_model, siglip_vision_model, ...);
 - parallel (cohere, phi, stablelm with ``use_parallel_residual``, ...): one norm feeds both
   sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus ``adapter(z)`` of each placed
   adapter;
-- a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, ...: a post-norm; granite:
-  its ``residual_multiplier`` m; hyperclovax: a post-norm, then m). SPEC's formula is for pre-LN
-  layers; here the layer applies the transform to the sub-layer's output with the adapter's
-  added, ``out = h1 + PostNorm(FFN(z) + adapter(z))`` (Granite: ``h1 + m * (FFN(z) +
-  adapter(z))``), not ``h1 + PostNorm(FFN(z)) + adapter(z)``: the adapter sits inside the
-  post-norm, where a LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's placement) sits too.
-  Where a layer has no norm before the sub-layer (OLMo2/3), z is the residual stream (``h1`` for
-  the FFN, ``h`` for attention) itself. What a layer does after the FFN's residual add (Gemma
-  4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp correction) takes the adapter's
-  delta as it takes the FFN's output. The table's comments give each type's peculiarities
-  (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse 'ffn' and 'both').
+- a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, ...: a post-norm; granite: its
+  ``residual_multiplier`` m; hyperclovax: a post-norm, then m; dinov2, dinov3_vit, beit: a layer
+  scale, then stochastic depth). SPEC's formula is for pre-LN layers; here the layer applies the
+  transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z) +
+  adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
+  adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear layers
+  (PEFT, HydraLoRA's placement) sits too. Where a layer has no norm before the sub-layer (OLMo2/3),
+  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. What a layer does
+  after the FFN's residual add (Gemma 4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp
+  correction) takes the adapter's delta as it takes the FFN's output. The table's comments give
+  each type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse
+  'ffn' and 'both').
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
 and ``config.text_config.model_type`` is (gemma3, gemma4, llava, mistral3, qwen2_vl,
@@ -49,7 +51,10 @@ vision tower needs timm, not tried), that entry is used: its layer class names t
 model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's and Gemma 4's blocks)
 does not contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of
 the class found in more than one place (a vision tower built of them, extra prediction layers)
-are refused.
+are refused. A dual encoder (:data:`DUAL_ENCODERS`: clip, siglip, ...) goes by its
+``vision_config``'s entry instead: its image classifier (``CLIPForImageClassification``) holds the
+vision tower alone and gets adapters there; the dual encoder itself (``CLIPModel``), a text tower
+of the same layer class beside it, is refused by that guard (attach to its ``vision_model``).
 
 Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement): each named
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
@@ -61,7 +66,7 @@ adapters move with the model, and torch.compile, which does not guard on hooks, 
 switch); :meth:`MTLoRAHandle.remove` restores the original modules, hooks and ``requires_grad``
 flags, so the model computes exactly what it did before. Nothing here imports
 ``transformers``: models are recognised by ``model.config.model_type`` (or its
-``text_config``'s) and layer class names.
+``text_config``'s, a dual encoder's ``vision_config``'s) and layer class names.
 """
 
 from __future__ import annotations
@@ -93,10 +98,11 @@ class _Family:
     alternatives, the first the layer has (StableLM); None where the layer has no norm there and
     the sub-layer reads the residual stream itself (OLMo2). ``attn_after`` / ``ffn_after``: what
     the layer applies to the sub-layer's output before adding it to the residual (a post-norm, a
-    dropout, Granite's ``residual_multiplier``), so to the sub-layer's output plus the adapter's;
-    a tuple names several, applied in that order, all of them there (HyperCLOVA X: a post-norm,
-    then the multiplier). ``ffn_refused_if``: (attribute, why): a layer that has the attribute
-    has no one module for its FFN, and 'ffn' / 'both' are refused there (Gemma 4's MoE layers).
+    dropout, Granite's ``residual_multiplier``, a layer scale), so to the sub-layer's output plus
+    the adapter's; a tuple names several, applied in that order, all of them there (HyperCLOVA X: a
+    post-norm, then the multiplier). ``ffn_refused_if``: (attribute, why): a layer that has the
+    attribute has no one module for its FFN, and 'ffn' / 'both' are refused there (Gemma 4's MoE
+    layers).
     """
 
     layer_class: str
@@ -239,8 +245,28 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     "phi3": _pre_ln("Phi3DecoderLayer", "resid_attn_dropout", "resid_mlp_dropout"),
     # Persimmon: a dropout after the FFN only (none after the attention).
     "persimmon": _pre_ln("PersimmonDecoderLayer", ffn_after="dropout"),
-    "vit": _Family("ViTLayer", "attention", "layernorm_before", "mlp", "layernorm_after",
-                   "dropout", "dropout"),
+    # Vision encoders, on image patches. Their attention returns (output, weights): the hook
+    # adds to the output. ViT's layer and its copies (DeiT, ViT-MSN, ViT-MAE, I-JEPA): the
+    # attention is ``attention``, a residual dropout after each sub-layer (on Attn(z) +
+    # adapter(z), as Phi-3's). ViT-MAE's pre-training model has a decoder of the same layer
+    # class, which _find_layers refuses (ViTMAEModel is fine).
+    **{t: _Family(c, "attention", "layernorm_before", "mlp", "layernorm_after", "dropout",
+                  "dropout") for t, c in (
+        ("vit", "ViTLayer"), ("deit", "DeiTLayer"), ("vit_msn", "ViTMSNLayer"),
+        ("vit_mae", "ViTMAELayer"), ("ijepa", "IJepaLayer"))},
+    # CLIP's layer: the vision towers of CLIP, MetaCLIP 2, SigLIP, SigLIP 2 and MLCD (MLCD's
+    # attention gets rotary position embeddings as another keyword). Their text towers are built
+    # of the same class: a dual encoder (CLIPModel) holds two stacks and is refused; its image
+    # classifier holds the vision tower alone (DUAL_ENCODERS, below the table).
+    **{t: _Family(c, "self_attn", "layer_norm1", "mlp", "layer_norm2") for t, c in (
+        ("clip_vision_model", "CLIPEncoderLayer"),
+        ("metaclip_2_vision_model", "MetaClip2EncoderLayer"),
+        ("siglip_vision_model", "SiglipEncoderLayer"),
+        ("siglip2_vision_model", "Siglip2EncoderLayer"),
+        ("mlcd_vision_model", "MLCDEncoderLayer"))},
+    # AIMv2's vision encoder: RMSNorms, the FFN named ``ffn``.
+    "aimv2_vision_model": _Family("Aimv2EncoderLayer", "attention", "rms_norm1", "ffn",
+                                  "rms_norm2"),
     # 2. Parallel attention and FFN on one norm: out = h + Attn(z) + FFN(z) [+ adapters(z)],
     #    z = LN(h), the same z for both adapters. StableLM is parallel with use_parallel_residual
     #    (its post_attention_layernorm is then None) and LLaMA-like otherwise.
@@ -294,6 +320,19 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # the per-layer input act on that sum afterwards, on the adapter's delta as on the FFN's
     # output (as Gemma 4's per-layer input does).
     "gemma3n_text": _post_norm("Gemma3nTextDecoderLayer", *_GEMMA2),
+    # DINOv2 (also with registers) and DINOv3: a layer scale (a learned per-channel factor,
+    # layerscale_value at init), then stochastic depth (drop_path: nn.Identity at
+    # drop_path_rate 0, identity in eval) after each sub-layer: h1 + drop_path(layer_scale2(
+    # FFN(z) + adapter(z))). DINOv3's attention gets RoPE's position embeddings as a keyword.
+    **{t: _Family(c, "attention", "norm1", "mlp", "norm2", ("layer_scale1", "drop_path"),
+                  ("layer_scale2", "drop_path")) for t, c in (
+        ("dinov2", "Dinov2Layer"), ("dinov2_with_registers", "Dinov2WithRegistersLayer"),
+        ("dinov3_vit", "DINOv3ViTLayer"))},
+    # BEiT: a residual dropout, the layer scale (lambda_1 / lambda_2, parameters; the number 1.0
+    # without layer_scale_init_value), then drop_path. Data2Vec-Vision's layer, BEiT's otherwise,
+    # splits its FFN in two modules (intermediate, output) and is not supported.
+    "beit": _Family("BeitLayer", "attention", "layernorm_before", "mlp", "layernorm_after",
+                    ("dropout", "lambda_1", "drop_path"), ("dropout", "lambda_2", "drop_path")),
     # OLMo-Hybrid: one stack of two layer classes (by layer_types): the attention layers are
     # OLMo2's (no norm before a sub-layer, post-norms after), the linear-attention layers
     # LLaMA's (their post_attention_layernorm is the FFN's norm).
@@ -302,6 +341,14 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
                             "input_layernorm", "mlp", "post_attention_layernorm")),
 }
 
+#: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
+#: placement goes by their ``vision_config``'s entry. Their image classifiers
+#: (``CLIPForImageClassification``, what ``AutoModelForImageClassification`` builds) hold the
+#: vision tower alone and get adapters there, as wide as the vision tower; the dual encoders
+#: themselves (``CLIPModel``) hold a text tower of the same layer class too, and
+#: :func:`_find_layers` refuses them (attach to their ``vision_model`` instead).
+DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
+
 
 def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
@@ -309,13 +356,15 @@ def _model_type(model: nn.Module) -> str | None:
 
 def _layers_config(config):
     """The config of the layers block-level placement adapts: ``config`` where its model_type
-    is in the table; for a multimodal model whose own type is not, and whose ``text_config``'s
-    is (LLaVA, Mistral 3, Gemma 3, Qwen-VL: a vision tower beside a language model built from
-    text_config), that text_config; else None."""
-    if getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES:
+    is in the table; for a dual encoder (:data:`DUAL_ENCODERS`) whose ``vision_config``'s is, that
+    vision_config; for a multimodal model whose own type is not in the table, and whose
+    ``text_config``'s is (LLaVA, Mistral 3, Gemma 3, Qwen-VL: a vision tower beside a language
+    model built from text_config), that text_config; else None."""
+    mtype = getattr(config, "model_type", None)
+    if mtype in SUPPORTED_ARCHITECTURES:
         return config
-    text = getattr(config, "text_config", None)
-    return text if getattr(text, "model_type", None) in SUPPORTED_ARCHITECTURES else None
+    sub = getattr(config, "vision_config" if mtype in DUAL_ENCODERS else "text_config", None)
+    return sub if getattr(sub, "model_type", None) in SUPPORTED_ARCHITECTURES else None
 
 
 def _family_of(model: nn.Module) -> tuple[_Family, ...] | None:
@@ -333,13 +382,15 @@ def _type_named(model: nn.Module) -> str:
     config = _layers_config(getattr(model, "config", None))
     if config is None or config.model_type == mtype:
         return f"model_type {mtype!r}"
-    return f"model_type {mtype!r} (text_config: {config.model_type!r})"
+    which = "vision_config" if mtype in DUAL_ENCODERS else "text_config"
+    return f"model_type {mtype!r} ({which}: {config.model_type!r})"
 
 
 def hidden_size_of(model: nn.Module) -> int:
     """The width of the model's layers: ``hidden_size`` of the config :func:`_layers_config`
     picks (a multimodal model's text_config: its language model's width, where LLaVA's and
-    Qwen-VL's configs have none of their own and Qwen-VL's vision_config has another); of an
+    Qwen-VL's configs have none of their own and Qwen-VL's vision_config has another; a dual
+    encoder's vision_config: its vision tower's width, not its text tower's); of an
     unsupported model, ``config.hidden_size``, or its ``text_config``'s where it has none."""
     config = _layers_config(model.config) or model.config
     if getattr(config, "hidden_size", None) is None and hasattr(config, "text_config"):
@@ -370,15 +421,17 @@ def _find_layers(model: nn.Module, families: tuple[_Family, ...]
     if len(stacks) > 1:
         raise ValueError(
             f"{classes} modules in {len(stacks)} places ({', '.join(stacks)}) of "
-            f"{type(model).__name__}; block-level placement adapts one stack of layers. Use "
-            f"component-level placement (target_modules=[...]) instead.")
+            f"{type(model).__name__}; block-level placement adapts one stack of layers. Attach "
+            f"to the submodule that holds the stack you mean (a dual encoder's vision_model), "
+            f"or use component-level placement (target_modules=[...]) instead.")
     # Every name the family gives must be there (of a tuple of alternatives, one; of the
-    # transforms after a sub-layer, each): a module, or after a sub-layer a number too (Granite's
-    # multiplier). None, no norm there, is not looked up.
+    # transforms after a sub-layer, each): a module, or after a sub-layer a number or a tensor
+    # too (Granite's multiplier, BEiT's layer-scale parameter). None, no norm there, is not
+    # looked up.
     for name, layer, family in layers:
         kinds = {n: nn.Module
                  for n in (family.attn, family.attn_norm, family.ffn, family.ffn_norm)}
-        kinds.update({n: (nn.Module, int, float)
+        kinds.update({n: (nn.Module, Tensor, int, float)
                       for n in _names(family.attn_after) + _names(family.ffn_after)})
         kinds.pop(None, None)
         absent = [n for n, kind in kinds.items()
@@ -593,9 +646,11 @@ def attach(
     Args:
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear / full attention,
-            parallel and post-norm decoders, ViT; see the module docstring), and multimodal
-            models whose ``text_config`` has one of them (their language model's layers); any
-            model with the named ``nn.Linear`` (or ``Conv1D``) modules works component-level.
+            parallel and post-norm decoders, ViT-style vision encoders; see the module
+            docstring), multimodal models whose ``text_config`` has one of them (their language
+            model's layers), and the image classifiers of :data:`DUAL_ENCODERS` (their vision
+            tower's layers); any model with the named ``nn.Linear`` (or ``Conv1D``) modules
+            works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
@@ -620,7 +675,8 @@ def attach(
                          f"(component-level), not both")
     families = _family_of(model)
     supported = (", ".join(sorted(SUPPORTED_ARCHITECTURES))
-                 + ", and multimodal models whose text_config has one of these types")
+                 + ", multimodal models whose text_config has one of these types, and the "
+                 + "image classifiers of the dual encoders " + ", ".join(DUAL_ENCODERS))
     chosen = None
     if layers is not None:
         if len(layers) == 0:
@@ -720,4 +776,4 @@ def _freeze(handle: MTLoRAHandle) -> None:
 
 
 __all__ = ["attach", "get_handle", "MTLoRAHandle", "SUPPORTED_ARCHITECTURES",
-           "BLOCK_PLACEMENTS"]
+           "DUAL_ENCODERS", "BLOCK_PLACEMENTS"]
