@@ -1,8 +1,9 @@
 """Save and load mtLoRA adapters only: safetensors for the tensors, JSON for the config.
 
 A saved directory holds ``adapter_model.safetensors`` (keys as in ``model.state_dict()``, e.g.
-``model.layers.0.mlp.mtlora_adapter.lora_B``) and ``adapter_config.json`` (the
-:class:`MTLoRAConfig`, the placement, and the adapters' names and widths).
+``model.layers.0.mlp.mtlora_adapter.lora_B``, and ``classifier.weight`` of a train module) and
+``adapter_config.json`` (the :class:`MTLoRAConfig`, the placement, the train modules, and the
+adapters' names and widths).
 
 Loading is safe and all-or-nothing:
 
@@ -30,14 +31,17 @@ import torch
 from torch import Tensor, nn
 
 from mtlora_kernels.integrations.hf import (MTLoRAHandle, attach, get_handle, hidden_size_of,
-                                            normalized_layers, unwrapped)
+                                            normalized_layers, train_module_paths, unwrapped)
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
 from mtlora_kernels.nn.adapter import linear_widths
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "mtlora-kernels/adapters"
-FORMAT_VERSION = 1
+# 1: adapters only. 2: adds ``train_modules`` and their tensors; written only by a save that has
+# train modules, so that other files stay readable by releases that read 1 (and a release that
+# cannot load a train module refuses the file by its version, not on its tensors' keys).
+FORMAT_VERSION = 2
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Fields that change what the weights mean. dropout is a training choice (restored when
 # load_adapters attaches, not compared); backend names the machine that saved, so it is
@@ -156,11 +160,14 @@ def _distributed_rank() -> int:
 def save_adapters(model_or_handle, directory: str | os.PathLike) -> Path:
     """Write the adapters of a model (or handle) to ``directory``; returns the directory.
 
-    Only the adapters are saved (``adapter_model.safetensors`` + ``adapter_config.json``), never
-    the base model and never a pickle. Under torch.distributed only rank 0 writes, and the
-    other ranks return at once: put a ``torch.distributed.barrier()`` between this and a load
-    on every rank. A model sharded with FSDP2 must call this on every rank (gathering the
-    shards is collective), and then every rank returns after rank 0 has written.
+    Only the adapters and the train modules (``attach(..., train_modules=...)``: their
+    parameters and persistent buffers, under their model names, in the same safetensors file)
+    are saved (``adapter_model.safetensors`` + ``adapter_config.json``, which lists the train
+    modules), never the rest of the base model and never a pickle. Under torch.distributed
+    only rank 0 writes, and the other ranks return at once: put a
+    ``torch.distributed.barrier()`` between this and a load on every rank. A model sharded
+    with FSDP2 must call this on every rank (gathering the shards is collective), and then
+    every rank returns after rank 0 has written.
     """
     from mtlora_kernels import __version__
 
@@ -186,12 +193,13 @@ def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, mo
     directory.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if handle.train_modules else 1,
         "mtlora_kernels_version": version,
         "config": handle.config.to_dict(),
         "placement": handle.placement,
         "target_modules": handle.target_modules,
         "layers": handle.layers,
+        "train_modules": handle.train_modules,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "adapters": {name: {"d_in": a.d_in, "d_out": a.d_out}
                      for name, a in handle.adapters.items()},
@@ -215,6 +223,11 @@ def _check_meta(meta: dict, where: Path) -> MTLoRAConfig:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterLoadError(f"{where} has format_version {meta['format_version']}; this "
                                f"mtlora_kernels reads up to {FORMAT_VERSION}")
+    train = meta.get("train_modules")  # absent from version 1 files
+    if train is not None and not (isinstance(train, list) and train
+                                  and all(isinstance(t, str) for t in train)):
+        raise AdapterLoadError(f"{where}: 'train_modules' must be a non-empty list of module "
+                               f"names or null, got {train!r}")
     try:
         return MTLoRAConfig(**{**meta["config"], "backend": None})
     except (TypeError, ValueError, KeyError) as exc:
@@ -234,14 +247,17 @@ def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Pa
     # canonical only: a raw == took a file's [0, true] for layers [0, 1]. Target names are not
     # compared ("q_proj" and "model.layers.0.self_attn.q_proj" can pick the same modules): the
     # tensor keys, checked next, name the adapters each side has.
+    # Train modules likewise by the modules the names select.
     same = {"placement": lambda v: v,
-            "layers": lambda v: normalized_layers(handle.model, v)}
+            "layers": lambda v: normalized_layers(handle.model, v),
+            "train_modules": lambda v: [] if v is None else train_module_paths(handle.model, v)}
     for key, canon in same.items():
         ours = getattr(handle, key)
         try:
             equal = canon(meta.get(key)) == canon(ours)
         # The file's layer indices do not fit this model (ValueError) or are not integers,
-        # a JSON true or "3" (TypeError): a difference to report, not a traceback.
+        # a JSON true or "3" (TypeError), its train modules select none here (ValueError): a
+        # difference to report, not a traceback.
         except (TypeError, ValueError):
             equal = False
         if not equal:
@@ -253,7 +269,8 @@ def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Pa
 
 
 def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where) -> None:
-    """Every key present, none extra, every shape equal, every dtype floating."""
+    """Every key present, none extra, every shape equal, every dtype floating (a train module's
+    integer buffer, BatchNorm's ``num_batches_tracked``: its own dtype)."""
     want = handle.state_dict()
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))
@@ -267,11 +284,12 @@ def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where
         if tuple(got.shape) != tuple(exp.shape):
             problems.append(f"{key}: shape {tuple(got.shape)} in the file, "
                             f"{tuple(exp.shape)} in the model")
-        elif not got.is_floating_point():
-            problems.append(f"{key}: dtype {got.dtype} is not floating")
-    on_meta = [n for n, a in handle.adapters.items() if a.lora_A.is_meta]
+        elif (not got.is_floating_point() if exp.is_floating_point() else got.dtype != exp.dtype):
+            problems.append(f"{key}: dtype {got.dtype} is not "
+                            + ("floating" if exp.is_floating_point() else f"{exp.dtype}"))
+    on_meta = [k for k, v in want.items() if v.is_meta]
     if on_meta:
-        problems.append(f"{on_meta[0]} (and {len(on_meta) - 1} more adapters) live on the meta "
+        problems.append(f"{on_meta[0]} (and {len(on_meta) - 1} more tensors) live on the meta "
                         f"device, which holds no values; materialize the model first (e.g. "
                         f"model.to_empty(device=...)), then load")
     if problems:
@@ -280,9 +298,9 @@ def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where
 
 
 def _copy_all(tensors: Mapping[str, Tensor], handle: MTLoRAHandle) -> None:
-    """Copy every tensor in; an FSDP2-sharded parameter takes its shard (collective: every rank
-    loads the same file)."""
-    params = {f"{n}.{k}": p for n, a in handle.adapters.items() for k, p in a.named_parameters()}
+    """Copy every tensor in (the adapters', the train modules'); an FSDP2-sharded parameter takes
+    its shard (collective: every rank loads the same file)."""
+    params = handle._tensors()
     with torch.no_grad():
         for key, param in params.items():
             value = tensors[key]
@@ -310,9 +328,11 @@ def _attach_then(model: nn.Module, attach_kwargs: dict, fill: Callable[[MTLoRAHa
 def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle:
     """Load adapters saved by :func:`save_adapters`; returns the handle.
 
-    If the model has no adapters yet they are attached with the saved config and placement; if
-    it has, the saved config (r, N, g, alpha, placement, layers) must match them, and the file
-    must hold exactly their tensors (the same adapted modules, however the targets were named).
+    If the model has no adapters yet they are attached with the saved config, placement and
+    train modules; if it has, the saved config (r, N, g, alpha, placement, layers, the modules
+    train_modules select) must match them, and the file must hold exactly their tensors (the
+    same adapted modules, however the targets were named), the train modules' included. A file
+    of format version 1 (no train modules) loads as before.
     Raises :class:`AdapterLoadError` naming the mismatch; the model is then unchanged.
     """
     directory = Path(directory)
@@ -333,7 +353,8 @@ def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle
         _compare_meta(meta, cfg, handle, directory / CONFIG_NAME)
         fill(handle)
         return handle
-    kwargs = {"config": cfg, "layers": meta.get("layers")}
+    kwargs = {"config": cfg, "layers": meta.get("layers"),
+              "train_modules": meta.get("train_modules")}
     if meta.get("placement") == "component":
         kwargs["target_modules"] = meta.get("target_modules")
     else:

@@ -1039,6 +1039,104 @@ def test_disabled_adapters_stay_in_the_model(where):
     assert rel_err(run(model, x).float(), adapted) <= TOL
 
 
+# --- train_modules: a task head that trains beside the adapters --------------------------------
+
+
+def head_model(case: str, seed: int = 0) -> tuple[nn.Module, str, dict, str]:
+    """(model, its tiny_inputs family, placement, head) for a train_modules test: image
+    classifiers of ViT and DINOv2 (block-level), a LLaMA causal LM's ``lm_head`` and a LLaMA
+    sequence classifier's ``score`` (component- and block-level). The head is filled with fresh
+    random values (its bias starts at zero)."""
+    torch.manual_seed(seed)
+    if case in ("vit", "dinov2"):
+        model = transformers.AutoModelForImageClassification.from_config(
+            vision_config(case, num_labels=3))
+        where, head = dict(placement="both" if case == "vit" else "ffn"), "classifier"
+    elif case == "llama-lm_head":
+        model = tiny_model("llama", seed)
+        where, head = dict(target_modules="q_proj,v_proj"), "lm_head"
+    else:
+        config = tiny_model("llama").config
+        config.pad_token_id, config.num_labels = 0, 3
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+        where, head = dict(placement="attn"), "score"
+    fill(model.get_submodule(head), seed + 10)
+    return model.eval(), case.partition("-")[0], where, head
+
+
+HEAD_CASES = ["vit", "dinov2", "llama-lm_head", "llama-score"]
+
+
+def fill(module: nn.Module, seed: int) -> None:
+    """Fresh random values in every parameter of ``module``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_train_modules_train_with_the_adapters_and_remove_restores_them(case):
+    """attach(..., train_modules=head): the head's parameters need grad and are the handle's
+    (parameters(), state_dict(), num_parameters()) beside the adapters'; one SGD step on
+    handle.parameters() changes the adapters and the head and nothing else, and the auxiliary
+    loss does not reach the head; disabled() keeps the trained head (the base model with it);
+    remove() gives the original outputs, values and flags back."""
+    model, family, where, head = head_model(case)
+    for p in model.get_submodule(head).parameters():
+        p.requires_grad_(False)  # a flag remove() must give back (attach sets it True)
+    x = tiny_inputs(family)
+    before = run(model, x)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    base = copy.deepcopy(model)
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0)
+
+    handle = attach(model, cfg, **where, train_modules=[head])
+    assert handle.train_modules == [head] and head in repr(handle)
+    head_names = {f"{head}.{k}" for k, _ in model.get_submodule(head).named_parameters()}
+    adapter_names = {f"{n}.{k}" for n, a in handle.adapters.items()
+                     for k, _ in a.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == adapter_names | head_names and head_names
+    params = dict(model.named_parameters())
+    in_order = [f"{n}.{k}" for n, a in handle.adapters.items() for k, _ in a.named_parameters()]
+    in_order += [f"{head}.{k}" for k, _ in model.get_submodule(head).named_parameters()]
+    assert [(n, id(p)) for n, p in handle.named_parameters()] == [(n, id(params[n]))
+                                                                 for n in in_order]
+    assert [id(p) for p in handle.parameters()] == [id(p) for _, p in handle.named_parameters()]
+    assert set(handle.state_dict()) == trainable
+    assert handle.num_parameters() == sum(params[n].numel() for n in trainable)
+
+    randomize(handle)
+    out = run(model, x)
+    head_params = list(model.get_submodule(head).parameters())
+    assert all(g is None for g in torch.autograd.grad(handle.aux_loss(), head_params,
+                                                      allow_unused=True, retain_graph=True))
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(handle.parameters(), lr=0.1)
+    (loss_of(out) + handle.aux_loss()).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, state[n])}
+    assert changed == trainable
+
+    # Disabled: the base model with the trained head (the head is the model's, no adapter).
+    trained_head = {k: v.clone() for k, v in model.get_submodule(head).state_dict().items()}
+    base.get_submodule(head).load_state_dict(trained_head)
+    base.get_submodule(head).requires_grad_(True)
+    with handle.disabled():
+        assert torch.equal(run(model, x), run(base, x))
+        assert all(p.requires_grad for p in head_params)
+    assert not torch.equal(run(base, x), before)
+
+    handle.remove()
+    assert torch.equal(run(model, x), before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert list(model.state_dict()) == list(original)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
@@ -1063,6 +1161,44 @@ def test_missing_or_non_linear_targets_are_named():
     with pytest.raises(TypeError, match="0.out_proj belongs to an nn.MultiheadAttention"):
         attach(mha, target_modules="out_proj")
     assert get_handle(mha) is None
+
+
+def test_bad_train_modules_are_refused_and_the_model_untouched():
+    """A name that matches nothing (the names that exist are listed), an adapted module or one
+    holding it, the adapters themselves, a module without parameters, a weight tied to a target,
+    and an empty list: each refused before the model is touched."""
+    model = tiny_model("llama")
+    cases = [
+        (dict(placement="ffn", train_modules="classifier"),
+         r"train_modules \['classifier'\] match no module of LlamaForCausalLM; its modules with "
+         r"parameters are named \[.*'lm_head'.*'mlp'.*\]"),
+        (dict(target_modules="q_proj", train_modules="lm_head,q_proj"),
+         r"train_modules: model\.layers\.0\.self_attn\.q_proj gets an adapter; a module that "
+         r"trains must lie outside the adapted ones"),
+        (dict(placement="ffn", train_modules="mlp"),
+         r"model\.layers\.0\.mlp gets an adapter"),
+        (dict(target_modules="v_proj", train_modules="self_attn"),
+         r"model\.layers\.0\.self_attn holds model\.layers\.0\.self_attn\.v_proj, which gets an "
+         r"adapter"),
+        (dict(placement="attn", layers=[1], train_modules="model"),
+         r"model holds model\.layers\.1\.self_attn, which gets an adapter"),
+        (dict(placement="ffn", train_modules="mtlora_adapter"),
+         r"\['mtlora_adapter'\] name the mtLoRA adapters, which train anyway"),
+        (dict(target_modules="q_proj", train_modules=["q_proj.adapter"]),
+         r"\['q_proj.adapter'\] name the mtLoRA adapters"),
+        (dict(placement="ffn", train_modules="rotary_emb"),
+         r"train_modules: \['model\.rotary_emb'\] have no parameters to train"),
+        (dict(placement="ffn", train_modules=" , "), "train_modules is empty"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), **kwargs)
+        assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens shares a parameter with lm_head "
+                                         r"\(tied weights\), which gets an adapter"):
+        attach(tied, target_modules="lm_head", train_modules="embed_tokens")
+    assert get_handle(tied) is None and all(p.requires_grad for p in tied.parameters())
 
 
 def test_unsupported_architecture_gets_a_clear_error():

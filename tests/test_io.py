@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("transformers")
 
 from conftest import REL_TOL, rel_err  # noqa: E402
-from test_hf import randomize, run, tiny_inputs, tiny_model  # noqa: E402
+from test_hf import fill, head_model, randomize, run, tiny_inputs, tiny_model  # noqa: E402
 
 from mtlora_kernels import MTLoRAConfig, attach, load_adapters, save_adapters  # noqa: E402
 from mtlora_kernels.integrations.hf import get_handle  # noqa: E402
@@ -611,3 +611,146 @@ def test_an_imported_checkpoint_reloads_into_adapters_attached_by_target_name(tm
     with pytest.raises(AdapterLoadError, match=r"missing 6 tensors, e\.g\. \['model\.layers\.0"
                                                r"\.self_attn\.k_proj"):
         load_adapters(third, tmp_path)
+
+
+# --- train modules (attach(..., train_modules=...)) ----------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["vit", "llama-lm_head"])
+def test_train_modules_save_and_load_with_the_adapters(tmp_path, case):
+    """The head's trained values go beside the adapters' (under their model names, version 2,
+    the config listing them) and come back: into a bare model (attached with the saved
+    train_modules), into adapters attached with them, and not into adapters without them (named,
+    the model unchanged); remove() then gives the fresh model's own head back."""
+    model, family, where, head = head_model(case)
+    handle = attach(model, CFG, **where, train_modules=head)
+    randomize(handle)
+    fill(model.get_submodule(head), 20)  # "trained": neither the fresh model's head nor zeros
+    x = tiny_inputs(family)
+    want = run(model, x)
+    save_adapters(handle, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["train_modules"] == [head] and meta["format_version"] == 2
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    head_keys = {f"{head}.{k}" for k in model.get_submodule(head).state_dict()}
+    assert set(saved) == set(handle.state_dict()) and head_keys <= set(saved)
+    assert all(torch.equal(saved[k], model.state_dict()[k]) for k in head_keys)
+
+    fresh, *_ = head_model(case)
+    before, snap = run(fresh, x), snapshot(fresh)
+    loaded = load_adapters(fresh, tmp_path)
+    assert loaded.train_modules == [head]
+    assert all(p.requires_grad for p in fresh.get_submodule(head).parameters())
+    assert torch.equal(run(fresh, x), want)
+    loaded.remove()
+    assert_unchanged(fresh, snap, x, before)
+
+    again, *_ = head_model(case)
+    load_adapters(attach(again, CFG, **where, train_modules=[head]), tmp_path)
+    assert torch.equal(run(again, x), want)
+
+    other, *_ = head_model(case)
+    randomize(attach(other, CFG, **where), seed=5)
+    snap, before = snapshot(other), run(other, x)
+    with pytest.raises(AdapterLoadError, match=rf"train_modules: file has \['{head}'\], the "
+                                               rf"attached adapters have None"):
+        load_adapters(other, tmp_path)
+    assert_unchanged(other, snap, x, before)
+
+
+def test_a_bad_train_module_tensor_is_named_and_nothing_is_copied(tmp_path):
+    """The head's tensors get the adapters' checks, all before the first copy: a wrong shape or
+    a missing one is named, and neither the adapters (copied first) nor the head change."""
+    model, family, where, head = head_model("vit")
+    randomize(attach(model, CFG, **where, train_modules=head))
+    save_adapters(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    x = tiny_inputs(family)
+    for change, message in (
+            (lambda t: t.__setitem__("classifier.weight", torch.randn(5, 32)),
+             r"classifier\.weight: shape \(5, 32\) in the file, \(3, 32\) in the model"),
+            (lambda t: t.pop("classifier.bias"),
+             r"missing 1 tensors, e\.g\. \['classifier\.bias'\]"),
+            (lambda t: t.__setitem__("classifier.bias", torch.arange(3)),
+             r"classifier\.bias: dtype torch\.int64 is not floating")):
+        broken = dict(tensors)
+        change(broken)
+        save_file(broken, tmp_path / WEIGHTS_NAME)
+        fresh, *_ = head_model("vit")
+        snap, before = snapshot(fresh), run(fresh, x)
+        with pytest.raises(AdapterLoadError, match=message):
+            load_adapters(fresh, tmp_path)
+        assert get_handle(fresh) is None and all(p.requires_grad for p in fresh.parameters())
+        assert_unchanged(fresh, snap, x, before)
+        h = attach(fresh, CFG, **where, train_modules=head)
+        randomize(h, seed=7)
+        fill(fresh.classifier, 30)
+        snap, before = snapshot(fresh), run(fresh, x)
+        with pytest.raises(AdapterLoadError, match=message):
+            load_adapters(h, tmp_path)
+        assert_unchanged(fresh, snap, x, before)
+
+
+def test_a_file_without_train_modules_is_version_1_and_old_files_load(tmp_path):
+    """A save without train modules writes format_version 1 (readable by releases before them);
+    a version-1 config without the field (as they wrote it) loads, a version beyond this
+    release's and a malformed field are refused."""
+    model = tiny_model("llama")
+    randomize(attach(model, CFG, target_modules="q_proj"))
+    x = tiny_inputs("llama")
+    want = run(model, x)
+    save_adapters(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["format_version"] == 1 and meta["train_modules"] is None
+    del meta["train_modules"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    fresh = tiny_model("llama")
+    handle = load_adapters(fresh, tmp_path)
+    assert handle.train_modules is None and torch.equal(run(fresh, x), want)
+    again = tiny_model("llama")
+    load_adapters(attach(again, CFG, target_modules="q_proj"), tmp_path)
+    assert torch.equal(run(again, x), want)
+    for field, value, message in (
+            ("format_version", 3, "format_version 3; this mtlora_kernels reads up to 2"),
+            ("train_modules", "lm_head", "'train_modules' must be a non-empty list of module "
+                                         "names or null")):
+        (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, field: value}))
+        other = tiny_model("llama")
+        with pytest.raises(AdapterLoadError, match=message):
+            load_adapters(other, tmp_path)
+        assert get_handle(other) is None
+
+
+def test_a_train_modules_buffers_are_saved_loaded_and_restored(tmp_path):
+    """A train module with buffers (BatchNorm's running statistics, moved by two training
+    forwards, and its int64 num_batches_tracked, checked against its own dtype): saved and
+    loaded with its parameters; remove() restores them with the parameters."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8),
+                                    torch.nn.BatchNorm1d(8))
+        fill(model[2], 3)
+        return model.eval()
+
+    model = build()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    before, snap = model(x), snapshot(model)
+    handle = attach(model, CFG, target_modules="0", train_modules="2")
+    randomize(handle)
+    model.train()
+    model(x), model(x)
+    model.eval()
+    want = model(x)
+    save_adapters(handle, tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    assert saved["2.num_batches_tracked"].dtype == torch.int64
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(saved[f"2.{key}"], getattr(model[2], key))
+        assert not torch.equal(saved[f"2.{key}"], snap[f"2.{key}"])
+    fresh = build()
+    load_adapters(fresh, tmp_path)
+    assert torch.equal(fresh(x), want)
+    handle.remove()
+    assert list(model.state_dict()) == list(snap)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), before)

@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")  # the Trainer's own requirement
 
 from conftest import rel_err  # noqa: E402
 from test_distributed import run_on_two_ranks  # noqa: E402
-from test_hf import randomize, tiny_model  # noqa: E402
+from test_hf import fill, randomize, tiny_model  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.trainer import MTLoRATrainer  # noqa: E402
 from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
@@ -198,6 +198,22 @@ def test_training_runs_logs_the_term_and_calls_the_regularizer_with_the_optimize
     assert steps == [0, 0, 1, 1, 2, 2]  # each micro-batch, with its optimizer step
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3 and all(entry["aux_loss"] > 0 for entry in logged)
+
+
+
+def test_the_trainer_trains_the_train_modules_too(tmp_path):
+    """attach(..., train_modules="lm_head"): one MTLoRATrainer step moves the adapters and the
+    head, and nothing else (the Trainer's optimizer takes what needs grad)."""
+    model, handle = tiny_llama(dict(placement="ffn", train_modules="lm_head"))
+    fill(model.lm_head, 10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = MTLoRATrainer(model=model, train_dataset=dataset(4), balance_weight=0.1,
+                            args=args(tmp_path, max_steps=1, per_device_train_batch_size=4,
+                                      learning_rate=0.1))
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "lm_head.weight" in changed
+    assert changed == {n for n, _ in handle.named_parameters()}
 
 
 def test_a_model_without_adapters_is_refused(tmp_path):

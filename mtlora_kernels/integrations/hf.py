@@ -60,12 +60,13 @@ Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement)
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
 :class:`~mtlora_kernels.nn.MTLoRALinear` wrapping it. This works on any model with such modules.
 
-The base model is frozen. :meth:`MTLoRAHandle.disable` / :meth:`~MTLoRAHandle.enable` switch the
-adapters off and on by their ``enabled`` flag, with modules and hooks left in place (so the
-adapters move with the model, and torch.compile, which does not guard on hooks, sees the
-switch); :meth:`MTLoRAHandle.remove` restores the original modules, hooks and ``requires_grad``
-flags, so the model computes exactly what it did before. Nothing here imports
-``transformers``: models are recognised by ``model.config.model_type`` (or its
+The base model is frozen, but for the modules named by ``train_modules`` (a task head), which
+train in full beside the adapters. :meth:`MTLoRAHandle.disable` / :meth:`~MTLoRAHandle.enable`
+switch the adapters off and on by their ``enabled`` flag, with modules and hooks left in place
+(so the adapters move with the model, and torch.compile, which does not guard on hooks, sees the
+switch); :meth:`MTLoRAHandle.remove` restores the original modules, hooks, ``requires_grad``
+flags and train modules' values, so the model computes exactly what it did before. Nothing
+here imports ``transformers``: models are recognised by ``model.config.model_type`` (or its
 ``text_config``'s, a dual encoder's ``vision_config``'s) and layer class names.
 """
 
@@ -485,18 +486,27 @@ class MTLoRAHandle:
 
     Attributes: ``model``, ``config`` (:class:`MTLoRAConfig`), ``placement`` ('ffn' | 'attn' |
     'both' | 'component'), ``target_modules`` (component-level), ``layers`` (indices or None),
-    ``adapters`` (dict: module path -> :class:`MTLoRAAdapter`; the paths prefix the adapters'
-    keys in ``model.state_dict()``).
+    ``train_modules`` (names as given, or None), ``adapters`` (dict: module path ->
+    :class:`MTLoRAAdapter`; the paths prefix the adapters' keys in ``model.state_dict()``).
+
+    What trains is the adapters and the train modules: :meth:`parameters`,
+    :meth:`named_parameters`, :meth:`num_parameters` and :meth:`state_dict` cover both (the
+    adapters first). The auxiliary losses (:meth:`aux_loss`) are the adapters' alone.
     """
 
     def __init__(self, model: nn.Module, config: MTLoRAConfig, placement: str,
-                 target_modules: list[str] | None, layers: list[int] | None) -> None:
+                 target_modules: list[str] | None, layers: list[int] | None,
+                 train_modules: list[str] | None = None) -> None:
         self.model = model
         self.config = config
         self.placement = placement
         self.target_modules = target_modules
         self.layers = layers
+        self.train_modules = train_modules
         self.adapters: dict[str, MTLoRAAdapter] = {}
+        self._train_paths: list[str] = []  # the modules train_modules selected
+        # their parameters' and buffers' values at attach (path -> name -> copy), for remove()
+        self._originals: dict[str, dict[str, Tensor]] = {}
         self._hosts: list[nn.Module] = []  # block: the sub-layers that carry an adapter
         self._hooks: list = []
         self._swaps: list[tuple[nn.Module, str, nn.Linear]] = []  # component: parent, name, base
@@ -505,13 +515,20 @@ class MTLoRAHandle:
 
     # --- queries -------------------------------------------------------------------------
 
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the adapters, then of the train modules, named as in
+        ``model.named_parameters()`` (e.g. to give the head its own learning rate)."""
+        for name, tensor in self._tensors(buffers=False).items():
+            yield name, tensor
+
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The adapters' parameters (what an optimizer should get)."""
-        for adapter in self.adapters.values():
-            yield from adapter.parameters()
+        """The adapters' parameters, then the train modules' (what an optimizer should get)."""
+        for _, p in self.named_parameters():
+            yield p
 
     def num_parameters(self) -> int:
-        """Adapter parameters: ``d*r + N*r*d + d*N*g`` per block adapter (no router when N = 1)."""
+        """Parameters of :meth:`parameters`: ``d*r + N*r*d + d*N*g`` per block adapter (no router
+        when N = 1), plus the train modules'."""
         return sum(p.numel() for p in self.parameters())
 
     def num_trainable_parameters(self) -> int:
@@ -519,9 +536,26 @@ class MTLoRAHandle:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The adapters' tensors only, keyed as in ``model.state_dict()``."""
-        return {f"{name}.{k}": v.detach() for name, a in self.adapters.items()
-                for k, v in a.state_dict().items()}
+        """The adapters' tensors and the train modules' (their ``state_dict()``: parameters and
+        persistent buffers), keyed as in ``model.state_dict()``; no other base weight."""
+        return {k: v.detach() for k, v in self._tensors().items()}
+
+    def _tensors(self, buffers: bool = True) -> dict[str, Tensor]:
+        """The live tensors of :meth:`state_dict` (``buffers=False``: the parameters alone), a
+        tensor shared by two train modules (tied weights) once. Looked up by name each time:
+        to_empty / FSDP2 swap the objects."""
+        out = {f"{name}.{k}": p for name, a in self.adapters.items()
+               for k, p in a.named_parameters()}
+        seen: set[int] = set()
+        for path in self._train_paths:
+            module = self.model.get_submodule(path)
+            items = (module.state_dict(keep_vars=True).items() if buffers
+                     else module.named_parameters())
+            for k, t in items:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out[f"{path}.{k}"] = t
+        return out
 
     def aux_loss(self, **kwargs) -> Tensor:
         """:func:`mtlora_kernels.losses.auxiliary_loss` of the model (balance + spectral terms of
@@ -545,8 +579,10 @@ class MTLoRAHandle:
     def __repr__(self) -> str:
         where = (f"component {self.target_modules}" if self.placement == "component"
                  else self.placement)
-        return (f"MTLoRAHandle({type(self.model).__name__}, {where}, {len(self.adapters)} "
-                f"adapters, {self.num_parameters():,} parameters, enabled={self.enabled})")
+        train = f", train {self._train_paths}" if self._train_paths else ""
+        return (f"MTLoRAHandle({type(self.model).__name__}, {where}{train}, "
+                f"{len(self.adapters)} adapters, {self.num_parameters():,} parameters, "
+                f"enabled={self.enabled})")
 
     # --- switching -----------------------------------------------------------------------
 
@@ -561,6 +597,10 @@ class MTLoRAHandle:
         they are (``model.parameters()`` still lists the adapters, ``model.to(...)`` still
         moves them), and a compiled model recompiles for the new state. Do not switch while a
         DDP/FSDP wrapper is training (its set of used parameters changes).
+
+        The train modules are not touched: they are part of the model, not adapters, so a
+        disabled model computes the base model with its trained head (their values and
+        ``requires_grad`` stay); only :meth:`remove` gives their original values back.
         """
         self._switch(False)
 
@@ -582,7 +622,9 @@ class MTLoRAHandle:
 
     def remove(self) -> nn.Module:
         """Take the adapters off for good: modules, hooks and ``requires_grad`` flags are as
-        they were before :func:`attach`. Returns the model."""
+        they were before :func:`attach`, and the train modules' parameters and buffers hold
+        their values of then again (from the copy attach kept; a model attached on the meta
+        device had none to keep). Returns the model."""
         self._check_live()
         self.disable()
         for hook in self._hooks:
@@ -592,6 +634,14 @@ class MTLoRAHandle:
             setattr(parent, name, base)
         for host in self._hosts:
             delattr(host, ADAPTER_ATTR)
+        with torch.no_grad():
+            for path, originals in self._originals.items():
+                module = self.model.get_submodule(path)
+                live = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+                for k, value in originals.items():
+                    if not value.is_meta:
+                        live[k].copy_(value)
+        self._originals.clear()
         params = dict(self.model.named_parameters())  # the names of before attach() again
         for name, flag in self._requires_grad.items():
             if name in params:
@@ -618,18 +668,61 @@ def get_handle(model: nn.Module) -> MTLoRAHandle | None:
     return getattr(unwrapped(model), "_mtlora_handle", None)
 
 
-def _parse_targets(target_modules) -> list[str]:
+def _parse_targets(target_modules, field: str = "target_modules",
+                   example: str = "['q_proj', 'v_proj']") -> list[str]:
     if isinstance(target_modules, str):
         target_modules = target_modules.split(",")
     targets = [t.strip() for t in target_modules if t.strip()]
     if not targets:
-        raise ValueError("target_modules is empty; give module names such as "
-                         "['q_proj', 'v_proj']")
+        raise ValueError(f"{field} is empty; give module names such as {example}")
     return targets
 
 
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
+
+
+def train_module_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """The paths of the modules ``names`` select, matched as ``target_modules`` are (a name
+    matches a module whose dotted path ends with it), in model order, outermost only (a module
+    inside another selected one trains with it). Every name must match, every module selected
+    must have parameters."""
+    found = [n for n, _ in model.named_modules() if n and any(_matches(n, t) for t in names)]
+    missing = [t for t in names if not any(_matches(n, t) for n in found)]
+    if missing:
+        named = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if n and not n.rsplit(".", 1)[-1].isdigit()
+                        and next(m.parameters(), None) is not None})
+        raise ValueError(f"train_modules {missing} match no module of {type(model).__name__}; "
+                         f"its modules with parameters are named {named}")
+    outer = [n for n in found if not any(n.startswith(o + ".") for o in found)]
+    empty = [n for n in outer if next(model.get_submodule(n).parameters(), None) is None]
+    if empty:
+        raise ValueError(f"train_modules: {empty} have no parameters to train")
+    return outer
+
+
+def _check_train_modules(model: nn.Module, names: list[str], adapted: list[str],
+                         adapters: list[str]) -> list[str]:
+    """The train modules' paths (:func:`train_module_paths`), none of them an ``adapted``
+    module (a target Linear, a sub-layer that gets a block-level adapter), holding one, or
+    sharing a parameter with one (tied weights), and no name one of the ``adapters`` to be."""
+    own = [t for t in names if any(_matches(a, t) for a in adapters)]
+    if own:
+        raise ValueError(f"train_modules {own} name the mtLoRA adapters, which train anyway; "
+                         f"name the modules that should train beside them (a task head)")
+    paths = train_module_paths(model, names)
+    for path in paths:
+        ids = {id(p) for p in model.get_submodule(path).parameters()}
+        for host in adapted:
+            if path == host or host.startswith(path + "."):
+                what = "gets" if path == host else f"holds {host}, which gets"
+                raise ValueError(f"train_modules: {path} {what} an adapter; a module that trains "
+                                 f"must lie outside the adapted ones (the adapters train anyway)")
+            if any(id(p) in ids for p in model.get_submodule(host).parameters()):
+                raise ValueError(f"train_modules: {path} shares a parameter with {host} (tied "
+                                 f"weights), which gets an adapter and must stay frozen")
+    return paths
 
 
 def attach(
@@ -639,6 +732,7 @@ def attach(
     placement: str | None = None,
     target_modules: Sequence[str] | str | None = None,
     layers: Sequence[int] | None = None,
+    train_modules: Sequence[str] | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> MTLoRAHandle:
     """Add mtLoRA adapters to ``model`` in place, freeze everything else, return the handle.
@@ -658,6 +752,16 @@ def attach(
             with ``placement``.
         layers: indices of the transformer layers to adapt (default all; negative counts from
             the end; the handle records them sorted and non-negative).
+        train_modules: modules that train in full beside the adapters, a task head
+            (``'classifier'``, ``'score'``, ``'lm_head'``): named as ``target_modules`` are,
+            matched in the whole model (``layers`` does not restrict them), none of them adapted
+            or holding an adapted module. Their parameters get ``requires_grad=True`` and join
+            the handle's :meth:`~MTLoRAHandle.parameters` and
+            :meth:`~MTLoRAHandle.state_dict` (so :func:`~mtlora_kernels.io.save_adapters` saves
+            them); a weight tied to another module's (``lm_head`` to the embeddings) trains with
+            it. For :meth:`~MTLoRAHandle.remove` attach keeps a copy of their parameters and
+            buffers, on their device: memory as large as the modules (an ``lm_head`` of a large
+            vocabulary: vocabulary x width).
         dtype: the adapters' parameter dtype (fp32 master weights by default; the forward casts
             them to the activations' dtype).
 
@@ -673,6 +777,8 @@ def attach(
     if target_modules is not None and placement is not None:
         raise ValueError(f"give either placement={placement!r} (block-level) or target_modules "
                          f"(component-level), not both")
+    train = (None if train_modules is None
+             else _parse_targets(train_modules, "train_modules", "'classifier'"))
     families = _family_of(model)
     supported = (", ".join(sorted(SUPPORTED_ARCHITECTURES))
                  + ", multimodal models whose text_config has one of these types, and the "
@@ -720,8 +826,10 @@ def attach(
                      else f"layers {layers} of {type(model).__name__}")
             raise ValueError(f"target_modules {missing} match no nn.Linear (or Conv1D) in "
                              f"{where}; the Linear modules there are named {linear}")
-        handle = MTLoRAHandle(model, cfg, "component", targets, layers)
-        _freeze(handle)
+        train_paths = [] if train is None else _check_train_modules(
+            model, train, [n for n, _ in found], [f"{n}.adapter" for n, _ in found])
+        handle = MTLoRAHandle(model, cfg, "component", targets, layers, train)
+        _freeze(handle, train_paths)
         for name, linear in found:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -752,28 +860,41 @@ def attach(
                     f"placement={placement!r}: {layer_name} ({type(layer).__name__}) has "
                     f"{fam.ffn_refused_if[0]!r}: {fam.ffn_refused_if[1]}. Use placement='attn' "
                     f"or component-level placement (target_modules=[...]).")
-        handle = MTLoRAHandle(model, cfg, placement, None, layers)
-        _freeze(handle)
-        for layer_name, layer, fam in chosen:
-            for kind in kinds:  # the attention: the first of its alternatives the layer has
-                sub = fam.ffn if kind == "ffn" else _module_named(layer, fam.attn)
-                host = getattr(layer, sub)
-                ref = next(host.parameters(), None)
-                adapter = MTLoRAAdapter(d, d, cfg).to(
-                    device=ref.device if ref is not None else None, dtype=dtype)
-                adapter.train(host.training)
-                host.add_module(ADAPTER_ATTR, adapter)
-                handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
-                handle._hosts.append(host)
-                handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
+        # The sub-layers that get an adapter: the attention, the first of its alternatives the
+        # layer has.
+        hosts = [(layer_name, layer, fam.ffn if kind == "ffn" else _module_named(layer, fam.attn))
+                 for layer_name, layer, fam in chosen for kind in kinds]
+        train_paths = [] if train is None else _check_train_modules(
+            model, train, [f"{n}.{sub}" for n, _, sub in hosts],
+            [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub in hosts])
+        handle = MTLoRAHandle(model, cfg, placement, None, layers, train)
+        _freeze(handle, train_paths)
+        for layer_name, layer, sub in hosts:
+            host = getattr(layer, sub)
+            ref = next(host.parameters(), None)
+            adapter = MTLoRAAdapter(d, d, cfg).to(
+                device=ref.device if ref is not None else None, dtype=dtype)
+            adapter.train(host.training)
+            host.add_module(ADAPTER_ATTR, adapter)
+            handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
+            handle._hosts.append(host)
+            handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
     model._mtlora_handle = handle  # the adapters start enabled
     return handle
 
 
-def _freeze(handle: MTLoRAHandle) -> None:
-    handle._requires_grad = {n: p.requires_grad for n, p in handle.model.named_parameters()}
-    handle.model.requires_grad_(False)
+def _freeze(handle: MTLoRAHandle, train_paths: list[str]) -> None:
+    """Freeze the model but the train modules, whose tensors are copied for remove()."""
+    model = handle.model
+    handle._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    for path in train_paths:
+        module = model.get_submodule(path)
+        handle._originals[path] = {k: t.detach().clone() for k, t in
+                                   [*module.named_parameters(), *module.named_buffers()]}
+        module.requires_grad_(True)
+    handle._train_paths = list(train_paths)
 
 
-__all__ = ["attach", "get_handle", "MTLoRAHandle", "SUPPORTED_ARCHITECTURES",
-           "DUAL_ENCODERS", "BLOCK_PLACEMENTS"]
+__all__ = ["attach", "get_handle", "MTLoRAHandle", "train_module_paths",
+           "SUPPORTED_ARCHITECTURES", "DUAL_ENCODERS", "BLOCK_PLACEMENTS"]

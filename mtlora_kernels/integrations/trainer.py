@@ -43,7 +43,9 @@ class MTLoRATrainer(transformers.Trainer):
     ``spectral_weight`` (default 1.0), the released scripts' weights; ``regularizer``, the
     :class:`SpectralRegularizer` for the run (default: the paper variant, every step). The model
     must have adapters attached (:func:`mtlora_kernels.attach`, or a loader that attaches).
-    The logs carry ``aux_loss``, the term of the last micro-batch before each log.
+    The logs carry ``aux_loss``, the term of the last micro-batch before each log. The
+    Trainer's optimizer takes every parameter that needs grad: the adapters, and the modules
+    ``attach(..., train_modules=...)`` named (a task head).
     """
 
     def __init__(self, *args, balance_weight: float = 0.01, spectral_weight: float = 1.0,
