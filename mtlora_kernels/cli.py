@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mtlora_kernels._checks import as_int
+from mtlora_kernels.integrations.hf import DUAL_ENCODERS
 
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None],
                       Callable[[argparse.Namespace], int]]] = []
@@ -276,8 +277,11 @@ def model_dims(config: dict | None = None, **fields: int | None) -> dict[str, in
     win); LLaMA-2-7B's values where neither says. TypeError names a size that is not an
     integer (a bool, a string, a float), ValueError one below 1."""
     cfg = dict(config or {})
-    if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]  # multimodal configs
+    # A multimodal config: its language model's (text_config); a dual encoder's (CLIP's): its
+    # vision tower's, whose image classifier is what block-level placement adapts.
+    sub = "vision_config" if cfg.get("model_type") in DUAL_ENCODERS else "text_config"
+    if cfg.get("hidden_size") is None and isinstance(cfg.get(sub), dict):
+        cfg = cfg[sub]
 
     def size(key: str, value) -> int:
         return as_int(value, key, minimum=1)

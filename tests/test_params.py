@@ -121,3 +121,14 @@ def test_multimodal_config_uses_its_text_config():
     assert model_dims(json.loads(json.dumps(cfg)))["hidden_size"] == 2048
     cfg["hidden_size"] = None  # a top-level null defers to text_config too
     assert model_dims(json.loads(json.dumps(cfg)))["hidden_size"] == 2048
+
+
+def test_dual_encoder_config_uses_its_vision_config():
+    """CLIP's config.json: the vision tower's sizes (768 wide, 12 layers), not the text tower's
+    (512, 6), as attach adapts the vision tower of its image classifier."""
+    cfg = {"model_type": "clip",
+           "text_config": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8},
+           "vision_config": {"hidden_size": 768, "num_hidden_layers": 12,
+                             "num_attention_heads": 12}}
+    dims = model_dims(json.loads(json.dumps(cfg)))
+    assert (dims["hidden_size"], dims["layers"], dims["q_out"]) == (768, 12, 768)
