@@ -216,6 +216,25 @@ def test_the_trainer_trains_the_train_modules_too(tmp_path):
     assert changed == {n for n, _ in handle.named_parameters()}
 
 
+def test_adapters_attached_to_a_submodule_are_found_and_two_attaches_refused(tmp_path):
+    """attach() on a submodule (here the LLaMA body, as on a dual encoder's vision_model): the
+    trainer adds that handle's auxiliary loss; a second attach elsewhere is named."""
+    model = tiny_model("llama")
+    handle = attach(model.model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="ffn")
+    randomize(handle)
+    trainer = MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset())
+    assert trainer.mtlora_handle is handle
+    batch = {k: torch.tensor([r[k] for r in dataset(2, seed=5)])
+             for k in ("input_ids", "attention_mask", "labels")}
+    model.train()
+    want = model(**batch).loss + auxiliary_loss(model, mask=batch["attention_mask"])
+    assert rel_err(trainer.compute_loss(model, dict(batch)), want) <= 1e-6
+    attach(model, MTLoRAConfig(r=4, num_experts=3), target_modules="lm_head")  # a second one
+    with pytest.raises(ValueError, match=r"attached 2 times, to the model itself, model; "):
+        MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset())
+
+
 def test_a_model_without_adapters_is_refused(tmp_path):
     model, _ = tiny_llama()
     with pytest.raises(ValueError, match="no mtLoRA adapters.*attach"):

@@ -30,9 +30,27 @@ of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 from __future__ import annotations
 
 import transformers
+from torch import nn
 
-from mtlora_kernels.integrations.hf import get_handle
+from mtlora_kernels.integrations.hf import MTLoRAHandle, get_handle
 from mtlora_kernels.losses import SpectralRegularizer
+
+
+def _the_handle(model: nn.Module) -> MTLoRAHandle:
+    """The handle of the adapters attached to ``model`` or to one of its submodules (a dual
+    encoder's ``vision_model``); one, whose auxiliary loss the trainer adds."""
+    found = [(name or "the model itself", handle) for name, module in model.named_modules()
+             if (handle := get_handle(module)) is not None]
+    if not found:
+        raise ValueError("MTLoRATrainer: the model has no mtLoRA adapters; attach them "
+                         "(mtlora_kernels.attach(model, config, ...)) before building the "
+                         "trainer")
+    if len(found) > 1:
+        raise ValueError(f"MTLoRATrainer: adapters attached {len(found)} times, to "
+                         f"{', '.join(name for name, _ in found)}; the trainer adds the "
+                         f"auxiliary loss of one attach: attach once, to the module that "
+                         f"holds every layer to adapt")
+    return found[0][1]
 
 
 class MTLoRATrainer(transformers.Trainer):
@@ -41,8 +59,9 @@ class MTLoRATrainer(transformers.Trainer):
 
     Args (keyword, besides the Trainer's own): ``balance_weight`` (default 0.01) and
     ``spectral_weight`` (default 1.0), the released scripts' weights; ``regularizer``, the
-    :class:`SpectralRegularizer` for the run (default: the paper variant, every step). The model
-    must have adapters attached (:func:`mtlora_kernels.attach`, or a loader that attaches).
+    :class:`SpectralRegularizer` for the run (default: the paper variant, every step). The model,
+    or one of its submodules (a dual encoder's ``vision_model``), must have adapters attached,
+    once (:func:`mtlora_kernels.attach`, or a loader that attaches).
     The logs carry ``aux_loss``, the term of the last micro-batch before each log. The
     Trainer's optimizer takes every parameter that needs grad: the adapters, and the modules
     ``attach(..., train_modules=...)`` named (a task head).
@@ -51,11 +70,7 @@ class MTLoRATrainer(transformers.Trainer):
     def __init__(self, *args, balance_weight: float = 0.01, spectral_weight: float = 1.0,
                  regularizer: SpectralRegularizer | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.mtlora_handle = get_handle(self.model)
-        if self.mtlora_handle is None:
-            raise ValueError("MTLoRATrainer: the model has no mtLoRA adapters; attach them "
-                             "(mtlora_kernels.attach(model, config, ...)) before building the "
-                             "trainer")
+        self.mtlora_handle = _the_handle(self.model)
         self.balance_weight = float(balance_weight)
         self.spectral_weight = float(spectral_weight)
         self.regularizer = regularizer if regularizer is not None else SpectralRegularizer()
