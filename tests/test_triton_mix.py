@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, REL_TOL, assert_close_to_reference, grads_of, random_inputs, rel_err
+from conftest import DEVICE, assert_close_to_reference, grads_of, random_inputs, rel_err
 
 from mtlora_kernels.nn import MTLoRAAdapter
 from mtlora_kernels.ops.mix import dropout_keep_mask, mix
