@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mtlora_kernels._checks import as_int
-from mtlora_kernels.integrations.hf import DUAL_ENCODERS
+from mtlora_kernels.integrations.hf import sub_config_name
 
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None],
                       Callable[[argparse.Namespace], int]]] = []
@@ -279,7 +279,7 @@ def model_dims(config: dict | None = None, **fields: int | None) -> dict[str, in
     cfg = dict(config or {})
     # A multimodal config: its language model's (text_config); a dual encoder's (CLIP's): its
     # vision tower's, whose image classifier is what block-level placement adapts.
-    sub = "vision_config" if cfg.get("model_type") in DUAL_ENCODERS else "text_config"
+    sub = sub_config_name(cfg.get("model_type"))
     if cfg.get("hidden_size") is None and isinstance(cfg.get(sub), dict):
         cfg = cfg[sub]
 

@@ -355,6 +355,12 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def sub_config_name(model_type: str | None) -> str:
+    """Which sub-config of a config whose own type is not in the table names the layers
+    block-level placement adapts: a dual encoder's ``vision_config``, else ``text_config``."""
+    return "vision_config" if model_type in DUAL_ENCODERS else "text_config"
+
+
 def _layers_config(config):
     """The config of the layers block-level placement adapts: ``config`` where its model_type
     is in the table; for a dual encoder (:data:`DUAL_ENCODERS`) whose ``vision_config``'s is, that
@@ -364,7 +370,7 @@ def _layers_config(config):
     mtype = getattr(config, "model_type", None)
     if mtype in SUPPORTED_ARCHITECTURES:
         return config
-    sub = getattr(config, "vision_config" if mtype in DUAL_ENCODERS else "text_config", None)
+    sub = getattr(config, sub_config_name(mtype), None)
     return sub if getattr(sub, "model_type", None) in SUPPORTED_ARCHITECTURES else None
 
 
@@ -383,8 +389,7 @@ def _type_named(model: nn.Module) -> str:
     config = _layers_config(getattr(model, "config", None))
     if config is None or config.model_type == mtype:
         return f"model_type {mtype!r}"
-    which = "vision_config" if mtype in DUAL_ENCODERS else "text_config"
-    return f"model_type {mtype!r} ({which}: {config.model_type!r})"
+    return f"model_type {mtype!r} ({sub_config_name(mtype)}: {config.model_type!r})"
 
 
 def hidden_size_of(model: nn.Module) -> int:
