@@ -130,9 +130,19 @@ EXTRA = {
     "vit_mae": dict(mask_ratio=0.5),
     "siglip2_vision_model": dict(num_patches=4),  # 2x2 patches of 8x8 (SigLIP 2 has no image_size)
     "siglip2": dict(num_patches=4),
+    # GPT-Neo: global attention in layer 0, local in layer 1; GPT-J's and CodeGen's rotary
+    # dimensions within head_dim 8; ModernBERT's layer 1 attends in a window of 2 on each side;
+    # AFMoE's layer 0 dense, layer 1 MoE.
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=2),
+    "gptj": dict(rotary_dim=4),
+    "codegen": dict(rotary_dim=4),
+    "modernbert": dict(local_attention=4, cls_token_id=1, sep_token_id=2),
+    "afmoe": dict(MOE, num_experts=4, num_shared_experts=1, num_dense_layers=1),
 }
 # Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
 CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
+# Text encoders: model_type -> the model class tiny_model builds (its last hidden states).
+ENCODERS = {"modernbert": "ModernBertModel"}
 
 # Vision encoders: model_type -> the model class tiny_model builds (SMALL's fields, 16x16 images
 # of 8x8 patches). The dual encoders (DUAL): their image classifiers, which hold the vision tower
@@ -244,8 +254,8 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
             multimodal_config(family, text))
         return model.eval()
     cfg = transformers.AutoConfig.for_model(family.removesuffix("-sequential"), **text)
-    if family in CAUSAL_LM:
-        return getattr(transformers, CAUSAL_LM[family])(cfg).eval()
+    if family in CAUSAL_LM or family in ENCODERS:
+        return getattr(transformers, {**CAUSAL_LM, **ENCODERS}[family])(cfg).eval()
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -394,8 +404,9 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
 FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 # The module docstring's three kinds. LLaMA's layer code under other names (exaone, internlm3:
 # LLaMA's own classes under another model_type; Apertus, VaultGemma, JetMoE: with their own
-# norm or attention names; Phi-3, Persimmon: with residual dropouts; llava, mistral3 and the
-# Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
+# norm or attention names; Phi-3, Persimmon: with residual dropouts; GPT-2's layer and its kin;
+# BLOOM, MPT: sub-layers that add the residual themselves; ModernBERT: an encoder; llava,
+# mistral3 and the Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
 # deepseek_v2 on: MIXED below), then hybrid stacks of linear and full attention (HYBRID below;
 # Qwen3.5(-MoE): multimodal) and Llama 4, then vision encoders (ViT's layer under other names;
 # CLIP's and its kin's; AIMv2's; the dual encoders' image classifiers, DUAL).
@@ -403,6 +414,7 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
               "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
               "youtu", "cwm", "nanochat", "jais2", "vaultgemma", "persimmon",
+              "gpt2", "gpt_bigcode", "gpt_neo", "bloom", "mpt", "modernbert",
               "llava", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe",
               "solar_open", "hunyuan_v1_moe", "jetmoe", "deepseek_v2", "deepseek_v3",
@@ -414,17 +426,18 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "deit", "vit_msn", "vit_mae", "ijepa", "clip_vision_model",
               "metaclip_2_vision_model", "siglip_vision_model", "siglip2_vision_model",
               "mlcd_vision_model", "aimv2_vision_model", "clip", "metaclip_2", "siglip", "siglip2"]
-PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential"]
+PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential", "gptj",
+            "codegen"]
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
                   "hyperclovax", "gemma4_text", "gemma4", "gemma3n_text", "olmo_hybrid",
-                  "dinov2", "dinov2_with_registers", "dinov3_vit", "beit"]
+                  "dinov2", "dinov2_with_registers", "dinov3_vit", "beit", "afmoe"]
 # Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute: their tiny
 # models (EXTRA) have one of each, so the tests above see both.
 MIXED = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
          "ernie4_5_moe", "mimo_v2_flash", "cohere2_moe", "mellum", "laguna", "minicpm5_moe",
          "deepseek_v32", "mistral4", "qwen3_vl_moe", "qwen3_next", "kimi_linear",
-         "bailing_hybrid", "llama4_text"]
+         "bailing_hybrid", "llama4_text", "afmoe"]
 # Hybrid stacks: linear attention in some layers, full attention in the others (OLMo-Hybrid:
 # layers of two classes, one family each); their tiny models have one of each.
 HYBRID = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear", "bailing_hybrid",
@@ -1202,18 +1215,17 @@ def test_bad_train_modules_are_refused_and_the_model_untouched():
 
 
 def test_unsupported_architecture_gets_a_clear_error():
-    torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
-    with pytest.raises(NotImplementedError, match=r"supports model types aimv2_vision_model, "
-                       r"apertus, arcee, .*, vit, vit_mae, vit_msn, youtu, multimodal models "
+    """OPT's FFN is two Linear layers loose in its layer (README's "Not supported")."""
+    opt = tiny_model("opt", layers=1, ffn_dim=64, word_embed_proj_dim=32)
+    with pytest.raises(NotImplementedError, match=r"supports model types afmoe, "
+                       r"aimv2_vision_model, .*, vit, vit_mae, vit_msn, youtu, multimodal models "
                        r"whose text_config has one of these types, and the image classifiers of "
-                       r"the dual encoders clip, metaclip_2, siglip, siglip2; GPT2LMHeadModel has "
-                       r"model_type 'gpt2'.*target_modules") as err:
-        attach(gpt2, placement="ffn")
+                       r"the dual encoders clip, metaclip_2, siglip, siglip2; OPTForCausalLM has "
+                       r"model_type 'opt'.*target_modules") as err:
+        attach(opt, placement="ffn")
     assert ", ".join(sorted(SUPPORTED_ARCHITECTURES)) in str(err.value)
     with pytest.raises(ValueError, match="layers=.*supported architecture"):
-        attach(gpt2, target_modules=["c_attn"], layers=[0])
+        attach(opt, target_modules=["q_proj"], layers=[0])
 
 
 def test_gpt2_conv1d_targets_are_wrapped_and_removed():

@@ -231,6 +231,27 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # returns (output flattened to [B*S, d], router_logits) and the layer views the output back:
     # the hook adds the adapter's output in the block's shape.
     "llama4_text": _pre_ln("Llama4TextDecoderLayer", ffn="feed_forward"),
+    # GPT-2's layer and its kin: LLaMA's layout under the names ln_1, attn, ln_2, mlp (GPT-2's
+    # Linear layers are transformers' Conv1D; the residual dropouts are inside attn and mlp, as
+    # StarCoder2's: they drop Attn(z) and FFN(z), not the adapter's output). GPTBigCode's
+    # multi-query attention and GPT-Neo's local attention (every other layer) are inside attn.
+    # With add_cross_attention (GPT-2, GPTBigCode) the layer has a ``crossattention`` on its own
+    # norm between the two: 'attn' adapts the self-attention (attn) only, 'ffn' reads ln_2 after
+    # the cross-attention's residual add, as the mlp does.
+    **{t: _Family(c, "attn", "ln_1", "mlp", "ln_2") for t, c in (
+        ("gpt2", "GPT2Block"), ("gpt_bigcode", "GPTBigCodeBlock"), ("gpt_neo", "GPTNeoBlock"))},
+    # BLOOM and MPT: the sub-layer module is called on (z, residual) and adds the residual itself,
+    # residual + dropout(Sub(z)), so the hook's adapter(z) joins that sum: residual + Sub(z) +
+    # adapter(z). BLOOM with apply_residual_connection_post_layernorm takes z as the residual
+    # (z + Sub(z) + adapter(z): the adapter still beside the sub-layer). MPT's attention dropout
+    # is in the layer (resid_attn_dropout, on Attn(z) + adapter(z), as Phi-3's); its FFN is
+    # ``ffn``.
+    "bloom": _Family("BloomBlock", "self_attention", "input_layernorm", "mlp",
+                     "post_attention_layernorm"),
+    "mpt": _Family("MptBlock", "attn", "norm_1", "ffn", "norm_2", "resid_attn_dropout"),
+    # ModernBERT, an encoder: layer 0's attn_norm is nn.Identity (the embeddings end in a norm),
+    # so its z is the layer's input; sliding-window and global attention are both ``attn``.
+    "modernbert": _Family("ModernBertEncoderLayer", "attn", "attn_norm", "mlp", "mlp_norm"),
     # Apertus: LLaMA's layout with the norms named for their sub-layers.
     "apertus": _Family("ApertusDecoderLayer", "self_attn", "attention_layernorm", "mlp",
                        "feedforward_layernorm"),
@@ -278,6 +299,9 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     "phi": _parallel("PhiDecoderLayer", "resid_dropout"),
     "stablelm": _Family("StableLmDecoderLayer", "self_attn", "input_layernorm", "mlp",
                         ("post_attention_layernorm", "input_layernorm"), None, "dropout"),
+    # GPT-J and CodeGen: attn and mlp both on ln_1's output (attn by keyword, hidden_states=).
+    **{t: _Family(c, "attn", "ln_1", "mlp", "ln_1") for t, c in (
+        ("gptj", "GPTJBlock"), ("codegen", "CodeGenBlock"))},
     # 3. A transform after the sub-layer, which the layer applies to FFN(z) + adapter(z)
     #    together: out = h1 + PostNorm(FFN(z) + adapter(z)) (Granite: h1 + m * (FFN(z) +
     #    adapter(z)), m its residual_multiplier). The adapter sits inside the post-norm, where a
@@ -288,6 +312,10 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     "gemma3_text": _post_norm("Gemma3DecoderLayer", *_GEMMA2),
     "glm4": _post_norm("Glm4DecoderLayer", "input_layernorm", "post_attention_layernorm",
                        "post_self_attn_layernorm", "post_mlp_layernorm"),
+    # AFMoE: Gemma 2's four norms under other names; a dense FFN in the first num_dense_layers
+    # layers, an MoE block (shared and routed experts) in the others, both as ``mlp``.
+    "afmoe": _post_norm("AfmoeDecoderLayer", "input_layernorm", "pre_mlp_layernorm",
+                        "post_attention_layernorm", "post_mlp_layernorm"),
     "olmo2": _post_norm("Olmo2DecoderLayer", *_OLMO2),
     "olmo3": _post_norm("Olmo3DecoderLayer", *_OLMO2),
     "flex_olmo": _post_norm("FlexOlmoDecoderLayer", *_OLMO2),  # OLMo2's layer, an MoE block
