@@ -403,10 +403,10 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
 
 FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 # The module docstring's three kinds. LLaMA's layer code under other names (exaone, internlm3:
-# LLaMA's own classes under another model_type; Apertus, VaultGemma, JetMoE: with their own
-# norm or attention names; Phi-3, Persimmon: with residual dropouts; GPT-2's layer and its kin;
-# BLOOM, MPT: sub-layers that add the residual themselves; ModernBERT: an encoder; llava,
-# mistral3 and the Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
+# LLaMA's own classes under another model_type; Apertus, VaultGemma, JetMoE: with their own norm or
+# attention names; Phi-3, Persimmon: with residual dropouts; GPT-2's layer and its kin; BLOOM, MPT:
+# sub-layers that add the residual themselves; ModernBERT: an encoder; llava, mistral3 and the
+# Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
 # deepseek_v2 on: MIXED below), then hybrid stacks of linear and full attention (HYBRID below;
 # Qwen3.5(-MoE): multimodal) and Llama 4, then vision encoders (ViT's layer under other names;
 # CLIP's and its kin's; AIMv2's; the dual encoders' image classifiers, DUAL).

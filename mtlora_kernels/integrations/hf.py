@@ -8,10 +8,12 @@ sub-layer::
     out = h + Attn(LN1(h)) + adapter(LN1(h))  (then the FFN as usual)         # 'attn'
 
 The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
-or Granite-MoE's ``block_sparse_moe``, or the attention module: in a hybrid stack the token
-mixer each layer has, ``self_attn`` or ``linear_attn``; the official code's ``block_adapter``
-sits in the same place) and runs from ONE forward hook on that module. In every supported layer
-the sub-layer is called on its z and on nothing else, so the hook's input *is* z; the hook
+or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``,
+GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn`` or
+``linear_attn``; the official code's ``block_adapter`` sits in the same place) and runs from ONE
+forward hook on that module. In every supported layer the sub-layer's first argument (or
+``hidden_states=``) is its z, and the only other activation it gets is BLOOM's and MPT's
+residual, which those modules add to their output themselves: the hook's input *is* z. The hook
 passes the sub-layer's output to the fused op as its residual (no extra pass over [T, d]). One
 hook with no state kept between hooks is what makes this safe under gradient checkpointing (the
 recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
@@ -20,28 +22,29 @@ The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``;
 below names every type, README lists them for users) come in three kinds:
 
 - pre-LN, SPEC's formula above, exactly: LLaMA's layout under many names (llama, mistral, qwen2,
-  qwen3, gemma, ...), with an MoE block as the FFN in every layer or in some (mixtral, qwen3_moe,
-  deepseek_v3, glm4_moe, llama4_text, ...: the adapter in parallel with the whole block), and
+  qwen3, gemma, gpt2's ln_1 / attn / ln_2 / mlp, bloom, mpt, the encoder modernbert, ...), with
+  an MoE block as the FFN in every layer or in some (mixtral, qwen3_moe, deepseek_v3, glm4_moe,
+  llama4_text, ...: the adapter in parallel with the whole block), and
   hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some layers and
   full attention in the others (qwen3_next, qwen3_5_text, kimi_linear, ...): either mixer is called
   once on ``LN1(h)`` and added to the residual, so 'attn' puts the adapter in parallel with the
   layer's mixer, whichever it is; and the same layout in vision encoders, on image patches (vit,
   deit, clip_vision_model, siglip_vision_model, ...);
-- parallel (cohere, phi, stablelm with ``use_parallel_residual``, ...): one norm feeds both
-  sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus ``adapter(z)`` of each placed
-  adapter;
-- a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, ...: a post-norm; granite: its
+- parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, ...): one norm
+  feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus ``adapter(z)`` of
+  each placed adapter;
+- a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, afmoe, ...: a post-norm; granite: its
   ``residual_multiplier`` m; hyperclovax: a post-norm, then m; dinov2, dinov3_vit, beit: a layer
   scale, then stochastic depth). SPEC's formula is for pre-LN layers; here the layer applies the
   transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z) +
   adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
   adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear layers
   (PEFT, HydraLoRA's placement) sits too. Where a layer has no norm before the sub-layer (OLMo2/3),
-  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. What a layer does
-  after the FFN's residual add (Gemma 4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp
-  correction) takes the adapter's delta as it takes the FFN's output. The table's comments give
-  each type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse
-  'ffn' and 'both').
+  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. What a layer does after
+  the FFN's residual add (Gemma 4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp
+  correction) takes the adapter's delta as it takes the FFN's output. The table's comments give each
+  type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse 'ffn'
+  and 'both').
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
 and ``config.text_config.model_type`` is (gemma3, gemma4, llava, mistral3, qwen2_vl,
@@ -773,11 +776,11 @@ def attach(
     Args:
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear / full attention,
-            parallel and post-norm decoders, ViT-style vision encoders; see the module
-            docstring), multimodal models whose ``text_config`` has one of them (their language
-            model's layers), and the image classifiers of :data:`DUAL_ENCODERS` (their vision
-            tower's layers); any model with the named ``nn.Linear`` (or ``Conv1D``) modules
-            works component-level.
+            parallel and post-norm decoders, ModernBERT, ViT-style vision encoders; see the
+            module docstring), multimodal models whose ``text_config`` has one of them (their
+            language model's layers), and the image classifiers of :data:`DUAL_ENCODERS` (their
+            vision tower's layers); any model with the named ``nn.Linear`` (or ``Conv1D``)
+            modules works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
