@@ -588,13 +588,14 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
                                          ("olmo2", "post_feedforward_layernorm"),
                                          ("granite", "residual_multiplier"),
                                          ("granitemoe", "block_sparse_moe"),
+                                         ("mpt", "ffn"), ("bloom", "self_attention"),
                                          ("hyperclovax", "post_norm2"),
                                          ("dinov2", "layer_scale2"), ("beit", "lambda_2")])
 def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     """A transformers version whose layer lacks a piece the table names (the norm before a
     sub-layer, the post-norm or the multiplier after it, either of two transforms after it, the
-    FFN by its name, a layer scale: a module, or BEiT's parameter) gets a named error, the model
-    as it was."""
+    FFN or the attention by its name, a layer scale: a module, or BEiT's parameter) gets a named
+    error, the model as it was."""
     model = tiny_model(family)
     name, layer = stack_of(model)[1]
     delattr(layer, gone)
