@@ -53,6 +53,12 @@ EXTRA = {
     "granite": dict(residual_multiplier=0.5),
     "stablelm": dict(use_parallel_residual=True),
     "stablelm-sequential": dict(use_parallel_residual=False),
+    "gpt_neox-sequential": dict(use_parallel_residual=False),
+    # Falcon's variants whose z differ: parallel on one norm (its default), LLaMA's layout,
+    # parallel on two norms (ln_attn, ln_mlp).
+    "falcon": dict(ffn_hidden_size=64),
+    "falcon-sequential": dict(ffn_hidden_size=64, parallel_attn=False),
+    "falcon-two_norms": dict(ffn_hidden_size=64, new_decoder_architecture=True, num_kv_heads=2),
     # MoE models that build a dense FFN in some layers: layer 0 dense, layer 1 MoE.
     "deepseek_v2": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
                         first_k_dense_replace=1),
@@ -139,6 +145,8 @@ EXTRA = {
     "modernbert": dict(local_attention=4, cls_token_id=1, sep_token_id=2),
     "afmoe": dict(MOE, num_experts=4, num_shared_experts=1, num_dense_layers=1),
 }
+# Types whose config derives head_dim (a read-only property there).
+DERIVED_HEAD_DIM = {"falcon"}
 # Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
 CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
 # Text encoders: model_type -> the model class tiny_model builds (its last hidden states).
@@ -234,10 +242,15 @@ def vision_config(family: str, layers: int = 2, text: dict | None = None, **conf
     return transformers.AutoConfig.for_model(family, **fields)
 
 
+def model_type(family: str) -> str:
+    """The model_type of a tested ``family``: the name itself, or a variant's before its '-'
+    ('stablelm-sequential': StableLM without use_parallel_residual, EXTRA's fields)."""
+    return family.partition("-")[0]
+
+
 def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Module:
-    """A tiny random model of ``family`` (a model_type; 'stablelm-sequential': StableLM without
-    use_parallel_residual), built from a config (``config``: fields over EXTRA's): no
-    download."""
+    """A tiny random model of ``family`` (a model_type, or a variant of one: :func:`model_type`),
+    built from a config (``config``: fields over EXTRA's): no download."""
     torch.manual_seed(seed)
     small = {**SMALL, "num_hidden_layers": layers}
     if family in VISION_CLASSES:
@@ -249,11 +262,13 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
             "head_dim": small["hidden_size"] // small["num_attention_heads"],
             "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, **EXTRA.get(family, {}),
             **config}
+    if model_type(family) in DERIVED_HEAD_DIM:
+        del text["head_dim"]
     if family in MULTIMODAL:
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
         return model.eval()
-    cfg = transformers.AutoConfig.for_model(family.removesuffix("-sequential"), **text)
+    cfg = transformers.AutoConfig.for_model(model_type(family), **text)
     if family in CAUSAL_LM or family in ENCODERS:
         return getattr(transformers, {**CAUSAL_LM, **ENCODERS}[family])(cfg).eval()
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -413,7 +428,7 @@ FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
               "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
               "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
-              "youtu", "cwm", "nanochat", "jais2", "vaultgemma", "persimmon",
+              "youtu", "cwm", "nanochat", "jais2", "vaultgemma", "persimmon", "gpt_neox_japanese",
               "gpt2", "gpt_bigcode", "gpt_neo", "bloom", "mpt", "modernbert",
               "llava", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe",
@@ -427,7 +442,8 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "metaclip_2_vision_model", "siglip_vision_model", "siglip2_vision_model",
               "mlcd_vision_model", "aimv2_vision_model", "clip", "metaclip_2", "siglip", "siglip2"]
 PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential", "gptj",
-            "codegen"]
+            "codegen", "gpt_neox", "gpt_neox-sequential", "falcon", "falcon-sequential",
+            "falcon-two_norms"]
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
                   "hyperclovax", "gemma4_text", "gemma4", "gemma3n_text", "olmo_hybrid",
@@ -464,8 +480,7 @@ def test_every_supported_architecture_is_tested():
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
-    assert set(SUPPORTED_ARCHITECTURES) == {wrappers.get(f, f.removesuffix("-sequential"))
-                                            for f in tested}
+    assert set(SUPPORTED_ARCHITECTURES) == {wrappers.get(f, model_type(f)) for f in tested}
     assert not set(wrappers) & set(SUPPORTED_ARCHITECTURES), "wrappers go by a sub-config"
 
 

@@ -217,6 +217,10 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
         ("qwen2_vl_text", "Qwen2VLDecoderLayer"), ("qwen2_5_vl_text", "Qwen2_5_VLDecoderLayer"),
         ("qwen3_vl_text", "Qwen3VLTextDecoderLayer"),
         ("qwen3_vl_moe_text", "Qwen3VLMoeTextDecoderLayer"))},
+    # GPT-NeoX-Japanese: LLaMA's layout, the attention ``attention``, returning (output, weights,
+    # bias): the hook adds to the output, the layer adds the bias (last layer only) after.
+    "gpt_neox_japanese": _Family("GPTNeoXJapaneseLayer", "attention", "input_layernorm", "mlp",
+                                 "post_attention_layernorm"),
     # Hybrid token mixers: linear attention (a Gated DeltaNet, ``linear_attn``) in some layers
     # (config.layer_types), full attention (``self_attn``) in the others, either called once on
     # input_layernorm(h) and added to the residual: 'attn' puts the adapter in parallel with the
@@ -305,6 +309,19 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # GPT-J and CodeGen: attn and mlp both on ln_1's output (attn by keyword, hidden_states=).
     **{t: _Family(c, "attn", "ln_1", "mlp", "ln_1") for t, c in (
         ("gptj", "GPTJBlock"), ("codegen", "CodeGenBlock"))},
+    # Parallel on two norms: out = h + Attn(LN1(h)) + FFN(LN2(h)), z = LN1(h) for the attention,
+    # LN2(h) for the FFN. GPT-NeoX with use_parallel_residual (its default; without it, LLaMA's
+    # layout on the same two norms); its attention is ``attention``, returning (output,
+    # weights), and a residual dropout after each sub-layer acts on its output plus the adapter's.
+    "gpt_neox": _Family("GPTNeoXLayer", "attention", "input_layernorm", "mlp",
+                        "post_attention_layernorm", "post_attention_dropout", "post_mlp_dropout"),
+    # Falcon, by its config: parallel_attn (the default) on one norm (input_layernorm), with
+    # new_decoder_architecture on two (ln_attn, ln_mlp; num_ln_in_parallel_attn=1: one again),
+    # without parallel_attn LLaMA's layout. The layer builds only the norms its variant uses:
+    # of the alternatives, the first it has is the one its sub-layer reads. Its dropouts are
+    # functional, on the sub-layers' summed outputs, adapters' included.
+    "falcon": _Family("FalconDecoderLayer", "self_attention", ("ln_attn", "input_layernorm"),
+                      "mlp", ("ln_mlp", "post_attention_layernorm", "input_layernorm")),
     # 3. A transform after the sub-layer, which the layer applies to FFN(z) + adapter(z)
     #    together: out = h1 + PostNorm(FFN(z) + adapter(z)) (Granite: h1 + m * (FFN(z) +
     #    adapter(z)), m its residual_multiplier). The adapter sits inside the post-norm, where a
