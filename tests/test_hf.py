@@ -145,6 +145,9 @@ EXTRA = {
     "modernbert": dict(local_attention=4, cls_token_id=1, sep_token_id=2),
     "afmoe": dict(MOE, num_experts=4, num_shared_experts=1, num_dense_layers=1),
 }
+# Parallel on two norms of the same h: their LayerNorms get random weights and biases, else
+# (ones and zeros at init) LN1(h) = LN2(h) and the tests could not tell which norm z is.
+DISTINCT_NORMS = {"gpt_neox", "falcon"}
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
 # Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
@@ -270,8 +273,18 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
         return model.eval()
     cfg = transformers.AutoConfig.for_model(model_type(family), **text)
     if family in CAUSAL_LM or family in ENCODERS:
-        return getattr(transformers, {**CAUSAL_LM, **ENCODERS}[family])(cfg).eval()
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        model = getattr(transformers, {**CAUSAL_LM, **ENCODERS}[family])(cfg).eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    if model_type(family) in DISTINCT_NORMS:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                    m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+                    if m.bias is not None:
+                        m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+    return model
 
 
 def entry_of(model: nn.Module) -> tuple:
