@@ -43,6 +43,8 @@ MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim
 HYBRID_LAYERS = dict(layer_types=["linear_attention", "full_attention"])
 GATED_DELTA = dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                    linear_num_value_heads=4)
+MAMBA = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2)
+MAMBA2 = dict(MAMBA, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_chunk_size=4)
 GEMMA_PER_LAYER = dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=64)
 EXTRA = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -115,6 +117,25 @@ EXTRA = {
                         linear_num_heads=4),
     "bailing_hybrid": dict(HYBRID_LAYERS, **MOE, **MLA, num_local_experts=4, n_group=2,
                            topk_group=1, mlp_layer_types=["dense", "sparse"]),
+    # Hybrid stacks with a state-space or convolution mixer (SSM_HYBRID below): layer 0 that
+    # mixer, layer 1 attention; tiny Mamba mixers (Mamba-2's: 4 heads of 16); Jamba's and
+    # LFM2-MoE's layer 1 MoE. Falcon-H1: its multipliers away from 1 (so that a test sees them).
+    "jamba": dict(MAMBA, use_mamba_kernels=False, mamba_dt_rank=4, attn_layer_period=2,
+                  attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  num_experts=4, num_experts_per_tok=2),
+    "bamba": dict(MAMBA2, attn_layer_indices=[1]),
+    "granitemoehybrid": dict(**MAMBA2, **HYBRID_LAYERS, num_local_experts=4,
+                             num_experts_per_tok=2, shared_intermediate_size=16,
+                             residual_multiplier=0.5),
+    "granitemoehybrid-dense": dict(**MAMBA2, **HYBRID_LAYERS, num_local_experts=0,
+                                   shared_intermediate_size=16, residual_multiplier=0.5),
+    "lfm2": dict(layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=16),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=32,
+                            attention_window_size=8, conv1d_width=4),
+    "falcon_h1": dict(MAMBA2, mamba_d_ssm=64, attention_in_multiplier=0.7,
+                      ssm_out_multiplier=0.5, attention_out_multiplier=0.8),
     # Llama 4: layer 1 MoE (intermediate_size is its experts', intermediate_size_mlp the dense).
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, moe_layers=[1],
                         intermediate_size=16, intermediate_size_mlp=64),
@@ -450,7 +471,8 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "mimo_v2_flash", "mellum", "laguna", "minicpm5_moe", "deepseek_v32", "mistral4",
               "qwen3_vl_moe",
               "qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear",
-              "bailing_hybrid", "llama4_text",
+              "bailing_hybrid", "llama4_text", "jamba", "bamba", "lfm2", "lfm2_moe",
+              "recurrent_gemma", "falcon_h1",
               "deit", "vit_msn", "vit_mae", "ijepa", "clip_vision_model",
               "metaclip_2_vision_model", "siglip_vision_model", "siglip2_vision_model",
               "mlcd_vision_model", "aimv2_vision_model", "clip", "metaclip_2", "siglip", "siglip2"]
@@ -459,18 +481,23 @@ PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-seq
             "falcon-two_norms"]
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
-                  "hyperclovax", "gemma4_text", "gemma4", "gemma3n_text", "olmo_hybrid",
+                  "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
+                  "gemma4", "gemma3n_text", "olmo_hybrid",
                   "dinov2", "dinov2_with_registers", "dinov3_vit", "beit", "afmoe"]
 # Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute: their tiny
 # models (EXTRA) have one of each, so the tests above see both.
 MIXED = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
          "ernie4_5_moe", "mimo_v2_flash", "cohere2_moe", "mellum", "laguna", "minicpm5_moe",
          "deepseek_v32", "mistral4", "qwen3_vl_moe", "qwen3_next", "kimi_linear",
-         "bailing_hybrid", "llama4_text", "afmoe"]
+         "bailing_hybrid", "llama4_text", "afmoe", "jamba", "lfm2_moe"]
 # Hybrid stacks: linear attention in some layers, full attention in the others (OLMo-Hybrid:
 # layers of two classes, one family each); their tiny models have one of each.
 HYBRID = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear", "bailing_hybrid",
           "olmo_hybrid"]
+# Hybrid stacks of a state-space or convolution mixer (Mamba, LFM2's short convolution,
+# Griffin's recurrent block) and attention; their tiny models have one of each.
+SSM_HYBRID = ["jamba", "bamba", "granitemoehybrid", "granitemoehybrid-dense", "lfm2",
+              "lfm2_moe", "recurrent_gemma"]
 # Layers that go on after the FFN's residual add (Gemma 4's per-layer input and layer_scalar,
 # Gemma 3n's AltUp correction): the kind-3 test reads the post-norm's output there.
 GOES_ON = ["gemma4_text", "gemma4", "gemma3n_text"]
@@ -569,6 +596,17 @@ def test_hybrid_models_are_tested_on_both_token_mixers(family):
     linear, full = (type(getattr(layer, mixer_name(layer, family_of(model, layer)))).__name__
                     for layer in decoder_layers(model))
     assert "Delta" in linear and "Delta" not in full, (linear, full)
+
+
+@pytest.mark.parametrize("family", SSM_HYBRID)
+def test_ssm_hybrid_models_are_tested_on_both_token_mixers(family):
+    """Layer 0 of the tiny model mixes tokens by a state-space or convolution mixer, layer 1 by
+    attention: the tests above see both (a config field that stopped taking effect would leave
+    one untested)."""
+    model = tiny_model(family)
+    ssm, attn = (type(getattr(layer, mixer_name(layer, family_of(model, layer)))).__name__
+                 for layer in decoder_layers(model))
+    assert "Attention" not in ssm and "Attention" in attn, (ssm, attn)
 
 
 @pytest.mark.parametrize("family", POST_TRANSFORM)

@@ -234,6 +234,32 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # layer_types: Kimi Delta Attention or MLA; a dense FFN or an MoE block by mlp_layer_types.
     "kimi_linear": _pre_ln("KimiLinearDecoderLayer"),
     "bailing_hybrid": _pre_ln("BailingHybridDecoderLayer"),
+    # Hybrid stacks with a state-space or convolution mixer in some layers (config.layer_types)
+    # and attention in the others, either called once on the first norm's output and added to
+    # the residual: 'attn' puts the adapter beside the mixer the layer has, named after it, as
+    # in the linear-attention hybrids above. Jamba: two layer classes, a Mamba mixer (``mamba``)
+    # or ``self_attn``; the FFN ``feed_forward``, an MoE block in some layers
+    # (expert_layer_period / _offset). Bamba: one class holding ``mamba`` or ``self_attn``.
+    "jamba": (_Family("JambaMambaDecoderLayer", "mamba", "input_layernorm", "feed_forward",
+                      "pre_ff_layernorm"),
+              _Family("JambaAttentionDecoderLayer", "self_attn", "input_layernorm",
+                      "feed_forward", "pre_ff_layernorm")),
+    "bamba": _Family("BambaDecoderLayer", ("self_attn", "mamba"), "input_layernorm",
+                     "feed_forward", "pre_ff_layernorm"),
+    # LFM2: a short gated convolution (``conv``) or ``self_attn`` on operator_norm(h), the FFN
+    # ``feed_forward`` on ffn_norm(h1); LFM2-MoE's an MoE block from layer num_dense_layers on.
+    **{t: _Family(c, ("self_attn", "conv"), "operator_norm", "feed_forward", "ffn_norm")
+       for t, c in (("lfm2", "Lfm2DecoderLayer"), ("lfm2_moe", "Lfm2MoeDecoderLayer"))},
+    # RecurrentGemma (Griffin): the mixer is ``temporal_block`` in every layer, an RG-LRU
+    # recurrent block or local attention by layers_block_type, returning (output, cache).
+    "recurrent_gemma": _Family("RecurrentGemmaDecoderLayer", "temporal_block",
+                               "temporal_pre_norm", "mlp_block", "channel_pre_norm"),
+    # Falcon-H1: ``mamba`` and ``self_attn`` side by side in every layer, on z = LN1(h), h1 = h +
+    # ssm_out_multiplier * Mamba(z) + attention_out_multiplier * Attn(attention_in_multiplier *
+    # z). 'attn' puts the adapter beside the Mamba mixer, the one called on z itself; the layer
+    # scales its output plus the adapter's by ssm_out_multiplier (a transform, as Granite's).
+    "falcon_h1": _Family("FalconH1DecoderLayer", "mamba", "input_layernorm", "feed_forward",
+                         "pre_ff_layernorm", attn_after="ssm_out_multiplier"),
     # Llama 4's language model: the FFN is ``feed_forward``, an MoE block in moe_layers. The block
     # returns (output flattened to [B*S, d], router_logits) and the layer views the output back:
     # the hook adds the adapter's output in the block's shape.
@@ -347,6 +373,13 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
                           "residual_multiplier", ffn="block_sparse_moe"),
     "granitemoeshared": _pre_ln("GraniteMoeSharedDecoderLayer", "residual_multiplier",
                                 "residual_multiplier", ffn="block_sparse_moe"),
+    # Granite 4's hybrid: Granite-MoE-Shared's layer, the mixer ``mamba`` or ``self_attn``. Its
+    # dense variant (num_local_experts=0) has no block_sparse_moe, shared_mlp alone: the adapter
+    # goes beside shared_mlp in both, h1 + m * (MoE(z) + shared_mlp(z) + adapter(z)), the same
+    # sum as beside the MoE block.
+    "granitemoehybrid": _Family("GraniteMoeHybridDecoderLayer", ("self_attn", "mamba"),
+                                "input_layernorm", "shared_mlp", "post_attention_layernorm",
+                                "residual_multiplier", "residual_multiplier"),
     # MiniCPM3 scales each sub-layer's output by residual_scale = scale_depth / sqrt(layers).
     "minicpm3": _pre_ln("MiniCPM3DecoderLayer", "residual_scale", "residual_scale"),
     # HyperCLOVA X: two transforms after each sub-layer, in this order: a post-norm (nn.Identity
