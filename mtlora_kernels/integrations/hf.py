@@ -9,14 +9,14 @@ sub-layer::
 
 The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
 or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``,
-GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn`` or
-``linear_attn``; the official code's ``block_adapter`` sits in the same place) and runs from ONE
-forward hook on that module. In every supported layer the sub-layer's first argument (or
-``hidden_states=``) is its z, and the only other activation it gets is BLOOM's and MPT's
-residual, which those modules add to their output themselves: the hook's input *is* z. The hook
-passes the sub-layer's output to the fused op as its residual (no extra pass over [T, d]). One
-hook with no state kept between hooks is what makes this safe under gradient checkpointing (the
-recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
+GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``,
+``linear_attn``, ``mamba`` or ``conv``; the official code's ``block_adapter`` sits in the same
+place) and runs from ONE forward hook on that module. In every supported layer the sub-layer's
+first argument (or ``hidden_states=``) is its z, and the only other activation it gets is
+BLOOM's and MPT's residual, which those modules add to their output themselves: the hook's input
+*is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass
+over [T, d]). One hook with no state kept between hooks is what makes this safe under gradient
+checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
 
 The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``; the table
 below names every type, README lists them for users) come in three kinds:
@@ -26,16 +26,21 @@ below names every type, README lists them for users) come in three kinds:
   an MoE block as the FFN in every layer or in some (mixtral, qwen3_moe, deepseek_v3, glm4_moe,
   llama4_text, ...: the adapter in parallel with the whole block), and
   hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some layers and
-  full attention in the others (qwen3_next, qwen3_5_text, kimi_linear, ...): either mixer is called
-  once on ``LN1(h)`` and added to the residual, so 'attn' puts the adapter in parallel with the
-  layer's mixer, whichever it is; and the same layout in vision encoders, on image patches (vit,
-  deit, clip_vision_model, siglip_vision_model, ...);
-- parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, ...): one norm
-  feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus ``adapter(z)`` of
-  each placed adapter;
+  full attention in the others (qwen3_next, qwen3_5_text, kimi_linear, ...), or a state-space or
+  convolution mixer in some layers (jamba, bamba, lfm2, recurrent_gemma, ...: Mamba, a short
+  convolution, Griffin's recurrent block): either mixer is called once on ``LN1(h)`` and added to
+  the residual, so 'attn' puts the adapter in parallel with the layer's mixer, whichever it is;
+  and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
+  siglip_vision_model, ...);
+- parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, falcon, ...):
+  one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus
+  ``adapter(z)`` of each placed adapter; or two norms of the same h (gpt_neox, falcon's
+  new_decoder_architecture), ``out = h + Attn(LN1(h)) + FFN(LN2(h))``, each adapter on its
+  sub-layer's z;
 - a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, afmoe, ...: a post-norm; granite: its
   ``residual_multiplier`` m; hyperclovax: a post-norm, then m; dinov2, dinov3_vit, beit: a layer
-  scale, then stochastic depth). SPEC's formula is for pre-LN layers; here the layer applies the
+  scale, then stochastic depth; granitemoehybrid: m again; falcon_h1's Mamba mixer: its
+  ``ssm_out_multiplier``). SPEC's formula is for pre-LN layers; here the layer applies the
   transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z) +
   adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
   adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear layers
@@ -825,12 +830,12 @@ def attach(
 
     Args:
         model: a transformers model. Block-level placement supports the model types in
-            :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear / full attention,
-            parallel and post-norm decoders, ModernBERT, ViT-style vision encoders; see the
-            module docstring), multimodal models whose ``text_config`` has one of them (their
-            language model's layers), and the image classifiers of :data:`DUAL_ENCODERS` (their
-            vision tower's layers); any model with the named ``nn.Linear`` (or ``Conv1D``)
-            modules works component-level.
+            :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear attention or SSM /
+            full attention, parallel and post-norm decoders, ModernBERT, ViT-style vision
+            encoders; see the module docstring), multimodal models whose ``text_config`` has one
+            of them (their language model's layers), and the image classifiers of
+            :data:`DUAL_ENCODERS` (their vision tower's layers); any model with the named
+            ``nn.Linear`` (or ``Conv1D``) modules works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
