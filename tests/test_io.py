@@ -62,19 +62,22 @@ def test_round_trip_gives_identical_outputs(tmp_path, where):
     assert torch.equal(run(again, x), want)
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "olmo_hybrid"])
-def test_a_hybrid_models_adapters_go_by_each_layers_token_mixer(tmp_path, family):
-    """A hybrid stack (layer 0 linear attention, layer 1 full attention; OLMo-Hybrid's, layers
-    of two classes): the attention adapters are named after each layer's mixer, save and load by
-    those names (into a bare model and into attached adapters), layers=... picks either mixer,
-    and disable() / remove() give the base model back."""
+@pytest.mark.parametrize("family,mixer,ffn", [("qwen3_next", "linear_attn", "mlp"),
+                                              ("olmo_hybrid", "linear_attn", "mlp"),
+                                              ("jamba", "mamba", "feed_forward")])
+def test_a_hybrid_models_adapters_go_by_each_layers_token_mixer(tmp_path, family, mixer, ffn):
+    """A hybrid stack (layer 0 linear attention or Jamba's Mamba mixer, layer 1 full attention;
+    OLMo-Hybrid's and Jamba's, layers of two classes): the attention adapters are named after
+    each layer's mixer, save and load by those names (into a bare model and into attached
+    adapters), layers=... picks either mixer, and disable() / remove() give the base model
+    back."""
     x = tiny_inputs(family)
     model = tiny_model(family)
     before, keys = run(model, x), list(model.state_dict())
     handle = attach(model, CFG, placement="both")
     assert list(handle.adapters) == [f"model.layers.{i}.{sub}.mtlora_adapter"
-                                     for i, mixer in enumerate(("linear_attn", "self_attn"))
-                                     for sub in (mixer, "mlp")]
+                                     for i, sub0 in enumerate((mixer, "self_attn"))
+                                     for sub in (sub0, ffn)]
     randomize(handle)
     want = run(model, x)
     save_adapters(handle, tmp_path / "both")
@@ -86,7 +89,7 @@ def test_a_hybrid_models_adapters_go_by_each_layers_token_mixer(tmp_path, family
         assert torch.equal(run(fresh, x), before)
     loaded.remove()
     assert torch.equal(run(fresh, x), before) and list(fresh.state_dict()) == keys
-    for layers, name in (([0], "layers.0.linear_attn"), ([-1], "layers.1.self_attn")):
+    for layers, name in (([0], f"layers.0.{mixer}"), ([-1], "layers.1.self_attn")):
         one = attach(fresh, CFG, placement="attn", layers=layers)
         assert list(one.adapters) == [f"model.{name}.mtlora_adapter"]
         randomize(one)
