@@ -457,8 +457,10 @@ FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 # sub-layers that add the residual themselves; ModernBERT: an encoder; llava, mistral3 and the
 # Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
 # deepseek_v2 on: MIXED below), then hybrid stacks of linear and full attention (HYBRID below;
-# Qwen3.5(-MoE): multimodal) and Llama 4, then vision encoders (ViT's layer under other names;
-# CLIP's and its kin's; AIMv2's; the dual encoders' image classifiers, DUAL).
+# Qwen3.5(-MoE): multimodal) and Llama 4, of a state-space or convolution mixer and attention
+# (SSM_HYBRID below; Falcon-H1: Mamba and attention side by side in every layer), then vision
+# encoders (ViT's layer under other names; CLIP's and its kin's; AIMv2's; the dual encoders'
+# image classifiers, DUAL). PARALLEL: on one norm or two (GPT-NeoX, Falcon's variants).
 LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
               "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
               "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
