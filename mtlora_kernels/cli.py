@@ -272,29 +272,52 @@ def _params_args(p: argparse.ArgumentParser) -> None:
                    help="g of the fine-grained rows (default 2)")
 
 
+#: The names config.json files give the sizes ``params`` reads, the usual first: GPT-2's,
+#: GPT-J's and BLOOM's ``n_embd`` / ``n_layer`` / ``n_head``, MPT's ``d_model`` / ``n_layers`` /
+#: ``n_heads``, GPT-Neo's ``num_layers`` / ``num_heads``, DistilBERT's ``dim``.
+SIZE_KEYS = {"hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+             "num_hidden_layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
+             "num_attention_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads")}
+
+
 def model_dims(config: dict | None = None, **fields: int | None) -> dict[str, int]:
     """hidden_size, layers, q_out, v_out from a HF config dict and/or explicit fields (which
-    win); LLaMA-2-7B's values where neither says. TypeError names a size that is not an
-    integer (a bool, a string, a float), ValueError one below 1."""
+    win). A config's sizes go by any of their names in :data:`SIZE_KEYS`; without a config,
+    LLaMA-2-7B's values where the fields do not say. TypeError names a size that is not an
+    integer (a bool, a string, a float), ValueError one below 1, or a config that names no
+    width or no depth (no LLaMA-2-7B default is taken for a model it is not)."""
     cfg = dict(config or {})
+
+    def found(key: str) -> tuple[str, object]:  # (the name it goes by, its value or None)
+        return next(((k, cfg[k]) for k in SIZE_KEYS.get(key, (key,)) if cfg.get(k) is not None),
+                    (key, None))
+
     # A multimodal config: its language model's (text_config); a dual encoder's (CLIP's): its
     # vision tower's, whose image classifier is what block-level placement adapts.
     sub = sub_config_name(cfg.get("model_type"))
-    if cfg.get("hidden_size") is None and isinstance(cfg.get(sub), dict):
+    if found("hidden_size")[1] is None and isinstance(cfg.get(sub), dict):
         cfg = cfg[sub]
 
-    def size(key: str, value) -> int:
-        return as_int(value, key, minimum=1)
+    def size(field: str, key: str) -> int | None:
+        """The flag ``field`` if given, else the config's ``key`` (None if neither says)."""
+        name, value = (field, fields[field]) if fields.get(field) else found(key)
+        return None if value is None else as_int(value, name, minimum=1)
 
-    d = size("hidden_size", fields.get("hidden_size") or cfg.get("hidden_size", 4096))
-    layers = size("num_hidden_layers", fields.get("layers") or cfg.get("num_hidden_layers", 32))
-    heads = size("num_attention_heads",
-                 fields.get("heads") or cfg.get("num_attention_heads", 32))
-    kv_heads = size("num_key_value_heads",
-                    fields.get("kv_heads") or cfg.get("num_key_value_heads") or heads)
-    head_dim = size("head_dim", fields.get("head_dim") or cfg.get("head_dim") or d // heads)
+    d = size("hidden_size", "hidden_size")
+    layers = size("layers", "num_hidden_layers")
+    heads = size("heads", "num_attention_heads")
+    kv_heads = size("kv_heads", "num_key_value_heads")
+    head_dim = size("head_dim", "head_dim")
+    if config:
+        missing = [f"{key} (nor {', '.join(SIZE_KEYS[key][1:])})"
+                   for key, v in (("hidden_size", d), ("num_hidden_layers", layers)) if v is None]
+        if missing:
+            raise ValueError(f"the config names no {' and no '.join(missing)}: give the "
+                             f"model's size by flag (--hidden-size, --layers)")
+    d, layers, heads = d or 4096, layers or 32, heads or 32
+    head_dim = head_dim or d // heads
     return {"hidden_size": d, "layers": layers, "q_out": heads * head_dim,
-            "v_out": kv_heads * head_dim}
+            "v_out": (kv_heads or heads) * head_dim}
 
 
 def count_params(dims: dict[str, int], rank: int, experts: int, groups: int

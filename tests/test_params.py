@@ -132,3 +132,29 @@ def test_dual_encoder_config_uses_its_vision_config():
                              "num_attention_heads": 12}}
     dims = model_dims(json.loads(json.dumps(cfg)))
     assert (dims["hidden_size"], dims["layers"], dims["q_out"]) == (768, 12, 768)
+
+
+@pytest.mark.parametrize("config,want", [
+    (transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12), (768, 12, 768, 768)),
+    (transformers.MptConfig(d_model=1024, n_layers=6, n_heads=8), (1024, 6, 1024, 1024)),
+    (transformers.GPTNeoConfig(hidden_size=512, num_layers=4, num_heads=8,
+                               attention_types=[[["global", "local"], 2]]), (512, 4, 512, 512)),
+    (transformers.DistilBertConfig(dim=384, n_layers=3, n_heads=6), (384, 3, 384, 384)),
+], ids=["gpt2", "mpt", "gpt_neo", "distilbert"])
+def test_sizes_go_by_the_names_each_config_gives_them(config, want):
+    """config.json files that name the width and the depth otherwise than LLaMA's (as
+    ``to_json_file`` writes them: GPT-2's n_embd / n_layer, MPT's d_model / n_layers, ...)."""
+    dims = model_dims(json.loads(config.to_json_string()))
+    assert (dims["hidden_size"], dims["layers"], dims["q_out"], dims["v_out"]) == want
+
+
+def test_a_config_without_a_width_or_depth_is_refused(tmp_path, capsys):
+    """No LLaMA-2-7B default for a model that is not LLaMA-2-7B; the flags can say instead."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "mystery", "num_attention_heads": 8}))
+    assert main(["params", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "names no hidden_size (nor n_embd, d_model, dim)" in err
+    assert "no num_hidden_layers (nor n_layer, n_layers, num_layers)" in err
+    assert main(["params", "--config", str(path), "--hidden-size", "512", "--layers", "2"]) == 0
+    assert "d=512, 2 layers" in capsys.readouterr().out
