@@ -165,6 +165,10 @@ EXTRA = {
     "codegen": dict(rotary_dim=4),
     "modernbert": dict(local_attention=4, cls_token_id=1, sep_token_id=2),
     "afmoe": dict(MOE, num_experts=4, num_shared_experts=1, num_dense_layers=1),
+    # Post-LN encoders: DeBERTa's disentangled (relative) attention on; DistilBERT's FFN width.
+    "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"]),
+    "deberta-v2": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
+    "distilbert": dict(hidden_dim=64),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
@@ -264,9 +268,11 @@ def vision_config(family: str, layers: int = 2, text: dict | None = None, **conf
 
 
 def model_type(family: str) -> str:
-    """The model_type of a tested ``family``: the name itself, or a variant's before its '-'
-    ('stablelm-sequential': StableLM without use_parallel_residual, EXTRA's fields)."""
-    return family.partition("-")[0]
+    """The model_type of a tested ``family``: the name itself, or a variant's before its last '-'
+    ('stablelm-sequential': StableLM without use_parallel_residual, EXTRA's fields); a table type
+    with a '-' of its own (xlm-roberta, deberta-v2) is a name itself."""
+    base, dash, _ = family.rpartition("-")
+    return base if dash and family not in SUPPORTED_ARCHITECTURES else family
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Module:
@@ -289,6 +295,11 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
         return model.eval()
+    if family in POST_LN:  # encoders: the bare model (BertModel, ...), its pad token's default
+        cfg = transformers.AutoConfig.for_model(family, **small, vocab_size=64,
+                                                max_position_embeddings=32,
+                                                **EXTRA.get(family, {}), **config)
+        return transformers.AutoModel.from_config(cfg).eval()
     cfg = transformers.AutoConfig.for_model(model_type(family), **text)
     if family in CAUSAL_LM or family in ENCODERS:
         return getattr(transformers, {**CAUSAL_LM, **ENCODERS}[family])(cfg).eval()
@@ -396,17 +407,34 @@ def randomize(handle, seed: int = 2) -> None:
                     p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
+def submodule(layer: nn.Module, path: str) -> nn.Module | None:
+    """``layer``'s module at the dotted ``path`` (the table's names may be paths: BERT's
+    ``attention.output``), or None."""
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def layer_and_sub(model: nn.Module, adapter_name: str) -> tuple[str, str]:
+    """(the layer's name, the sub-layer's path in it) of a block adapter's name: the layer of
+    the model's stack that holds the adapter."""
+    [found] = [(n, adapter_name[len(n) + 1:].removesuffix(".mtlora_adapter"))
+               for n, _ in stack_of(model) if adapter_name.startswith(n + ".")]
+    return found
+
+
 def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
     """Hooks on ``layer`` (of a model without adapters) that put sub-layer ``sub``'s z in
     ``store[key]`` as SPEC and the module docstring define it: the output of the norm the table
-    names (of alternatives, the one the layer has); where the layer has no norm there, the
-    residual stream: for attention (``sub`` any other than the FFN: a hybrid layer's
-    ``linear_attn`` too) the layer's input h, for the FFN ``h1 = h + PostNorm(Attn(h))``, the
-    sum the layer forms (OLMo2's layout)."""
+    names (of alternatives, the one the layer has; a post-LN layer's FFN: LN1's, the residual
+    stream a); where the layer has no norm there, the residual stream: for attention (``sub``
+    any other than the FFN: a hybrid layer's ``linear_attn`` too) the layer's input h, for the
+    FFN ``h1 = h + PostNorm(Attn(h))``, the sum the layer forms (OLMo2's layout)."""
     norm = family.ffn_norm if sub == family.ffn else family.attn_norm
     if norm is not None:
-        norm = next(n for n in names(norm) if getattr(layer, n, None) is not None)
-        getattr(layer, norm).register_forward_hook(
+        norm = next(n for n in names(norm) if submodule(layer, n) is not None)
+        layer.get_submodule(norm).register_forward_hook(
             lambda m, args, out: store.__setitem__(key, out))
         return
 
@@ -430,7 +458,8 @@ def delta(x: torch.Tensor, a, cfg) -> torch.Tensor:
 def reference_model(base: nn.Module, handle) -> nn.Module:
     """``base`` (a pre-attach copy) with the adapters' delta added the way SPEC writes it: to
     the sub-layer's output (so before what the layer applies after it: the module docstring's
-    kind 3), from z captured by :func:`capture_z`."""
+    kind 3; in a post-LN encoder, POST_LNS, to the sum its post-LN normalizes, LN(z + Sub(z) +
+    delta)), from z captured by :func:`capture_z`."""
     cfg = handle.config
     captured = {}
 
@@ -444,10 +473,16 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
             lin = base.get_submodule(name.removesuffix(".adapter"))
             lin.register_forward_hook(lambda m, args, out, a=a: out + delta(args[0], a, cfg))
             continue
-        layer_name, sub, _ = name.rsplit(".", 2)
+        layer_name, sub = layer_and_sub(base, name)
         layer = base.get_submodule(layer_name)
-        capture_z(layer, family_of(base, layer), sub, captured, name)
-        getattr(layer, sub).register_forward_hook(
+        family = family_of(base, layer)
+        capture_z(layer, family, sub, captured, name)
+        post_lns = POST_LNS.get(base.config.model_type)
+        if post_lns is not None:  # LN(z + Sub(z) + delta), wherever the adapter hangs
+            layer.get_submodule(post_lns[sub == family.ffn]).register_forward_pre_hook(
+                lambda m, args, k=name, a=a: (args[0] + delta(captured[k], a, cfg),))
+            continue
+        layer.get_submodule(sub).register_forward_hook(
             lambda m, args, out, k=name, a=a: plus(out, delta(captured[k], a, cfg)))
     return base
 
@@ -483,6 +518,13 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
 PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential", "gptj",
             "codegen", "gpt_neox", "gpt_neox-sequential", "falcon", "falcon-sequential",
             "falcon-two_norms"]
+POST_LN = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text",
+           "deberta", "deberta-v2", "mpnet", "distilbert"]  # encoders (tiny_model: AutoModel)
+# Their layers' post-LNs, (after the attention, after the FFN), read off transformers' code, not
+# the table: reference_model adds each adapter's delta to the sum its sub-layer's LN normalizes.
+_BERT_LNS = ("attention.output.LayerNorm", "output.LayerNorm")
+POST_LNS = {**dict.fromkeys(POST_LN, _BERT_LNS), "mpnet": ("attention.LayerNorm", _BERT_LNS[1]),
+            "distilbert": ("sa_layer_norm", "output_layer_norm")}
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
                   "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
@@ -513,14 +555,16 @@ PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="bot
 # ('both' alone where the Linear names are LLaMA's too, or where block-level is what differs).
 CASES = ([("llama", w) for w in PLACEMENTS]
          + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
-         + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE + PARALLEL + POST_TRANSFORM])
+         + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE + PARALLEL + POST_TRANSFORM]
+         + [("bert", PLACEMENTS[0]), ("bert", PLACEMENTS[1])]
+         + [(f, PLACEMENTS[2]) for f in POST_LN])
 
 
 def test_every_supported_architecture_is_tested():
     """Each table entry by a model of its type, or (the Qwen-VL language models, Gemma 3's)
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
-    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM
+    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
@@ -576,7 +620,7 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
     assert list(model.state_dict()) == keys
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert get_handle(model) is None
-    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("family", MIXED)
@@ -660,7 +704,8 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
                                          ("granitemoe", "block_sparse_moe"),
                                          ("mpt", "ffn"), ("bloom", "self_attention"),
                                          ("hyperclovax", "post_norm2"),
-                                         ("dinov2", "layer_scale2"), ("beit", "lambda_2")])
+                                         ("dinov2", "layer_scale2"), ("beit", "lambda_2"),
+                                         ("bert", "output")])
 def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     """A transformers version whose layer lacks a piece the table names (the norm before a
     sub-layer, the post-norm or the multiplier after it, either of two transforms after it, the
@@ -673,6 +718,65 @@ def test_a_layer_laid_out_otherwise_is_refused(family, gone):
                                          rf"\['{gone}'\], .*target_modules"):
         attach(model, placement="ffn")
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_post_ln_output_module_without_its_residual_argument_is_refused():
+    """BERT's output modules get the residual stream, z, as ``input_tensor``: a version that
+    names that argument otherwise gets a named error, the model as it was."""
+    model = tiny_model("bert")
+    name, layer = stack_of(model)[1]
+    layer.output.forward = lambda hidden_states, residual: hidden_states + residual
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} \(BertLayer\) lacks "
+                                         rf"\['output\(input_tensor=\)'\], .*target_modules"):
+        attach(model, placement="ffn")
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_post_ln_encoder_checkpoints_compiles_and_saves():
+    """BERT with adapters on both sub-layers (forward pre-hooks on its output modules): under
+    gradient checkpointing (the recompute re-runs the hooks) the outputs and gradients are the
+    plain forward's; a compiled model follows disable() / enable(); save_adapters and
+    load_adapters give a fresh model the adapted outputs (by the adapters' paths)."""
+    from mtlora_kernels import load_adapters, save_adapters
+
+    model = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    handle = attach(model.train(), MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="both")
+    randomize(handle)
+    x = tiny_inputs("bert")
+    calls = []
+    model.encoder.layer[0].output.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+    def step():
+        for p in handle.parameters():
+            p.grad = None
+        out = run(model, x)
+        loss_of(out).backward()
+        return out.detach(), [p.grad.clone() for p in handle.parameters()]
+
+    out, grads = step()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    del calls[:]
+    out_ckpt, grads_ckpt = step()
+    assert len(calls) == 2, "the layer's forward must run again in the backward pass"
+    assert torch.equal(out_ckpt, out)
+    assert all(rel_err(g, w) <= TOL for g, w in zip(grads_ckpt, grads))
+
+    model.eval()
+    before = run(tiny_model("bert"), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        outs = [run(compiled, x)]
+        handle.disable()
+        outs.append(run(compiled, x))
+        handle.enable()
+        outs.append(run(compiled, x))
+    for got, want, what in zip(outs, (out, before, out), ("adapted", "disabled", "re-enabled")):
+        assert rel_err(got, want) <= TOL, what
+    with tempfile.TemporaryDirectory() as d:
+        save_adapters(handle, d)
+        assert torch.equal(run(load_adapters(tiny_model("bert"), d).model, x), run(model, x))
 
 
 def test_gemma4s_per_layer_input_and_layer_scalar_take_the_delta_as_the_ffns_output():
@@ -1129,7 +1233,8 @@ def test_disabled_adapters_stay_in_the_model(where):
 def head_model(case: str, seed: int = 0) -> tuple[nn.Module, str, dict, str]:
     """(model, its tiny_inputs family, placement, head) for a train_modules test: image
     classifiers of ViT and DINOv2 (block-level), a LLaMA causal LM's ``lm_head`` and a LLaMA
-    sequence classifier's ``score`` (component- and block-level). The head is filled with fresh
+    sequence classifier's ``score`` (component- and block-level), a BERT sequence classifier's
+    ``classifier`` (block-level, 'both'). The head is filled with fresh
     random values (its bias starts at zero)."""
     torch.manual_seed(seed)
     if case in ("vit", "dinov2"):
@@ -1139,6 +1244,12 @@ def head_model(case: str, seed: int = 0) -> tuple[nn.Module, str, dict, str]:
     elif case == "llama-lm_head":
         model = tiny_model("llama", seed)
         where, head = dict(target_modules="q_proj,v_proj"), "lm_head"
+    elif case == "bert-classifier":  # a post-LN encoder's sequence classifier (GLUE's)
+        config = tiny_model("bert").config
+        config.num_labels = 3
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+        where, head = dict(placement="both"), "classifier"
     else:
         config = tiny_model("llama").config
         config.pad_token_id, config.num_labels = 0, 3
@@ -1149,7 +1260,7 @@ def head_model(case: str, seed: int = 0) -> tuple[nn.Module, str, dict, str]:
     return model.eval(), case.partition("-")[0], where, head
 
 
-HEAD_CASES = ["vit", "dinov2", "llama-lm_head", "llama-score"]
+HEAD_CASES = ["vit", "dinov2", "llama-lm_head", "llama-score", "bert-classifier"]
 
 
 def fill(module: nn.Module, seed: int) -> None:
@@ -1289,8 +1400,9 @@ def test_unsupported_architecture_gets_a_clear_error():
     """OPT's FFN is two Linear layers loose in its layer (README's "Not supported")."""
     opt = tiny_model("opt", layers=1, ffn_dim=64, word_embed_proj_dim=32)
     with pytest.raises(NotImplementedError, match=r"supports model types afmoe, "
-                       r"aimv2_vision_model, .*, vit, vit_mae, vit_msn, youtu, multimodal models "
-                       r"whose text_config has one of these types, and the image classifiers of "
+                       r"aimv2_vision_model, .*, vit, vit_mae, vit_msn, (.*, )?youtu, multimodal "
+                       r"models whose text_config has one of these types, and the image "
+                       r"classifiers of "
                        r"the dual encoders clip, metaclip_2, siglip, siglip2; OPTForCausalLM has "
                        r"model_type 'opt'.*target_modules") as err:
         attach(opt, placement="ffn")
@@ -1401,5 +1513,5 @@ def test_readme_names_every_supported_type():
     section = text[text.index("Block-level placement (`placement="):
                    text.index("Block-level adapters hang on the model")]
     missing = ((set(SUPPORTED_ARCHITECTURES) | set(MULTIMODAL) | set(DUAL))
-               - set(re.findall(r"\w+", section)))
+               - set(re.findall(r"[\w-]+", section)))  # model types: xlm-roberta
     assert not missing, f"README's block-level section does not name {sorted(missing)}"

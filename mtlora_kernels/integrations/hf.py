@@ -11,15 +11,19 @@ The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module 
 or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``,
 GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``,
 ``linear_attn``, ``mamba`` or ``conv``; the official code's ``block_adapter`` sits in the same
-place) and runs from ONE forward hook on that module. In every supported layer the sub-layer's
+place) and runs from ONE forward hook on that module. In most supported layers the sub-layer's
 first argument (or ``hidden_states=``) is its z, and the only other activation it gets is
 BLOOM's and MPT's residual, which those modules add to their output themselves: the hook's input
 *is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass
-over [T, d]). One hook with no state kept between hooks is what makes this safe under gradient
-checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
+over [T, d]). In BERT's layer (kind 4 below) the module that ends the sub-layer adds the
+residual stream, which is z there, itself and normalizes the sum: the adapter sits on that
+module, and ONE forward pre-hook replaces its residual argument z by ``z + adapter(z)`` (z the
+fused op's residual). One hook with no state kept between hooks is what makes this safe under
+gradient checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo
+inlines it).
 
 The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``; the table
-below names every type, README lists them for users) come in three kinds:
+below names every type, README lists them for users) come in four kinds:
 
 - pre-LN, SPEC's formula above, exactly: LLaMA's layout under many names (llama, mistral, qwen2,
   qwen3, gemma, gpt2's ln_1 / attn / ln_2 / mlp, bloom, mpt, the encoder modernbert, ...), with
@@ -45,11 +49,15 @@ below names every type, README lists them for users) come in three kinds:
   adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
   adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear layers
   (PEFT, HydraLoRA's placement) sits too. Where a layer has no norm before the sub-layer (OLMo2/3),
-  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. What a layer does after
-  the FFN's residual add (Gemma 4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp
-  correction) takes the adapter's delta as it takes the FFN's output. The table's comments give each
-  type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse 'ffn'
-  and 'both').
+  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. What a layer does
+  after the FFN's residual add (Gemma 4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp
+  correction) takes the adapter's delta as it takes the FFN's output. The table's comments give
+  each type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse
+  'ffn' and 'both');
+- post-LN encoders (bert, roberta, deberta, distilbert, ...): the sub-layer reads the residual
+  stream and the layer normalizes the sum, ``a = LN1(h + Attn(h))``, ``out = LN2(a + FFN(a))``;
+  the adapter's output joins that sum, ``out = LN2(a + FFN(a) + adapter(a))``, z = a (the
+  attention's: z = h), where a LoRA on the sub-layer's own Linear layers would put it.
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
 and ``config.text_config.model_type`` is (gemma3, gemma4, llava, mistral3, qwen2_vl,
@@ -81,6 +89,8 @@ here imports ``transformers``: models are recognised by ``model.config.model_typ
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
@@ -103,9 +113,16 @@ class _Family:
     ``attn``: the token mixer; a tuple names alternatives, the first the layer has (a hybrid
     stack's ``self_attn`` in its full-attention layers, ``linear_attn`` in its linear-attention
     ones: the adapter goes on the one each layer has, and is named after it). ``ffn``: the FFN.
-    ``attn_norm`` / ``ffn_norm``: the norm whose output the sub-layer is called on; a tuple names
-    alternatives, the first the layer has (StableLM); None where the layer has no norm there and
-    the sub-layer reads the residual stream itself (OLMo2). ``attn_after`` / ``ffn_after``: what
+    Either may be a dotted path to a module inside the layer (BERT's ``attention.output``).
+    ``attn_norm`` / ``ffn_norm``: the norm whose output the sub-layer is called on (a dotted path
+    too: BERT's FFN reads ``attention.output.LayerNorm``'s output); a tuple names alternatives,
+    the first the layer has (StableLM); None where the layer has no norm there and the sub-layer
+    reads the residual stream itself (OLMo2, BERT's attention). ``attn_residual`` /
+    ``ffn_residual``: where the module ``attn`` / ``ffn`` names is not the sub-layer but the
+    module that ends it, projecting the sub-layer's hidden output, adding the residual stream it
+    gets as an argument and applying the post-LN (BERT's ``BertSelfOutput`` and ``BertOutput``),
+    that argument's name (``input_tensor``): the residual stream is z there, and the adapter's
+    output is added to it before the post-LN. ``attn_after`` / ``ffn_after``: what
     the layer applies to the sub-layer's output before adding it to the residual (a post-norm, a
     dropout, Granite's ``residual_multiplier``, a layer scale), so to the sub-layer's output plus
     the adapter's; a tuple names several, applied in that order, all of them there (HyperCLOVA X: a
@@ -122,6 +139,8 @@ class _Family:
     attn_after: str | tuple[str, ...] | None = None
     ffn_after: str | tuple[str, ...] | None = None
     ffn_refused_if: tuple[str, str] | None = None
+    attn_residual: str | None = None
+    ffn_residual: str | None = None
 
 
 def _names(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -129,10 +148,17 @@ def _names(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return () if names is None else (names,) if isinstance(names, str) else tuple(names)
 
 
+def _attribute(layer: nn.Module, path: str):
+    """``layer``'s attribute at the dotted ``path`` (None: there is none)."""
+    for name in path.split("."):
+        layer = getattr(layer, name, None)
+    return layer
+
+
 def _module_named(layer: nn.Module, names: str | tuple[str, ...]) -> str | None:
-    """Of alternative names, the first that is a module of ``layer`` (None: none is)."""
-    return next((n for n in _names(names) if isinstance(getattr(layer, n, None), nn.Module)),
-                None)
+    """Of alternative names (dotted paths), the first that is a module of ``layer`` (None: none
+    is)."""
+    return next((n for n in _names(names) if isinstance(_attribute(layer, n), nn.Module)), None)
 
 
 def _pre_ln(layer_class: str, attn_after: str | tuple[str, ...] | None = None,
@@ -154,6 +180,14 @@ def _post_norm(layer_class: str, attn_norm: str | None, ffn_norm: str | None,
                attn_after: str, ffn_after: str) -> _Family:
     """A norm after each sub-layer: ``h1 + PostNorm(FFN(z))``."""
     return _Family(layer_class, "self_attn", attn_norm, "mlp", ffn_norm, attn_after, ffn_after)
+
+
+def _post_ln(layer_class: str) -> _Family:
+    """BERT's layout: ``a = LN1(h + Attn(h))``, ``out = LN2(a + FFN(a))``, each sub-layer ended
+    by a module (``attention.output``, ``output``) that projects, adds the residual it gets as
+    ``input_tensor`` and normalizes."""
+    return _Family(layer_class, "attention.output", None, "output", "attention.output.LayerNorm",
+                   attn_residual="input_tensor", ffn_residual="input_tensor")
 
 
 #: The token mixers of a hybrid stack: full attention or a linear attention (Gated DeltaNet).
@@ -426,6 +460,28 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     "olmo_hybrid": (_post_norm("OlmoHybridAttentionDecoderLayer", *_OLMO2),
                     _Family("OlmoHybridLinearAttentionDecoderLayer", "linear_attn",
                             "input_layernorm", "mlp", "post_attention_layernorm")),
+    # 4. Post-LN encoders, BERT's layout: out = LN2(a + FFN(a) + adapter(a)), a = LN1(h +
+    #    Attn(h) + adapter(h)): z is the residual stream (h, a), the adapter's output joins the
+    #    sub-layer's before the post-LN, where a LoRA on the sub-layer's own Linear layers sits.
+    #    BERT's layer ends each sub-layer with a module (attention.output, output) that projects
+    #    the sub-layer's hidden output, adds the residual stream it gets as input_tensor and
+    #    applies the post-LN: a pre-hook there adds adapter(z) to input_tensor (z). A BERT decoder's
+    #    cross-attention (add_cross_attention) gets no adapter; the FFN's z is then its output.
+    #    DeBERTa's disentangled attention is inside attention.self; its query_states (z_steps > 1,
+    #    the last layer run again on them) are the residual and so that run's z.
+    **{t: _post_ln(c) for t, c in (
+        ("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("xlm-roberta", "XLMRobertaLayer"),
+        ("camembert", "CamembertLayer"), ("electra", "ElectraLayer"), ("ernie", "ErnieLayer"),
+        ("data2vec-text", "Data2VecTextLayer"), ("deberta", "DebertaLayer"),
+        ("deberta-v2", "DebertaV2Layer"))},
+    # MPNet: the attention module adds the residual and normalizes around ``attention.attn`` (q,
+    # k, v and o), hooked as LLaMA's attention (the module's dropout acts on Attn(h) + adapter(h)
+    # together); its FFN is BERT's.
+    "mpnet": _Family("MPNetLayer", "attention.attn", None, "output", "attention.LayerNorm",
+                     ffn_residual="input_tensor"),
+    # DistilBERT: each sub-layer one module, its residual add and post-LN in the layer: hooked as
+    # LLaMA's (the FFN's own dropout acts on FFN(a) alone, before the hook adds adapter(a)).
+    "distilbert": _Family("TransformerBlock", "attention", None, "ffn", "sa_layer_norm"),
 }
 
 #: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
@@ -527,7 +583,12 @@ def _find_layers(model: nn.Module, families: tuple[_Family, ...]
                       for n in _names(family.attn_after) + _names(family.ffn_after)})
         kinds.pop(None, None)
         absent = [n for n, kind in kinds.items()
-                  if not any(isinstance(getattr(layer, a, None), kind) for a in _names(n))]
+                  if not any(isinstance(_attribute(layer, a), kind) for a in _names(n))]
+        # A residual argument must be a parameter of the module's forward, by that name.
+        for sub, arg in ((family.attn, family.attn_residual), (family.ffn, family.ffn_residual)):
+            host = _attribute(layer, _module_named(layer, sub) or "")
+            if arg is not None and host is not None and _argument_index(host, arg) is None:
+                absent.append(f"{_module_named(layer, sub)}({arg}=)")
         if absent:
             raise ValueError(
                 f"{name} ({type(layer).__name__}) lacks {absent}, which mtLoRA's block-level "
@@ -556,20 +617,41 @@ def normalized_layers(model: nn.Module, layers: Sequence[int] | None) -> list[in
     return list(range(n)) if layers is None else _layer_indices(n, layers)
 
 
-def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    """``output + adapter(z)`` with z the sub-layer's own input (positional or hidden_states=).
-
-    An output of another shape than z, as many elements (Llama 4's MoE block: [B*S, d], which
-    its layer views back), gets the adapter's output in its own shape."""
-    z = args[0] if args else kwargs["hidden_states"]
+def _plus_adapter(module: nn.Module, z: Tensor, out: Tensor) -> Tensor:
+    """``out + adapter(z)`` in one pass (``out`` the fused op's residual), by ``module``'s
+    adapter. An ``out`` of another shape than z, as many elements (Llama 4's MoE block: [B*S, d],
+    which its layer views back), gets the adapter's output in its own shape."""
     adapter = getattr(module, ADAPTER_ATTR)
+    if out.shape == z.shape:
+        return adapter(z, residual=out)
+    return adapter(z, residual=out.reshape(z.shape)).reshape(out.shape)
+
+
+def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    """``output + adapter(z)`` with z the sub-layer's own input (positional or hidden_states=)."""
+    z = args[0] if args else kwargs["hidden_states"]
     # attention returns (attn_output, attn_weights), some MoE blocks (output, router_logits)
     out = output[0] if isinstance(output, tuple) else output
-    if out.shape == z.shape:
-        y = adapter(z, residual=out)
-    else:
-        y = adapter(z, residual=out.reshape(z.shape)).reshape(out.shape)
+    y = _plus_adapter(module, z, out)
     return (y, *output[1:]) if isinstance(output, tuple) else y
+
+
+def _argument_index(module: nn.Module, arg: str) -> int | None:
+    """The position of parameter ``arg`` of ``module``'s forward (None: it has none)."""
+    params = list(inspect.signature(module.forward).parameters)
+    return params.index(arg) if arg in params else None
+
+
+def _residual_hook(module: nn.Module, args: tuple, kwargs: dict, *, arg: str, index: int):
+    """A forward pre-hook on a module that adds the residual stream z it gets as argument ``arg``
+    (positional at ``index``, or by keyword) to the sub-layer's output, then applies the post-LN
+    (BERT's output modules): z becomes ``z + adapter(z)``, so the module computes
+    ``LN(Sub(..) + z + adapter(z))``. The adapter's output does not go through the module's
+    dropout, which acts on the projection alone (identity in eval; StarCoder2's is the same)."""
+    if len(args) > index:
+        z = args[index]
+        return (*args[:index], _plus_adapter(module, z, z), *args[index + 1:]), kwargs
+    return args, {**kwargs, arg: _plus_adapter(module, kwargs[arg], kwargs[arg])}
 
 
 class MTLoRAHandle:
@@ -832,10 +914,10 @@ def attach(
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear attention or SSM /
             full attention, parallel and post-norm decoders, ModernBERT, ViT-style vision
-            encoders; see the module docstring), multimodal models whose ``text_config`` has one
-            of them (their language model's layers), and the image classifiers of
-            :data:`DUAL_ENCODERS` (their vision tower's layers); any model with the named
-            ``nn.Linear`` (or ``Conv1D``) modules works component-level.
+            encoders, BERT-style post-LN encoders; see the module docstring), multimodal models
+            whose ``text_config`` has one of them (their language model's layers), and the image
+            classifiers of :data:`DUAL_ENCODERS` (their vision tower's layers); any model with the
+            named ``nn.Linear`` (or ``Conv1D``) modules works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
@@ -953,21 +1035,26 @@ def attach(
                     f"or component-level placement (target_modules=[...]).")
         # The sub-layers that get an adapter: the attention, the first of its alternatives the
         # layer has.
-        hosts = [(layer_name, layer, fam.ffn if kind == "ffn" else _module_named(layer, fam.attn))
+        hosts = [(layer_name, layer, *((fam.ffn, fam.ffn_residual) if kind == "ffn" else
+                                       (_module_named(layer, fam.attn), fam.attn_residual)))
                  for layer_name, layer, fam in chosen for kind in kinds]
         train_paths = [] if train is None else _check_train_modules(
-            model, train, [f"{n}.{sub}" for n, _, sub in hosts],
-            [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub in hosts])
+            model, train, [f"{n}.{sub}" for n, _, sub, _ in hosts],
+            [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub, _ in hosts])
         handle = MTLoRAHandle(model, cfg, placement, None, layers, train)
         _freeze(handle, train_paths)
-        for layer_name, layer, sub in hosts:
-            host = getattr(layer, sub)
+        for layer_name, layer, sub, residual in hosts:
+            host = layer.get_submodule(sub)
             ref = next(host.parameters(), None)
             adapter = MTLoRAAdapter(d, d, cfg).to(
                 device=ref.device if ref is not None else None, dtype=dtype)
             adapter.train(host.training)
             host.add_module(ADAPTER_ATTR, adapter)
-            handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
+            handle._hooks.append(
+                host.register_forward_hook(_block_hook, with_kwargs=True) if residual is None
+                else host.register_forward_pre_hook(functools.partial(
+                    _residual_hook, arg=residual, index=_argument_index(host, residual)),
+                    with_kwargs=True))
             handle._hosts.append(host)
             handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
     model._mtlora_handle = handle  # the adapters start enabled
