@@ -200,7 +200,7 @@ _OLMO2 = (None, None, "post_attention_layernorm", "post_feedforward_layernorm")
 #: adapter's input z from the sub-layer's own input and adds the adapter's output to the
 #: sub-layer's output; the names here are only checked to exist (a transformers version that lays
 #: a layer out differently gets an error) and tell the tests which norm's output z must be. A
-#: tuple of families: a stack of layers of several classes, one family each (OLMo-Hybrid). Three
+#: tuple of families: a stack of layers of several classes, one family each (OLMo-Hybrid). Four
 #: kinds of layer:
 SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # 1. Pre-LN, LLaMA's layout (its layer code under other names in transformers 5):
