@@ -198,7 +198,8 @@ _OLMO2 = (None, None, "post_attention_layernorm", "post_feedforward_layernorm")
 
 #: model_type (a multimodal model's: its text_config's) -> layer layout. The hook takes the
 #: adapter's input z from the sub-layer's own input and adds the adapter's output to the
-#: sub-layer's output; the names here are only checked to exist (a transformers version that lays
+#: sub-layer's output (kind 4: to the residual argument z of the module that ends the sub-layer);
+#: the names here are only checked to exist (a transformers version that lays
 #: a layer out differently gets an error) and tell the tests which norm's output z must be. A
 #: tuple of families: a stack of layers of several classes, one family each (OLMo-Hybrid). Four
 #: kinds of layer:
