@@ -657,6 +657,52 @@ def test_ssm_hybrid_models_are_tested_on_both_token_mixers(family):
     assert "Attention" not in ssm and "Attention" in attn, (ssm, attn)
 
 
+# Pre-LN (kind 1) and parallel (kind 2) layers: 'ffn' on every one; 'attn' where the layer forms
+# h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no such sum).
+SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL]
+             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE])
+
+
+@pytest.mark.parametrize("family,placement", SUM_CASES,
+                         ids=[f"{f}-{p}" for f, p in SUM_CASES])
+def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
+    """SPEC's formula read on the layer's own sums, not at the module attach hangs the adapter
+    on (which the oracle test follows): with one adapter, on the last layer, the sum that layer
+    forms after the sub-layer (its output for 'ffn'; for 'attn' h1, the input of the FFN's norm)
+    moves by exactly ``T(mix(z))``, z the output of the norm the table names, T the linear
+    transforms the table names after the sub-layer (dropouts, identities in eval; Falcon-H1's
+    ssm_out_multiplier). An adapter hung inside the sub-layer (on an MoE block's shared expert, a
+    projection) or beside another one moves it by something else."""
+    model = distinct_norms(tiny_model(family))
+    base = copy.deepcopy(model)
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+    handle = attach(model, cfg, placement=placement, layers=[-1])
+    randomize(handle)
+    [(name, adapter)] = handle.adapters.items()
+    layer_name, layer = stack_of(base)[-1]
+    assert name.startswith(layer_name + "."), (name, layer_name)
+    fam = family_of(base, layer)
+    got = {}
+    capture_z(layer, fam, fam.ffn if placement == "ffn" else mixer_name(layer, fam), got, "z")
+    for key, net in (("base", base), ("ours", model)):
+        where = net.get_submodule(layer_name)
+        if placement == "attn":  # h1, what the FFN's norm is called on
+            where = where.get_submodule(next(n for n in names(fam.ffn_norm)
+                                             if submodule(where, n) is not None))
+        where.register_forward_hook(lambda m, args, out, key=key: got.__setitem__(
+            key, args[0] if placement == "attn" else out[0] if isinstance(out, tuple) else out))
+    x = tiny_inputs(family)
+    with torch.no_grad():
+        run(base, x)
+        run(model, x)
+        moved = got["ours"] - got["base"]
+        want = delta(got["z"], adapter, cfg).reshape(moved.shape)
+        for after in names(fam.ffn_after if placement == "ffn" else fam.attn_after):
+            t = getattr(layer, after)
+            want = t(want) if isinstance(t, nn.Module) else t * want
+        assert rel_err(moved, want) <= TOL
+
+
 @pytest.mark.parametrize("family", POST_TRANSFORM)
 def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     """The module docstring's kind 3, by hand on the last layer: what the layer applies to the
