@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import REL_TOL, assert_close_to_reference, rel_err  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.hf import (  # noqa: E402
-    DUAL_ENCODERS, SUPPORTED_ARCHITECTURES, get_handle)
+    ADAPTER_ATTR, DUAL_ENCODERS, SUPPORTED_ARCHITECTURES, _block_hook, get_handle)
 from mtlora_kernels.losses import SpectralRegularizer  # noqa: E402
 from mtlora_kernels.reference import balance_loss_reference, mix_reference  # noqa: E402
 
@@ -823,6 +823,32 @@ def test_a_post_ln_encoder_checkpoints_compiles_and_saves():
     with tempfile.TemporaryDirectory() as d:
         save_adapters(handle, d)
         assert torch.equal(run(load_adapters(tiny_model("bert"), d).model, x), run(model, x))
+
+
+def test_the_hook_reads_z_from_the_first_argument_by_any_keyword():
+    """A sub-layer called by keyword gets its adapter on that argument: ``hidden_states=``, or the
+    name its forward gives its first parameter (DistilBERT's attention is called with query=,
+    key=, value= in transformers 4); called without it, a named error rather than a KeyError."""
+
+    class Attention(nn.Module):
+        def forward(self, query=None, key=None, value=None):
+            return (2 * (query if query is not None else key), None)
+
+    from mtlora_kernels import MTLoRAAdapter
+
+    sub = Attention()
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+    setattr(sub, ADAPTER_ATTR, MTLoRAAdapter(16, config=cfg))
+    handle = type("H", (), {"adapters": {"a": getattr(sub, ADAPTER_ATTR)}})()
+    randomize(handle)
+    sub.register_forward_hook(_block_hook, with_kwargs=True)
+    x = torch.randn(2, 5, 16)
+    want = 2 * x + delta(x, getattr(sub, ADAPTER_ATTR), cfg)
+    for call in (lambda: sub(x, x, x), lambda: sub(query=x, key=x, value=x)):
+        assert rel_err(call()[0], want) <= TOL
+    with pytest.raises(RuntimeError, match=r"Attention found no input: the layer called it with "
+                                           r"keywords \['key', 'value'\].*nor query="):
+        sub(key=x, value=x)
 
 
 def test_gemma4s_per_layer_input_and_layer_scalar_take_the_delta_as_the_ffns_output():

@@ -12,7 +12,7 @@ or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module:
 GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``,
 ``linear_attn``, ``mamba`` or ``conv``; the official code's ``block_adapter`` sits in the same
 place) and runs from ONE forward hook on that module. In most supported layers the sub-layer's
-first argument (or ``hidden_states=``) is its z, and the only other activation it gets is
+first argument (positional or by keyword) is its z, and the only other activation it gets is
 BLOOM's and MPT's residual, which those modules add to their output themselves: the hook's input
 *is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass
 over [T, d]). In BERT's layer (kind 4 below) the module that ends the sub-layer adds the
@@ -629,8 +629,23 @@ def _plus_adapter(module: nn.Module, z: Tensor, out: Tensor) -> Tensor:
 
 
 def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    """``output + adapter(z)`` with z the sub-layer's own input (positional or hidden_states=)."""
-    z = args[0] if args else kwargs["hidden_states"]
+    """``output + adapter(z)`` with z the sub-layer's own input: its first argument, positional
+    or by keyword (``hidden_states=``, or the name its forward gives it: DistilBERT's attention
+    gets ``query=`` in transformers 4)."""
+    if args:
+        z = args[0]
+    elif "hidden_states" in kwargs:
+        z = kwargs["hidden_states"]
+    else:
+        first = next(iter(inspect.signature(module.forward).parameters), None)
+        if first not in kwargs:
+            raise RuntimeError(
+                f"the mtLoRA adapter on {type(module).__name__} found no input: the layer called "
+                f"it with keywords {sorted(kwargs)}, neither a positional argument nor "
+                f"hidden_states= nor {first}=; this transformers version calls the sub-layer "
+                f"otherwise than block-level placement expects. Use component-level placement "
+                f"(target_modules=[...]) instead.")
+        z = kwargs[first]
     # attention returns (attn_output, attn_weights), some MoE blocks (output, router_logits)
     out = output[0] if isinstance(output, tuple) else output
     y = _plus_adapter(module, z, out)
