@@ -112,8 +112,10 @@ class _Family:
 
     ``attn``: the token mixer; a tuple names alternatives, the first the layer has (a hybrid
     stack's ``self_attn`` in its full-attention layers, ``linear_attn`` in its linear-attention
-    ones: the adapter goes on the one each layer has, and is named after it). ``ffn``: the FFN.
-    Either may be a dotted path to a module inside the layer (BERT's ``attention.output``).
+    ones: the adapter goes on the one each layer has, and is named after it). ``ffn``: the FFN,
+    a tuple likewise (T5's ``layer.2.DenseReluDense`` in a decoder block, ``layer.1.…`` in an
+    encoder block). Either may be a dotted path to a module inside the layer (BERT's
+    ``attention.output``).
     ``attn_norm`` / ``ffn_norm``: the norm whose output the sub-layer is called on (a dotted path
     too: BERT's FFN reads ``attention.output.LayerNorm``'s output); a tuple names alternatives,
     the first the layer has (StableLM); None where the layer has no norm there and the sub-layer
@@ -134,7 +136,7 @@ class _Family:
     layer_class: str
     attn: str | tuple[str, ...]
     attn_norm: str | tuple[str, ...] | None
-    ffn: str
+    ffn: str | tuple[str, ...]
     ffn_norm: str | tuple[str, ...] | None
     attn_after: str | tuple[str, ...] | None = None
     ffn_after: str | tuple[str, ...] | None = None
@@ -188,6 +190,15 @@ def _post_ln(layer_class: str) -> _Family:
     ``input_tensor`` and normalizes."""
     return _Family(layer_class, "attention.output", None, "output", "attention.output.LayerNorm",
                    attn_residual="input_tensor", ffn_residual="input_tensor")
+
+
+def _t5(layer_class: str, ffn: str = "DenseReluDense",
+        attn: tuple[str, ...] = ("SelfAttention",)) -> _Family:
+    """T5's block: ``layer.0`` the self-attention's wrapper, the FFN's last (``layer.2`` in a
+    decoder block, after the cross-attention's; ``layer.1`` in an encoder block), each with its
+    ``layer_norm`` and the sub-layer (``attn``'s alternatives, ``ffn``) called on its output."""
+    return _Family(layer_class, tuple(f"layer.0.{a}" for a in attn), "layer.0.layer_norm",
+                   (f"layer.2.{ffn}", f"layer.1.{ffn}"), ("layer.2.layer_norm", "layer.1.layer_norm"))
 
 
 #: The token mixers of a hybrid stack: full attention or a linear attention (Gated DeltaNet).
@@ -362,6 +373,23 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # AIMv2's vision encoder: RMSNorms, the FFN named ``ffn``.
     "aimv2_vision_model": _Family("Aimv2EncoderLayer", "attention", "rms_norm1", "ffn",
                                   "rms_norm2"),
+    # Encoder-decoders of T5's kind (ENCODER_DECODERS, below the table: an encoder's and a
+    # decoder's stack of the one block class). The block's ``layer`` is a ModuleList of sub-layer
+    # wrappers, each h + dropout(Sub(layer_norm(h))): ``layer.0`` the self-attention
+    # (``SelfAttention``), in a decoder block ``layer.1`` the cross-attention, then the FFN's
+    # (``DenseReluDense``: ``layer.1`` in an encoder block, ``layer.2`` in a decoder's; of the
+    # alternatives, the first the block has: a decoder's ``layer.1`` is the cross-attention's,
+    # whose ``layer_norm`` is not the FFN's). The cross-attention gets no adapter. The wrappers'
+    # dropouts act on Sub(z) + adapter(z) together (identity in eval). Flan-T5's gated FFN is
+    # ``DenseReluDense`` too; UMT5 has a relative bias in every layer; LongT5's encoder attention
+    # is local or transient-global (``LocalSelfAttention``, ``TransientGlobalSelfAttention``);
+    # Switch Transformers' FFN is ``mlp``, an MoE block in every other layer.
+    **{t: _t5(c) for t, c in (
+        ("t5", "T5Block"), ("mt5", "MT5Block"), ("umt5", "UMT5Block"),
+        ("pop2piano", "Pop2PianoBlock"))},
+    "longt5": _t5("LongT5Block", attn=("SelfAttention", "LocalSelfAttention",
+                                       "TransientGlobalSelfAttention")),
+    "switch_transformers": _t5("SwitchTransformersBlock", ffn="mlp"),
     # 2. Parallel attention and FFN on one norm: out = h + Attn(z) + FFN(z) [+ adapters(z)],
     #    z = LN(h), the same z for both adapters. StableLM is parallel with use_parallel_residual
     #    (its post_attention_layernorm is then None) and LLaMA-like otherwise.
@@ -493,6 +521,14 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
 #: :func:`_find_layers` refuses them (attach to their ``vision_model`` instead).
 DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
 
+#: Encoder-decoders (T5's kind), whose layers sit in two stacks: an encoder's and a decoder's (of
+#: one layer class, or of one family each). :func:`_find_layers` accepts those two, and only
+#: those: paths equal up to a part ``encoder`` in the first (in module order) and ``decoder`` in
+#: the second (``encoder.block`` / ``decoder.block``; ``transformer.encoder.block`` / ...), and
+#: ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone (``T5EncoderModel``,
+#: or ``model.encoder`` attached by itself) is one stack, as any other model's.
+ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano")
+
 
 def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
@@ -566,8 +602,12 @@ def _find_layers(model: nn.Module, families: tuple[_Family, ...]
                          f"{type(model).__name__}")
     # One stack of layers: layers of that class anywhere else (a vision tower built of them,
     # extra prediction layers) would get adapters too, and shift the indices layers=... counts.
-    stacks = sorted({n.rpartition(".")[0] for n, _, _ in layers})
-    if len(stacks) > 1:
+    # An encoder-decoder's two stacks are the exception (ENCODER_DECODERS).
+    order = list(dict.fromkeys(n.rpartition(".")[0] for n, _, _ in layers))  # module order
+    stacks = sorted(order)
+    two = (_layers_config(model.config).model_type in ENCODER_DECODERS
+           and _encoder_then_decoder(order))
+    if len(stacks) > 1 and not two:
         raise ValueError(
             f"{classes} modules in {len(stacks)} places ({', '.join(stacks)}) of "
             f"{type(model).__name__}; block-level placement adapts one stack of layers. Attach "
@@ -596,6 +636,19 @@ def _find_layers(model: nn.Module, families: tuple[_Family, ...]
                 f"placement expects there; this transformers version lays the layer out "
                 f"differently. Use component-level placement (target_modules=[...]) instead.")
     return layers
+
+
+def _encoder_then_decoder(stacks: list[str]) -> bool:
+    """Whether ``stacks`` (paths, in module order) are an encoder-decoder's two: equal up to a part
+    ``encoder`` in the first and ``decoder`` in the second (``encoder.block``, ``decoder.block``)."""
+    if len(stacks) != 2:
+        return False
+    first, second = (path.split(".") for path in stacks)
+    if "encoder" not in first:
+        return False
+    i = first.index("encoder")
+    return (len(first) == len(second) and second[i] == "decoder"
+            and first[:i] + first[i + 1:] == second[:i] + second[i + 1:])
 
 
 def _layer_indices(n: int, wanted: Sequence[int]) -> list[int]:
@@ -1049,9 +1102,9 @@ def attach(
                     f"placement={placement!r}: {layer_name} ({type(layer).__name__}) has "
                     f"{fam.ffn_refused_if[0]!r}: {fam.ffn_refused_if[1]}. Use placement='attn' "
                     f"or component-level placement (target_modules=[...]).")
-        # The sub-layers that get an adapter: the attention, the first of its alternatives the
-        # layer has.
-        hosts = [(layer_name, layer, *((fam.ffn, fam.ffn_residual) if kind == "ffn" else
+        # The sub-layers that get an adapter: of a field's alternatives, the first the layer has.
+        hosts = [(layer_name, layer, *((_module_named(layer, fam.ffn), fam.ffn_residual)
+                                       if kind == "ffn" else
                                        (_module_named(layer, fam.attn), fam.attn_residual)))
                  for layer_name, layer, fam in chosen for kind in kinds]
         train_paths = [] if train is None else _check_train_modules(
@@ -1091,4 +1144,4 @@ def _freeze(handle: MTLoRAHandle, train_paths: list[str]) -> None:
 
 
 __all__ = ["attach", "get_handle", "MTLoRAHandle", "train_module_paths",
-           "SUPPORTED_ARCHITECTURES", "DUAL_ENCODERS", "BLOCK_PLACEMENTS"]
+           "SUPPORTED_ARCHITECTURES", "DUAL_ENCODERS", "ENCODER_DECODERS", "BLOCK_PLACEMENTS"]
