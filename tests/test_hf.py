@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 from conftest import REL_TOL, assert_close_to_reference, rel_err  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.hf import (  # noqa: E402
-    ADAPTER_ATTR, DUAL_ENCODERS, SUPPORTED_ARCHITECTURES, _block_hook, get_handle)
+    ADAPTER_ATTR, DUAL_ENCODERS, ENCODER_DECODERS, SUPPORTED_ARCHITECTURES, _block_hook,
+    get_handle, normalized_layers)
 from mtlora_kernels.losses import SpectralRegularizer  # noqa: E402
 from mtlora_kernels.reference import balance_loss_reference, mix_reference  # noqa: E402
 
@@ -169,11 +170,25 @@ EXTRA = {
     "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"]),
     "deberta-v2": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
     "distilbert": dict(hidden_dim=64),
+    # Encoder-decoders (SEQ2SEQ below): Flan-T5's gated-GELU FFN; LongT5's transient-global
+    # encoder attention (its default is local), blocks of 2 tokens; Switch Transformers: layer 1
+    # of each stack an MoE block of 4 experts, layer 0 dense.
+    "t5-gated": dict(feed_forward_proj="gated-gelu"),
+    "longt5-tglobal": dict(encoder_attention_type="transient-global", global_block_size=2,
+                           local_radius=2),
+    "switch_transformers": dict(num_experts=4, expert_capacity=8, num_sparse_encoder_layers=1,
+                                num_sparse_decoder_layers=1),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
 # Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
 CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
+# Encoder-decoders: tiny_model builds their conditional-generation model from these fields
+# (T5's names; ``layers`` blocks in each stack), tiny_inputs feeds decoder_input_ids too.
+SEQ2SEQ = ["t5", "t5-gated", "mt5", "umt5", "longt5", "longt5-tglobal", "switch_transformers",
+           "pop2piano"]
+_SEQ2SEQ_FIELDS = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 # Text encoders: model_type -> the model class tiny_model builds (its last hidden states).
 ENCODERS = {"modernbert": "ModernBertModel"}
 
@@ -291,6 +306,13 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
             **config}
     if model_type(family) in DERIVED_HEAD_DIM:
         del text["head_dim"]
+    if family in SEQ2SEQ:
+        cfg = transformers.AutoConfig.for_model(
+            model_type(family), **_SEQ2SEQ_FIELDS, num_layers=layers, num_decoder_layers=layers,
+            **EXTRA.get(family, {}), **config)
+        if family == "pop2piano":  # not in AutoModelForSeq2SeqLM's map
+            return transformers.Pop2PianoForConditionalGeneration(cfg).eval()
+        return transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
     if family in MULTIMODAL:
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
@@ -357,7 +379,13 @@ def names(field) -> tuple:
 def mixer_name(layer: nn.Module, family) -> str:
     """The attention the layer has: of the family's alternatives (a hybrid stack's
     ``self_attn`` / ``linear_attn``), the first that is a module of the layer."""
-    return next(n for n in names(family.attn) if isinstance(getattr(layer, n, None), nn.Module))
+    return first_present(layer, family.attn)
+
+
+def first_present(layer: nn.Module, field) -> str:
+    """Of a table field's alternatives (dotted paths: T5's ``layer.2.DenseReluDense``, then
+    ``layer.1.…``), the first that is a module of ``layer``."""
+    return next(n for n in names(field) if submodule(layer, n) is not None)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -367,8 +395,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor | dict:
-    """Token ids [2, 7]; for a vision model (VISION_CLASSES) its keyword inputs, two images."""
+    """Token ids [2, 7]; for a vision model (VISION_CLASSES) its keyword inputs, two images; for
+    an encoder-decoder (SEQ2SEQ) input_ids and decoder_input_ids."""
     g = torch.Generator().manual_seed(seed)
+    if family in SEQ2SEQ:  # 7 source tokens, 5 target tokens
+        return dict(input_ids=torch.randint(0, 64, (2, 7), generator=g),
+                    decoder_input_ids=torch.randint(0, 64, (2, 5), generator=g))
     if family.startswith("siglip2"):  # SigLIP 2 takes flattened patches (4 of 8x8) and a grid
         return dict(pixel_values=torch.randn(2, 4, 3 * 8 * 8, generator=g),
                     pixel_attention_mask=torch.ones(2, 4, dtype=torch.long),
@@ -431,7 +463,7 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
     stream a); where the layer has no norm there, the residual stream: for attention (``sub``
     any other than the FFN: a hybrid layer's ``linear_attn`` too) the layer's input h, for the
     FFN ``h1 = h + PostNorm(Attn(h))``, the sum the layer forms (OLMo2's layout)."""
-    norm = family.ffn_norm if sub == family.ffn else family.attn_norm
+    norm = family.ffn_norm if sub in names(family.ffn) else family.attn_norm
     if norm is not None:
         norm = next(n for n in names(norm) if submodule(layer, n) is not None)
         layer.get_submodule(norm).register_forward_hook(
@@ -442,7 +474,7 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
         store[key, "h"] = args[0] if args else kwargs["hidden_states"]
 
     layer.register_forward_pre_hook(layer_input, with_kwargs=True)
-    if sub != family.ffn:
+    if sub not in names(family.ffn):
         layer.register_forward_pre_hook(
             lambda m, args, kwargs: store.__setitem__(key, store[key, "h"]), with_kwargs=True)
     else:  # the last transform after the attention: its output is what the layer adds to h
@@ -479,7 +511,7 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
         capture_z(layer, family, sub, captured, name)
         post_lns = POST_LNS.get(base.config.model_type)
         if post_lns is not None:  # LN(z + Sub(z) + delta), wherever the adapter hangs
-            layer.get_submodule(post_lns[sub == family.ffn]).register_forward_pre_hook(
+            layer.get_submodule(post_lns[sub in names(family.ffn)]).register_forward_pre_hook(
                 lambda m, args, k=name, a=a: (args[0] + delta(captured[k], a, cfg),))
             continue
         layer.get_submodule(sub).register_forward_hook(
@@ -557,19 +589,22 @@ CASES = ([("llama", w) for w in PLACEMENTS]
          + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
          + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE + PARALLEL + POST_TRANSFORM]
          + [("bert", PLACEMENTS[0]), ("bert", PLACEMENTS[1])]
-         + [(f, PLACEMENTS[2]) for f in POST_LN])
+         + [(f, PLACEMENTS[2]) for f in POST_LN]
+         + [("t5", PLACEMENTS[0]), ("t5", PLACEMENTS[1])]
+         + [(f, PLACEMENTS[2]) for f in SEQ2SEQ])
 
 
 def test_every_supported_architecture_is_tested():
     """Each table entry by a model of its type, or (the Qwen-VL language models, Gemma 3's)
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
-    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN
+    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + SEQ2SEQ
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
     assert set(SUPPORTED_ARCHITECTURES) == {wrappers.get(f, model_type(f)) for f in tested}
     assert not set(wrappers) & set(SUPPORTED_ARCHITECTURES), "wrappers go by a sub-config"
+    assert set(ENCODER_DECODERS) == {model_type(f) for f in SEQ2SEQ}
 
 
 @pytest.mark.parametrize("family,where", CASES,
@@ -659,8 +694,13 @@ def test_ssm_hybrid_models_are_tested_on_both_token_mixers(family):
 
 # Pre-LN (kind 1) and parallel (kind 2) layers: 'ffn' on every one; 'attn' where the layer forms
 # h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no such sum).
-SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL]
-             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE])
+SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + SEQ2SEQ]
+             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + SEQ2SEQ])
+# Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
+# element) is h1, read off transformers' code, not the table. T5's block: the self-attention's
+# wrapper ``layer.0`` returns h + Attn(z) (a decoder block's cross-attention comes between it
+# and the FFN's norm).
+H1_AT = dict.fromkeys(ENCODER_DECODERS, "layer.0")
 
 
 @pytest.mark.parametrize("family,placement", SUM_CASES,
@@ -683,14 +723,18 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
     assert name.startswith(layer_name + "."), (name, layer_name)
     fam = family_of(base, layer)
     got = {}
-    capture_z(layer, fam, fam.ffn if placement == "ffn" else mixer_name(layer, fam), got, "z")
+    capture_z(layer, fam, first_present(layer, fam.ffn if placement == "ffn" else fam.attn),
+              got, "z")
+    h1_at = H1_AT.get(base.config.model_type) if placement == "attn" else None
     for key, net in (("base", base), ("ours", model)):
         where = net.get_submodule(layer_name)
-        if placement == "attn":  # h1, what the FFN's norm is called on
-            where = where.get_submodule(next(n for n in names(fam.ffn_norm)
-                                             if submodule(where, n) is not None))
+        if h1_at is not None:  # h1, that module's output
+            where = where.get_submodule(h1_at)
+        elif placement == "attn":  # h1, what the FFN's norm is called on
+            where = where.get_submodule(first_present(where, fam.ffn_norm))
         where.register_forward_hook(lambda m, args, out, key=key: got.__setitem__(
-            key, args[0] if placement == "attn" else out[0] if isinstance(out, tuple) else out))
+            key, args[0] if placement == "attn" and h1_at is None
+            else out[0] if isinstance(out, tuple) else out))
     x = tiny_inputs(family)
     with torch.no_grad():
         run(base, x)
@@ -952,6 +996,60 @@ def test_layers_of_the_class_outside_the_one_stack_are_refused():
                                          r"model.layers\) .*target_modules"):
         attach(model, placement="ffn")
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_an_encoder_decoder_adapts_both_stacks_encoder_first():
+    """T5: the encoder's blocks and the decoder's get adapters, layers=... counting the encoder's
+    first (4 layers here: encoder 0, 1, decoder 0, 1); 'attn' adapts the decoder's
+    self-attention, not its cross-attention; the FFN's adapter on the block's last sub-layer
+    (layer.1 in the encoder, layer.2 in the decoder). The encoder alone (model.encoder,
+    T5EncoderModel) is one stack of 2, and matches the oracle. A third stack of the class, two
+    stacks not an encoder's and a decoder's, or two stacks in a model not of an encoder-decoder
+    type are refused by the one-stack guard."""
+    cfg = MTLoRAConfig(r=2, num_experts=2, groups=2, dropout=0.0)
+    model = tiny_model("t5")
+    assert normalized_layers(model, None) == [0, 1, 2, 3]
+    handle = attach(model, cfg, placement="both", layers=[1, -2])
+    assert handle.layers == [1, 2]
+    assert list(handle.adapters) == [
+        "encoder.block.1.layer.0.SelfAttention.mtlora_adapter",
+        "encoder.block.1.layer.1.DenseReluDense.mtlora_adapter",
+        "decoder.block.0.layer.0.SelfAttention.mtlora_adapter",
+        "decoder.block.0.layer.2.DenseReluDense.mtlora_adapter"]
+    handle.remove()
+    handle = attach(model.encoder, cfg, placement="ffn", layers=[-1])
+    assert list(handle.adapters) == ["block.1.layer.1.DenseReluDense.mtlora_adapter"]
+    handle.remove()
+
+    torch.manual_seed(0)
+    encoder = transformers.T5EncoderModel(model.config).eval()
+    distinct_norms(encoder)
+    base, x = copy.deepcopy(encoder), tiny_inputs("llama")
+    handle = attach(encoder, cfg, placement="both")
+    assert len(handle.adapters) == 4
+    randomize(handle)
+    assert rel_err(run(encoder, x), run(reference_model(base, handle), x)) <= TOL
+
+    for where, extra in (("extra", model.encoder.block[0]),  # a third stack
+                         ("encoder.extra", model.encoder.block[0])):
+        bad = copy.deepcopy(model)
+        bad.get_submodule(where.rpartition(".")[0] or "").add_module(
+            where.rpartition(".")[2], nn.ModuleList([copy.deepcopy(extra)]))
+        with pytest.raises(ValueError, match=r"T5Block modules in 3 places"):
+            attach(bad, placement="ffn")
+    bad = copy.deepcopy(model)  # two stacks, not an encoder's and a decoder's
+    bad.decoder.extra = bad.decoder.block
+    del bad.decoder.block
+    with pytest.raises(ValueError, match=r"T5Block modules in 2 places"):
+        attach(bad, placement="ffn")
+    llama = tiny_model("llama")  # two stacks named so, in a type that is no encoder-decoder
+    llama.encoder = nn.Module()
+    llama.encoder.layers = nn.ModuleList([copy.deepcopy(llama.model.layers[0])])
+    llama.decoder = nn.Module()
+    llama.decoder.layers = llama.model.layers
+    del llama.model.layers
+    with pytest.raises(ValueError, match=r"LlamaDecoderLayer modules in 2 places"):
+        attach(llama, placement="ffn")
 
 
 @pytest.mark.parametrize("family", DUAL)
