@@ -101,6 +101,31 @@ def test_a_hybrid_models_adapters_go_by_each_layers_token_mixer(tmp_path, family
         one.remove()
 
 
+def test_an_encoder_decoders_adapters_round_trip(tmp_path):
+    """T5, both stacks: the adapters (under encoder.block.*.layer.1.DenseReluDense and
+    decoder.block.*.layer.2.DenseReluDense, the self-attentions) save and load by their names,
+    into a bare model and into attached adapters; layers=[1, 2] (the encoder's last block, the
+    decoder's first) saved and loaded likewise."""
+    x = tiny_inputs("t5")
+    model = tiny_model("t5")
+    before = run(model, x)
+    for layers in (None, [1, 2]):
+        handle = attach(model, CFG, placement="both", layers=layers)
+        randomize(handle)
+        want = run(model, x)
+        save_adapters(handle, tmp_path / str(layers))
+        fresh = tiny_model("t5")
+        loaded = load_adapters(fresh, tmp_path / str(layers))
+        assert list(loaded.adapters) == list(handle.adapters) and loaded.layers == handle.layers
+        assert torch.equal(run(fresh, x), want)
+        again = tiny_model("t5")
+        load_adapters(attach(again, CFG, placement="both", layers=layers),
+                      tmp_path / str(layers))
+        assert torch.equal(run(again, x), want)
+        handle.remove()
+        assert torch.equal(run(model, x), before)
+
+
 def test_config_mismatch_is_named_and_leaves_the_adapters_alone(tmp_path):
     model = tiny_model("llama")
     randomize(attach(model, CFG))
