@@ -35,7 +35,9 @@ below names every type, README lists them for users) come in four kinds:
   convolution, Griffin's recurrent block): either mixer is called once on ``LN1(h)`` and added to
   the residual, so 'attn' puts the adapter in parallel with the layer's mixer, whichever it is;
   and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
-  siglip_vision_model, ...);
+  siglip_vision_model, ...), and in encoder-decoders of T5's kind, both stacks (t5, mt5, umt5,
+  longt5, switch_transformers, pop2piano: :data:`ENCODER_DECODERS`; the decoder's
+  cross-attention gets no adapter);
 - parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, falcon, ...):
   one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus
   ``adapter(z)`` of each placed adapter; or two norms of the same h (gpt_neox, falcon's
@@ -67,7 +69,8 @@ vision tower needs timm, not tried), that entry is used: its layer class names t
 model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's and Gemma 4's blocks)
 does not contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of
 the class found in more than one place (a vision tower built of them, extra prediction layers)
-are refused. A dual encoder (:data:`DUAL_ENCODERS`: clip, siglip, ...) goes by its
+are refused, but for an encoder-decoder's encoder and decoder stacks. A dual encoder
+(:data:`DUAL_ENCODERS`: clip, siglip, ...) goes by its
 ``vision_config``'s entry instead: its image classifier (``CLIPForImageClassification``) holds the
 vision tower alone and gets adapters there; the dual encoder itself (``CLIPModel``), a text tower
 of the same layer class beside it, is refused by that guard (attach to its ``vision_model``).
@@ -198,7 +201,8 @@ def _t5(layer_class: str, ffn: str = "DenseReluDense",
     decoder block, after the cross-attention's; ``layer.1`` in an encoder block), each with its
     ``layer_norm`` and the sub-layer (``attn``'s alternatives, ``ffn``) called on its output."""
     return _Family(layer_class, tuple(f"layer.0.{a}" for a in attn), "layer.0.layer_norm",
-                   (f"layer.2.{ffn}", f"layer.1.{ffn}"), ("layer.2.layer_norm", "layer.1.layer_norm"))
+                   (f"layer.2.{ffn}", f"layer.1.{ffn}"),
+                   ("layer.2.layer_norm", "layer.1.layer_norm"))
 
 
 #: The token mixers of a hybrid stack: full attention or a linear attention (Gated DeltaNet).
@@ -525,8 +529,9 @@ DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
 #: one layer class, or of one family each). :func:`_find_layers` accepts those two, and only
 #: those: paths equal up to a part ``encoder`` in the first (in module order) and ``decoder`` in
 #: the second (``encoder.block`` / ``decoder.block``; ``transformer.encoder.block`` / ...), and
-#: ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone (``T5EncoderModel``,
-#: or ``model.encoder`` attached by itself) is one stack, as any other model's.
+#: ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone
+#: (``T5EncoderModel``, or ``model.encoder`` attached by itself) is one stack, as any other
+#: model's.
 ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano")
 
 
@@ -639,8 +644,9 @@ def _find_layers(model: nn.Module, families: tuple[_Family, ...]
 
 
 def _encoder_then_decoder(stacks: list[str]) -> bool:
-    """Whether ``stacks`` (paths, in module order) are an encoder-decoder's two: equal up to a part
-    ``encoder`` in the first and ``decoder`` in the second (``encoder.block``, ``decoder.block``)."""
+    """Whether ``stacks`` (paths, in module order) are an encoder-decoder's two: equal up to a
+    part ``encoder`` in the first and ``decoder`` in the second (``encoder.block``,
+    ``decoder.block``)."""
     if len(stacks) != 2:
         return False
     first, second = (path.split(".") for path in stacks)
@@ -983,7 +989,8 @@ def attach(
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear attention or SSM /
             full attention, parallel and post-norm decoders, ModernBERT, ViT-style vision
-            encoders, BERT-style post-LN encoders; see the module docstring), multimodal models
+            encoders, BERT-style post-LN encoders, T5-style encoder-decoders; see the module
+            docstring), multimodal models
             whose ``text_config`` has one of them (their language model's layers), and the image
             classifiers of :data:`DUAL_ENCODERS` (their vision tower's layers); any model with the
             named ``nn.Linear`` (or ``Conv1D``) modules works component-level.
@@ -993,7 +1000,8 @@ def attach(
             matches a module whose dotted path ends with it): component-level instead. Exclusive
             with ``placement``.
         layers: indices of the transformer layers to adapt (default all; negative counts from
-            the end; the handle records them sorted and non-negative).
+            the end; the handle records them sorted and non-negative). An encoder-decoder's
+            (:data:`ENCODER_DECODERS`) count the encoder's layers, then the decoder's.
         train_modules: modules that train in full beside the adapters, a task head
             (``'classifier'``, ``'score'``, ``'lm_head'``): named as ``target_modules`` are,
             matched in the whole model (``layers`` does not restrict them), none of them adapted
