@@ -1052,6 +1052,16 @@ def test_an_encoder_decoder_adapts_both_stacks_encoder_first():
         attach(llama, placement="ffn")
 
 
+def test_switch_transformers_is_tested_on_both_kinds_of_ffn():
+    """Block 0 of each stack of the tiny Switch Transformers holds a dense FFN, block 1 an MoE
+    block, as EXTRA's num_sparse_*_layers say: the tests above see both."""
+    model = tiny_model("switch_transformers")
+    for stack in (model.encoder.block, model.decoder.block):
+        dense, moe = (block.layer[-1].mlp for block in stack)
+        assert "experts" not in dict(dense.named_children())
+        assert "experts" in dict(moe.named_children())
+
+
 @pytest.mark.parametrize("family", DUAL)
 def test_a_dual_encoder_is_refused_and_its_vision_model_takes_adapters(family):
     """CLIPModel, SiglipModel, ...: a text tower of the vision tower's layer class beside it.
