@@ -69,9 +69,8 @@ vision tower needs timm, not tried), that entry is used: its layer class names t
 model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's and Gemma 4's blocks)
 does not contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of
 the class found in more than one place (a vision tower built of them, extra prediction layers)
-are refused, but for an encoder-decoder's encoder and decoder stacks. A dual encoder
-(:data:`DUAL_ENCODERS`: clip, siglip, ...) goes by its
-``vision_config``'s entry instead: its image classifier (``CLIPForImageClassification``) holds the
+are refused, except an encoder-decoder's encoder and decoder stacks. A dual encoder
+(:data:`DUAL_ENCODERS`: clip, siglip, ...) goes by its ``vision_config``'s entry instead: its image classifier (``CLIPForImageClassification``) holds the
 vision tower alone and gets adapters there; the dual encoder itself (``CLIPModel``), a text tower
 of the same layer class beside it, is refused by that guard (attach to its ``vision_model``).
 
@@ -990,10 +989,10 @@ def attach(
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear attention or SSM /
             full attention, parallel and post-norm decoders, ModernBERT, ViT-style vision
             encoders, BERT-style post-LN encoders, T5-style encoder-decoders; see the module
-            docstring), multimodal models
-            whose ``text_config`` has one of them (their language model's layers), and the image
-            classifiers of :data:`DUAL_ENCODERS` (their vision tower's layers); any model with the
-            named ``nn.Linear`` (or ``Conv1D``) modules works component-level.
+            docstring), multimodal models whose ``text_config`` has one of them (their language
+            model's layers), and the image classifiers of :data:`DUAL_ENCODERS` (their vision
+            tower's layers); any model with the named ``nn.Linear`` (or ``Conv1D``) modules works
+            component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
