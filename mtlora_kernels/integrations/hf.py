@@ -70,9 +70,10 @@ model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's and Gem
 does not contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of
 the class found in more than one place (a vision tower built of them, extra prediction layers)
 are refused, except an encoder-decoder's encoder and decoder stacks. A dual encoder
-(:data:`DUAL_ENCODERS`: clip, siglip, ...) goes by its ``vision_config``'s entry instead: its image classifier (``CLIPForImageClassification``) holds the
-vision tower alone and gets adapters there; the dual encoder itself (``CLIPModel``), a text tower
-of the same layer class beside it, is refused by that guard (attach to its ``vision_model``).
+(:data:`DUAL_ENCODERS`: clip, siglip, ...) goes by its ``vision_config``'s entry instead: its
+image classifier (``CLIPForImageClassification``) holds the vision tower alone and gets adapters
+there; the dual encoder itself (``CLIPModel``), a text tower of the same layer class beside it,
+is refused by that guard (attach to its ``vision_model``).
 
 Component-level (``target_modules=['q_proj', 'v_proj']``, HydraLoRA's placement): each named
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's) is replaced by
