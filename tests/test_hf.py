@@ -137,6 +137,12 @@ EXTRA = {
                             attention_window_size=8, conv1d_width=4),
     "falcon_h1": dict(MAMBA2, mamba_d_ssm=64, attention_in_multiplier=0.7,
                       ssm_out_multiplier=0.5, attention_out_multiplier=0.8),
+    # Nemotron-H: four blocks, one of each kind (Mamba-2, attention, MLP, MoE), by the pattern
+    # its checkpoints' configs give; tiny Mamba-2 heads and experts.
+    "nemotron_h": dict(hybrid_override_pattern="M*-E", mamba_num_heads=4, mamba_head_dim=16,
+                       n_groups=1, ssm_state_size=8, chunk_size=4, n_routed_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=16,
+                       moe_shared_expert_intermediate_size=16),
     # Llama 4: layer 1 MoE (intermediate_size is its experts', intermediate_size_mlp the dense).
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, moe_layers=[1],
                         intermediate_size=16, intermediate_size_mlp=64),
@@ -462,8 +468,14 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
     names (of alternatives, the one the layer has; a post-LN layer's FFN: LN1's, the residual
     stream a); where the layer has no norm there, the residual stream: for attention (``sub``
     any other than the FFN: a hybrid layer's ``linear_attn`` too) the layer's input h, for the
-    FFN ``h1 = h + PostNorm(Attn(h))``, the sum the layer forms (OLMo2's layout)."""
-    norm = family.ffn_norm if sub in names(family.ffn) else family.attn_norm
+    FFN ``h1 = h + PostNorm(Attn(h))``, the sum the layer forms (OLMo2's layout). Where the
+    layer is one sub-layer (Nemotron-H's blocks: ``attn`` and ``ffn`` the same module), its
+    block type says which."""
+    is_ffn = sub in names(family.ffn)
+    if family.sub_layer_by is not None:
+        attr, _, ffns = family.sub_layer_by
+        is_ffn = getattr(layer, attr) in ffns
+    norm = family.ffn_norm if is_ffn else family.attn_norm
     if norm is not None:
         norm = next(n for n in names(norm) if submodule(layer, n) is not None)
         layer.get_submodule(norm).register_forward_hook(
@@ -474,7 +486,7 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
         store[key, "h"] = args[0] if args else kwargs["hidden_states"]
 
     layer.register_forward_pre_hook(layer_input, with_kwargs=True)
-    if sub not in names(family.ffn):
+    if not is_ffn:
         layer.register_forward_pre_hook(
             lambda m, args, kwargs: store.__setitem__(key, store[key, "h"]), with_kwargs=True)
     else:  # the last transform after the attention: its output is what the layer adds to h
@@ -543,7 +555,7 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "qwen3_vl_moe",
               "qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear",
               "bailing_hybrid", "llama4_text", "jamba", "bamba", "lfm2", "lfm2_moe",
-              "recurrent_gemma", "falcon_h1",
+              "recurrent_gemma", "falcon_h1", "nemotron_h",
               "deit", "vit_msn", "vit_mae", "ijepa", "clip_vision_model",
               "metaclip_2_vision_model", "siglip_vision_model", "siglip2_vision_model",
               "mlcd_vision_model", "aimv2_vision_model", "clip", "metaclip_2", "siglip", "siglip2"]
@@ -584,11 +596,13 @@ PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="bot
 
 
 # Every placement on LLaMA; the other families differ only in names: 'both' and component
-# ('both' alone where the Linear names are LLaMA's too, or where block-level is what differs).
+# ('both' alone where the Linear names are LLaMA's too, or where block-level is what differs;
+# each placement on Nemotron-H, whose blocks take one by their block type).
 CASES = ([("llama", w) for w in PLACEMENTS]
          + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
          + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE + PARALLEL + POST_TRANSFORM]
          + [("bert", PLACEMENTS[0]), ("bert", PLACEMENTS[1])]
+         + [("nemotron_h", PLACEMENTS[0]), ("nemotron_h", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in POST_LN]
          + [("t5", PLACEMENTS[0]), ("t5", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in SEQ2SEQ])
@@ -692,6 +706,43 @@ def test_ssm_hybrid_models_are_tested_on_both_token_mixers(family):
     assert "Attention" not in ssm and "Attention" in attn, (ssm, attn)
 
 
+def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
+    """Nemotron-H's blocks are one sub-layer each, ``mixer``; the tiny model's are a Mamba-2, an
+    attention, an MLP and an MoE mixer (read off their classes, not the table). 'attn' adapts
+    the first two, 'ffn' the last two, 'both' all four. layers=... counts blocks and skips the
+    selected ones of the other kind; a selection with none of the placement's kind, a model with
+    none, and a block type of neither kind are refused by name, the model as it was."""
+    model = tiny_model("nemotron_h")
+    assert [type(layer.mixer).__name__ for layer in decoder_layers(model)] == [
+        "NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMLP", "NemotronHMoE"]
+    cfg = MTLoRAConfig(r=2, num_experts=2, groups=1)
+    for placement, blocks, layers in (("attn", [0, 1], None), ("ffn", [2, 3], None),
+                                      ("both", [0, 1, 2, 3], None), ("ffn", [3], [0, -1]),
+                                      ("attn", [1], [1, 2])):
+        handle = attach(model, cfg, placement=placement, layers=layers)
+        assert list(handle.adapters) == [f"model.layers.{i}.mixer.mtlora_adapter" for i in blocks]
+        handle.remove()
+    with pytest.raises(ValueError, match=r"placement='ffn' adapts the FFN blocks \(block_type "
+                       r"one of \['mlp', 'moe'\]\), and layers \[0\] select none: model\.layers"
+                       r"\.0 is 'linear_attention'\. The FFN blocks are layers \[2, 3\]"):
+        attach(model, cfg, placement="ffn", layers=[0])
+    with pytest.raises(ValueError, match=r"placement='attn' adapts the token-mixer blocks .*"
+                       r"layers \[2, 3\] select none: .*layers\.3 is 'moe'\. The token-mixer "
+                       r"blocks are layers \[0, 1\]"):
+        attach(model, cfg, placement="attn", layers=[2, 3])
+    decoder_layers(model)[1].block_type = "attention"  # transformers 4's name
+    with pytest.raises(ValueError, match=r"layers\.1 \(NemotronHBlock\) lacks \[\"block_type one "
+                       r"of \['linear_attention', 'full_attention', 'mlp', 'moe'\] \(it has "
+                       r"'attention'\)\"\]"):
+        attach(model, cfg, placement="both")
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+    mixers_only = tiny_model("nemotron_h", hybrid_override_pattern="M*")
+    with pytest.raises(ValueError, match=r"and NemotronHForCausalLM has none\. The FFN blocks "
+                       r"are layers \[\]"):
+        attach(mixers_only, cfg, placement="ffn")
+    assert get_handle(mixers_only) is None
+
+
 # Pre-LN (kind 1) and parallel (kind 2) layers: 'ffn' on every one; 'attn' where the layer forms
 # h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no such sum).
 SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + SEQ2SEQ]
@@ -712,14 +763,21 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
     moves by exactly ``T(mix(z))``, z the output of the norm the table names, T the linear
     transforms the table names after the sub-layer (dropouts, identities in eval; Falcon-H1's
     ssm_out_multiplier). An adapter hung inside the sub-layer (on an MoE block's shared expert, a
-    projection) or beside another one moves it by something else."""
+    projection) or beside another one moves it by something else. Where each layer is one
+    sub-layer (Nemotron-H's blocks), the last layer of the placement's kind, by the table's
+    block types, and the sum is that layer's output for either placement."""
     model = distinct_norms(tiny_model(family))
     base = copy.deepcopy(model)
     cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
-    handle = attach(model, cfg, placement=placement, layers=[-1])
+    index, one = len(stack_of(base)) - 1, family_of(base, stack_of(base)[-1][1]).sub_layer_by
+    if one is not None:
+        attr, mixers, ffns = one
+        index = max(i for i, (_, m) in enumerate(stack_of(base))
+                    if getattr(m, attr) in (ffns if placement == "ffn" else mixers))
+    handle = attach(model, cfg, placement=placement, layers=[index])
     randomize(handle)
     [(name, adapter)] = handle.adapters.items()
-    layer_name, layer = stack_of(base)[-1]
+    layer_name, layer = stack_of(base)[index]
     assert name.startswith(layer_name + "."), (name, layer_name)
     fam = family_of(base, layer)
     got = {}
@@ -730,10 +788,10 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
         where = net.get_submodule(layer_name)
         if h1_at is not None:  # h1, that module's output
             where = where.get_submodule(h1_at)
-        elif placement == "attn":  # h1, what the FFN's norm is called on
+        elif placement == "attn" and one is None:  # h1, what the FFN's norm is called on
             where = where.get_submodule(first_present(where, fam.ffn_norm))
         where.register_forward_hook(lambda m, args, out, key=key: got.__setitem__(
-            key, args[0] if placement == "attn" and h1_at is None
+            key, args[0] if placement == "attn" and h1_at is None and one is None
             else out[0] if isinstance(out, tuple) else out))
     x = tiny_inputs(family)
     with torch.no_grad():
@@ -795,12 +853,12 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
                                          ("mpt", "ffn"), ("bloom", "self_attention"),
                                          ("hyperclovax", "post_norm2"),
                                          ("dinov2", "layer_scale2"), ("beit", "lambda_2"),
-                                         ("bert", "output")])
+                                         ("bert", "output"), ("nemotron_h", "block_type")])
 def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     """A transformers version whose layer lacks a piece the table names (the norm before a
     sub-layer, the post-norm or the multiplier after it, either of two transforms after it, the
-    FFN or the attention by its name, a layer scale: a module, or BEiT's parameter) gets a named
-    error, the model as it was."""
+    FFN or the attention by its name, a layer scale: a module, or BEiT's parameter; Nemotron-H's
+    block type) gets a named error, the model as it was."""
     model = tiny_model(family)
     name, layer = stack_of(model)[1]
     delattr(layer, gone)
@@ -985,6 +1043,31 @@ def test_multimodal_models_adapt_their_language_model_only(family):
         handle.remove()
         handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=2), layers=[-1])
         assert list(handle.adapters) == ["model.language_model.layers.1.mlp.mtlora_adapter"]
+
+
+def test_nemotron_h_omni_adapts_its_language_models_blocks():
+    """Nemotron-H Omni (its text_config a nemotron_h; a RADIO vision tower, no audio tower): the
+    multimodal rule puts the adapters on its language model's blocks by their kinds, and the
+    oracle agrees on text (the tiny vision tower is not run here)."""
+    text = {**SMALL, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
+            "head_dim": 8, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
+            **EXTRA["nemotron_h"]}
+    torch.manual_seed(0)
+    model = distinct_norms(transformers.AutoModelForImageTextToText.from_config(
+        transformers.AutoConfig.for_model(
+            "nemotron_h_omni", text_config=text, vision_hidden_size=16, projector_hidden_size=16,
+            image_token_id=60, vision_config=dict(
+                hidden_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+                image_size=16, max_img_size=32, num_registers=1, num_cls_tokens=1,
+                video_temporal_patch_size=2))).eval())
+    assert model.config.model_type not in SUPPORTED_ARCHITECTURES
+    base, x = copy.deepcopy(model), tiny_inputs("nemotron_h")
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
+                    placement="ffn")
+    assert list(handle.adapters) == [
+        f"language_model.model.layers.{i}.mixer.mtlora_adapter" for i in (2, 3)]
+    randomize(handle)
+    assert rel_err(run(model, x), run(reference_model(base, handle), x)) <= TOL
 
 
 def test_layers_of_the_class_outside_the_one_stack_are_refused():

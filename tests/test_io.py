@@ -126,6 +126,25 @@ def test_an_encoder_decoders_adapters_round_trip(tmp_path):
         assert torch.equal(run(model, x), before)
 
 
+def test_nemotron_h_adapters_save_and_load_by_block(tmp_path):
+    """Nemotron-H's blocks (Mamba-2, attention, MLP, MoE), one sub-layer each: 'both' puts one
+    adapter on every block's mixer, 'ffn' with layers=[0, -1] on block 3 alone (block 0 is
+    Mamba), and either saves and loads (into a bare model: attach from the file's placement and
+    layers) to the same outputs."""
+    x = tiny_inputs("nemotron_h")
+    for placement, layers, blocks in (("both", None, [0, 1, 2, 3]), ("ffn", [0, -1], [3])):
+        model = tiny_model("nemotron_h")
+        handle = attach(model, CFG, placement=placement, layers=layers)
+        assert list(handle.adapters) == [f"model.layers.{i}.mixer.mtlora_adapter" for i in blocks]
+        randomize(handle)
+        want = run(model, x)
+        save_adapters(handle, tmp_path / placement)
+        fresh = tiny_model("nemotron_h")
+        loaded = load_adapters(fresh, tmp_path / placement)
+        assert list(loaded.adapters) == list(handle.adapters) and loaded.layers == handle.layers
+        assert torch.equal(run(fresh, x), want)
+
+
 def test_config_mismatch_is_named_and_leaves_the_adapters_alone(tmp_path):
     model = tiny_model("llama")
     randomize(attach(model, CFG))

@@ -10,8 +10,8 @@ sub-layer::
 The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
 or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``,
 GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``,
-``linear_attn``, ``mamba`` or ``conv``; the official code's ``block_adapter`` sits in the same
-place) and runs from ONE forward hook on that module. In most supported layers the sub-layer's
+``linear_attn``, ``mamba`` or ``conv``, Nemotron-H's ``mixer``; the official code's
+``block_adapter`` sits in the same place) and runs from ONE forward hook on that module. In most supported layers the sub-layer's
 first argument (positional or by keyword) is its z, and the only other activation it gets is
 BLOOM's and MPT's residual, which those modules add to their output themselves: the hook's input
 *is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass
@@ -34,6 +34,10 @@ below names every type, README lists them for users) come in four kinds:
   convolution mixer in some layers (jamba, bamba, lfm2, recurrent_gemma, ...: Mamba, a short
   convolution, Griffin's recurrent block): either mixer is called once on ``LN1(h)`` and added to
   the residual, so 'attn' puts the adapter in parallel with the layer's mixer, whichever it is;
+  or stacks whose every layer is ONE such sub-layer, ``h + Sub(LN(h))``, a token mixer or an
+  FFN by its block type (nemotron_h: Mamba-2, attention, an MLP or an MoE block as ``mixer``):
+  'attn' adapts the token-mixer blocks, 'ffn' the FFN blocks, 'both' every block, z = LN(h),
+  and ``layers=`` counts blocks (skipping the selected ones of the other kind);
   and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
   siglip_vision_model, ...), and in encoder-decoders of T5's kind, both stacks (t5, mt5, umt5,
   longt5, switch_transformers, pop2piano: :data:`ENCODER_DECODERS`; the decoder's
@@ -63,9 +67,10 @@ below names every type, README lists them for users) come in four kinds:
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
 and ``config.text_config.model_type`` is (gemma3, gemma4, llava, mistral3, qwen2_vl,
-qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, tested; others built the same way, a
-vision tower beside ``AutoModel.from_config(text_config)``: llama4, tried once; gemma3n, whose
-vision tower needs timm, not tried), that entry is used: its layer class names the language
+qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, tested; nemotron_h_omni, its
+language model tested on text; others built the same way, a vision tower beside
+``AutoModel.from_config(text_config)``: llama4, tried once; gemma3n, whose vision tower needs
+timm, not tried), that entry is used: its layer class names the language
 model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's and Gemma 4's blocks)
 does not contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of
 the class found in more than one place (a vision tower built of them, extra prediction layers)
@@ -133,7 +138,10 @@ class _Family:
     the adapter's; a tuple names several, applied in that order, all of them there (HyperCLOVA X: a
     post-norm, then the multiplier). ``ffn_refused_if``: (attribute, why): a layer that has the
     attribute has no one module for its FFN, and 'ffn' / 'both' are refused there (Gemma 4's MoE
-    layers).
+    layers). ``sub_layer_by``: (attribute, token-mixer values, FFN values): each layer is ONE
+    pre-LN sub-layer, a token mixer or an FFN by the value of its attribute (Nemotron-H's
+    ``block_type``), ``attn`` and ``ffn`` the same module: 'attn' adapts the token-mixer layers,
+    'ffn' the FFN layers, 'both' every layer; a value of neither kind is refused.
     """
 
     layer_class: str
@@ -146,6 +154,7 @@ class _Family:
     ffn_refused_if: tuple[str, str] | None = None
     attn_residual: str | None = None
     ffn_residual: str | None = None
+    sub_layer_by: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
 
 
 def _names(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -158,6 +167,15 @@ def _attribute(layer: nn.Module, path: str):
     for name in path.split("."):
         layer = getattr(layer, name, None)
     return layer
+
+
+def _holds(layer: nn.Module, family: _Family, kind: str) -> bool:
+    """Whether ``layer`` holds the sub-layer ``kind`` ('attn' or 'ffn'): every layer does but
+    one of a family with ``sub_layer_by``, which holds the kind its attribute's value names."""
+    if family.sub_layer_by is None:
+        return True
+    attr, mixers, ffns = family.sub_layer_by
+    return getattr(layer, attr, None) in (mixers if kind == "attn" else ffns)
 
 
 def _module_named(layer: nn.Module, names: str | tuple[str, ...]) -> str | None:
@@ -315,6 +333,14 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # scales its output plus the adapter's by ssm_out_multiplier (a transform, as Granite's).
     "falcon_h1": _Family("FalconH1DecoderLayer", "mamba", "input_layernorm", "feed_forward",
                          "pre_ff_layernorm", attn_after="ssm_out_multiplier"),
+    # Nemotron-H: each block is ONE pre-LN sub-layer, h + mixer(norm(h)), its ``mixer`` by its
+    # block_type (config.layers_block_type; hybrid_override_pattern's M, *, -, E): Mamba-2
+    # ('linear_attention') or attention ('full_attention'), the token mixers, which 'attn'
+    # adapts, or an MLP ('mlp') or MoE block ('moe', its shared expert inside), the FFNs, which
+    # 'ffn' adapts; 'both' adapts every block. layers=... counts blocks (num_hidden_layers), and
+    # skips the selected blocks of the other kind (attach refuses a selection with none of it).
+    "nemotron_h": _Family("NemotronHBlock", "mixer", "norm", "mixer", "norm", sub_layer_by=(
+        "block_type", ("linear_attention", "full_attention"), ("mlp", "moe"))),
     # Llama 4's language model: the FFN is ``feed_forward``, an MoE block in moe_layers. The block
     # returns (output flattened to [B*S, d], router_logits) and the layer views the output back:
     # the hook adds the adapter's output in the block's shape.
@@ -635,6 +661,12 @@ def _find_layers(model: nn.Module, families: tuple[_Family, ...]
             host = _attribute(layer, _module_named(layer, sub) or "")
             if arg is not None and host is not None and _argument_index(host, arg) is None:
                 absent.append(f"{_module_named(layer, sub)}({arg}=)")
+        # A layer that is one sub-layer: its attribute must name a kind the family knows.
+        if family.sub_layer_by is not None and not any(
+                _holds(layer, family, kind) for kind in ("attn", "ffn")):
+            attr, mixers, ffns = family.sub_layer_by
+            absent.append(attr if not hasattr(layer, attr) else
+                          f"{attr} one of {[*mixers, *ffns]} (it has {getattr(layer, attr)!r})")
         if absent:
             raise ValueError(
                 f"{name} ({type(layer).__name__}) lacks {absent}, which mtLoRA's block-level "
@@ -1001,7 +1033,10 @@ def attach(
             with ``placement``.
         layers: indices of the transformer layers to adapt (default all; negative counts from
             the end; the handle records them sorted and non-negative). An encoder-decoder's
-            (:data:`ENCODER_DECODERS`) count the encoder's layers, then the decoder's.
+            (:data:`ENCODER_DECODERS`) count the encoder's layers, then the decoder's. Where each
+            layer is one sub-layer (Nemotron-H's blocks), blocks are counted, and a selected
+            block of the other kind than ``placement``'s is skipped; a selection with none of it
+            is refused.
         train_modules: modules that train in full beside the adapters, a task head
             (``'classifier'``, ``'score'``, ``'lm_head'``): named as ``target_modules`` are,
             matched in the whole model (``layers`` does not restrict them), none of them adapted
@@ -1110,11 +1145,25 @@ def attach(
                     f"placement={placement!r}: {layer_name} ({type(layer).__name__}) has "
                     f"{fam.ffn_refused_if[0]!r}: {fam.ffn_refused_if[1]}. Use placement='attn' "
                     f"or component-level placement (target_modules=[...]).")
-        # The sub-layers that get an adapter: of a field's alternatives, the first the layer has.
+        # The sub-layers that get an adapter: of a field's alternatives, the first the layer has;
+        # in a layer that is one sub-layer (sub_layer_by), the one it is.
         hosts = [(layer_name, layer, *((_module_named(layer, fam.ffn), fam.ffn_residual)
                                        if kind == "ffn" else
                                        (_module_named(layer, fam.attn), fam.attn_residual)))
-                 for layer_name, layer, fam in chosen for kind in kinds]
+                 for layer_name, layer, fam in chosen for kind in kinds
+                 if _holds(layer, fam, kind)]
+        if not hosts:  # layers=... selected only blocks of the other kind (or the model has none)
+            every = _find_layers(model, families)
+            attr, mixers, ffns = chosen[0][2].sub_layer_by  # every chosen layer has one
+            what = {"ffn": "FFN", "attn": "token-mixer"}[placement]
+            have = [i for i, (_, m, f) in enumerate(every) if _holds(m, f, placement)]
+            picked = (f"{type(model).__name__} has none" if layers is None else
+                      f"layers {layers} select none: " + ", ".join(
+                          f"{n} is {getattr(m, attr)!r}" for n, m, _ in chosen))
+            raise ValueError(
+                f"placement={placement!r} adapts the {what} blocks ({attr} one of "
+                f"{list(ffns if placement == 'ffn' else mixers)}), and {picked}. The {what} "
+                f"blocks are layers {have}; placement='both' adapts every block.")
         train_paths = [] if train is None else _check_train_modules(
             model, train, [f"{n}.{sub}" for n, _, sub, _ in hosts],
             [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub, _ in hosts])
