@@ -47,20 +47,37 @@ def _adapters_or_raise(model: nn.Module) -> list[MTLoRAAdapter]:
     return adapters
 
 
-def balance_loss(model: nn.Module, mask: Tensor | None = None) -> Tensor:
+def balance_loss(model: nn.Module, mask: Tensor | None = None,
+                 decoder_mask: Tensor | None = None) -> Tensor:
     """``mean(a.balance_loss(mask) for a in adapters with N > 1)``: the MoLE balance loss of the
     last forward, averaged over the routed adapters of ``model`` (zero when none is routed);
     ``mask`` (e.g. the batch's attention_mask) picks the tokens that count.
+
+    An encoder-decoder (``model.config.is_encoder_decoder``: T5) runs its decoder's adapters on
+    other tokens than its encoder's: there ``mask`` is the encoder's (the batch's
+    attention_mask) and ``decoder_mask`` the decoder's (its decoder_attention_mask, or ``labels
+    != -100``; None: every decoder token counts), taken by the adapters under a module named
+    ``decoder``. Other models refuse a ``decoder_mask``.
 
     Each term is ``var(p) / (mean(p)^2 + 1e-10)`` with p the mean routing weight per expert over
     the tokens and groups of that adapter's last forward; differentiable w.r.t. the routers.
     Raises if a routed adapter has not run a forward yet.
     """
     adapters = _adapters_or_raise(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        in_decoder = {id(m) for name, m in model.named_modules()
+                      if isinstance(m, MTLoRAAdapter) and "decoder" in name.split(".")}
+    elif decoder_mask is not None:
+        raise ValueError(f"decoder_mask is for an encoder-decoder's decoder adapters, and "
+                         f"{type(model).__name__} is no encoder-decoder (its config's "
+                         f"is_encoder_decoder); pass its tokens' mask as mask")
+    else:
+        in_decoder = set()
     routed = [a for a in adapters if a.config.num_experts > 1]
     if not routed:
         return torch.zeros((), device=adapters[0].lora_B.device)
-    return torch.stack([a.balance_loss(mask) for a in routed]).mean()
+    return torch.stack([a.balance_loss(decoder_mask if id(a) in in_decoder else mask)
+                        for a in routed]).mean()
 
 
 # ---------------------------------------------------------------------------- the two variants
@@ -333,7 +350,8 @@ class SpectralRegularizer:
 
 def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weight: float = 1.0,
                    regularizer: SpectralRegularizer | None = None,
-                   mask: Tensor | None = None, step: int | None = None) -> Tensor:
+                   mask: Tensor | None = None, step: int | None = None,
+                   decoder_mask: Tensor | None = None) -> Tensor:
     """``balance_weight * balance_loss(model) + spectral_weight * regularizer(model)``: the
     auxiliary loss to add to the task loss, after the forward pass and before ``backward``.
 
@@ -342,14 +360,15 @@ def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weig
     paper variant. ``regularizer=None`` uses a fresh ``SpectralRegularizer()`` (paper variant,
     weighting recomputed at this call, every adapter); pass one object for the whole run to cache
     the weighting (``refresh_every``), sample adapters or use the official variant. A zero
-    weight skips that term. ``mask`` goes to :func:`balance_loss`: with padded batches, pass
-    the attention_mask so that padding tokens do not count. ``step`` goes to the regularizer:
+    weight skips that term. ``mask`` and ``decoder_mask`` go to :func:`balance_loss`: with padded
+    batches, pass the attention_mask so that padding tokens do not count (an encoder-decoder's
+    decoder tokens: ``decoder_mask``). ``step`` goes to the regularizer:
     with gradient accumulation pass the optimizer step, or each micro-batch counts as one.
     """
     adapters = _adapters_or_raise(model)
     total = torch.zeros((), device=adapters[0].lora_B.device)
     if balance_weight:
-        total = total + balance_weight * balance_loss(model, mask)
+        total = total + balance_weight * balance_loss(model, mask, decoder_mask)
     if spectral_weight:
         reg = regularizer if regularizer is not None else SpectralRegularizer()
         total = total + spectral_weight * reg(model, step)

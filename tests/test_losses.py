@@ -444,6 +444,10 @@ def test_balance_loss_and_auxiliary_loss_count_only_the_masked_tokens():
     assert rel_err(balance_loss(model), unmasked) <= TOL
     got = auxiliary_loss(model, balance_weight=0.3, spectral_weight=0.0, mask=mask)
     assert rel_err(got, 0.3 * want) <= TOL
+    # A decoder's mask is an encoder-decoder's (test_trainer has T5's); refused here, by name.
+    with pytest.raises(ValueError, match="decoder_mask is for an encoder-decoder's decoder "
+                                         "adapters, and Tiny is no encoder-decoder"):
+        balance_loss(model, mask, decoder_mask=mask)
 
 
 def test_auxiliary_loss_adds_the_weighted_terms():

@@ -262,3 +262,42 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     for a, b, s in zip(straight, resumed, stopped):
         assert not torch.equal(a, s)  # steps 3 and 4 moved them
         assert rel_err(b, a) <= 1e-6
+
+
+def test_an_encoder_decoder_trains_each_stack_on_its_own_tokens(tmp_path):
+    """T5 with adapters in both stacks: the encoder's balance terms count the batch's
+    attention_mask, the decoder's the labels' positions (labels != -100; the decoder runs on
+    the labels shifted, another length), and training runs. (The source mask given to every
+    adapter, as before, failed on the decoder's token shape.)"""
+    from mtlora_kernels.losses import balance_loss
+
+    model = tiny_model("t5", dropout_rate=0.0)  # training mode: one loss, forward after forward
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="both")
+    randomize(handle)
+    g = torch.Generator().manual_seed(4)
+    rows = [{"input_ids": torch.randint(0, 64, (7,), generator=g).tolist(),
+             "attention_mask": [1] * (7 - i), "labels": torch.randint(0, 64, (5,), generator=g)
+             .tolist()[:5 - 2 * i] + [-100] * (2 * i)} for i in range(2)]
+    for row in rows:
+        row["input_ids"] = row["input_ids"][:len(row["attention_mask"])]
+        row["input_ids"] += [0] * (7 - len(row["input_ids"]))
+        row["attention_mask"] += [0] * (7 - len(row["attention_mask"]))
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    trainer = MTLoRATrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=rows,
+                            balance_weight=1.0, spectral_weight=0.0)
+    model.train()
+    ours = trainer.compute_loss(model, dict(batch))
+    task = model(**batch).loss
+    source, target = batch["attention_mask"], batch["labels"] != -100
+    terms = [a.balance_loss(target if name.startswith("decoder.") else source)
+             for name, a in handle.adapters.items()]
+    assert {n.split(".")[0] for n in handle.adapters} == {"encoder", "decoder"}
+    assert rel_err(ours, task + torch.stack(terms).mean()) <= 1e-6
+    assert rel_err(balance_loss(model, source, target), torch.stack(terms).mean()) <= 1e-6
+    every = [a.balance_loss(None if name.startswith("decoder.") else source)
+             for name, a in handle.adapters.items()]  # no decoder_mask: every target token
+    assert rel_err(balance_loss(model, source), torch.stack(every).mean()) <= 1e-6
+    assert rel_err(torch.stack(every).mean(), torch.stack(terms).mean()) > 1e-3
+    trainer.train()
+    assert trainer.state.global_step == 1

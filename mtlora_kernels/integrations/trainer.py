@@ -20,7 +20,8 @@ wrong, which is why this class exists:
   whole run (its cached weighting and its ``apply_every`` schedule) and is called with the
   optimizer step (``state.global_step``), not a count of micro-batches.
 - **Padding.** The batch's ``attention_mask`` goes to the balance loss, so padding tokens do
-  not count.
+  not count; an encoder-decoder's decoder adapters (T5's) take ``decoder_attention_mask``, or
+  where the batch has none, the positions of its labels (``labels != -100``).
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
@@ -87,12 +88,21 @@ class MTLoRATrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mask = inputs.get("attention_mask")  # before the Trainer may pop anything
+        # The decoder's tokens where the adapters sit in an encoder-decoder (T5's): the labels'
+        # positions, unless the batch gives their mask (adapters on its encoder alone: none).
+        decoder_mask = None
+        if getattr(getattr(self.mtlora_handle.model, "config", None), "is_encoder_decoder",
+                   False):
+            decoder_mask = inputs.get("decoder_attention_mask")
+            if decoder_mask is None and inputs.get("labels") is not None:
+                decoder_mask = inputs["labels"] != -100
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         if model.training:
             aux = self.mtlora_handle.aux_loss(
                 balance_weight=self.balance_weight, spectral_weight=self.spectral_weight,
-                regularizer=self.regularizer, mask=mask, step=self.state.global_step)
+                regularizer=self.regularizer, mask=mask, decoder_mask=decoder_mask,
+                step=self.state.global_step)
             self._last_aux = aux.detach()
             if self._loss_scaled_for_accumulation(num_items_in_batch):
                 # The steps of this optimizer step (the last one of an epoch may have fewer).
