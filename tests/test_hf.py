@@ -1736,16 +1736,24 @@ def test_importing_the_package_does_not_import_transformers():
                    cwd=pathlib.Path(__file__).resolve().parents[1])
 
 
-@pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
-                         ids=["block", "component"])
-def test_generate_with_the_kv_cache_matches_full_forwards(where):
+# Decoders whose cache holds a recurrent or convolution state beside the KV cache: a decode step
+# runs their mixers (and the adapters beside them) on one new token.
+STATEFUL = ["qwen3_next", "jamba", "bamba", "falcon_h1", "lfm2", "recurrent_gemma", "nemotron_h"]
+GENERATE_CASES = ([("llama", dict(placement="both")),
+                   ("llama", dict(target_modules="q_proj,v_proj"))]
+                  + [(f, dict(placement="both")) for f in STATEFUL])
+
+
+@pytest.mark.parametrize("family,where", GENERATE_CASES,
+                         ids=["block", "component"] + STATEFUL)
+def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     """Greedy ``generate`` with adapters attached: its cached decode steps (one new token per
     sequence through the adapters) pick the tokens that full forwards over the whole prefix
     pick, and no cache gives the same."""
-    model = tiny_model("llama")
+    model = tiny_model(family)
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1), **where)
     randomize(handle)
-    prompt = tiny_inputs("llama")
+    prompt = tiny_inputs(family)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(prompt))  # else the prompt's 0s count as padding
     with torch.no_grad():
