@@ -1768,6 +1768,25 @@ def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     assert not torch.equal(base, ids), "the adapters must change what is generated"
 
 
+def test_an_encoder_decoder_generates_what_its_full_forwards_pick():
+    """T5 with adapters in both stacks: greedy ``generate`` (the encoder once, the decoder one
+    token per step with its self- and cross-attention caches) picks the tokens that one full
+    forward over the generated target picks, and the adapters change them."""
+    model = tiny_model("t5")
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1),
+                    placement="both")
+    randomize(handle)
+    source = tiny_inputs("t5")["input_ids"]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)  # no early end of sequence
+    with torch.no_grad():
+        out = model.generate(input_ids=source, **kw)
+        full = model(input_ids=source, decoder_input_ids=out[:, :-1]).logits.argmax(-1)
+        with handle.disabled():
+            base = model.generate(input_ids=source, **kw)
+    assert torch.equal(full, out[:, 1:])
+    assert not torch.equal(base, out), "the adapters must change what is generated"
+
+
 def test_readme_names_every_supported_type():
     """README's block-level section, the users' list, names every type of the table, every
     multimodal model tested here and every dual encoder (a type added without it, or dropped
