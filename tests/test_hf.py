@@ -176,6 +176,8 @@ EXTRA = {
     "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"]),
     "deberta-v2": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
     "distilbert": dict(hidden_dim=64),
+    # ESM-2's rotary position embeddings (ESM-1b's absolute ones are the default).
+    "esm": dict(position_embedding_type="rotary", pad_token_id=1),
     # Encoder-decoders (SEQ2SEQ below): Flan-T5's gated-GELU FFN; LongT5's transient-global
     # encoder attention (its default is local), blocks of 2 tokens; Switch Transformers: layer 1
     # of each stack an MoE block of 4 experts, layer 0 dense.
@@ -323,7 +325,7 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
         return model.eval()
-    if family in POST_LN:  # encoders: the bare model (BertModel, ...), its pad token's default
+    if family in POST_LN + PRE_LN_OUTPUT:  # encoders: the bare model (BertModel, ...)
         cfg = transformers.AutoConfig.for_model(family, **small, vocab_size=64,
                                                 max_position_embeddings=32,
                                                 **EXTRA.get(family, {}), **config)
@@ -503,7 +505,8 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
     """``base`` (a pre-attach copy) with the adapters' delta added the way SPEC writes it: to
     the sub-layer's output (so before what the layer applies after it: the module docstring's
     kind 3; in a post-LN encoder, POST_LNS, to the sum its post-LN normalizes, LN(z + Sub(z) +
-    delta)), from z captured by :func:`capture_z`."""
+    delta); in ESM's layout, ADDS_RESIDUAL, to the sum the module that ends the sub-layer forms,
+    Sub(z) + r + delta), from z captured by :func:`capture_z`."""
     cfg = handle.config
     captured = {}
 
@@ -525,6 +528,11 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
         if post_lns is not None:  # LN(z + Sub(z) + delta), wherever the adapter hangs
             layer.get_submodule(post_lns[sub in names(family.ffn)]).register_forward_pre_hook(
                 lambda m, args, k=name, a=a: (args[0] + delta(captured[k], a, cfg),))
+            continue
+        ends = ADDS_RESIDUAL.get(base.config.model_type)
+        if ends is not None:  # Sub(z) + r + delta, the sum the module that ends it forms
+            layer.get_submodule(ends[sub in names(family.ffn)]).register_forward_hook(
+                lambda m, args, out, k=name, a=a: out + delta(captured[k], a, cfg))
             continue
         layer.get_submodule(sub).register_forward_hook(
             lambda m, args, out, k=name, a=a: plus(out, delta(captured[k], a, cfg)))
@@ -569,6 +577,12 @@ POST_LN = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "d
 _BERT_LNS = ("attention.output.LayerNorm", "output.LayerNorm")
 POST_LNS = {**dict.fromkeys(POST_LN, _BERT_LNS), "mpnet": ("attention.LayerNorm", _BERT_LNS[1]),
             "distilbert": ("sa_layer_norm", "output_layer_norm")}
+# Pre-LN encoders in BERT's modules (ESM's layout; tiny_model: AutoModel): the norms sit before
+# the sub-layers, and a module that ends each sub-layer adds the residual, with no norm after.
+PRE_LN_OUTPUT = ["esm", "xlm-roberta-xl", "roberta-prelayernorm", "megatron-bert"]
+# Those modules, (the attention's, the FFN's), read off transformers' code, not the table:
+# reference_model adds each adapter's delta to their output, Sub(z) + r + delta.
+ADDS_RESIDUAL = dict.fromkeys(PRE_LN_OUTPUT, ("attention.output", "output"))
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
                   "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
@@ -604,6 +618,8 @@ CASES = ([("llama", w) for w in PLACEMENTS]
          + [("bert", PLACEMENTS[0]), ("bert", PLACEMENTS[1])]
          + [("nemotron_h", PLACEMENTS[0]), ("nemotron_h", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in POST_LN]
+         + [("esm", PLACEMENTS[0]), ("esm", PLACEMENTS[1])]
+         + [(f, PLACEMENTS[2]) for f in PRE_LN_OUTPUT]
          + [("t5", PLACEMENTS[0]), ("t5", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in SEQ2SEQ])
 
@@ -612,7 +628,7 @@ def test_every_supported_architecture_is_tested():
     """Each table entry by a model of its type, or (the Qwen-VL language models, Gemma 3's)
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
-    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + SEQ2SEQ
+    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
@@ -743,15 +759,16 @@ def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
     assert get_handle(mixers_only) is None
 
 
-# Pre-LN (kind 1) and parallel (kind 2) layers: 'ffn' on every one; 'attn' where the layer forms
-# h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no such sum).
-SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + SEQ2SEQ]
-             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + SEQ2SEQ])
+# Pre-LN (kind 1, ESM's layout too) and parallel (kind 2) layers: 'ffn' on every one; 'attn'
+# where the layer forms h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no
+# such sum).
+SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + SEQ2SEQ + PRE_LN_OUTPUT]
+             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + SEQ2SEQ + PRE_LN_OUTPUT])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
 # element) is h1, read off transformers' code, not the table. T5's block: the self-attention's
 # wrapper ``layer.0`` returns h + Attn(z) (a decoder block's cross-attention comes between it
-# and the FFN's norm).
-H1_AT = dict.fromkeys(ENCODER_DECODERS, "layer.0")
+# and the FFN's norm). ESM's layout: ``attention`` returns h + Attn(LN1(h)) (its first element).
+H1_AT = {**dict.fromkeys(ENCODER_DECODERS, "layer.0"), **dict.fromkeys(PRE_LN_OUTPUT, "attention")}
 
 
 @pytest.mark.parametrize("family,placement", SUM_CASES,
@@ -880,18 +897,20 @@ def test_a_post_ln_output_module_without_its_residual_argument_is_refused():
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
 
 
-def test_a_post_ln_encoder_checkpoints_and_saves():
-    """BERT with adapters on both sub-layers (forward pre-hooks on its output modules): under
+@pytest.mark.parametrize("family", ["bert", "esm"])
+def test_an_encoder_hooked_on_its_output_modules_checkpoints_and_saves(family):
+    """BERT (post-LN) and ESM (pre-LN, the hook applying the norm again) with adapters on both
+    sub-layers (forward pre-hooks on their output modules, which add the residual): under
     gradient checkpointing (the recompute re-runs the hooks) the outputs and gradients are the
     plain forward's; save_adapters and load_adapters give a fresh model the adapted outputs (by
     the adapters' paths). Compiled: test_switching_a_compiled_model_follows_the_switch."""
     from mtlora_kernels import load_adapters, save_adapters
 
-    model = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = tiny_model(family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     handle = attach(model.train(), MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
                     placement="both")
     randomize(handle)
-    x = tiny_inputs("bert")
+    x = tiny_inputs(family)
     calls = []
     model.encoder.layer[0].output.register_forward_pre_hook(lambda m, a: calls.append(1))
 
@@ -913,7 +932,34 @@ def test_a_post_ln_encoder_checkpoints_and_saves():
     model.eval()
     with tempfile.TemporaryDirectory() as d:
         save_adapters(handle, d)
-        assert torch.equal(run(load_adapters(tiny_model("bert"), d).model, x), run(model, x))
+        assert torch.equal(run(load_adapters(tiny_model(family), d).model, x), run(model, x))
+
+
+@pytest.mark.parametrize("family", PRE_LN_OUTPUT)
+def test_the_norm_the_hook_applies_again_is_the_sub_layers_own(family):
+    """ESM's layout: the hook applies the sub-layer's norm to its output module's residual
+    argument again. With adapters on, each of those norms runs twice a forward, the layer's call
+    and the hook's, on the same tensor with the same output bit for bit (the adapter's z is the
+    sub-layer's); disabled, once (the hook computes no norm for nothing)."""
+    model = distinct_norms(tiny_model(family))
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2), placement="both")
+    randomize(handle)
+    calls = {}
+    for name, layer in stack_of(model):
+        fam = family_of(model, layer)
+        for norm in (fam.attn_norm, fam.ffn_norm):
+            layer.get_submodule(norm).register_forward_hook(
+                lambda m, args, out, key=(name, norm): calls.setdefault(key, []).append(
+                    (args[0], out)))
+    with torch.no_grad():
+        run(model, tiny_inputs(family))
+        assert len(calls) == 2 * len(stack_of(model))
+        for (layers_in, layers_out), (hooks_in, hooks_out) in calls.values():  # two each
+            assert torch.equal(layers_in, hooks_in) and torch.equal(layers_out, hooks_out)
+        calls.clear()
+        with handle.disabled():
+            run(model, tiny_inputs(family))
+        assert all(len(c) == 1 for c in calls.values()) and len(calls) == 4
 
 
 def test_the_hook_reads_z_from_the_first_argument_by_any_keyword():

@@ -18,8 +18,12 @@ BLOOM's and MPT's residual, which those modules add to their output themselves: 
 [T, d]). In BERT's layer (kind 4 below) the module that ends the sub-layer adds the residual
 stream, which is z there, itself and normalizes the sum: the adapter sits on that module, and ONE
 forward pre-hook replaces its residual argument z by ``z + adapter(z)`` (z the fused op's
-residual). One hook with no state kept between hooks is what makes this safe under gradient
-checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
+residual). Pre-LN encoders built of BERT's modules (ESM's layout: esm, xlm-roberta-xl,
+roberta-prelayernorm, megatron-bert) add the residual r in the same module, with no norm after,
+and z is LN(r): the same pre-hook applies the sub-layer's norm module to r again and passes
+``r + adapter(LN(r))``. One hook with no state kept between hooks is what makes this safe under
+gradient checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo
+inlines it).
 
 The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``; the table
 below names every type, README lists them for users) come in four kinds:
@@ -40,7 +44,8 @@ below names every type, README lists them for users) come in four kinds:
   and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
   siglip_vision_model, ...), and in encoder-decoders of T5's kind, both stacks (t5, mt5, umt5,
   longt5, switch_transformers, pop2piano: :data:`ENCODER_DECODERS`; the decoder's
-  cross-attention gets no adapter);
+  cross-attention gets no adapter), and in encoders built of BERT's modules (esm, ...: the
+  residual added in the module that ends each sub-layer, as above);
 - parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, falcon, ...):
   one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus
   ``adapter(z)`` of each placed adapter; or two norms of the same h (gpt_neox, falcon's
@@ -131,16 +136,20 @@ class _Family:
     module that ends it, projecting the sub-layer's hidden output, adding the residual stream it
     gets as an argument and applying the post-LN (BERT's ``BertSelfOutput`` and ``BertOutput``),
     that argument's name (``input_tensor``): the residual stream is z there, and the adapter's
-    output is added to it before the post-LN. ``attn_after`` / ``ffn_after``: what
-    the layer applies to the sub-layer's output before adding it to the residual (a post-norm, a
-    dropout, Granite's ``residual_multiplier``, a layer scale), so to the sub-layer's output plus
-    the adapter's; a tuple names several, applied in that order, all of them there (HyperCLOVA X: a
-    post-norm, then the multiplier). ``ffn_refused_if``: (attribute, why): a layer that has the
-    attribute has no one module for its FFN, and 'ffn' / 'both' are refused there (Gemma 4's MoE
-    layers). ``sub_layer_by``: (attribute, token-mixer values, FFN values): each layer is ONE
-    pre-LN sub-layer, a token mixer or an FFN by the value of its attribute (Nemotron-H's
-    ``block_type``), ``attn`` and ``ffn`` the same module: 'attn' adapts the token-mixer layers,
-    'ffn' the FFN layers, 'both' every layer; a value of neither kind is refused.
+    output is added to it before the post-LN. ``residual_normed``: such a module ends a pre-LN
+    sub-layer instead (ESM's layout: it projects and adds the residual, no norm after), the
+    residual it gets is the stream the sub-layer's norm (``attn_norm`` / ``ffn_norm``) reads, and
+    z is that norm's output: the hook applies the norm to the residual argument again.
+    ``attn_after`` / ``ffn_after``: what the layer applies to the sub-layer's output before
+    adding it to the residual (a post-norm, a dropout, Granite's ``residual_multiplier``, a layer
+    scale), so to the sub-layer's output plus the adapter's; a tuple names several, applied in
+    that order, all of them there (HyperCLOVA X: a post-norm, then the multiplier).
+    ``ffn_refused_if``: (attribute, why): a layer that has the attribute has no one module for
+    its FFN, and 'ffn' / 'both' are refused there (Gemma 4's MoE layers). ``sub_layer_by``:
+    (attribute, token-mixer values, FFN values): each layer is ONE pre-LN sub-layer, a token
+    mixer or an FFN by the value of its attribute (Nemotron-H's ``block_type``), ``attn`` and
+    ``ffn`` the same module: 'attn' adapts the token-mixer layers, 'ffn' the FFN layers, 'both'
+    every layer; a value of neither kind is refused.
     """
 
     layer_class: str
@@ -153,6 +162,7 @@ class _Family:
     ffn_refused_if: tuple[str, str] | None = None
     attn_residual: str | None = None
     ffn_residual: str | None = None
+    residual_normed: bool = False
     sub_layer_by: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
 
 
@@ -210,6 +220,17 @@ def _post_ln(layer_class: str) -> _Family:
     ``input_tensor`` and normalizes."""
     return _Family(layer_class, "attention.output", None, "output", "attention.output.LayerNorm",
                    attn_residual="input_tensor", ffn_residual="input_tensor")
+
+
+def _pre_ln_output(layer_class: str, attn_norm: str, ffn_norm: str,
+                   attn_residual: str = "input_tensor") -> _Family:
+    """ESM's layout: pre-LN, ``a = h + Attn(attn_norm(h))``, ``out = a + FFN(ffn_norm(a))``, in
+    BERT's modules: each sub-layer ended by a module (``attention.output``, ``output``) that
+    projects and adds the residual it gets (``input_tensor``, the attention's ``attn_residual``),
+    with no norm after; z is the norm applied to that residual (``residual_normed``)."""
+    return _Family(layer_class, "attention.output", attn_norm, "output", ffn_norm,
+                   attn_residual=attn_residual, ffn_residual="input_tensor",
+                   residual_normed=True)
 
 
 def _t5(layer_class: str, ffn: str = "DenseReluDense",
@@ -540,6 +561,23 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # DistilBERT: each sub-layer one module, its residual add and post-LN in the layer: hooked as
     # LLaMA's (the FFN's own dropout acts on FFN(a) alone, before the hook adds adapter(a)).
     "distilbert": _Family("TransformerBlock", "attention", None, "ffn", "sa_layer_norm"),
+    # Pre-LN encoders in BERT's modules (ESM's layout): a = h + Attn(LN1(h)), out = a + FFN(LN2(a))
+    # (kind 1's formula), but the residual add is inside the module that ends each sub-layer
+    # (attention.output, output: dense, dropout, + the residual argument; no norm after), and
+    # the norms are elsewhere (inside ``attention``, in the layer, RoBERTa-PreLayerNorm's FFN norm
+    # inside ``intermediate``): no one module gets z and adds to the residual. The pre-hook on the
+    # output module takes its residual argument r (the stream the norm reads) and passes r +
+    # adapter(norm(r)), the norm applied again, z = LN(r) (residual_normed): out = a + FFN(z) +
+    # adapter(z). The adapter's output skips the module's dropout, as in BERT's layout. A
+    # decoder's cross-attention (add_cross_attention) gets no adapter; the FFN's norm then reads
+    # its output, and so does the hook. Megatron-BERT's attention output names its residual
+    # argument ``residual``.
+    **{t: _pre_ln_output(*f) for t, f in (
+        ("esm", ("EsmLayer", "attention.LayerNorm", "LayerNorm")),
+        ("xlm-roberta-xl", ("XLMRobertaXLLayer", "attention.self_attn_layer_norm", "LayerNorm")),
+        ("roberta-prelayernorm", ("RobertaPreLayerNormLayer", "attention.LayerNorm",
+                                  "intermediate.LayerNorm")),
+        ("megatron-bert", ("MegatronBertLayer", "attention.ln", "ln", "residual")))},
 }
 
 #: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
@@ -742,22 +780,41 @@ def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     return (y, *output[1:]) if isinstance(output, tuple) else y
 
 
+def _normed(layer: nn.Module, family: _Family, norm: str | tuple[str, ...] | None
+            ) -> nn.Module | None:
+    """The norm module a residual hook applies to its residual argument (``residual_normed``:
+    the sub-layer's, of alternatives the first the layer has), else None."""
+    if not family.residual_normed:
+        return None
+    return layer.get_submodule(_module_named(layer, norm))
+
+
 def _argument_index(module: nn.Module, arg: str) -> int | None:
     """The position of parameter ``arg`` of ``module``'s forward (None: it has none)."""
     params = list(inspect.signature(module.forward).parameters)
     return params.index(arg) if arg in params else None
 
 
-def _residual_hook(module: nn.Module, args: tuple, kwargs: dict, *, arg: str, index: int):
-    """A forward pre-hook on a module that adds the residual stream z it gets as argument ``arg``
+def _residual_hook(module: nn.Module, args: tuple, kwargs: dict, *, arg: str, index: int,
+                   norm: nn.Module | None = None):
+    """A forward pre-hook on a module that adds the residual stream r it gets as argument ``arg``
     (positional at ``index``, or by keyword) to the sub-layer's output, then applies the post-LN
-    (BERT's output modules): z becomes ``z + adapter(z)``, so the module computes
-    ``LN(Sub(..) + z + adapter(z))``. The adapter's output does not go through the module's
-    dropout, which acts on the projection alone (identity in eval; StarCoder2's is the same)."""
-    if len(args) > index:
-        z = args[index]
-        return (*args[:index], _plus_adapter(module, z, z), *args[index + 1:]), kwargs
-    return args, {**kwargs, arg: _plus_adapter(module, kwargs[arg], kwargs[arg])}
+    (BERT's output modules): r is z there and becomes ``z + adapter(z)``, so the module computes
+    ``LN(Sub(..) + z + adapter(z))``. With ``norm`` (a pre-LN sub-layer ended by such a module,
+    no post-LN after the add: ESM's layout), z is ``norm(r)``, the sub-layer's input computed
+    again by the same module on the same tensor (one norm more per adapted sub-layer; the norm
+    is frozen base model, so only the adapter trains), and r becomes ``r + adapter(norm(r))``:
+    the module computes ``Sub(norm(r)) + r + adapter(norm(r))``. Either way the adapter's
+    output does not go through the module's dropout, which acts on the projection alone
+    (identity in eval; StarCoder2's is the same)."""
+    positional = len(args) > index
+    r = args[index] if positional else kwargs[arg]
+    if norm is not None and not getattr(module, ADAPTER_ATTR).enabled:
+        return None  # disabled: the module's arguments as they are, no norm computed for nothing
+    y = _plus_adapter(module, r if norm is None else norm(r), r)
+    if positional:
+        return (*args[:index], y, *args[index + 1:]), kwargs
+    return args, {**kwargs, arg: y}
 
 
 class MTLoRAHandle:
@@ -1020,11 +1077,11 @@ def attach(
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear attention or SSM /
             full attention, parallel and post-norm decoders, ModernBERT, ViT-style vision
-            encoders, BERT-style post-LN encoders, T5-style encoder-decoders; see the module
-            docstring), multimodal models whose ``text_config`` has one of them (their language
-            model's layers), and the image classifiers of :data:`DUAL_ENCODERS` (their vision
-            tower's layers); any model with the named ``nn.Linear`` (or ``Conv1D``) modules works
-            component-level.
+            encoders, BERT-style post-LN encoders, ESM-style pre-LN encoders, T5-style
+            encoder-decoders; see the module docstring), multimodal models whose
+            ``text_config`` has one of them (their language model's layers), and the image
+            classifiers of :data:`DUAL_ENCODERS` (their vision tower's layers); any model with
+            the named ``nn.Linear`` (or ``Conv1D``) modules works component-level.
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
@@ -1146,9 +1203,13 @@ def attach(
                     f"or component-level placement (target_modules=[...]).")
         # The sub-layers that get an adapter: of a field's alternatives, the first the layer has;
         # in a layer that is one sub-layer (sub_layer_by), the one it is.
-        hosts = [(layer_name, layer, *((_module_named(layer, fam.ffn), fam.ffn_residual)
+        # Each with its residual argument (kind 4) and the norm the hook applies to it (ESM's
+        # layout: residual_normed).
+        hosts = [(layer_name, layer, *((_module_named(layer, fam.ffn), fam.ffn_residual,
+                                        _normed(layer, fam, fam.ffn_norm))
                                        if kind == "ffn" else
-                                       (_module_named(layer, fam.attn), fam.attn_residual)))
+                                       (_module_named(layer, fam.attn), fam.attn_residual,
+                                        _normed(layer, fam, fam.attn_norm))))
                  for layer_name, layer, fam in chosen for kind in kinds
                  if _holds(layer, fam, kind)]
         if not hosts:  # layers=... selected only blocks of the other kind (or the model has none)
@@ -1164,11 +1225,11 @@ def attach(
                 f"{list(ffns if placement == 'ffn' else mixers)}), and {picked}. The {what} "
                 f"blocks are layers {have}; placement='both' adapts every block.")
         train_paths = [] if train is None else _check_train_modules(
-            model, train, [f"{n}.{sub}" for n, _, sub, _ in hosts],
-            [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub, _ in hosts])
+            model, train, [f"{n}.{sub}" for n, _, sub, _, _ in hosts],
+            [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub, _, _ in hosts])
         handle = MTLoRAHandle(model, cfg, placement, None, layers, train)
         _freeze(handle, train_paths)
-        for layer_name, layer, sub, residual in hosts:
+        for layer_name, layer, sub, residual, norm in hosts:
             host = layer.get_submodule(sub)
             ref = next(host.parameters(), None)
             adapter = MTLoRAAdapter(d, d, cfg).to(
@@ -1178,8 +1239,8 @@ def attach(
             handle._hooks.append(
                 host.register_forward_hook(_block_hook, with_kwargs=True) if residual is None
                 else host.register_forward_pre_hook(functools.partial(
-                    _residual_hook, arg=residual, index=_argument_index(host, residual)),
-                    with_kwargs=True))
+                    _residual_hook, arg=residual, index=_argument_index(host, residual),
+                    norm=norm), with_kwargs=True))
             handle._hosts.append(host)
             handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
     model._mtlora_handle = handle  # the adapters start enabled
