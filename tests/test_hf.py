@@ -198,7 +198,7 @@ SEQ2SEQ = ["t5", "t5-gated", "mt5", "umt5", "longt5", "longt5-tglobal", "switch_
 _SEQ2SEQ_FIELDS = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 # Text encoders: model_type -> the model class tiny_model builds (its last hidden states).
-ENCODERS = {"modernbert": "ModernBertModel"}
+ENCODERS = {"modernbert": "ModernBertModel", "eurobert": "EuroBertModel"}
 
 # Vision encoders: model_type -> the model class tiny_model builds (SMALL's fields, 16x16 images
 # of 8x8 patches). The dual encoders (DUAL): their image classifiers, which hold the vision tower
@@ -554,7 +554,7 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
               "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
               "youtu", "cwm", "nanochat", "jais2", "vaultgemma", "persimmon", "gpt_neox_japanese",
-              "gpt2", "gpt_bigcode", "gpt_neo", "bloom", "mpt", "modernbert",
+              "gpt2", "gpt_bigcode", "gpt_neo", "bloom", "mpt", "modernbert", "eurobert",
               "llava", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe",
               "solar_open", "hunyuan_v1_moe", "jetmoe", "deepseek_v2", "deepseek_v3",
@@ -571,12 +571,16 @@ PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-seq
             "codegen", "gpt_neox", "gpt_neox-sequential", "falcon", "falcon-sequential",
             "falcon-two_norms"]
 POST_LN = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text",
-           "deberta", "deberta-v2", "mpnet", "distilbert"]  # encoders (tiny_model: AutoModel)
+           "deberta", "deberta-v2", "rembert", "splinter", "layoutlm", "markuplm", "roc_bert",
+           "luke", "convbert", "bert-generation", "mpnet", "distilbert", "nomic_bert",
+           "jina_embeddings_v3"]  # encoders (tiny_model: AutoModel)
 # Their layers' post-LNs, (after the attention, after the FFN), read off transformers' code, not
 # the table: reference_model adds each adapter's delta to the sum its sub-layer's LN normalizes.
 _BERT_LNS = ("attention.output.LayerNorm", "output.LayerNorm")
 POST_LNS = {**dict.fromkeys(POST_LN, _BERT_LNS), "mpnet": ("attention.LayerNorm", _BERT_LNS[1]),
-            "distilbert": ("sa_layer_norm", "output_layer_norm")}
+            "distilbert": ("sa_layer_norm", "output_layer_norm"),
+            **dict.fromkeys(["nomic_bert", "jina_embeddings_v3"],
+                            ("post_attention_layernorm", "post_mlp_layernorm"))}
 # Pre-LN encoders in BERT's modules (ESM's layout; tiny_model: AutoModel): the norms sit before
 # the sub-layers, and a module that ends each sub-layer adds the residual, with no norm after.
 PRE_LN_OUTPUT = ["esm", "xlm-roberta-xl", "roberta-prelayernorm", "megatron-bert"]

@@ -297,6 +297,8 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
         ("diffllama", "DiffLlamaDecoderLayer"), ("youtu", "YoutuDecoderLayer"),
         ("cwm", "CwmDecoderLayer"), ("nanochat", "NanoChatDecoderLayer"),
         ("jais2", "Jais2DecoderLayer"),
+        # EuroBERT, an encoder: LLaMA's layer (RMSNorms, RoPE), attending both ways.
+        ("eurobert", "EuroBertDecoderLayer"),
         # ... with an MoE block in some layers (mlp_layer_types, first_k_dense_replace) or all
         # (Mellum's default), as ``mlp``. DeepSeek-V3.2's sparse-attention indexer is inside
         # its self_attn.
@@ -547,12 +549,20 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     #    applies the post-LN: a pre-hook there adds adapter(z) to input_tensor (z). A BERT decoder's
     #    cross-attention (add_cross_attention) gets no adapter; the FFN's z is then its output.
     #    DeBERTa's disentangled attention is inside attention.self; its query_states (z_steps > 1,
-    #    the last layer run again on them) are the residual and so that run's z.
+    #    the last layer run again on them) are the residual and so that run's z. More of BERT's
+    #    layer code: ConvBERT's span-based convolution heads are inside attention.self; RemBERT
+    #    projects its narrower embeddings to hidden_size before the layers; LayoutLM's boxes,
+    #    MarkupLM's XPaths and RoCBERT's pronunciation and shape ids enter in the embeddings;
+    #    LUKE's entity tokens (entity_ids, where given) join the word tokens in one stream through
+    #    each sub-layer, so they get the adapters too.
     **{t: _post_ln(c) for t, c in (
         ("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("xlm-roberta", "XLMRobertaLayer"),
         ("camembert", "CamembertLayer"), ("electra", "ElectraLayer"), ("ernie", "ErnieLayer"),
         ("data2vec-text", "Data2VecTextLayer"), ("deberta", "DebertaLayer"),
-        ("deberta-v2", "DebertaV2Layer"))},
+        ("deberta-v2", "DebertaV2Layer"), ("rembert", "RemBertLayer"),
+        ("splinter", "SplinterLayer"), ("layoutlm", "LayoutLMLayer"),
+        ("markuplm", "MarkupLMLayer"), ("roc_bert", "RoCBertLayer"), ("luke", "LukeLayer"),
+        ("convbert", "ConvBertLayer"), ("bert-generation", "BertGenerationLayer"))},
     # MPNet: the attention module adds the residual and normalizes around ``attention.attn`` (q,
     # k, v and o), hooked as LLaMA's attention (the module's dropout acts on Attn(h) + adapter(h)
     # together); its FFN is BERT's.
@@ -561,6 +571,12 @@ SUPPORTED_ARCHITECTURES: dict[str, _Family | tuple[_Family, ...]] = {
     # DistilBERT: each sub-layer one module, its residual add and post-LN in the layer: hooked as
     # LLaMA's (the FFN's own dropout acts on FFN(a) alone, before the hook adds adapter(a)).
     "distilbert": _Family("TransformerBlock", "attention", None, "ffn", "sa_layer_norm"),
+    # NomicBERT and Jina Embeddings v3: DistilBERT's shape (self_attn and mlp, the residual adds
+    # and post-LNs in the layer) with a residual dropout after each sub-layer, which acts on
+    # Attn(h) + adapter(h) together (identity in eval), as ViT's.
+    **{t: _Family(c, "self_attn", None, "mlp", "post_attention_layernorm",
+                  "post_attention_dropout", "post_mlp_dropout") for t, c in (
+        ("nomic_bert", "NomicBertLayer"), ("jina_embeddings_v3", "JinaEmbeddingsV3Layer"))},
     # Pre-LN encoders in BERT's modules (ESM's layout): a = h + Attn(LN1(h)), out = a + FFN(LN2(a))
     # (kind 1's formula), but the residual add is inside the module that ends each sub-layer
     # (attention.output, output: dense, dropout, + the residual argument; no norm after), and
