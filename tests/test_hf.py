@@ -176,6 +176,11 @@ EXTRA = {
     "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"]),
     "deberta-v2": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
     "distilbert": dict(hidden_dim=64),
+    # LUKE's entity embeddings and RoCBERT's pronunciation and shape embeddings small (their
+    # defaults hold 128M and 13M parameters).
+    "luke": dict(entity_vocab_size=16, entity_emb_size=16),
+    "roc_bert": dict(pronunciation_vocab_size=16, pronunciation_embed_dim=8, shape_vocab_size=16,
+                     shape_embed_dim=8),
     # ESM-2's rotary position embeddings (ESM-1b's absolute ones are the default).
     "esm": dict(position_embedding_type="rotary", pad_token_id=1),
     # Encoder-decoders (SEQ2SEQ below): Flan-T5's gated-GELU FFN; LongT5's transient-global
