@@ -7,6 +7,9 @@ Attach the adapters first, then train as usual::
     trainer.train()
     save_adapters(handle, "adapters/")
 
+(:class:`MTLoRASeq2SeqTrainer` the same on ``Seq2SeqTrainer``, for an encoder-decoder evaluated
+by generation.)
+
 Adding ``handle.aux_loss()`` to the loss in a ``compute_loss`` override is easy to get subtly
 wrong, which is why this class exists:
 
@@ -117,4 +120,10 @@ class MTLoRATrainer(transformers.Trainer):
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["MTLoRATrainer"]
+class MTLoRASeq2SeqTrainer(MTLoRATrainer, transformers.Seq2SeqTrainer):
+    """:class:`MTLoRATrainer` on ``transformers.Seq2SeqTrainer``: the same auxiliary loss in
+    training, and an encoder-decoder's (T5's) evaluation and prediction by generation
+    (``Seq2SeqTrainingArguments(predict_with_generate=True)``), through the adapters."""
+
+
+__all__ = ["MTLoRATrainer", "MTLoRASeq2SeqTrainer"]
