@@ -1,0 +1,526 @@
+"""The layer layouts block-level placement knows (:func:`mtlora_kernels.attach`), by
+``config.model_type``: where each transformer layer keeps its token mixer, its FFN and the norms
+they read, by attribute name. :mod:`mtlora_kernels.integrations.hf` places the adapters by them.
+
+The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``; the table
+below names every type, README lists them for users) come in four kinds:
+
+- pre-LN, SPEC's formula above, exactly: LLaMA's layout under many names (llama, mistral, qwen2,
+  qwen3, gemma, gpt2's ln_1 / attn / ln_2 / mlp, bloom, mpt, the encoder modernbert, ...), with
+  an MoE block as the FFN in every layer or in some (mixtral, qwen3_moe, deepseek_v3, glm4_moe,
+  llama4_text, ...: the adapter in parallel with the whole block), and
+  hybrid stacks, linear attention (a Gated DeltaNet, Kimi's delta attention) in some layers and
+  full attention in the others (qwen3_next, qwen3_5_text, kimi_linear, ...), or a state-space or
+  convolution mixer in some layers (jamba, bamba, lfm2, recurrent_gemma, ...: Mamba, a short
+  convolution, Griffin's recurrent block): either mixer is called once on ``LN1(h)`` and added to
+  the residual, so 'attn' puts the adapter in parallel with the layer's mixer, whichever it is;
+  or stacks whose every layer is ONE such sub-layer, ``h + Sub(LN(h))``, a token mixer or an
+  FFN by its block type (nemotron_h: Mamba-2, attention, an MLP or an MoE block as ``mixer``):
+  'attn' adapts the token-mixer blocks, 'ffn' the FFN blocks, 'both' every block, z = LN(h),
+  and ``layers=`` counts blocks (skipping the selected ones of the other kind);
+  and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
+  siglip_vision_model, ...), and in encoder-decoders of T5's kind, both stacks (t5, mt5, umt5,
+  longt5, switch_transformers, pop2piano: :data:`ENCODER_DECODERS`; the decoder's
+  cross-attention gets no adapter), and in encoders built of BERT's modules (esm, ...: the
+  residual added in the module that ends each sub-layer, as above);
+- parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, falcon, ...):
+  one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus
+  ``adapter(z)`` of each placed adapter; or two norms of the same h (gpt_neox, falcon's
+  new_decoder_architecture), ``out = h + Attn(LN1(h)) + FFN(LN2(h))``, each adapter on its
+  sub-layer's z;
+- a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, afmoe, ...: a post-norm; granite: its
+  ``residual_multiplier`` m; hyperclovax: a post-norm, then m; dinov2, dinov3_vit, beit: a layer
+  scale, then stochastic depth; granitemoehybrid: m again; falcon_h1's Mamba mixer: its
+  ``ssm_out_multiplier``). SPEC's formula is for pre-LN layers; here the layer applies the
+  transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z) +
+  adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
+  adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear layers
+  (PEFT, HydraLoRA's placement) sits too. Where a layer has no norm before the sub-layer (OLMo2/3),
+  z is the residual stream (``h1`` for the FFN, ``h`` for attention) itself. What a layer does
+  after the FFN's residual add (Gemma 4's per-layer input and ``layer_scalar``, Gemma 3n's AltUp
+  correction) takes the adapter's delta as it takes the FFN's output. The table's comments give
+  each type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse
+  'ffn' and 'both');
+- post-LN encoders (bert, roberta, deberta, distilbert, ...): the sub-layer reads the residual
+  stream and the layer normalizes the sum, ``a = LN1(h + Attn(h))``, ``out = LN2(a + FFN(a))``;
+  the adapter's output joins that sum, ``out = LN2(a + FFN(a) + adapter(a))``, z = a (the
+  attention's: z = h), where a LoRA on the sub-layer's own Linear layers would put it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where the pieces of one transformer layer live, by attribute name.
+
+    ``attn``: the token mixer; a tuple names alternatives, the first the layer has (a hybrid
+    stack's ``self_attn`` in its full-attention layers, ``linear_attn`` in its linear-attention
+    ones: the adapter goes on the one each layer has, and is named after it). ``ffn``: the FFN,
+    a tuple likewise (T5's ``layer.2.DenseReluDense`` in a decoder block, ``layer.1.…`` in an
+    encoder block). Either may be a dotted path to a module inside the layer (BERT's
+    ``attention.output``).
+    ``attn_norm`` / ``ffn_norm``: the norm whose output the sub-layer is called on (a dotted path
+    too: BERT's FFN reads ``attention.output.LayerNorm``'s output); a tuple names alternatives,
+    the first the layer has (StableLM); None where the layer has no norm there and the sub-layer
+    reads the residual stream itself (OLMo2, BERT's attention). ``attn_residual`` /
+    ``ffn_residual``: where the module ``attn`` / ``ffn`` names is not the sub-layer but the
+    module that ends it, projecting the sub-layer's hidden output, adding the residual stream it
+    gets as an argument and applying the post-LN (BERT's ``BertSelfOutput`` and ``BertOutput``),
+    that argument's name (``input_tensor``): the residual stream is z there, and the adapter's
+    output is added to it before the post-LN. ``residual_normed``: such a module ends a pre-LN
+    sub-layer instead (ESM's layout: it projects and adds the residual, no norm after), the
+    residual it gets is the stream the sub-layer's norm (``attn_norm`` / ``ffn_norm``) reads, and
+    z is that norm's output: the hook applies the norm to the residual argument again.
+    ``attn_after`` / ``ffn_after``: what the layer applies to the sub-layer's output before
+    adding it to the residual (a post-norm, a dropout, Granite's ``residual_multiplier``, a layer
+    scale), so to the sub-layer's output plus the adapter's; a tuple names several, applied in
+    that order, all of them there (HyperCLOVA X: a post-norm, then the multiplier).
+    ``ffn_refused_if``: (attribute, why): a layer that has the attribute has no one module for
+    its FFN, and 'ffn' / 'both' are refused there (Gemma 4's MoE layers). ``sub_layer_by``:
+    (attribute, token-mixer values, FFN values): each layer is ONE pre-LN sub-layer, a token
+    mixer or an FFN by the value of its attribute (Nemotron-H's ``block_type``), ``attn`` and
+    ``ffn`` the same module: 'attn' adapts the token-mixer layers, 'ffn' the FFN layers, 'both'
+    every layer; a value of neither kind is refused.
+    """
+
+    layer_class: str
+    attn: str | tuple[str, ...]
+    attn_norm: str | tuple[str, ...] | None
+    ffn: str | tuple[str, ...]
+    ffn_norm: str | tuple[str, ...] | None
+    attn_after: str | tuple[str, ...] | None = None
+    ffn_after: str | tuple[str, ...] | None = None
+    ffn_refused_if: tuple[str, str] | None = None
+    attn_residual: str | None = None
+    ffn_residual: str | None = None
+    residual_normed: bool = False
+    sub_layer_by: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
+
+
+def _pre_ln(layer_class: str, attn_after: str | tuple[str, ...] | None = None,
+            ffn_after: str | tuple[str, ...] | None = None, ffn: str = "mlp",
+            attn: str | tuple[str, ...] = "self_attn") -> LayerLayout:
+    """LLaMA's layout: ``h1 = h + Attn(input_layernorm(h))``,
+    ``out = h1 + FFN(post_attention_layernorm(h1))``, the FFN module named ``ffn``."""
+    return LayerLayout(layer_class, attn, "input_layernorm", ffn, "post_attention_layernorm",
+                       attn_after, ffn_after)
+
+
+def _parallel(layer_class: str, after: str | None = None) -> LayerLayout:
+    """One norm feeds both: ``h + Attn(z) + FFN(z)`` with ``z = input_layernorm(h)``."""
+    return LayerLayout(layer_class, "self_attn", "input_layernorm", "mlp", "input_layernorm",
+                       after, after)
+
+
+def _post_norm(layer_class: str, attn_norm: str | None, ffn_norm: str | None,
+               attn_after: str, ffn_after: str) -> LayerLayout:
+    """A norm after each sub-layer: ``h1 + PostNorm(FFN(z))``."""
+    return LayerLayout(layer_class, "self_attn", attn_norm, "mlp", ffn_norm, attn_after, ffn_after)
+
+
+def _post_ln(layer_class: str) -> LayerLayout:
+    """BERT's layout: ``a = LN1(h + Attn(h))``, ``out = LN2(a + FFN(a))``, each sub-layer ended
+    by a module (``attention.output``, ``output``) that projects, adds the residual it gets as
+    ``input_tensor`` and normalizes."""
+    return LayerLayout(layer_class, "attention.output", None, "output",
+                       "attention.output.LayerNorm", attn_residual="input_tensor",
+                       ffn_residual="input_tensor")
+
+
+def _pre_ln_output(layer_class: str, attn_norm: str, ffn_norm: str,
+                   attn_residual: str = "input_tensor") -> LayerLayout:
+    """ESM's layout: pre-LN, ``a = h + Attn(attn_norm(h))``, ``out = a + FFN(ffn_norm(a))``, in
+    BERT's modules: each sub-layer ended by a module (``attention.output``, ``output``) that
+    projects and adds the residual it gets (``input_tensor``, the attention's ``attn_residual``),
+    with no norm after; z is the norm applied to that residual (``residual_normed``)."""
+    return LayerLayout(layer_class, "attention.output", attn_norm, "output", ffn_norm,
+                       attn_residual=attn_residual, ffn_residual="input_tensor",
+                       residual_normed=True)
+
+
+def _t5(layer_class: str, ffn: str = "DenseReluDense",
+        attn: tuple[str, ...] = ("SelfAttention",)) -> LayerLayout:
+    """T5's block: ``layer.0`` the self-attention's wrapper, the FFN's last (``layer.2`` in a
+    decoder block, after the cross-attention's; ``layer.1`` in an encoder block), each with its
+    ``layer_norm`` and the sub-layer (``attn``'s alternatives, ``ffn``) called on its output."""
+    return LayerLayout(layer_class, tuple(f"layer.0.{a}" for a in attn), "layer.0.layer_norm",
+                       (f"layer.2.{ffn}", f"layer.1.{ffn}"),
+                       ("layer.2.layer_norm", "layer.1.layer_norm"))
+
+
+#: The token mixers of a hybrid stack: full attention or a linear attention (Gated DeltaNet).
+_HYBRID = ("self_attn", "linear_attn")
+_GEMMA2 = ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm",
+           "post_feedforward_layernorm")
+_OLMO2 = (None, None, "post_attention_layernorm", "post_feedforward_layernorm")
+
+#: model_type (a multimodal model's: its text_config's) -> layer layout. The hook takes the
+#: adapter's input z from the sub-layer's own input and adds the adapter's output to the
+#: sub-layer's output (kind 4: to the residual argument z of the module that ends the sub-layer);
+#: the names here are only checked to exist (a transformers version that lays
+#: a layer out differently gets an error) and tell the tests which norm's output z must be. A
+#: tuple of families: a stack of layers of several classes, one family each (OLMo-Hybrid). Four
+#: kinds of layer:
+SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
+    # 1. Pre-LN, LLaMA's layout (its layer code under other names in transformers 5):
+    #    out = h1 + FFN(z) + adapter(z), z = LN2(h1), as SPEC section 2 writes it.
+    **{t: _pre_ln(c) for t, c in (
+        ("llama", "LlamaDecoderLayer"), ("mistral", "MistralDecoderLayer"),
+        # EXAONE 3/3.5 and InternLM3 checkpoints load into transformers' LLaMA model.
+        ("exaone", "LlamaDecoderLayer"), ("internlm3", "LlamaDecoderLayer"),
+        ("ministral", "MinistralDecoderLayer"), ("ministral3", "Ministral3DecoderLayer"),
+        ("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer"),
+        ("gemma", "GemmaDecoderLayer"), ("olmo", "OlmoDecoderLayer"),
+        # StarCoder2's residual dropout is inside its sub-layer modules: it drops FFN(z), not the
+        # adapter's output (Phi-3's, below, drops both).
+        ("starcoder2", "Starcoder2DecoderLayer"), ("smollm3", "SmolLM3DecoderLayer"),
+        ("helium", "HeliumDecoderLayer"), ("arcee", "ArceeDecoderLayer"),
+        ("seed_oss", "SeedOssDecoderLayer"), ("glm", "GlmDecoderLayer"),
+        ("ernie4_5", "Ernie4_5DecoderLayer"), ("hunyuan_v1_dense", "HunYuanDenseV1DecoderLayer"),
+        # BitNet's extra norms (attn_sub_norm, ffn_sub_norm) are inside its sub-layer modules.
+        ("bitnet", "BitNetDecoderLayer"), ("nemotron", "NemotronDecoderLayer"),
+        # MoE: the adapter runs in parallel with the whole MoE block (router, experts and any
+        # shared expert). gpt_oss's block returns (output, router_scores): the hook adds to
+        # output. Mixtral's and MiniMax-M2's router_jitter_noise and PhiMoE's input_jitter_noise
+        # (> 0, in training) scale the block's input in place, so its adapter then sees the
+        # jittered z too.
+        ("mixtral", "MixtralDecoderLayer"), ("qwen2_moe", "Qwen2MoeDecoderLayer"),
+        ("qwen3_moe", "Qwen3MoeDecoderLayer"), ("olmoe", "OlmoeDecoderLayer"),
+        ("gpt_oss", "GptOssDecoderLayer"), ("minimax_m2", "MiniMaxM2DecoderLayer"),
+        ("phimoe", "PhimoeDecoderLayer"), ("solar_open", "SolarOpenDecoderLayer"),
+        ("hunyuan_v1_moe", "HunYuanMoEV1DecoderLayer"),
+        # A dense FFN in some layers (first_k_dense_replace, mlp_layer_types, ERNIE's
+        # moe_layer_* fields) and an MoE block in the others, both as ``mlp``.
+        ("deepseek_v2", "DeepseekV2DecoderLayer"), ("deepseek_v3", "DeepseekV3DecoderLayer"),
+        ("glm4_moe", "Glm4MoeDecoderLayer"), ("glm4_moe_lite", "Glm4MoeLiteDecoderLayer"),
+        ("dots1", "Dots1DecoderLayer"), ("exaone_moe", "ExaoneMoeDecoderLayer"),
+        ("ernie4_5_moe", "Ernie4_5_MoeDecoderLayer"),
+        ("mimo_v2_flash", "MiMoV2FlashDecoderLayer"),
+        # More of LLaMA's layer code: DiffLlama's differential attention (two softmaxes, one V
+        # split in two) is inside its self_attn, called once on input_layernorm(h); Youtu's is
+        # DeepSeek's MLA; Jais2 has LayerNorms.
+        ("diffllama", "DiffLlamaDecoderLayer"), ("youtu", "YoutuDecoderLayer"),
+        ("cwm", "CwmDecoderLayer"), ("nanochat", "NanoChatDecoderLayer"),
+        ("jais2", "Jais2DecoderLayer"),
+        # EuroBERT, an encoder: LLaMA's layer (RMSNorms, RoPE), attending both ways.
+        ("eurobert", "EuroBertDecoderLayer"),
+        # ... with an MoE block in some layers (mlp_layer_types, first_k_dense_replace) or all
+        # (Mellum's default), as ``mlp``. DeepSeek-V3.2's sparse-attention indexer is inside
+        # its self_attn.
+        ("mellum", "MellumDecoderLayer"), ("laguna", "LagunaDecoderLayer"),
+        ("minicpm5_moe", "MiniCPM5MoeDecoderLayer"), ("deepseek_v32", "DeepseekV32DecoderLayer"),
+        ("mistral4", "Mistral4DecoderLayer"),
+        # The language models of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (their own
+        # model_types, the text_config's of the multimodal models; below the table): LLaMA's
+        # layer. M-RoPE changes only the position embeddings the attention gets, and Qwen3-VL's
+        # deepstack adds visual features to the residual stream between layers, not inside one.
+        ("qwen2_vl_text", "Qwen2VLDecoderLayer"), ("qwen2_5_vl_text", "Qwen2_5_VLDecoderLayer"),
+        ("qwen3_vl_text", "Qwen3VLTextDecoderLayer"),
+        ("qwen3_vl_moe_text", "Qwen3VLMoeTextDecoderLayer"))},
+    # GPT-NeoX-Japanese: LLaMA's layout, the attention ``attention``, returning (output, weights,
+    # bias): the hook adds to the output, the layer adds the bias (last layer only) after.
+    "gpt_neox_japanese": LayerLayout("GPTNeoXJapaneseLayer", "attention", "input_layernorm", "mlp",
+                                     "post_attention_layernorm"),
+    # Hybrid token mixers: linear attention (a Gated DeltaNet, ``linear_attn``) in some layers
+    # (config.layer_types), full attention (``self_attn``) in the others, either called once on
+    # input_layernorm(h) and added to the residual: 'attn' puts the adapter in parallel with the
+    # layer's mixer, whichever it is (its name in the adapter's). Qwen3-Next: an MoE block as
+    # ``mlp`` but in mlp_only_layers; Qwen3.5-MoE, LARA-mini: in every layer. Qwen3.5 and
+    # Qwen3.5-MoE: their language models' types.
+    **{t: _pre_ln(c, attn=_HYBRID) for t, c in (
+        ("qwen3_next", "Qwen3NextDecoderLayer"), ("qwen3_5_text", "Qwen3_5DecoderLayer"),
+        ("qwen3_5_moe_text", "Qwen3_5MoeDecoderLayer"), ("lara_mini", "LaraMiniDecoderLayer"))},
+    # Kimi Linear and Ling's hybrid (bailing_hybrid): ``self_attn`` is the one or the other, by
+    # layer_types: Kimi Delta Attention or MLA; a dense FFN or an MoE block by mlp_layer_types.
+    "kimi_linear": _pre_ln("KimiLinearDecoderLayer"),
+    "bailing_hybrid": _pre_ln("BailingHybridDecoderLayer"),
+    # Hybrid stacks with a state-space or convolution mixer in some layers (config.layer_types)
+    # and attention in the others, either called once on the first norm's output and added to
+    # the residual: 'attn' puts the adapter beside the mixer the layer has, named after it, as
+    # in the linear-attention hybrids above. Jamba: two layer classes, a Mamba mixer (``mamba``)
+    # or ``self_attn``; the FFN ``feed_forward``, an MoE block in some layers
+    # (expert_layer_period / _offset). Bamba: one class holding ``mamba`` or ``self_attn``.
+    "jamba": (LayerLayout("JambaMambaDecoderLayer", "mamba", "input_layernorm", "feed_forward",
+                          "pre_ff_layernorm"),
+              LayerLayout("JambaAttentionDecoderLayer", "self_attn", "input_layernorm",
+                          "feed_forward", "pre_ff_layernorm")),
+    "bamba": LayerLayout("BambaDecoderLayer", ("self_attn", "mamba"), "input_layernorm",
+                         "feed_forward", "pre_ff_layernorm"),
+    # LFM2: a short gated convolution (``conv``) or ``self_attn`` on operator_norm(h), the FFN
+    # ``feed_forward`` on ffn_norm(h1); LFM2-MoE's an MoE block from layer num_dense_layers on.
+    **{t: LayerLayout(c, ("self_attn", "conv"), "operator_norm", "feed_forward", "ffn_norm")
+       for t, c in (("lfm2", "Lfm2DecoderLayer"), ("lfm2_moe", "Lfm2MoeDecoderLayer"))},
+    # RecurrentGemma (Griffin): the mixer is ``temporal_block`` in every layer, an RG-LRU
+    # recurrent block or local attention by layers_block_type, returning (output, cache).
+    "recurrent_gemma": LayerLayout("RecurrentGemmaDecoderLayer", "temporal_block",
+                                   "temporal_pre_norm", "mlp_block", "channel_pre_norm"),
+    # Falcon-H1: ``mamba`` and ``self_attn`` side by side in every layer, on z = LN1(h), h1 = h +
+    # ssm_out_multiplier * Mamba(z) + attention_out_multiplier * Attn(attention_in_multiplier *
+    # z). 'attn' puts the adapter beside the Mamba mixer, the one called on z itself; the layer
+    # scales its output plus the adapter's by ssm_out_multiplier (a transform, as Granite's).
+    "falcon_h1": LayerLayout("FalconH1DecoderLayer", "mamba", "input_layernorm", "feed_forward",
+                             "pre_ff_layernorm", attn_after="ssm_out_multiplier"),
+    # Nemotron-H: each block is ONE pre-LN sub-layer, h + mixer(norm(h)), its ``mixer`` by its
+    # block_type (config.layers_block_type; hybrid_override_pattern's M, *, -, E): Mamba-2
+    # ('linear_attention') or attention ('full_attention'), the token mixers, which 'attn'
+    # adapts, or an MLP ('mlp') or MoE block ('moe', its shared expert inside), the FFNs, which
+    # 'ffn' adapts; 'both' adapts every block. layers=... counts blocks (num_hidden_layers), and
+    # skips the selected blocks of the other kind (attach refuses a selection with none of it).
+    "nemotron_h": LayerLayout("NemotronHBlock", "mixer", "norm", "mixer", "norm", sub_layer_by=(
+        "block_type", ("linear_attention", "full_attention"), ("mlp", "moe"))),
+    # Llama 4's language model: the FFN is ``feed_forward``, an MoE block in moe_layers. The block
+    # returns (output flattened to [B*S, d], router_logits) and the layer views the output back:
+    # the hook adds the adapter's output in the block's shape.
+    "llama4_text": _pre_ln("Llama4TextDecoderLayer", ffn="feed_forward"),
+    # GPT-2's layer and its kin: LLaMA's layout under the names ln_1, attn, ln_2, mlp (GPT-2's
+    # Linear layers are transformers' Conv1D; the residual dropouts are inside attn and mlp, as
+    # StarCoder2's: they drop Attn(z) and FFN(z), not the adapter's output). GPTBigCode's
+    # multi-query attention and GPT-Neo's local attention (every other layer) are inside attn.
+    # With add_cross_attention (GPT-2, GPTBigCode) the layer has a ``crossattention`` on its own
+    # norm between the two: 'attn' adapts the self-attention (attn) only, 'ffn' reads ln_2 after
+    # the cross-attention's residual add, as the mlp does.
+    **{t: LayerLayout(c, "attn", "ln_1", "mlp", "ln_2") for t, c in (
+        ("gpt2", "GPT2Block"), ("gpt_bigcode", "GPTBigCodeBlock"), ("gpt_neo", "GPTNeoBlock"))},
+    # BLOOM and MPT: the sub-layer module is called on (z, residual) and adds the residual itself,
+    # residual + dropout(Sub(z)), so the hook's adapter(z) joins that sum: residual + Sub(z) +
+    # adapter(z). BLOOM with apply_residual_connection_post_layernorm takes z as the residual
+    # (z + Sub(z) + adapter(z): the adapter still beside the sub-layer). MPT's attention dropout
+    # is in the layer (resid_attn_dropout, on Attn(z) + adapter(z), as Phi-3's); its FFN is
+    # ``ffn``.
+    "bloom": LayerLayout("BloomBlock", "self_attention", "input_layernorm", "mlp",
+                         "post_attention_layernorm"),
+    "mpt": LayerLayout("MptBlock", "attn", "norm_1", "ffn", "norm_2", "resid_attn_dropout"),
+    # ModernBERT, an encoder: layer 0's attn_norm is nn.Identity (the embeddings end in a norm),
+    # so its z is the layer's input; sliding-window and global attention are both ``attn``.
+    "modernbert": LayerLayout("ModernBertEncoderLayer", "attn", "attn_norm", "mlp", "mlp_norm"),
+    # Apertus: LLaMA's layout with the norms named for their sub-layers.
+    "apertus": LayerLayout("ApertusDecoderLayer", "self_attn", "attention_layernorm", "mlp",
+                           "feedforward_layernorm"),
+    # VaultGemma: LLaMA's layout, its FFN's norm named pre_feedforward_layernorm (Gemma 2's
+    # name, without Gemma 2's post-norms).
+    "vaultgemma": LayerLayout("VaultGemmaDecoderLayer", "self_attn", "input_layernorm", "mlp",
+                              "pre_feedforward_layernorm"),
+    # JetMoE: the attention (a mixture of attention heads) is ``self_attention`` and returns
+    # (output, weights, router_logits): the hook adds to the output; the FFN is an MoE block.
+    "jetmoe": LayerLayout("JetMoeDecoderLayer", "self_attention", "input_layernorm", "mlp",
+                          "post_attention_layernorm"),
+    # Phi-3's residual dropouts apply to FFN(z) + adapter(z) together (ViT's too, below).
+    "phi3": _pre_ln("Phi3DecoderLayer", "resid_attn_dropout", "resid_mlp_dropout"),
+    # Persimmon: a dropout after the FFN only (none after the attention).
+    "persimmon": _pre_ln("PersimmonDecoderLayer", ffn_after="dropout"),
+    # Vision encoders, on image patches. Their attention returns (output, weights): the hook
+    # adds to the output. ViT's layer and its copies (DeiT, ViT-MSN, ViT-MAE, I-JEPA): the
+    # attention is ``attention``, a residual dropout after each sub-layer (on Attn(z) +
+    # adapter(z), as Phi-3's). ViT-MAE's pre-training model has a decoder of the same layer
+    # class, which _find_layers refuses (ViTMAEModel is fine).
+    **{t: LayerLayout(c, "attention", "layernorm_before", "mlp", "layernorm_after", "dropout",
+                      "dropout") for t, c in (
+        ("vit", "ViTLayer"), ("deit", "DeiTLayer"), ("vit_msn", "ViTMSNLayer"),
+        ("vit_mae", "ViTMAELayer"), ("ijepa", "IJepaLayer"))},
+    # CLIP's layer: the vision towers of CLIP, MetaCLIP 2, SigLIP, SigLIP 2 and MLCD (MLCD's
+    # attention gets rotary position embeddings as another keyword). Their text towers are built
+    # of the same class: a dual encoder (CLIPModel) holds two stacks and is refused; its image
+    # classifier holds the vision tower alone (DUAL_ENCODERS, below the table).
+    **{t: LayerLayout(c, "self_attn", "layer_norm1", "mlp", "layer_norm2") for t, c in (
+        ("clip_vision_model", "CLIPEncoderLayer"),
+        ("metaclip_2_vision_model", "MetaClip2EncoderLayer"),
+        ("siglip_vision_model", "SiglipEncoderLayer"),
+        ("siglip2_vision_model", "Siglip2EncoderLayer"),
+        ("mlcd_vision_model", "MLCDEncoderLayer"))},
+    # AIMv2's vision encoder: RMSNorms, the FFN named ``ffn``.
+    "aimv2_vision_model": LayerLayout("Aimv2EncoderLayer", "attention", "rms_norm1", "ffn",
+                                      "rms_norm2"),
+    # Encoder-decoders of T5's kind (ENCODER_DECODERS, below the table: an encoder's and a
+    # decoder's stack of the one block class). The block's ``layer`` is a ModuleList of sub-layer
+    # wrappers, each h + dropout(Sub(layer_norm(h))): ``layer.0`` the self-attention
+    # (``SelfAttention``), in a decoder block ``layer.1`` the cross-attention, then the FFN's
+    # (``DenseReluDense``: ``layer.1`` in an encoder block, ``layer.2`` in a decoder's; of the
+    # alternatives, the first the block has: a decoder's ``layer.1`` is the cross-attention's,
+    # whose ``layer_norm`` is not the FFN's). The cross-attention gets no adapter. The wrappers'
+    # dropouts act on Sub(z) + adapter(z) together (identity in eval). Flan-T5's gated FFN is
+    # ``DenseReluDense`` too; UMT5 has a relative bias in every layer; LongT5's encoder attention
+    # is local or transient-global (``LocalSelfAttention``, ``TransientGlobalSelfAttention``);
+    # Switch Transformers' FFN is ``mlp``, an MoE block in every other layer.
+    **{t: _t5(c) for t, c in (
+        ("t5", "T5Block"), ("mt5", "MT5Block"), ("umt5", "UMT5Block"),
+        ("pop2piano", "Pop2PianoBlock"))},
+    "longt5": _t5("LongT5Block", attn=("SelfAttention", "LocalSelfAttention",
+                                       "TransientGlobalSelfAttention")),
+    "switch_transformers": _t5("SwitchTransformersBlock", ffn="mlp"),
+    # 2. Parallel attention and FFN on one norm: out = h + Attn(z) + FFN(z) [+ adapters(z)],
+    #    z = LN(h), the same z for both adapters. StableLM is parallel with use_parallel_residual
+    #    (its post_attention_layernorm is then None) and LLaMA-like otherwise.
+    "cohere": _parallel("CohereDecoderLayer"),
+    "cohere2": _parallel("Cohere2DecoderLayer"),
+    # Cohere2-MoE: dense FFN or MoE block by mlp_layer_types, both as ``mlp``.
+    "cohere2_moe": _parallel("Cohere2MoeDecoderLayer"),
+    "phi": _parallel("PhiDecoderLayer", "resid_dropout"),
+    "stablelm": LayerLayout("StableLmDecoderLayer", "self_attn", "input_layernorm", "mlp",
+                            ("post_attention_layernorm", "input_layernorm"), None, "dropout"),
+    # GPT-J and CodeGen: attn and mlp both on ln_1's output (attn by keyword, hidden_states=).
+    **{t: LayerLayout(c, "attn", "ln_1", "mlp", "ln_1") for t, c in (
+        ("gptj", "GPTJBlock"), ("codegen", "CodeGenBlock"))},
+    # Parallel on two norms: out = h + Attn(LN1(h)) + FFN(LN2(h)), z = LN1(h) for the attention,
+    # LN2(h) for the FFN. GPT-NeoX with use_parallel_residual (its default; without it, LLaMA's
+    # layout on the same two norms); its attention is ``attention``, returning (output,
+    # weights), and a residual dropout after each sub-layer acts on its output plus the adapter's.
+    "gpt_neox": LayerLayout("GPTNeoXLayer", "attention", "input_layernorm", "mlp",
+                            "post_attention_layernorm", "post_attention_dropout",
+                            "post_mlp_dropout"),
+    # Falcon, by its config: parallel_attn (the default) on one norm (input_layernorm), with
+    # new_decoder_architecture on two (ln_attn, ln_mlp; num_ln_in_parallel_attn=1: one again),
+    # without parallel_attn LLaMA's layout. The layer builds only the norms its variant uses:
+    # of the alternatives, the first it has is the one its sub-layer reads. Its dropouts are
+    # functional, on the sub-layers' summed outputs, adapters' included.
+    "falcon": LayerLayout("FalconDecoderLayer", "self_attention", ("ln_attn", "input_layernorm"),
+                          "mlp", ("ln_mlp", "post_attention_layernorm", "input_layernorm")),
+    # 3. A transform after the sub-layer, which the layer applies to FFN(z) + adapter(z)
+    #    together: out = h1 + PostNorm(FFN(z) + adapter(z)) (Granite: h1 + m * (FFN(z) +
+    #    adapter(z)), m its residual_multiplier). The adapter sits inside the post-norm, where a
+    #    LoRA on the FFN's own Linear layers (PEFT, HydraLoRA's placement) sits too. OLMo2/3,
+    #    FlexOlmo and Exaone4 have no norm before the sub-layer: z is the residual stream h1
+    #    itself.
+    "gemma2": _post_norm("Gemma2DecoderLayer", *_GEMMA2),
+    "gemma3_text": _post_norm("Gemma3DecoderLayer", *_GEMMA2),
+    "glm4": _post_norm("Glm4DecoderLayer", "input_layernorm", "post_attention_layernorm",
+                       "post_self_attn_layernorm", "post_mlp_layernorm"),
+    # AFMoE: Gemma 2's four norms under other names; a dense FFN in the first num_dense_layers
+    # layers, an MoE block (shared and routed experts) in the others, both as ``mlp``.
+    "afmoe": _post_norm("AfmoeDecoderLayer", "input_layernorm", "pre_mlp_layernorm",
+                        "post_attention_layernorm", "post_mlp_layernorm"),
+    "olmo2": _post_norm("Olmo2DecoderLayer", *_OLMO2),
+    "olmo3": _post_norm("Olmo3DecoderLayer", *_OLMO2),
+    "flex_olmo": _post_norm("FlexOlmoDecoderLayer", *_OLMO2),  # OLMo2's layer, an MoE block
+    "exaone4": _post_norm("Exaone4DecoderLayer", *_OLMO2),
+    "granite": _pre_ln("GraniteDecoderLayer", "residual_multiplier", "residual_multiplier"),
+    # Granite's MoE layers: the FFN is block_sparse_moe. GraniteMoeShared adds its shared_mlp(z)
+    # beside the block, then scales the sum: h1 + m * (MoE(z) + adapter(z) + shared_mlp(z)).
+    "granitemoe": _pre_ln("GraniteMoeDecoderLayer", "residual_multiplier",
+                          "residual_multiplier", ffn="block_sparse_moe"),
+    "granitemoeshared": _pre_ln("GraniteMoeSharedDecoderLayer", "residual_multiplier",
+                                "residual_multiplier", ffn="block_sparse_moe"),
+    # Granite 4's hybrid: Granite-MoE-Shared's layer, the mixer ``mamba`` or ``self_attn``. Its
+    # dense variant (num_local_experts=0) has no block_sparse_moe, shared_mlp alone: the adapter
+    # goes beside shared_mlp in both, h1 + m * (MoE(z) + shared_mlp(z) + adapter(z)), the same
+    # sum as beside the MoE block.
+    "granitemoehybrid": LayerLayout("GraniteMoeHybridDecoderLayer", ("self_attn", "mamba"),
+                                    "input_layernorm", "shared_mlp", "post_attention_layernorm",
+                                    "residual_multiplier", "residual_multiplier"),
+    # MiniCPM3 scales each sub-layer's output by residual_scale = scale_depth / sqrt(layers).
+    "minicpm3": _pre_ln("MiniCPM3DecoderLayer", "residual_scale", "residual_scale"),
+    # HyperCLOVA X: two transforms after each sub-layer, in this order: a post-norm (nn.Identity
+    # without use_post_norm), then residual_multiplier: h1 + m * PostNorm(FFN(z) + adapter(z)).
+    "hyperclovax": _pre_ln("HyperCLOVAXDecoderLayer", ("post_norm1", "residual_multiplier"),
+                           ("post_norm2", "residual_multiplier")),
+    # Gemma 4's language model: Gemma 2's layer. After the FFN's residual add it goes on: the
+    # per-layer-input block adds a function of that sum h2 = h1 + PostNorm(FFN(z) + adapter(z))
+    # (hidden_size_per_layer_input) and layer_scalar scales the layer's output, so the adapter's
+    # delta flows through them as the FFN's own output does. KV sharing is inside self_attn.
+    # MoE layers (enable_moe_block) are refused for 'ffn' / 'both' ('attn' as in the dense ones).
+    "gemma4_text": replace(_post_norm("Gemma4TextDecoderLayer", *_GEMMA2), ffn_refused_if=(
+        "experts", "Gemma 4's MoE layers run their experts beside the mlp on another norm of the "
+                   "residual and add them between the mlp's two post-norms, so no one module is "
+                   "the FFN")),
+    # Gemma 3n's language model: Gemma 2's layer on AltUp's active stream p (the layer's input
+    # is a stack of streams): z = input_layernorm(p), a = p + PostNorm(Attn(z)), LAuReL's branch
+    # added and the sum scaled, h1 = (a + laurel(z)) / sqrt(2), then h1 + PostNorm(FFN(z2) +
+    # adapter(z2)), z2 = pre_feedforward_layernorm(h1). AltUp's correction of the streams and
+    # the per-layer input act on that sum afterwards, on the adapter's delta as on the FFN's
+    # output (as Gemma 4's per-layer input does).
+    "gemma3n_text": _post_norm("Gemma3nTextDecoderLayer", *_GEMMA2),
+    # DINOv2 (also with registers) and DINOv3: a layer scale (a learned per-channel factor,
+    # layerscale_value at init), then stochastic depth (drop_path: nn.Identity at
+    # drop_path_rate 0, identity in eval) after each sub-layer: h1 + drop_path(layer_scale2(
+    # FFN(z) + adapter(z))). DINOv3's attention gets RoPE's position embeddings as a keyword.
+    **{t: LayerLayout(c, "attention", "norm1", "mlp", "norm2", ("layer_scale1", "drop_path"),
+                      ("layer_scale2", "drop_path")) for t, c in (
+        ("dinov2", "Dinov2Layer"), ("dinov2_with_registers", "Dinov2WithRegistersLayer"),
+        ("dinov3_vit", "DINOv3ViTLayer"))},
+    # BEiT: a residual dropout, the layer scale (lambda_1 / lambda_2, parameters; the number 1.0
+    # without layer_scale_init_value), then drop_path. Data2Vec-Vision's layer, BEiT's otherwise,
+    # splits its FFN in two modules (intermediate, output) and is not supported.
+    "beit": LayerLayout("BeitLayer", "attention", "layernorm_before", "mlp", "layernorm_after",
+                        ("dropout", "lambda_1", "drop_path"), ("dropout", "lambda_2", "drop_path")),
+    # OLMo-Hybrid: one stack of two layer classes (by layer_types): the attention layers are
+    # OLMo2's (no norm before a sub-layer, post-norms after), the linear-attention layers
+    # LLaMA's (their post_attention_layernorm is the FFN's norm).
+    "olmo_hybrid": (_post_norm("OlmoHybridAttentionDecoderLayer", *_OLMO2),
+                    LayerLayout("OlmoHybridLinearAttentionDecoderLayer", "linear_attn",
+                                "input_layernorm", "mlp", "post_attention_layernorm")),
+    # 4. Post-LN encoders, BERT's layout: out = LN2(a + FFN(a) + adapter(a)), a = LN1(h +
+    #    Attn(h) + adapter(h)): z is the residual stream (h, a), the adapter's output joins the
+    #    sub-layer's before the post-LN, where a LoRA on the sub-layer's own Linear layers sits.
+    #    BERT's layer ends each sub-layer with a module (attention.output, output) that projects
+    #    the sub-layer's hidden output, adds the residual stream it gets as input_tensor and
+    #    applies the post-LN: a pre-hook there adds adapter(z) to input_tensor (z). A BERT decoder's
+    #    cross-attention (add_cross_attention) gets no adapter; the FFN's z is then its output.
+    #    DeBERTa's disentangled attention is inside attention.self; its query_states (z_steps > 1,
+    #    the last layer run again on them) are the residual and so that run's z. More of BERT's
+    #    layer code: ConvBERT's span-based convolution heads are inside attention.self; RemBERT
+    #    projects its narrower embeddings to hidden_size before the layers; LayoutLM's boxes,
+    #    MarkupLM's XPaths and RoCBERT's pronunciation and shape ids enter in the embeddings;
+    #    LUKE's entity tokens (entity_ids, where given) join the word tokens in one stream through
+    #    each sub-layer, so they get the adapters too.
+    **{t: _post_ln(c) for t, c in (
+        ("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("xlm-roberta", "XLMRobertaLayer"),
+        ("camembert", "CamembertLayer"), ("electra", "ElectraLayer"), ("ernie", "ErnieLayer"),
+        ("data2vec-text", "Data2VecTextLayer"), ("deberta", "DebertaLayer"),
+        ("deberta-v2", "DebertaV2Layer"), ("rembert", "RemBertLayer"),
+        ("splinter", "SplinterLayer"), ("layoutlm", "LayoutLMLayer"),
+        ("markuplm", "MarkupLMLayer"), ("roc_bert", "RoCBertLayer"), ("luke", "LukeLayer"),
+        ("convbert", "ConvBertLayer"), ("bert-generation", "BertGenerationLayer"))},
+    # MPNet: the attention module adds the residual and normalizes around ``attention.attn`` (q,
+    # k, v and o), hooked as LLaMA's attention (the module's dropout acts on Attn(h) + adapter(h)
+    # together); its FFN is BERT's.
+    "mpnet": LayerLayout("MPNetLayer", "attention.attn", None, "output", "attention.LayerNorm",
+                         ffn_residual="input_tensor"),
+    # DistilBERT: each sub-layer one module, its residual add and post-LN in the layer: hooked as
+    # LLaMA's (the FFN's own dropout acts on FFN(a) alone, before the hook adds adapter(a)).
+    "distilbert": LayerLayout("TransformerBlock", "attention", None, "ffn", "sa_layer_norm"),
+    # NomicBERT and Jina Embeddings v3: DistilBERT's shape (self_attn and mlp, the residual adds
+    # and post-LNs in the layer) with a residual dropout after each sub-layer, which acts on
+    # Attn(h) + adapter(h) together (identity in eval), as ViT's.
+    **{t: LayerLayout(c, "self_attn", None, "mlp", "post_attention_layernorm",
+                      "post_attention_dropout", "post_mlp_dropout") for t, c in (
+        ("nomic_bert", "NomicBertLayer"), ("jina_embeddings_v3", "JinaEmbeddingsV3Layer"))},
+    # Pre-LN encoders in BERT's modules (ESM's layout): a = h + Attn(LN1(h)), out = a + FFN(LN2(a))
+    # (kind 1's formula), but the residual add is inside the module that ends each sub-layer
+    # (attention.output, output: dense, dropout, + the residual argument; no norm after), and
+    # the norms are elsewhere (inside ``attention``, in the layer, RoBERTa-PreLayerNorm's FFN norm
+    # inside ``intermediate``): no one module gets z and adds to the residual. The pre-hook on the
+    # output module takes its residual argument r (the stream the norm reads) and passes r +
+    # adapter(norm(r)), the norm applied again, z = LN(r) (residual_normed): out = a + FFN(z) +
+    # adapter(z). The adapter's output skips the module's dropout, as in BERT's layout. A
+    # decoder's cross-attention (add_cross_attention) gets no adapter; the FFN's norm then reads
+    # its output, and so does the hook. Megatron-BERT's attention output names its residual
+    # argument ``residual``.
+    **{t: _pre_ln_output(*f) for t, f in (
+        ("esm", ("EsmLayer", "attention.LayerNorm", "LayerNorm")),
+        ("xlm-roberta-xl", ("XLMRobertaXLLayer", "attention.self_attn_layer_norm", "LayerNorm")),
+        ("roberta-prelayernorm", ("RobertaPreLayerNormLayer", "attention.LayerNorm",
+                                  "intermediate.LayerNorm")),
+        ("megatron-bert", ("MegatronBertLayer", "attention.ln", "ln", "residual")))},
+}
+
+#: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
+#: placement goes by their ``vision_config``'s entry. Their image classifiers
+#: (``CLIPForImageClassification``, what ``AutoModelForImageClassification`` builds) hold the
+#: vision tower alone and get adapters there, as wide as the vision tower; the dual encoders
+#: themselves (``CLIPModel``) hold a text tower of the same layer class too, and
+#: :func:`_find_layers` refuses them (attach to their ``vision_model`` instead).
+DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
+
+#: Encoder-decoders (T5's kind), whose layers sit in two stacks: an encoder's and a decoder's (of
+#: one layer class, or of one family each). :func:`_find_layers` accepts those two, and only
+#: those: paths equal up to a part ``encoder`` in the first (in module order) and ``decoder`` in
+#: the second (``encoder.block`` / ``decoder.block``; ``transformer.encoder.block`` / ...), and
+#: ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone
+#: (``T5EncoderModel``, or ``model.encoder`` attached by itself) is one stack, as any other
+#: model's.
+ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano")
+
+
+__all__ = ["LayerLayout", "SUPPORTED_ARCHITECTURES", "DUAL_ENCODERS", "ENCODER_DECODERS"]
