@@ -201,9 +201,10 @@ def _find_layers(model: nn.Module, families: tuple[LayerLayout, ...]
                   if not any(isinstance(_attribute(layer, a), kind) for a in _names(n))]
         # A residual argument must be a parameter of the module's forward, by that name.
         for sub, arg in ((family.attn, family.attn_residual), (family.ffn, family.ffn_residual)):
-            host = _attribute(layer, _module_named(layer, sub) or "")
-            if arg is not None and host is not None and _argument_index(host, arg) is None:
-                absent.append(f"{_module_named(layer, sub)}({arg}=)")
+            path = _module_named(layer, sub)
+            if (arg is not None and path is not None
+                    and _argument_index(layer.get_submodule(path), arg) is None):
+                absent.append(f"{path}({arg}=)")
         # A layer that is one sub-layer: its attribute must name a kind the family knows.
         if family.sub_layer_by is not None and not any(
                 _holds(layer, family, kind) for kind in ("attn", "ffn")):
@@ -286,13 +287,16 @@ def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     return (y, *output[1:]) if isinstance(output, tuple) else y
 
 
-def _normed(layer: nn.Module, family: LayerLayout, norm: str | tuple[str, ...] | None
-            ) -> nn.Module | None:
-    """The norm module a residual hook applies to its residual argument (``residual_normed``:
-    the sub-layer's, of alternatives the first the layer has), else None."""
-    if not family.residual_normed:
-        return None
-    return layer.get_submodule(_module_named(layer, norm))
+def _sub_layer(layer: nn.Module, family: LayerLayout, kind: str
+               ) -> tuple[str, str | None, nn.Module | None]:
+    """Where sub-layer ``kind`` ('attn' or 'ffn') of ``layer`` gets its adapter: the path of the
+    host module (of alternatives, the first the layer has), the residual argument it gets (kind
+    4, else None) and the norm the hook applies to that argument (``residual_normed``, ESM's
+    layout: the sub-layer's own norm; else None)."""
+    sub, residual, norm = ((family.ffn, family.ffn_residual, family.ffn_norm) if kind == "ffn"
+                           else (family.attn, family.attn_residual, family.attn_norm))
+    normed = layer.get_submodule(_module_named(layer, norm)) if family.residual_normed else None
+    return _module_named(layer, sub), residual, normed
 
 
 def _argument_index(module: nn.Module, arg: str) -> int | None:
@@ -707,15 +711,9 @@ def attach(
                     f"placement={placement!r}: {layer_name} ({type(layer).__name__}) has "
                     f"{fam.ffn_refused_if[0]!r}: {fam.ffn_refused_if[1]}. Use placement='attn' "
                     f"or component-level placement (target_modules=[...]).")
-        # The sub-layers that get an adapter: of a field's alternatives, the first the layer has;
-        # in a layer that is one sub-layer (sub_layer_by), the one it is.
-        # Each with its residual argument (kind 4) and the norm the hook applies to it (ESM's
-        # layout: residual_normed).
-        hosts = [(layer_name, layer, *((_module_named(layer, fam.ffn), fam.ffn_residual,
-                                        _normed(layer, fam, fam.ffn_norm))
-                                       if kind == "ffn" else
-                                       (_module_named(layer, fam.attn), fam.attn_residual,
-                                        _normed(layer, fam, fam.attn_norm))))
+        # The sub-layers that get an adapter; in a layer that is one sub-layer (sub_layer_by),
+        # the one it is.
+        hosts = [(layer_name, layer, *_sub_layer(layer, fam, kind))
                  for layer_name, layer, fam in chosen for kind in kinds
                  if _holds(layer, fam, kind)]
         if not hosts:  # layers=... selected only blocks of the other kind (or the model has none)
