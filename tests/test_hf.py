@@ -26,7 +26,7 @@ from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.hf import (  # noqa: E402
     ADAPTER_ATTR, DUAL_ENCODERS, ENCODER_DECODERS, SUPPORTED_ARCHITECTURES, _block_hook,
     get_handle, normalized_layers)
-from mtlora_kernels.losses import SpectralRegularizer  # noqa: E402
+from mtlora_kernels.losses import SpectralRegularizer, balance_loss  # noqa: E402
 from mtlora_kernels.reference import balance_loss_reference, mix_reference  # noqa: E402
 
 TOL = REL_TOL[torch.float32]
@@ -949,7 +949,8 @@ def test_the_norm_the_hook_applies_again_is_the_sub_layers_own(family):
     """ESM's layout: the hook applies the sub-layer's norm to its output module's residual
     argument again. With adapters on, each of those norms runs twice a forward, the layer's call
     and the hook's, on the same tensor with the same output bit for bit (the adapter's z is the
-    sub-layer's); disabled, once (the hook computes no norm for nothing)."""
+    sub-layer's); disabled, once (the hook computes no norm for nothing), and the adapters keep
+    no routing of the forward before."""
     model = distinct_norms(tiny_model(family))
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2), placement="both")
     randomize(handle)
@@ -969,6 +970,10 @@ def test_the_norm_the_hook_applies_again_is_the_sub_layers_own(family):
         with handle.disabled():
             run(model, tiny_inputs(family))
         assert all(len(c) == 1 for c in calls.values()) and len(calls) == 4
+    # The disabled forward went through the adapters, which forgot their routing, as on every
+    # other hook: no balance loss from the forward before it.
+    with pytest.raises(RuntimeError, match="needs a forward pass"):
+        balance_loss(model)
 
 
 def test_the_hook_reads_z_from_the_first_argument_by_any_keyword():

@@ -319,9 +319,10 @@ def _residual_hook(module: nn.Module, args: tuple, kwargs: dict, *, arg: str, in
     (identity in eval; StarCoder2's is the same)."""
     positional = len(args) > index
     r = args[index] if positional else kwargs[arg]
-    if norm is not None and not getattr(module, ADAPTER_ATTR).enabled:
-        return None  # disabled: the module's arguments as they are, no norm computed for nothing
-    y = _plus_adapter(module, r if norm is None else norm(r), r)
+    # A disabled adapter returns r (and forgets its routing, as on every other hook): no norm
+    # computed for nothing.
+    normed = norm is not None and getattr(module, ADAPTER_ATTR).enabled
+    y = _plus_adapter(module, norm(r) if normed else r, r)
     if positional:
         return (*args[:index], y, *args[index + 1:]), kwargs
     return args, {**kwargs, arg: y}
