@@ -389,16 +389,18 @@ def names(field) -> tuple:
     return () if field is None else (field,) if isinstance(field, str) else tuple(field)
 
 
-def mixer_name(layer: nn.Module, family) -> str:
-    """The attention the layer has: of the family's alternatives (a hybrid stack's
-    ``self_attn`` / ``linear_attn``), the first that is a module of the layer."""
-    return first_present(layer, family.attn)
-
-
 def first_present(layer: nn.Module, field) -> str:
     """Of a table field's alternatives (dotted paths: T5's ``layer.2.DenseReluDense``, then
-    ``layer.1.…``), the first that is a module of ``layer``."""
+    ``layer.1.…``; a hybrid stack's ``self_attn`` / ``linear_attn``), the first that is a module
+    of ``layer``."""
     return next(n for n in names(field) if submodule(layer, n) is not None)
+
+
+def mixer_classes(model: nn.Module) -> list[str]:
+    """The class name of the token mixer each decoder layer has (of the table's alternatives,
+    the first the layer has)."""
+    return [type(layer.get_submodule(first_present(layer, family_of(model, layer).attn))).__name__
+            for layer in decoder_layers(model)]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -484,7 +486,7 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
         is_ffn = getattr(layer, attr) in ffns
     norm = family.ffn_norm if is_ffn else family.attn_norm
     if norm is not None:
-        norm = next(n for n in names(norm) if submodule(layer, n) is not None)
+        norm = first_present(layer, norm)
         layer.get_submodule(norm).register_forward_hook(
             lambda m, args, out: store.__setitem__(key, out))
         return
@@ -715,8 +717,7 @@ def test_hybrid_models_are_tested_on_both_token_mixers(family):
     model = tiny_model(family)
     config = getattr(model.config, "text_config", model.config)
     assert list(config.layer_types) == ["linear_attention", "full_attention"]
-    linear, full = (type(getattr(layer, mixer_name(layer, family_of(model, layer)))).__name__
-                    for layer in decoder_layers(model))
+    linear, full = mixer_classes(model)
     assert "Delta" in linear and "Delta" not in full, (linear, full)
 
 
@@ -726,8 +727,7 @@ def test_ssm_hybrid_models_are_tested_on_both_token_mixers(family):
     attention: the tests above see both (a config field that stopped taking effect would leave
     one untested)."""
     model = tiny_model(family)
-    ssm, attn = (type(getattr(layer, mixer_name(layer, family_of(model, layer)))).__name__
-                 for layer in decoder_layers(model))
+    ssm, attn = mixer_classes(model)
     assert "Attention" not in ssm and "Attention" in attn, (ssm, attn)
 
 
@@ -1097,7 +1097,7 @@ def test_multimodal_models_adapt_their_language_model_only(family):
         layers = decoder_layers(model)
         assert list(handle.adapters) == [
             f"model.language_model.layers.{i}.{sub}.mtlora_adapter" for i in (0, 1)
-            for sub in (mixer_name(layers[i], family_of(model, layers[i])), "mlp")]
+            for sub in (first_present(layers[i], family_of(model, layers[i]).attn), "mlp")]
         assert {a.d_in for a in handle.adapters.values()} == {32}
         assert torch.equal(image_features(), before)
         handle.remove()
