@@ -47,6 +47,12 @@ def _adapters_or_raise(model: nn.Module) -> list[MTLoRAAdapter]:
     return adapters
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model``'s config makes it an encoder-decoder (T5's), whose decoder adapters run
+    on the target tokens, not the source's (:func:`balance_loss`'s ``decoder_mask``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def balance_loss(model: nn.Module, mask: Tensor | None = None,
                  decoder_mask: Tensor | None = None) -> Tensor:
     """``mean(a.balance_loss(mask) for a in adapters with N > 1)``: the MoLE balance loss of the
@@ -64,7 +70,7 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
     Raises if a routed adapter has not run a forward yet.
     """
     adapters = _adapters_or_raise(model)
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         in_decoder = {id(m) for name, m in model.named_modules()
                       if isinstance(m, MTLoRAAdapter) and "decoder" in name.split(".")}
     elif decoder_mask is not None:
@@ -375,6 +381,6 @@ def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weig
     return total
 
 
-__all__ = ["find_adapters", "balance_loss", "spectral_weighting", "paper_spectral_loss",
+__all__ = ["find_adapters", "is_encoder_decoder", "balance_loss", "spectral_weighting", "paper_spectral_loss",
            "official_spectral_terms", "SpectralRegularizer", "auxiliary_loss",
            "OFFICIAL_MAX_MATRICES"]

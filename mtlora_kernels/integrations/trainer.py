@@ -37,7 +37,7 @@ import transformers
 from torch import nn
 
 from mtlora_kernels.integrations.hf import MTLoRAHandle, get_handle
-from mtlora_kernels.losses import SpectralRegularizer
+from mtlora_kernels.losses import SpectralRegularizer, is_encoder_decoder
 
 
 def _the_handle(model: nn.Module) -> MTLoRAHandle:
@@ -94,8 +94,7 @@ class MTLoRATrainer(transformers.Trainer):
         # The decoder's tokens where the adapters sit in an encoder-decoder (T5's): the labels'
         # positions, unless the batch gives their mask (adapters on its encoder alone: none).
         decoder_mask = None
-        if getattr(getattr(self.mtlora_handle.model, "config", None), "is_encoder_decoder",
-                   False):
+        if is_encoder_decoder(self.mtlora_handle.model):
             decoder_mask = inputs.get("decoder_attention_mask")
             if decoder_mask is None and inputs.get("labels") is not None:
                 decoder_mask = inputs["labels"] != -100
