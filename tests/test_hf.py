@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,11 @@ EXTRA = {
     "codegen": dict(rotary_dim=4),
     "modernbert": dict(local_attention=4, cls_token_id=1, sep_token_id=2),
     "afmoe": dict(MOE, num_experts=4, num_shared_experts=1, num_dense_layers=1),
+    # OPT and XGLM: a tiny FFN (their defaults are 3072 and 4096 wide); OPT-350m's post-LN
+    # variant (POST_LN_OPT below).
+    "opt": dict(ffn_dim=64),
+    "opt-post_ln": dict(ffn_dim=64, do_layer_norm_before=False),
+    "xglm": dict(ffn_dim=64),
     # Post-LN encoders: DeBERTa's disentangled (relative) attention on; DistilBERT's FFN width.
     "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"]),
     "deberta-v2": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
@@ -550,7 +556,8 @@ FAMILIES = ["llama", "mistral", "qwen2", "vit"]
 # The module docstring's three kinds. LLaMA's layer code under other names (exaone, internlm3:
 # LLaMA's own classes under another model_type; Apertus, VaultGemma, JetMoE: with their own norm or
 # attention names; Phi-3, Persimmon: with residual dropouts; GPT-2's layer and its kin; BLOOM, MPT:
-# sub-layers that add the residual themselves; ModernBERT: an encoder; llava, mistral3 and the
+# sub-layers that add the residual themselves; ModernBERT: an encoder; OPT, XGLM, BioGPT: an FFN
+# of Linear layers loose in the layer, LOOSE_FFN below; llava, mistral3 and the
 # Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
 # deepseek_v2 on: MIXED below), then hybrid stacks of linear and full attention (HYBRID below;
 # Qwen3.5(-MoE): multimodal) and Llama 4, of a state-space or convolution mixer and attention
@@ -562,6 +569,7 @@ LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2",
               "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
               "youtu", "cwm", "nanochat", "jais2", "vaultgemma", "persimmon", "gpt_neox_japanese",
               "gpt2", "gpt_bigcode", "gpt_neo", "bloom", "mpt", "modernbert", "eurobert",
+              "opt", "xglm", "biogpt",
               "llava", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe",
               "solar_open", "hunyuan_v1_moe", "jetmoe", "deepseek_v2", "deepseek_v3",
@@ -942,6 +950,62 @@ def test_an_encoder_hooked_on_its_output_modules_checkpoints_and_saves(family):
     with tempfile.TemporaryDirectory() as d:
         save_adapters(handle, d)
         assert torch.equal(run(load_adapters(tiny_model(family), d).model, x), run(model, x))
+
+
+# Layers whose FFN is Linear layers loose in the layer (the table's ffn_first, fc1 ... fc2).
+LOOSE_FFN = ["opt", "xglm", "biogpt"]
+
+
+@pytest.mark.parametrize("family", LOOSE_FFN)
+def test_an_ffn_of_loose_linear_layers_hands_z_from_its_first_to_its_last(family):
+    """The FFN adapter hangs on fc2 and takes z from fc1's input, handed between two hooks
+    (the one place block-level placement keeps state between hooks): under gradient
+    checkpointing (the recompute calls fc1 and fc2 again, in order) the outputs and gradients
+    are the plain forward's, no activation is left on the adapter after a forward, and fc2
+    called without fc1 before it is refused."""
+    model = tiny_model(family, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    handle = attach(model.train(), MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="ffn")
+    randomize(handle)
+    x = tiny_inputs(family)
+    layer = stack_of(model)[0][1]
+    assert layer.fc2.mtlora_adapter is handle.adapters[f"{stack_of(model)[0][0]}.fc2.mtlora_adapter"]
+    calls = []
+    layer.fc1.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+    def step():
+        for p in handle.parameters():
+            p.grad = None
+        out = run(model, x)
+        loss_of(out).backward()
+        return out.detach(), [p.grad.clone() for p in handle.parameters()]
+
+    out, grads = step()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    del calls[:]
+    out_ckpt, grads_ckpt = step()
+    assert len(calls) == 2, "the layer's forward must run again in the backward pass"
+    assert torch.equal(out_ckpt, out)
+    assert all(rel_err(g, w) <= TOL for g, w in zip(grads_ckpt, grads))
+    assert all(a.span_input is None for a in handle.adapters.values())
+    with pytest.raises(RuntimeError, match="without the FFN's first module"):
+        layer.fc2(torch.randn(3, layer.fc2.in_features))
+
+
+# OPT with do_layer_norm_before=False (OPT-350m) is post-LN, BART's layout: z is the layer's
+# input for the attention, self_attn_layer_norm's output for the FFN, and the adapters' deltas
+# join the sums the post-LNs normalize. The table's entry names the pre-LN variant's norms, which
+# only the tests read (the hooks take z where the sub-layers get it); with the entry that names
+# the post-LN variant's, the oracle holds for it.
+POST_LN_OPT = replace(SUPPORTED_ARCHITECTURES["opt"], attn_norm=None,
+                      ffn_norm="self_attn_layer_norm")
+
+
+def test_post_ln_opt_matches_the_oracle_with_its_norms_named(monkeypatch):
+    monkeypatch.setitem(SUPPORTED_ARCHITECTURES, "opt", POST_LN_OPT)
+    monkeypatch.setitem(POST_LNS, "opt", ("self_attn_layer_norm", "final_layer_norm"))
+    test_attach_matches_spec_and_removal_restores_the_model("opt-post_ln", dict(placement="both"))
 
 
 @pytest.mark.parametrize("family", PRE_LN_OUTPUT)
@@ -1489,13 +1553,14 @@ def test_enable_disable_round_trip_component_level():
 
 @pytest.mark.parametrize("family,where", [("llama", dict(placement="ffn")),
                                           ("llama", dict(target_modules="o_proj")),
-                                          ("bert", dict(placement="both"))],
-                         ids=["block", "component", "post_ln"])
+                                          ("bert", dict(placement="both")),
+                                          ("opt", dict(placement="both"))],
+                         ids=["block", "component", "post_ln", "loose_ffn"])
 def test_switching_a_compiled_model_follows_the_switch(family, where):
     """A compiled model computes base outputs while the adapters are disabled and the adapted
     ones again after enable() (with forward hooks toggled, dynamo, which does not guard on hooks,
     reused the hook-less graph: base outputs after enable(), no error); BERT's adapters run from
-    forward pre-hooks."""
+    forward pre-hooks, OPT's FFN adapters from two hooks that hand z from fc1 to fc2."""
     model = tiny_model(family)
     x = tiny_inputs(family)
     before = run(model, x)
@@ -1712,18 +1777,21 @@ def test_bad_train_modules_are_refused_and_the_model_untouched():
 
 
 def test_unsupported_architecture_gets_a_clear_error():
-    """OPT's FFN is two Linear layers loose in its layer (README's "Not supported")."""
-    opt = tiny_model("opt", layers=1, ffn_dim=64, word_embed_proj_dim=32)
+    """ALBERT shares one layer module across depth (README's "Not supported")."""
+    torch.manual_seed(0)
+    albert = transformers.AlbertModel(transformers.AlbertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        embedding_size=16, vocab_size=64))
     with pytest.raises(NotImplementedError, match=r"supports model types afmoe, "
                        r"aimv2_vision_model, .*, vit, vit_mae, vit_msn, (.*, )?youtu, multimodal "
                        r"models whose text_config has one of these types, and the image "
                        r"classifiers of "
-                       r"the dual encoders clip, metaclip_2, siglip, siglip2; OPTForCausalLM has "
-                       r"model_type 'opt'.*target_modules") as err:
-        attach(opt, placement="ffn")
+                       r"the dual encoders clip, metaclip_2, siglip, siglip2; AlbertModel has "
+                       r"model_type 'albert'.*target_modules") as err:
+        attach(albert, placement="ffn")
     assert ", ".join(sorted(SUPPORTED_ARCHITECTURES)) in str(err.value)
     with pytest.raises(ValueError, match="layers=.*supported architecture"):
-        attach(opt, target_modules=["q_proj"], layers=[0])
+        attach(albert, target_modules=["query"], layers=[0])
 
 
 def test_gpt2_conv1d_targets_are_wrapped_and_removed():
@@ -1801,11 +1869,11 @@ def test_importing_the_package_does_not_import_transformers():
 STATEFUL = ["qwen3_next", "jamba", "bamba", "falcon_h1", "lfm2", "recurrent_gemma", "nemotron_h"]
 GENERATE_CASES = ([("llama", dict(placement="both")),
                    ("llama", dict(target_modules="q_proj,v_proj"))]
-                  + [(f, dict(placement="both")) for f in STATEFUL])
+                  + [(f, dict(placement="both")) for f in STATEFUL + ["opt"]])
 
 
 @pytest.mark.parametrize("family,where", GENERATE_CASES,
-                         ids=["block", "component"] + STATEFUL)
+                         ids=["block", "component"] + STATEFUL + ["loose_ffn"])
 def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     """Greedy ``generate`` with adapters attached: its cached decode steps (one new token per
     sequence through the adapters) pick the tokens that full forwards over the whole prefix

@@ -23,6 +23,10 @@ roberta-prelayernorm, megatron-bert) add the residual r in the same module, with
 z is LN(r): the same pre-hook applies the sub-layer's norm module to r again and passes ``r +
 adapter(LN(r))``. One hook with no state kept between hooks is what makes this safe under gradient
 checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
+The exception: where no one module is the FFN (OPT's, XGLM's and BioGPT's ``fc1`` ... ``fc2``
+loose in the layer: the table's ``ffn_first``), the adapter sits on the last, a pre-hook on the
+first hands z to it and the hook on the last adds ``adapter(z)`` to its output and drops z. The
+layer calls the two one after the other, in its forward and in a checkpoint's recompute alike.
 
 The layer layouts it knows, by ``config.model_type`` (:data:`SUPPORTED_ARCHITECTURES`, in four
 kinds), are in :mod:`mtlora_kernels.integrations.layouts`; README lists them for users.
@@ -192,8 +196,8 @@ def _find_layers(model: nn.Module, families: tuple[LayerLayout, ...]
     # too (Granite's multiplier, BEiT's layer-scale parameter). None, no norm there, is not
     # looked up.
     for name, layer, family in layers:
-        kinds = {n: nn.Module
-                 for n in (family.attn, family.attn_norm, family.ffn, family.ffn_norm)}
+        kinds = {n: nn.Module for n in (family.attn, family.attn_norm, family.ffn,
+                                        family.ffn_norm, family.ffn_first)}
         kinds.update({n: (nn.Module, Tensor, int, float)
                       for n in _names(family.attn_after) + _names(family.ffn_after)})
         kinds.pop(None, None)
@@ -263,40 +267,68 @@ def _plus_adapter(module: nn.Module, z: Tensor, out: Tensor) -> Tensor:
     return adapter(z, residual=out.reshape(z.shape)).reshape(out.shape)
 
 
-def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    """``output + adapter(z)`` with z the sub-layer's own input: its first argument, positional
-    or by keyword (``hidden_states=``, or the name its forward gives it: DistilBERT's attention
-    gets ``query=`` in transformers 4)."""
+def _input_of(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """The first argument of a call of ``module``, positional or by keyword (``hidden_states=``,
+    or the name its forward gives it: DistilBERT's attention gets ``query=`` in transformers 4)."""
     if args:
-        z = args[0]
-    elif "hidden_states" in kwargs:
-        z = kwargs["hidden_states"]
-    else:
-        first = next(iter(inspect.signature(module.forward).parameters), None)
-        if first not in kwargs:
-            raise RuntimeError(
-                f"the mtLoRA adapter on {type(module).__name__} found no input: the layer called "
-                f"it with keywords {sorted(kwargs)}, neither a positional argument nor "
-                f"hidden_states= nor {first}=; this transformers version calls the sub-layer "
-                f"otherwise than block-level placement expects. Use component-level placement "
-                f"(target_modules=[...]) instead.")
-        z = kwargs[first]
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    first = next(iter(inspect.signature(module.forward).parameters), None)
+    if first not in kwargs:
+        raise RuntimeError(
+            f"the mtLoRA adapter on {type(module).__name__} found no input: the layer called it "
+            f"with keywords {sorted(kwargs)}, neither a positional argument nor hidden_states= "
+            f"nor {first}=; this transformers version calls the sub-layer otherwise than "
+            f"block-level placement expects. Use component-level placement "
+            f"(target_modules=[...]) instead.")
+    return kwargs[first]
+
+
+def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    """``output + adapter(z)`` with z the sub-layer's own input (:func:`_input_of`)."""
+    z = _input_of(module, args, kwargs)
     # attention returns (attn_output, attn_weights), some MoE blocks (output, router_logits)
     out = output[0] if isinstance(output, tuple) else output
     y = _plus_adapter(module, z, out)
     return (y, *output[1:]) if isinstance(output, tuple) else y
 
 
+def _span_input_hook(module: nn.Module, args: tuple, kwargs: dict, *, last: nn.Module) -> None:
+    """A forward pre-hook on the first module of an FFN that is no one module (``ffn_first``,
+    OPT's ``fc1``): hands its input z to the adapter on the FFN's last module ``last``, for
+    :func:`_span_output_hook`. The layer calls the two one after the other, in its forward and
+    in a checkpoint's recompute alike."""
+    getattr(last, ADAPTER_ATTR).span_input = _input_of(module, args, kwargs)
+
+
+def _span_output_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    """A forward hook on the last module of such an FFN (OPT's ``fc2``): ``output + adapter(z)``,
+    z what :func:`_span_input_hook` handed over in this call of the layer (taken, so that no
+    activation outlives the call)."""
+    adapter = getattr(module, ADAPTER_ATTR)
+    z, adapter.span_input = adapter.span_input, None
+    if z is None:
+        raise RuntimeError(
+            f"the mtLoRA adapter on {type(module).__name__} got no FFN input: the module was "
+            f"called without the FFN's first module before it; this transformers version "
+            f"calls the FFN otherwise than block-level placement expects. Use component-level "
+            f"placement (target_modules=[...]) instead.")
+    return _plus_adapter(module, z, output)
+
+
 def _sub_layer(layer: nn.Module, family: LayerLayout, kind: str
-               ) -> tuple[str, str | None, nn.Module | None]:
+               ) -> tuple[str, str | None, nn.Module | None, str | None]:
     """Where sub-layer ``kind`` ('attn' or 'ffn') of ``layer`` gets its adapter: the path of the
     host module (of alternatives, the first the layer has), the residual argument it gets (kind
-    4, else None) and the norm the hook applies to that argument (``residual_normed``, ESM's
-    layout: the sub-layer's own norm; else None)."""
+    4, else None), the norm the hook applies to that argument (``residual_normed``, ESM's
+    layout: the sub-layer's own norm; else None) and the path of the module whose input is z
+    where that is not the host (``ffn_first``, OPT's ``fc1``; else None)."""
     sub, residual, norm = ((family.ffn, family.ffn_residual, family.ffn_norm) if kind == "ffn"
                            else (family.attn, family.attn_residual, family.attn_norm))
     normed = layer.get_submodule(_module_named(layer, norm)) if family.residual_normed else None
-    return _module_named(layer, sub), residual, normed
+    first = family.ffn_first if kind == "ffn" else None
+    return _module_named(layer, sub), residual, normed, first
 
 
 def _argument_index(module: nn.Module, arg: str) -> int | None:
@@ -730,20 +762,27 @@ def attach(
                 f"{list(ffns if placement == 'ffn' else mixers)}), and {picked}. The {what} "
                 f"blocks are layers {have}; placement='both' adapts every block.")
         train_paths = [] if train is None else _check_train_modules(
-            model, train, [f"{n}.{sub}" for n, _, sub, _, _ in hosts],
-            [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub, _, _ in hosts])
+            model, train, [f"{n}.{sub}" for n, _, sub, *_ in hosts],
+            [f"{n}.{sub}.{ADAPTER_ATTR}" for n, _, sub, *_ in hosts])
         handle = MTLoRAHandle(model, cfg, placement, None, layers, train)
         _freeze(handle, train_paths)
-        for layer_name, layer, sub, residual, norm in hosts:
+        for layer_name, layer, sub, residual, norm, first in hosts:
             host = layer.get_submodule(sub)
             ref = next(host.parameters(), None)
             adapter = MTLoRAAdapter(d, d, cfg).to(
                 device=ref.device if ref is not None else None, dtype=dtype)
             adapter.train(host.training)
             host.add_module(ADAPTER_ATTR, adapter)
-            handle._hooks.append(
-                host.register_forward_hook(_block_hook, with_kwargs=True) if residual is None
-                else host.register_forward_pre_hook(functools.partial(
+            if first is not None:  # an FFN of loose Linear layers: z from its first module
+                adapter.span_input = None
+                handle._hooks += [
+                    layer.get_submodule(first).register_forward_pre_hook(
+                        functools.partial(_span_input_hook, last=host), with_kwargs=True),
+                    host.register_forward_hook(_span_output_hook)]
+            elif residual is None:
+                handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
+            else:
+                handle._hooks.append(host.register_forward_pre_hook(functools.partial(
                     _residual_hook, arg=residual, index=_argument_index(host, residual),
                     norm=norm), with_kwargs=True))
             handle._hosts.append(host)

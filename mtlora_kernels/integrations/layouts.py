@@ -83,7 +83,10 @@ class LayerLayout:
     (attribute, token-mixer values, FFN values): each layer is ONE pre-LN sub-layer, a token
     mixer or an FFN by the value of its attribute (Nemotron-H's ``block_type``), ``attn`` and
     ``ffn`` the same module: 'attn' adapts the token-mixer layers, 'ffn' the FFN layers, 'both'
-    every layer; a value of neither kind is refused.
+    every layer; a value of neither kind is refused. ``ffn_first``: where the FFN is no one
+    module but Linear layers loose in the layer, with the activation and dropouts between them
+    (OPT's and BART's ``fc1`` ... ``fc2``), its first module, whose input is z; ``ffn`` then
+    names its last, whose output the adapter's joins (and which holds the adapter).
     """
 
     layer_class: str
@@ -98,6 +101,7 @@ class LayerLayout:
     ffn_residual: str | None = None
     residual_normed: bool = False
     sub_layer_by: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
+    ffn_first: str | None = None
 
 
 def _pre_ln(layer_class: str, attn_after: str | tuple[str, ...] | None = None,
@@ -293,6 +297,17 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     "bloom": LayerLayout("BloomBlock", "self_attention", "input_layernorm", "mlp",
                          "post_attention_layernorm"),
     "mpt": LayerLayout("MptBlock", "attn", "norm_1", "ffn", "norm_2", "resid_attn_dropout"),
+    # OPT, XGLM and BioGPT: LLaMA's layout, but no one module is the FFN: fc1, the activation,
+    # a dropout and fc2 sit loose in the layer (ffn_first). z is fc1's input, the adapter hangs
+    # on fc2 and its output joins fc2's, so the layer's residual dropout acts on both (as
+    # Phi-3's). OPT with do_layer_norm_before=False (OPT-350m) is post-LN, BART's layout below:
+    # out = final_layer_norm(h1 + FFN(z) + adapter(z)), z = h1 = self_attn_layer_norm(h +
+    # Attn(h)); the hooks take z where the sub-layer gets it either way, the norms named here
+    # are the pre-LN variant's. XGLM's cross-attention (add_cross_attention) gets no adapter.
+    **{t: LayerLayout(c, "self_attn", "self_attn_layer_norm", "fc2", "final_layer_norm",
+                      ffn_first="fc1") for t, c in (
+        ("opt", "OPTDecoderLayer"), ("xglm", "XGLMDecoderLayer"),
+        ("biogpt", "BioGptDecoderLayer"))},
     # ModernBERT, an encoder: layer 0's attn_norm is nn.Identity (the embeddings end in a norm),
     # so its z is the layer's input; sliding-window and global attention are both ``attn``.
     "modernbert": LayerLayout("ModernBertEncoderLayer", "attn", "attn_norm", "mlp", "mlp_norm"),
