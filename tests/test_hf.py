@@ -1512,15 +1512,17 @@ def test_aux_loss_is_the_packages_auxiliary_loss_and_has_gradients():
         assert a.lora_route.grad.abs().sum() > 0 and a.lora_B.grad.abs().sum() > 0
 
 
-def test_aux_loss_with_the_attention_mask_ignores_padding():
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_aux_loss_with_the_attention_mask_ignores_padding(family):
     """A right-padded batch with its attention_mask: the balance term over the real tokens is
     the one of the sequences run alone, unpadded (causal attention: the real tokens never see
-    the padding); without the mask the padding counts."""
-    model = tiny_model("llama").train()
+    the padding); without the mask the padding counts. OPT's FFN adapters see the tokens
+    flattened, [B*S, d], and take the [B, S] mask all the same."""
+    model = tiny_model(family, dropout=0.0, attention_dropout=0.0).train()  # OPT's dropouts off
     handle = attach(model, MTLoRAConfig(r=2, num_experts=4, groups=2, dropout=0.0),
                     placement="both")
     randomize(handle)
-    ids = tiny_inputs("llama")  # [2, 7]
+    ids = tiny_inputs(family)  # [2, 7]
     short = ids[:1, :4]
     routing = []
     for alone in (short, ids[1:]):

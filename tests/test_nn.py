@@ -71,6 +71,10 @@ def test_balance_loss_with_a_mask_counts_only_its_tokens():
     with pytest.raises(ValueError, match=r"mask must have the last forward's token shape "
                                          r"\(2, 6\), got \(12,\)"):
         ad.balance_loss(mask.reshape(-1))
+    ad(x.reshape(12, -1))  # tokens flattened (OPT's FFN): the batch's mask, flattened alike
+    assert abs(ad.balance_loss(mask).item() - want.item()) < 1e-12
+    with pytest.raises(ValueError, match=r"token shape \(12,\), got \(2, 5\)"):
+        ad.balance_loss(mask[:, :5])
 
 
 def test_balance_loss_needs_a_forward():

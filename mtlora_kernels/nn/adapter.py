@@ -85,8 +85,9 @@ class MTLoRAAdapter(nn.Module):
         tokens and groups of the last forward (unbiased var). Zero for N == 1.
 
         ``mask``: which tokens count, shaped as that forward's leading dims (e.g. the batch's
-        ``attention_mask``, so that padding does not pull p towards its own routing); bool or
-        0/1. Zero when no token counts."""
+        ``attention_mask``, so that padding does not pull p towards its own routing; a forward on
+        tokens flattened to one dim, [B*S, d], takes a [B, S] mask too); bool or 0/1. Zero when
+        no token counts."""
         if self._routing is None:
             raise RuntimeError("balance_loss() needs a forward pass of this adapter first (none "
                                "ran, or the last one ran while the adapter was disabled)")
@@ -102,7 +103,10 @@ class MTLoRAAdapter(nn.Module):
                 "False}, transformers' default), or compute the loss under torch.no_grad() if "
                 "it is only logged.")
         pi = self._routing  # [..., g, N]
-        if mask is not None and tuple(mask.shape) != tuple(pi.shape[:-2]):
+        # A forward on tokens flattened to one dim (OPT's FFN gets [B*S, d]) takes the batch's
+        # mask as it takes its tokens, flattened in order.
+        flat = pi.dim() == 3 and mask is not None and mask.numel() == pi.shape[0]
+        if mask is not None and tuple(mask.shape) != tuple(pi.shape[:-2]) and not flat:
             raise ValueError(f"mask must have the last forward's token shape "
                              f"{tuple(pi.shape[:-2])}, got {tuple(mask.shape)}")
         if self.config.num_experts == 1 or pi.numel() == 0:  # no router / no tokens
