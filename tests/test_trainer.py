@@ -23,10 +23,10 @@ from mtlora_kernels.integrations.trainer import MTLoRATrainer  # noqa: E402
 from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
 
 
-def tiny_llama(placement: dict | None = None):
-    """test_hf's tiny LLaMA, with adapters at ``placement`` drawn at random (B = 0 at init:
-    every term then has a gradient)."""
-    model = tiny_model("llama")
+def tiny_llama(placement: dict | None = None, family: str = "llama", **config):
+    """test_hf's tiny LLaMA (or ``family``'s model, with ``config``), with adapters at
+    ``placement`` drawn at random (B = 0 at init: every term then has a gradient)."""
+    model = tiny_model(family, **config)
     if placement is None:
         return model, None
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0), **placement)
@@ -88,8 +88,11 @@ def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bo
     return [p.detach() - b for p, b in zip(handle.parameters(), before)], trainer.seen
 
 
-def test_the_training_loss_is_the_task_loss_plus_the_auxiliary_loss(tmp_path):
-    model, handle = tiny_llama(dict(placement="ffn"))
+@pytest.mark.parametrize("family,config", [("llama", {}), ("opt", dict(dropout=0.0))])
+def test_the_training_loss_is_the_task_loss_plus_the_auxiliary_loss(tmp_path, family, config):
+    """The trainer's loss is the model's plus auxiliary_loss with the batch's attention_mask
+    (OPT's FFN adapters see the tokens flattened, [B*S, d]: the mask fits them too)."""
+    model, handle = tiny_llama(dict(placement="both"), family, **config)
     trainer = MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset(),
                             balance_weight=0.3, spectral_weight=0.7)
     batch = {k: torch.tensor([r[k] for r in dataset(3, seed=5)])
