@@ -914,22 +914,12 @@ def test_a_post_ln_output_module_without_its_residual_argument_is_refused():
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["bert", "esm"])
-def test_an_encoder_hooked_on_its_output_modules_checkpoints_and_saves(family):
-    """BERT (post-LN) and ESM (pre-LN, the hook applying the norm again) with adapters on both
-    sub-layers (forward pre-hooks on their output modules, which add the residual): under
-    gradient checkpointing (the recompute re-runs the hooks) the outputs and gradients are the
-    plain forward's; save_adapters and load_adapters give a fresh model the adapted outputs (by
-    the adapters' paths). Compiled: test_switching_a_compiled_model_follows_the_switch."""
-    from mtlora_kernels import load_adapters, save_adapters
-
-    model = tiny_model(family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    handle = attach(model.train(), MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
-                    placement="both")
-    randomize(handle)
-    x = tiny_inputs(family)
+def assert_checkpointing_reruns_the_hooks(model: nn.Module, handle, x, module: nn.Module) -> None:
+    """Under non-reentrant gradient checkpointing ``model`` (in training mode, its dropouts
+    off) computes the outputs and adapter gradients of its plain forward, and ``module``, which
+    a hook rides on, runs again in the backward pass (the recompute re-runs the hooks)."""
     calls = []
-    model.encoder.layer[0].output.register_forward_pre_hook(lambda m, a: calls.append(1))
+    module.register_forward_pre_hook(lambda m, a: calls.append(1))
 
     def step():
         for p in handle.parameters():
@@ -945,6 +935,23 @@ def test_an_encoder_hooked_on_its_output_modules_checkpoints_and_saves(family):
     assert len(calls) == 2, "the layer's forward must run again in the backward pass"
     assert torch.equal(out_ckpt, out)
     assert all(rel_err(g, w) <= TOL for g, w in zip(grads_ckpt, grads))
+
+
+@pytest.mark.parametrize("family", ["bert", "esm"])
+def test_an_encoder_hooked_on_its_output_modules_checkpoints_and_saves(family):
+    """BERT (post-LN) and ESM (pre-LN, the hook applying the norm again) with adapters on both
+    sub-layers (forward pre-hooks on their output modules, which add the residual): under
+    gradient checkpointing (the recompute re-runs the hooks) the outputs and gradients are the
+    plain forward's; save_adapters and load_adapters give a fresh model the adapted outputs (by
+    the adapters' paths). Compiled: test_switching_a_compiled_model_follows_the_switch."""
+    from mtlora_kernels import load_adapters, save_adapters
+
+    model = tiny_model(family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    handle = attach(model.train(), MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="both")
+    randomize(handle)
+    x = tiny_inputs(family)
+    assert_checkpointing_reruns_the_hooks(model, handle, x, model.encoder.layer[0].output)
 
     model.eval()
     with tempfile.TemporaryDirectory() as d:
@@ -970,24 +977,9 @@ def test_an_ffn_of_loose_linear_layers_hands_z_from_its_first_to_its_last(family
     randomize(handle)
     x = tiny_inputs(family)
     layer = stack_of(model)[0][1]
-    assert layer.fc2.mtlora_adapter is handle.adapters[f"{stack_of(model)[0][0]}.fc2.mtlora_adapter"]
-    calls = []
-    layer.fc1.register_forward_pre_hook(lambda m, a: calls.append(1))
-
-    def step():
-        for p in handle.parameters():
-            p.grad = None
-        out = run(model, x)
-        loss_of(out).backward()
-        return out.detach(), [p.grad.clone() for p in handle.parameters()]
-
-    out, grads = step()
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    del calls[:]
-    out_ckpt, grads_ckpt = step()
-    assert len(calls) == 2, "the layer's forward must run again in the backward pass"
-    assert torch.equal(out_ckpt, out)
-    assert all(rel_err(g, w) <= TOL for g, w in zip(grads_ckpt, grads))
+    assert layer.fc2.mtlora_adapter is handle.adapters[
+        f"{stack_of(model)[0][0]}.fc2.mtlora_adapter"]
+    assert_checkpointing_reruns_the_hooks(model, handle, x, layer.fc1)
     assert all(a.span_input is None for a in handle.adapters.values())
     with pytest.raises(RuntimeError, match="without the FFN's first module"):
         layer.fc2(torch.randn(3, layer.fc2.in_features))
