@@ -205,7 +205,13 @@ CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
 # Encoder-decoders: tiny_model builds their conditional-generation model from these fields
 # (T5's names; ``layers`` blocks in each stack), tiny_inputs feeds decoder_input_ids too.
 SEQ2SEQ = ["t5", "t5-gated", "mt5", "umt5", "longt5", "longt5-tglobal", "switch_transformers",
-           "pop2piano"]
+           "pop2piano", "t5gemma"]
+# T5Gemma (Gemma 2's layer in each stack, post-norms: kind 3): a 32-wide encoder, a 16-wide
+# decoder. The others are T5's block (kind 1).
+POST_NORM_SEQ2SEQ = ["t5gemma"]
+T5_BLOCKS = [f for f in SEQ2SEQ if f not in POST_NORM_SEQ2SEQ]
+_T5GEMMA_STACK = dict(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, vocab_size=64, max_position_embeddings=32)
 _SEQ2SEQ_FIELDS = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 # Text encoders: model_type -> the model class tiny_model builds (its last hidden states).
@@ -325,6 +331,11 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
             **config}
     if model_type(family) in DERIVED_HEAD_DIM:
         del text["head_dim"]
+    if family == "t5gemma":
+        cfg = transformers.T5GemmaConfig(
+            encoder=dict(_T5GEMMA_STACK, hidden_size=32, num_hidden_layers=layers),
+            decoder=dict(_T5GEMMA_STACK, hidden_size=16, num_hidden_layers=layers), **config)
+        return transformers.T5GemmaForConditionalGeneration(cfg).eval()
     if family in SEQ2SEQ:
         cfg = transformers.AutoConfig.for_model(
             model_type(family), **_SEQ2SEQ_FIELDS, num_layers=layers, num_decoder_layers=layers,
@@ -779,13 +790,14 @@ def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
 # Pre-LN (kind 1, ESM's layout too) and parallel (kind 2) layers: 'ffn' on every one; 'attn'
 # where the layer forms h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no
 # such sum).
-SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + SEQ2SEQ + PRE_LN_OUTPUT]
-             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + SEQ2SEQ + PRE_LN_OUTPUT])
+SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS + PRE_LN_OUTPUT]
+             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
 # element) is h1, read off transformers' code, not the table. T5's block: the self-attention's
 # wrapper ``layer.0`` returns h + Attn(z) (a decoder block's cross-attention comes between it
 # and the FFN's norm). ESM's layout: ``attention`` returns h + Attn(LN1(h)) (its first element).
-H1_AT = {**dict.fromkeys(ENCODER_DECODERS, "layer.0"), **dict.fromkeys(PRE_LN_OUTPUT, "attention")}
+H1_AT = {**{model_type(f): "layer.0" for f in T5_BLOCKS},
+         **dict.fromkeys(PRE_LN_OUTPUT, "attention")}
 
 
 @pytest.mark.parametrize("family,placement", SUM_CASES,
@@ -839,7 +851,7 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
         assert rel_err(moved, want) <= TOL
 
 
-@pytest.mark.parametrize("family", POST_TRANSFORM)
+@pytest.mark.parametrize("family", POST_TRANSFORM + POST_NORM_SEQ2SEQ)
 def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     """The module docstring's kind 3, by hand on the last layer: what the layer applies to the
     FFN's output (T: a post-norm, Granite's residual_multiplier 0.5) applies to the adapter's
@@ -1252,6 +1264,21 @@ def test_an_encoder_decoder_adapts_both_stacks_encoder_first():
     del llama.model.layers
     with pytest.raises(ValueError, match=r"LlamaDecoderLayer modules in 2 places"):
         attach(llama, placement="ffn")
+
+
+def test_t5gemmas_stacks_get_adapters_of_their_own_widths():
+    """T5Gemma's encoder (32 wide in the tiny model) and decoder (16) differ in width: each
+    adapter is as wide as its stack, and groups must divide both."""
+    model = tiny_model("t5gemma")
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2), placement="both")
+    widths = {(name.split(".")[1], a.lora_A.shape[1], a.lora_B.shape[1])
+              for name, a in handle.adapters.items()}
+    assert widths == {("encoder", 32, 32), ("decoder", 16, 16)}
+    assert len(handle.adapters) == 8
+    handle.remove()
+    with pytest.raises(ValueError, match="groups=32 must divide hidden_size=16"):
+        attach(model, MTLoRAConfig(r=4, num_experts=3, groups=32), placement="ffn")
+    assert get_handle(model) is None
 
 
 def test_switch_transformers_is_tested_on_both_kinds_of_ffn():
@@ -1893,15 +1920,16 @@ def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     assert not torch.equal(base, ids), "the adapters must change what is generated"
 
 
-def test_an_encoder_decoder_generates_what_its_full_forwards_pick():
-    """T5 with adapters in both stacks: greedy ``generate`` (the encoder once, the decoder one
-    token per step with its self- and cross-attention caches) picks the tokens that one full
-    forward over the generated target picks, and the adapters change them."""
-    model = tiny_model("t5")
+@pytest.mark.parametrize("family", ["t5", "t5gemma"])
+def test_an_encoder_decoder_generates_what_its_full_forwards_pick(family):
+    """T5 and T5Gemma with adapters in both stacks: greedy ``generate`` (the encoder once, the
+    decoder one token per step with its self- and cross-attention caches) picks the tokens that
+    one full forward over the generated target picks, and the adapters change them."""
+    model = tiny_model(family)
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1),
                     placement="both")
     randomize(handle)
-    source = tiny_inputs("t5")["input_ids"]
+    source = tiny_inputs(family)["input_ids"]
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)  # no early end of sequence
     with torch.no_grad():
         out = model.generate(input_ids=source, **kw)

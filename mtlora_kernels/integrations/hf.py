@@ -161,6 +161,14 @@ def hidden_size_of(model: nn.Module) -> int:
     return config.hidden_size
 
 
+def _layer_width(model: nn.Module, layer: nn.Module) -> int:
+    """The width of ``layer``'s residual stream: ``hidden_size`` of the config the layer keeps,
+    where it keeps one (T5Gemma's encoder and decoder layers: their stack's own config, the two
+    stacks' widths may differ), else :func:`hidden_size_of` the model."""
+    width = getattr(getattr(layer, "config", None), "hidden_size", None)
+    return width if isinstance(width, int) else hidden_size_of(model)
+
+
 def _is_layer(module: nn.Module, class_name: str) -> bool:
     # By name through the MRO: no transformers import, and subclasses (FSDP's) still match.
     return any(cls.__name__ == class_name for cls in type(module).__mro__)
@@ -734,9 +742,10 @@ def attach(
                 f"works on any model with nn.Linear (or Conv1D) modules.")
         if chosen is None:
             chosen = _find_layers(model, families)
-        d = hidden_size_of(model)
-        if d % cfg.groups:
-            raise ValueError(f"groups={cfg.groups} must divide hidden_size={d}")
+        widths = {name: _layer_width(model, layer) for name, layer, _ in chosen}
+        for d in sorted(set(widths.values())):
+            if d % cfg.groups:
+                raise ValueError(f"groups={cfg.groups} must divide hidden_size={d}")
         kinds = {"ffn": ["ffn"], "attn": ["attn"], "both": ["attn", "ffn"]}[placement]
         for layer_name, layer, fam in chosen:
             if "ffn" in kinds and fam.ffn_refused_if and hasattr(layer, fam.ffn_refused_if[0]):
@@ -769,6 +778,7 @@ def attach(
         for layer_name, layer, sub, residual, norm, first in hosts:
             host = layer.get_submodule(sub)
             ref = next(host.parameters(), None)
+            d = widths[layer_name]
             adapter = MTLoRAAdapter(d, d, cfg).to(
                 device=ref.device if ref is not None else None, dtype=dtype)
             adapter.train(host.training)

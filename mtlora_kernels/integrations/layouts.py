@@ -459,6 +459,14 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # splits its FFN in two modules (intermediate, output) and is not supported.
     "beit": LayerLayout("BeitLayer", "attention", "layernorm_before", "mlp", "layernorm_after",
                         ("dropout", "lambda_1", "drop_path"), ("dropout", "lambda_2", "drop_path")),
+    # T5Gemma, an encoder-decoder (ENCODER_DECODERS): Gemma 2's layer in each stack, a post-norm
+    # and then a dropout after each sub-layer; the decoder layer's cross_attn (on its own two
+    # norms) gets no adapter. The two stacks may differ in width (each layer keeps its stack's
+    # config): each adapter is as wide as its layer.
+    "t5gemma": tuple(LayerLayout(c, "self_attn", "pre_self_attn_layernorm", "mlp",
+                                 "pre_feedforward_layernorm", ("post_self_attn_layernorm", "dropout"),
+                                 ("post_feedforward_layernorm", "dropout"))
+                     for c in ("T5GemmaEncoderLayer", "T5GemmaDecoderLayer")),
     # OLMo-Hybrid: one stack of two layer classes (by layer_types): the attention layers are
     # OLMo2's (no norm before a sub-layer, post-norms after), the linear-attention layers
     # LLaMA's (their post_attention_layernorm is the FFN's norm).
@@ -535,7 +543,7 @@ DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
 #: ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone
 #: (``T5EncoderModel``, or ``model.encoder`` attached by itself) is one stack, as any other
 #: model's.
-ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano")
+ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano", "t5gemma")
 
 
 __all__ = ["LayerLayout", "SUPPORTED_ARCHITECTURES", "DUAL_ENCODERS", "ENCODER_DECODERS"]
