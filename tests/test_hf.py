@@ -197,6 +197,20 @@ EXTRA = {
                            local_radius=2),
     "switch_transformers": dict(num_experts=4, expert_capacity=8, num_sparse_encoder_layers=1,
                                 num_sparse_decoder_layers=1),
+    # More text and document encoders (MORE_POST_LN, MORE_PRE_LN): BigBird's block-sparse
+    # attention in blocks of 2 with one random block (its 16 tokens, SEQ_LEN, are enough for it:
+    # fewer, and the model falls back to full attention); Longformer's windows of 4 (the model
+    # pads 7 tokens to 8); Nystromformer's 4 landmarks over 8 tokens (its approximation on: at
+    # num_landmarks == tokens it computes full attention); LayoutLMv3's box embeddings and
+    # patches (4 of 8x8 in a 16x16 image) sized to the width; AltCLIP's projection small;
+    # X-MOD with two languages (tiny_inputs gives each sequence another).
+    "big_bird": dict(attention_type="block_sparse", block_size=2, num_random_blocks=1),
+    "longformer": dict(attention_window=4),
+    "nystromformer": dict(num_landmarks=4, segment_means_seq_len=8),
+    "layoutlmv3": dict(coordinate_size=6, shape_size=4, input_size=16, patch_size=8,
+                       max_2d_position_embeddings=64),
+    "altclip_text_model": dict(project_dim=16),
+    "xmod": dict(languages=["en_XX", "de_DE"]),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
@@ -216,6 +230,12 @@ _SEQ2SEQ_FIELDS = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 # Text encoders: model_type -> the model class tiny_model builds (its last hidden states).
 ENCODERS = {"modernbert": "ModernBertModel", "eurobert": "EuroBertModel"}
+# More encoders whose model class tiny_model builds by name (AutoModel maps no class to the text
+# towers' types).
+MORE_ENCODERS = {"ultrabert": "UltrabertModel", "clip_text_model": "CLIPTextModel",
+                 "align_text_model": "AlignTextModel", "altclip_text_model": "AltCLIPTextModel",
+                 "chinese_clip_text_model": "ChineseCLIPTextModel",
+                 "clap_text_model": "ClapTextModel", "blip_text_model": "BlipTextModel"}
 
 # Vision encoders: model_type -> the model class tiny_model builds (SMALL's fields, 16x16 images
 # of 8x8 patches). The dual encoders (DUAL): their image classifiers, which hold the vision tower
@@ -347,14 +367,17 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
         return model.eval()
-    if family in POST_LN + PRE_LN_OUTPUT:  # encoders: the bare model (BertModel, ...)
+    if family in POST_LN + PRE_LN_OUTPUT + MORE_POST_LN + LANG_ADAPTER:  # encoders: BertModel, ...
         cfg = transformers.AutoConfig.for_model(family, **small, vocab_size=64,
                                                 max_position_embeddings=32,
                                                 **EXTRA.get(family, {}), **config)
+        if family in MORE_ENCODERS:
+            return getattr(transformers, MORE_ENCODERS[family])(cfg).eval()
         return transformers.AutoModel.from_config(cfg).eval()
     cfg = transformers.AutoConfig.for_model(model_type(family), **text)
-    if family in CAUSAL_LM or family in ENCODERS:
-        return getattr(transformers, {**CAUSAL_LM, **ENCODERS}[family])(cfg).eval()
+    if family in CAUSAL_LM or family in ENCODERS or family in MORE_ENCODERS:
+        classes = {**CAUSAL_LM, **ENCODERS, **MORE_ENCODERS}
+        return getattr(transformers, classes[family])(cfg).eval()
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -442,13 +465,25 @@ def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor | dict:
         if family == "vit_mae":  # the noise that picks the patches MAE keeps, else random
             images["noise"] = torch.rand(2, 4, generator=g)
         return images
-    return torch.randint(0, 64, (2, 7), generator=g)
+    if family == "layoutlmv3":  # boxes (x0 <= x1, y0 <= y1) and a 16x16 image of 4 patches
+        corners = torch.randint(0, 64, (2, 7, 2, 2), generator=g).sort(dim=2).values
+        return dict(input_ids=torch.randint(0, 64, (2, 7), generator=g),
+                    bbox=corners.transpose(2, 3).reshape(2, 7, 4),
+                    pixel_values=torch.randn(2, 3, 16, 16, generator=g))
+    if family == "xmod":  # one sequence in each language
+        return dict(input_ids=torch.randint(0, 64, (2, 7), generator=g),
+                    lang_ids=torch.tensor([0, 1]))
+    return torch.randint(0, 64, (2, SEQ_LEN.get(family, 7)), generator=g)
 
 
 def run(model, x) -> torch.Tensor:
-    """The model's last hidden states (or logits) on ``x``, token ids or keyword inputs."""
+    """The model's last hidden states (or logits; DPR's encoders: the pooled embedding) on ``x``,
+    token ids or keyword inputs."""
     out = model(**x) if isinstance(x, dict) else model(x)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+    for field in ("last_hidden_state", "logits"):
+        if hasattr(out, field):
+            return getattr(out, field)
+    return out.pooler_output
 
 
 def loss_of(out: torch.Tensor) -> torch.Tensor:
@@ -613,6 +648,30 @@ PRE_LN_OUTPUT = ["esm", "xlm-roberta-xl", "roberta-prelayernorm", "megatron-bert
 # Those modules, (the attention's, the FFN's), read off transformers' code, not the table:
 # reference_model adds each adapter's delta to their output, Sub(z) + r + delta.
 ADDS_RESIDUAL = dict.fromkeys(PRE_LN_OUTPUT, ("attention.output", "output"))
+# More text and document encoders (transformers 5.25), post-LN (tiny_model: AutoModel, or the
+# text towers' classes, MORE_ENCODERS): BERT's layer code under other token mixers, the text
+# towers of dual encoders, FNet (a Fourier transform as the token mixer), GTE (NomicBERT's
+# shape); their post-LNs, read off transformers' code, join POST_LNS.
+MORE_POST_LN = ["roformer", "big_bird", "longformer", "yoso", "nystromformer", "mra", "tapas",
+                "visual_bert", "layoutlmv3", "align_text_model", "altclip_text_model",
+                "chinese_clip_text_model", "clap_text_model", "blip_text_model", "dpr", "fnet",
+                "gte"]
+POST_LNS = {**POST_LNS, **dict.fromkeys(MORE_POST_LN, _BERT_LNS),
+            "fnet": ("fourier.output.LayerNorm", _BERT_LNS[1]),
+            "gte": ("post_attention_layernorm", "post_mlp_layernorm")}
+# ... and pre-LN, LLaMA's layout (UltraBERT) and CLIP's (its text tower).
+MORE_PRE_LN = ["ultrabert", "clip_text_model"]
+# X-MOD (post-LN; tiny_model: AutoModel): its FFN's output module runs a language adapter, and
+# output.LayerNorm, after the residual add, so that LayerNorm runs twice (the language adapter
+# reuses it) and POST_LNS cannot name the sum: reference_model adds the delta to what the FFN's
+# last Linear (output.dense) returns, and the attention's to what attention.output returns (dense
+# and the residual add; ``attention`` applies attention.output.LayerNorm after it), read off
+# transformers' code.
+LANG_ADAPTER = ["xmod"]
+ADDS_RESIDUAL = {**ADDS_RESIDUAL, "xmod": ("attention.output", "output.dense")}
+# Inputs longer than tiny_inputs' 7 tokens, where the token mixer needs them (BigBird's block
+# sparsity, Nystromformer's landmarks: EXTRA).
+SEQ_LEN = {"big_bird": 16, "nystromformer": 8}
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
                   "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
@@ -651,20 +710,29 @@ CASES = ([("llama", w) for w in PLACEMENTS]
          + [("esm", PLACEMENTS[0]), ("esm", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in PRE_LN_OUTPUT]
          + [("t5", PLACEMENTS[0]), ("t5", PLACEMENTS[1])]
-         + [(f, PLACEMENTS[2]) for f in SEQ2SEQ])
+         + [(f, PLACEMENTS[2]) for f in SEQ2SEQ]
+         + [(f, PLACEMENTS[2]) for f in MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER])
 
 
 def test_every_supported_architecture_is_tested():
     """Each table entry by a model of its type, or (the Qwen-VL language models, Gemma 3's)
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
-    tested = FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
+    tested = (FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
+              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER)
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
     assert set(SUPPORTED_ARCHITECTURES) == {wrappers.get(f, model_type(f)) for f in tested}
     assert not set(wrappers) & set(SUPPORTED_ARCHITECTURES), "wrappers go by a sub-config"
     assert set(ENCODER_DECODERS) == {model_type(f) for f in SEQ2SEQ}
+
+
+def ours_(name: str) -> bool:
+    """Whether a parameter's name is an mtLoRA adapter's (``...mlp.mtlora_adapter.lora_A``,
+    component-level ``...q_proj.adapter.lora_A``), not a model's own adapter (X-MOD's
+    ``output.adapter_modules.en_XX.dense1.weight``)."""
+    return re.search(r"(^|\.)(mtlora_)?adapter\.", name) is not None
 
 
 @pytest.mark.parametrize("family,where", CASES,
@@ -687,7 +755,7 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
 
     handle = attach(model, cfg, **where)
     assert torch.equal(run(model, x), frozen), "B = 0 at init must leave the outputs as they were"
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "adapter" not in n)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not ours_(n))
 
     randomize(handle)
     ours = run(model, x)
@@ -698,7 +766,7 @@ def test_attach_matches_spec_and_removal_restores_the_model(family, where):
     # Gradients reach every adapter parameter (and only those) as through the oracle.
     loss_of(ours).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert set(grads) == {n for n, _ in model.named_parameters() if "adapter" in n}
+    assert set(grads) == {n for n, _ in model.named_parameters() if ours_(n)}
     for p in handle.parameters():
         p.grad = None
     loss_of(run(base, x)).backward()
@@ -791,7 +859,8 @@ def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
 # where the layer forms h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no
 # such sum).
 SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS + PRE_LN_OUTPUT]
-             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT])
+             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT]
+             + [(f, p) for f in MORE_PRE_LN for p in ("ffn", "attn")])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
 # element) is h1, read off transformers' code, not the table. T5's block: the self-attention's
 # wrapper ``layer.0`` returns h + Attn(z) (a decoder block's cross-attention comes between it
@@ -950,6 +1019,30 @@ def assert_checkpointing_reruns_the_hooks(model: nn.Module, handle, x, module: n
     assert len(calls) == 2, "the layer's forward must run again in the backward pass"
     assert torch.equal(out_ckpt, out)
     assert all(rel_err(g, w) <= TOL for g, w in zip(grads_ckpt, grads))
+
+
+def test_xmods_pre_norm_variant_is_refused():
+    """X-MOD's table entry is its post-LN layer (pre_norm=False, the default, tested above); with
+    pre_norm its norms run before the sub-layers, where that entry would take z from the
+    residual stream: every placement is refused by name, the model as it was, and
+    component-level placement still works."""
+    model = tiny_model("xmod", pre_norm=True)
+    for placement in ("ffn", "attn", "both"):
+        with pytest.raises(NotImplementedError, match=r"encoder\.layer\.0 \(XmodLayer\) has "
+                                                      r"pre_norm=True: X-MOD's pre-norm variant"):
+            attach(model, placement=placement)
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+    attach(model, target_modules=["query", "value"]).remove()
+
+
+def test_big_bird_is_tested_on_its_block_sparse_attention():
+    """The tiny BigBird (EXTRA, 16 tokens) runs block-sparse attention: with too few tokens for
+    its blocks the model falls back to full attention, and the oracle test would not see it."""
+    model = tiny_model("big_bird")
+    run(model, tiny_inputs("big_bird"))
+    assert model.attention_type == "block_sparse"
+    assert {type(layer.attention.self).__name__ for _, layer in stack_of(model)} == {
+        "BigBirdBlockSparseAttention"}
 
 
 @pytest.mark.parametrize("family", ["bert", "esm"])

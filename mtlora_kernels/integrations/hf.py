@@ -748,6 +748,11 @@ def attach(
                 raise ValueError(f"groups={cfg.groups} must divide hidden_size={d}")
         kinds = {"ffn": ["ffn"], "attn": ["attn"], "both": ["attn", "ffn"]}[placement]
         for layer_name, layer, fam in chosen:
+            if fam.refused_if and getattr(layer, fam.refused_if[0], False):
+                raise NotImplementedError(
+                    f"{layer_name} ({type(layer).__name__}) has {fam.refused_if[0]}="
+                    f"{getattr(layer, fam.refused_if[0])!r}: {fam.refused_if[1]}. Use "
+                    f"component-level placement (target_modules=[...]).")
             if "ffn" in kinds and fam.ffn_refused_if and hasattr(layer, fam.ffn_refused_if[0]):
                 raise NotImplementedError(
                     f"placement={placement!r}: {layer_name} ({type(layer).__name__}) has "

@@ -87,6 +87,9 @@ class LayerLayout:
     module but Linear layers loose in the layer, with the activation and dropouts between them
     (OPT's and BART's ``fc1`` ... ``fc2``), its first module, whose input is z; ``ffn`` then
     names its last, whose output the adapter's joins (and which holds the adapter).
+    ``refused_if``: (attribute, why): a layer whose attribute is true is laid out otherwise than
+    the entry says (X-MOD's ``pre_norm``: its norms before the sub-layers), and every placement
+    is refused there.
     """
 
     layer_class: str
@@ -102,6 +105,7 @@ class LayerLayout:
     residual_normed: bool = False
     sub_layer_by: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
     ffn_first: str | None = None
+    refused_if: tuple[str, str] | None = None
 
 
 def _pre_ln(layer_class: str, attn_after: str | tuple[str, ...] | None = None,
@@ -526,6 +530,55 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
         ("roberta-prelayernorm", ("RobertaPreLayerNormLayer", "attention.LayerNorm",
                                   "intermediate.LayerNorm")),
         ("megatron-bert", ("MegatronBertLayer", "attention.ln", "ln", "residual")))},
+    # More text and document encoders (transformers 5.25). BERT's layer code (kind 4, _post_ln)
+    # under other token mixers: RoFormer's rotary attention (its embeddings projected to
+    # hidden_size before the layers, as RemBERT's); BigBird's block-sparse attention (or full,
+    # by attention_type; the model pads the tokens to whole blocks, and the padding goes through
+    # the adapters too); Longformer's sliding-window and global attention (padding to whole
+    # windows, likewise); YOSO's, Nystromformer's and MRA's approximate attention; TAPAS's
+    # table structure, VisualBERT's visual embeddings and LayoutLMv3's boxes enter in the
+    # embeddings (LayoutLMv3's image patches, where given, join the text tokens in one stream
+    # and get the adapters too; its relative position biases are computed once for the stack
+    # and passed to each attention). The text towers of ALIGN, AltCLIP (XLM-R's layer),
+    # Chinese-CLIP, CLAP and BLIP: their models (AlignTextModel, ...) have these types; a dual
+    # encoder whose text_config has one (AlignModel, ChineseCLIPModel, ...) and whose vision or
+    # audio tower is of another class gets adapters on its text tower (the multimodal rule).
+    # BLIP's text model is a decoder with cross-attention to the image (no adapter there).
+    **{t: _post_ln(c) for t, c in (
+        ("roformer", "RoFormerLayer"), ("big_bird", "BigBirdLayer"),
+        ("longformer", "LongformerLayer"), ("yoso", "YosoLayer"),
+        ("nystromformer", "NystromformerLayer"), ("mra", "MraLayer"), ("tapas", "TapasLayer"),
+        ("visual_bert", "VisualBertLayer"), ("layoutlmv3", "LayoutLMv3Layer"),
+        ("align_text_model", "AlignTextLayer"), ("altclip_text_model", "AltRobertaLayer"),
+        ("chinese_clip_text_model", "ChineseCLIPTextLayer"),
+        ("clap_text_model", "ClapTextLayer"), ("blip_text_model", "BlipTextLayer"),
+        # DPR's question, context and reader encoders each hold one BertModel.
+        ("dpr", "BertLayer"))},
+    # FNet: BERT's layer with a parameter-free Fourier transform as its token mixer (the real
+    # part of a 2-D FFT over tokens and channels), ended by fourier.output, which adds the
+    # residual input_tensor and normalizes: LN(h + FFT(h) + adapter(h)); its FFN is BERT's.
+    "fnet": LayerLayout("FNetLayer", "fourier.output", None, "output", "fourier.output.LayerNorm",
+                        attn_residual="input_tensor", ffn_residual="input_tensor"),
+    # GTE (Alibaba's new architecture): NomicBERT's shape, a gated FFN.
+    "gte": LayerLayout("GteLayer", "self_attn", None, "mlp", "post_attention_layernorm",
+                       "post_attention_dropout", "post_mlp_dropout"),
+    # UltraBERT: LLaMA's pre-LN layer (RMSNorms, RoPE) in an encoder, as EuroBERT's.
+    "ultrabert": _pre_ln("UltrabertDecoderLayer"),
+    # CLIP's text tower (CLIPTextModel): CLIP's layer, causal attention.
+    "clip_text_model": LayerLayout("CLIPEncoderLayer", "self_attn", "layer_norm1", "mlp",
+                                   "layer_norm2"),
+    # X-MOD: XLM-R's layer whose FFN output module, after the residual add, runs a per-language
+    # bottleneck adapter (by lang_ids; on the post-LN's output, adapter_reuse_layer_norm, its
+    # default) before the layer's post-LN: out = LN(LangAdapter(a + FFN(a) + adapter(a))). The
+    # hook adds adapter(a) to the module's residual input_tensor, so the sum the FFN forms holds
+    # it before the language adapter and the LNs act, as they act on FFN(a) (a LoRA on the
+    # FFN's dense would be there too). The attention's post-LN (attention.output.LayerNorm) is
+    # applied by ``attention`` after its output module: LN(h + Attn(h) + adapter(h)). With
+    # pre_norm (False by default) both norms run before the sub-layers instead: refused.
+    "xmod": replace(_post_ln("XmodLayer"), refused_if=(
+        "pre_norm", "X-MOD's pre-norm variant normalizes before each sub-layer (ESM's layout, "
+                    "with the language adapter after the FFN's residual add), not after, as the "
+                    "table's post-LN entry for xmod places the adapters")),
 }
 
 #: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
