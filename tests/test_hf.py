@@ -48,6 +48,10 @@ GATED_DELTA = dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_ke
 MAMBA = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2)
 MAMBA2 = dict(MAMBA, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_chunk_size=4)
 GEMMA_PER_LAYER = dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=64)
+# Speech and audio encoder-decoders: BART's names for the sizes, token ids inside the vocabulary.
+_BART_SIZES = dict(d_model=32, encoder_attention_heads=4, decoder_attention_heads=4,
+                   encoder_ffn_dim=64, decoder_ffn_dim=64)
+_DECODING = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
 EXTRA = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(MOE, num_experts=4, shared_expert_intermediate_size=32),
@@ -211,6 +215,40 @@ EXTRA = {
                        max_2d_position_embeddings=64),
     "altclip_text_model": dict(project_dim=16),
     "xmod": dict(languages=["en_XX", "de_DE"]),
+    # Speech and audio models (AUDIO below): 32 wide, 4 heads, FFNs 64 wide, tiny inputs. Whisper,
+    # Qwen2-Audio's and Voxtral's encoders: 8 mel bins, 16 frames (two convolutions, the second of
+    # stride 2: 8 positions); Whisper's token suppression off (its defaults are ids of the real
+    # vocabulary). Speech2Text: 8 features a frame, two subsampling convolutions 16 channels wide.
+    # The wav2vec 2.0 family: a two-layer convolutional feature encoder 8 channels wide (kernels 8
+    # and 4, strides 4 and 2: 160 samples make 18 frames), a small convolutional position
+    # embedding; "-stable": do_stable_layer_norm, the pre-LN layer class. MusicGen's decoders: two
+    # codebooks. AST: 8x8 spectrograms in 4x4 patches.
+    **dict.fromkeys(["whisper", "whisper-classifier"], dict(
+        _BART_SIZES, vocab_size=64, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=32, suppress_tokens=None, begin_suppress_tokens=None,
+        classifier_proj_size=16, **_DECODING)),
+    "speech_to_text": dict(_BART_SIZES, vocab_size=64, input_feat_per_channel=8, input_channels=1,
+                           conv_channels=16, conv_kernel_sizes=(3, 3), max_source_positions=32,
+                           max_target_positions=32, **_DECODING),
+    "moonshine": dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                      encoder_num_attention_heads=4, decoder_num_attention_heads=4,
+                      max_position_embeddings=32, **_DECODING),
+    "qwen2_audio_encoder": dict(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64,
+                                num_mel_bins=8, max_source_positions=8),
+    "voxtral_encoder": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                            num_mel_bins=8, max_source_positions=8),
+    **dict.fromkeys(["musicgen_decoder", "musicgen_melody_decoder"], dict(
+        hidden_size=32, num_attention_heads=4, ffn_dim=64, num_codebooks=2, vocab_size=64,
+        max_position_embeddings=32, pad_token_id=0, bos_token_id=1)),
+    **{f: dict(SMALL, vocab_size=16, conv_dim=(8, 8), conv_kernel=(8, 4), conv_stride=(4, 2),
+               num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+               **(dict(do_stable_layer_norm=True) if f.endswith("-stable") else {}),
+               **(dict(conv_pos_kernel_size=3) if f == "data2vec-audio" else {}))
+       for f in ["wav2vec2", "wav2vec2-stable", "hubert", "hubert-stable", "wavlm", "wavlm-stable",
+                 "unispeech", "unispeech-stable", "unispeech-sat", "unispeech-sat-stable",
+                 "data2vec-audio", "sew", "sew-d"]},
+    "audio-spectrogram-transformer": dict(SMALL, patch_size=4, frequency_stride=4, time_stride=4,
+                                          max_length=8, num_mel_bins=8),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
@@ -236,6 +274,41 @@ MORE_ENCODERS = {"ultrabert": "UltrabertModel", "clip_text_model": "CLIPTextMode
                  "align_text_model": "AlignTextModel", "altclip_text_model": "AltCLIPTextModel",
                  "chinese_clip_text_model": "ChineseCLIPTextModel",
                  "clap_text_model": "ClapTextModel", "blip_text_model": "BlipTextModel"}
+# Speech and audio models: family -> (the model class tiny_model builds, its config's fields that
+# count layers: an encoder-decoder's two, ``layers`` each; the other fields EXTRA's); the
+# inputs tiny_inputs gives them (AUDIO_INPUTS: input_features, input_values or a decoder's
+# codebook ids; the encoder-decoders, AUDIO_SEQ2SEQ, decoder_input_ids too).
+_NUM = ("num_hidden_layers",)
+AUDIO = {
+    "whisper": ("WhisperForConditionalGeneration", ("encoder_layers", "decoder_layers")),
+    "whisper-classifier": ("WhisperForAudioClassification", ("encoder_layers", "decoder_layers")),
+    "speech_to_text": ("Speech2TextForConditionalGeneration", ("encoder_layers",
+                                                               "decoder_layers")),
+    "moonshine": ("MoonshineForConditionalGeneration", ("encoder_num_hidden_layers",
+                                                        "decoder_num_hidden_layers")),
+    "qwen2_audio_encoder": ("Qwen2AudioEncoder", ("encoder_layers",)),
+    "voxtral_encoder": ("VoxtralEncoder", _NUM),
+    "musicgen_decoder": ("MusicgenForCausalLM", _NUM),
+    "musicgen_melody_decoder": ("MusicgenMelodyForCausalLM", _NUM),
+    **{f: ("AutoModel", _NUM) for f in [
+        "wav2vec2", "wav2vec2-stable", "hubert", "hubert-stable", "wavlm", "wavlm-stable",
+        "unispeech", "unispeech-stable", "unispeech-sat", "unispeech-sat-stable", "data2vec-audio",
+        "sew", "sew-d"]},
+    "audio-spectrogram-transformer": ("ASTModel", _NUM),
+}
+AUDIO_SEQ2SEQ = ["whisper", "speech_to_text", "moonshine"]
+# family -> (input name, shape): Whisper's log-mel features [batch, mel bins, frames], Speech2Text's
+# [batch, frames, features], raw audio [batch, samples], MusicGen's codebook ids [batch x
+# codebooks, tokens], AST's spectrogram [batch, frames, mel bins].
+AUDIO_INPUTS = {
+    **dict.fromkeys(["whisper", "whisper-classifier", "qwen2_audio_encoder", "voxtral_encoder"],
+                    ("input_features", (2, 8, 16))),
+    "speech_to_text": ("input_features", (2, 16, 8)),
+    "moonshine": ("input_values", (2, 2000)),
+    **dict.fromkeys(["musicgen_decoder", "musicgen_melody_decoder"], ("input_ids", (4, 7))),
+    **{f: ("input_values", (2, 160)) for f, (c, _) in AUDIO.items() if c == "AutoModel"},
+    "audio-spectrogram-transformer": ("input_values", (2, 8, 8)),
+}
 
 # Vision encoders: model_type -> the model class tiny_model builds (SMALL's fields, 16x16 images
 # of 8x8 patches). The dual encoders (DUAL): their image classifiers, which hold the vision tower
@@ -340,6 +413,13 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
     built from a config (``config``: fields over EXTRA's): no download."""
     torch.manual_seed(seed)
     small = {**SMALL, "num_hidden_layers": layers}
+    if family in AUDIO:
+        cls, counts = AUDIO[family]
+        cfg = transformers.AutoConfig.for_model(
+            model_type(family), **{**EXTRA[family], **dict.fromkeys(counts, layers), **config})
+        if cls == "AutoModel":
+            return transformers.AutoModel.from_config(cfg).eval()
+        return getattr(transformers, cls)(cfg).eval()
     if family in VISION_CLASSES:
         cfg = vision_config(family, layers, **config)
         return getattr(transformers, VISION_CLASSES[family])(cfg).eval()
@@ -453,6 +533,13 @@ def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor | dict:
     """Token ids [2, 7]; for a vision model (VISION_CLASSES) its keyword inputs, two images; for
     an encoder-decoder (SEQ2SEQ) input_ids and decoder_input_ids."""
     g = torch.Generator().manual_seed(seed)
+    if family in AUDIO:
+        name, shape = AUDIO_INPUTS[family]
+        x = {name: torch.randint(0, 64, shape, generator=g) if name == "input_ids"
+             else torch.randn(shape, generator=g)}
+        if family in AUDIO_SEQ2SEQ:
+            x["decoder_input_ids"] = torch.randint(0, 64, (2, 5), generator=g)
+        return x
     if family in SEQ2SEQ:  # 7 source tokens, 5 target tokens
         return dict(input_ids=torch.randint(0, 64, (2, 7), generator=g),
                     decoder_input_ids=torch.randint(0, 64, (2, 5), generator=g))
@@ -563,7 +650,8 @@ def delta(x: torch.Tensor, a, cfg) -> torch.Tensor:
 def reference_model(base: nn.Module, handle) -> nn.Module:
     """``base`` (a pre-attach copy) with the adapters' delta added the way SPEC writes it: to
     the sub-layer's output (so before what the layer applies after it: the module docstring's
-    kind 3; in a post-LN encoder, POST_LNS, to the sum its post-LN normalizes, LN(z + Sub(z) +
+    kind 3; in a post-LN encoder, POST_LNS (POST_LN_CLASSES), to the sum its post-LN
+    normalizes, LN(z + Sub(z) +
     delta); in ESM's layout, ADDS_RESIDUAL, to the sum the module that ends the sub-layer forms,
     Sub(z) + r + delta), from z captured by :func:`capture_z`."""
     cfg = handle.config
@@ -583,7 +671,7 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
         layer = base.get_submodule(layer_name)
         family = family_of(base, layer)
         capture_z(layer, family, sub, captured, name)
-        post_lns = POST_LNS.get(base.config.model_type)
+        post_lns = POST_LNS.get(base.config.model_type, POST_LN_CLASSES.get(type(layer).__name__))
         if post_lns is not None:  # LN(z + Sub(z) + delta), wherever the adapter hangs
             layer.get_submodule(post_lns[sub in names(family.ffn)]).register_forward_pre_hook(
                 lambda m, args, k=name, a=a: (args[0] + delta(captured[k], a, cfg),))
@@ -672,6 +760,17 @@ ADDS_RESIDUAL = {**ADDS_RESIDUAL, "xmod": ("attention.output", "output.dense")}
 # Inputs longer than tiny_inputs' 7 tokens, where the token mixer needs them (BigBird's block
 # sparsity, Nystromformer's landmarks: EXTRA).
 SEQ_LEN = {"big_bird": 16, "nystromformer": 8}
+# Speech and audio models (AUDIO): the wav2vec 2.0 family's default layer class is post-LN,
+# DistilBERT's shape; the others, the "-stable" variants' class included, are pre-LN.
+AUDIO_POST_LN = ["wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat", "data2vec-audio",
+                 "sew", "sew-d"]
+AUDIO_PRE_LN = [f for f in AUDIO if f not in AUDIO_POST_LN]
+# Their post-LN layer classes' post-LNs (after the attention, after the FFN), read off
+# transformers' code, by class: a "-stable" model has the same model_type and pre-LN layers.
+POST_LN_CLASSES = dict.fromkeys(
+    [f"{p}EncoderLayer" for p in ("Wav2Vec2", "Hubert", "WavLM", "UniSpeech", "UniSpeechSat",
+                                  "Data2VecAudio", "SEW")], ("layer_norm", "final_layer_norm"))
+POST_LN_CLASSES["SEWDLayer"] = _BERT_LNS  # SEW-D: DeBERTa-v2's layer
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
                   "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
@@ -711,7 +810,9 @@ CASES = ([("llama", w) for w in PLACEMENTS]
          + [(f, PLACEMENTS[2]) for f in PRE_LN_OUTPUT]
          + [("t5", PLACEMENTS[0]), ("t5", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in SEQ2SEQ]
-         + [(f, PLACEMENTS[2]) for f in MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER])
+         + [(f, PLACEMENTS[2]) for f in MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER]
+         + [("whisper", PLACEMENTS[0]), ("whisper", PLACEMENTS[1])]
+         + [(f, PLACEMENTS[2]) for f in AUDIO])
 
 
 def test_every_supported_architecture_is_tested():
@@ -719,13 +820,14 @@ def test_every_supported_architecture_is_tested():
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
     tested = (FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
-              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER)
+              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER
+              + list(AUDIO))
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
     assert set(SUPPORTED_ARCHITECTURES) == {wrappers.get(f, model_type(f)) for f in tested}
     assert not set(wrappers) & set(SUPPORTED_ARCHITECTURES), "wrappers go by a sub-config"
-    assert set(ENCODER_DECODERS) == {model_type(f) for f in SEQ2SEQ}
+    assert set(ENCODER_DECODERS) == {model_type(f) for f in SEQ2SEQ + AUDIO_SEQ2SEQ}
 
 
 def ours_(name: str) -> bool:
@@ -860,13 +962,19 @@ def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
 # such sum).
 SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS + PRE_LN_OUTPUT]
              + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT]
-             + [(f, p) for f in MORE_PRE_LN for p in ("ffn", "attn")])
+             + [(f, p) for f in MORE_PRE_LN for p in ("ffn", "attn")]
+             + [(f, p) for f in AUDIO_PRE_LN for p in ("ffn", "attn")])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
 # element) is h1, read off transformers' code, not the table. T5's block: the self-attention's
 # wrapper ``layer.0`` returns h + Attn(z) (a decoder block's cross-attention comes between it
 # and the FFN's norm). ESM's layout: ``attention`` returns h + Attn(LN1(h)) (its first element).
 H1_AT = {**{model_type(f): "layer.0" for f in T5_BLOCKS},
          **dict.fromkeys(PRE_LN_OUTPUT, "attention")}
+# Or, by layer class, the module whose input is h1: a speech encoder-decoder's decoder layer
+# calls its cross-attention's norm on h1, between h1 and the FFN's norm.
+H1_INTO = {"WhisperDecoderLayer": "encoder_attn_layer_norm",
+           "Speech2TextDecoderLayer": "encoder_attn_layer_norm",
+           "MoonshineDecoderLayer": "post_attention_layernorm"}
 
 
 @pytest.mark.parametrize("family,placement", SUM_CASES,
@@ -904,7 +1012,8 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
         if h1_at is not None:  # h1, that module's output
             where = where.get_submodule(h1_at)
         elif placement == "attn" and one is None:  # h1, what the FFN's norm is called on
-            where = where.get_submodule(first_present(where, fam.ffn_norm))
+            where = where.get_submodule(H1_INTO.get(type(layer).__name__)
+                                        or first_present(where, fam.ffn_norm))
         where.register_forward_hook(lambda m, args, out, key=key: got.__setitem__(
             key, args[0] if placement == "attn" and h1_at is None and one is None
             else out[0] if isinstance(out, tuple) else out))
@@ -2031,6 +2140,119 @@ def test_an_encoder_decoder_generates_what_its_full_forwards_pick(family):
             base = model.generate(input_ids=source, **kw)
     assert torch.equal(full, out[:, 1:])
     assert not torch.equal(base, out), "the adapters must change what is generated"
+
+
+def test_whisper_adapts_its_two_stacks_and_not_the_cross_attention():
+    """Whisper: the encoder's layers and the decoder's (two layer classes) get adapters, the
+    FFN's on fc2, layers=... counting the encoder's first (encoder 0, 1, decoder 0, 1); 'attn'
+    adapts the decoder's self-attention, not its cross-attention ``encoder_attn``. The audio
+    classifier (the encoder alone), the encoder attached by itself and the decoder-only model
+    (WhisperForCausalLM) are one stack each; the classifier matches the oracle in
+    test_attach_matches_spec_and_removal_restores_the_model."""
+    cfg = MTLoRAConfig(r=2, num_experts=2, groups=2)
+    model = tiny_model("whisper")
+    assert normalized_layers(model, None) == [0, 1, 2, 3]
+    handle = attach(model, cfg, placement="both", layers=[1, -2])
+    assert handle.layers == [1, 2]
+    assert list(handle.adapters) == [
+        "model.encoder.layers.1.self_attn.mtlora_adapter",
+        "model.encoder.layers.1.fc2.mtlora_adapter",
+        "model.decoder.layers.0.self_attn.mtlora_adapter",
+        "model.decoder.layers.0.fc2.mtlora_adapter"]
+    handle.remove()
+    handle = attach(model, cfg, placement="attn")
+    assert [n for n in handle.adapters if "decoder" in n] == [
+        f"model.decoder.layers.{i}.self_attn.mtlora_adapter" for i in (0, 1)]
+    assert not any(hasattr(layer.encoder_attn, ADAPTER_ATTR) for layer in model.model.decoder.layers)
+    handle.remove()
+    handle = attach(model.model.encoder, cfg, placement="ffn", layers=[-1])
+    assert list(handle.adapters) == ["layers.1.fc2.mtlora_adapter"]
+    handle.remove()
+    handle = attach(tiny_model("whisper-classifier"), cfg, placement="ffn")
+    assert list(handle.adapters) == [f"encoder.layers.{i}.fc2.mtlora_adapter" for i in (0, 1)]
+    torch.manual_seed(0)
+    decoder = transformers.WhisperForCausalLM(model.config)
+    handle = attach(decoder, cfg, placement="both", layers=[-1])
+    assert list(handle.adapters) == [
+        f"model.decoder.layers.1.{sub}.mtlora_adapter" for sub in ("self_attn", "fc2")]
+
+
+def test_whisper_checkpoints_with_z_handed_from_fc1_to_fc2():
+    """Whisper's FFN (fc1 ... fc2 loose in its layers, both stacks): under gradient
+    checkpointing the outputs and gradients are the plain forward's, as OPT's."""
+    test_an_ffn_of_loose_linear_layers_hands_z_from_its_first_to_its_last("whisper")
+
+
+def test_whisper_generates_what_its_full_forwards_pick():
+    """Whisper with adapters in both stacks: greedy ``generate`` (its own generation loop: the
+    encoder once on the features, the decoder one token per step with its self- and
+    cross-attention caches; no end-of-sequence token, so all 6 steps run) picks the tokens that
+    one full forward over the generated target picks, without the cache too, and the adapters
+    change them."""
+    model = tiny_model("whisper")
+    model.generation_config.eos_token_id = None
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1),
+                    placement="both")
+    randomize(handle)
+    features = tiny_inputs("whisper")["input_features"]
+    kw = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_features=features, **kw)  # the start token stripped
+        assert out.shape == (2, 6)
+        target = torch.cat([torch.full((2, 1), model.config.decoder_start_token_id), out], 1)
+        full = model(input_features=features, decoder_input_ids=target[:, :-1]).logits
+        uncached = model.generate(input_features=features, use_cache=False, **kw)
+        with handle.disabled():
+            base = model.generate(input_features=features, **kw)
+    assert torch.equal(full.argmax(-1), out) and torch.equal(uncached, out)
+    assert not torch.equal(base, out), "the adapters must change what is generated"
+
+
+# Audio-language models -> (their class, the audio tower's type): the multimodal rule adapts
+# their language model (text_config's type: qwen2, llama); the audio tower is in the table too.
+AUDIO_LANGUAGE = {"qwen2_audio": ("Qwen2AudioForConditionalGeneration", "qwen2_audio_encoder"),
+                  "voxtral": ("VoxtralForConditionalGeneration", "voxtral_encoder")}
+
+
+@pytest.mark.parametrize("family", AUDIO_LANGUAGE)
+def test_audio_language_models_adapt_their_language_model_or_their_audio_tower(family):
+    """Qwen2-Audio and Voxtral (a Whisper-style audio tower 16 wide beside a 32-wide language
+    model): attached whole, adapters on the language model's layers alone, as wide as it;
+    attached to ``model.model.audio_tower``, on the tower's one layer, as wide as the tower."""
+    cls, tower = AUDIO_LANGUAGE[family]
+    audio = dict(EXTRA[tower], **dict.fromkeys(AUDIO[tower][1], 1),
+                 **{"d_model" if "d_model" in EXTRA[tower] else "hidden_size": 16})
+    text = {**SMALL, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
+            "head_dim": 8, "model_type": "qwen2" if family == "qwen2_audio" else "llama"}
+    tokens = {"audio_token_index" if family == "qwen2_audio" else "audio_token_id": 63}
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(transformers.AutoConfig.for_model(
+        family, text_config=text, audio_config=audio, **tokens))
+    assert model.config.model_type not in SUPPORTED_ARCHITECTURES
+    cfg = MTLoRAConfig(r=2, num_experts=2, groups=2)
+    handle = attach(model, cfg, placement="both")
+    assert list(handle.adapters) == [f"model.language_model.layers.{i}.{sub}.mtlora_adapter"
+                                     for i in (0, 1) for sub in ("self_attn", "mlp")]
+    assert {a.d_in for a in handle.adapters.values()} == {32}
+    handle.remove()
+    handle = attach(model.model.audio_tower, cfg, placement="both")
+    assert list(handle.adapters) == [f"layers.0.{sub}.mtlora_adapter" for sub in ("self_attn", "fc2")]
+    assert {a.d_in for a in handle.adapters.values()} == {16}
+
+
+# The wav2vec 2.0 family's two layer classes, by do_stable_layer_norm (the "-stable" variants).
+STABLE_LN = [f for f in AUDIO if f.endswith("-stable")]
+
+
+@pytest.mark.parametrize("family", STABLE_LN)
+def test_the_wav2vec2_family_is_tested_on_both_layer_classes(family):
+    """A "-stable" tiny model holds the pre-LN layer class (the table's second family), its
+    type's default the post-LN one (the first): the tests above see both (a config field that
+    stopped taking effect would leave one untested)."""
+    post, pre = SUPPORTED_ARCHITECTURES[model_type(family)]
+    assert {type(m).__name__ for _, m in stack_of(tiny_model(family))} == {pre.layer_class}
+    assert {type(m).__name__ for _, m in stack_of(tiny_model(model_type(family)))} == {
+        post.layer_class}
 
 
 def test_readme_names_every_supported_type():

@@ -21,8 +21,11 @@ below names every type, README lists them for users) come in four kinds:
   and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
   siglip_vision_model, ...), and in encoder-decoders of T5's kind, both stacks (t5, mt5, umt5,
   longt5, switch_transformers, pop2piano: :data:`ENCODER_DECODERS`; the decoder's
-  cross-attention gets no adapter), and in encoders built of BERT's modules (esm, ...: the
-  residual added in the module that ends each sub-layer, as above);
+  cross-attention gets no adapter), in speech and audio models (whisper, speech_to_text and
+  moonshine, encoder-decoders of an encoder and a decoder layer class; Whisper-style audio
+  encoders, MusicGen's decoders, AST, the wav2vec 2.0 family's stable-LN layers), and in
+  encoders built of BERT's modules (esm, ...: the residual added in the module that ends each
+  sub-layer, as above);
 - parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, falcon, ...):
   one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus
   ``adapter(z)`` of each placed adapter; or two norms of the same h (gpt_neox, falcon's
@@ -41,7 +44,8 @@ below names every type, README lists them for users) come in four kinds:
   correction) takes the adapter's delta as it takes the FFN's output. The table's comments give
   each type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse
   'ffn' and 'both');
-- post-LN encoders (bert, roberta, deberta, distilbert, ...): the sub-layer reads the residual
+- post-LN encoders (bert, roberta, deberta, distilbert, ...; on speech the wav2vec 2.0 family's
+  default layers, sew-d): the sub-layer reads the residual
   stream and the layer normalizes the sum, ``a = LN1(h + Attn(h))``, ``out = LN2(a + FFN(a))``;
   the adapter's output joins that sum, ``out = LN2(a + FFN(a) + adapter(a))``, z = a (the
   attention's: z = h), where a LoRA on the sub-layer's own Linear layers would put it.
@@ -579,6 +583,57 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
         "pre_norm", "X-MOD's pre-norm variant normalizes before each sub-layer (ESM's layout, "
                     "with the language adapter after the FFN's residual add), not after, as the "
                     "table's post-LN entry for xmod places the adapters")),
+    # Speech and audio models. Whisper's and Speech2Text's layers, Qwen2-Audio's and Voxtral's
+    # audio encoders (Whisper's encoder layer) and MusicGen's decoders: pre-LN, LLaMA's layout
+    # under BART's names, the FFN fc1 ... fc2 loose in the layer (ffn_first, as OPT's); the
+    # residual dropouts after the self-attention and fc2 are functional in the layer, so they act
+    # on the adapters' outputs too (identity in eval). Whisper, Speech2Text and Moonshine are
+    # encoder-decoders (ENCODER_DECODERS), an encoder layer class and a decoder one (a family
+    # each); the decoder layer's cross-attention (``encoder_attn``, on its own norm between
+    # h1 = h + Attn(z) and the FFN's norm) gets no adapter, and the FFN's z is final_layer_norm's
+    # output after it. Whisper's encoder alone (WhisperForAudioClassification, model.encoder) and
+    # its decoder alone (WhisperForCausalLM) are one stack. MusicGen's decoder (musicgen_decoder,
+    # MusicgenForCausalLM; the text-conditioned model is a composite, attach to its ``decoder``)
+    # has the cross-attention too, run where encoder_hidden_states are given; MusicGen-Melody's
+    # decoder has none. Moonshine: LLaMA's layout, its decoder's cross-attention norm named
+    # post_attention_layernorm and its FFN's final_layernorm.
+    **{t: tuple(LayerLayout(c, "self_attn", "self_attn_layer_norm", "fc2", "final_layer_norm",
+                            ffn_first="fc1") for c in cs) for t, cs in (
+        ("whisper", ("WhisperEncoderLayer", "WhisperDecoderLayer")),
+        ("speech_to_text", ("Speech2TextEncoderLayer", "Speech2TextDecoderLayer")),
+        ("qwen2_audio_encoder", ("Qwen2AudioEncoderLayer",)),
+        ("voxtral_encoder", ("VoxtralEncoderLayer",)),
+        ("musicgen_decoder", ("MusicgenDecoderLayer",)),
+        ("musicgen_melody_decoder", ("MusicgenMelodyDecoderLayer",)))},
+    "moonshine": (_pre_ln("MoonshineEncoderLayer"),
+                  LayerLayout("MoonshineDecoderLayer", "self_attn", "input_layernorm", "mlp",
+                              "final_layernorm")),
+    # wav2vec 2.0's encoder layer and its copies (HuBERT, WavLM, Data2Vec-Audio, SEW,
+    # UniSpeech, UniSpeech-SAT), on the convolutional feature encoder's frames, two classes by
+    # config.do_stable_layer_norm (a family each; a model holds the one): post-LN (the default),
+    # DistilBERT's shape with a residual dropout after the attention, a = layer_norm(h +
+    # dropout(Attn(h) + adapter(h))), out = final_layer_norm(a + FFN(a) + adapter(a)), z the
+    # residual stream; or pre-LN ("StableLayerNorm"), LLaMA's layout on layer_norm and
+    # final_layer_norm, the same dropout after the attention. The FFN is ``feed_forward``, its
+    # own dropout inside (on FFN(z) alone). WavLM's attention returns (output, weights,
+    # position bias) and computes its gated relative position bias from z inside. An MMS
+    # language adapter (adapter_attn_dim, pre-LN layers) adds adapter_layer(h2) after the FFN's
+    # residual add h2, so it takes the mtLoRA adapter's delta as it takes the FFN's output.
+    # Data2Vec-Audio and SEW have the post-LN class only (SEW's encoder pools the frames before
+    # the layers and upsamples after).
+    **{t: (LayerLayout(f"{p}EncoderLayer", "attention", None, "feed_forward", "layer_norm",
+                       "dropout"),
+           LayerLayout(f"{p}EncoderLayerStableLayerNorm", "attention", "layer_norm",
+                       "feed_forward", "final_layer_norm", "dropout"))[:n] for t, p, n in (
+        ("wav2vec2", "Wav2Vec2", 2), ("hubert", "Hubert", 2), ("wavlm", "WavLM", 2),
+        ("unispeech", "UniSpeech", 2), ("unispeech-sat", "UniSpeechSat", 2),
+        ("data2vec-audio", "Data2VecAudio", 1), ("sew", "SEW", 1))},
+    # SEW-D: DeBERTa-v2's layer (BERT's modules, kind 4 above) on SEW's pooled frames.
+    "sew-d": _post_ln("SEWDLayer"),
+    # The Audio Spectrogram Transformer: ViT's layer on spectrogram patches, its residual dropout
+    # ``dropout`` (one module after both sub-layers).
+    "audio-spectrogram-transformer": LayerLayout("ASTLayer", "attention", "layernorm_before",
+                                                 "mlp", "layernorm_after", "dropout", "dropout"),
 }
 
 #: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
@@ -589,14 +644,15 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
 #: :func:`_find_layers` refuses them (attach to their ``vision_model`` instead).
 DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
 
-#: Encoder-decoders (T5's kind), whose layers sit in two stacks: an encoder's and a decoder's (of
+#: Encoder-decoders (T5's kind; Whisper's), whose layers sit in two stacks: an encoder's and a decoder's (of
 #: one layer class, or of one family each). :func:`_find_layers` accepts those two, and only
 #: those: paths equal up to a part ``encoder`` in the first (in module order) and ``decoder`` in
 #: the second (``encoder.block`` / ``decoder.block``; ``transformer.encoder.block`` / ...), and
 #: ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone
 #: (``T5EncoderModel``, or ``model.encoder`` attached by itself) is one stack, as any other
 #: model's.
-ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano", "t5gemma")
+ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano", "t5gemma",
+                    "whisper", "speech_to_text", "moonshine")
 
 
 __all__ = ["LayerLayout", "SUPPORTED_ARCHITECTURES", "DUAL_ENCODERS", "ENCODER_DECODERS"]
