@@ -249,6 +249,19 @@ EXTRA = {
                  "data2vec-audio", "sew", "sew-d"]},
     "audio-spectrogram-transformer": dict(SMALL, patch_size=4, frequency_stride=4, time_stride=4,
                                           max_length=8, num_mel_bins=8),
+    # BART's lineage (BART_SEQ2SEQ below): LED's local attention window 4 tokens wide (the model pads the source to 8),
+    # its positions few; BigBird-Pegasus' full attention (its block-sparse default falls back to
+    # it on inputs this short, with a warning), and its block-sparse attention in blocks of 2
+    # (tiny_inputs: a longer source); FSMT's source vocabulary and languages; NLLB-MoE: layer 1
+    # of each stack an MoE block of 4 experts, layer 0 dense.
+    "led": dict(attention_window=4, max_encoder_position_embeddings=32,
+                max_decoder_position_embeddings=32),
+    "bigbird_pegasus": dict(attention_type="original_full"),
+    "bigbird_pegasus-block_sparse": dict(attention_type="block_sparse", block_size=2,
+                                         num_random_blocks=1),
+    "fsmt": dict(src_vocab_size=64, langs=["en", "de"]),
+    "nllb-moe": dict(num_experts=4, expert_capacity=8, encoder_sparse_step=2,
+                     decoder_sparse_step=2),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
@@ -266,6 +279,20 @@ _T5GEMMA_STACK = dict(intermediate_size=64, num_attention_heads=4, num_key_value
                       head_dim=8, vocab_size=64, max_position_embeddings=32)
 _SEQ2SEQ_FIELDS = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+# Encoder-decoders of BART's lineage (two layer classes, an FFN of loose fc1 ... fc2): tiny_model
+# builds their conditional-generation model from these fields (BART's names; ``layers`` layers
+# in each stack), tiny_inputs feeds decoder_input_ids too. Post-LN (BART's) and pre-LN
+# (mBART's) layers; BART_DECODER: the decoder alone (a causal LM, one stack; tiny_inputs: token
+# ids).
+BART_POST_LN = ["bart", "marian", "blenderbot-small", "plbart", "mvp", "led", "fsmt"]
+BART_PRE_LN = ["mbart", "pegasus", "blenderbot", "m2m_100", "bigbird_pegasus",
+               "bigbird_pegasus-block_sparse", "nllb-moe"]
+BART_SEQ2SEQ = BART_POST_LN + BART_PRE_LN
+BART_DECODER = {"bart-causal": "BartForCausalLM"}
+_BART_FIELDS = dict(vocab_size=64, d_model=32, encoder_attention_heads=4,
+                    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    max_position_embeddings=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                    decoder_start_token_id=2, forced_eos_token_id=None)
 # Text encoders: model_type -> the model class tiny_model builds (its last hidden states).
 ENCODERS = {"modernbert": "ModernBertModel", "eurobert": "EuroBertModel"}
 # More encoders whose model class tiny_model builds by name (AutoModel maps no class to the text
@@ -443,6 +470,13 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
         if family == "pop2piano":  # not in AutoModelForSeq2SeqLM's map
             return transformers.Pop2PianoForConditionalGeneration(cfg).eval()
         return transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    if family in BART_SEQ2SEQ or family in BART_DECODER:
+        cfg = transformers.AutoConfig.for_model(
+            model_type(family), **_BART_FIELDS, encoder_layers=layers, decoder_layers=layers,
+            **EXTRA.get(family, {}), **config)
+        if family in BART_DECODER:
+            return getattr(transformers, BART_DECODER[family])(cfg).eval()
+        return transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
     if family in MULTIMODAL:
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
@@ -531,7 +565,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor | dict:
     """Token ids [2, 7]; for a vision model (VISION_CLASSES) its keyword inputs, two images; for
-    an encoder-decoder (SEQ2SEQ) input_ids and decoder_input_ids."""
+    an encoder-decoder (SEQ2SEQ, BART_SEQ2SEQ) input_ids and decoder_input_ids."""
     g = torch.Generator().manual_seed(seed)
     if family in AUDIO:
         name, shape = AUDIO_INPUTS[family]
@@ -540,8 +574,11 @@ def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor | dict:
         if family in AUDIO_SEQ2SEQ:
             x["decoder_input_ids"] = torch.randint(0, 64, (2, 5), generator=g)
         return x
-    if family in SEQ2SEQ:  # 7 source tokens, 5 target tokens
-        return dict(input_ids=torch.randint(0, 64, (2, 7), generator=g),
+    if family in SEQ2SEQ + BART_SEQ2SEQ:  # 7 source tokens, 5 target tokens
+        # (BigBird-Pegasus' block-sparse attention: 20, past the (5 + 2 random) blocks of 2 it
+        # needs)
+        source = 20 if family.endswith("block_sparse") else 7
+        return dict(input_ids=torch.randint(0, 64, (2, source), generator=g),
                     decoder_input_ids=torch.randint(0, 64, (2, 5), generator=g))
     if family.startswith("siglip2"):  # SigLIP 2 takes flattened patches (4 of 8x8) and a grid
         return dict(pixel_values=torch.randn(2, 4, 3 * 8 * 8, generator=g),
@@ -729,7 +766,9 @@ _BERT_LNS = ("attention.output.LayerNorm", "output.LayerNorm")
 POST_LNS = {**dict.fromkeys(POST_LN, _BERT_LNS), "mpnet": ("attention.LayerNorm", _BERT_LNS[1]),
             "distilbert": ("sa_layer_norm", "output_layer_norm"),
             **dict.fromkeys(["nomic_bert", "jina_embeddings_v3"],
-                            ("post_attention_layernorm", "post_mlp_layernorm"))}
+                            ("post_attention_layernorm", "post_mlp_layernorm")),
+            **dict.fromkeys(map(model_type, BART_POST_LN + list(BART_DECODER)),
+                            ("self_attn_layer_norm", "final_layer_norm"))}
 # Pre-LN encoders in BERT's modules (ESM's layout; tiny_model: AutoModel): the norms sit before
 # the sub-layers, and a module that ends each sub-layer adds the residual, with no norm after.
 PRE_LN_OUTPUT = ["esm", "xlm-roberta-xl", "roberta-prelayernorm", "megatron-bert"]
@@ -812,7 +851,9 @@ CASES = ([("llama", w) for w in PLACEMENTS]
          + [(f, PLACEMENTS[2]) for f in SEQ2SEQ]
          + [(f, PLACEMENTS[2]) for f in MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER]
          + [("whisper", PLACEMENTS[0]), ("whisper", PLACEMENTS[1])]
-         + [(f, PLACEMENTS[2]) for f in AUDIO])
+         + [(f, PLACEMENTS[2]) for f in AUDIO]
+         + [(f, w) for f in ("bart", "mbart") for w in PLACEMENTS[:2]]
+         + [(f, PLACEMENTS[2]) for f in BART_SEQ2SEQ])
 
 
 def test_every_supported_architecture_is_tested():
@@ -820,14 +861,13 @@ def test_every_supported_architecture_is_tested():
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
     tested = (FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
-              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER
-              + list(AUDIO))
+              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER + list(AUDIO) + BART_SEQ2SEQ)
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
     assert set(SUPPORTED_ARCHITECTURES) == {wrappers.get(f, model_type(f)) for f in tested}
     assert not set(wrappers) & set(SUPPORTED_ARCHITECTURES), "wrappers go by a sub-config"
-    assert set(ENCODER_DECODERS) == {model_type(f) for f in SEQ2SEQ + AUDIO_SEQ2SEQ}
+    assert set(ENCODER_DECODERS) == {model_type(f) for f in SEQ2SEQ + AUDIO_SEQ2SEQ + BART_SEQ2SEQ}
 
 
 def ours_(name: str) -> bool:
@@ -960,8 +1000,10 @@ def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
 # Pre-LN (kind 1, ESM's layout too) and parallel (kind 2) layers: 'ffn' on every one; 'attn'
 # where the layer forms h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no
 # such sum).
-SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS + PRE_LN_OUTPUT]
-             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT]
+SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS + PRE_LN_OUTPUT
+              + BART_PRE_LN]
+             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT
+                + BART_PRE_LN]
              + [(f, p) for f in MORE_PRE_LN for p in ("ffn", "attn")]
              + [(f, p) for f in AUDIO_PRE_LN for p in ("ffn", "attn")])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
@@ -970,9 +1012,14 @@ SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS +
 # and the FFN's norm). ESM's layout: ``attention`` returns h + Attn(LN1(h)) (its first element).
 H1_AT = {**{model_type(f): "layer.0" for f in T5_BLOCKS},
          **dict.fromkeys(PRE_LN_OUTPUT, "attention")}
-# Or, by layer class, the module whose input is h1: a speech encoder-decoder's decoder layer
-# calls its cross-attention's norm on h1, between h1 and the FFN's norm.
-H1_INTO = {"WhisperDecoderLayer": "encoder_attn_layer_norm",
+# Or, by layer class, the module whose input is h1: a pre-LN encoder-decoder's decoder layer
+# (the last layer, the sum test's, is a decoder layer) calls its cross-attention's norm on h1,
+# between h1 and the FFN's norm (BART's lineage, Whisper, Speech2Text, Moonshine), read off
+# transformers' code.
+H1_INTO = {**{SUPPORTED_ARCHITECTURES[model_type(f)][1].layer_class: "encoder_attn_layer_norm"
+              for f in BART_PRE_LN},
+           "NllbMoeDecoderLayer": "cross_attention_layer_norm",
+           "WhisperDecoderLayer": "encoder_attn_layer_norm",
            "Speech2TextDecoderLayer": "encoder_attn_layer_norm",
            "MoonshineDecoderLayer": "post_attention_layernorm"}
 
@@ -1177,7 +1224,7 @@ def test_an_encoder_hooked_on_its_output_modules_checkpoints_and_saves(family):
 
 
 # Layers whose FFN is Linear layers loose in the layer (the table's ffn_first, fc1 ... fc2).
-LOOSE_FFN = ["opt", "xglm", "biogpt"]
+LOOSE_FFN = ["opt", "xglm", "biogpt", "bart", "mbart"]
 
 
 @pytest.mark.parametrize("family", LOOSE_FFN)
@@ -1489,6 +1536,65 @@ def test_switch_transformers_is_tested_on_both_kinds_of_ffn():
     model = tiny_model("switch_transformers")
     for stack in (model.encoder.block, model.decoder.block):
         dense, moe = (block.layer[-1].mlp for block in stack)
+        assert "experts" not in dict(dense.named_children())
+        assert "experts" in dict(moe.named_children())
+
+
+def test_bart_adapts_both_stacks_of_its_two_layer_classes_encoder_first():
+    """BART: the encoder's layers (BartEncoderLayer) and the decoder's (BartDecoderLayer) get
+    adapters, layers=... counting the encoder's first; 'attn' adapts the decoder's
+    self-attention, not its cross-attention (encoder_attn); the FFN's adapter on fc2 in both.
+    The encoder alone (model.model.encoder) is one stack of 2. Two stacks not an encoder's and a
+    decoder's are refused by the one-stack guard."""
+    cfg = MTLoRAConfig(r=2, num_experts=2, groups=2, dropout=0.0)
+    model = tiny_model("bart")
+    assert [type(m).__name__ for _, m in stack_of(model)] == [
+        "BartEncoderLayer", "BartEncoderLayer", "BartDecoderLayer", "BartDecoderLayer"]
+    assert normalized_layers(model, None) == [0, 1, 2, 3]
+    handle = attach(model, cfg, placement="both", layers=[1, -2])
+    assert handle.layers == [1, 2]
+    assert list(handle.adapters) == [
+        "model.encoder.layers.1.self_attn.mtlora_adapter",
+        "model.encoder.layers.1.fc2.mtlora_adapter",
+        "model.decoder.layers.0.self_attn.mtlora_adapter",
+        "model.decoder.layers.0.fc2.mtlora_adapter"]
+    handle.remove()
+    handle = attach(model, cfg, placement="attn")
+    assert not any("encoder_attn" in n for n in handle.adapters) and len(handle.adapters) == 4
+    handle.remove()
+    handle = attach(model.model.encoder, cfg, placement="ffn", layers=[-1])
+    assert list(handle.adapters) == ["layers.1.fc2.mtlora_adapter"]
+    handle.remove()
+    bad = copy.deepcopy(model)  # two stacks, not an encoder's and a decoder's
+    bad.model.decoder.extra = bad.model.decoder.layers
+    del bad.model.decoder.layers
+    with pytest.raises(ValueError, match=r"BartEncoderLayer or BartDecoderLayer modules in 2 "
+                                         r"places"):
+        attach(bad, placement="ffn")
+
+
+def test_bart_decoder_alone_is_one_stack_and_matches_the_oracle(monkeypatch):
+    """BartForCausalLM, BART's decoder alone: one stack of BartDecoderLayer. Without
+    encoder_hidden_states its layers skip the cross-attention, so the FFN's z is the
+    self-attention's post-LN output (the table names the cross-attention's norm, which the
+    encoder-decoder's FFN reads: with that entry the oracle captures nothing); with the table's
+    decoder entry naming it, the oracle holds."""
+    decoder = replace(SUPPORTED_ARCHITECTURES["bart"][1], ffn_norm="self_attn_layer_norm")
+    monkeypatch.setitem(SUPPORTED_ARCHITECTURES, "bart",
+                        (SUPPORTED_ARCHITECTURES["bart"][0], decoder))
+    model = tiny_model("bart-causal")
+    assert [n for n, _ in stack_of(model)] == ["model.decoder.layers.0", "model.decoder.layers.1"]
+    test_attach_matches_spec_and_removal_restores_the_model("bart-causal",
+                                                            dict(placement="both"))
+
+
+@pytest.mark.parametrize("family", ["nllb-moe"])
+def test_nllb_moe_is_tested_on_both_kinds_of_ffn(family):
+    """Layer 0 of each stack of the tiny NLLB-MoE holds a dense FFN, layer 1 an MoE block, as
+    EXTRA's *_sparse_step say: the tests above see both."""
+    model = tiny_model(family)
+    for stack in (model.model.encoder.layers, model.model.decoder.layers):
+        dense, moe = (layer.ffn for layer in stack)
         assert "experts" not in dict(dense.named_children())
         assert "experts" in dict(moe.named_children())
 
@@ -2095,11 +2201,11 @@ def test_importing_the_package_does_not_import_transformers():
 STATEFUL = ["qwen3_next", "jamba", "bamba", "falcon_h1", "lfm2", "recurrent_gemma", "nemotron_h"]
 GENERATE_CASES = ([("llama", dict(placement="both")),
                    ("llama", dict(target_modules="q_proj,v_proj"))]
-                  + [(f, dict(placement="both")) for f in STATEFUL + ["opt"]])
+                  + [(f, dict(placement="both")) for f in STATEFUL + ["opt", "bart-causal"]])
 
 
 @pytest.mark.parametrize("family,where", GENERATE_CASES,
-                         ids=["block", "component"] + STATEFUL + ["loose_ffn"])
+                         ids=["block", "component"] + STATEFUL + ["loose_ffn", "bart-causal"])
 def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     """Greedy ``generate`` with adapters attached: its cached decode steps (one new token per
     sequence through the adapters) pick the tokens that full forwards over the whole prefix
@@ -2122,11 +2228,12 @@ def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     assert not torch.equal(base, ids), "the adapters must change what is generated"
 
 
-@pytest.mark.parametrize("family", ["t5", "t5gemma"])
+@pytest.mark.parametrize("family", ["t5", "t5gemma", "bart", "mbart"])
 def test_an_encoder_decoder_generates_what_its_full_forwards_pick(family):
-    """T5 and T5Gemma with adapters in both stacks: greedy ``generate`` (the encoder once, the
-    decoder one token per step with its self- and cross-attention caches) picks the tokens that
-    one full forward over the generated target picks, and the adapters change them."""
+    """T5, T5Gemma, BART and mBART with adapters in both stacks: greedy ``generate`` (the
+    encoder once, the decoder one token per step with its self- and cross-attention caches;
+    BART's FFN adapters from the hooks on fc1 and fc2) picks the tokens that one full forward
+    over the generated target picks, and the adapters change them."""
     model = tiny_model(family)
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1),
                     placement="both")

@@ -268,14 +268,26 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
         assert rel_err(b, a) <= 1e-6
 
 
-def test_an_encoder_decoder_trains_each_stack_on_its_own_tokens(tmp_path):
-    """T5 with adapters in both stacks: the encoder's balance terms count the batch's
+# Encoder-decoders: T5 (one block class), BART (two layer classes, its stacks under model.), with
+# their dropouts off (training mode: one loss, forward after forward).
+NO_DROPOUT = {"t5": dict(dropout_rate=0.0), "bart": dict(dropout=0.0)}
+
+
+def in_decoder(name: str) -> bool:
+    """Whether the adapter ``name`` is in the decoder's stack (T5's ``decoder.block...``,
+    BART's ``model.decoder.layers...``)."""
+    return "decoder" in name.split(".")
+
+
+@pytest.mark.parametrize("family", NO_DROPOUT)
+def test_an_encoder_decoder_trains_each_stack_on_its_own_tokens(tmp_path, family):
+    """T5 and BART with adapters in both stacks: the encoder's balance terms count the batch's
     attention_mask, the decoder's the labels' positions (labels != -100; the decoder runs on
     the labels shifted, another length), and training runs. (The source mask given to every
     adapter, as before, failed on the decoder's token shape.)"""
     from mtlora_kernels.losses import balance_loss
 
-    model = tiny_model("t5", dropout_rate=0.0)  # training mode: one loss, forward after forward
+    model = tiny_model(family, **NO_DROPOUT[family])
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
                     placement="both")
     randomize(handle)
@@ -294,12 +306,12 @@ def test_an_encoder_decoder_trains_each_stack_on_its_own_tokens(tmp_path):
     ours = trainer.compute_loss(model, dict(batch))
     task = model(**batch).loss
     source, target = batch["attention_mask"], batch["labels"] != -100
-    terms = [a.balance_loss(target if name.startswith("decoder.") else source)
+    terms = [a.balance_loss(target if in_decoder(name) else source)
              for name, a in handle.adapters.items()]
-    assert {n.split(".")[0] for n in handle.adapters} == {"encoder", "decoder"}
+    assert {in_decoder(n) for n in handle.adapters} == {True, False}
     assert rel_err(ours, task + torch.stack(terms).mean()) <= 1e-6
     assert rel_err(balance_loss(model, source, target), torch.stack(terms).mean()) <= 1e-6
-    every = [a.balance_loss(None if name.startswith("decoder.") else source)
+    every = [a.balance_loss(None if in_decoder(name) else source)
              for name, a in handle.adapters.items()]  # no decoder_mask: every target token
     assert rel_err(balance_loss(model, source), torch.stack(every).mean()) <= 1e-6
     assert rel_err(torch.stack(every).mean(), torch.stack(terms).mean()) > 1e-3
@@ -307,14 +319,15 @@ def test_an_encoder_decoder_trains_each_stack_on_its_own_tokens(tmp_path):
     assert trainer.state.global_step == 1
 
 
-def test_the_seq2seq_trainer_adds_the_term_and_evaluates_by_generation(tmp_path):
-    """MTLoRASeq2SeqTrainer on T5 (adapters in both stacks): the training loss is the task loss
-    plus the auxiliary term, a training step runs and logs it, and evaluation with
+@pytest.mark.parametrize("family", NO_DROPOUT)
+def test_the_seq2seq_trainer_adds_the_term_and_evaluates_by_generation(tmp_path, family):
+    """MTLoRASeq2SeqTrainer on T5 and BART (adapters in both stacks): the training loss is the
+    task loss plus the auxiliary term, a training step runs and logs it, and evaluation with
     predict_with_generate generates through the adapters (their predictions are not the base
     model's)."""
     from mtlora_kernels.integrations.trainer import MTLoRASeq2SeqTrainer
 
-    model = tiny_model("t5", dropout_rate=0.0)
+    model = tiny_model(family, **NO_DROPOUT[family])
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
                     placement="both")
     randomize(handle)

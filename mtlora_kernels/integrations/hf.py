@@ -23,10 +23,11 @@ roberta-prelayernorm, megatron-bert) add the residual r in the same module, with
 z is LN(r): the same pre-hook applies the sub-layer's norm module to r again and passes ``r +
 adapter(LN(r))``. One hook with no state kept between hooks is what makes this safe under gradient
 checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
-The exception: where no one module is the FFN (OPT's, XGLM's, BioGPT's, Whisper's and
-MusicGen's ``fc1`` ... ``fc2`` loose in the layer: the table's ``ffn_first``), the adapter sits on the last, a pre-hook on the
-first hands z to it and the hook on the last adds ``adapter(z)`` to its output and drops z. The
-layer calls the two one after the other, in its forward and in a checkpoint's recompute alike.
+The exception: where no one module is the FFN (OPT's, XGLM's, BioGPT's, BART's, Whisper's and
+MusicGen's ``fc1`` ... ``fc2`` loose in the layer: the table's ``ffn_first``), the adapter sits
+on the last, a pre-hook on the first hands z to it and the hook on the last adds ``adapter(z)``
+to its output and drops z. The layer calls the two one after the other, in its forward and in a
+checkpoint's recompute alike.
 
 The layer layouts it knows, by ``config.model_type`` (:data:`SUPPORTED_ARCHITECTURES`, in four
 kinds), are in :mod:`mtlora_kernels.integrations.layouts`; README lists them for users.
@@ -628,9 +629,9 @@ def attach(
         model: a transformers model. Block-level placement supports the model types in
             :data:`SUPPORTED_ARCHITECTURES` (LLaMA-like, MoE, hybrid linear attention or SSM /
             full attention, parallel and post-norm decoders, ModernBERT, ViT-style vision
-            encoders, BERT-style post-LN encoders, ESM-style pre-LN encoders, T5-style
-            encoder-decoders, speech and audio models: Whisper, wav2vec 2.0, ...; see the
-            module docstring), multimodal models whose
+            encoders, BERT-style post-LN encoders, ESM-style pre-LN encoders, T5-style and
+            BART-style encoder-decoders, speech and audio models: Whisper, wav2vec 2.0, ...; see
+            the module docstring), multimodal models whose
             ``text_config`` has one of them (their language model's layers), and the image
             classifiers of :data:`DUAL_ENCODERS` (their vision tower's layers); any model with
             the named ``nn.Linear`` (or ``Conv1D``) modules works component-level.

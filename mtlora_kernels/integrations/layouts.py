@@ -19,12 +19,13 @@ below names every type, README lists them for users) come in four kinds:
   'attn' adapts the token-mixer blocks, 'ffn' the FFN blocks, 'both' every block, z = LN(h),
   and ``layers=`` counts blocks (skipping the selected ones of the other kind);
   and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
-  siglip_vision_model, ...), and in encoder-decoders of T5's kind, both stacks (t5, mt5, umt5,
-  longt5, switch_transformers, pop2piano: :data:`ENCODER_DECODERS`; the decoder's
-  cross-attention gets no adapter), in speech and audio models (whisper, speech_to_text and
-  moonshine, encoder-decoders of an encoder and a decoder layer class; Whisper-style audio
-  encoders, MusicGen's decoders, AST, the wav2vec 2.0 family's stable-LN layers), and in
-  encoders built of BERT's modules (esm, ...: the residual added in the module that ends each
+  siglip_vision_model, ...), and in encoder-decoders, both stacks (T5's kind: t5, mt5, umt5,
+  longt5, switch_transformers, pop2piano; mBART's pre-LN layers: mbart, pegasus, nllb-moe, ...:
+  :data:`ENCODER_DECODERS`; the decoder's cross-attention gets no adapter), in speech and audio
+  models (whisper, speech_to_text and moonshine, encoder-decoders of an encoder and a decoder
+  layer class; Whisper-style audio encoders, MusicGen's decoders, AST, the wav2vec 2.0 family's
+  stable-LN layers), and in encoders built of BERT's modules (esm, ...: the residual added in
+  the module that ends each
   sub-layer, as above);
 - parallel (cohere, phi, stablelm with ``use_parallel_residual``, gptj, codegen, falcon, ...):
   one norm feeds both sub-layers, ``z = LN(h)``, ``out = h + Attn(z) + FFN(z)`` plus
@@ -45,8 +46,9 @@ below names every type, README lists them for users) come in four kinds:
   each type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse
   'ffn' and 'both');
 - post-LN encoders (bert, roberta, deberta, distilbert, ...; on speech the wav2vec 2.0 family's
-  default layers, sew-d): the sub-layer reads the residual
-  stream and the layer normalizes the sum, ``a = LN1(h + Attn(h))``, ``out = LN2(a + FFN(a))``;
+  default layers, sew-d) and encoder-decoders (bart, marian, fsmt, ...: both stacks): the
+  sub-layer reads the residual stream and the layer normalizes the sum, ``a = LN1(h + Attn(h))``,
+  ``out = LN2(a + FFN(a))``;
   the adapter's output joins that sum, ``out = LN2(a + FFN(a) + adapter(a))``, z = a (the
   attention's: z = h), where a LoRA on the sub-layer's own Linear layers would put it.
 """
@@ -161,6 +163,25 @@ def _t5(layer_class: str, ffn: str = "DenseReluDense",
     return LayerLayout(layer_class, tuple(f"layer.0.{a}" for a in attn), "layer.0.layer_norm",
                        (f"layer.2.{ffn}", f"layer.1.{ffn}"),
                        ("layer.2.layer_norm", "layer.1.layer_norm"))
+
+
+def _bart(prefix: str, pre_ln: bool) -> tuple[LayerLayout, LayerLayout]:
+    """BART's layers, ``{prefix}EncoderLayer`` and ``{prefix}DecoderLayer`` (an encoder-decoder's
+    two stacks): ``self_attn`` with its ``self_attn_layer_norm``, in the decoder layer the
+    cross-attention (``encoder_attn``, no adapter) with its ``encoder_attn_layer_norm``, then an
+    FFN of loose Linear layers, ``fc1`` ... ``fc2`` (``ffn_first``), with its
+    ``final_layer_norm``. Pre-LN (mBART's): each norm before its sub-layer. Post-LN (BART's):
+    each norm after its sub-layer's residual add, so the attention reads the layer's input h
+    (no norm before it) and the FFN the output of the norm before it: the self-attention's in
+    the encoder layer, the cross-attention's in the decoder layer."""
+    if pre_ln:
+        return tuple(LayerLayout(f"{prefix}{stack}Layer", "self_attn", "self_attn_layer_norm",
+                                 "fc2", "final_layer_norm", ffn_first="fc1")
+                     for stack in ("Encoder", "Decoder"))
+    return tuple(LayerLayout(f"{prefix}{stack}Layer", "self_attn", None, "fc2", norm,
+                             ffn_first="fc1")
+                 for stack, norm in (("Encoder", "self_attn_layer_norm"),
+                                     ("Decoder", "encoder_attn_layer_norm")))
 
 
 #: The token mixers of a hybrid stack: full attention or a linear attention (Gated DeltaNet).
@@ -634,6 +655,36 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # ``dropout`` (one module after both sub-layers).
     "audio-spectrogram-transformer": LayerLayout("ASTLayer", "attention", "layernorm_before",
                                                  "mlp", "layernorm_after", "dropout", "dropout"),
+    # BART's lineage of encoder-decoders (ENCODER_DECODERS): an encoder's stack and a
+    # decoder's, of two layer classes (_bart: one family each), at model.encoder.layers and
+    # model.decoder.layers; the FFN is fc1 ... fc2 loose in the layer (ffn_first, as OPT's), the
+    # layer's residual dropout after fc2 acting on FFN(z) + adapter(z) together (identity in
+    # eval). The decoder's cross-attention gets no adapter; without encoder_hidden_states
+    # (BartForCausalLM, the decoder alone, one stack) the layer skips it and the hooks take the
+    # FFN's z where fc1 gets it, the self-attention's norm's output (post-LN) or
+    # final_layer_norm's (pre-LN). Post-LN, BART's (kind 4's formula): out = LN(h1 + FFN(z) +
+    # adapter(z)), z = h1 the residual stream, the attention's z the layer's input h; Marian,
+    # BlenderbotSmall, PLBart, MVP (its prompts, use_prompt, would enter the attention's keys and
+    # values inside self_attn; transformers 5.25's MvpModel hands use_prompt to its encoder and
+    # decoder as their embed_tokens argument, so that they build none), LED (Longformer's local and global attention inside self_attn,
+    # on the stream padded to the attention window) and FSMT (layer classes EncoderLayer and
+    # DecoderLayer; its attention gets z as query=, and its stream is time-first) too.
+    **{t: _bart(c, pre_ln=False) for t, c in (
+        ("bart", "Bart"), ("marian", "Marian"), ("blenderbot-small", "BlenderbotSmall"),
+        ("plbart", "PLBart"), ("mvp", "Mvp"), ("led", "LED"), ("fsmt", ""))},
+    # Pre-LN, mBART's (kind 1): out = h1 + FFN(z) + adapter(z), z = final_layer_norm(h1);
+    # Pegasus, Blenderbot, M2M-100 and BigBird-Pegasus (its encoder's block-sparse attention,
+    # or the full attention it falls back to on short inputs, inside self_attn) too.
+    **{t: _bart(c, pre_ln=True) for t, c in (
+        ("mbart", "MBart"), ("pegasus", "Pegasus"), ("blenderbot", "Blenderbot"),
+        ("m2m_100", "M2M100"), ("bigbird_pegasus", "BigBirdPegasus"))},
+    # NLLB-MoE: mBART's pre-LN layers, the FFN one module, ``ffn`` (fc1 ... fc2 inside it), on
+    # ff_layer_norm, dense or an MoE block (router and experts) by encoder_sparse_step /
+    # decoder_sparse_step; the cross-attention is ``cross_attention``. A dropout module after
+    # each sub-layer (attn_dropout, ff_dropout) acts on Sub(z) + adapter(z) together.
+    "nllb-moe": tuple(LayerLayout(f"NllbMoe{stack}Layer", "self_attn", "self_attn_layer_norm",
+                                  "ffn", "ff_layer_norm", "attn_dropout", "ff_dropout")
+                      for stack in ("Encoder", "Decoder")),
 }
 
 #: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
@@ -644,15 +695,19 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
 #: :func:`_find_layers` refuses them (attach to their ``vision_model`` instead).
 DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
 
-#: Encoder-decoders (T5's kind; Whisper's), whose layers sit in two stacks: an encoder's and a decoder's (of
-#: one layer class, or of one family each). :func:`_find_layers` accepts those two, and only
-#: those: paths equal up to a part ``encoder`` in the first (in module order) and ``decoder`` in
-#: the second (``encoder.block`` / ``decoder.block``; ``transformer.encoder.block`` / ...), and
-#: ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone
-#: (``T5EncoderModel``, or ``model.encoder`` attached by itself) is one stack, as any other
-#: model's.
+#: Encoder-decoders (T5's kind, BART's lineage, Whisper's), whose layers sit in two stacks: an encoder's
+#: and a decoder's (of one layer class, T5's blocks, or of one family each, BART's
+#: ``BartEncoderLayer`` and ``BartDecoderLayer``). :func:`_find_layers` accepts those two, and
+#: only those: paths equal up to a part ``encoder`` in the first (in module order) and
+#: ``decoder`` in the second (``encoder.block`` / ``decoder.block``;
+#: ``transformer.encoder.block`` / ...; ``model.encoder.layers`` / ``model.decoder.layers``),
+#: and ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone
+#: (``T5EncoderModel``, or ``model.encoder`` attached by itself), or a decoder alone
+#: (``BartForCausalLM``), is one stack, as any other model's.
 ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano", "t5gemma",
-                    "whisper", "speech_to_text", "moonshine")
+                    "whisper", "speech_to_text", "moonshine",
+                    "bart", "marian", "blenderbot-small", "plbart", "mvp", "led", "fsmt",
+                    "mbart", "pegasus", "blenderbot", "m2m_100", "bigbird_pegasus", "nllb-moe")
 
 
 __all__ = ["LayerLayout", "SUPPORTED_ARCHITECTURES", "DUAL_ENCODERS", "ENCODER_DECODERS"]
