@@ -262,6 +262,27 @@ EXTRA = {
     "fsmt": dict(src_vocab_size=64, langs=["en", "de"]),
     "nllb-moe": dict(num_experts=4, expert_capacity=8, encoder_sparse_step=2,
                      decoder_sparse_step=2),
+    # Older and non-transformer decoders: tiny state-space mixers (Mamba-2's: 4 heads of 16);
+    # RWKV without its eval-mode rescaling (which attach refuses) and without its state in a
+    # plain forward (its default in eval: the state's in-place updates leave transformers' own
+    # model unable to backpropagate there; generate asks for it); xLSTM's q/k and v widths
+    # already multiples of its rounding (its cache assumes so); tiny FFNs where the defaults are
+    # wide; CPM-Ant's 2 prompt tokens (it uses prompt type 2, segment type 2); GIT's vision tower tiny (unused by the
+    # text-only inputs).
+    "mamba": dict(state_size=8, conv_kernel=4, expand=2),
+    "mamba2": dict(state_size=8, conv_kernel=4, expand=2, num_heads=4, head_dim=16, n_groups=1,
+                   chunk_size=4),
+    "falcon_mamba": dict(state_size=8, conv_kernel=4, expand=2),
+    "rwkv": dict(attention_hidden_size=32, rescale_every=0, use_cache=False),
+    "xlstm": dict(hidden_size=64, qk_dim_factor=1.0, num_heads=4, ffn_round_up_to_multiple_of=16),
+    "openai-gpt": dict(n_embd=32, n_layer=2, n_head=4, n_positions=32),
+    "ctrl": dict(n_embd=32, n_layer=2, n_head=4, dff=64, n_positions=32),
+    "cpmant": dict(num_attention_heads=4, dim_head=8, dim_ff=64, prompt_length=2, prompt_types=3,
+                   segment_types=3, position_bias_num_buckets=32,
+                   position_bias_max_distance=64),
+    "trocr": dict(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64),
+    "git": dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, image_size=16, patch_size=8)),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
@@ -362,7 +383,8 @@ MULTIMODAL = {"gemma3": "gemma3_text", "llava": "llama", "mistral3": "mistral",
               "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text",
               "qwen3_vl": "qwen3_vl_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
               "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
-              "gemma4": "gemma4_text"}
+              "gemma4": "gemma4_text",
+              "fuyu": "persimmon"}  # no vision layers: image patches enter by one Linear
 _VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                image_size=16, patch_size=8)
 _QWEN_VISION = dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, intermediate_size=32,
@@ -405,6 +427,9 @@ def multimodal_config(family: str, text: dict):
             text_config=dict(text, model_type="gemma4_text", pad_token_id=0), audio_config=None,
             vision_config=_GEMMA4_VISION, image_token_id=64, video_token_id=65, boi_token_id=66,
             eoi_token_id=67, audio_token_id=None, boa_token_id=None, eoa_token_index=None)
+    if family == "fuyu":  # 8x8 patches, the image token past the text ids
+        return transformers.FuyuConfig(text_config=dict(text, model_type="persimmon"),
+                                       image_size=16, patch_size=8, image_token_id=63)
     if family == "qwen3_vl_moe":  # layer 0 dense, layer 1 MoE
         text = dict(text, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                     mlp_only_layers=[0])
@@ -834,6 +859,19 @@ SSM_HYBRID = ["jamba", "bamba", "granitemoehybrid", "granitemoehybrid-dense", "l
 GOES_ON = ["gemma4_text", "gemma4", "gemma3n_text"]
 PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
               dict(target_modules=["q_proj", "v_proj"])]
+# Older and non-transformer decoders. Pre-LN in LLaMA's layout (RWKV's time and channel mix,
+# xLSTM's mLSTM layer, CTRL, CPM-Ant's wrapped sub-layers, MusicGen's decoders with loose fc1 ...
+# fc2; Fuyu: multimodal, its language model a Persimmon) join LLAMA_LIKE. PURE_SSM: stacks of
+# one-mixer blocks with no FFN ('attn' tested; 'both' the same, 'ffn' refused:
+# test_a_stack_without_ffns_adapts_its_mixers_and_refuses_ffn). POST_LN_DECODERS: post-LN
+# (GPT-1 in DistilBERT's shape, TrOCR's decoder in BART's with loose fc1 ... fc2, GIT in BERT's
+# modules), their post-LNs in POST_LNS.
+LLAMA_LIKE += ["rwkv", "xlstm", "ctrl", "cpmant", "fuyu"]
+PURE_SSM = ["mamba", "mamba2", "falcon_mamba"]
+POST_LN_DECODERS = ["openai-gpt", "trocr", "git"]
+POST_LNS.update({"openai-gpt": ("ln_1", "ln_2"), "trocr": ("self_attn_layer_norm",
+                                                           "final_layer_norm"),
+                 "git": _BERT_LNS})
 
 
 # Every placement on LLaMA; the other families differ only in names: 'both' and component
@@ -853,7 +891,8 @@ CASES = ([("llama", w) for w in PLACEMENTS]
          + [("whisper", PLACEMENTS[0]), ("whisper", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in AUDIO]
          + [(f, w) for f in ("bart", "mbart") for w in PLACEMENTS[:2]]
-         + [(f, PLACEMENTS[2]) for f in BART_SEQ2SEQ])
+         + [(f, PLACEMENTS[2]) for f in BART_SEQ2SEQ]
+         + [(f, PLACEMENTS[1]) for f in PURE_SSM] + [(f, PLACEMENTS[2]) for f in POST_LN_DECODERS])
 
 
 def test_every_supported_architecture_is_tested():
@@ -861,7 +900,8 @@ def test_every_supported_architecture_is_tested():
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
     tested = (FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
-              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER + list(AUDIO) + BART_SEQ2SEQ)
+              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER + list(AUDIO) + BART_SEQ2SEQ
+              + PURE_SSM + POST_LN_DECODERS)
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
@@ -997,13 +1037,64 @@ def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
     assert get_handle(mixers_only) is None
 
 
+@pytest.mark.parametrize("family", PURE_SSM)
+def test_a_stack_without_ffns_adapts_its_mixers_and_refuses_ffn(family):
+    """Mamba's blocks are one token mixer each, with no FFN: 'attn' and 'both' put one adapter
+    beside each block's mixer (the same adapters: 'both' is every sub-layer the blocks have, as
+    on a Nemotron-H stack of mixer blocks only), 'ffn', the default placement too, is refused by
+    name, the model as it was."""
+    model = tiny_model(family)
+    cfg = MTLoRAConfig(r=2, num_experts=2, groups=1)
+    for placement, layers in (("attn", None), ("both", None), ("both", [-1])):
+        handle = attach(model, cfg, placement=placement, layers=layers)
+        n = len(stack_of(model))
+        assert list(handle.adapters) == [f"backbone.layers.{i}.mixer.mtlora_adapter"
+                                         for i in range(n)][slice(-1, None) if layers else
+                                                            slice(None)]
+        handle.remove()
+    for kwargs in (dict(placement="ffn"), dict(placement="ffn", layers=[0]), {}):
+        with pytest.raises(ValueError, match=rf"placement='ffn': {type(model).__name__}'s "
+                           rf"layers \({type(stack_of(model)[0][1]).__name__}\) have no FFN, each "
+                           rf"is one token mixer \(mixer\) on its norm; placement='attn'"):
+            attach(model, cfg, **kwargs)
+        assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_rwkv_is_refused_while_it_rescales_in_eval_mode(monkeypatch):
+    """RWKV's config.rescale_every > 0 (its default, 6) halves the residual stream every
+    rescale_every blocks in eval mode and divides the sub-layers' output weights to match, not
+    the adapters' outputs: attach refuses it by name, the model as it was. Why, shown with the
+    refusal lifted (rescale_every=1, two blocks): with adapters, train mode (no rescaling) and
+    eval mode compute different outputs; without, the same (but for the LayerNorms' eps on a
+    halved stream)."""
+    model = tiny_model("rwkv", rescale_every=6, attention_hidden_size=32)
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0)
+    with pytest.raises(NotImplementedError, match=r"rwkv\.blocks\.0 \(RwkvBlock\) has "
+                       r"config\.rescale_every=6: in eval mode RWKV halves .* Set "
+                       r"model\.config\.rescale_every = 0"):
+        attach(model, cfg, placement="attn")
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+    monkeypatch.setitem(SUPPORTED_ARCHITECTURES, "rwkv",
+                        replace(SUPPORTED_ARCHITECTURES["rwkv"], refused_if=None))
+    model = tiny_model("rwkv", rescale_every=1)
+    x = tiny_inputs("rwkv")
+
+    def train_and_eval():
+        with torch.no_grad():
+            return run(model.train(), x), run(model.eval(), x)
+
+    assert rel_err(*train_and_eval()) <= 1e-3
+    randomize(attach(model, cfg, placement="both"))
+    assert rel_err(*train_and_eval()) > 0.1
+
+
 # Pre-LN (kind 1, ESM's layout too) and parallel (kind 2) layers: 'ffn' on every one; 'attn'
 # where the layer forms h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no
 # such sum).
 SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS + PRE_LN_OUTPUT
               + BART_PRE_LN]
              + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT
-                + BART_PRE_LN]
+                + BART_PRE_LN + PURE_SSM]
              + [(f, p) for f in MORE_PRE_LN for p in ("ffn", "attn")]
              + [(f, p) for f in AUDIO_PRE_LN for p in ("ffn", "attn")])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
@@ -1035,7 +1126,8 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
     ssm_out_multiplier). An adapter hung inside the sub-layer (on an MoE block's shared expert, a
     projection) or beside another one moves it by something else. Where each layer is one
     sub-layer (Nemotron-H's blocks), the last layer of the placement's kind, by the table's
-    block types, and the sum is that layer's output for either placement."""
+    block types, and the sum is that layer's output for either placement; so it is where the
+    layer has no FFN (PURE_SSM)."""
     model = distinct_norms(tiny_model(family))
     base = copy.deepcopy(model)
     cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
@@ -1050,6 +1142,7 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
     layer_name, layer = stack_of(base)[index]
     assert name.startswith(layer_name + "."), (name, layer_name)
     fam = family_of(base, layer)
+    whole = one is not None or fam.ffn is None  # the layer is one sub-layer: its output
     got = {}
     capture_z(layer, fam, first_present(layer, fam.ffn if placement == "ffn" else fam.attn),
               got, "z")
@@ -1058,11 +1151,11 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
         where = net.get_submodule(layer_name)
         if h1_at is not None:  # h1, that module's output
             where = where.get_submodule(h1_at)
-        elif placement == "attn" and one is None:  # h1, what the FFN's norm is called on
+        elif placement == "attn" and not whole:  # h1, what the FFN's norm is called on
             where = where.get_submodule(H1_INTO.get(type(layer).__name__)
                                         or first_present(where, fam.ffn_norm))
         where.register_forward_hook(lambda m, args, out, key=key: got.__setitem__(
-            key, args[0] if placement == "attn" and h1_at is None and one is None
+            key, args[0] if placement == "attn" and h1_at is None and not whole
             else out[0] if isinstance(out, tuple) else out))
     x = tiny_inputs(family)
     with torch.no_grad():
@@ -1392,6 +1485,8 @@ def image_inputs(family: str) -> dict:
         grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1)
         return dict(pixel_values=torch.rand(1, 16, 3 * 4 * 4, generator=g),
                     image_position_ids=grid.reshape(1, 16, 2))
+    if family == "fuyu":  # 4 flattened 8x8 patches
+        return dict(pixel_values=torch.randn(1, 4, 3 * 8 * 8, generator=g))
     return dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g))
 
 
@@ -1405,9 +1500,13 @@ def test_multimodal_models_adapt_their_language_model_only(family):
     assert model.config.model_type not in SUPPORTED_ARCHITECTURES
     assert model.config.text_config.model_type == MULTIMODAL[family]
 
-    def image_features():
-        out = model.get_image_features(**image_inputs(family))
-        out = out.pooler_output if hasattr(out, "pooler_output") else out
+    def image_features():  # Fuyu's get_image_features is its model's (a Linear on the patches)
+        get = getattr(model, "get_image_features", None) or model.model.get_image_features
+        out = get(**image_inputs(family))
+        if getattr(out, "pooler_output", None) is not None:
+            out = out.pooler_output
+        elif hasattr(out, "last_hidden_state"):
+            out = out.last_hidden_state
         return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
 
     with torch.no_grad():
@@ -2198,7 +2297,12 @@ def test_importing_the_package_does_not_import_transformers():
 
 # Decoders whose cache holds a recurrent or convolution state beside the KV cache: a decode step
 # runs their mixers (and the adapters beside them) on one new token.
-STATEFUL = ["qwen3_next", "jamba", "bamba", "falcon_h1", "lfm2", "recurrent_gemma", "nemotron_h"]
+STATEFUL = ["qwen3_next", "jamba", "bamba", "falcon_h1", "lfm2", "recurrent_gemma", "nemotron_h",
+            "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"]
+# RWKV's one-token decode step mixes the state's [B, d] into the token's [B, 1, d] by
+# broadcasting, to [B, B, d]: transformers' own cached generate goes wrong beyond one sequence
+# (with adapters the hook then refuses the shape). Generated from one sequence.
+ONE_SEQUENCE = ["rwkv"]
 GENERATE_CASES = ([("llama", dict(placement="both")),
                    ("llama", dict(target_modules="q_proj,v_proj"))]
                   + [(f, dict(placement="both")) for f in STATEFUL + ["opt", "bart-causal"]])
@@ -2213,7 +2317,7 @@ def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     model = tiny_model(family)
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1), **where)
     randomize(handle)
-    prompt = tiny_inputs(family)
+    prompt = tiny_inputs(family)[:1 if family in ONE_SEQUENCE else None]
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(prompt))  # else the prompt's 0s count as padding
     with torch.no_grad():

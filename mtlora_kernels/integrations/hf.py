@@ -10,7 +10,7 @@ sub-layer::
 The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
 or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``,
 GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``, ``linear_attn``,
-``mamba`` or ``conv``, Nemotron-H's ``mixer``; the official code's ``block_adapter`` sits in the
+``mamba`` or ``conv``, Nemotron-H's and Mamba's ``mixer``; the official code's ``block_adapter`` sits in the
 same place) and runs from ONE forward hook on that module. In most supported layers the sub-layer's
 first argument (positional or by keyword) is its z, and the only other activation it gets is
 BLOOM's and MPT's residual, which those modules add to their output themselves: the hook's input
@@ -96,9 +96,10 @@ def _attribute(layer: nn.Module, path: str):
 
 def _holds(layer: nn.Module, family: LayerLayout, kind: str) -> bool:
     """Whether ``layer`` holds the sub-layer ``kind`` ('attn' or 'ffn'): every layer does but
-    one of a family with ``sub_layer_by``, which holds the kind its attribute's value names."""
+    one of a family with ``sub_layer_by``, which holds the kind its attribute's value names, and
+    one of a family without an FFN (``ffn`` None: Mamba's blocks), which holds a mixer only."""
     if family.sub_layer_by is None:
-        return True
+        return kind == "attn" or family.ffn is not None
     attr, mixers, ffns = family.sub_layer_by
     return getattr(layer, attr, None) in (mixers if kind == "attn" else ffns)
 
@@ -297,10 +298,12 @@ def _input_of(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
 def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     """``output + adapter(z)`` with z the sub-layer's own input (:func:`_input_of`)."""
     z = _input_of(module, args, kwargs)
-    # attention returns (attn_output, attn_weights), some MoE blocks (output, router_logits)
-    out = output[0] if isinstance(output, tuple) else output
-    y = _plus_adapter(module, z, out)
-    return (y, *output[1:]) if isinstance(output, tuple) else y
+    # attention returns (attn_output, attn_weights), some MoE blocks (output, router_logits);
+    # GPT-1's attention a list [attn_output, ...]
+    if not isinstance(output, (tuple, list)):
+        return _plus_adapter(module, z, output)
+    y = (_plus_adapter(module, z, output[0]), *output[1:])
+    return list(y) if isinstance(output, list) else y
 
 
 def _span_input_hook(module: nn.Module, args: tuple, kwargs: dict, *, last: nn.Module) -> None:
@@ -750,10 +753,10 @@ def attach(
                 raise ValueError(f"groups={cfg.groups} must divide hidden_size={d}")
         kinds = {"ffn": ["ffn"], "attn": ["attn"], "both": ["attn", "ffn"]}[placement]
         for layer_name, layer, fam in chosen:
-            if fam.refused_if and getattr(layer, fam.refused_if[0], False):
+            if fam.refused_if and _attribute(layer, fam.refused_if[0]):
                 raise NotImplementedError(
                     f"{layer_name} ({type(layer).__name__}) has {fam.refused_if[0]}="
-                    f"{getattr(layer, fam.refused_if[0])!r}: {fam.refused_if[1]}. Use "
+                    f"{_attribute(layer, fam.refused_if[0])!r}: {fam.refused_if[1]}. Use "
                     f"component-level placement (target_modules=[...]).")
             if "ffn" in kinds and fam.ffn_refused_if and hasattr(layer, fam.ffn_refused_if[0]):
                 raise NotImplementedError(
@@ -765,6 +768,12 @@ def attach(
         hosts = [(layer_name, layer, *_sub_layer(layer, fam, kind))
                  for layer_name, layer, fam in chosen for kind in kinds
                  if _holds(layer, fam, kind)]
+        if not hosts and chosen[0][2].sub_layer_by is None:  # placement='ffn', layers with none
+            fam = chosen[0][2]
+            raise ValueError(
+                f"placement='ffn': {type(model).__name__}'s layers ({fam.layer_class}) have no "
+                f"FFN, each is one token mixer ({fam.attn}) on its norm; placement='attn' adapts "
+                f"it (so does 'both', every sub-layer the layers have).")
         if not hosts:  # layers=... selected only blocks of the other kind (or the model has none)
             every = _find_layers(model, families)
             attr, mixers, ffns = chosen[0][2].sub_layer_by  # every chosen layer has one

@@ -17,7 +17,9 @@ below names every type, README lists them for users) come in four kinds:
   or stacks whose every layer is ONE such sub-layer, ``h + Sub(LN(h))``, a token mixer or an
   FFN by its block type (nemotron_h: Mamba-2, attention, an MLP or an MoE block as ``mixer``):
   'attn' adapts the token-mixer blocks, 'ffn' the FFN blocks, 'both' every block, z = LN(h),
-  and ``layers=`` counts blocks (skipping the selected ones of the other kind);
+  and ``layers=`` counts blocks (skipping the selected ones of the other kind); the pure
+  state-space stacks (mamba, mamba2, falcon_mamba) are such blocks, a token mixer each and no
+  FFN (``ffn`` None): 'attn' and 'both' adapt every block's mixer, 'ffn' is refused;
   and the same layout in vision encoders, on image patches (vit, deit, clip_vision_model,
   siglip_vision_model, ...), and in encoder-decoders, both stacks (T5's kind: t5, mt5, umt5,
   longt5, switch_transformers, pop2piano; mBART's pre-LN layers: mbart, pegasus, nllb-moe, ...:
@@ -46,9 +48,9 @@ below names every type, README lists them for users) come in four kinds:
   each type's peculiarities (olmo_hybrid's two layer classes, Gemma 4's MoE layers, which refuse
   'ffn' and 'both');
 - post-LN encoders (bert, roberta, deberta, distilbert, ...; on speech the wav2vec 2.0 family's
-  default layers, sew-d) and encoder-decoders (bart, marian, fsmt, ...: both stacks): the
-  sub-layer reads the residual stream and the layer normalizes the sum, ``a = LN1(h + Attn(h))``,
-  ``out = LN2(a + FFN(a))``;
+  default layers, sew-d), encoder-decoders (bart, marian, fsmt, ...: both stacks) and decoders
+  (openai-gpt, trocr, git): the sub-layer reads the residual stream and the layer normalizes
+  the sum, ``a = LN1(h + Attn(h))``, ``out = LN2(a + FFN(a))``;
   the adapter's output joins that sum, ``out = LN2(a + FFN(a) + adapter(a))``, z = a (the
   attention's: z = h), where a LoRA on the sub-layer's own Linear layers would put it.
 """
@@ -93,15 +95,19 @@ class LayerLayout:
     module but Linear layers loose in the layer, with the activation and dropouts between them
     (OPT's and BART's ``fc1`` ... ``fc2``), its first module, whose input is z; ``ffn`` then
     names its last, whose output the adapter's joins (and which holds the adapter).
-    ``refused_if``: (attribute, why): a layer whose attribute is true is laid out otherwise than
-    the entry says (X-MOD's ``pre_norm``: its norms before the sub-layers), and every placement
-    is refused there.
+    ``ffn`` None (and ``ffn_norm``): the layer has no FFN, it is ONE pre-LN token-mixer
+    sub-layer, ``h + mixer(norm(h))`` (Mamba's blocks): 'attn' adapts the mixer, 'both' every
+    sub-layer the layer has (the mixer), and 'ffn' is refused, as on a Nemotron-H stack of
+    token-mixer blocks only. ``refused_if``: (dotted attribute path, why): a layer whose value
+    there is true (a True flag, a positive number) is laid out otherwise than the entry says
+    (X-MOD's ``pre_norm``: its norms before the sub-layers; RWKV's ``config.rescale_every``: its
+    eval-mode rescaling), and every placement is refused there.
     """
 
     layer_class: str
     attn: str | tuple[str, ...]
     attn_norm: str | tuple[str, ...] | None
-    ffn: str | tuple[str, ...]
+    ffn: str | tuple[str, ...] | None
     ffn_norm: str | tuple[str, ...] | None
     attn_after: str | tuple[str, ...] | None = None
     ffn_after: str | tuple[str, ...] | None = None
@@ -685,6 +691,55 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     "nllb-moe": tuple(LayerLayout(f"NllbMoe{stack}Layer", "self_attn", "self_attn_layer_norm",
                                   "ffn", "ff_layer_norm", "attn_dropout", "ff_dropout")
                       for stack in ("Encoder", "Decoder")),
+    # --- Older and non-transformer decoders (state-space, RNN-like, GPT-1, CTRL, ...) ---
+    # Pure state-space stacks: each block is ONE pre-LN token mixer, h + mixer(norm(h)), no FFN
+    # (``ffn`` None): 'attn' puts the adapter beside the mixer on z = norm(h), 'both' too (every
+    # sub-layer the blocks have), 'ffn' is refused, as on a Nemotron-H stack of mixer blocks
+    # only. With residual_in_fp32 the block adds Mixer(z) + adapter(z) to an fp32 residual.
+    **{t: LayerLayout(c, "mixer", "norm", None, None) for t, c in (
+        ("mamba", "MambaBlock"), ("mamba2", "Mamba2Block"),
+        ("falcon_mamba", "FalconMambaBlock"))},
+    # RWKV (v4): LLaMA's layout on ln1 / ln2 (block 0 applies pre_ln to its input first), the
+    # time mix ``attention`` and the channel mix ``feed_forward`` each returning (output, state);
+    # both shift in the previous token's z (from the state when decoding), which the adapter,
+    # per token, does not read. In eval mode with config.rescale_every > 0 the model halves the
+    # residual stream every rescale_every blocks and divides the two sub-layers' output weights
+    # to match; the adapter's output would not be, and would weigh 2**(i // rescale_every) times
+    # more in block i than in training: refused unless rescale_every is 0.
+    "rwkv": LayerLayout("RwkvBlock", "attention", "ln1", "feed_forward", "ln2", refused_if=(
+        "config.rescale_every", "in eval mode RWKV halves the residual stream every "
+        "rescale_every blocks and divides the sub-layers' output weights to match, which an "
+        "adapter's output would escape. Set model.config.rescale_every = 0 right after loading "
+        "(before the model's first forward in eval mode, which rescales the weights in place)")),
+    # xLSTM (transformers' own mLSTM blocks, without the xlstm package): LLaMA's layout, the
+    # mLSTM layer returning (output, state) on norm_mlstm(h), the FFN on norm_ffn(h1).
+    "xlstm": LayerLayout("xLSTMBlock", "mlstm_layer", "norm_mlstm", "ffn", "norm_ffn"),
+    # GPT-1 (openai-gpt): post-LN, DistilBERT's shape: n = ln_1(h + Attn(h)), out = ln_2(n +
+    # FFN(n)); its attention returns a list [output, ...]. The residual dropouts are inside
+    # attn and mlp (on Attn(h), FFN(n), not the adapter's output).
+    "openai-gpt": LayerLayout("Block", "attn", None, "mlp", "ln_1"),
+    # CTRL: LLaMA's layout, the attention called on (z, z, z), a residual dropout after each
+    # sub-layer (on Sub(z) + adapter(z), as Phi-3's). Its FFN is an nn.Sequential, which would
+    # run a child adapter as one more stage: the adapter hangs on its last Linear (``ffn.2``),
+    # z from its first's input (``ffn.0``, ffn_first), as OPT's.
+    "ctrl": LayerLayout("EncoderLayer", "multi_head_attention", "layernorm1", "ffn.2",
+                        "layernorm2", "dropout1", "dropout2", ffn_first="ffn.0"),
+    # CPM-Ant: LLaMA's layout, each sub-layer wrapped in a block with its norm, the residual add
+    # and (dropout_p > 0) a dropout on Sub(z) + adapter(z). The prompt tokens the model puts
+    # before the input go through the layers, and the adapters, too.
+    "cpmant": LayerLayout("CpmAntTransformerBlock", "self_att.self_attention",
+                          "self_att.layernorm_before_attention", "ffn.ffn",
+                          "ffn.layernorm_before_ffn"),
+    # TrOCR's decoder (TrOCRForCausalLM; attach to a VisionEncoderDecoderModel's ``decoder``):
+    # post-LN, BART's layout, out = final_layer_norm(h1 + FFN(z) + adapter(z)), z = h1, the
+    # attention's z the layer's input; the FFN loose fc1 ... fc2 (ffn_first). The norm named is
+    # the FFN's without cross-attention (with encoder states, z is encoder_attn_layer_norm's
+    # output: the hooks take z where fc1 gets it either way); the cross-attention gets none.
+    "trocr": LayerLayout("TrOCRDecoderLayer", "self_attn", None, "fc2", "self_attn_layer_norm",
+                         ffn_first="fc1"),
+    # GIT: BERT's layer (kind 4); the image tokens, projected from its CLIP-like vision tower
+    # (another layer class, no adapters), are prepended to the text's and share each layer.
+    "git": _post_ln("GitLayer"),
 }
 
 #: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
