@@ -109,6 +109,40 @@ def test_the_training_loss_is_the_task_loss_plus_the_auxiliary_loss(tmp_path, fa
     assert rel_err(trainer.compute_loss(model, dict(batch)), model(**batch).loss) <= 1e-6
 
 
+def test_an_audio_models_balance_term_counts_the_frames_its_layers_see(tmp_path):
+    """wav2vec 2.0 (CTC) on a padded batch of raw audio: its attention_mask counts samples, its
+    layers and adapters see the feature encoder's frames (160 samples make 18 of them: kernels 8
+    and 4, strides 4 and 2). The trainer's balance term counts the frames of the real samples,
+    as many as the convolutions make of them, and the loss is the task's plus that term. (The
+    samples' mask, passed on as it was, failed on the frames' shape.)"""
+    model = tiny_model("wav2vec2", ctc_loss_reduction="mean", hidden_dropout=0.0,
+                       attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                       final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, pad_token_id=0)
+    model = transformers.Wav2Vec2ForCTC(model.config)
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
+                    placement="both")
+    randomize(handle)
+    g = torch.Generator().manual_seed(6)
+    samples = torch.randn(2, 160, generator=g)
+    mask = torch.ones(2, 160, dtype=torch.long)
+    mask[0, 100:] = 0  # 100 real samples: (100 - 8) // 4 + 1 = 24, (24 - 4) // 2 + 1 = 11 frames
+    samples[0, 100:] = 0.0
+    batch = dict(input_values=samples, attention_mask=mask,
+                 labels=torch.randint(1, 16, (2, 3), generator=g))
+    frames = torch.zeros(2, 18, dtype=torch.long)
+    frames[0, :11] = 1
+    frames[1, :] = 1
+    trainer = MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset(),
+                            balance_weight=0.3, spectral_weight=0.0)
+    model.train()
+    ours = trainer.compute_loss(model, dict(batch))
+    task = model(**batch).loss
+    want = task + auxiliary_loss(model, balance_weight=0.3, spectral_weight=0.0, mask=frames)
+    assert rel_err(ours, want) <= 1e-6
+    unmasked = task + auxiliary_loss(model, balance_weight=0.3, spectral_weight=0.0)
+    assert rel_err(ours, unmasked) > 1e-6, "the padding's frames must not count"
+
+
 @pytest.mark.parametrize("placement,normalized", [
     (dict(placement="ffn"), True), (dict(target_modules="q_proj,v_proj"), True),
     (dict(placement="ffn"), False)], ids=["block", "component", "block-mean-loss"])

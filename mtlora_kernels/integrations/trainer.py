@@ -24,7 +24,10 @@ wrong, which is why this class exists:
   optimizer step (``state.global_step``), not a count of micro-batches.
 - **Padding.** The batch's ``attention_mask`` goes to the balance loss, so padding tokens do
   not count; an encoder-decoder's decoder adapters (T5's) take ``decoder_attention_mask``, or
-  where the batch has none, the positions of its labels (``labels != -100``).
+  where the batch has none, the positions of its labels (``labels != -100``). An audio model's
+  ``attention_mask`` counts raw samples or input frames: where the model derives the mask of
+  the frames its layers see (the wav2vec 2.0 family's, Speech2Text's
+  ``_get_feature_vector_attention_mask``), that mask goes instead (:func:`frame_mask`).
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
@@ -34,7 +37,7 @@ of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 from __future__ import annotations
 
 import transformers
-from torch import nn
+from torch import Tensor, nn
 
 from mtlora_kernels.integrations.hf import MTLoRAHandle, get_handle
 from mtlora_kernels.losses import SpectralRegularizer, is_encoder_decoder
@@ -90,7 +93,8 @@ class MTLoRATrainer(transformers.Trainer):
                     or self.compute_loss_func is not None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mask = inputs.get("attention_mask")  # before the Trainer may pop anything
+        # before the Trainer may pop anything
+        mask = frame_mask(self.mtlora_handle.model, inputs.get("attention_mask"))
         # The decoder's tokens where the adapters sit in an encoder-decoder (T5's): the labels'
         # positions, unless the batch gives their mask (adapters on its encoder alone: none).
         decoder_mask = None
@@ -119,10 +123,23 @@ class MTLoRATrainer(transformers.Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def frame_mask(model: nn.Module, mask: Tensor | None) -> Tensor | None:
+    """The mask of the positions ``model``'s layers see, from its batch's ``attention_mask``:
+    where the model derives it (an audio model whose mask counts raw samples or input frames,
+    and whose feature encoder makes fewer frames of them: the wav2vec 2.0 family, Speech2Text),
+    the mask the model computes for its layers; else ``mask`` itself. (SEW and SEW-D pool those
+    frames again inside their encoder: the balance loss refuses their mask, named.)"""
+    derive = getattr(model, "_get_feature_vector_attention_mask", None)
+    lengths = getattr(model, "_get_feat_extract_output_lengths", None)
+    if mask is None or derive is None or lengths is None:
+        return mask
+    return derive(int(lengths(mask.shape[-1])), mask)
+
+
 class MTLoRASeq2SeqTrainer(MTLoRATrainer, transformers.Seq2SeqTrainer):
     """:class:`MTLoRATrainer` on ``transformers.Seq2SeqTrainer``: the same auxiliary loss in
     training, and an encoder-decoder's (T5's) evaluation and prediction by generation
     (``Seq2SeqTrainingArguments(predict_with_generate=True)``), through the adapters."""
 
 
-__all__ = ["MTLoRATrainer", "MTLoRASeq2SeqTrainer"]
+__all__ = ["MTLoRATrainer", "MTLoRASeq2SeqTrainer", "frame_mask"]
