@@ -1698,6 +1698,40 @@ def test_nllb_moe_is_tested_on_both_kinds_of_ffn(family):
         assert "experts" in dict(moe.named_children())
 
 
+@pytest.mark.parametrize("model_class", ["ChineseCLIPModel", "AltCLIPModel"])
+def test_a_dual_encoder_by_its_text_config_adapts_its_text_tower_alone(model_class):
+    """A dual encoder whose text_config's type is in the table and whose vision tower is of
+    another layer class (ChineseCLIPModel, AltCLIPModel; AlignModel, ClapModel likewise) goes by
+    the multimodal rule: adapters on the text tower's layers only, at its width. Its text
+    features move with them and its image features do not."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=64, max_position_embeddings=32)
+    vision = dict(_VISION, num_hidden_layers=2)
+    config = getattr(transformers, model_class.replace("Model", "Config"))(
+        text_config=text, vision_config=vision, projection_dim=16)
+    model = getattr(transformers, model_class)(config).eval()
+    ids, images = tiny_inputs("llama"), tiny_inputs("vit")["pixel_values"]
+
+    def features():
+        with torch.no_grad():
+            return (model.get_text_features(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                    model.get_image_features(pixel_values=images))
+
+    def tensor(out):  # transformers 5 returns an output object where 4 returned the tensor
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    text_before, image_before = map(tensor, features())
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2), placement="both")
+    randomize(handle)
+    assert len(handle.adapters) == 4
+    assert all(n.startswith("text_model.") and a.lora_A.shape[1] == 32
+               for n, a in handle.adapters.items())
+    text_after, image_after = map(tensor, features())
+    assert rel_err(text_after, text_before) > 1e-3
+    assert torch.equal(image_after, image_before)
+
+
 @pytest.mark.parametrize("family", DUAL)
 def test_a_dual_encoder_is_refused_and_its_vision_model_takes_adapters(family):
     """CLIPModel, SiglipModel, ...: a text tower of the vision tower's layer class beside it.
