@@ -283,11 +283,112 @@ EXTRA = {
     "trocr": dict(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64),
     "git": dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, image_size=16, patch_size=8)),
+    # transformers 5.25's decoder-only additions (dec5): layer 0 dense, layer 1 MoE where the
+    # type mixes them; hybrids with one layer of each mixer.
+    "sarvam_mla": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
+                       first_k_dense_replace=1, n_group=2, topk_group=1),
+    "sarvam_moe": dict(MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1),
+    "param2moe": dict(MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1),
+    "glm_moe_dsa": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1, n_group=2,
+                        topk_group=1, mlp_layer_types=["dense", "sparse"], index_topk=4,
+                        index_head_dim=16, index_n_heads=2),
+    "hy_v3": dict(MOE, num_experts=4, num_shared_experts=1, mlp_layer_types=["dense", "sparse"]),
+    "axk1": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1,
+                 mlp_layer_types=["dense", "sparse"]),
+    "axk2": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1,
+                 mlp_layer_types=["dense", "sparse"], index_topk=4, index_head_dim=16,
+                 index_n_heads=2, gated_norm_rank=4),
+    "flint": dict(MOE, num_experts=4, shared_expert_intermediate_size=16, mlp_only_layers=[0]),
+    "dots3_note_text": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1, n_group=2,
+                            topk_group=1, mlp_layer_types=["dense", "sparse"], index_topk=4,
+                            index_head_dim=16, index_n_heads=2),
+    # Doge: eager attention (SDPA, given its float dynamic mask, takes another kernel once an
+    # input needs grad, which moves the outputs by an ulp); its CDMoE's experts a 4x4 grid.
+    "doge": dict(is_moe=False, attn_implementation="eager"),
+    "doge-moe": dict(is_moe=True, num_experts=16, num_experts_per_tok=2,
+                     attn_implementation="eager"),
+    "emu3_text_model": dict(pad_token_id=0),
+    "modernbert-decoder": dict(pad_token_id=0, local_attention=4),
+    # Kind 3 (dec5): Granite's multiplier, MiniMax's beta factors away from 1 (so that a test
+    # sees them); MiniMax: layer 0 lightning (linear) attention, layer 1 full attention.
+    "granite_swa": dict(residual_multiplier=0.5),
+    "granitemoe_swa": dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5,
+                           shared_intermediate_size=16),
+    "minimax": dict(num_local_experts=4, num_experts_per_tok=2, block_size=4,
+                    layer_types=["linear_attention", "full_attention"],
+                    linear_attn_alpha_factor=0.9, linear_attn_beta_factor=0.5,
+                    full_attn_alpha_factor=1.1, full_attn_beta_factor=0.7, mlp_alpha_factor=0.8,
+                    mlp_beta_factor=0.6),
+    "kolibri1": dict(MOE, num_experts=4, shared_expert_intermediate_size=16),
+    # Kolibri 1.1 rounds keys and values to NVFP4 in blocks of 16: heads of 16.
+    "kolibri1_1": dict(MOE, num_experts=4, shared_expert_intermediate_size=16,
+                       mlp_only_layers=[0], mlp_only_intermediate_size=64,
+                       num_attention_heads=2, head_dim=16, num_key_value_heads=1,
+                       layer_types=["sliding_attention", "indexed_attention"], sliding_window=4,
+                       index_num_heads=2, index_topk=4, index_pool_size=16, index_compression=4,
+                       index_num_local_tokens=2, index_num_sink_tokens=1),
+    "lfm3": dict(layer_types=["conv", "full_attention"]),
+    "beam": dict(MOE, num_experts=4, mlp_layer_types=["dense", "sparse"], n_group=2,
+                 topk_group=1),
+    "ergo": dict(MOE, num_experts=4, shared_intermediate_size=16,
+                 mlp_layer_types=["dense", "sparse"], first_dense_intermediate_size=64),
+    "inkling_text": dict(MOE, n_routed_experts=4, n_shared_experts=1,
+                         mlp_layer_types=["dense", "sparse"]),
+    "zaya": dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=16),
+    # Hyper-connected layers (dec5, HYPER_CONNECTED): DeepSeek-V4's and HY-V4's 2 streams;
+    # DeepSeek-V4: layer 0 hash-routed, layer 1 top-k routed, compressed attention in both;
+    # HY-V4: layer 0 dense, layer 1 MoE.
+    "deepseek_v4": dict(MOE, n_routed_experts=4, n_shared_experts=1, num_key_value_heads=1,
+                        head_dim=16, q_lora_rank=16, o_groups=2, o_lora_rank=16, hc_mult=2,
+                        hc_sinkhorn_iters=3, sliding_window=4, index_n_heads=2,
+                        index_head_dim=16, index_topk=2, partial_rotary_factor=0.5,
+                        layer_types=["heavily_compressed_attention",
+                                     "compressed_sparse_attention"],
+                        compress_rates={"compressed_sparse_attention": 2,
+                                        "heavily_compressed_attention": 4},
+                        mlp_layer_types=["hash_moe", "moe"]),
+    "hy_v4": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1, hc_mult=2,
+                  index_topk=4, index_head_dim=16, index_n_heads=2, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2),
+    # Qwen4-Exp's language model: 2 streams; a Gated DeltaNet in layer 0, full attention in
+    # layer 1; its per-layer n-gram embeddings (PLE) small, in layer 0 alone (1-based ids).
+    "qwen4_exp_text": dict(HYBRID_LAYERS, **GATED_DELTA, **MOE, num_experts=4,
+                           shared_expert_intermediate_size=16, hc_count=2, hc_lowrank=8,
+                           ple_layer_ids=[1], ple_embed_dim=8, ngram_vocab_size_base=64,
+                           heads_per_ngram=2, split_ngram_parts=2,
+                           make_ngram_vocab_size_divisible_by=8, indexer_n_heads=2,
+                           indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
+                           indexer_compress_ratio=2),
+    # Dory: one layer run once, one looped twice, one run once (its default sections are 8
+    # layers each, more than a tiny model's).
+    "dory": dict(num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1, n_output_layers=1,
+                 n_recurrent_loops=2),
+    "cohere_compass_text": dict(
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        rope_parameters={t: dict(rope_type="default", rope_theta=10000.0)
+                         for t in ("sliding_attention", "full_attention")}),
+}
+
+
+def _away_from_init(model: nn.Module, names: tuple[str, ...], scale: float, shift: float) -> None:
+    """Parameters whose init leaves a transform an identity (ZAYA's residual scales, ones) or near
+    one (Inkling's short convolutions, x + conv(x) with tiny weights): ``shift + scale * N(0,
+    1)``, drawn from a fixed seed, so that a test sees the transform."""
+    g = torch.Generator().manual_seed(5)
+    for n, p in model.named_parameters():
+        if n.endswith(names):
+            p.copy_(shift + scale * torch.randn(p.shape, generator=g))
+
+
+# Set away from their init values after building (tiny_model), so that a test sees them.
+AWAY_FROM_INIT = {
+    "zaya": lambda m: _away_from_init(m, ("hidden_states_scale",), 0.3, 0.5),
+    "inkling_text": lambda m: _away_from_init(m, ("sconv.conv1d.weight",), 0.5, 0.0),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
 # Types transformers' AutoModelForCausalLM does not map (it builds Mistral 4 inside Mistral 3).
-CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
+CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM", "emu3_text_model": "Emu3ForCausalLM"}
 # Encoder-decoders: tiny_model builds their conditional-generation model from these fields
 # (T5's names; ``layers`` blocks in each stack), tiny_inputs feeds decoder_input_ids too.
 SEQ2SEQ = ["t5", "t5-gated", "mt5", "umt5", "longt5", "longt5-tglobal", "switch_transformers",
@@ -516,8 +617,13 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
     cfg = transformers.AutoConfig.for_model(model_type(family), **text)
     if family in CAUSAL_LM or family in ENCODERS or family in MORE_ENCODERS:
         classes = {**CAUSAL_LM, **ENCODERS, **MORE_ENCODERS}
-        return getattr(transformers, classes[family])(cfg).eval()
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        model = getattr(transformers, classes[family])(cfg).eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    if family in AWAY_FROM_INIT:
+        with torch.no_grad():
+            AWAY_FROM_INIT[family](model)
+    return model
 
 
 def distinct_norms(model: nn.Module, seed: int = 4) -> nn.Module:
@@ -664,6 +770,14 @@ def submodule(layer: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def attribute(layer: nn.Module, path: str):
+    """``layer``'s attribute at the dotted ``path``, a module, a parameter or a number (a table
+    transform after a sub-layer: ZAYA's ``post_mlp_residual_scale.hidden_states_scale``)."""
+    for name in path.split("."):
+        layer = getattr(layer, name)
+    return layer
+
+
 def layer_and_sub(model: nn.Module, adapter_name: str) -> tuple[str, str]:
     """(the layer's name, the sub-layer's path in it) of a block adapter's name: the layer of
     the model's stack that holds the adapter."""
@@ -688,8 +802,8 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
     norm = family.ffn_norm if is_ffn else family.attn_norm
     if norm is not None:
         norm = first_present(layer, norm)
-        layer.get_submodule(norm).register_forward_hook(
-            lambda m, args, out: store.__setitem__(key, out))
+        layer.get_submodule(norm).register_forward_hook(  # Qwen4-Exp's: (z, streams, weights)
+            lambda m, args, out: store.__setitem__(key, out[0] if isinstance(out, tuple) else out))
         return
 
     def layer_input(m, args, kwargs):
@@ -857,6 +971,27 @@ SSM_HYBRID = ["jamba", "bamba", "granitemoehybrid", "granitemoehybrid-dense", "l
 # Layers that go on after the FFN's residual add (Gemma 4's per-layer input and layer_scalar,
 # Gemma 3n's AltUp correction): the kind-3 test reads the post-norm's output there.
 GOES_ON = ["gemma4_text", "gemma4", "gemma3n_text"]
+# transformers 5.25's decoder-only additions (dec5). Pre-LN (kind 1): in LLAMA_DEC5; parallel
+# (kind 2): in PARALLEL_DEC5; those mixing dense and MoE layers in MIXED too.
+LLAMA_DEC5 = ["iquestcoder", "sarvam_mla", "sarvam_moe", "param2moe", "glm_moe_dsa", "hy_v3",
+              "axk1", "axk2", "flint", "dots3_note_text", "doge", "doge-moe", "emu3_text_model",
+              "apertus1p5_text", "modernbert-decoder"]
+PARALLEL_DEC5 = ["cohere_compass_text"]
+# Kind 3 (dec5): in POST_TRANSFORM; those whose transform is linear (a multiplier, a scale,
+# Inkling's short convolution) on the sum test too (SUM_AFTER_DEC5).
+POST_TRANSFORM += ["granite_swa", "granitemoe_swa", "minimax", "kolibri1", "kolibri1_1", "lfm3",
+                     "dory", "ergo", "beam", "inkling_text", "zaya"]
+# Hyper-connected layers (dec5): the hyper-connection module before the FFN, and which of its
+# outputs holds the per-stream weights the layer expands the FFN's output by (read off
+# transformers' code, not the table).
+HYPER_CONNECTED = {"deepseek_v4": ("ffn_hc", 0), "hy_v4": ("ffn_hc", 0),
+                   "qwen4_exp_text": ("mlp_hyper_connection", 2)}
+MIXED += ["hy_v4"]
+SUM_AFTER_DEC5 = ["granite_swa", "granitemoe_swa", "minimax", "inkling_text", "zaya"]
+GOES_ON += ["dory", "ergo", "beam"]
+SSM_HYBRID += ["lfm3"]
+MIXED += ["sarvam_mla", "sarvam_moe", "param2moe", "glm_moe_dsa", "hy_v3", "axk1", "axk2",
+          "flint", "dots3_note_text", "kolibri1_1", "ergo", "beam", "inkling_text"]
 PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
               dict(target_modules=["q_proj", "v_proj"])]
 # Older and non-transformer decoders. Pre-LN in LLaMA's layout (RWKV's time and channel mix,
@@ -880,6 +1015,7 @@ POST_LNS.update({"openai-gpt": ("ln_1", "ln_2"), "trocr": ("self_attn_layer_norm
 CASES = ([("llama", w) for w in PLACEMENTS]
          + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
          + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE + PARALLEL + POST_TRANSFORM]
+         + [(f, PLACEMENTS[2]) for f in LLAMA_DEC5 + PARALLEL_DEC5 + list(HYPER_CONNECTED)]
          + [("bert", PLACEMENTS[0]), ("bert", PLACEMENTS[1])]
          + [("nemotron_h", PLACEMENTS[0]), ("nemotron_h", PLACEMENTS[1])]
          + [(f, PLACEMENTS[2]) for f in POST_LN]
@@ -901,7 +1037,7 @@ def test_every_supported_architecture_is_tested():
     classifiers too."""
     tested = (FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
               + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER + list(AUDIO) + BART_SEQ2SEQ
-              + PURE_SSM + POST_LN_DECODERS)
+              + PURE_SSM + POST_LN_DECODERS + LLAMA_DEC5 + PARALLEL_DEC5 + list(HYPER_CONNECTED))
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
@@ -1000,6 +1136,52 @@ def test_ssm_hybrid_models_are_tested_on_both_token_mixers(family):
     assert "Attention" not in ssm and "Attention" in attn, (ssm, attn)
 
 
+@pytest.mark.parametrize("family", HYPER_CONNECTED)
+def test_a_hyper_connection_expands_the_adapters_delta_as_the_ffns_output(family):
+    """Hyper-connected layers (DeepSeek-V4, HY-V4, Qwen4-Exp: the residual is several streams)
+    expand the FFN's output into the streams by per-stream weights w computed from the layer's
+    streams. By hand on the last layer: its output moves by w * adapter(z) in each stream, the
+    delta expanded as FFN(z) is, not added to one stream or to the collapsed state."""
+    model = distinct_norms(tiny_model(family))
+    base = copy.deepcopy(model)
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
+                    placement="ffn", layers=[-1])
+    randomize(handle)
+    [(name, adapter)] = handle.adapters.items()
+    layer_name, layer = stack_of(base)[-1]
+    assert name == f"{layer_name}.mlp.{ADAPTER_ATTR}"
+    hc, index = HYPER_CONNECTED[family]
+    got = {}
+    capture_z(layer, family_of(base, layer), "mlp", got, "z")
+    getattr(layer, hc).register_forward_hook(lambda m, a, out: got.__setitem__("w", out[index]))
+    for key, net in (("base", base), ("ours", model)):
+        net.get_submodule(layer_name).register_forward_hook(lambda m, a, out, key=key: (
+            got.__setitem__(key, out[0] if isinstance(out, tuple) else out)))
+    x = tiny_inputs(family)
+    with torch.no_grad():
+        run(base, x)
+        run(model, x)
+        moved = got["ours"] - got["base"]
+        d = delta(got["z"], adapter, handle.config)
+        assert got["w"].shape[-1] == 2 and moved.numel() == 2 * d.numel()  # two streams
+        want = (got["w"].unsqueeze(-1) * d.unsqueeze(-2)).reshape(moved.shape)
+        assert rel_err(moved, want) <= TOL
+
+
+# Hybrid stacks (dec5) whose layer_types name their kinds otherwise: the token mixer of each
+# layer of the tiny model, read off transformers' classes.
+MIXERS_DEC5 = {"minimax": ["MiniMaxLightningAttention", "MiniMaxAttention"],
+               "qwen4_exp_text": ["Qwen4ExpTextGatedDeltaNet", "Qwen4ExpTextAttention"]}
+
+
+@pytest.mark.parametrize("family", MIXERS_DEC5)
+def test_dec5_hybrids_are_tested_on_both_token_mixers(family):
+    """MiniMax's ``self_attn`` is lightning (linear) attention in layer 0 of the tiny model,
+    softmax attention in layer 1; Qwen4-Exp's a Gated DeltaNet (``linear_attn``), then
+    (indexed) full attention: the tests above see both."""
+    assert mixer_classes(tiny_model(family)) == MIXERS_DEC5[family]
+
+
 def test_nemotron_h_blocks_take_the_adapter_of_their_kind():
     """Nemotron-H's blocks are one sub-layer each, ``mixer``; the tiny model's are a Mamba-2, an
     attention, an MLP and an MoE mixer (read off their classes, not the table). 'attn' adapts
@@ -1096,7 +1278,10 @@ SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS +
              + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT
                 + BART_PRE_LN + PURE_SSM]
              + [(f, p) for f in MORE_PRE_LN for p in ("ffn", "attn")]
-             + [(f, p) for f in AUDIO_PRE_LN for p in ("ffn", "attn")])
+             + [(f, p) for f in AUDIO_PRE_LN for p in ("ffn", "attn")]
+             + [(f, p) for f in LLAMA_DEC5 for p in ("ffn", "attn")]
+             + [(f, "ffn") for f in PARALLEL_DEC5]
+             + [(f, p) for f in SUM_AFTER_DEC5 for p in ("ffn", "attn")])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
 # element) is h1, read off transformers' code, not the table. T5's block: the self-attention's
 # wrapper ``layer.0`` returns h + Attn(z) (a decoder block's cross-attention comes between it
@@ -1164,7 +1349,7 @@ def test_the_sum_the_layer_forms_moves_by_exactly_the_delta(family, placement):
         moved = got["ours"] - got["base"]
         want = delta(got["z"], adapter, cfg).reshape(moved.shape)
         for after in names(fam.ffn_after if placement == "ffn" else fam.attn_after):
-            t = getattr(layer, after)
+            t = attribute(layer, after)
             want = t(want) if isinstance(t, nn.Module) else t * want
         assert rel_err(moved, want) <= TOL
 
@@ -1187,14 +1372,16 @@ def test_the_transform_after_the_ffn_applies_to_the_adapters_delta_too(family):
     layer = base.get_submodule(layer_name)  # without adapters: h1 + T(FFN(z)), FFN(z) and z
     fam = family_of(base, layer)
     assert fam.ffn_after is not None, f"the table names no transform after {family}'s FFN"
-    afters = [getattr(layer, n) for n in names(fam.ffn_after)]  # in the order the layer applies
+    afters = [attribute(layer, n) for n in names(fam.ffn_after)]  # in the order the layer applies
     capture_z(layer, fam, fam.ffn, got, "z")
-    getattr(layer, fam.ffn).register_forward_hook(lambda m, a, out: got.__setitem__("ffn", out))
+    getattr(layer, fam.ffn).register_forward_hook(lambda m, a, out: got.__setitem__(
+        "ffn", out[0] if isinstance(out, tuple) else out))
     # The layer's output, h1 + T(...); where the layer goes on after that sum, T(...) itself.
     read = names(fam.ffn_after)[-1] if family in GOES_ON else None
     for key, net in (("base", base), ("ours", model)):
         where = net.get_submodule(layer_name if read is None else f"{layer_name}.{read}")
-        where.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(key, out))
+        where.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(
+            key, out[0] if isinstance(out, tuple) else out))  # ZAYA's layer: (output, state)
 
     def transform(v):
         for after in afters:
@@ -2248,7 +2435,8 @@ def test_unsupported_architecture_gets_a_clear_error():
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         embedding_size=16, vocab_size=64))
     with pytest.raises(NotImplementedError, match=r"supports model types afmoe, "
-                       r"aimv2_vision_model, .*, vit, vit_mae, vit_msn, (.*, )?youtu, multimodal "
+                       r"aimv2_vision_model, .*, vit, vit_mae, vit_msn, (.*, )?youtu, (\S+, )*"
+                       r"multimodal "
                        r"models whose text_config has one of these types, and the image "
                        r"classifiers of "
                        r"the dual encoders clip, metaclip_2, siglip, siglip2; AlbertModel has "

@@ -37,7 +37,9 @@ below names every type, README lists them for users) come in four kinds:
 - a transform after the sub-layer (gemma2/3/4, glm4, olmo2/3, afmoe, ...: a post-norm; granite: its
   ``residual_multiplier`` m; hyperclovax: a post-norm, then m; dinov2, dinov3_vit, beit: a layer
   scale, then stochastic depth; granitemoehybrid: m again; falcon_h1's Mamba mixer: its
-  ``ssm_out_multiplier``). SPEC's formula is for pre-LN layers; here the layer applies the
+  ``ssm_out_multiplier``; deepseek_v4, hy_v4, qwen4_exp_text: a hyper-connection's expansion
+  of the output into the residual's streams, by weights the layer computes, which the table
+  does not name). SPEC's formula is for pre-LN layers; here the layer applies the
   transform to the sub-layer's output with the adapter's added, ``out = h1 + PostNorm(FFN(z) +
   adapter(z))`` (Granite: ``h1 + m * (FFN(z) + adapter(z))``), not ``h1 + PostNorm(FFN(z)) +
   adapter(z)``: the adapter sits inside the post-norm, where a LoRA on the FFN's own Linear layers
@@ -740,6 +742,95 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # GIT: BERT's layer (kind 4); the image tokens, projected from its CLIP-like vision tower
     # (another layer class, no adapters), are prepended to the text's and share each layer.
     "git": _post_ln("GitLayer"),
+    # transformers 5.25's decoder-only additions (dec5), by what each layer's code computes.
+    # Kind 1, LLaMA's layout. IQuest-Coder loads into LLaMA's model, Sarvam-MLA into DeepSeek-V3's,
+    # Sarvam-MoE and Param2-MoE into GLM-4-MoE's. A dense FFN in some layers and an MoE block in
+    # the others, both as ``mlp`` (mlp_layer_types, mlp_only_layers): GLM-MoE-DSA, HY-V3,
+    # A.X-K1, A.X-K2, Flint, dots3-note's language model; GLM-MoE-DSA's attention returns
+    # (output, weights, top-k indices) and its layer (output, indices): the hook adds to the
+    # output. A.X-K2's input_layernorm (and its MoE layers' post_attention_layernorm) is a gated
+    # RMSNorm, y * sigmoid(g(y)), y = RMSNorm(h): one module, whose output is z.
+    **{t: _pre_ln(c) for t, c in (
+        ("iquestcoder", "LlamaDecoderLayer"), ("sarvam_mla", "DeepseekV3DecoderLayer"),
+        ("sarvam_moe", "Glm4MoeDecoderLayer"), ("param2moe", "Glm4MoeDecoderLayer"),
+        ("glm_moe_dsa", "GlmMoeDsaDecoderLayer"), ("hy_v3", "HYV3DecoderLayer"),
+        ("axk1", "AXK1DecoderLayer"), ("axk2", "AXK2DecoderLayer"),
+        ("flint", "FlintDecoderLayer"), ("dots3_note_text", "Dots3NoteTextDecoderLayer"),
+        # Doge: the residual scaled by a learned vector (input_residual * h + Attn(z)), not the
+        # sub-layer's output; its residual dropout is functional, on Attn(z) + adapter(z)
+        # together; with is_moe its FFN is a CDMoE block returning (output, router_logits).
+        ("doge", "DogeDecoderLayer"))},
+    # Emu3's language model (Emu3ForCausalLM; Emu3's multimodal model by its text_config): a
+    # dropout module after each sub-layer, on FFN(z) + adapter(z) together (Phi-3's).
+    "emu3_text_model": _pre_ln("Emu3DecoderLayer", "dropout", "dropout"),
+    # Apertus 1.5's language model: Apertus's norm names.
+    "apertus1p5_text": LayerLayout("Apertus1p5TextDecoderLayer", "self_attn",
+                                   "attention_layernorm", "mlp", "feedforward_layernorm"),
+    # ModernBERT-Decoder: ModernBERT's layer (layer 0's attn_norm nn.Identity), causal.
+    "modernbert-decoder": LayerLayout("ModernBertDecoderLayer", "attn", "attn_norm", "mlp",
+                                      "mlp_norm"),
+    # Kind 2: Cohere Compass's language model, Cohere's parallel layer on one LayerNorm.
+    "cohere_compass_text": _parallel("CohereCompassDecoderLayer"),
+    # Kind 3, a transform after the sub-layer. Granite-SWA: Granite's layer with sliding-window
+    # attention; Granite-MoE-SWA: Granite-MoE-Shared's (shared_mlp beside the block, or none).
+    "granite_swa": _pre_ln("GraniteSWADecoderLayer", "residual_multiplier", "residual_multiplier"),
+    "granitemoe_swa": _pre_ln("GraniteMoeSWADecoderLayer", "residual_multiplier",
+                              "residual_multiplier", ffn="block_sparse_moe"),
+    # MiniMax(-Text-01): the residual is the normed stream, z = input_layernorm(h), h1 = alpha *
+    # z + beta * (Attn(z) + adapter(z)), out = alpha2 * z2 + beta2 * (MoE(z2) + adapter(z2)),
+    # z2 = post_attention_layernorm(h1); the betas (the attention's by its kind, full or
+    # linear) are the transforms. Hybrid: ``self_attn`` is lightning (linear) attention in the
+    # linear_attention layers, softmax attention in the others; the MoE block in every layer.
+    "minimax": _pre_ln("MiniMaxDecoderLayer", "attn_beta_factor", "mlp_beta_factor"),
+    # Kolibri 1 and 1.1: GLM-4's four norms (a post-norm after each sub-layer); an MoE block with
+    # shared experts as ``mlp`` (1.1: a dense FFN in mlp_only_layers). Kolibri 1.1's attention
+    # (indexed or sliding, keys and values shared across layers, rounded to NVFP4) returns
+    # (output, weights, index pool): the hook adds to the output.
+    **{t: _post_norm(c, "input_layernorm", "post_attention_layernorm",
+                     "post_self_attn_layernorm", "post_mlp_layernorm") for t, c in (
+        ("kolibri1", "Kolibri1DecoderLayer"), ("kolibri1_1", "Kolibri1_1DecoderLayer"))},
+    # LFM3: LFM2's hybrid layer (a short convolution ``conv`` or ``self_attn`` on operator_norm)
+    # with sandwich norms after each sub-layer (nn.Identity without use_sandwich_norm).
+    "lfm3": LayerLayout("Lfm3DecoderLayer", ("self_attn", "conv"), "operator_norm",
+                        "feed_forward", "ffn_norm", "post_operator_norm", "post_ffn_norm"),
+    # Gemma 2's four norms, and the layer goes on after the post-norm as Gemma 4's does: Dory
+    # (nGPT's kind: parameter-free L2 norms, the residual stream itself normalized) moves
+    # toward the post-normed output at a learned per-channel rate, h + rate * (PostNorm(FFN(z)
+    # + adapter(z)) - h); Ergo mixes it into the residual by a learned gate,
+    # sigmoid(w) * PostNorm(...) + g(w) * h; Beam adds it with depth-scaled weights.
+    # A dense FFN or an MoE block by mlp_layer_types (Ergo, Beam).
+    **{t: _post_norm(c, *_GEMMA2) for t, c in (
+        ("dory", "DoryDecoderLayer"), ("ergo", "ErgoDecoderLayer"), ("beam", "BeamDecoderLayer"))},
+    # Inkling's language model: LLaMA's layout with a short causal convolution after each
+    # sub-layer (x + conv(x), depthwise, over the tokens: attn_sconv, mlp_sconv), which mixes
+    # the adapter's output across neighbouring tokens as it does the sub-layer's; a dense FFN or
+    # an MoE block by mlp_layer_types.
+    "inkling_text": _pre_ln("InklingDecoderLayer", "attn_sconv", "mlp_sconv"),
+    # ZAYA: each sub-layer's output, the adapter's added, shifted and scaled per channel by a
+    # module that adds the (likewise scaled) residual, (Sub(z) + adapter(z) + b) * s + (h + b')
+    # * s'; the transform the delta sees is that scale s. The MoE block (every layer) takes the
+    # previous layer's router state too and returns (output, router state): the hook adds to
+    # the output.
+    "zaya": _pre_ln("ZayaDecoderLayer", "post_attention_residual_scale.hidden_states_scale",
+                    "post_mlp_residual_scale.hidden_states_scale"),
+    # Hyper-connected layers, a transform the table cannot name (so none is named): the residual
+    # is hc_mult streams, each sub-layer called once on z, a norm of the streams collapsed by
+    # weights computed from them (DeepSeek-V4, HY-V4: input_layernorm / post_attention_layernorm
+    # of attn_hc's / ffn_hc's output; Qwen4-Exp: the first output of attn_hyper_connection /
+    # mlp_hyper_connection, which normalize inside), and its output, the adapter's added,
+    # expanded back into the streams by per-stream weights from the same computation:
+    # out = mix(h) + w * (FFN(z) + adapter(z)) per stream (DeepSeek-V4's mix is Sinkhorn's
+    # doubly stochastic matrix, HY-V4's the identity, Qwen4-Exp's a gated copy). DeepSeek-V4:
+    # MoE blocks in every layer (hash-routed by the token ids in the first ones, taken as
+    # input_ids=), compressed sparse attention; HY-V4: a dense FFN or an MoE block by
+    # mlp_layer_types, MLA with an indexer, its layer returning (output, top-k indices);
+    # Qwen4-Exp's language model: a Gated DeltaNet or full attention by layer_types (as
+    # Qwen3-Next's), an MoE block in every layer, its per-layer n-gram embeddings (PLE) added to
+    # the streams before the layer's first hyper-connection.
+    **{t: _pre_ln(c) for t, c in (
+        ("deepseek_v4", "DeepseekV4DecoderLayer"), ("hy_v4", "HYV4DecoderLayer"))},
+    "qwen4_exp_text": LayerLayout("Qwen4ExpTextDecoderLayer", _HYBRID, "attn_hyper_connection",
+                                  "mlp", "mlp_hyper_connection"),
 }
 
 #: Dual encoders (CLIP's and SigLIP's kind), whose model_type is not in the table: block-level
