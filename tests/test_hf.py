@@ -249,11 +249,11 @@ EXTRA = {
                  "data2vec-audio", "sew", "sew-d"]},
     "audio-spectrogram-transformer": dict(SMALL, patch_size=4, frequency_stride=4, time_stride=4,
                                           max_length=8, num_mel_bins=8),
-    # BART's lineage (BART_SEQ2SEQ below): LED's local attention window 4 tokens wide (the model pads the source to 8),
-    # its positions few; BigBird-Pegasus' full attention (its block-sparse default falls back to
-    # it on inputs this short, with a warning), and its block-sparse attention in blocks of 2
-    # (tiny_inputs: a longer source); FSMT's source vocabulary and languages; NLLB-MoE: layer 1
-    # of each stack an MoE block of 4 experts, layer 0 dense.
+    # BART's lineage (BART_SEQ2SEQ below): LED's local attention window 4 tokens wide (the model
+    # pads the source to 8), its positions few; BigBird-Pegasus' full attention (its block-sparse
+    # default falls back to it on inputs this short, with a warning), and its block-sparse attention
+    # in blocks of 2 (tiny_inputs: a longer source); FSMT's source vocabulary and languages;
+    # NLLB-MoE: layer 1 of each stack an MoE block of 4 experts, layer 0 dense.
     "led": dict(attention_window=4, max_encoder_position_embeddings=32,
                 max_decoder_position_embeddings=32),
     "bigbird_pegasus": dict(attention_type="original_full"),
@@ -262,13 +262,13 @@ EXTRA = {
     "fsmt": dict(src_vocab_size=64, langs=["en", "de"]),
     "nllb-moe": dict(num_experts=4, expert_capacity=8, encoder_sparse_step=2,
                      decoder_sparse_step=2),
-    # Older and non-transformer decoders: tiny state-space mixers (Mamba-2's: 4 heads of 16);
-    # RWKV without its eval-mode rescaling (which attach refuses) and without its state in a
-    # plain forward (its default in eval: the state's in-place updates leave transformers' own
-    # model unable to backpropagate there; generate asks for it); xLSTM's q/k and v widths
-    # already multiples of its rounding (its cache assumes so); tiny FFNs where the defaults are
-    # wide; CPM-Ant's 2 prompt tokens (it uses prompt type 2, segment type 2); GIT's vision tower tiny (unused by the
-    # text-only inputs).
+    # Older and non-transformer decoders: tiny state-space mixers (Mamba-2's: 4 heads of 16); RWKV
+    # without its eval-mode rescaling (which attach refuses) and without its state in a plain
+    # forward (its default in eval: the state's in-place updates leave transformers' own model
+    # unable to backpropagate there; generate asks for it); xLSTM's q/k and v widths already
+    # multiples of its rounding (its cache assumes so); tiny FFNs where the defaults are wide;
+    # CPM-Ant's 2 prompt tokens (it uses prompt type 2, segment type 2); GIT's vision tower tiny
+    # (unused by the text-only inputs).
     "mamba": dict(state_size=8, conv_kernel=4, expand=2),
     "mamba2": dict(state_size=8, conv_kernel=4, expand=2, num_heads=4, head_dim=16, n_groups=1,
                    chunk_size=4),
@@ -1826,16 +1826,18 @@ def test_switch_transformers_is_tested_on_both_kinds_of_ffn():
         assert "experts" in dict(moe.named_children())
 
 
-def test_bart_adapts_both_stacks_of_its_two_layer_classes_encoder_first():
-    """BART: the encoder's layers (BartEncoderLayer) and the decoder's (BartDecoderLayer) get
-    adapters, layers=... counting the encoder's first; 'attn' adapts the decoder's
-    self-attention, not its cross-attention (encoder_attn); the FFN's adapter on fc2 in both.
-    The encoder alone (model.model.encoder) is one stack of 2. Two stacks not an encoder's and a
-    decoder's are refused by the one-stack guard."""
+@pytest.mark.parametrize("family", ["bart", "whisper"])
+def test_an_encoder_decoder_of_two_layer_classes_adapts_both_stacks_encoder_first(family):
+    """BART and Whisper: the encoder's layers (BartEncoderLayer) and the decoder's
+    (BartDecoderLayer) get adapters, layers=... counting the encoder's first; 'attn' adapts the
+    decoder's self-attention, not its cross-attention (encoder_attn); the FFN's adapter on fc2
+    in both. The encoder alone (model.model.encoder) is one stack of 2. Two stacks not an
+    encoder's and a decoder's are refused by the one-stack guard."""
     cfg = MTLoRAConfig(r=2, num_experts=2, groups=2, dropout=0.0)
-    model = tiny_model("bart")
+    model = tiny_model(family)
+    classes = [f.layer_class for f in SUPPORTED_ARCHITECTURES[family]]
     assert [type(m).__name__ for _, m in stack_of(model)] == [
-        "BartEncoderLayer", "BartEncoderLayer", "BartDecoderLayer", "BartDecoderLayer"]
+        classes[0], classes[0], classes[1], classes[1]]
     assert normalized_layers(model, None) == [0, 1, 2, 3]
     handle = attach(model, cfg, placement="both", layers=[1, -2])
     assert handle.layers == [1, 2]
@@ -1846,7 +1848,10 @@ def test_bart_adapts_both_stacks_of_its_two_layer_classes_encoder_first():
         "model.decoder.layers.0.fc2.mtlora_adapter"]
     handle.remove()
     handle = attach(model, cfg, placement="attn")
-    assert not any("encoder_attn" in n for n in handle.adapters) and len(handle.adapters) == 4
+    assert [n for n in handle.adapters if "decoder" in n] == [
+        f"model.decoder.layers.{i}.self_attn.mtlora_adapter" for i in (0, 1)]
+    assert not any(hasattr(layer.encoder_attn, ADAPTER_ATTR)
+                   for layer in model.model.decoder.layers)
     handle.remove()
     handle = attach(model.model.encoder, cfg, placement="ffn", layers=[-1])
     assert list(handle.adapters) == ["layers.1.fc2.mtlora_adapter"]
@@ -1854,8 +1859,7 @@ def test_bart_adapts_both_stacks_of_its_two_layer_classes_encoder_first():
     bad = copy.deepcopy(model)  # two stacks, not an encoder's and a decoder's
     bad.model.decoder.extra = bad.model.decoder.layers
     del bad.model.decoder.layers
-    with pytest.raises(ValueError, match=r"BartEncoderLayer or BartDecoderLayer modules in 2 "
-                                         r"places"):
+    with pytest.raises(ValueError, match=rf"{classes[0]} or {classes[1]} modules in 2 places"):
         attach(bad, placement="ffn")
 
 
@@ -2575,32 +2579,12 @@ def test_an_encoder_decoder_generates_what_its_full_forwards_pick(family):
     assert not torch.equal(base, out), "the adapters must change what is generated"
 
 
-def test_whisper_adapts_its_two_stacks_and_not_the_cross_attention():
-    """Whisper: the encoder's layers and the decoder's (two layer classes) get adapters, the
-    FFN's on fc2, layers=... counting the encoder's first (encoder 0, 1, decoder 0, 1); 'attn'
-    adapts the decoder's self-attention, not its cross-attention ``encoder_attn``. The audio
-    classifier (the encoder alone), the encoder attached by itself and the decoder-only model
+def test_whispers_encoder_and_decoder_alone_are_one_stack_each():
+    """Whisper's audio classifier (its encoder alone) and its decoder-only model
     (WhisperForCausalLM) are one stack each; the classifier matches the oracle in
     test_attach_matches_spec_and_removal_restores_the_model."""
     cfg = MTLoRAConfig(r=2, num_experts=2, groups=2)
     model = tiny_model("whisper")
-    assert normalized_layers(model, None) == [0, 1, 2, 3]
-    handle = attach(model, cfg, placement="both", layers=[1, -2])
-    assert handle.layers == [1, 2]
-    assert list(handle.adapters) == [
-        "model.encoder.layers.1.self_attn.mtlora_adapter",
-        "model.encoder.layers.1.fc2.mtlora_adapter",
-        "model.decoder.layers.0.self_attn.mtlora_adapter",
-        "model.decoder.layers.0.fc2.mtlora_adapter"]
-    handle.remove()
-    handle = attach(model, cfg, placement="attn")
-    assert [n for n in handle.adapters if "decoder" in n] == [
-        f"model.decoder.layers.{i}.self_attn.mtlora_adapter" for i in (0, 1)]
-    assert not any(hasattr(layer.encoder_attn, ADAPTER_ATTR) for layer in model.model.decoder.layers)
-    handle.remove()
-    handle = attach(model.model.encoder, cfg, placement="ffn", layers=[-1])
-    assert list(handle.adapters) == ["layers.1.fc2.mtlora_adapter"]
-    handle.remove()
     handle = attach(tiny_model("whisper-classifier"), cfg, placement="ffn")
     assert list(handle.adapters) == [f"encoder.layers.{i}.fc2.mtlora_adapter" for i in (0, 1)]
     torch.manual_seed(0)
@@ -2669,7 +2653,8 @@ def test_audio_language_models_adapt_their_language_model_or_their_audio_tower(f
     assert {a.d_in for a in handle.adapters.values()} == {32}
     handle.remove()
     handle = attach(model.model.audio_tower, cfg, placement="both")
-    assert list(handle.adapters) == [f"layers.0.{sub}.mtlora_adapter" for sub in ("self_attn", "fc2")]
+    assert list(handle.adapters) == [f"layers.0.{sub}.mtlora_adapter"
+                                     for sub in ("self_attn", "fc2")]
     assert {a.d_in for a in handle.adapters.values()} == {16}
 
 

@@ -10,11 +10,11 @@ sub-layer::
 The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
 or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``,
 GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``, ``linear_attn``,
-``mamba`` or ``conv``, Nemotron-H's and Mamba's ``mixer``; the official code's ``block_adapter`` sits in the
-same place) and runs from ONE forward hook on that module. In most supported layers the sub-layer's
-first argument (positional or by keyword) is its z, and the only other activation it gets is
-BLOOM's and MPT's residual, which those modules add to their output themselves: the hook's input
-*is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass over
+``mamba`` or ``conv``, Nemotron-H's and Mamba's ``mixer``; the official code's ``block_adapter``
+sits in the same place) and runs from ONE forward hook on that module. In most supported layers
+the sub-layer's first argument (positional or by keyword) is its z, and the only other
+activation it gets is BLOOM's and MPT's residual, which those modules add to their output
+themselves: the hook's input *is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass over
 [T, d]). In BERT's layer (kind 4 of the layouts) the module that ends the sub-layer adds the
 residual stream, which is z there, itself and normalizes the sum: the adapter sits on that module,
 and ONE forward pre-hook replaces its residual argument z by ``z + adapter(z)`` (z the fused op's

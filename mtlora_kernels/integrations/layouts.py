@@ -501,7 +501,8 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # norms) gets no adapter. The two stacks may differ in width (each layer keeps its stack's
     # config): each adapter is as wide as its layer.
     "t5gemma": tuple(LayerLayout(c, "self_attn", "pre_self_attn_layernorm", "mlp",
-                                 "pre_feedforward_layernorm", ("post_self_attn_layernorm", "dropout"),
+                                 "pre_feedforward_layernorm",
+                                 ("post_self_attn_layernorm", "dropout"),
                                  ("post_feedforward_layernorm", "dropout"))
                      for c in ("T5GemmaEncoderLayer", "T5GemmaDecoderLayer")),
     # OLMo-Hybrid: one stack of two layer classes (by layer_types): the attention layers are
@@ -663,20 +664,20 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # ``dropout`` (one module after both sub-layers).
     "audio-spectrogram-transformer": LayerLayout("ASTLayer", "attention", "layernorm_before",
                                                  "mlp", "layernorm_after", "dropout", "dropout"),
-    # BART's lineage of encoder-decoders (ENCODER_DECODERS): an encoder's stack and a
-    # decoder's, of two layer classes (_bart: one family each), at model.encoder.layers and
-    # model.decoder.layers; the FFN is fc1 ... fc2 loose in the layer (ffn_first, as OPT's), the
-    # layer's residual dropout after fc2 acting on FFN(z) + adapter(z) together (identity in
-    # eval). The decoder's cross-attention gets no adapter; without encoder_hidden_states
-    # (BartForCausalLM, the decoder alone, one stack) the layer skips it and the hooks take the
-    # FFN's z where fc1 gets it, the self-attention's norm's output (post-LN) or
-    # final_layer_norm's (pre-LN). Post-LN, BART's (kind 4's formula): out = LN(h1 + FFN(z) +
-    # adapter(z)), z = h1 the residual stream, the attention's z the layer's input h; Marian,
-    # BlenderbotSmall, PLBart, MVP (its prompts, use_prompt, would enter the attention's keys and
-    # values inside self_attn; transformers 5.25's MvpModel hands use_prompt to its encoder and
-    # decoder as their embed_tokens argument, so that they build none), LED (Longformer's local and global attention inside self_attn,
-    # on the stream padded to the attention window) and FSMT (layer classes EncoderLayer and
-    # DecoderLayer; its attention gets z as query=, and its stream is time-first) too.
+    # BART's lineage of encoder-decoders (ENCODER_DECODERS): an encoder's stack and a decoder's, of
+    # two layer classes (_bart: one family each), at model.encoder.layers and model.decoder.layers;
+    # the FFN is fc1 ... fc2 loose in the layer (ffn_first, as OPT's), the layer's residual dropout
+    # after fc2 acting on FFN(z) + adapter(z) together (identity in eval). The decoder's
+    # cross-attention gets no adapter; without encoder_hidden_states (BartForCausalLM, the decoder
+    # alone, one stack) the layer skips it and the hooks take the FFN's z where fc1 gets it, the
+    # self-attention's norm's output (post-LN) or final_layer_norm's (pre-LN). Post-LN, BART's (kind
+    # 4's formula): out = LN(h1 + FFN(z) + adapter(z)), z = h1 the residual stream, the attention's
+    # z the layer's input h; Marian, BlenderbotSmall, PLBart, MVP (its prompts, use_prompt, would
+    # enter the attention's keys and values inside self_attn; transformers 5.25's MvpModel hands
+    # use_prompt to its encoder and decoder as their embed_tokens argument, so that they build
+    # none), LED (Longformer's local and global attention inside self_attn, on the stream padded to
+    # the attention window) and FSMT (layer classes EncoderLayer and DecoderLayer; its attention
+    # gets z as query=, and its stream is time-first) too.
     **{t: _bart(c, pre_ln=False) for t, c in (
         ("bart", "Bart"), ("marian", "Marian"), ("blenderbot-small", "BlenderbotSmall"),
         ("plbart", "PLBart"), ("mvp", "Mvp"), ("led", "LED"), ("fsmt", ""))},
@@ -841,15 +842,14 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
 #: :func:`_find_layers` refuses them (attach to their ``vision_model`` instead).
 DUAL_ENCODERS = ("clip", "metaclip_2", "siglip", "siglip2")
 
-#: Encoder-decoders (T5's kind, BART's lineage, Whisper's), whose layers sit in two stacks: an encoder's
-#: and a decoder's (of one layer class, T5's blocks, or of one family each, BART's
-#: ``BartEncoderLayer`` and ``BartDecoderLayer``). :func:`_find_layers` accepts those two, and
-#: only those: paths equal up to a part ``encoder`` in the first (in module order) and
-#: ``decoder`` in the second (``encoder.block`` / ``decoder.block``;
-#: ``transformer.encoder.block`` / ...; ``model.encoder.layers`` / ``model.decoder.layers``),
-#: and ``layers=`` counts the encoder's layers, then the decoder's. An encoder alone
-#: (``T5EncoderModel``, or ``model.encoder`` attached by itself), or a decoder alone
-#: (``BartForCausalLM``), is one stack, as any other model's.
+#: Encoder-decoders (T5's kind, BART's lineage, Whisper's), whose layers sit in two stacks: an
+#: encoder's and a decoder's (of one layer class, T5's blocks, or of one family each, BART's
+#: ``BartEncoderLayer`` and ``BartDecoderLayer``). :func:`_find_layers` accepts those two, and only
+#: those: paths equal up to a part ``encoder`` in the first (in module order) and ``decoder`` in the
+#: second (``encoder.block`` / ``decoder.block``; ``transformer.encoder.block`` / ...;
+#: ``model.encoder.layers`` / ``model.decoder.layers``), and ``layers=`` counts the encoder's
+#: layers, then the decoder's. An encoder alone (``T5EncoderModel``, or ``model.encoder`` attached
+#: by itself), or a decoder alone (``BartForCausalLM``), is one stack, as any other model's.
 ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano", "t5gemma",
                     "whisper", "speech_to_text", "moonshine",
                     "bart", "marian", "blenderbot-small", "plbart", "mvp", "led", "fsmt",
