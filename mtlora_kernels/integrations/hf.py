@@ -7,27 +7,27 @@ sub-layer::
     h1 = h + Attn(LN1(h));  z = LN2(h1);  out = h1 + FFN(z) + adapter(z)      # 'ffn'
     out = h + Attn(LN1(h)) + adapter(LN1(h))  (then the FFN as usual)         # 'attn'
 
-The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp``
-or Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``,
-GPT-2's ``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``, ``linear_attn``,
+The adapter is registered as a child ``mtlora_adapter`` of the sub-layer module (the FFN, ``mlp`` or
+Granite-MoE's ``block_sparse_moe`` or MPT's ``ffn``, or the attention module: ``self_attn``, GPT-2's
+``attn``, in a hybrid stack the token mixer each layer has, ``self_attn``, ``linear_attn``,
 ``mamba`` or ``conv``, Nemotron-H's and Mamba's ``mixer``; the official code's ``block_adapter``
-sits in the same place) and runs from ONE forward hook on that module. In most supported layers
-the sub-layer's first argument (positional or by keyword) is its z, and the only other
-activation it gets is BLOOM's and MPT's residual, which those modules add to their output
-themselves: the hook's input *is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass over
-[T, d]). In BERT's layer (kind 4 of the layouts) the module that ends the sub-layer adds the
+sits in the same place) and runs from ONE forward hook on that module. In most supported layers the
+sub-layer's first argument (positional or by keyword) is its z, and the only other activation it
+gets is BLOOM's and MPT's residual, which those modules add to their output themselves: the hook's
+input *is* z. The hook passes the sub-layer's output to the fused op as its residual (no extra pass
+over [T, d]). In BERT's layer (kind 4 of the layouts) the module that ends the sub-layer adds the
 residual stream, which is z there, itself and normalizes the sum: the adapter sits on that module,
 and ONE forward pre-hook replaces its residual argument z by ``z + adapter(z)`` (z the fused op's
 residual). Pre-LN encoders built of BERT's modules (ESM's layout: esm, xlm-roberta-xl,
 roberta-prelayernorm, megatron-bert) add the residual r in the same module, with no norm after, and
 z is LN(r): the same pre-hook applies the sub-layer's norm module to r again and passes ``r +
 adapter(LN(r))``. One hook with no state kept between hooks is what makes this safe under gradient
-checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it).
-The exception: where no one module is the FFN (OPT's, XGLM's, BioGPT's, BART's, Whisper's and
-MusicGen's ``fc1`` ... ``fc2`` loose in the layer: the table's ``ffn_first``), the adapter sits
-on the last, a pre-hook on the first hands z to it and the hook on the last adds ``adapter(z)``
-to its output and drops z. The layer calls the two one after the other, in its forward and in a
-checkpoint's recompute alike.
+checkpointing (the recompute re-runs the same hook) and under torch.compile (dynamo inlines it). The
+exception: where no one module is the FFN (OPT's, XGLM's, BioGPT's, BART's, Whisper's and MusicGen's
+``fc1`` ... ``fc2`` loose in the layer: the table's ``ffn_first``), the adapter sits on the last, a
+pre-hook on the first hands z to it and the hook on the last adds ``adapter(z)`` to its output and
+drops z. The layer calls the two one after the other, in its forward and in a checkpoint's recompute
+alike.
 
 The layer layouts it knows, by ``config.model_type`` (:data:`SUPPORTED_ARCHITECTURES`, in four
 kinds), are in :mod:`mtlora_kernels.integrations.layouts`; README lists them for users.
