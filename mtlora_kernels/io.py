@@ -249,7 +249,7 @@ def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Pa
     # tensor keys, checked next, name the adapters each side has.
     # Train modules likewise by the modules the names select.
     same = {"placement": lambda v: v,
-            "layers": lambda v: normalized_layers(handle.model, v),
+            "layers": lambda v: normalized_layers(handle.model, v, handle.placement),
             "train_modules": lambda v: [] if v is None else train_module_paths(handle.model, v)}
     for key, canon in same.items():
         ours = getattr(handle, key)

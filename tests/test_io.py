@@ -195,6 +195,20 @@ def test_the_same_layers_and_targets_however_named_load(tmp_path):
     attach(other, CFG, layers=[0])
     with pytest.raises(AdapterLoadError, match=r"layers: file has \[1\]"):
         load_adapters(other, tmp_path / "0")
+    # Nemotron-H's blocks (M*-E): 'ffn' on every block adapts blocks 2 and 3, the same
+    # adapters as naming those two (a file of every block was refused as another selection).
+    x = tiny_inputs("nemotron_h")
+    model = tiny_model("nemotron_h")
+    randomize(attach(model, CFG, placement="ffn"))
+    save_adapters(model, tmp_path / "blocks")
+    other = tiny_model("nemotron_h")
+    attach(other, CFG, placement="ffn", layers=[2, 3])
+    load_adapters(other, tmp_path / "blocks")
+    assert torch.equal(run(other, x), run(model, x))
+    other = tiny_model("nemotron_h")
+    attach(other, CFG, placement="ffn", layers=[3])
+    with pytest.raises(AdapterLoadError, match=r"layers: file has None"):
+        load_adapters(other, tmp_path / "blocks")
 
 
 def test_a_file_whose_layers_are_not_integers_is_a_mismatch(tmp_path):

@@ -257,14 +257,22 @@ def _layer_indices(n: int, wanted: Sequence[int]) -> list[int]:
     return sorted({i % n for i in wanted})
 
 
-def normalized_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int] | None:
+def normalized_layers(model: nn.Module, layers: Sequence[int] | None,
+                      placement: str | None = None) -> list[int] | None:
     """``layers`` as sorted non-negative indices, None (every layer) included, so that two
-    ways of naming the same layers compare equal; as given on an unsupported architecture."""
+    ways of naming the same layers compare equal; as given on an unsupported architecture. With
+    a block-level ``placement``, the layers among them that get an adapter by it: where each
+    layer is one sub-layer (Nemotron-H's blocks), those of the placement's kind, so that
+    ``layers=None`` and the FFN blocks named one by one compare equal for ``'ffn'``."""
     families = _family_of(model)
     if families is None:
         return None if layers is None else list(layers)
-    n = len(_find_layers(model, families))
-    return list(range(n)) if layers is None else _layer_indices(n, layers)
+    every = _find_layers(model, families)
+    indices = list(range(len(every))) if layers is None else _layer_indices(len(every), layers)
+    if placement not in BLOCK_PLACEMENTS:
+        return indices
+    kinds = ("attn", "ffn") if placement == "both" else (placement,)
+    return [i for i in indices if any(_holds(every[i][1], every[i][2], k) for k in kinds)]
 
 
 def _plus_adapter(module: nn.Module, z: Tensor, out: Tensor) -> Tensor:
