@@ -1419,6 +1419,19 @@ def test_a_layer_laid_out_otherwise_is_refused(family, gone):
     assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
 
 
+def test_an_nn_sequential_is_refused_as_the_adapters_host(monkeypatch):
+    """CTRL's FFN is an nn.Sequential, which would run a child adapter as one more stage, on
+    fc2's output: its entry names the Linear layers inside (ffn_first ... ffn); an entry naming
+    the Sequential itself is refused, the model as it was."""
+    monkeypatch.setitem(SUPPORTED_ARCHITECTURES, "ctrl", replace(
+        SUPPORTED_ARCHITECTURES["ctrl"], ffn="ffn", ffn_first=None))
+    model = tiny_model("ctrl")
+    with pytest.raises(ValueError, match=r"transformer\.h\.0 \(EncoderLayer\): \['ffn'\] is an "
+                                         r"nn\.Sequential, which would run an adapter"):
+        attach(model, placement="ffn")
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+
+
 def test_a_post_ln_output_module_without_its_residual_argument_is_refused():
     """BERT's output modules get the residual stream, z, as ``input_tensor``: a version that
     names that argument otherwise gets a named error, the model as it was."""

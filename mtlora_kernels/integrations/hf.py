@@ -230,6 +230,16 @@ def _find_layers(model: nn.Module, families: tuple[LayerLayout, ...]
                 f"{name} ({type(layer).__name__}) lacks {absent}, which mtLoRA's block-level "
                 f"placement expects there; this transformers version lays the layer out "
                 f"differently. Use component-level placement (target_modules=[...]) instead.")
+        # The adapter becomes a child of its host: an nn.Sequential would run it as one more
+        # stage, on the last stage's output (CTRL's FFN: its entry names the last Linear).
+        stages = [p for p in (_module_named(layer, family.attn), _module_named(layer, family.ffn))
+                  if p is not None and isinstance(layer.get_submodule(p), nn.Sequential)]
+        if stages:
+            raise ValueError(
+                f"{name} ({type(layer).__name__}): {stages} is an nn.Sequential, which would run "
+                f"an adapter registered in it as one more stage; the table must name a module "
+                f"inside it (ffn_first ... ffn). Use component-level placement "
+                f"(target_modules=[...]) instead.")
     return layers
 
 
