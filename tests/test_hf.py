@@ -486,6 +486,26 @@ MULTIMODAL = {"gemma3": "gemma3_text", "llava": "llama", "mistral3": "mistral",
               "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
               "gemma4": "gemma4_text",
               "fuyu": "persimmon"}  # no vision layers: image patches enter by one Linear
+# transformers 5.25's multimodal models (mm5), their language models the table's dec5 types.
+MULTIMODAL.update({"qwen4_exp": "qwen4_exp_text", "lfm3_vl": "lfm3", "emu3": "emu3_text_model",
+                   "dots3_note": "dots3_note_text", "apertus1p5": "apertus1p5_text",
+                   "cohere_compass": "cohere_compass_text", "inkling_mm_model": "inkling_text"})
+# Emu3's image tokenizer, a VQ-VAE: 32 channels in two stages (16x16 images: 8x8 codes, 8 of
+# them, each a text token id beside the ones tiny_inputs draws).
+_EMU3_VQ = dict(codebook_size=8, embed_dim=4, latent_channels=4, base_channels=32,
+                channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],
+                temporal_downsample_factor=2, hidden_size=32, num_attention_heads=1)
+_EMU3_VOCABULARY = {**{f"<|visual token {i:06d}|>": 40 + i for i in range(8)},
+                    "<image>": 60, "<|extra_200|>": 61}
+# Apertus 1.5's: an image tokenizer of the same kind (8 codes: ids 40..47) and a WavTokenizer
+# audio encoder (8 codes: ids 48..55), tiny.
+_APERTUS1P5_TOKENIZERS = dict(
+    vision_config=dict(codebook_size=8, embed_dim=4, latent_channels=4, base_channels=32,
+                       channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],
+                       resolution=16),
+    audio_config=dict(model_type="wavtokenizer_encoder", num_filters=4, upsampling_ratios=[2, 2],
+                      hidden_size=16, codebook_size=8, codebook_dim=16, num_lstm_layers=1),
+    image_token_offset=40, audio_token_offset=48, image_token_id=60, audio_token_id=61)
 _VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                image_size=16, patch_size=8)
 _QWEN_VISION = dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, intermediate_size=32,
@@ -534,8 +554,46 @@ def multimodal_config(family: str, text: dict):
     if family == "qwen3_vl_moe":  # layer 0 dense, layer 1 MoE
         text = dict(text, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                     mlp_only_layers=[0])
-    interleaved = family.startswith("qwen3")
-    vision = _QWEN3_5_VISION if family.startswith("qwen3_5") else _QWEN_VISION
+    if family == "dots3_note":  # one dense vision layer of 4x4 patches; a tiny audio tower too
+        return transformers.Dots3NoteConfig(
+            text_config=dict(text, model_type="dots3_note_text", **EXTRA["dots3_note_text"]),
+            vision_config=dict(_VISION, patch_size=4, mlp_layer_types=["dense"],
+                               adapter_in_dim=16, adapter_out_dim=32),
+            audio_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, downsample_hidden_size=8, feature_size=16,
+                              adapter_input_size=16, adapter_out_dim=32),
+            image_token_id=60, video_token_id=61, audio_token_id=62)
+    if family == "inkling_mm_model":  # an MLP of 2x2 patches of 2 frames: 3 layers, each
+        # folding one factor of 2 (with fewer, transformers plans the folds with scipy)
+        return transformers.InklingConfig(
+            text_config=dict(text, model_type="inkling_text", **EXTRA["inkling_text"]),
+            vision_config=dict(patch_size=2, temporal_patch_size=2, num_hidden_layers=3),
+            audio_config=dict(n_mel_bins=4, mel_vocab_size=8), image_token_id=60,
+            audio_token_id=61, image_bos_token_id=62, audio_bos_token_id=63)
+    if family == "cohere_compass":  # Qwen3-VL's vision tower; M-RoPE sections per layer type
+        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
+        return transformers.CohereCompassConfig(
+            text_config=dict(text, model_type="cohere_compass_text",
+                             **dict(EXTRA["cohere_compass_text"], rope_parameters={
+                                 t: rope for t in ("sliding_attention", "full_attention")})),
+            vision_config=_QWEN_VISION, **_QWEN_TOKENS)
+    if family == "apertus1p5":
+        return transformers.Apertus1p5Config(
+            text_config=dict(text, model_type="apertus1p5_text"), **_APERTUS1P5_TOKENIZERS)
+    if family == "emu3":
+        return transformers.Emu3Config(
+            text_config=dict(text, model_type="emu3_text_model", **EXTRA["emu3_text_model"]),
+            vq_config=_EMU3_VQ, vocabulary_map=_EMU3_VOCABULARY)
+    if family == "lfm3_vl":  # Qwen-VL's 4x4 patches of 2 frames: one short-convolution layer
+        return transformers.Lfm3VlConfig(
+            text_config=dict(text, model_type="lfm3", **EXTRA["lfm3"]), projector_hidden_size=32,
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, patch_size=4),
+            **_QWEN_TOKENS)
+    if family == "qwen4_exp":  # its language model: EXTRA's tiny hyper-connected hybrid
+        text = dict(text, **EXTRA["qwen4_exp_text"])
+    interleaved = family.startswith(("qwen3", "qwen4"))
+    vision = _QWEN3_5_VISION if family.startswith(("qwen3_5", "qwen4")) else _QWEN_VISION
     return transformers.AutoConfig.for_model(
         family, text_config=dict(text, **_mrope(interleaved)), vision_config=vision,
         **_QWEN_TOKENS)
@@ -606,6 +664,9 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
     if family in MULTIMODAL:
         model = transformers.AutoModelForImageTextToText.from_config(
             multimodal_config(family, text))
+        if family in AWAY_FROM_INIT:
+            with torch.no_grad():
+                AWAY_FROM_INIT[family](model)
         return model.eval()
     if family in POST_LN + PRE_LN_OUTPUT + MORE_POST_LN + LANG_ADAPTER:  # encoders: BertModel, ...
         cfg = transformers.AutoConfig.for_model(family, **small, vocab_size=64,
@@ -988,6 +1049,13 @@ HYPER_CONNECTED = {"deepseek_v4": ("ffn_hc", 0), "hy_v4": ("ffn_hc", 0),
                    "qwen4_exp_text": ("mlp_hyper_connection", 2)}
 MIXED += ["hy_v4"]
 SUM_AFTER_DEC5 = ["granite_swa", "granitemoe_swa", "minimax", "inkling_text", "zaya"]
+# transformers 5.25's multimodal models (mm5, MULTIMODAL): the oracle test on text, in their
+# language models' lists.
+LLAMA_DEC5 += ["emu3", "dots3_note", "apertus1p5"]
+PARALLEL_DEC5 += ["cohere_compass"]
+POST_TRANSFORM += ["lfm3_vl", "inkling_mm_model"]
+HYPER_CONNECTED["qwen4_exp"] = ("mlp_hyper_connection", 2)
+AWAY_FROM_INIT["inkling_mm_model"] = AWAY_FROM_INIT["inkling_text"]
 GOES_ON += ["dory", "ergo", "beam"]
 SSM_HYBRID += ["lfm3"]
 MIXED += ["sarvam_mla", "sarvam_moe", "param2moe", "glm_moe_dsa", "hy_v3", "axk1", "axk2",
@@ -1049,8 +1117,9 @@ def test_every_supported_architecture_is_tested():
 def ours_(name: str) -> bool:
     """Whether a parameter's name is an mtLoRA adapter's (``...mlp.mtlora_adapter.lora_A``,
     component-level ``...q_proj.adapter.lora_A``), not a model's own adapter (X-MOD's
-    ``output.adapter_modules.en_XX.dense1.weight``)."""
-    return re.search(r"(^|\.)(mtlora_)?adapter\.", name) is not None
+    ``output.adapter_modules.en_XX.dense1.weight``; Dots3-Note's audio projector,
+    ``audio_tower.adapter.fc1.weight``): ours are all ``lora_*``."""
+    return re.search(r"(^|\.)(mtlora_)?adapter\.lora_", name) is not None
 
 
 @pytest.mark.parametrize("family,where", CASES,
@@ -1672,10 +1741,10 @@ def test_gemma4_moe_layers_refuse_the_ffn_placement(placement):
 
 
 def image_inputs(family: str) -> dict:
-    """One image for ``family``'s tiny vision tower, as its get_image_features takes it (Qwen-VL:
-    16 flattened 4x4 patches of 2 frames, a 4x4 grid)."""
+    """One image for ``family``'s tiny vision tower, as its get_image_features takes it (Qwen-VL,
+    LFM3-VL, Cohere Compass: 16 flattened 4x4 patches of 2 frames, a 4x4 grid)."""
     g = torch.Generator().manual_seed(4)
-    if family.startswith("qwen"):
+    if family.startswith("qwen") or family in ("lfm3_vl", "cohere_compass"):
         return dict(pixel_values=torch.randn(16, 3 * 2 * 4 * 4, generator=g),
                     image_grid_thw=torch.tensor([[1, 4, 4]]))
     if family == "mistral3":
@@ -1685,6 +1754,14 @@ def image_inputs(family: str) -> dict:
         grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1)
         return dict(pixel_values=torch.rand(1, 16, 3 * 4 * 4, generator=g),
                     image_position_ids=grid.reshape(1, 16, 2))
+    if family == "dots3_note":  # 16 flattened 4x4 patches, one frame, a 4x4 grid
+        return dict(pixel_values=torch.randn(16, 3 * 4 * 4, generator=g),
+                    image_grid_thw=torch.tensor([[1, 4, 4]]))
+    if family == "inkling_mm_model":  # 4 patches: 2 frames of 2x2 pixels, channels last
+        return dict(pixel_values=torch.randn(4, 2, 2, 2, 3, generator=g))
+    if family in ("emu3", "apertus1p5"):  # a VQ tokenizer's codes, embedded as text tokens
+        return dict(pixel_values=torch.randn(1, 3, 16, 16, generator=g),
+                    image_sizes=torch.tensor([[16, 16]]))
     if family == "fuyu":  # 4 flattened 8x8 patches
         return dict(pixel_values=torch.randn(1, 4, 3 * 8 * 8, generator=g))
     return dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g))
@@ -1713,15 +1790,17 @@ def test_multimodal_models_adapt_their_language_model_only(family):
         before = image_features()
         handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=2), placement="both")
         randomize(handle)
-        layers = decoder_layers(model)
+        lm = "text_model" if family == "emu3" else "language_model"  # Emu3's language model
+        layers = list(getattr(model.model, lm).layers)
+        ffn = first_present(layers[1], family_of(model, layers[1]).ffn)  # LFM3: feed_forward
         assert list(handle.adapters) == [
-            f"model.language_model.layers.{i}.{sub}.mtlora_adapter" for i in (0, 1)
-            for sub in (first_present(layers[i], family_of(model, layers[i]).attn), "mlp")]
+            f"model.{lm}.layers.{i}.{sub}.mtlora_adapter" for i in (0, 1)
+            for sub in (first_present(layers[i], family_of(model, layers[i]).attn), ffn)]
         assert {a.d_in for a in handle.adapters.values()} == {32}
         assert torch.equal(image_features(), before)
         handle.remove()
         handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=2), layers=[-1])
-        assert list(handle.adapters) == ["model.language_model.layers.1.mlp.mtlora_adapter"]
+        assert list(handle.adapters) == [f"model.{lm}.layers.1.{ffn}.mtlora_adapter"]
 
 
 def test_nemotron_h_omni_adapts_its_language_models_blocks():
