@@ -173,6 +173,15 @@ def _t5(layer_class: str, ffn: str = "DenseReluDense",
                        ("layer.2.layer_norm", "layer.1.layer_norm"))
 
 
+def _loose_ffn(layer_class: str, attn_norm: str | None = "self_attn_layer_norm",
+               ffn_norm: str = "final_layer_norm") -> LayerLayout:
+    """OPT's and BART's layer names: ``self_attn``, then an FFN of loose Linear layers, ``fc1``
+    ... ``fc2`` (``ffn_first``). The norms pre-LN by default (OPT's, mBART's, Whisper's, each
+    before its sub-layer); ``attn_norm`` None for a post-LN layer, whose attention reads the
+    layer's input h and whose FFN reads ``ffn_norm``'s output, the norm before it."""
+    return LayerLayout(layer_class, "self_attn", attn_norm, "fc2", ffn_norm, ffn_first="fc1")
+
+
 def _bart(prefix: str, pre_ln: bool) -> tuple[LayerLayout, LayerLayout]:
     """BART's layers, ``{prefix}EncoderLayer`` and ``{prefix}DecoderLayer`` (an encoder-decoder's
     two stacks): ``self_attn`` with its ``self_attn_layer_norm``, in the decoder layer the
@@ -183,11 +192,8 @@ def _bart(prefix: str, pre_ln: bool) -> tuple[LayerLayout, LayerLayout]:
     (no norm before it) and the FFN the output of the norm before it: the self-attention's in
     the encoder layer, the cross-attention's in the decoder layer."""
     if pre_ln:
-        return tuple(LayerLayout(f"{prefix}{stack}Layer", "self_attn", "self_attn_layer_norm",
-                                 "fc2", "final_layer_norm", ffn_first="fc1")
-                     for stack in ("Encoder", "Decoder"))
-    return tuple(LayerLayout(f"{prefix}{stack}Layer", "self_attn", None, "fc2", norm,
-                             ffn_first="fc1")
+        return tuple(_loose_ffn(f"{prefix}{stack}Layer") for stack in ("Encoder", "Decoder"))
+    return tuple(_loose_ffn(f"{prefix}{stack}Layer", None, norm)
                  for stack, norm in (("Encoder", "self_attn_layer_norm"),
                                      ("Decoder", "encoder_attn_layer_norm")))
 
@@ -341,8 +347,7 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # out = final_layer_norm(h1 + FFN(z) + adapter(z)), z = h1 = self_attn_layer_norm(h +
     # Attn(h)); the hooks take z where the sub-layer gets it either way, the norms named here
     # are the pre-LN variant's. XGLM's cross-attention (add_cross_attention) gets no adapter.
-    **{t: LayerLayout(c, "self_attn", "self_attn_layer_norm", "fc2", "final_layer_norm",
-                      ffn_first="fc1") for t, c in (
+    **{t: _loose_ffn(c) for t, c in (
         ("opt", "OPTDecoderLayer"), ("xglm", "XGLMDecoderLayer"),
         ("biogpt", "BioGptDecoderLayer"))},
     # ModernBERT, an encoder: layer 0's attn_norm is nn.Identity (the embeddings end in a norm),
@@ -627,8 +632,7 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # has the cross-attention too, run where encoder_hidden_states are given; MusicGen-Melody's
     # decoder has none. Moonshine: LLaMA's layout, its decoder's cross-attention norm named
     # post_attention_layernorm and its FFN's final_layernorm.
-    **{t: tuple(LayerLayout(c, "self_attn", "self_attn_layer_norm", "fc2", "final_layer_norm",
-                            ffn_first="fc1") for c in cs) for t, cs in (
+    **{t: tuple(_loose_ffn(c) for c in cs) for t, cs in (
         ("whisper", ("WhisperEncoderLayer", "WhisperDecoderLayer")),
         ("speech_to_text", ("Speech2TextEncoderLayer", "Speech2TextDecoderLayer")),
         ("qwen2_audio_encoder", ("Qwen2AudioEncoderLayer",)),
@@ -738,8 +742,7 @@ SUPPORTED_ARCHITECTURES: dict[str, LayerLayout | tuple[LayerLayout, ...]] = {
     # attention's z the layer's input; the FFN loose fc1 ... fc2 (ffn_first). The norm named is
     # the FFN's without cross-attention (with encoder states, z is encoder_attn_layer_norm's
     # output: the hooks take z where fc1 gets it either way); the cross-attention gets none.
-    "trocr": LayerLayout("TrOCRDecoderLayer", "self_attn", None, "fc2", "self_attn_layer_norm",
-                         ffn_first="fc1"),
+    "trocr": _loose_ffn("TrOCRDecoderLayer", None, "self_attn_layer_norm"),
     # GIT: BERT's layer (kind 4); the image tokens, projected from its CLIP-like vision tower
     # (another layer class, no adapters), are prepended to the text's and share each layer.
     "git": _post_ln("GitLayer"),
