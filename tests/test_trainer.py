@@ -23,7 +23,7 @@ from mtlora_kernels.integrations.trainer import MTLoRATrainer  # noqa: E402
 from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
 
 
-def tiny_llama(placement: dict | None = None, family: str = "llama", **config):
+def tiny_adapted(placement: dict | None = None, family: str = "llama", **config):
     """test_hf's tiny LLaMA (or ``family``'s model, with ``config``), with adapters at
     ``placement`` drawn at random (B = 0 at init: every term then has a gradient)."""
     model = tiny_model(family, **config)
@@ -76,7 +76,7 @@ def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bo
     of them; adapters at ``placement``, default block-level FFN): the update of every adapter
     parameter, and the rows this process trained on. The sampler is sequential, so that no
     seed decides which rank gets which rows."""
-    model, handle = tiny_llama(placement or dict(placement="ffn"))
+    model, handle = tiny_adapted(placement or dict(placement="ffn"))
     before = [p.detach().clone() for p in handle.parameters()]
     trainer = _Recording(
         model=model, train_dataset=dataset(n), balance_weight=0.0,
@@ -92,7 +92,7 @@ def one_step_update(out_dir, n: int, micro: int, accumulate: int, normalized: bo
 def test_the_training_loss_is_the_task_loss_plus_the_auxiliary_loss(tmp_path, family, config):
     """The trainer's loss is the model's plus auxiliary_loss with the batch's attention_mask
     (OPT's FFN adapters see the tokens flattened, [B*S, d]: the mask fits them too)."""
-    model, handle = tiny_llama(dict(placement="both"), family, **config)
+    model, handle = tiny_adapted(dict(placement="both"), family, **config)
     trainer = MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset(),
                             balance_weight=0.3, spectral_weight=0.7)
     batch = {k: torch.tensor([r[k] for r in dataset(3, seed=5)])
@@ -220,7 +220,7 @@ def test_data_parallel_training_gives_the_update_of_one_process(tmp_path):
 
 
 def test_training_runs_logs_the_term_and_calls_the_regularizer_with_the_optimizer_step(tmp_path):
-    model, handle = tiny_llama(dict(target_modules="q_proj,v_proj"))
+    model, handle = tiny_adapted(dict(target_modules="q_proj,v_proj"))
     steps = []
 
     class Recording(SpectralRegularizer):
@@ -242,7 +242,7 @@ def test_training_runs_logs_the_term_and_calls_the_regularizer_with_the_optimize
 def test_the_trainer_trains_the_train_modules_too(tmp_path):
     """attach(..., train_modules="lm_head"): one MTLoRATrainer step moves the adapters and the
     head, and nothing else (the Trainer's optimizer takes what needs grad)."""
-    model, handle = tiny_llama(dict(placement="ffn", train_modules="lm_head"))
+    model, handle = tiny_adapted(dict(placement="ffn", train_modules="lm_head"))
     fill(model.lm_head, 10)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = MTLoRATrainer(model=model, train_dataset=dataset(4), balance_weight=0.1,
@@ -274,7 +274,7 @@ def test_adapters_attached_to_a_submodule_are_found_and_two_attaches_refused(tmp
 
 
 def test_a_model_without_adapters_is_refused(tmp_path):
-    model, _ = tiny_llama()
+    model, _ = tiny_adapted()
     with pytest.raises(ValueError, match="no mtLoRA adapters.*attach"):
         MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset())
 
@@ -285,7 +285,7 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     the adapters, and resuming from one gives the parameters of the run that never stopped."""
 
     def adapters_after(steps: int, out: str, **kw) -> list[torch.Tensor]:
-        model, handle = tiny_llama(dict(placement="ffn"))
+        model, handle = tiny_adapted(dict(placement="ffn"))
         resume = kw.pop("resume", None)
         trainer = MTLoRATrainer(
             model=model, train_dataset=dataset(16),
@@ -321,10 +321,7 @@ def test_an_encoder_decoder_trains_each_stack_on_its_own_tokens(tmp_path, family
     adapter, as before, failed on the decoder's token shape.)"""
     from mtlora_kernels.losses import balance_loss
 
-    model = tiny_model(family, **NO_DROPOUT[family])
-    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
-                    placement="both")
-    randomize(handle)
+    model, handle = tiny_adapted(dict(placement="both"), family, **NO_DROPOUT[family])
     g = torch.Generator().manual_seed(4)
     rows = [{"input_ids": torch.randint(0, 64, (7,), generator=g).tolist(),
              "attention_mask": [1] * (7 - i), "labels": torch.randint(0, 64, (5,), generator=g)
@@ -361,10 +358,7 @@ def test_the_seq2seq_trainer_adds_the_term_and_evaluates_by_generation(tmp_path,
     model's)."""
     from mtlora_kernels.integrations.trainer import MTLoRASeq2SeqTrainer
 
-    model = tiny_model(family, **NO_DROPOUT[family])
-    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.0),
-                    placement="both")
-    randomize(handle)
+    model, handle = tiny_adapted(dict(placement="both"), family, **NO_DROPOUT[family])
     g = torch.Generator().manual_seed(6)
     rows = [{"input_ids": torch.randint(2, 64, (7,), generator=g).tolist(),
              "attention_mask": [1] * 7,
