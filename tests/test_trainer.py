@@ -17,9 +17,10 @@ pytest.importorskip("accelerate")  # the Trainer's own requirement
 
 from conftest import rel_err  # noqa: E402
 from test_distributed import run_on_two_ranks  # noqa: E402
-from test_hf import fill, randomize, tiny_model  # noqa: E402
+from test_hf import AUDIO_INPUTS, fill, randomize, tiny_model  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
-from mtlora_kernels.integrations.trainer import MTLoRATrainer  # noqa: E402
+from mtlora_kernels.integrations.layouts import SUPPORTED_ARCHITECTURES  # noqa: E402
+from mtlora_kernels.integrations.trainer import MTLoRATrainer, frame_mask  # noqa: E402
 from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
 
 
@@ -141,6 +142,59 @@ def test_an_audio_models_balance_term_counts_the_frames_its_layers_see(tmp_path)
     assert rel_err(ours, want) <= 1e-6
     unmasked = task + auxiliary_loss(model, balance_weight=0.3, spectral_weight=0.0)
     assert rel_err(ours, unmasked) > 1e-6, "the padding's frames must not count"
+
+
+def attended(layer_mask, batch: int, positions: int) -> torch.Tensor:
+    """The positions a layer attends to, read from the attention mask the model called it with:
+    None (every position), a [B, S] mask, or a [B, 1, Q or 1, S] one (bool or integer: nonzero
+    attends; float: additive, 0 attends); a padding mask's rows agree, so its first row."""
+    if layer_mask is None:
+        return torch.ones(batch, positions, dtype=torch.bool)
+    keys = layer_mask if layer_mask.dim() == 2 else layer_mask[:, 0, 0, :]
+    return keys == 0 if keys.is_floating_point() else keys != 0
+
+
+# family -> the samples or input frames of its first sequence that are real (of AUDIO_INPUTS's)
+AUDIO_PADDED = {"wav2vec2": 100, "data2vec-audio": 100, "sew": 100, "sew-d": 120,
+                "speech_to_text": 9, "moonshine": 500, "whisper": 10}
+
+
+@pytest.mark.parametrize("family", sorted(AUDIO_PADDED))
+def test_the_frame_mask_is_the_mask_the_models_layers_attend_by(family):
+    """frame_mask gives the balance loss the positions the audio model's adapted layers attend
+    to on a padded batch: the mask the model hands its first such layer, read from that call
+    (each model derives it by a rule of its own; SEW and SEW-D pool the frames again, Moonshine
+    samples them at its convolutions' stride, Whisper's encoder reads none). The batch's mask
+    of samples or input frames, passed on as it was, failed for all of them."""
+    model = tiny_model(family)
+    name, shape = AUDIO_INPUTS[family]
+    length = shape[1] if family == "speech_to_text" else shape[-1]
+    mask = torch.ones(shape[0], length, dtype=torch.long)
+    mask[0, AUDIO_PADDED[family]:] = 0
+    inputs = {name: torch.randn(shape, generator=torch.Generator().manual_seed(3)),
+              "attention_mask": mask}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = torch.ones(shape[0], 3, dtype=torch.long)
+    layouts = SUPPORTED_ARCHITECTURES[model.config.model_type]
+    classes = {layout.layer_class for layout in (
+        layouts if isinstance(layouts, tuple) else (layouts,))}
+    first = next(m for m in model.modules() if type(m).__name__ in classes)
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["z"] = args[0] if args else kwargs["hidden_states"]
+        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    hook = first.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    batch, positions = seen["z"].shape[:2]
+    want = attended(seen["mask"], batch, positions)
+    assert not want[0].all() or family == "whisper", "the padding must reach the layers"
+    ours = frame_mask(model, mask)
+    ours = torch.ones(batch, positions, dtype=torch.bool) if ours is None else ours.bool()
+    assert torch.equal(ours, want)
 
 
 @pytest.mark.parametrize("placement,normalized", [

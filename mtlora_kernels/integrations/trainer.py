@@ -25,9 +25,9 @@ wrong, which is why this class exists:
 - **Padding.** The batch's ``attention_mask`` goes to the balance loss, so padding tokens do
   not count; an encoder-decoder's decoder adapters (T5's) take ``decoder_attention_mask``, or
   where the batch has none, the positions of its labels (``labels != -100``). An audio model's
-  ``attention_mask`` counts raw samples or input frames: where the model derives the mask of
-  the frames its layers see (the wav2vec 2.0 family's, Speech2Text's
-  ``_get_feature_vector_attention_mask``), that mask goes instead (:func:`frame_mask`).
+  ``attention_mask`` counts raw samples or input frames: the mask of the frames its layers see
+  goes instead, computed by the model's own rule (:func:`frame_mask`: the wav2vec 2.0 family,
+  SEW, SEW-D, Speech2Text, Moonshine; Whisper's encoder reads no mask, its frames all count).
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
@@ -35,6 +35,8 @@ of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 """
 
 from __future__ import annotations
+
+import math
 
 import transformers
 from torch import Tensor, nn
@@ -124,16 +126,38 @@ class MTLoRATrainer(transformers.Trainer):
 
 
 def frame_mask(model: nn.Module, mask: Tensor | None) -> Tensor | None:
-    """The mask of the positions ``model``'s layers see, from its batch's ``attention_mask``:
-    where the model derives it (an audio model whose mask counts raw samples or input frames,
-    and whose feature encoder makes fewer frames of them: the wav2vec 2.0 family, Speech2Text),
-    the mask the model computes for its layers; else ``mask`` itself. (SEW and SEW-D pool those
-    frames again inside their encoder: the balance loss refuses their mask, named.)"""
-    derive = getattr(model, "_get_feature_vector_attention_mask", None)
+    """The mask of the positions ``model``'s layers see, from its batch's ``attention_mask``
+    (None: every position counts). An audio model's mask counts raw samples or input frames,
+    of which its feature encoder makes fewer frames; there this is the mask the model computes
+    for its layers, by its own rule:
+
+    - the wav2vec 2.0 family and Speech2Text: the model's ``_get_feature_vector_attention_mask``;
+    - SEW and SEW-D: that mask, pooled again by ``squeeze_factor`` as their encoder pools the
+      frames; a window counts where any of its frames does (transformers 5's rule; 4.x counts
+      the whole windows only, one window fewer where a sequence ends inside one);
+    - Moonshine: one sample per frame, at the product of its convolutions' strides;
+    - Whisper: None, as its encoder reads no mask (its layers attend to every frame).
+
+    Any other model: ``mask`` itself."""
+    if mask is None:
+        return None
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind == "whisper":
+        return None
     lengths = getattr(model, "_get_feat_extract_output_lengths", None)
-    if mask is None or derive is None or lengths is None:
+    if kind == "moonshine":
+        convs = [m for m in model.get_encoder().modules() if isinstance(m, nn.Conv1d)]
+        stride = math.prod(conv.stride[0] for conv in convs)
+        return mask[..., ::stride][..., :int(lengths(mask.shape[-1]))]
+    derive = getattr(model, "_get_feature_vector_attention_mask", None)
+    if derive is None or lengths is None:
         return mask
-    return derive(int(lengths(mask.shape[-1])), mask)
+    frames = derive(int(lengths(mask.shape[-1])), mask)
+    squeeze = getattr(model.config, "squeeze_factor", 1)
+    if squeeze > 1:
+        pooled = nn.functional.max_pool1d(frames.float().unsqueeze(1), squeeze, squeeze)
+        frames = pooled.squeeze(1).to(frames.dtype)
+    return frames
 
 
 class MTLoRASeq2SeqTrainer(MTLoRATrainer, transformers.Seq2SeqTrainer):
