@@ -770,8 +770,11 @@ def tiny_inputs(family: str, seed: int = 1) -> torch.Tensor | dict:
         # (BigBird-Pegasus' block-sparse attention: 20, past the (5 + 2 random) blocks of 2 it
         # needs)
         source = 20 if family.endswith("block_sparse") else 7
-        return dict(input_ids=torch.randint(0, 64, (2, source), generator=g),
-                    decoder_input_ids=torch.randint(0, 64, (2, 5), generator=g))
+        x = dict(input_ids=torch.randint(0, 64, (2, source), generator=g),
+                 decoder_input_ids=torch.randint(0, 64, (2, 5), generator=g))
+        if family == "led":  # global attention on each source's first token (Longformer's)
+            x["global_attention_mask"] = (torch.arange(source) == 0).long().expand(2, source)
+        return x
     if family.startswith("siglip2"):  # SigLIP 2 takes flattened patches (4 of 8x8) and a grid
         return dict(pixel_values=torch.randn(2, 4, 3 * 8 * 8, generator=g),
                     pixel_attention_mask=torch.ones(2, 4, dtype=torch.long),
