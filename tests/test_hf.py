@@ -260,6 +260,7 @@ EXTRA = {
     "bigbird_pegasus-block_sparse": dict(attention_type="block_sparse", block_size=2,
                                          num_random_blocks=1),
     "fsmt": dict(src_vocab_size=64, langs=["en", "de"]),
+    "mvp-prompt": dict(use_prompt=True, prompt_length=3, prompt_mid_dim=16),
     "nllb-moe": dict(num_experts=4, expert_capacity=8, encoder_sparse_step=2,
                      decoder_sparse_step=2),
     # Older and non-transformer decoders: tiny state-space mixers (Mamba-2's: 4 heads of 16); RWKV
@@ -406,7 +407,8 @@ _SEQ2SEQ_FIELDS = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4,
 # in each stack), tiny_inputs feeds decoder_input_ids too. Post-LN (BART's) and pre-LN
 # (mBART's) layers; BART_DECODER: the decoder alone (a causal LM, one stack; tiny_inputs: token
 # ids).
-BART_POST_LN = ["bart", "marian", "blenderbot-small", "plbart", "mvp", "led", "fsmt"]
+BART_POST_LN = ["bart", "marian", "blenderbot-small", "plbart", "mvp", "mvp-prompt", "led",
+                "fsmt"]
 BART_PRE_LN = ["mbart", "pegasus", "blenderbot", "m2m_100", "bigbird_pegasus",
                "bigbird_pegasus-block_sparse", "nllb-moe"]
 BART_SEQ2SEQ = BART_POST_LN + BART_PRE_LN
