@@ -272,10 +272,12 @@ def _params_args(p: argparse.ArgumentParser) -> None:
                    help="g of the fine-grained rows (default 2)")
 
 
-#: The names config.json files give the sizes ``params`` reads, the usual first: GPT-2's,
-#: GPT-J's and BLOOM's ``n_embd`` / ``n_layer`` / ``n_head``, MPT's ``d_model`` / ``n_layers`` /
-#: ``n_heads``, GPT-Neo's ``num_layers`` / ``num_heads``, DistilBERT's ``dim``.
-SIZE_KEYS = {"hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+#: The names config.json files give the sizes ``params`` reads, the usual first: GPT-2's and
+#: GPT-J's ``n_embd`` / ``n_layer`` / ``n_head``, BLOOM's ``n_embed`` (its hub checkpoints';
+#: transformers' BloomConfig reads it as hidden_size) / ``n_layer`` / ``n_head``, MPT's
+#: ``d_model`` / ``n_layers`` / ``n_heads``, GPT-Neo's ``num_layers`` / ``num_heads``,
+#: DistilBERT's ``dim``.
+SIZE_KEYS = {"hidden_size": ("hidden_size", "n_embd", "n_embed", "d_model", "dim"),
              "num_hidden_layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
              "num_attention_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads")}
 

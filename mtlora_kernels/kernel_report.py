@@ -778,6 +778,8 @@ def markdown(report: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the report's flags to ``parser`` (``mtlora-kernels kernels``; :func:`run` reads them)."""
+    from mtlora_kernels.cli import _positive
+
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the report as JSON")
     out.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -786,7 +788,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", action="append",
                         help="only Triton kernels whose name contains this (repeatable)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the csrc/*.cu kernels")
-    parser.add_argument("--jobs", type=int, default=0,
+    parser.add_argument("--jobs", type=_positive,
                         help="compile processes (default: one per CPU core)")
 
 
@@ -802,7 +804,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"kernels: no Triton kernel name contains {' or '.join(args.kernel)}; "
                   f"they are: {names}", file=sys.stderr)
             return 2
-    report = collect(specs, targets=tuple(args.target or TARGETS), workers=args.jobs,
+    report = collect(specs, targets=tuple(args.target or TARGETS), workers=args.jobs or 0,
                      cuda=not args.no_cuda)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

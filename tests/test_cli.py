@@ -282,3 +282,12 @@ def test_gpu_columns_render():
     con.print(bench.table(records, on_gpu=True))
     text = con.export_text()
     assert "GB/s" in text and "TFLOP/s" in text and "25%" in text and "n/a" in text
+
+
+@pytest.mark.parametrize("jobs", ["0", "-3", "two"])
+def test_kernels_refuses_a_number_of_jobs_below_one(jobs, capsys):
+    """`kernels --jobs -3` passed argparse and failed in the process pool with a traceback (0
+    meant the default silently); a usage error now, before anything compiles."""
+    with pytest.raises(SystemExit) as exc:
+        main(["kernels", "--jobs", jobs, "--no-cuda"])
+    assert exc.value.code == 2 and "--jobs" in capsys.readouterr().err

@@ -148,13 +148,23 @@ def test_sizes_go_by_the_names_each_config_gives_them(config, want):
     assert (dims["hidden_size"], dims["layers"], dims["q_out"], dims["v_out"]) == want
 
 
+def test_bloom_hub_config_names_its_width_n_embed():
+    """BLOOM's hub config.json files (bigscience/bloom, bloom-560m, ...) name the width
+    ``n_embed``, which transformers' BloomConfig reads as hidden_size; params refused them as
+    naming no width."""
+    cfg = {"model_type": "bloom", "n_embed": 1024, "n_layer": 24, "num_attention_heads": 16}
+    assert transformers.BloomConfig(**cfg).hidden_size == 1024
+    dims = model_dims(json.loads(json.dumps(cfg)))
+    assert (dims["hidden_size"], dims["layers"], dims["q_out"]) == (1024, 24, 1024)
+
+
 def test_a_config_without_a_width_or_depth_is_refused(tmp_path, capsys):
     """No LLaMA-2-7B default for a model that is not LLaMA-2-7B; the flags can say instead."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "mystery", "num_attention_heads": 8}))
     assert main(["params", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "names no hidden_size (nor n_embd, d_model, dim)" in err
+    assert "names no hidden_size (nor n_embd, n_embed, d_model, dim)" in err
     assert "no num_hidden_layers (nor n_layer, n_layers, num_layers)" in err
     assert main(["params", "--config", str(path), "--hidden-size", "512", "--layers", "2"]) == 0
     assert "d=512, 2 layers" in capsys.readouterr().out

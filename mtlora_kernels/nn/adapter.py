@@ -18,9 +18,9 @@ from mtlora_kernels.ops.mix import mix
 class MTLoRAAdapter(nn.Module):
     """``delta = s * sum_e pi_e ⊙ B_e A drop(x)`` with per-group routing (SPEC section 2).
 
-    Block-level use: ``out = block(z) + adapter(z)`` with z the block's pre-norm input
-    (d_in = d_out = d). Parameters: ``lora_A`` [r, d_in], ``lora_B`` [N, d_out, r],
-    ``lora_route`` [g*N, d_in] (absent when N == 1).
+    Block-level use: ``out = h1 + FFN(z) + adapter(z)`` with z the sub-layer's own input, in a
+    pre-LN layer its norm's output ``z = LN2(h1)`` (d_in = d_out = d). Parameters: ``lora_A``
+    [r, d_in], ``lora_B`` [N, d_out, r], ``lora_route`` [g*N, d_in] (absent when N == 1).
 
     After each forward, :meth:`balance_loss` returns the MoLE balance loss of that forward's
     routing weights, differentiable with respect to the router.
