@@ -246,11 +246,15 @@ def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Pa
     # The same adapters however they were named: layers counted from either end. Compared
     # canonical only: a raw == took a file's [0, true] for layers [0, 1]. Target names are not
     # compared ("q_proj" and "model.layers.0.self_attn.q_proj" can pick the same modules): the
-    # tensor keys, checked next, name the adapters each side has.
+    # tensor keys, checked next, name the adapters each side has. Nor are a component-level
+    # attach's layers, which only narrow its targets (q_proj in layers [1] is
+    # model.layers.1.self_attn.q_proj in every layer).
     # Train modules likewise by the modules the names select.
     same = {"placement": lambda v: v,
             "layers": lambda v: normalized_layers(handle.model, v, handle.placement),
             "train_modules": lambda v: [] if v is None else train_module_paths(handle.model, v)}
+    if handle.placement == "component":
+        del same["layers"]
     for key, canon in same.items():
         ours = getattr(handle, key)
         try:
@@ -329,9 +333,10 @@ def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle
     """Load adapters saved by :func:`save_adapters`; returns the handle.
 
     If the model has no adapters yet they are attached with the saved config, placement and
-    train modules; if it has, the saved config (r, N, g, alpha, placement, layers, the modules
-    train_modules select) must match them, and the file must hold exactly their tensors (the
-    same adapted modules, however the targets were named), the train modules' included. A file
+    train modules; if it has, the saved config (r, N, g, alpha, placement, block-level layers,
+    the modules train_modules select) must match them, and the file must hold exactly their
+    tensors (the same adapted modules, however the targets and a component-level attach's
+    layers named them), the train modules' included. A file
     of format version 1 (no train modules) loads as before.
     Raises :class:`AdapterLoadError` naming the mismatch; the model is then unchanged.
     """

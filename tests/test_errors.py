@@ -40,6 +40,9 @@ def call(ok, **kw):
     (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
     (dict(residual=torch.randn(5, 7)), ValueError, r"residual must have shape \(5, 6\)"),
     (dict(backend="fast"), ValueError, r"backend must be one of"),
+    # d_in = 0 failed in a reshape ("cannot reshape tensor of 0 elements into shape [-1, 0]")
+    (dict(x=torch.randn(5, 0), A=torch.randn(2, 0), W=torch.randn(6, 0)), ValueError,
+     r"need r, d_in, N, d_out >= 1; got lora_A \(2, 0\)"),
 ])
 def test_bad_input_is_named(ok, kw, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -174,3 +177,16 @@ def test_config_stores_numpy_scalars_as_python_numbers():
 def test_groups_must_divide_layer_width():
     with pytest.raises(ValueError, match="groups=3 must divide d_out=8"):
         MTLoRAAdapter(8, groups=3)
+
+
+@pytest.mark.parametrize("widths,exc,pattern", [
+    ((0,), ValueError, "d_in must be >= 1, got 0"),
+    ((8, 0), ValueError, "d_out must be >= 1, got 0"),
+    ((-4,), ValueError, "d_in must be >= 1, got -4"),
+    ((8.0,), TypeError, "d_in must be an integer, got float 8.0"),
+])
+def test_adapter_widths_must_be_positive_integers(widths, exc, pattern):
+    """A zero width built an adapter whose forward failed later (d_in) or that was empty (d_out,
+    which every g divides); -4 was reported as groups not dividing it; 8.0 failed in torch."""
+    with pytest.raises(exc, match=pattern):
+        MTLoRAAdapter(*widths, groups=2)

@@ -2304,6 +2304,27 @@ def test_enable_disable_round_trip_component_level():
     assert torch.equal(run(model, x), adapted)
 
 
+def test_disabled_gives_back_each_adapters_own_switch():
+    """One adapter switched off by hand (an ablation) came out of ``disabled()`` with every
+    adapter off, its outputs silently the base model's; with all on, a remove() inside the block
+    made the exit raise."""
+    model = tiny_model("llama")
+    x = tiny_inputs("llama")
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), placement="ffn")
+    randomize(handle)
+    first, second = handle.adapters.values()
+    first.enabled = False
+    ablated = run(model, x)
+    with handle.disabled():
+        assert not second.enabled
+    assert (first.enabled, second.enabled) == (False, True)
+    assert torch.equal(run(model, x), ablated)
+    first.enabled = True
+    with handle.disabled():
+        handle.remove()
+    assert get_handle(model) is None
+
+
 @pytest.mark.parametrize("family,where", [("llama", dict(placement="ffn")),
                                           ("llama", dict(target_modules="o_proj")),
                                           ("bert", dict(placement="both")),
@@ -2602,6 +2623,21 @@ def test_other_config_errors():
     handle.remove()
     with pytest.raises(RuntimeError, match="removed"):
         handle.enable()
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(dtype=torch.int64), TypeError, r"dtype \(the adapters' parameters\) must be one of"),
+    (dict(dtype=torch.complex64, target_modules="q_proj"), TypeError, "dtype .* must be one of"),
+    (dict(dtype="bfloat16"), TypeError, "dtype .* must be one of"),
+    (dict(layers=1), TypeError, "layers must be a sequence of layer indices, got int 1"),
+], ids=["int", "complex", "str", "layers-int"])
+def test_a_bad_dtype_or_layers_is_refused_and_the_model_untouched(kwargs, error, message):
+    """An integer or string dtype failed in the adapters' .to() after attach had frozen the
+    model, which stayed frozen; a complex one gave adapters the op refuses at the forward."""
+    model = tiny_model("llama")
+    with pytest.raises(error, match=message):
+        attach(model, MTLoRAConfig(r=2, num_experts=2, groups=1), **kwargs)
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
 
 
 def test_importing_the_package_does_not_import_transformers():

@@ -183,6 +183,9 @@ def test_the_same_layers_and_targets_however_named_load(tmp_path):
             (dict(layers=[1, 0]), dict()),  # every layer of the two, named or by None
             (dict(), dict(layers=[-2, -1])),
             (dict(target_modules="q_proj", layers=[0, 1]), dict(target_modules="q_proj")),
+            # component-level layers= narrows the targets: the same module named in full
+            (dict(target_modules="q_proj", layers=[1]),
+             dict(target_modules="model.layers.1.self_attn.q_proj")),
             (dict(target_modules="q_proj,v_proj"), dict(target_modules=["v_proj", "q_proj"]))]):
         model = tiny_model("llama")
         randomize(attach(model, CFG, **saved))
@@ -195,6 +198,11 @@ def test_the_same_layers_and_targets_however_named_load(tmp_path):
     attach(other, CFG, layers=[0])
     with pytest.raises(AdapterLoadError, match=r"layers: file has \[1\]"):
         load_adapters(other, tmp_path / "0")
+    other = tiny_model("llama")  # other modules: the tensor keys differ
+    attach(other, CFG, target_modules="q_proj", layers=[0])
+    with pytest.raises(AdapterLoadError, match=r"missing 3 tensors, e\.g\. \['model\.layers\.0\."
+                                               r".*; 3 unexpected tensors"):
+        load_adapters(other, tmp_path / "4")
     # Nemotron-H's blocks (M*-E): 'ffn' on every block adapts blocks 2 and 3, the same
     # adapters as naming those two (a file of every block was refused as another selection).
     x = tiny_inputs("nemotron_h")

@@ -77,6 +77,7 @@ from mtlora_kernels.integrations.layouts import (DUAL_ENCODERS, ENCODER_DECODERS
 from mtlora_kernels.losses import auxiliary_loss
 from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
 from mtlora_kernels.nn.adapter import linear_widths
+from mtlora_kernels.ops.mix import _FLOAT_DTYPES
 
 BLOCK_PLACEMENTS = ("ffn", "attn", "both")
 ADAPTER_ATTR = "mtlora_adapter"
@@ -520,14 +521,17 @@ class MTLoRAHandle:
 
     @contextlib.contextmanager
     def disabled(self):
-        """``with handle.disabled(): base_out = model(x)``."""
-        was = self.enabled
+        """``with handle.disabled(): base_out = model(x)``; afterwards each adapter's
+        ``enabled`` flag is what it was before (one switched off by hand stays off)."""
+        self._check_live()
+        was = [(a, a.enabled) for a in self.adapters.values()]
         self.disable()
         try:
             yield self
         finally:
-            if was:
-                self.enable()
+            if not self._removed:  # remove() inside the block: nothing to switch back
+                for adapter, on in was:
+                    adapter.enabled = on
 
     def remove(self) -> nn.Module:
         """Take the adapters off for good: modules, hooks and ``requires_grad`` flags are as
@@ -692,6 +696,10 @@ def attach(
     if target_modules is not None and placement is not None:
         raise ValueError(f"give either placement={placement!r} (block-level) or target_modules "
                          f"(component-level), not both")
+    # Checked here, not met by the adapters' .to() after the model was frozen.
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype (the adapters' parameters) must be one of {_FLOAT_DTYPES}, got "
+                        f"{dtype!r}")
     train = (None if train_modules is None
              else _parse_targets(train_modules, "train_modules", "'classifier'"))
     families = _family_of(model)
@@ -700,6 +708,11 @@ def attach(
                  + "image classifiers of the dual encoders " + ", ".join(DUAL_ENCODERS))
     chosen = None
     if layers is not None:
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise TypeError(f"layers must be a sequence of layer indices, got "
+                            f"{type(layers).__name__} {layers!r}") from None
         if len(layers) == 0:
             raise ValueError("layers=[] selects no layer; pass None for every layer")
         if families is None:

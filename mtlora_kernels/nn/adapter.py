@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mtlora_kernels._checks import as_int
 from mtlora_kernels.nn.config import MTLoRAConfig
 from mtlora_kernels.ops.mix import mix
 
@@ -36,7 +37,8 @@ class MTLoRAAdapter(nn.Module):
         cfg = config or MTLoRAConfig()
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
-        d_out = d_in if d_out is None else d_out
+        d_in = as_int(d_in, "d_in", minimum=1)
+        d_out = d_in if d_out is None else as_int(d_out, "d_out", minimum=1)
         if d_out % cfg.groups != 0:
             raise ValueError(f"groups={cfg.groups} must divide d_out={d_out}")
         self.config = cfg

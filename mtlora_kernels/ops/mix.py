@@ -379,8 +379,8 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
            f"{tuple(x.shape)}")
     _check(rank_b == rank,
            f"lora_B must have shape [N, d_out, r={rank}] to match lora_A, got {tuple(B.shape)}")
-    _check(rank >= 1 and n_experts >= 1 and d_out >= 1,
-           f"need r, N, d_out >= 1; got lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+    _check(rank >= 1 and n_experts >= 1 and d_out >= 1 and d_in >= 1,
+           f"need r, d_in, N, d_out >= 1; got lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
     groups = as_int(groups, "groups")
     _check(groups >= 1 and d_out % groups == 0,
            f"groups must be a positive divisor of d_out={d_out}, got {groups!r}")
