@@ -1,7 +1,9 @@
-"""The one integer-argument check every public entry point uses, so that they all agree."""
+"""The integer and real-number argument checks every public entry point uses, so that they all
+agree."""
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import torch
@@ -30,3 +32,21 @@ def as_int(value, name: str, *, minimum: int | None = None) -> int:
     if minimum is not None and index < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {index}")
     return index
+
+
+def as_float(value, name: str) -> float:
+    """``value`` as a Python float, for the argument ``name`` (a constant: scaling, dropout).
+
+    Real numbers are (Python or numpy ints and floats), and 0-d real tensors that take no
+    gradient. Refused with TypeError: bools, strings (``float("0.1")`` would pass), complex
+    numbers, tensors of some dimensions, and a tensor that requires grad (its gradient would be
+    dropped without a word: the op takes none for a constant)."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise TypeError(f"{name} is a constant of the op and takes no gradient; got a tensor "
+                            f"that requires grad (learn a scale in the weights instead)")
+        if value.dim() == 0 and not (value.dtype == torch.bool or value.is_complex()):
+            return float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")

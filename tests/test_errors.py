@@ -38,6 +38,13 @@ def call(ok, **kw):
     (dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\^63\), got -1"),
     (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an integer, got float 1.5"),
     (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
+    # a string failed in a comparison ("'<=' not supported"), a complex number in float(), and
+    # a tensor that requires grad was detached without a word
+    (dict(dropout_p="0.1"), TypeError, r"dropout_p must be a real number, got str '0.1'"),
+    (dict(scaling=1j), TypeError, r"scaling must be a real number, got complex 1j"),
+    (dict(scaling=torch.tensor(2.0, requires_grad=True)), TypeError,
+     r"scaling is a constant of the op and takes no gradient"),
+    (dict(scaling=torch.tensor([2.0])), TypeError, r"scaling must be a real number, got Tensor"),
     (dict(residual=torch.randn(5, 7)), ValueError, r"residual must have shape \(5, 6\)"),
     (dict(backend="fast"), ValueError, r"backend must be one of"),
     # d_in = 0 failed in a reshape ("cannot reshape tensor of 0 elements into shape [-1, 0]")
@@ -141,7 +148,7 @@ def test_empty_input_returns_empty(ok):
     (dict(dropout=1.5), ValueError, "dropout must be in"),
     (dict(r=2.5), TypeError, "r must be an integer, got float 2.5"),
     (dict(groups=True), TypeError, "groups must be an integer, got bool"),
-    (dict(alpha="64"), TypeError, "alpha must be a number, got str"),
+    (dict(alpha="64"), TypeError, "alpha must be a real number, got str"),
     (dict(alpha=float("inf")), ValueError, "alpha must be finite"),
     (dict(backend="cpu"), ValueError, "backend must be None or one of"),
 ])
@@ -172,6 +179,12 @@ def test_config_stores_numpy_scalars_as_python_numbers():
     cfg = MTLoRAConfig(r=np.int64(4), num_experts=np.int32(3), alpha=np.float32(8.0))
     assert type(cfg.r) is int and type(cfg.num_experts) is int and type(cfg.alpha) is float
     assert json.loads(json.dumps(cfg.to_dict()))["r"] == 4
+
+
+@pytest.mark.parametrize("scaling", [np.float32(2.5), np.int64(2), torch.tensor(2.5)],
+                         ids=["numpy-float", "numpy-int", "0-d-tensor"])
+def test_real_scalars_of_any_kind_are_the_same_scaling(ok, scaling):
+    assert torch.equal(call(ok, scaling=scaling), call(ok, scaling=float(scaling)))
 
 
 def test_groups_must_divide_layer_width():

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 
-from mtlora_kernels._checks import as_int
+from mtlora_kernels._checks import as_float, as_int
 from mtlora_kernels.ops.mix import BACKEND_NAMES
 
 
@@ -34,10 +33,7 @@ class MTLoRAConfig:
         for name in ("r", "num_experts", "groups"):
             setattr(self, name, as_int(getattr(self, name), name, minimum=1))
         for name in ("alpha", "dropout"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or isinstance(v, bool):
-                raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
-            setattr(self, name, float(v))
+            setattr(self, name, as_float(getattr(self, name), name))
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be finite, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:

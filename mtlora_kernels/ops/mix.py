@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from mtlora_kernels import backends
-from mtlora_kernels._checks import as_int
+from mtlora_kernels._checks import as_float, as_int
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast keeps fp64
@@ -384,9 +384,9 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
     groups = as_int(groups, "groups")
     _check(groups >= 1 and d_out % groups == 0,
            f"groups must be a positive divisor of d_out={d_out}, got {groups!r}")
+    dropout_p, scaling = as_float(dropout_p, "dropout_p"), as_float(scaling, "scaling")
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    _check(math.isfinite(float(scaling)),
-           f"scaling must be finite, got {scaling}")
+    _check(math.isfinite(scaling), f"scaling must be finite, got {scaling}")
     _check(route_weight is None or logits is None,
            "give either route_weight (fused linear router) or logits (router computed "
            "elsewhere), not both")
