@@ -201,7 +201,7 @@ EXTRA = {
                            local_radius=2),
     "switch_transformers": dict(num_experts=4, expert_capacity=8, num_sparse_encoder_layers=1,
                                 num_sparse_decoder_layers=1),
-    # More text and document encoders (MORE_POST_LN, MORE_PRE_LN): BigBird's block-sparse
+    # More text and document encoders (POST_LN, LLAMA_LIKE): BigBird's block-sparse
     # attention in blocks of 2 with one random block (its 16 tokens, SEQ_LEN, are enough for it:
     # fewer, and the model falls back to full attention); Longformer's windows of 4 (the model
     # pads 7 tokens to 8); Nystromformer's 4 landmarks over 8 tokens (its approximation on: at
@@ -284,7 +284,7 @@ EXTRA = {
     "trocr": dict(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64),
     "git": dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, image_size=16, patch_size=8)),
-    # transformers 5.25's decoder-only additions (dec5): layer 0 dense, layer 1 MoE where the
+    # transformers 5.25's decoder-only additions: layer 0 dense, layer 1 MoE where the
     # type mixes them; hybrids with one layer of each mixer.
     "sarvam_mla": dict(**MOE, **MLA, n_routed_experts=4, n_shared_experts=1,
                        first_k_dense_replace=1, n_group=2, topk_group=1),
@@ -310,7 +310,7 @@ EXTRA = {
                      attn_implementation="eager"),
     "emu3_text_model": dict(pad_token_id=0),
     "modernbert-decoder": dict(pad_token_id=0, local_attention=4),
-    # Kind 3 (dec5): Granite's multiplier, MiniMax's beta factors away from 1 (so that a test
+    # Kind 3: Granite's multiplier, MiniMax's beta factors away from 1 (so that a test
     # sees them); MiniMax: layer 0 lightning (linear) attention, layer 1 full attention.
     "granite_swa": dict(residual_multiplier=0.5),
     "granitemoe_swa": dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5,
@@ -336,7 +336,7 @@ EXTRA = {
     "inkling_text": dict(MOE, n_routed_experts=4, n_shared_experts=1,
                          mlp_layer_types=["dense", "sparse"]),
     "zaya": dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=16),
-    # Hyper-connected layers (dec5, HYPER_CONNECTED): DeepSeek-V4's and HY-V4's 2 streams;
+    # Hyper-connected layers (HYPER_CONNECTED): DeepSeek-V4's and HY-V4's 2 streams;
     # DeepSeek-V4: layer 0 hash-routed, layer 1 top-k routed, compressed attention in both;
     # HY-V4: layer 0 dense, layer 1 MoE.
     "deepseek_v4": dict(MOE, n_routed_experts=4, n_shared_experts=1, num_key_value_heads=1,
@@ -384,7 +384,8 @@ def _away_from_init(model: nn.Module, names: tuple[str, ...], scale: float, shif
 # Set away from their init values after building (tiny_model), so that a test sees them.
 AWAY_FROM_INIT = {
     "zaya": lambda m: _away_from_init(m, ("hidden_states_scale",), 0.3, 0.5),
-    "inkling_text": lambda m: _away_from_init(m, ("sconv.conv1d.weight",), 0.5, 0.0),
+    **dict.fromkeys(["inkling_text", "inkling_mm_model"],
+                    lambda m: _away_from_init(m, ("sconv.conv1d.weight",), 0.5, 0.0)),
 }
 # Types whose config derives head_dim (a read-only property there).
 DERIVED_HEAD_DIM = {"falcon"}
@@ -448,6 +449,12 @@ AUDIO = {
     "audio-spectrogram-transformer": ("ASTModel", _NUM),
 }
 AUDIO_SEQ2SEQ = ["whisper", "speech_to_text", "moonshine"]
+# The wav2vec 2.0 family's default layer class is post-LN (kind 4), DistilBERT's shape; the
+# others (the "-stable" variants' class, MusicGen's decoders with loose fc1 ... fc2, ...) are
+# pre-LN (kind 1).
+AUDIO_POST_LN = ["wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat", "data2vec-audio",
+                 "sew", "sew-d"]
+AUDIO_PRE_LN = [f for f in AUDIO if f not in AUDIO_POST_LN]
 # family -> (input name, shape): Whisper's log-mel features [batch, mel bins, frames], Speech2Text's
 # [batch, frames, features], raw audio [batch, samples], MusicGen's codebook ids [batch x
 # codebooks, tokens], AST's spectrogram [batch, frames, mel bins].
@@ -487,11 +494,10 @@ MULTIMODAL = {"gemma3": "gemma3_text", "llava": "llama", "mistral3": "mistral",
               "qwen3_vl": "qwen3_vl_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
               "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
               "gemma4": "gemma4_text",
-              "fuyu": "persimmon"}  # no vision layers: image patches enter by one Linear
-# transformers 5.25's multimodal models (mm5), their language models the table's dec5 types.
-MULTIMODAL.update({"qwen4_exp": "qwen4_exp_text", "lfm3_vl": "lfm3", "emu3": "emu3_text_model",
-                   "dots3_note": "dots3_note_text", "apertus1p5": "apertus1p5_text",
-                   "cohere_compass": "cohere_compass_text", "inkling_mm_model": "inkling_text"})
+              "fuyu": "persimmon",  # no vision layers: image patches enter by one Linear
+              "qwen4_exp": "qwen4_exp_text", "lfm3_vl": "lfm3", "emu3": "emu3_text_model",
+              "dots3_note": "dots3_note_text", "apertus1p5": "apertus1p5_text",
+              "cohere_compass": "cohere_compass_text", "inkling_mm_model": "inkling_text"}
 # Emu3's image tokenizer, a VQ-VAE: 32 channels in two stages (16x16 images: 8x8 codes, 8 of
 # them, each a text token id beside the ones tiny_inputs draws).
 _EMU3_VQ = dict(codebook_size=8, embed_dim=4, latent_channels=4, base_channels=32,
@@ -670,7 +676,7 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, **config) -> nn.Modu
             with torch.no_grad():
                 AWAY_FROM_INIT[family](model)
         return model.eval()
-    if family in POST_LN + PRE_LN_OUTPUT + MORE_POST_LN + LANG_ADAPTER:  # encoders: BertModel, ...
+    if family in POST_LN + PRE_LN_OUTPUT + LANG_ADAPTER:  # encoders: BertModel, ...
         cfg = transformers.AutoConfig.for_model(family, **small, vocab_size=64,
                                                 max_position_embeddings=32,
                                                 **EXTRA.get(family, {}), **config)
@@ -928,104 +934,184 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
     return base
 
 
+# The tested types, by the module docstring's four layout kinds (README's table). A multimodal
+# model (MULTIMODAL) is in its language model's list: the oracle test runs on text. The
+# encoder-decoders' and the speech models' lists sit with the fields tiny_model builds them from
+# (kind 1: T5_BLOCKS, BART_PRE_LN, AUDIO_PRE_LN; kind 3: POST_NORM_SEQ2SEQ; kind 4:
+# BART_POST_LN, AUDIO_POST_LN). TESTED, below them, names the placements each test runs on
+# each list; a list across kinds (MIXED, HYBRID, SSM_HYBRID) picks types for a test of its own.
+
+# Kind 1, pre-LN (SPEC's formula). FAMILIES: the first four, every placement on LLaMA.
 FAMILIES = ["llama", "mistral", "qwen2", "vit"]
-# The module docstring's three kinds. LLaMA's layer code under other names (exaone, internlm3:
-# LLaMA's own classes under another model_type; Apertus, VaultGemma, JetMoE: with their own norm or
-# attention names; Phi-3, Persimmon: with residual dropouts; GPT-2's layer and its kin; BLOOM, MPT:
-# sub-layers that add the residual themselves; ModernBERT: an encoder; OPT, XGLM, BioGPT: an FFN
-# of Linear layers loose in the layer, LOOSE_FFN below; llava, mistral3 and the
-# Qwen-VL models: multimodal, their language models'), then with MoE blocks as the FFN (from
-# deepseek_v2 on: MIXED below), then hybrid stacks of linear and full attention (HYBRID below;
-# Qwen3.5(-MoE): multimodal) and Llama 4, of a state-space or convolution mixer and attention
-# (SSM_HYBRID below; Falcon-H1: Mamba and attention side by side in every layer), then vision
-# encoders (ViT's layer under other names; CLIP's and its kin's; AIMv2's; the dual encoders'
-# image classifiers, DUAL). PARALLEL: on one norm or two (GPT-NeoX, Falcon's variants).
-LLAMA_LIKE = ["qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3",
-              "helium", "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5",
-              "hunyuan_v1_dense", "bitnet", "nemotron", "apertus", "phi3", "diffllama",
-              "youtu", "cwm", "nanochat", "jais2", "vaultgemma", "persimmon", "gpt_neox_japanese",
-              "gpt2", "gpt_bigcode", "gpt_neo", "bloom", "mpt", "modernbert", "eurobert",
-              "opt", "xglm", "biogpt",
-              "llava", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-              "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe",
-              "solar_open", "hunyuan_v1_moe", "jetmoe", "deepseek_v2", "deepseek_v3",
-              "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "ernie4_5_moe",
-              "mimo_v2_flash", "mellum", "laguna", "minicpm5_moe", "deepseek_v32", "mistral4",
-              "qwen3_vl_moe",
-              "qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear",
-              "bailing_hybrid", "llama4_text", "jamba", "bamba", "lfm2", "lfm2_moe",
-              "recurrent_gemma", "falcon_h1", "nemotron_h",
-              "deit", "vit_msn", "vit_mae", "ijepa", "clip_vision_model",
-              "metaclip_2_vision_model", "siglip_vision_model", "siglip2_vision_model",
-              "mlcd_vision_model", "aimv2_vision_model", "clip", "metaclip_2", "siglip", "siglip2"]
+LLAMA_LIKE = [
+    # LLaMA's layer code under other names: exaone, internlm3: LLaMA's own classes under another
+    # model_type (iquestcoder: LLaMA's model); Apertus, VaultGemma, JetMoE: with their own norm
+    # or attention names; Phi-3, Persimmon: with residual dropouts; GPT-2's layer and its kin;
+    # BLOOM, MPT: sub-layers that add the residual themselves; ModernBERT, EuroBERT: encoders;
+    # OPT, XGLM, BioGPT: an FFN of Linear layers loose in the layer (LOOSE_FFN).
+    "qwen3", "gemma", "olmo", "ministral", "ministral3", "starcoder2", "smollm3", "helium",
+    "arcee", "seed_oss", "exaone", "internlm3", "glm", "ernie4_5", "hunyuan_v1_dense", "bitnet",
+    "nemotron", "apertus", "phi3", "diffllama", "youtu", "cwm", "nanochat", "jais2", "vaultgemma",
+    "persimmon", "gpt_neox_japanese", "gpt2", "gpt_bigcode", "gpt_neo", "bloom", "mpt",
+    "modernbert", "eurobert", "opt", "xglm", "biogpt", "iquestcoder", "doge", "emu3_text_model",
+    "apertus1p5_text", "modernbert-decoder",
+    # Older and non-transformer decoders: RWKV's time and channel mix, xLSTM's mLSTM layer, CTRL,
+    # CPM-Ant's wrapped sub-layers.
+    "rwkv", "xlstm", "ctrl", "cpmant",
+    # An MoE block as the FFN in every layer.
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2", "phimoe", "solar_open",
+    "hunyuan_v1_moe", "jetmoe", "doge-moe",
+    # A dense FFN in some layers, an MoE block in the others (MIXED).
+    "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
+    "ernie4_5_moe", "mimo_v2_flash", "mellum", "laguna", "minicpm5_moe", "deepseek_v32",
+    "mistral4", "llama4_text", "sarvam_mla", "sarvam_moe", "param2moe", "glm_moe_dsa", "hy_v3",
+    "axk1", "axk2", "flint", "dots3_note_text",
+    # Hybrid stacks of linear and full attention (HYBRID).
+    "qwen3_next", "lara_mini", "kimi_linear", "bailing_hybrid",
+    # Hybrid stacks of a state-space or convolution mixer and attention (SSM_HYBRID); Falcon-H1:
+    # Mamba and attention side by side in every layer; Nemotron-H: each block one sub-layer.
+    "jamba", "bamba", "lfm2", "lfm2_moe", "recurrent_gemma", "falcon_h1", "nemotron_h",
+    # Vision encoders: ViT's layer under other names; CLIP's and its kin's; AIMv2's; the dual
+    # encoders' image classifiers (DUAL).
+    "deit", "vit_msn", "vit_mae", "ijepa", "clip_vision_model", "metaclip_2_vision_model",
+    "siglip_vision_model", "siglip2_vision_model", "mlcd_vision_model", "aimv2_vision_model",
+    "clip", "metaclip_2", "siglip", "siglip2",
+    # Text encoders: LLaMA's layout (UltraBERT) and CLIP's (its text tower).
+    "ultrabert", "clip_text_model",
+    # Multimodal, their language models of this kind: llava, mistral3, the Qwen-VL models,
+    # Qwen3.5(-MoE) (hybrid), Fuyu (its language model a Persimmon), Emu3, Dots3-Note,
+    # Apertus 1.5.
+    "llava", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+    "qwen3_5_moe", "fuyu", "emu3", "dots3_note", "apertus1p5"]
+# Stacks of one-mixer blocks with no FFN ('attn' tested; 'both' the same, 'ffn' refused:
+# test_a_stack_without_ffns_adapts_its_mixers_and_refuses_ffn).
+PURE_SSM = ["mamba", "mamba2", "falcon_mamba"]
+# Pre-LN encoders in BERT's modules (ESM's layout; tiny_model: AutoModel): the norms sit before
+# the sub-layers, and a module that ends each sub-layer adds the residual, with no norm after
+# (ADDS_RESIDUAL).
+PRE_LN_OUTPUT = ["esm", "xlm-roberta-xl", "roberta-prelayernorm", "megatron-bert"]
+
+# Kind 2, parallel: on one norm or two (GPT-NeoX, Falcon's variants). The "-sequential" ones are
+# these types with the parallel flag off (LLaMA's layout), tested as these are.
 PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-sequential", "gptj",
             "codegen", "gpt_neox", "gpt_neox-sequential", "falcon", "falcon-sequential",
-            "falcon-two_norms"]
-POST_LN = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text",
-           "deberta", "deberta-v2", "rembert", "splinter", "layoutlm", "markuplm", "roc_bert",
-           "luke", "convbert", "bert-generation", "mpnet", "distilbert", "nomic_bert",
-           "jina_embeddings_v3"]  # encoders (tiny_model: AutoModel)
+            "falcon-two_norms", "cohere_compass_text", "cohere_compass"]
+
+# Kind 3, a transform after the sub-layer (README's table names each type's).
+POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
+                  "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
+                  "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
+                  "gemma4", "gemma3n_text", "olmo_hybrid", "afmoe", "granite_swa",
+                  "granitemoe_swa", "minimax", "kolibri1", "kolibri1_1", "lfm3", "dory", "ergo",
+                  "beam", "inkling_text", "zaya", "lfm3_vl", "inkling_mm_model",
+                  "dinov2", "dinov2_with_registers", "dinov3_vit", "beit"]
+# Of them, those on the sum test too, their transform linear (a multiplier, a scale, Inkling's
+# short convolution); not every linear one: Granite's multiplier, for one, is on the
+# transform test alone.
+LINEAR_AFTER = ["granite_swa", "granitemoe_swa", "minimax", "inkling_text", "zaya"]
+# Layers that go on after the FFN's residual add (Gemma 4's per-layer input and layer_scalar,
+# Gemma 3n's AltUp correction; Dory's, Ergo's, Beam's nGPT interpolation, gated or depth-scaled
+# residual add): the kind-3 test reads the post-norm's output there.
+GOES_ON = ["gemma4_text", "gemma4", "gemma3n_text", "dory", "ergo", "beam"]
+# Hyper-connected layers: the hyper-connection module before the FFN, and which of its outputs
+# holds the per-stream weights the layer expands the FFN's output by (read off transformers'
+# code, not the table).
+HYPER_CONNECTED = {"deepseek_v4": ("ffn_hc", 0), "hy_v4": ("ffn_hc", 0),
+                   "qwen4_exp_text": ("mlp_hyper_connection", 2),
+                   "qwen4_exp": ("mlp_hyper_connection", 2)}
+
+# Kind 4, post-LN.
+POST_LN = [  # encoders (tiny_model: AutoModel, or the text towers' classes, MORE_ENCODERS)
+    "bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text", "deberta",
+    "deberta-v2", "rembert", "splinter", "layoutlm", "markuplm", "roc_bert", "luke", "convbert",
+    "bert-generation", "mpnet", "distilbert", "nomic_bert", "jina_embeddings_v3",
+    # More text and document encoders (transformers 5.25): BERT's layer code under other token
+    # mixers, the text towers of dual encoders, FNet (a Fourier transform as the token mixer),
+    # GTE (NomicBERT's shape).
+    "roformer", "big_bird", "longformer", "yoso", "nystromformer", "mra", "tapas", "visual_bert",
+    "layoutlmv3", "align_text_model", "altclip_text_model", "chinese_clip_text_model",
+    "clap_text_model", "blip_text_model", "dpr", "fnet", "gte"]
+# Inputs longer than tiny_inputs' 7 tokens, where the token mixer needs them (BigBird's block
+# sparsity, Nystromformer's landmarks: EXTRA).
+SEQ_LEN = {"big_bird": 16, "nystromformer": 8}
+# X-MOD (an encoder; tiny_model: AutoModel): its FFN's output module runs a language adapter, and
+# output.LayerNorm, after the residual add, so that LayerNorm runs twice (the language adapter
+# reuses it) and POST_LNS cannot name the sum: reference_model adds the delta to what the FFN's
+# last Linear (output.dense) returns, and the attention's to what attention.output returns (dense
+# and the residual add; ``attention`` applies attention.output.LayerNorm after it), read off
+# transformers' code (ADDS_RESIDUAL).
+LANG_ADAPTER = ["xmod"]
+# Decoders: GPT-1 in DistilBERT's shape, TrOCR's decoder in BART's with loose fc1 ... fc2, GIT in
+# BERT's modules.
+POST_LN_DECODERS = ["openai-gpt", "trocr", "git"]
 # Their layers' post-LNs, (after the attention, after the FFN), read off transformers' code, not
 # the table: reference_model adds each adapter's delta to the sum its sub-layer's LN normalizes.
 _BERT_LNS = ("attention.output.LayerNorm", "output.LayerNorm")
 POST_LNS = {**dict.fromkeys(POST_LN, _BERT_LNS), "mpnet": ("attention.LayerNorm", _BERT_LNS[1]),
             "distilbert": ("sa_layer_norm", "output_layer_norm"),
-            **dict.fromkeys(["nomic_bert", "jina_embeddings_v3"],
-                            ("post_attention_layernorm", "post_mlp_layernorm")),
-            **dict.fromkeys(map(model_type, BART_POST_LN + list(BART_DECODER)),
-                            ("self_attn_layer_norm", "final_layer_norm"))}
-# Pre-LN encoders in BERT's modules (ESM's layout; tiny_model: AutoModel): the norms sit before
-# the sub-layers, and a module that ends each sub-layer adds the residual, with no norm after.
-PRE_LN_OUTPUT = ["esm", "xlm-roberta-xl", "roberta-prelayernorm", "megatron-bert"]
-# Those modules, (the attention's, the FFN's), read off transformers' code, not the table:
-# reference_model adds each adapter's delta to their output, Sub(z) + r + delta.
-ADDS_RESIDUAL = dict.fromkeys(PRE_LN_OUTPUT, ("attention.output", "output"))
-# More text and document encoders (transformers 5.25), post-LN (tiny_model: AutoModel, or the
-# text towers' classes, MORE_ENCODERS): BERT's layer code under other token mixers, the text
-# towers of dual encoders, FNet (a Fourier transform as the token mixer), GTE (NomicBERT's
-# shape); their post-LNs, read off transformers' code, join POST_LNS.
-MORE_POST_LN = ["roformer", "big_bird", "longformer", "yoso", "nystromformer", "mra", "tapas",
-                "visual_bert", "layoutlmv3", "align_text_model", "altclip_text_model",
-                "chinese_clip_text_model", "clap_text_model", "blip_text_model", "dpr", "fnet",
-                "gte"]
-POST_LNS = {**POST_LNS, **dict.fromkeys(MORE_POST_LN, _BERT_LNS),
             "fnet": ("fourier.output.LayerNorm", _BERT_LNS[1]),
-            "gte": ("post_attention_layernorm", "post_mlp_layernorm")}
-# ... and pre-LN, LLaMA's layout (UltraBERT) and CLIP's (its text tower).
-MORE_PRE_LN = ["ultrabert", "clip_text_model"]
-# X-MOD (post-LN; tiny_model: AutoModel): its FFN's output module runs a language adapter, and
-# output.LayerNorm, after the residual add, so that LayerNorm runs twice (the language adapter
-# reuses it) and POST_LNS cannot name the sum: reference_model adds the delta to what the FFN's
-# last Linear (output.dense) returns, and the attention's to what attention.output returns (dense
-# and the residual add; ``attention`` applies attention.output.LayerNorm after it), read off
-# transformers' code.
-LANG_ADAPTER = ["xmod"]
-ADDS_RESIDUAL = {**ADDS_RESIDUAL, "xmod": ("attention.output", "output.dense")}
-# Inputs longer than tiny_inputs' 7 tokens, where the token mixer needs them (BigBird's block
-# sparsity, Nystromformer's landmarks: EXTRA).
-SEQ_LEN = {"big_bird": 16, "nystromformer": 8}
-# Speech and audio models (AUDIO): the wav2vec 2.0 family's default layer class is post-LN,
-# DistilBERT's shape; the others, the "-stable" variants' class included, are pre-LN.
-AUDIO_POST_LN = ["wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat", "data2vec-audio",
-                 "sew", "sew-d"]
-AUDIO_PRE_LN = [f for f in AUDIO if f not in AUDIO_POST_LN]
-# Their post-LN layer classes' post-LNs (after the attention, after the FFN), read off
-# transformers' code, by class: a "-stable" model has the same model_type and pre-LN layers.
-POST_LN_CLASSES = dict.fromkeys(
-    [f"{p}EncoderLayer" for p in ("Wav2Vec2", "Hubert", "WavLM", "UniSpeech", "UniSpeechSat",
-                                  "Data2VecAudio", "SEW")], ("layer_norm", "final_layer_norm"))
-POST_LN_CLASSES["SEWDLayer"] = _BERT_LNS  # SEW-D: DeBERTa-v2's layer
-POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
-                  "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
-                  "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
-                  "gemma4", "gemma3n_text", "olmo_hybrid",
-                  "dinov2", "dinov2_with_registers", "dinov3_vit", "beit", "afmoe"]
-# Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute: their tiny
-# models (EXTRA) have one of each, so the tests above see both.
+            **dict.fromkeys(["nomic_bert", "jina_embeddings_v3", "gte"],
+                            ("post_attention_layernorm", "post_mlp_layernorm")),
+            **dict.fromkeys([*map(model_type, BART_POST_LN + list(BART_DECODER)), "trocr"],
+                            ("self_attn_layer_norm", "final_layer_norm")),
+            "openai-gpt": ("ln_1", "ln_2"), "git": _BERT_LNS}
+# The speech models' post-LN layer classes' post-LNs (after the attention, after the FFN), read
+# off transformers' code, by class: a "-stable" model has the same model_type and pre-LN layers.
+POST_LN_CLASSES = {**dict.fromkeys([f"{p}EncoderLayer" for p in (
+    "Wav2Vec2", "Hubert", "WavLM", "UniSpeech", "UniSpeechSat", "Data2VecAudio", "SEW")],
+    ("layer_norm", "final_layer_norm")), "SEWDLayer": _BERT_LNS}  # SEW-D: DeBERTa-v2's layer
+# The modules, (the attention's, the FFN's), whose output reference_model adds each adapter's
+# delta to, Sub(z) + r + delta, read off transformers' code, not the table: ESM's layout's
+# (PRE_LN_OUTPUT), the module that ends each sub-layer and adds the residual; X-MOD's, above.
+ADDS_RESIDUAL = {**dict.fromkeys(PRE_LN_OUTPUT, ("attention.output", "output")),
+                 "xmod": ("attention.output", "output.dense")}
+
+PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
+              dict(target_modules=["q_proj", "v_proj"])]
+_PLACEMENT = {w.get("placement", "component"): w for w in PLACEMENTS}
+# Each list of tested types: (its types, the placements the oracle test runs on each, those the
+# sum test runs on each). The oracle test: every placement on LLaMA; the other types differ
+# only in names: 'both' and component ('both' alone where the Linear names are LLaMA's too, or
+# where block-level is what differs); 'ffn' and 'attn' apart on one type of each other layout
+# (ESM's, T5's, mBART's, Whisper's, BERT's, BART's) and on Nemotron-H, whose blocks take one by
+# their block type. The sum test: on pre-LN (kind 1, ESM's layout too) and parallel (kind 2)
+# layers, 'ffn' on every one; 'attn' where the layer forms h1 = h + Attn(z) before its FFN's
+# norm (kind 1; a parallel layer has no such sum); both on kind 3's LINEAR_AFTER.
+TESTED = [
+    (FAMILIES, ("both", "component"), ("ffn", "attn")),
+    (["llama", "nemotron_h", "esm", "t5", "mbart", "whisper", "bert", "bart"], ("ffn", "attn"),
+     ()),
+    # kind 1
+    (LLAMA_LIKE, ("both",), ("ffn", "attn")),
+    (PURE_SSM, ("attn",), ("attn",)),
+    (PRE_LN_OUTPUT, ("both",), ("ffn", "attn")),
+    (T5_BLOCKS, ("both",), ("ffn", "attn")),
+    (BART_PRE_LN, ("both",), ("ffn", "attn")),
+    (AUDIO_PRE_LN, ("both",), ("ffn", "attn")),
+    # kind 2
+    (PARALLEL, ("both",), ("ffn",)),
+    # kind 3
+    (POST_TRANSFORM, ("both",), ()),
+    (LINEAR_AFTER, (), ("ffn", "attn")),
+    (list(HYPER_CONNECTED), ("both",), ()),
+    (POST_NORM_SEQ2SEQ, ("both",), ()),
+    # kind 4
+    (POST_LN, ("both",), ()),
+    (LANG_ADAPTER, ("both",), ()),
+    (BART_POST_LN, ("both",), ()),
+    (AUDIO_POST_LN, ("both",), ()),
+    (POST_LN_DECODERS, ("both",), ())]
+CASES = [(f, _PLACEMENT[p]) for types, oracle, _ in TESTED for f in types for p in oracle]
+SUM_CASES = [(f, p) for types, _, sums in TESTED for f in types for p in sums]
+
+# Across kinds. Types whose layers hold a dense FFN or an MoE block, both as the FFN attribute:
+# their tiny models (EXTRA) have one of each, so the tests above see both.
 MIXED = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
          "ernie4_5_moe", "mimo_v2_flash", "cohere2_moe", "mellum", "laguna", "minicpm5_moe",
          "deepseek_v32", "mistral4", "qwen3_vl_moe", "qwen3_next", "kimi_linear",
-         "bailing_hybrid", "llama4_text", "afmoe", "jamba", "lfm2_moe"]
+         "bailing_hybrid", "llama4_text", "afmoe", "jamba", "lfm2_moe", "hy_v4", "sarvam_mla",
+         "sarvam_moe", "param2moe", "glm_moe_dsa", "hy_v3", "axk1", "axk2", "flint",
+         "dots3_note_text", "kolibri1_1", "ergo", "beam", "inkling_text"]
 # Hybrid stacks: linear attention in some layers, full attention in the others (OLMo-Hybrid:
 # layers of two classes, one family each); their tiny models have one of each.
 HYBRID = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear", "bailing_hybrid",
@@ -1033,84 +1119,14 @@ HYBRID = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "lara_mini", "kimi_linear", "b
 # Hybrid stacks of a state-space or convolution mixer (Mamba, LFM2's short convolution,
 # Griffin's recurrent block) and attention; their tiny models have one of each.
 SSM_HYBRID = ["jamba", "bamba", "granitemoehybrid", "granitemoehybrid-dense", "lfm2",
-              "lfm2_moe", "recurrent_gemma"]
-# Layers that go on after the FFN's residual add (Gemma 4's per-layer input and layer_scalar,
-# Gemma 3n's AltUp correction): the kind-3 test reads the post-norm's output there.
-GOES_ON = ["gemma4_text", "gemma4", "gemma3n_text"]
-# transformers 5.25's decoder-only additions (dec5). Pre-LN (kind 1): in LLAMA_DEC5; parallel
-# (kind 2): in PARALLEL_DEC5; those mixing dense and MoE layers in MIXED too.
-LLAMA_DEC5 = ["iquestcoder", "sarvam_mla", "sarvam_moe", "param2moe", "glm_moe_dsa", "hy_v3",
-              "axk1", "axk2", "flint", "dots3_note_text", "doge", "doge-moe", "emu3_text_model",
-              "apertus1p5_text", "modernbert-decoder"]
-PARALLEL_DEC5 = ["cohere_compass_text"]
-# Kind 3 (dec5): in POST_TRANSFORM; those whose transform is linear (a multiplier, a scale,
-# Inkling's short convolution) on the sum test too (SUM_AFTER_DEC5).
-POST_TRANSFORM += ["granite_swa", "granitemoe_swa", "minimax", "kolibri1", "kolibri1_1", "lfm3",
-                     "dory", "ergo", "beam", "inkling_text", "zaya"]
-# Hyper-connected layers (dec5): the hyper-connection module before the FFN, and which of its
-# outputs holds the per-stream weights the layer expands the FFN's output by (read off
-# transformers' code, not the table).
-HYPER_CONNECTED = {"deepseek_v4": ("ffn_hc", 0), "hy_v4": ("ffn_hc", 0),
-                   "qwen4_exp_text": ("mlp_hyper_connection", 2)}
-MIXED += ["hy_v4"]
-SUM_AFTER_DEC5 = ["granite_swa", "granitemoe_swa", "minimax", "inkling_text", "zaya"]
-# transformers 5.25's multimodal models (mm5, MULTIMODAL): the oracle test on text, in their
-# language models' lists.
-LLAMA_DEC5 += ["emu3", "dots3_note", "apertus1p5"]
-PARALLEL_DEC5 += ["cohere_compass"]
-POST_TRANSFORM += ["lfm3_vl", "inkling_mm_model"]
-HYPER_CONNECTED["qwen4_exp"] = ("mlp_hyper_connection", 2)
-AWAY_FROM_INIT["inkling_mm_model"] = AWAY_FROM_INIT["inkling_text"]
-GOES_ON += ["dory", "ergo", "beam"]
-SSM_HYBRID += ["lfm3"]
-MIXED += ["sarvam_mla", "sarvam_moe", "param2moe", "glm_moe_dsa", "hy_v3", "axk1", "axk2",
-          "flint", "dots3_note_text", "kolibri1_1", "ergo", "beam", "inkling_text"]
-PLACEMENTS = [dict(placement="ffn"), dict(placement="attn"), dict(placement="both"),
-              dict(target_modules=["q_proj", "v_proj"])]
-# Older and non-transformer decoders. Pre-LN in LLaMA's layout (RWKV's time and channel mix,
-# xLSTM's mLSTM layer, CTRL, CPM-Ant's wrapped sub-layers, MusicGen's decoders with loose fc1 ...
-# fc2; Fuyu: multimodal, its language model a Persimmon) join LLAMA_LIKE. PURE_SSM: stacks of
-# one-mixer blocks with no FFN ('attn' tested; 'both' the same, 'ffn' refused:
-# test_a_stack_without_ffns_adapts_its_mixers_and_refuses_ffn). POST_LN_DECODERS: post-LN
-# (GPT-1 in DistilBERT's shape, TrOCR's decoder in BART's with loose fc1 ... fc2, GIT in BERT's
-# modules), their post-LNs in POST_LNS.
-LLAMA_LIKE += ["rwkv", "xlstm", "ctrl", "cpmant", "fuyu"]
-PURE_SSM = ["mamba", "mamba2", "falcon_mamba"]
-POST_LN_DECODERS = ["openai-gpt", "trocr", "git"]
-POST_LNS.update({"openai-gpt": ("ln_1", "ln_2"), "trocr": ("self_attn_layer_norm",
-                                                           "final_layer_norm"),
-                 "git": _BERT_LNS})
-
-
-# Every placement on LLaMA; the other families differ only in names: 'both' and component
-# ('both' alone where the Linear names are LLaMA's too, or where block-level is what differs;
-# each placement on Nemotron-H, whose blocks take one by their block type).
-CASES = ([("llama", w) for w in PLACEMENTS]
-         + [(f, w) for f in FAMILIES[1:] for w in PLACEMENTS[2:]]
-         + [(f, PLACEMENTS[2]) for f in LLAMA_LIKE + PARALLEL + POST_TRANSFORM]
-         + [(f, PLACEMENTS[2]) for f in LLAMA_DEC5 + PARALLEL_DEC5 + list(HYPER_CONNECTED)]
-         + [("bert", PLACEMENTS[0]), ("bert", PLACEMENTS[1])]
-         + [("nemotron_h", PLACEMENTS[0]), ("nemotron_h", PLACEMENTS[1])]
-         + [(f, PLACEMENTS[2]) for f in POST_LN]
-         + [("esm", PLACEMENTS[0]), ("esm", PLACEMENTS[1])]
-         + [(f, PLACEMENTS[2]) for f in PRE_LN_OUTPUT]
-         + [("t5", PLACEMENTS[0]), ("t5", PLACEMENTS[1])]
-         + [(f, PLACEMENTS[2]) for f in SEQ2SEQ]
-         + [(f, PLACEMENTS[2]) for f in MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER]
-         + [("whisper", PLACEMENTS[0]), ("whisper", PLACEMENTS[1])]
-         + [(f, PLACEMENTS[2]) for f in AUDIO]
-         + [(f, w) for f in ("bart", "mbart") for w in PLACEMENTS[:2]]
-         + [(f, PLACEMENTS[2]) for f in BART_SEQ2SEQ]
-         + [(f, PLACEMENTS[1]) for f in PURE_SSM] + [(f, PLACEMENTS[2]) for f in POST_LN_DECODERS])
+              "lfm2_moe", "recurrent_gemma", "lfm3"]
 
 
 def test_every_supported_architecture_is_tested():
     """Each table entry by a model of its type, or (the Qwen-VL language models, Gemma 3's)
     by the multimodal model whose text_config has it; the dual encoders' by their image
     classifiers too."""
-    tested = (FAMILIES + LLAMA_LIKE + PARALLEL + POST_TRANSFORM + POST_LN + PRE_LN_OUTPUT + SEQ2SEQ
-              + MORE_POST_LN + MORE_PRE_LN + LANG_ADAPTER + list(AUDIO) + BART_SEQ2SEQ
-              + PURE_SSM + POST_LN_DECODERS + LLAMA_DEC5 + PARALLEL_DEC5 + list(HYPER_CONNECTED))
+    tested = [f for types, _, _ in TESTED for f in types]
     assert set(MULTIMODAL) | set(VISION_CLASSES) <= set(tested)
     assert set(DUAL) == set(DUAL_ENCODERS)
     wrappers = {**MULTIMODAL, **DUAL}
@@ -1344,18 +1360,6 @@ def test_rwkv_is_refused_while_it_rescales_in_eval_mode(monkeypatch):
     assert rel_err(*train_and_eval()) > 0.1
 
 
-# Pre-LN (kind 1, ESM's layout too) and parallel (kind 2) layers: 'ffn' on every one; 'attn'
-# where the layer forms h1 = h + Attn(z) before its FFN's norm (kind 1; a parallel layer has no
-# such sum).
-SUM_CASES = ([(f, "ffn") for f in FAMILIES + LLAMA_LIKE + PARALLEL + T5_BLOCKS + PRE_LN_OUTPUT
-              + BART_PRE_LN]
-             + [(f, "attn") for f in FAMILIES + LLAMA_LIKE + T5_BLOCKS + PRE_LN_OUTPUT
-                + BART_PRE_LN + PURE_SSM]
-             + [(f, p) for f in MORE_PRE_LN for p in ("ffn", "attn")]
-             + [(f, p) for f in AUDIO_PRE_LN for p in ("ffn", "attn")]
-             + [(f, p) for f in LLAMA_DEC5 for p in ("ffn", "attn")]
-             + [(f, "ffn") for f in PARALLEL_DEC5]
-             + [(f, p) for f in SUM_AFTER_DEC5 for p in ("ffn", "attn")])
 # Where the layer's h1 is not the input of the FFN's norm: the module whose output (its first
 # element) is h1, read off transformers' code, not the table. T5's block: the self-attention's
 # wrapper ``layer.0`` returns h + Attn(z) (a decoder block's cross-attention comes between it
