@@ -582,8 +582,16 @@ def _tick(label: str) -> str:
     return "\n".join([words[0], words[1], " ".join(words[2:5]), " ".join(words[5:])])
 
 
-def plot(records: list[dict], path: Path) -> None:
-    """Median time per shape and provider (log scale), one panel per pass."""
+def machine_label(meta: dict) -> str:
+    """One line naming what the numbers were measured on (:func:`machine`'s dict): the GPU, or
+    the CPU and its threads; torch's version."""
+    where = meta.get("gpu") or f"CPU {meta['cpu']}, {meta['threads']} threads"
+    return f"{where}; torch {meta['torch']}"
+
+
+def plot(records: list[dict], path: Path, meta: dict) -> None:
+    """Median time per shape and provider (log scale), one panel per pass, titled with the
+    machine (``meta``: :func:`machine`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -610,6 +618,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_xticklabels([_tick(lab) for lab in labels], fontsize=7)
     if names:  # else nothing ran: empty panels, and no legend to draw
         axes[0][0].legend(fontsize=8)
+    fig.suptitle(machine_label(meta), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -190,7 +190,7 @@ def _bench(args: argparse.Namespace) -> int:
     meta["load_avg_1m_end"] = bench.machine(device)["load_avg_1m"]
     con.print(bench.table(records, on_gpu=device.type == "cuda"))
     bench.write_json(records, meta, args.out / "bench.json")
-    bench.plot(records, args.out / "bench.png")
+    bench.plot(records, args.out / "bench.png", meta)
     con.print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
               f"({meta['device']}, {meta['threads']} threads, 1-min load average "
               f"{meta['load_avg_1m']} before, {meta['load_avg_1m_end']} after)")

@@ -97,6 +97,21 @@ def test_bench_quick_end_to_end_writes_json_and_png(tmp_path, capsys):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_names_the_machine(monkeypatch, tmp_path):
+    """The figure's title names what the numbers ran on (it named nothing: a plot copied out of
+    bench_out/ lost the machine), a GPU by its name."""
+    cpu = bench.machine(CPU)
+    assert bench.machine_label(cpu) == (f"CPU {cpu['cpu']}, {cpu['threads']} threads; "
+                                        f"torch {torch.__version__}")
+    gpu = dict(cpu, gpu="NVIDIA H100 80GB HBM3")
+    assert bench.machine_label(gpu) == f"NVIDIA H100 80GB HBM3; torch {torch.__version__}"
+    titles = []
+    monkeypatch.setattr("matplotlib.figure.Figure.suptitle",
+                        lambda fig, text, **kw: titles.append(text))
+    bench.plot([], tmp_path / "bench.png", gpu)
+    assert titles == [bench.machine_label(gpu)]
+
+
 def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     assert main(["bench", "--providers", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown providers ['nope']" in capsys.readouterr().err
