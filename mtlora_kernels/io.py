@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from mtlora_kernels.integrations.hf import (MTLoRAHandle, attach, get_handle, hidden_size_of,
                                             normalized_layers, train_module_paths, unwrapped)
-from mtlora_kernels.nn import MTLoRAAdapter, MTLoRAConfig
+from mtlora_kernels.nn import MTLoRAConfig
 from mtlora_kernels.nn.adapter import linear_widths
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -304,16 +304,19 @@ def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where
 def _copy_all(tensors: Mapping[str, Tensor], handle: MTLoRAHandle) -> None:
     """Copy every tensor in (the adapters', the train modules'); an FSDP2-sharded parameter takes
     its shard (collective: every rank loads the same file)."""
-    params = handle._tensors()
-    with torch.no_grad():
-        for key, param in params.items():
-            value = tensors[key]
-            if _is_dtensor(param):
-                from torch.distributed.tensor import distribute_tensor
+    for key, param in handle._tensors().items():
+        _copy_into(param, tensors[key])
 
-                value = distribute_tensor(value.to(param.device, param.dtype),
-                                          param.device_mesh, param.placements)
-            param.copy_(value)
+
+def _copy_into(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)``; a parameter sharded with FSDP2 takes its shard of ``value``."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh,
+                                  param.placements)
+    with torch.no_grad():
+        param.copy_(value)
 
 
 def _attach_then(model: nn.Module, attach_kwargs: dict, fill: Callable[[MTLoRAHandle], None]
@@ -406,7 +409,8 @@ def _dotted_suffix(a: str, b: str) -> bool:
 
 def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
     """Our module path -> the checkpoint's; they agree up to a wrapper prefix such as PEFT's
-    ``base_model.model.`` (one must be a dotted suffix of the other, uniquely)."""
+    ``base_model.model.`` (one must be a dotted suffix of the other, uniquely both ways: a
+    checkpoint's ``layers.0.self_attn.q_proj`` names an encoder-decoder's two such modules)."""
     mapping, problems = {}, []
     for name in ours:
         hits = [t for t in theirs if _dotted_suffix(name, t)]
@@ -415,6 +419,11 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
                             f"modules{'' if not hits else ' ' + str(hits[:3])}")
         else:
             mapping[name] = hits[0]
+    for t in theirs:
+        here = sorted(n for n, hit in mapping.items() if hit == t)
+        if len(here) > 1:
+            problems.append(f"checkpoint module {t} matches {len(here)} modules here: "
+                            f"{here[:3]}")
     unused = sorted(set(theirs) - set(mapping.values()))
     if unused:
         problems.append(f"checkpoint modules with no adapter here: {unused[:3]}"
@@ -428,11 +437,10 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
 def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
             attach_kwargs: Callable[[nn.Module, dict | None, list[str], str], dict]
             ) -> MTLoRAHandle:
-    pattern, b_key, strip, load = {
-        "hydralora": (_HYDRA_KEY, lambda i: f"lora_B{i}.weight", ".adapter",
-                      MTLoRAAdapter.load_hydralora_state_dict),
+    pattern, b_key, strip, source_name = {
+        "hydralora": (_HYDRA_KEY, lambda i: f"lora_B{i}.weight", ".adapter", "HydraLoRA"),
         "official": (_OFFICIAL_KEY, lambda i: f"lora_B.{i}.weight", ".mtlora_adapter",
-                     MTLoRAAdapter.load_official_state_dict),
+                     "official mtLoRA"),
     }[kind]
     peft_config = None
     if isinstance(source, Mapping):
@@ -459,8 +467,10 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
         if problems:
             raise AdapterLoadError(f"{where} does not fit the attached adapters: "
                                    + "; ".join(problems))
+        # Converted, then copied as load_adapters copies (into FSDP2 shards too).
         for name, adapter in ours.items():
-            load(adapter, groups[mapping[name]])
+            for key, value in adapter._converted(groups[mapping[name]], b_key, source_name).items():
+                _copy_into(getattr(adapter, key), value)
 
     if handle is not None:
         # The checkpoint's config (given, or its file's) must be the attached adapters': a
@@ -563,8 +573,10 @@ def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = N
     tensors. Without attached adapters, ``config`` (or the directory's config) gives the
     hyper-parameters, and the adapters go on ``target_modules`` or, by default, on exactly the
     modules the checkpoint holds (the config's ``target_modules`` may be a regex string or a bare
-    suffix that PEFT matches differently). Everything is checked first; on an error the model
-    is unchanged.
+    suffix that PEFT matches differently). Module names match up to a wrapper prefix (PEFT's
+    ``base_model.model.``); one that fits several modules here (``layers.0.self_attn.q_proj``
+    in an encoder-decoder) is refused. Everything is checked first; on an error the model is
+    unchanged.
     """
     def kwargs(model, peft_config, modules, where):
         cfg = config

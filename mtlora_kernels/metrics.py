@@ -68,7 +68,8 @@ def gradient_conflict(
     adapter parameters: the paper's gradient-conflict measure. Negative = conflict.
 
     Args:
-        model: the model; its mode is left as it is (use ``eval()`` for dropout-free gradients).
+        model: the model (of an :func:`~mtlora_kernels.attach` handle: ``handle.model``); its
+            mode is left as it is (use ``eval()`` for dropout-free gradients).
         task_batches: one batch per task, a sequence or a mapping name -> batch.
         loss_fn: ``loss_fn(model, batch) -> scalar`` task loss.
         num_pairs: measure this many task pairs drawn with ``random.Random(seed)``; None (or at
@@ -88,6 +89,10 @@ def gradient_conflict(
     if len(batches) < 2:
         raise ValueError(f"task_batches needs at least 2 tasks; got {len(batches)}")
     if params is None:
+        if not isinstance(model, nn.Module):  # a handle: AttributeError 'modules' before
+            raise TypeError(f"model must be an nn.Module whose adapters give the default "
+                            f"params (for an MTLoRAHandle, pass handle.model); got "
+                            f"{type(model).__name__}")
         params = [p for a in find_adapters(model) for p in a.parameters() if p.requires_grad]
     params = list(params)
     if not params:

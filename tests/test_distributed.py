@@ -1,5 +1,6 @@
 """Attached adapters at scale, on the CPU: DDP and FSDP2 (gloo, 2 processes) with gradient
-checkpointing (the spectral term on sharded adapters, save/load of sharded adapters),
+checkpointing (the spectral term on sharded adapters, save/load of sharded adapters, an
+official checkpoint imported into them),
 torch.compile, and gradient checkpointing against the plain forward."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from test_hf import randomize, tiny_inputs, tiny_model  # noqa: E402
 
 from mtlora_kernels import (MTLoRAConfig, SpectralRegularizer, attach,  # noqa: E402
                             load_adapters, save_adapters)
+from mtlora_kernels.io import import_official  # noqa: E402
 
 TOL = REL_TOL[torch.float32]
 
@@ -122,6 +124,23 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         fully_shard(sharded)
         load_adapters(sharded_handle, out_dir)
         assert rel_err(sharded.eval()(ids).logits, want_out) <= TOL
+        # An official mtLoRA checkpoint imports into sharded adapters too (its copies went
+        # into the DTensors as plain tensors: "got mixed torch.Tensor and DTensor").
+        stage.write_text("import into FSDP2")
+        official = {}
+        for name, a in ref_handle.adapters.items():
+            mod = name.removesuffix(".mtlora_adapter") + ".block_adapter"
+            official[f"{mod}.lora_A.weight"] = a.lora_A.detach()
+            official[f"{mod}.lora_route.weight"] = a.lora_route.detach()
+            official.update({f"{mod}.lora_B.{i}.weight": b.detach()
+                             for i, b in enumerate(a.lora_B)})
+        imported, imported_handle = adapted_llama()
+        randomize(imported_handle, seed=9)
+        for layer in imported.model.layers:
+            fully_shard(layer)
+        fully_shard(imported)
+        import_official(imported_handle, official)
+        assert rel_err(imported.eval()(ids).logits, want_out) <= TOL
         Path(out_dir, f"rank{rank}.passed").touch()
         dist.barrier()  # neither rank tears down while the other still communicates
     finally:

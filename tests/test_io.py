@@ -682,6 +682,31 @@ def test_an_imported_checkpoint_reloads_into_adapters_attached_by_target_name(tm
         load_adapters(third, tmp_path)
 
 
+
+def test_a_checkpoint_module_that_names_several_modules_here_is_refused():
+    """Module names are matched up to a wrapper prefix, so a checkpoint that names its modules
+    without their stack (``layers.0.self_attn.q_proj``) matches BART's encoder and decoder
+    module alike: both got the same adapter, silently. Refused now, naming both; the full
+    names import into the encoder alone."""
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=1, alpha=8.0, dropout=0.0)
+    model = tiny_model("bart")
+    state, oracle = _hydralora_checkpoint(model, lambda n: ".encoder." in n
+                                          and n.endswith("self_attn.q_proj"))
+    short = {k.split("encoder.", 1)[1]: v for k, v in state.items()}
+    x = tiny_inputs("bart")
+    snap, before = snapshot(model), run(model, x)
+    for targets in (None, ["q_proj"]):
+        with pytest.raises(AdapterLoadError, match=r"checkpoint module layers\.0\.self_attn\."
+                                                   r"q_proj matches 2 modules here: \['model\."
+                                                   r"decoder\.layers\.0\.self_attn\.q_proj', "
+                                                   r"'model\.encoder\.layers\.0"):
+            import_hydralora(model, short, config=cfg, target_modules=targets)
+    assert get_handle(model) is None
+    assert_unchanged(model, snap, x, before)
+    handle = import_hydralora(model, state, config=cfg)
+    assert all(".encoder." in name for name in handle.adapters)
+    assert rel_err(run(model, x), run(oracle, x)) <= REL_TOL[torch.float32]
+
 # --- train modules (attach(..., train_modules=...)) ----------------------------------------------
 
 

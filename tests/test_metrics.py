@@ -148,6 +148,17 @@ def test_conflict_bad_input(call, match):
         call(_adapter())
 
 
+def test_conflict_of_a_handle_names_its_model():
+    """An attach() handle is no module: it failed on an AttributeError ('modules')."""
+    from mtlora_kernels import attach
+
+    torch.manual_seed(0)
+    handle = attach(nn.Sequential(nn.Linear(10, 10)), MTLoRAConfig(r=2, num_experts=2),
+                    target_modules=["0"])
+    with pytest.raises(TypeError, match=r"pass handle\.model\); got MTLoRAHandle"):
+        gradient_conflict(handle, [1, 2], _signed_sum)
+
+
 def test_conflict_num_pairs_is_an_integer():
     with pytest.raises(TypeError, match="num_pairs must be an integer"):
         gradient_conflict(_adapter(), [1, 2, 3], _signed_sum, num_pairs=True)

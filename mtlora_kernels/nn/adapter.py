@@ -163,17 +163,26 @@ class MTLoRAAdapter(nn.Module):
                      if k in state and state[k].device.type == "meta"]
         return problems
 
-    def _load_converted(self, state: dict[str, Tensor], b_key, source: str) -> None:
+    def _converted(self, state: dict[str, Tensor], b_key, source: str) -> dict[str, Tensor]:
+        """A foreign state dict (expert i's B under ``b_key(i)``) in this adapter's layout:
+        ``{"lora_A": ..., "lora_B": [N, d_out, r], "lora_route": ...}`` (no router for N == 1),
+        after :meth:`_converted_problems` found nothing; ValueError naming them otherwise."""
         problems = self._converted_problems(state, b_key)
         if problems:
             raise ValueError(f"{source} state dict does not fit this adapter "
                              f"({self.extra_repr()}): " + "; ".join(problems))
         n = self.config.num_experts
+        out = {"lora_A": state["lora_A.weight"],
+               "lora_B": torch.stack([state[b_key(i)] for i in range(n)])}
+        if n > 1:
+            out["lora_route"] = state["lora_route.weight"]
+        return out
+
+    def _load_converted(self, state: dict[str, Tensor], b_key, source: str) -> None:
+        values = self._converted(state, b_key, source)
         with torch.no_grad():
-            self.lora_A.copy_(state["lora_A.weight"])
-            self.lora_B.copy_(torch.stack([state[b_key(i)] for i in range(n)]))
-            if n > 1:
-                self.lora_route.copy_(state["lora_route.weight"])
+            for name, value in values.items():
+                getattr(self, name).copy_(value)
 
     def extra_repr(self) -> str:
         c = self.config
