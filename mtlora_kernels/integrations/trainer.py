@@ -29,6 +29,10 @@ wrong, which is why this class exists:
   goes instead, computed by the model's own rule (:func:`frame_mask`: the wav2vec 2.0 family,
   SEW, SEW-D, Speech2Text, Moonshine; Whisper's encoder reads no mask, its frames all count).
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
+- **Checkpoints** hold the regularizer's run state (its step, last refresh and cached
+  weighting: ``mtlora_regularizer.pt``, written by ``save_model``), which
+  ``train(resume_from_checkpoint=...)`` restores into the regularizer the trainer is given:
+  with ``refresh_every`` > 1 a resumed run weighs as the uninterrupted one does.
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
 of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
@@ -37,12 +41,21 @@ of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 from __future__ import annotations
 
 import math
+import os
 
+import torch
 import transformers
 from torch import Tensor, nn
+from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora_kernels.integrations.hf import MTLoRAHandle, get_handle
 from mtlora_kernels.losses import SpectralRegularizer, is_encoder_decoder
+
+
+# The file beside a saved model (each checkpoint's) that holds the regularizer's run state; its
+# settings come from the regularizer the resumed trainer is given.
+REGULARIZER_NAME = "mtlora_regularizer.pt"
+_RUN_STATE = ("step", "_refreshed_at", "_weighting")
 
 
 def _the_handle(model: nn.Module) -> MTLoRAHandle:
@@ -118,6 +131,28 @@ class MTLoRATrainer(transformers.Trainer):
                                     self.args.gradient_accumulation_steps)
             loss = loss + aux
         return (loss, outputs) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's, and the regularizer's run state beside the model (each checkpoint's
+        folder holds it: the Trainer saves a checkpoint's model through this method)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            state = self.regularizer.__getstate__()
+            torch.save({key: state[key] for key in _RUN_STATE},
+                       os.path.join(output_dir or self.args.output_dir, REGULARIZER_NAME))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """The Trainer's; resuming from a checkpoint restores the regularizer's run state too
+        (without it, a run with ``refresh_every`` > 1 refreshed the weighting at its first
+        step and drifted from the uninterrupted one)."""
+        path = resume_from_checkpoint
+        if path is True:  # the Trainer's rule: the last checkpoint in output_dir
+            path = get_last_checkpoint(self.args.output_dir)
+        if isinstance(path, (str, os.PathLike)) and os.path.isfile(
+                saved := os.path.join(path, REGULARIZER_NAME)):  # another trainer's has none
+            run = torch.load(saved, map_location="cpu", weights_only=True)
+            self.regularizer.__setstate__({**self.regularizer.__getstate__(), **run})
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._last_aux is not None:
