@@ -116,12 +116,17 @@ def spectral_weighting(lora_B: Tensor) -> Tensor:
     is the whole spectrum, so there is nothing to truncate and a sketch of width >= r would cost
     as much as the exact thin SVD; B also starts at zero and stays nearly rank-deficient early in
     training, where CholeskyQR2 falls back to Householder anyway. It runs once per refresh.
+
+    An ordinary tensor under ``torch.inference_mode()`` too: :class:`SpectralRegularizer` caches
+    it for the training steps after a call logged there, whose backward cannot save an inference
+    tensor.
     """
     acc = acc_dtype(lora_B.dtype)
-    _, sigma, Vh = torch.linalg.svd(lora_B.detach().to(acc), full_matrices=False)
-    mean = sigma.mean(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    root_w = torch.exp(-sigma / mean).sqrt()
-    return (Vh.mT * root_w.unsqueeze(-2)) @ Vh
+    with torch.inference_mode(False):  # lora_B is detached: no graph either way
+        _, sigma, Vh = torch.linalg.svd(lora_B.detach().to(acc), full_matrices=False)
+        mean = sigma.mean(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+        root_w = torch.exp(-sigma / mean).sqrt()
+        return (Vh.mT * root_w.unsqueeze(-2)) @ Vh
 
 
 def paper_spectral_loss(lora_B: Tensor, weighting: Tensor) -> Tensor:

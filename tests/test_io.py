@@ -62,6 +62,32 @@ def test_round_trip_gives_identical_outputs(tmp_path, where):
     assert torch.equal(run(again, x), want)
 
 
+@pytest.mark.parametrize("where", [dict(placement="ffn"), dict(target_modules="v_proj")],
+                         ids=["block", "component"])
+def test_adapters_loaded_under_inference_mode_reload_and_train_outside_it(tmp_path, where):
+    """A server that loads adapters into a fresh model under ``torch.inference_mode()`` gets
+    adapters with ordinary parameters: outside it they take other adapters' weights (a swap) and
+    train. Created as inference tensors, the swap failed ('Inplace update to inference tensor
+    outside InferenceMode') and so did the training step ('Inference tensors cannot be saved for
+    backward')."""
+    model = tiny_model("llama")
+    handle = attach(model, CFG, **where)
+    x = tiny_inputs("llama")
+    for name, seed in (("first", 2), ("second", 3)):
+        randomize(handle, seed)
+        save_adapters(handle, tmp_path / name)
+    want = run(model, x)  # the second adapters'
+    served = tiny_model("llama")  # same seed: same base weights
+    with torch.inference_mode():
+        loaded = load_adapters(served, tmp_path / "first")
+        first = run(served, x)
+    load_adapters(loaded, tmp_path / "second")
+    out = run(served, x)
+    assert torch.equal(out, want) and not torch.equal(first, want)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loaded.parameters())
+
+
 @pytest.mark.parametrize("family,mixer,ffn", [("qwen3_next", "linear_attn", "mlp"),
                                               ("olmo_hybrid", "linear_attn", "mlp"),
                                               ("jamba", "mamba", "feed_forward")])

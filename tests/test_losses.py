@@ -279,6 +279,28 @@ def test_weighting_cached_in_one_dtype_is_redone_for_another():
     assert rel_err(out, SpectralRegularizer()(model)) <= REL_TOL[torch.float64]
 
 
+def test_a_weighting_cached_under_inference_mode_serves_the_training_steps_after_it():
+    """Logged under torch.inference_mode() (an evaluation between training steps), the paper
+    regularizer caches its weighting for the steps that follow: cached as an inference tensor it
+    failed their backward ('Inference tensors cannot be saved for backward'). Value and gradient
+    are those of a regularizer that cached outside inference mode (the cached M, of the B before
+    a training step moved it)."""
+    model = Tiny(seed=11)
+    reg, plain = SpectralRegularizer(refresh_every=100), SpectralRegularizer(refresh_every=100)
+    with torch.inference_mode():
+        logged = reg(model)
+    assert torch.equal(logged, plain(model))
+    Bs = [a.lora_B for a in _routed(model)]
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for B in Bs:
+            B.add_(0.1 * torch.randn(B.shape, generator=g, dtype=B.dtype))
+    out, want = reg(model), plain(model)
+    assert torch.equal(out, want)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, Bs),
+                                                 torch.autograd.grad(want, Bs)))
+
+
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_autocast_leaves_the_regularizer_in_the_weights_dtype(variant):
     """A bf16 autocast region around the training step (the usual mixed-precision loop) must

@@ -638,6 +638,11 @@ def _check_train_modules(model: nn.Module, names: list[str], adapted: list[str],
     return paths
 
 
+# The adapters are model state, not results: attached (or loaded, import_*) under
+# torch.inference_mode() their parameters would be inference tensors, which outside it can be
+# neither written (a later load_adapters) nor saved for backward (training). Grad mode does not
+# matter in here (inference_mode(False) turns it on).
+@torch.inference_mode(False)
 def attach(
     model: nn.Module,
     config: MTLoRAConfig | None = None,
@@ -685,6 +690,8 @@ def attach(
             them to the activations' dtype).
 
     Everything is checked before the model is touched: on an error the model is unchanged.
+    Under ``torch.inference_mode()`` too the adapters get ordinary parameters (not inference
+    tensors), which a later :func:`~mtlora_kernels.io.load_adapters` and training can update.
     """
     model = unwrapped(model)
     if get_handle(model) is not None:
