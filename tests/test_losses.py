@@ -434,6 +434,19 @@ def test_balance_loss_averages_the_routed_adapters():
     assert model.a1.lora_route.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_balance_loss_after_a_forward_without_autograd_names_it(mode):
+    """A forward under no_grad / inference_mode (a serving process that starts training) left
+    routing the loss cannot reach the router from; the error led with reentrant checkpointing
+    only. Under the same mode the loss is a value to log."""
+    model = Tiny(seed=8)
+    with mode():
+        model(torch.randn(7, 12, dtype=F64))
+        assert balance_loss(model) > 0
+    with pytest.raises(RuntimeError, match=r"under torch\.no_grad\(\) or torch\.inference_mode"):
+        balance_loss(model)
+
+
 def test_balance_loss_and_auxiliary_loss_count_only_the_masked_tokens():
     """balance_loss(model, mask) and auxiliary_loss(mask=...) hand the mask to every routed
     adapter. Each term written out (SPEC section 2): pi = softmax over e of the router logits of

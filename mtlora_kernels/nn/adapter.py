@@ -99,10 +99,11 @@ class MTLoRAAdapter(nn.Module):
             # silently carry no gradient to the router (measured: adapter gradients off by 2e-4
             # absolute on a tiny Llama).
             raise RuntimeError(
-                "the last forward ran without autograd (e.g. reentrant activation "
-                "checkpointing), so the balance loss cannot reach the router. Use "
+                "the last forward ran without autograd (under torch.no_grad() or "
+                "torch.inference_mode(), or in reentrant activation checkpointing), so the "
+                "balance loss cannot reach the router. Run the forward with gradients; use "
                 "non-reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': "
-                "False}, transformers' default), or compute the loss under torch.no_grad() if "
+                "False}, transformers' default); or compute the loss under torch.no_grad() if "
                 "it is only logged.")
         pi = self._routing  # [..., g, N]
         # A forward on tokens flattened to one dim (OPT's FFN gets [B*S, d]) takes the batch's
