@@ -88,6 +88,27 @@ def test_adapters_loaded_under_inference_mode_reload_and_train_outside_it(tmp_pa
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loaded.parameters())
 
 
+
+@pytest.mark.parametrize("case", ["vit", "llama-lm_head"])
+def test_a_model_built_under_inference_mode_takes_adapters_with_a_train_module(tmp_path, case):
+    """A server that builds the model and loads adapters saved with a trained head, all under
+    ``torch.inference_mode()``: the head's weights are the model's (inference tensors there),
+    which take ``requires_grad`` inside inference mode only; the load gives the trained model's
+    outputs, its adapters ordinary parameters. (attach switched inference mode off for all its
+    work, and failed there, on the head, after freezing the model.)"""
+    model, family, where, head = head_model(case)
+    randomize(attach(model, CFG, **where, train_modules=head))
+    fill(model.get_submodule(head), 20)
+    x = tiny_inputs(family)
+    want = run(model, x)
+    save_adapters(get_handle(model), tmp_path)
+    with torch.inference_mode():
+        served, *_ = head_model(case)
+        loaded = load_adapters(served, tmp_path)
+        out = run(served, x)
+    assert torch.equal(out, want)
+    assert not any(p.is_inference() for a in loaded.adapters.values() for p in a.parameters())
+
 @pytest.mark.parametrize("family,mixer,ffn", [("qwen3_next", "linear_attn", "mlp"),
                                               ("olmo_hybrid", "linear_attn", "mlp"),
                                               ("jamba", "mamba", "feed_forward")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from test_distributed import run_on_two_ranks  # noqa: E402
 from test_hf import AUDIO_INPUTS, fill, randomize, tiny_model  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.layouts import SUPPORTED_ARCHITECTURES  # noqa: E402
-from mtlora_kernels.integrations.trainer import MTLoRATrainer, frame_mask  # noqa: E402
+from mtlora_kernels.integrations.trainer import (REGULARIZER_NAME, MTLoRATrainer,  # noqa: E402
+                                                 frame_mask)
 from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
 
 
@@ -338,7 +340,8 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     """The Trainer's checkpoints (the whole model: the adapters' tensors beside the base's) hold
     the adapters and the regularizer's step and cached weighting, and resuming from one gives
     the parameters of the run that never stopped. (Without the regularizer's state the resumed
-    run refreshed the weighting at step 2 of its refresh_every=4 window: 3e-4 off.)"""
+    run refreshed the weighting at step 2 of its refresh_every=4 window: 3e-4 off.) Resumed
+    from a checkpoint named, and from output_dir's last (``resume_from_checkpoint=True``)."""
 
     def adapters_after(steps: int, out: str, **kw) -> list[torch.Tensor]:
         model, handle = tiny_adapted(dict(placement="ffn"))
@@ -354,10 +357,35 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     straight = adapters_after(4, "straight")
     stopped = adapters_after(2, "stopped", save_strategy="steps", save_steps=2)
     resumed = adapters_after(4, "resumed", resume=str(tmp_path / "stopped" / "checkpoint-2"))
-    for a, b, s in zip(straight, resumed, stopped):
+    # True: the last checkpoint in output_dir, found by the Trainer's rule
+    last = adapters_after(4, "stopped", resume=True)
+    for a, b, c, s in zip(straight, resumed, last, stopped):
         assert not torch.equal(a, s)  # steps 3 and 4 moved them
-        assert rel_err(b, a) <= 1e-6
+        assert rel_err(b, a) <= 1e-6 and rel_err(c, a) <= 1e-6
 
+
+
+def test_the_regularizer_state_is_saved_where_the_trainers_own_save_wrote_nothing(tmp_path):
+    """Under FSDP with a sharded state dict the Trainer's save_model writes nothing (the model's
+    shards come later, with the optimizer's, which make the checkpoint's folder): the
+    regularizer's run state is written all the same, to a folder made for it (FileNotFoundError
+    before, at every checkpoint of such a run). The Trainer's own FSDP branch is taken, given
+    that plugin's setting."""
+    model, _ = tiny_adapted(dict(placement="ffn"))
+    reg = SpectralRegularizer(refresh_every=4)
+    trainer = MTLoRATrainer(model=model, train_dataset=dataset(4), regularizer=reg,
+                            args=args(tmp_path, max_steps=2, per_device_train_batch_size=2))
+    trainer.train()
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+        state_dict_type="StateDictType.SHARDED_STATE_DICT")))
+    folder = tmp_path / "checkpoint-2"
+    trainer.save_model(str(folder))
+    assert os.listdir(folder) == [REGULARIZER_NAME]
+    saved = torch.load(folder / REGULARIZER_NAME, weights_only=True)
+    assert (saved["step"], saved["_refreshed_at"]) == (2, 0)
+    cached = reg.__getstate__()["_weighting"]
+    assert len(cached) == 2 and all(torch.equal(a, b) for a, b in zip(saved["_weighting"], cached))
 
 # Encoder-decoders: T5 (one block class), BART (two layer classes, its stacks under model.), with
 # their dropouts off (training mode: one loss, forward after forward).

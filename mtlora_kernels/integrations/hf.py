@@ -638,11 +638,6 @@ def _check_train_modules(model: nn.Module, names: list[str], adapted: list[str],
     return paths
 
 
-# The adapters are model state, not results: attached (or loaded, import_*) under
-# torch.inference_mode() their parameters would be inference tensors, which outside it can be
-# neither written (a later load_adapters) nor saved for backward (training). Grad mode does not
-# matter in here (inference_mode(False) turns it on).
-@torch.inference_mode(False)
 def attach(
     model: nn.Module,
     config: MTLoRAConfig | None = None,
@@ -768,8 +763,9 @@ def attach(
         for name, linear in found:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            wrapper = MTLoRALinear(linear, cfg).train(linear.training)
-            wrapper.adapter.to(dtype=dtype)
+            with _outside_inference_mode():
+                wrapper = MTLoRALinear(linear, cfg).train(linear.training)
+                wrapper.adapter.to(dtype=dtype)
             handle._swaps.append((parent, child, linear))
             handle.adapters[f"{name}.adapter"] = wrapper.adapter
             setattr(parent, child, wrapper)
@@ -833,8 +829,9 @@ def attach(
             host = layer.get_submodule(sub)
             ref = next(host.parameters(), None)
             d = widths[layer_name]
-            adapter = MTLoRAAdapter(d, d, cfg).to(
-                device=ref.device if ref is not None else None, dtype=dtype)
+            with _outside_inference_mode():
+                adapter = MTLoRAAdapter(d, d, cfg).to(
+                    device=ref.device if ref is not None else None, dtype=dtype)
             adapter.train(host.training)
             host.add_module(ADAPTER_ATTR, adapter)
             if first is not None:  # an FFN of loose Linear layers: z from its first module
@@ -853,6 +850,16 @@ def attach(
             handle.adapters[f"{layer_name}.{sub}.{ADAPTER_ATTR}"] = adapter
     model._mtlora_handle = handle  # the adapters start enabled
     return handle
+
+
+def _outside_inference_mode():
+    """Where attach builds the adapters. They are model state, not results: built (or loaded,
+    import_*) under torch.inference_mode() their parameters would be inference tensors, which
+    outside it can be neither written (a later load_adapters) nor saved for backward (training).
+    Only they: the model's own tensors (a train module's) are what the caller made them, and an
+    inference tensor takes requires_grad inside inference mode only. (Grad mode does not matter
+    here: inference_mode(False) turns it on, and building records nothing.)"""
+    return torch.inference_mode(False)
 
 
 def _freeze(handle: MTLoRAHandle, train_paths: list[str]) -> None:

@@ -137,9 +137,13 @@ class MTLoRATrainer(transformers.Trainer):
         folder holds it: the Trainer saves a checkpoint's model through this method)."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
+            # Made here too: under FSDP with a sharded state dict the Trainer's save_model writes
+            # nothing, and the checkpoint's folder comes later (with the model's shards).
+            directory = self.args.output_dir if output_dir is None else output_dir
+            os.makedirs(directory, exist_ok=True)
             state = self.regularizer.__getstate__()
             torch.save({key: state[key] for key in _RUN_STATE},
-                       os.path.join(output_dir or self.args.output_dir, REGULARIZER_NAME))
+                       os.path.join(directory, REGULARIZER_NAME))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """The Trainer's; resuming from a checkpoint restores the regularizer's run state too

@@ -362,8 +362,10 @@ def _check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
         raise exc(msg)
 
 
-def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p) -> int:
-    """Raises on bad arguments; returns groups as a Python int."""
+def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p
+              ) -> tuple[int, float, float]:
+    """Raises on bad arguments; returns groups as a Python int, scaling and dropout_p as
+    Python floats."""
     for name, t in (("x", x), ("lora_A", A), ("lora_B", B)):
         _check(isinstance(t, Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}",
                TypeError)
@@ -426,7 +428,7 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
         _check(t.dtype == x.dtype,
                f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype",
                TypeError)
-    return groups
+    return groups, scaling, dropout_p
 
 
 def mix(
@@ -485,12 +487,12 @@ def mix(
         x, lora_A, lora_B, route_weight, residual = (
             t.to(autocast) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
             for t in (x, lora_A, lora_B, route_weight, residual))
-    groups = _validate(x, lora_A, lora_B, route_weight, logits, residual, groups, scaling,
-                       dropout_p)
+    groups, scaling, dropout_p = _validate(x, lora_A, lora_B, route_weight, logits, residual,
+                                           groups, scaling, dropout_p)
     lead = x.shape[:-1]
     n_experts, d_out, rank = lora_B.shape
     name = resolve_backend(backend, x.device, x.dtype, rank, n_experts)
-    p = float(dropout_p) if training else 0.0
+    p = dropout_p if training else 0.0
     seed = None if seed is None else as_int(seed, "seed")
     _check(seed is None or 0 <= seed < 2**63, f"seed must be in [0, 2^63), got {seed}")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
@@ -500,7 +502,7 @@ def mix(
     y, _, pi, _ = _mix_forward_op(
         x2, lora_A.contiguous(), lora_B.contiguous(),
         route_weight.contiguous() if route_weight is not None else None, lg, res,
-        groups, float(scaling), p, (-1 if p > 0.0 else 0) if seed is None else seed,
+        groups, scaling, p, (-1 if p > 0.0 else 0) if seed is None else seed,
         name, bool(deterministic),
     )
     y = y.view(*lead, d_out)
