@@ -109,6 +109,21 @@ def test_a_model_built_under_inference_mode_takes_adapters_with_a_train_module(t
     assert torch.equal(out, want)
     assert not any(p.is_inference() for a in loaded.adapters.values() for p in a.parameters())
 
+
+def test_a_train_module_of_inference_tensors_is_refused_outside_inference_mode():
+    """A head built under ``torch.inference_mode()`` cannot take requires_grad outside it:
+    attach failed there after freezing the model (left frozen, no handle); it is refused first
+    now, named, the model untouched."""
+    with torch.inference_mode():
+        model, family, where, head = head_model("llama-lm_head")
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"train_modules: lm_head's parameters are inference "
+                                         r"tensors"):
+        attach(model, CFG, **where, train_modules=head)
+    assert get_handle(model) is None
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
 @pytest.mark.parametrize("family,mixer,ffn", [("qwen3_next", "linear_attn", "mlp"),
                                               ("olmo_hybrid", "linear_attn", "mlp"),
                                               ("jamba", "mamba", "feed_forward")])

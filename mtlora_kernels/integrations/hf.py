@@ -635,6 +635,12 @@ def _check_train_modules(model: nn.Module, names: list[str], adapted: list[str],
             if any(id(p) in ids for p in model.get_submodule(host).parameters()):
                 raise ValueError(f"train_modules: {path} shares a parameter with {host} (tied "
                                  f"weights), which gets an adapter and must stay frozen")
+        if not torch.is_inference_mode_enabled() and any(
+                p.is_inference() for p in model.get_submodule(path).parameters()):
+            # requires_grad cannot be set on them here (it failed after the model was frozen)
+            raise ValueError(f"train_modules: {path}'s parameters are inference tensors (the "
+                             f"model was built or loaded under torch.inference_mode()), which "
+                             f"cannot train; build the model outside inference_mode")
     return paths
 
 
