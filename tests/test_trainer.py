@@ -310,6 +310,25 @@ def test_the_trainer_trains_the_train_modules_too(tmp_path):
     assert changed == {n for n, _ in handle.named_parameters()}
 
 
+def test_a_model_built_by_model_init_trains_its_own_adapters(tmp_path):
+    """With ``model_init`` the Trainer builds the model anew at train(): the auxiliary loss is
+    that model's adapters' (it was the first model's, whose adapters ran no forward: the balance
+    loss failed at the first step), and training moves them."""
+    built, initial = [], []
+
+    def model_init():
+        built.append(tiny_adapted(dict(placement="ffn"))[1])
+        initial[:] = [p.detach().clone() for p in built[-1].parameters()]
+        return built[-1].model
+
+    trainer = MTLoRATrainer(model_init=model_init, args=args(tmp_path, max_steps=2),
+                            train_dataset=dataset(4))
+    trainer.train()
+    assert len(built) == 2 and trainer.mtlora_handle is built[-1]
+    assert built[-1].model is trainer.model
+    assert all(not torch.equal(p, q) for p, q in zip(built[-1].parameters(), initial))
+
+
 def test_adapters_attached_to_a_submodule_are_found_and_two_attaches_refused(tmp_path):
     """attach() on a submodule (here the LLaMA body, as on a dual encoder's vision_model): the
     trainer adds that handle's auxiliary loss; a second attach elsewhere is named."""

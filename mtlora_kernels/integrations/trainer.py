@@ -92,11 +92,20 @@ class MTLoRATrainer(transformers.Trainer):
     def __init__(self, *args, balance_weight: float = 0.01, spectral_weight: float = 1.0,
                  regularizer: SpectralRegularizer | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.mtlora_handle = _the_handle(self.model)
+        self._handle = (self.model, _the_handle(self.model))  # refused now if it has none
         self.balance_weight = float(balance_weight)
         self.spectral_weight = float(spectral_weight)
         self.regularizer = regularizer if regularizer is not None else SpectralRegularizer()
         self._last_aux = None  # a tensor: no device sync per step, only per log
+
+    @property
+    def mtlora_handle(self) -> MTLoRAHandle:
+        """The handle of the adapters on the model being trained: ``model_init`` builds the
+        model anew at ``train()`` (a hyper-parameter search, each trial), with adapters of its
+        own."""
+        if self._handle[0] is not self.model:
+            self._handle = (self.model, _the_handle(self.model))
+        return self._handle[1]
 
     def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         """Whether ``training_step`` will leave the loss undivided by the accumulation steps
