@@ -290,3 +290,39 @@ def test_balance_loss_refuses_a_forward_without_autograd():
         ad.balance_loss()
     ad(torch.randn(4, 8), logits=torch.randn(4, 6))  # external logits: not the router's
     assert torch.isfinite(ad.balance_loss())
+
+
+class _SharedLinear(nn.Module):
+    """One Linear registered under two names, called under both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.a(x) + 2 * self.b(x)
+
+
+@pytest.mark.parametrize("target", ["a", "b"])
+def test_attach_wraps_a_linear_under_every_name_it_has(target):
+    """A Linear registered twice (``self.b = self.a``) is one module: attach wrapped it under its
+    first name alone, so the forward through the other ran without the adapter (silently), and
+    the second name matched nothing ("named ['a']")."""
+    from mtlora_kernels import attach
+
+    torch.manual_seed(3)
+    model = _SharedLinear()
+    lin = model.a
+    x = torch.randn(2, 3, 6)
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=3, groups=2, alpha=4, dropout=0.0),
+                    target_modules=target)
+    assert list(handle.adapters) == ["a.adapter"]
+    a = handle.adapters["a.adapter"]
+    nn.init.normal_(a.lora_B)
+    delta = mix_reference(x, a.lora_A, a.lora_B, a.lora_route, groups=2, scaling=2.0)
+    torch.testing.assert_close(model(x), 3 * (lin(x) + delta))
+    model(x).sum().backward()
+    assert a.lora_B.grad is not None and lin.weight.grad is None
+    handle.remove()
+    assert model.a is lin and model.b is lin

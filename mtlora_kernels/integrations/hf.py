@@ -670,7 +670,8 @@ def attach(
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
             matches a module whose dotted path ends with it): component-level instead. Exclusive
-            with ``placement``.
+            with ``placement``. A Linear registered under several names (``self.b = self.a``)
+            gets one adapter, named after its first path, in every place it is registered.
         layers: indices of the transformer layers to adapt (default all; negative counts from
             the end; the handle records them sorted and non-negative). An encoder-decoder's
             (:data:`ENCODER_DECODERS`) count the encoder's layers, then the decoder's. Where each
@@ -737,8 +738,13 @@ def attach(
         def in_scope(name: str) -> bool:  # inside the layers=... chosen, when given
             return scope is None or any(name.startswith(s + ".") for s in scope)
 
-        found: list[tuple[str, nn.Module]] = []
-        for name, module in model.named_modules():
+        # Every path of every module: a module registered under two names (``self.b = self.a``)
+        # runs under both, and is matched under either; its wrapper goes to all its paths.
+        paths: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            paths.setdefault(id(module), []).append(name)
+        found: list[tuple[str, nn.Module]] = []  # each module once, under its first path
+        for name, module in model.named_modules(remove_duplicate=False):
             if not any(_matches(name, t) for t in targets) or not in_scope(name):
                 continue
             widths = linear_widths(module)
@@ -753,10 +759,13 @@ def attach(
             if widths[1] % cfg.groups:
                 raise ValueError(f"groups={cfg.groups} must divide {name}'s output width "
                                  f"{widths[1]}")
-            found.append((name, module))
-        missing = [t for t in targets if not any(_matches(n, t) for n, _ in found)]
+            if not any(m is module for _, m in found):
+                found.append((paths[id(module)][0], module))
+        missing = [t for t in targets if not any(_matches(n, t) for _, m in found
+                                                 for n in paths[id(m)])]
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+            linear = sorted({n.rsplit(".", 1)[-1]
+                             for n, m in model.named_modules(remove_duplicate=False)
                              if linear_widths(m) is not None and in_scope(n)})
             where = (type(model).__name__ if scope is None
                      else f"layers {layers} of {type(model).__name__}")
@@ -767,14 +776,18 @@ def attach(
         handle = MTLoRAHandle(model, cfg, "component", targets, layers, train)
         _freeze(handle, train_paths)
         for name, linear in found:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
             with _outside_inference_mode():
                 wrapper = MTLoRALinear(linear, cfg).train(linear.training)
                 wrapper.adapter.to(dtype=dtype)
-            handle._swaps.append((parent, child, linear))
             handle.adapters[f"{name}.adapter"] = wrapper.adapter
-            setattr(parent, child, wrapper)
+            swaps = {}  # (parent, child name) once: a shared parent lists its child twice
+            for path in paths[id(linear)]:
+                parent_name, _, child = path.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                swaps[id(parent), child] = (parent, child)
+            for parent, child in swaps.values():
+                handle._swaps.append((parent, child, linear))
+                setattr(parent, child, wrapper)
     else:
         placement = placement or "ffn"
         if placement not in BLOCK_PLACEMENTS:
