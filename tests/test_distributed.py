@@ -27,6 +27,16 @@ from mtlora_kernels.io import import_official  # noqa: E402
 TOL = REL_TOL[torch.float32]
 
 
+def fully_sharded(model):
+    """``model`` under FSDP2 as its docs shard a transformer: each layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def adapted_llama(dropout: float = 0.0, layers: int = 2):
     model = tiny_model("llama", layers=layers).train()
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0,
@@ -80,8 +90,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # spectral loss: the gradient is the mean over ranks of each rank's loss, so the
         # single-process reference averages the two halves' losses (the balance loss is per
         # rank, as in MoE; the spectral term, on the gathered lora_B, is the same on both).
-        from torch.distributed.fsdp import fully_shard
-
         stage.write_text("FSDP2")
         ref, ref_handle = adapted_llama()
         for half in (ids[:2], ids[2:]):
@@ -90,9 +98,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         want = adapter_grads(ref)
         model, handle = adapted_llama()
         checkpointing_on(model)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        fully_sharded(model)
         out = model(mine, labels=mine)
         (out.loss + handle.aux_loss()).backward()
         got = {n: g.full_tensor() for n, g in adapter_grads(model).items()}
@@ -119,9 +125,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         assert torch.equal(fresh(ids).logits, want_out)
         sharded, sharded_handle = adapted_llama()
         randomize(sharded_handle, seed=9)
-        for layer in sharded.model.layers:
-            fully_shard(layer)
-        fully_shard(sharded)
+        fully_sharded(sharded)
         load_adapters(sharded_handle, out_dir)
         assert rel_err(sharded.eval()(ids).logits, want_out) <= TOL
         # An official mtLoRA checkpoint imports into sharded adapters too (its copies went
@@ -136,9 +140,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                              for i, b in enumerate(a.lora_B)})
         imported, imported_handle = adapted_llama()
         randomize(imported_handle, seed=9)
-        for layer in imported.model.layers:
-            fully_shard(layer)
-        fully_shard(imported)
+        fully_sharded(imported)
         import_official(imported_handle, official)
         assert rel_err(imported.eval()(ids).logits, want_out) <= TOL
         Path(out_dir, f"rank{rank}.passed").touch()
