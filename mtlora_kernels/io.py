@@ -437,11 +437,8 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
 def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
             attach_kwargs: Callable[[nn.Module, dict | None, list[str], str], dict]
             ) -> MTLoRAHandle:
-    pattern, b_key, strip, source_name = {
-        "hydralora": (_HYDRA_KEY, lambda i: f"lora_B{i}.weight", ".adapter", "HydraLoRA"),
-        "official": (_OFFICIAL_KEY, lambda i: f"lora_B.{i}.weight", ".mtlora_adapter",
-                     "official mtLoRA"),
-    }[kind]
+    pattern, strip = {"hydralora": (_HYDRA_KEY, ".adapter"),
+                      "official": (_OFFICIAL_KEY, ".mtlora_adapter")}[kind]
     peft_config = None
     if isinstance(source, Mapping):
         tensors, where = dict(source), f"the {kind} state dict"
@@ -463,13 +460,13 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
                                    f"adapters; these are placed {h.placement!r}")
         mapping = _match_modules(list(ours), list(groups), where)
         problems = [f"{name}: {p}" for name, a in ours.items()
-                    for p in a._converted_problems(groups[mapping[name]], b_key)]
+                    for p in a._converted_problems(groups[mapping[name]], kind)]
         if problems:
             raise AdapterLoadError(f"{where} does not fit the attached adapters: "
                                    + "; ".join(problems))
         # Converted, then copied as load_adapters copies (into FSDP2 shards too).
         for name, adapter in ours.items():
-            for key, value in adapter._converted(groups[mapping[name]], b_key, source_name).items():
+            for key, value in adapter._converted(groups[mapping[name]], kind).items():
                 _copy_into(getattr(adapter, key), value)
 
     if handle is not None:

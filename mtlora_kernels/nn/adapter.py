@@ -16,6 +16,12 @@ from mtlora_kernels.nn.config import MTLoRAConfig
 from mtlora_kernels.ops.mix import mix
 
 
+#: The per-adapter tensors of the foreign checkpoints the adapter loads: kind -> (the key of
+#: expert i's B, the format's name). lora_A.weight and lora_route.weight are named alike.
+FOREIGN_FORMATS = {"hydralora": (lambda i: f"lora_B{i}.weight", "HydraLoRA"),
+                   "official": (lambda i: f"lora_B.{i}.weight", "official mtLoRA")}
+
+
 class MTLoRAAdapter(nn.Module):
     """``delta = s * sum_e pi_e ⊙ B_e A drop(x)`` with per-group routing (SPEC section 2).
 
@@ -132,19 +138,19 @@ class MTLoRAAdapter(nn.Module):
         """Load a HydraLoRA layer's ``lora_A.weight``, ``lora_B{i}.weight``, ``lora_route.weight``:
         HydraLoRA's own (router [N, d_in], so groups == 1), or the grouped loop of
         :class:`~mtlora_kernels.compat.hydralora.HydraLoRALayer` (router [g*N, d_in])."""
-        self._load_converted(state, lambda i: f"lora_B{i}.weight", "HydraLoRA")
+        self._load_converted(state, "hydralora")
 
     def load_official_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load the official mtLoRA block adapter's ``lora_A.weight``, ``lora_B.{i}.weight``,
         ``lora_route.weight`` (router rows ordered ``G*N + e``, as ours)."""
-        self._load_converted(state, lambda i: f"lora_B.{i}.weight", "official mtLoRA")
+        self._load_converted(state, "official")
 
-    def _converted_problems(self, state: dict[str, Tensor], b_key) -> list[str]:
-        """What keeps a foreign state dict (expert i's B under ``b_key(i)``) from loading into
+    def _converted_problems(self, state: dict[str, Tensor], kind: str) -> list[str]:
+        """What keeps a foreign state dict (``kind`` of :data:`FOREIGN_FORMATS`) from loading into
         this adapter: missing, unexpected or misshapen tensors; empty when it fits. Unexpected
         keys matter: a checkpoint with more experts can have a router of the same shape (N = 4,
         g = 1 has the [g*N, d_in] of N = 2, g = 2) and would otherwise load as the wrong model."""
-        n = self.config.num_experts
+        n, b_key = self.config.num_experts, FOREIGN_FORMATS[kind][0]
         need = {"lora_A.weight": tuple(self.lora_A.shape)}
         need.update({b_key(i): tuple(self.lora_B.shape[1:]) for i in range(n)})
         if n > 1:
@@ -164,11 +170,12 @@ class MTLoRAAdapter(nn.Module):
                      if k in state and state[k].device.type == "meta"]
         return problems
 
-    def _converted(self, state: dict[str, Tensor], b_key, source: str) -> dict[str, Tensor]:
-        """A foreign state dict (expert i's B under ``b_key(i)``) in this adapter's layout:
+    def _converted(self, state: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
+        """A foreign state dict (``kind`` of :data:`FOREIGN_FORMATS`) in this adapter's layout:
         ``{"lora_A": ..., "lora_B": [N, d_out, r], "lora_route": ...}`` (no router for N == 1),
         after :meth:`_converted_problems` found nothing; ValueError naming them otherwise."""
-        problems = self._converted_problems(state, b_key)
+        problems = self._converted_problems(state, kind)
+        b_key, source = FOREIGN_FORMATS[kind]
         if problems:
             raise ValueError(f"{source} state dict does not fit this adapter "
                              f"({self.extra_repr()}): " + "; ".join(problems))
@@ -179,8 +186,8 @@ class MTLoRAAdapter(nn.Module):
             out["lora_route"] = state["lora_route.weight"]
         return out
 
-    def _load_converted(self, state: dict[str, Tensor], b_key, source: str) -> None:
-        values = self._converted(state, b_key, source)
+    def _load_converted(self, state: dict[str, Tensor], kind: str) -> None:
+        values = self._converted(state, kind)
         with torch.no_grad():
             for name, value in values.items():
                 getattr(self, name).copy_(value)
