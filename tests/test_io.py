@@ -88,7 +88,6 @@ def test_adapters_loaded_under_inference_mode_reload_and_train_outside_it(tmp_pa
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loaded.parameters())
 
 
-
 @pytest.mark.parametrize("case", ["vit", "llama-lm_head"])
 def test_a_model_built_under_inference_mode_takes_adapters_with_a_train_module(tmp_path, case):
     """A server that builds the model and loads adapters saved with a trained head, all under
@@ -744,7 +743,6 @@ def test_an_imported_checkpoint_reloads_into_adapters_attached_by_target_name(tm
         load_adapters(third, tmp_path)
 
 
-
 def test_a_checkpoint_module_that_names_several_modules_here_is_refused():
     """Module names are matched up to a wrapper prefix, so a checkpoint that names its modules
     without their stack (``layers.0.self_attn.q_proj``) matches BART's encoder and decoder
@@ -768,6 +766,7 @@ def test_a_checkpoint_module_that_names_several_modules_here_is_refused():
     handle = import_hydralora(model, state, config=cfg)
     assert all(".encoder." in name for name in handle.adapters)
     assert rel_err(run(model, x), run(oracle, x)) <= REL_TOL[torch.float32]
+
 
 # --- train modules (attach(..., train_modules=...)) ----------------------------------------------
 

@@ -294,7 +294,6 @@ def test_training_runs_logs_the_term_and_calls_the_regularizer_with_the_optimize
     assert len(logged) == 3 and all(entry["aux_loss"] > 0 for entry in logged)
 
 
-
 def test_the_trainer_trains_the_train_modules_too(tmp_path):
     """attach(..., train_modules="lm_head"): one MTLoRATrainer step moves the adapters and the
     head, and nothing else (the Trainer's optimizer takes what needs grad)."""
@@ -354,7 +353,6 @@ def test_a_model_without_adapters_is_refused(tmp_path):
         MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset())
 
 
-
 def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     """The Trainer's checkpoints (the whole model: the adapters' tensors beside the base's) hold
     the adapters and the regularizer's step and cached weighting, and resuming from one gives
@@ -381,7 +379,6 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     for a, b, c, s in zip(straight, resumed, last, stopped):
         assert not torch.equal(a, s)  # steps 3 and 4 moved them
         assert rel_err(b, a) <= 1e-6 and rel_err(c, a) <= 1e-6
-
 
 
 def test_the_regularizer_state_is_saved_where_the_trainers_own_save_wrote_nothing(tmp_path):

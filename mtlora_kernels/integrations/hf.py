@@ -626,7 +626,8 @@ def _check_train_modules(model: nn.Module, names: list[str], adapted: list[str],
                          f"name the modules that should train beside them (a task head)")
     paths = train_module_paths(model, names)
     for path in paths:
-        ids = {id(p) for p in model.get_submodule(path).parameters()}
+        params = list(model.get_submodule(path).parameters())
+        ids = {id(p) for p in params}
         for host in adapted:
             if path == host or host.startswith(path + "."):
                 what = "gets" if path == host else f"holds {host}, which gets"
@@ -635,8 +636,7 @@ def _check_train_modules(model: nn.Module, names: list[str], adapted: list[str],
             if any(id(p) in ids for p in model.get_submodule(host).parameters()):
                 raise ValueError(f"train_modules: {path} shares a parameter with {host} (tied "
                                  f"weights), which gets an adapter and must stay frozen")
-        if not torch.is_inference_mode_enabled() and any(
-                p.is_inference() for p in model.get_submodule(path).parameters()):
+        if not torch.is_inference_mode_enabled() and any(p.is_inference() for p in params):
             # requires_grad cannot be set on them here (it failed after the model was frozen)
             raise ValueError(f"train_modules: {path}'s parameters are inference tensors (the "
                              f"model was built or loaded under torch.inference_mode()), which "
