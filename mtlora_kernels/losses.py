@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlora_kernels._checks import as_int
-from mtlora_kernels.nn.adapter import MTLoRAAdapter
+from mtlora_kernels.nn.adapter import MTLoRAAdapter, token_mask
 from mtlora_kernels.ops.mix import _autocast_off, acc_dtype
 
 VARIANTS = ("paper", "official")
@@ -57,7 +57,9 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
                  decoder_mask: Tensor | None = None) -> Tensor:
     """``mean(a.balance_loss(mask) for a in adapters with N > 1)``: the MoLE balance loss of the
     last forward, averaged over the routed adapters of ``model`` (zero when none is routed);
-    ``mask`` (e.g. the batch's attention_mask) picks the tokens that count.
+    ``mask`` (e.g. the batch's attention_mask) picks the tokens that count: bool, or numbers
+    that are all 0 or 1 (others are refused; such a mask is checked once per call, a host read
+    of it, which a bool mask spares).
 
     An encoder-decoder (``model.config.is_encoder_decoder``: T5) runs its decoder's adapters on
     other tokens than its encoder's: there ``mask`` is the encoder's (the batch's
@@ -82,6 +84,8 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
     routed = [a for a in adapters if a.config.num_experts > 1]
     if not routed:
         return torch.zeros((), device=adapters[0].lora_B.device)
+    # Checked here once (a numeric mask's check reads it on the host), bool for every adapter.
+    mask, decoder_mask = token_mask(mask, "mask"), token_mask(decoder_mask, "decoder_mask")
     return torch.stack([a.balance_loss(decoder_mask if id(a) in in_decoder else mask)
                         for a in routed]).mean()
 
@@ -267,6 +271,11 @@ class SpectralRegularizer:
         self.variant, self.refresh_every, self.max_samples = variant, refresh_every, max_samples
         self.apply_every = as_int(apply_every, "apply_every", minimum=1)
         self.reduction, self.seed = reduction, as_int(seed, "seed")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the run state (step, last refresh, cached weighting), keeping the settings:
+        the regularizer of a new run, which refreshes at its first call."""
         self.step = 0  # the step the next call is for
         self._weighting: weakref.WeakKeyDictionary[MTLoRAAdapter, Tensor] = \
             weakref.WeakKeyDictionary()

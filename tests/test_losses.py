@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -483,6 +484,35 @@ def test_balance_loss_and_auxiliary_loss_count_only_the_masked_tokens():
     with pytest.raises(ValueError, match="decoder_mask is for an encoder-decoder's decoder "
                                          "adapters, and Tiny is no encoder-decoder"):
         balance_loss(model, mask, decoder_mask=mask)
+
+
+def test_a_balance_mask_holds_only_0_and_1():
+    """A mask of numbers counts its tokens as the same bool mask does (an attention_mask); a
+    value other than 0 and 1 is refused, by the argument's name, at the model's balance loss and
+    an adapter's (taken as a token weight, NaN or inf made the loss NaN and -1 flipped a token's
+    pull: a wrong loss, silently)."""
+    model = Tiny(seed=12)
+    g = torch.Generator().manual_seed(12)
+    keep = torch.rand(3, 5, generator=g) > 0.3
+    keep[:, 0] = True
+    model(torch.randn(3, 5, 12, dtype=F64, generator=g))
+    want = balance_loss(model, keep)
+    assert rel_err(want, balance_loss(model)) > 1e-3  # the mask counts
+    for numbers in (keep.long(), keep.to(F64), keep.half()):
+        assert rel_err(balance_loss(model, numbers), want) <= TOL
+    model.config = SimpleNamespace(is_encoder_decoder=True)  # a decoder_mask is taken
+    for bad in (float("nan"), float("inf"), -1.0, 2.0, 0.5):
+        mask = keep.to(F64)
+        mask[1, 2] = bad
+        message = rf"must be bool or hold only 0 and 1 \(1: the token counts\); got {bad} "
+        with pytest.raises(ValueError, match="^mask " + message):
+            balance_loss(model, mask)
+        with pytest.raises(ValueError, match="^mask " + message):
+            model.a2.balance_loss(mask)
+        with pytest.raises(ValueError, match="^decoder_mask " + message):
+            balance_loss(model, keep, decoder_mask=mask)
+    with pytest.raises(ValueError, match=r"got -3 \(torch.int64\)"):
+        auxiliary_loss(model, mask=keep.long() - 3 * (~keep).long())
 
 
 def test_auxiliary_loss_adds_the_weighted_terms():

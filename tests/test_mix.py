@@ -196,6 +196,25 @@ def test_torch_compile_traces_the_custom_op():
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compile_fullgraph_with_a_scaling_that_changes_between_calls():
+    """A Python float scaling that changes between calls: dynamo makes it a SymFloat at the
+    second, which the finiteness check (math.isfinite) could not trace, so fullgraph=True
+    failed. Each compiled call gives the reference's output; inf is still refused, compiled
+    (the check's ValueError, inside dynamo's error) and eager (NaN too: test_errors)."""
+    x, A, B, W, _ = make_inputs(6, 8, 10, 2, 3, 2, torch.float64)
+
+    def op(s):
+        return mix(x, A, B, W, groups=2, scaling=s, backend="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(op, fullgraph=True, backend="eager")
+    for s in (0.5, 0.75):
+        torch.testing.assert_close(compiled(s), mix_reference(x, A, B, W, groups=2, scaling=s))
+    for fn in (compiled, op):
+        with pytest.raises(Exception, match="scaling must be finite, got inf"):
+            fn(float("inf"))
+
+
 def test_torch_compile_in_training_with_dropout_in_one_graph():
     """Training with dropout (the adapter's default): the seed is drawn inside the forward op,
     so the compiled layer is one graph (drawn in the traced Python, `.item()` broke the graph

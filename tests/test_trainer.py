@@ -18,12 +18,14 @@ pytest.importorskip("accelerate")  # the Trainer's own requirement
 
 from conftest import rel_err  # noqa: E402
 from test_distributed import run_on_two_ranks  # noqa: E402
-from test_hf import AUDIO_INPUTS, fill, randomize, tiny_model  # noqa: E402
+from test_hf import (AUDIO, AUDIO_INPUTS, AUDIO_LANGUAGE, EXTRA, SMALL, fill,  # noqa: E402
+                     randomize, tiny_model)
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.layouts import SUPPORTED_ARCHITECTURES  # noqa: E402
 from mtlora_kernels.integrations.trainer import (REGULARIZER_NAME, MTLoRATrainer,  # noqa: E402
                                                  frame_mask)
-from mtlora_kernels.losses import SpectralRegularizer, auxiliary_loss  # noqa: E402
+from mtlora_kernels.losses import (SpectralRegularizer, auxiliary_loss,  # noqa: E402
+                                   spectral_weighting)
 
 
 def tiny_adapted(placement: dict | None = None, family: str = "llama", **config):
@@ -197,6 +199,57 @@ def test_the_frame_mask_is_the_mask_the_models_layers_attend_by(family):
     ours = frame_mask(model, mask)
     ours = torch.ones(batch, positions, dtype=torch.bool) if ours is None else ours.bool()
     assert torch.equal(ours, want)
+
+
+@pytest.mark.parametrize("family", AUDIO_LANGUAGE)
+def test_an_audio_towers_balance_term_counts_the_frames_its_layers_see(tmp_path, family):
+    """Adapters on an audio-language model's audio tower (``model.model.audio_tower``) on a
+    padded batch: the trainer's balance term counts the tower frames its first layer attends
+    to. Qwen2-Audio masks them by the batch's feature_attention_mask (over the mel frames; the
+    second clip has 10 of 16, 5 of the tower's 8 frames); Voxtral gives its tower no mask. The
+    batch's attention_mask, the text's (9 tokens), went to the tower's adapters before, and the
+    balance loss failed on its shape."""
+    cls, tower = AUDIO_LANGUAGE[family]
+    audio = dict(EXTRA[tower], **dict.fromkeys(AUDIO[tower][1], 1),
+                 **{"d_model" if "d_model" in EXTRA[tower] else "hidden_size": 16})
+    text = {**SMALL, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
+            "head_dim": 8, "model_type": "qwen2" if family == "qwen2_audio" else "llama"}
+    tokens = {"audio_token_index" if family == "qwen2_audio" else "audio_token_id": 63}
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(transformers.AutoConfig.for_model(
+        family, text_config=text, audio_config=audio, **tokens))
+    handle = attach(model.model.audio_tower, MTLoRAConfig(r=2, num_experts=3, groups=2,
+                                                          dropout=0.0), placement="both")
+    randomize(handle)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 60, (2, 9), generator=g)
+    ids[:, 1:3] = 63  # the audio's tokens: Voxtral's clips make 4 in all, Qwen2-Audio's 4 and 2
+    text_mask = torch.ones(2, 9, dtype=torch.long)
+    text_mask[1, 7:] = 0
+    batch = dict(input_ids=ids, attention_mask=text_mask, labels=ids.clone(),
+                 input_features=torch.randn(2, 8, 16, generator=g))
+    if family == "qwen2_audio":
+        ids[0, 3:5] = 63
+        batch["feature_attention_mask"] = torch.ones(2, 16, dtype=torch.long)
+        batch["feature_attention_mask"][1, 10:] = 0
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["z"] = args[0] if args else kwargs["hidden_states"]
+        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    first = next(m for m in model.model.audio_tower.modules()
+                 if type(m).__name__.endswith("EncoderLayer"))
+    first.register_forward_pre_hook(keep, with_kwargs=True)
+    trainer = MTLoRATrainer(model=model, args=args(tmp_path), train_dataset=dataset(),
+                            balance_weight=0.3, spectral_weight=0.0)
+    model.train()
+    ours = trainer.compute_loss(model, dict(batch))
+    frames = attended(seen["mask"], *seen["z"].shape[:2])
+    assert frames[1].sum() == (5 if family == "qwen2_audio" else 8) and frames[0].all()
+    want = model(**batch).loss + auxiliary_loss(handle.model, balance_weight=0.3,
+                                                spectral_weight=0.0, mask=frames)
+    assert rel_err(ours, want) <= 1e-6
 
 
 @pytest.mark.parametrize("placement,normalized", [
@@ -379,6 +432,29 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     for a, b, c, s in zip(straight, resumed, last, stopped):
         assert not torch.equal(a, s)  # steps 3 and 4 moved them
         assert rel_err(b, a) <= 1e-6 and rel_err(c, a) <= 1e-6
+
+
+def test_a_second_train_starts_the_regularizer_afresh(tmp_path):
+    """train() again, resuming nothing: the Trainer's step starts at 0 and so does the
+    regularizer, whose weighting (refresh_every=100) is then the one of the adapters at the
+    second run's start. It kept the first run's state: the weighting refreshed at that run's
+    step 0 (1e-2 off), the one a run that never stopped would still use."""
+    model, handle = tiny_adapted(dict(placement="ffn"))
+    reg = SpectralRegularizer(refresh_every=100)
+    trainer = MTLoRATrainer(model=model, train_dataset=dataset(2), regularizer=reg,
+                            spectral_weight=5.0,
+                            args=args(tmp_path, max_steps=1, per_device_train_batch_size=2,
+                                      learning_rate=0.05))
+    trainer.train()
+    first = reg.__getstate__()["_weighting"]
+    start = [a.lora_B.detach().clone() for a in handle.adapters.values()]
+    trainer.train()
+    assert (reg.step, reg._refreshed_at) == (1, 0)
+    cached = reg.__getstate__()["_weighting"]
+    assert len(cached) == len(start) == 2
+    for w, b, old in zip(cached, start, first):
+        want = spectral_weighting(b)
+        assert rel_err(w, want) <= 1e-6 and rel_err(old, want) > 1e-3
 
 
 def test_the_regularizer_state_is_saved_where_the_trainers_own_save_wrote_nothing(tmp_path):

@@ -27,12 +27,15 @@ wrong, which is why this class exists:
   where the batch has none, the positions of its labels (``labels != -100``). An audio model's
   ``attention_mask`` counts raw samples or input frames: the mask of the frames its layers see
   goes instead, computed by the model's own rule (:func:`frame_mask`: the wav2vec 2.0 family,
-  SEW, SEW-D, Speech2Text, Moonshine; Whisper's encoder reads no mask, its frames all count).
+  SEW, SEW-D, Speech2Text, Moonshine; Qwen2-Audio's audio tower from the batch's
+  ``feature_attention_mask``; Whisper's encoder and Voxtral's audio tower read no mask, their
+  frames all count).
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
 - **Checkpoints** hold the regularizer's run state (its step, last refresh and cached
   weighting: ``mtlora_regularizer.pt``, written by ``save_model``), which
   ``train(resume_from_checkpoint=...)`` restores into the regularizer the trainer is given:
-  with ``refresh_every`` > 1 a resumed run weighs as the uninterrupted one does.
+  with ``refresh_every`` > 1 a resumed run weighs as the uninterrupted one does. A ``train()``
+  that resumes nothing starts the regularizer afresh (:meth:`SpectralRegularizer.reset`).
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
 of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
@@ -56,6 +59,10 @@ from mtlora_kernels.losses import SpectralRegularizer, is_encoder_decoder
 # settings come from the regularizer the resumed trainer is given.
 REGULARIZER_NAME = "mtlora_regularizer.pt"
 _RUN_STATE = ("step", "_refreshed_at", "_weighting")
+# The batch's mask over the adapted model's input positions where it is not the batch's
+# attention_mask: Qwen2-Audio's audio tower (adapters attached to ``model.model.audio_tower``)
+# reads the mel frames that ``feature_attention_mask`` marks (the attention_mask is the text's).
+_MASK_KEYS = {"qwen2_audio_encoder": "feature_attention_mask"}
 
 
 def _the_handle(model: nn.Module) -> MTLoRAHandle:
@@ -73,6 +80,13 @@ def _the_handle(model: nn.Module) -> MTLoRAHandle:
                          f"auxiliary loss of one attach: attach once, to the module that "
                          f"holds every layer to adapt")
     return found[0][1]
+
+
+def _read_as_bool(mask: Tensor | None) -> Tensor | None:
+    """A batch's mask as the model reads it (nonzero: the position counts), bool: the balance
+    loss then checks none of its values, a host read that would sync with the device at every
+    step (the model itself reads the same mask)."""
+    return None if mask is None else mask != 0
 
 
 class MTLoRATrainer(transformers.Trainer):
@@ -118,12 +132,15 @@ class MTLoRATrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # before the Trainer may pop anything
-        mask = frame_mask(self.mtlora_handle.model, inputs.get("attention_mask"))
+        adapted = self.mtlora_handle.model
+        key = _MASK_KEYS.get(getattr(getattr(adapted, "config", None), "model_type", None),
+                             "attention_mask")
+        mask = _read_as_bool(frame_mask(adapted, inputs.get(key)))
         # The decoder's tokens where the adapters sit in an encoder-decoder (T5's): the labels'
         # positions, unless the batch gives their mask (adapters on its encoder alone: none).
         decoder_mask = None
         if is_encoder_decoder(self.mtlora_handle.model):
-            decoder_mask = inputs.get("decoder_attention_mask")
+            decoder_mask = _read_as_bool(inputs.get("decoder_attention_mask"))
             if decoder_mask is None and inputs.get("labels") is not None:
                 decoder_mask = inputs["labels"] != -100
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -157,7 +174,10 @@ class MTLoRATrainer(transformers.Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """The Trainer's; resuming from a checkpoint restores the regularizer's run state too
         (without it, a run with ``refresh_every`` > 1 refreshed the weighting at its first
-        step and drifted from the uninterrupted one)."""
+        step and drifted from the uninterrupted one). Otherwise the regularizer starts afresh,
+        as the Trainer's step does: a second ``train()`` kept the first run's state, and with
+        ``refresh_every`` > 1 weighed its first steps by the first run's weights."""
+        self.regularizer.reset()
         path = resume_from_checkpoint
         if path is True:  # the Trainer's rule: the last checkpoint in output_dir
             path = get_last_checkpoint(self.args.output_dir)
@@ -184,15 +204,24 @@ def frame_mask(model: nn.Module, mask: Tensor | None) -> Tensor | None:
       frames; a window counts where any of its frames does (transformers 5's rule; 4.x counts
       the whole windows only, one window fewer where a sequence ends inside one);
     - Moonshine: one sample per frame, at the product of its convolutions' strides;
-    - Whisper: None, as its encoder reads no mask (its layers attend to every frame).
+    - Qwen2-Audio's audio tower (qwen2_audio_encoder, ``model.model.audio_tower``): ``mask``
+      is the batch's ``feature_attention_mask`` over the mel frames (the trainer hands that one
+      on), and the tower's frames count up to the length its stride-2 convolution makes of the
+      real ones, the rule by which Qwen2-Audio masks the tower's layers;
+    - Whisper and Voxtral's audio tower (voxtral_encoder): None, as their encoder is given no
+      mask (its layers attend to every frame).
 
     Any other model: ``mask`` itself."""
     if mask is None:
         return None
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind == "whisper":
+    if kind in ("whisper", "voxtral_encoder"):
         return None
     lengths = getattr(model, "_get_feat_extract_output_lengths", None)
+    if kind == "qwen2_audio_encoder":  # lengths: (after the convolutions, after the pooling)
+        real = lengths(mask.sum(-1))[0]
+        frames = torch.arange(lengths(mask.shape[-1])[0], device=mask.device)
+        return frames < real.unsqueeze(-1)
     if kind == "moonshine":
         convs = [m for m in model.get_encoder().modules() if isinstance(m, nn.Conv1d)]
         stride = math.prod(conv.stride[0] for conv in convs)

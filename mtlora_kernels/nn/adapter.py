@@ -22,6 +22,23 @@ FOREIGN_FORMATS = {"hydralora": (lambda i: f"lora_B{i}.weight", "HydraLoRA"),
                    "official": (lambda i: f"lora_B.{i}.weight", "official mtLoRA")}
 
 
+def token_mask(mask: Tensor | None, name: str = "mask") -> Tensor | None:
+    """``mask``, the tokens that count for a balance loss, as a bool tensor: a bool mask as it
+    is, a numeric one (an attention_mask) checked to hold only 0 and 1 (one host read of it,
+    so a device sync where it lives on a device; a bool mask costs none) and compared with 0.
+    Its other values had no meaning as a mask and were taken as weights: a NaN made the loss
+    NaN, a negative one flipped its sign. ValueError naming ``name``. Under torch.compile
+    unchecked (a host read there breaks the graph). None stays None."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not torch.compiler.is_compiling() and mask.device.type != "meta":
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be bool or hold only 0 and 1 (1: the token counts); "
+                             f"got {mask[bad][0].item()} ({mask.dtype})")
+    return mask != 0
+
+
 class MTLoRAAdapter(nn.Module):
     """``delta = s * sum_e pi_e ⊙ B_e A drop(x)`` with per-group routing (SPEC section 2).
 
@@ -94,8 +111,9 @@ class MTLoRAAdapter(nn.Module):
 
         ``mask``: which tokens count, shaped as that forward's leading dims (e.g. the batch's
         ``attention_mask``, so that padding does not pull p towards its own routing; a forward on
-        tokens flattened to one dim, [B*S, d], takes a [B, S] mask too); bool or 0/1. Zero when
-        no token counts."""
+        tokens flattened to one dim, [B*S, d], takes a [B, S] mask too): bool, or numbers that
+        are all 0 or 1 (:func:`token_mask`; other values are refused). Zero when no token
+        counts."""
         if self._routing is None:
             raise RuntimeError("balance_loss() needs a forward pass of this adapter first (none "
                                "ran, or the last one ran while the adapter was disabled)")
@@ -120,6 +138,7 @@ class MTLoRAAdapter(nn.Module):
                              f"{tuple(pi.shape[:-2])}, got {tuple(mask.shape)}")
         if self.config.num_experts == 1 or pi.numel() == 0:  # no router / no tokens
             return pi.new_zeros(())
+        mask = token_mask(mask)
         n = self.config.num_experts
         if mask is None:
             p = pi.reshape(-1, n).mean(0)

@@ -388,7 +388,9 @@ def _validate(x, A, B, route_weight, logits, residual, groups, scaling, dropout_
            f"groups must be a positive divisor of d_out={d_out}, got {groups!r}")
     dropout_p, scaling = as_float(dropout_p, "dropout_p"), as_float(scaling, "scaling")
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    _check(math.isfinite(scaling), f"scaling must be finite, got {scaling}")
+    # Not math.isfinite: under torch.compile a float that changes between calls is a SymFloat,
+    # which math.isfinite cannot trace (fullgraph failed); a comparison traces (NaN fails it).
+    _check(abs(scaling) < math.inf, f"scaling must be finite, got {scaling}")
     _check(route_weight is None or logits is None,
            "give either route_weight (fused linear router) or logits (router computed "
            "elsewhere), not both")
