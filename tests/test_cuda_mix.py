@@ -579,6 +579,38 @@ def test_three_d_noncontiguous_input_and_residual(cuda_ext):
     assert_close_to_reference(y, ref, torch.float32, "y")
 
 
+def off_a_16_byte_boundary(t, dtype):
+    """A contiguous tensor equal to t in dtype whose data starts one element past 16 B."""
+    flat = torch.empty(t.numel() + 1, dtype=dtype, device=t.device)  # 16 B aligned (torch)
+    view = flat[1:].view(t.shape).copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inputs_off_a_16_byte_boundary(cuda_ext, dtype):
+    """Contiguous views at a storage offset pass bindings.cpp's checks with their data off a
+    16 B boundary. Every row length is a multiple of 16 B, so only the kernels' pointer test
+    (vec_ok) keeps the loads of x, A, W_route, B, the residual and dy off the 16 B vector and
+    cp.async paths, which a GPU refuses for a misaligned address. The emulator checks only
+    cp.async's: without the pointer test its fp16 / bf16 cases abort there ("misaligned
+    address"); its fp32 case, and all three on a GPU, check the rest."""
+    T, d_in, d_out, r, N, g = 5, 64, 128, 16, 4, 2
+    x, A, B, W, _ = make_inputs(T, d_in, d_out, r, N, g, cuda_ext, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    res, dy = (torch.randn(T, d_out, generator=gen, dtype=torch.float64).to(cuda_ext)
+               for _ in range(2))
+    ins = [off_a_16_byte_boundary(t, dtype).requires_grad_() for t in (x, A, B, W, res)]
+    y = mix(*ins[:4], groups=g, scaling=2.0, residual=ins[4], backend="cuda")
+    grads = grads_of(y, ins, off_a_16_byte_boundary(dy, dtype))
+    ins64 = [t.clone().requires_grad_() for t in (x, A, B, W, res)]
+    y64 = mix_reference(*ins64[:4], groups=g, scaling=2.0) + ins64[4]
+    assert_close_to_reference(y, y64, dtype, "y")
+    for name, got, want in zip(("dx", "dA", "dB", "dW_route", "dresidual"), grads,
+                               grads_of(y64, ins64, dy)):
+        assert_close_to_reference(got, want, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_agrees_with_triton_backend(cuda_ext, dtype):
     ok, why = backends.available("triton", cuda_ext)
