@@ -2,8 +2,8 @@
 
 A saved directory holds ``adapter_model.safetensors`` (keys as in ``model.state_dict()``, e.g.
 ``model.layers.0.mlp.mtlora_adapter.lora_B``, and ``classifier.weight`` of a train module) and
-``adapter_config.json`` (the :class:`MTLoRAConfig`, the placement, the train modules, and the
-adapters' names and widths).
+``adapter_config.json`` (the :class:`MTLoRAConfig`, the placement, the train modules, the
+adapters' names and widths, and their parameters' dtype).
 
 Loading is safe and all-or-nothing:
 
@@ -34,6 +34,7 @@ from mtlora_kernels.integrations.hf import (MTLoRAHandle, attach, get_handle, hi
                                             normalized_layers, train_module_paths, unwrapped)
 from mtlora_kernels.nn import MTLoRAConfig
 from mtlora_kernels.nn.adapter import linear_widths
+from mtlora_kernels.ops.mix import _FLOAT_DTYPES
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -203,6 +204,7 @@ def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, mo
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "adapters": {name: {"d_in": a.d_in, "d_out": a.d_out}
                      for name, a in handle.adapters.items()},
+        "dtype": _adapters_dtype(handle),
     }
     # The config text first (a value JSON cannot hold fails before anything is written), then
     # each file beside its place and renamed: an interrupted save leaves no half-written file.
@@ -212,6 +214,26 @@ def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, mo
         tmp = directory / (name + ".tmp")
         write(tmp)
         os.replace(tmp, directory / name)
+
+
+def _adapters_dtype(handle: MTLoRAHandle) -> str | None:
+    """The adapters' parameter dtype ('bfloat16'), which a load that attaches restores; None
+    when they do not share one (cast apart after attach)."""
+    dtypes = {p.dtype for a in handle.adapters.values() for p in a.parameters()}
+    return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+
+
+def _saved_dtype(meta: dict, where: Path) -> torch.dtype | None:
+    """The file's adapter dtype; None where it has none (files before it was saved, adapters
+    of mixed dtypes)."""
+    name = meta.get("dtype")
+    if name is None:
+        return None
+    names = {str(d).removeprefix("torch."): d for d in _FLOAT_DTYPES}
+    if not isinstance(name, str) or name not in names:
+        raise AdapterLoadError(f"{where}: 'dtype' must be one of {sorted(names)} or null, got "
+                               f"{name!r}")
+    return names[name]
 
 
 def _check_meta(meta: dict, where: Path) -> MTLoRAConfig:
@@ -332,15 +354,18 @@ def _attach_then(model: nn.Module, attach_kwargs: dict, fill: Callable[[MTLoRAHa
     return handle
 
 
-def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle:
+def load_adapters(model_or_handle, directory: str | os.PathLike, *,
+                  dtype: torch.dtype | None = None) -> MTLoRAHandle:
     """Load adapters saved by :func:`save_adapters`; returns the handle.
 
-    If the model has no adapters yet they are attached with the saved config, placement and
-    train modules; if it has, the saved config (r, N, g, alpha, placement, block-level layers,
-    the modules train_modules select) must match them, and the file must hold exactly their
-    tensors (the same adapted modules, however the targets and a component-level attach's
-    layers named them), the train modules' included. A file
-    of format version 1 (no train modules) loads as before.
+    If the model has no adapters yet they are attached with the saved config, placement,
+    train modules and parameter dtype (``dtype=`` another; a file that records none, saved
+    before the dtype was or by adapters of several dtypes: ``attach``'s default, fp32). If it
+    has, they keep their dtype (``dtype=`` is refused), and the saved config (r, N, g, alpha,
+    placement, block-level layers, the modules train_modules select) must match them, and the
+    file must hold exactly their tensors (the same adapted modules, however the targets and a
+    component-level attach's layers named them), the train modules' included. A file of
+    format version 1 (no train modules) loads as before.
     Raises :class:`AdapterLoadError` naming the mismatch; the model is then unchanged.
     """
     directory = Path(directory)
@@ -349,6 +374,7 @@ def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle
                                f"{WEIGHTS_NAME} and {CONFIG_NAME}")
     meta = _read_json(directory / CONFIG_NAME)
     cfg = _check_meta(meta, directory / CONFIG_NAME)
+    saved_dtype = _saved_dtype(meta, directory / CONFIG_NAME)
     weights = _weights_in(directory)
     tensors = read_safetensors(weights)
     model, handle = _resolve(model_or_handle)
@@ -358,11 +384,15 @@ def load_adapters(model_or_handle, directory: str | os.PathLike) -> MTLoRAHandle
         _copy_all(tensors, h)
 
     if handle is not None:
+        if dtype is not None:
+            raise ValueError(f"dtype={dtype} is for the adapters load_adapters attaches; "
+                             f"{type(model).__name__} has them attached already")
         _compare_meta(meta, cfg, handle, directory / CONFIG_NAME)
         fill(handle)
         return handle
     kwargs = {"config": cfg, "layers": meta.get("layers"),
-              "train_modules": meta.get("train_modules")}
+              "train_modules": meta.get("train_modules"),
+              "dtype": dtype or saved_dtype or torch.float32}
     if meta.get("placement") == "component":
         kwargs["target_modules"] = meta.get("target_modules")
     else:

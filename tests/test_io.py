@@ -224,6 +224,43 @@ def test_config_mismatch_is_named_and_leaves_the_adapters_alone(tmp_path):
         load_adapters(other, tmp_path)
 
 
+def test_a_load_that_attaches_restores_the_saved_dtype(tmp_path):
+    """Adapters attached in bf16 came back fp32 from a load that attached them: the file now
+    records their dtype, which the load restores unless given another; a file without it (saved
+    before) loads fp32 as before; adapters attached already keep theirs."""
+    model = tiny_model("llama")
+    handle = attach(model, CFG, placement="ffn", dtype=torch.bfloat16)
+    randomize(handle)
+    x = tiny_inputs("llama")
+    want = run(model, x)
+    saved = {k: v.clone() for k, v in handle.state_dict().items()}
+    save_adapters(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["dtype"] == "bfloat16"
+
+    def dtypes(h):
+        return {p.dtype for p in h.parameters()}
+
+    fresh = tiny_model("llama")
+    loaded = load_adapters(fresh, tmp_path)
+    assert dtypes(loaded) == {torch.bfloat16}
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(run(fresh, x), want)
+    assert dtypes(load_adapters(tiny_model("llama"), tmp_path, dtype=torch.float16)) \
+        == {torch.float16}
+    with pytest.raises(ValueError, match="has them attached already"):
+        load_adapters(fresh, tmp_path, dtype=torch.float32)
+    del meta["dtype"]  # a file saved before the dtype was
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    old = load_adapters(tiny_model("llama"), tmp_path)
+    assert dtypes(old) == {torch.float32}
+    assert all(torch.equal(v, saved[k].float()) for k, v in old.state_dict().items())
+    meta["dtype"] = "int8"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(AdapterLoadError, match="'dtype' must be one of"):
+        load_adapters(tiny_model("llama"), tmp_path)
+
+
 def test_the_saved_backend_is_not_restored(tmp_path):
     """A backend names the machine that saved (here 'cuda', unavailable on this one); the
     loaded adapters choose their own."""

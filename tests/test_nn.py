@@ -1,6 +1,7 @@
 """The drop-in layers: parameters, initialisation, forward = reference, balance loss, imports."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -52,26 +53,26 @@ def test_balance_loss_with_a_mask_counts_only_its_tokens():
     ad = MTLoRAAdapter(20, 12, r=4, num_experts=5, groups=3, alpha=8, dropout=0.0).double()
     x = torch.randn(2, 6, 20, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])  # an attention_mask
-    ad(x)
+    y = ad(x)  # kept (as each output below): the routing lives with its graph
     got = ad.balance_loss(mask)
     (g_got,) = torch.autograd.grad(got, ad.lora_route)
-    ad(x[mask.bool()])  # the 10 real tokens alone
+    y = ad(x[mask.bool()])  # the 10 real tokens alone
     want = ad.balance_loss()
     (g_want,) = torch.autograd.grad(want, ad.lora_route)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g_got, g_want)
-    ad(x)
+    y = ad(x)
     assert abs(ad.balance_loss(mask.bool()).item() - want.item()) < 1e-12
     assert abs(ad.balance_loss().item() - want.item()) > 1e-6  # the padding did count
     assert ad.balance_loss(torch.zeros(2, 6)).item() == 0.0
     lin = MTLoRALinear(nn.Linear(20, 12), ad.config)  # the component-level wrapper passes it on
     lin.adapter.load_state_dict(ad.state_dict())
-    lin(x.float())
+    z = lin(x.float())
     torch.testing.assert_close(lin.balance_loss(mask).double(), want, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match=r"mask must have the last forward's token shape "
                                          r"\(2, 6\), got \(12,\)"):
         ad.balance_loss(mask.reshape(-1))
-    ad(x.reshape(12, -1))  # tokens flattened (OPT's FFN): the batch's mask, flattened alike
+    y = ad(x.reshape(12, -1))  # tokens flattened (OPT's FFN): the batch's mask, flattened alike
     assert abs(ad.balance_loss(mask).item() - want.item()) < 1e-12
     with pytest.raises(ValueError, match=r"token shape \(12,\), got \(2, 5\)"):
         ad.balance_loss(mask[:, :5])
@@ -82,9 +83,45 @@ def test_balance_loss_needs_a_forward():
         MTLoRAAdapter(8, r=2, num_experts=2, groups=1).balance_loss()
 
 
+def test_a_forward_whose_output_is_dropped_frees_its_graph():
+    """A forward run with autograd whose output is dropped without a backward (an evaluation
+    without torch.no_grad(), a skipped batch) frees its graph and saved activations: the
+    adapter held its routing weights, and through them that graph, until its next forward.
+    While the output lives the balance loss is the reference's, its gradient reaching the
+    layers before the adapter too; once it is gone the loss says why it cannot be computed."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(),
+                          MTLoRAAdapter(8, r=2, num_experts=3, groups=2, dropout=0.0)).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    saved = []
+
+    class Box:  # a saved tensor, packed: weakly referenced to see it freed
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        box = Box(t.detach())  # t itself, an output saved by its own node, would make a cycle
+        saved.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        y = model(x)
+    assert len(saved) >= 3
+    lin, ad = model[0], model[2]
+    got = torch.autograd.grad(ad.balance_loss(), (lin.weight, ad.lora_route), retain_graph=True)
+    pi = torch.softmax((torch.tanh(lin(x)) @ ad.lora_route.T).view(4, 2, 3), -1)
+    want = torch.autograd.grad(balance_loss_reference(pi), (lin.weight, ad.lora_route))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    del y
+    assert all(ref() is None for ref in saved)
+    with pytest.raises(RuntimeError, match="last forward's output"):
+        ad.balance_loss()
+
+
 def test_balance_loss_of_an_empty_batch_is_zero():
     ad = MTLoRAAdapter(8, r=2, num_experts=3, groups=2, dropout=0.0)
-    ad(torch.randn(0, 8))
+    y = ad(torch.randn(0, 8))  # kept: the routing lives with its graph
     loss = ad.balance_loss()
     assert loss.item() == 0.0
 
@@ -288,7 +325,7 @@ def test_balance_loss_refuses_a_forward_without_autograd():
         ad(torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="without autograd"):
         ad.balance_loss()
-    ad(torch.randn(4, 8), logits=torch.randn(4, 6))  # external logits: not the router's
+    y = ad(torch.randn(4, 8), logits=torch.randn(4, 6))  # external logits: not the router's
     assert torch.isfinite(ad.balance_loss())
 
 
@@ -326,3 +363,42 @@ def test_attach_wraps_a_linear_under_every_name_it_has(target):
     assert a.lora_B.grad is not None and lin.weight.grad is None
     handle.remove()
     assert model.a is lin and model.b is lin
+
+
+class _Parametrized(nn.Module):
+    """A Sequential whose child "0" is a Linear, beside a Linear with an orthogonal weight (its
+    parametrization is the module proj.parametrizations.weight.0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.proj = nn.utils.parametrizations.orthogonal(nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.proj(self.seq(x))
+
+
+def test_targets_never_match_parametrization_internals():
+    """A target '0' (a Sequential's child) also matched the parametrization of a parametrized
+    Linear (proj.parametrizations.weight.0, an _Orthogonal), and attach failed on it; 'weight'
+    matched its ParametrizationList, and a train module '0' the parametrization (no
+    parameters). Those are torch.nn.utils.parametrize's internals: '0' is seq.0 alone, and the
+    parametrized Linear is adapted by its own name."""
+    from mtlora_kernels import attach
+
+    torch.manual_seed(6)
+    model = _Parametrized()
+    x = torch.randn(3, 6)
+    cfg = MTLoRAConfig(r=2, num_experts=3, groups=2, alpha=4, dropout=0.0)
+    handle = attach(model, cfg, target_modules="0")
+    assert list(handle.adapters) == ["seq.0.adapter"]
+    a = handle.adapters["seq.0.adapter"]
+    nn.init.normal_(a.lora_B)
+    delta = mix_reference(x, a.lora_A, a.lora_B, a.lora_route, groups=2, scaling=2.0)
+    torch.testing.assert_close(model(x), model.proj(torch.tanh(model.seq[0].base(x) + delta)))
+    handle.remove()
+    with pytest.raises(ValueError, match=r"target_modules \['weight'\] match no nn.Linear"):
+        attach(model, cfg, target_modules="weight")
+    handle = attach(model, cfg, target_modules="proj", train_modules="0")
+    assert list(handle.adapters) == ["proj.adapter"] and handle._train_paths == ["seq.0"]
+    assert model.seq[0].weight.requires_grad

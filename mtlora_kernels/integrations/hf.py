@@ -348,6 +348,15 @@ def _span_output_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     return _plus_adapter(module, z, output)
 
 
+def _span_end_hook(layer: nn.Module, args: tuple, output, *, last: nn.Module) -> None:
+    """A forward hook on the layer of such an FFN, run even when its call raises
+    (``always_call``): drops a z that :func:`_span_output_hook` did not take. Left on the
+    adapter by an exception between the two hooks (an out-of-memory error, a failing module),
+    it kept that input, and its graph, alive, and a later call of ``last`` alone used it
+    instead of refusing."""
+    getattr(last, ADAPTER_ATTR).span_input = None
+
+
 def _sub_layer(layer: nn.Module, family: LayerLayout, kind: str
                ) -> tuple[str, str | None, nn.Module | None, str | None]:
     """Where sub-layer ``kind`` ('attn' or 'ffn') of ``layer`` gets its adapter: the path of the
@@ -595,15 +604,31 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def _named_modules(model: nn.Module, remove_duplicate: bool = True
+                   ) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without the internals of ``torch.nn.utils.parametrize``: a
+    parametrized module's ``parametrizations`` container, its ParametrizationLists and the
+    parametrization modules in them (``proj.parametrizations.weight.0``), which targets are
+    not meant to name and which a name such as ``'0'`` (a Sequential's child) or ``'weight'``
+    matched, failing the attach. The parametrized module itself is matched as any other."""
+    inner: list[str] = []  # the containers met so far (named_modules lists parents first)
+    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
+        if any(name == p or name.startswith(p + ".") for p in inner):
+            continue
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            inner.append(f"{name}.parametrizations" if name else "parametrizations")
+        yield name, module
+
+
 def train_module_paths(model: nn.Module, names: list[str]) -> list[str]:
     """The paths of the modules ``names`` select, matched as ``target_modules`` are (a name
     matches a module whose dotted path ends with it), in model order, outermost only (a module
     inside another selected one trains with it). Every name must match, every module selected
     must have parameters."""
-    found = [n for n, _ in model.named_modules() if n and any(_matches(n, t) for t in names)]
+    found = [n for n, _ in _named_modules(model) if n and any(_matches(n, t) for t in names)]
     missing = [t for t in names if not any(_matches(n, t) for n in found)]
     if missing:
-        named = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+        named = sorted({n.rsplit(".", 1)[-1] for n, m in _named_modules(model)
                         if n and not n.rsplit(".", 1)[-1].isdigit()
                         and next(m.parameters(), None) is not None})
         raise ValueError(f"train_modules {missing} match no module of {type(model).__name__}; "
@@ -669,8 +694,9 @@ def attach(
         config: the adapters' hyper-parameters (default :class:`MTLoRAConfig`()).
         placement: 'ffn' (default; the official setting), 'attn' or 'both': block-level.
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
-            matches a module whose dotted path ends with it): component-level instead. Exclusive
-            with ``placement``. A Linear registered under several names (``self.b = self.a``)
+            matches a module whose dotted path ends with it; a parametrized module's
+            ``parametrizations``, ``torch.nn.utils.parametrize``'s internals, are never
+            matched): component-level instead. Exclusive with ``placement``. A Linear registered under several names (``self.b = self.a``)
             gets one adapter, named after its first path, in every place it is registered.
         layers: indices of the transformer layers to adapt (default all; negative counts from
             the end; the handle records them sorted and non-negative). An encoder-decoder's
@@ -741,10 +767,10 @@ def attach(
         # Every path of every module: a module registered under two names (``self.b = self.a``)
         # runs under both, and is matched under either; its wrapper goes to all its paths.
         paths: dict[int, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
+        for name, module in _named_modules(model, remove_duplicate=False):
             paths.setdefault(id(module), []).append(name)
         found: list[tuple[str, nn.Module]] = []  # each module once, under its first path
-        for name, module in model.named_modules(remove_duplicate=False):
+        for name, module in _named_modules(model, remove_duplicate=False):
             if not any(_matches(name, t) for t in targets) or not in_scope(name):
                 continue
             widths = linear_widths(module)
@@ -765,7 +791,7 @@ def attach(
                                                  for n in paths[id(m)])]
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1]
-                             for n, m in model.named_modules(remove_duplicate=False)
+                             for n, m in _named_modules(model, remove_duplicate=False)
                              if linear_widths(m) is not None and in_scope(n)})
             where = (type(model).__name__ if scope is None
                      else f"layers {layers} of {type(model).__name__}")
@@ -858,7 +884,9 @@ def attach(
                 handle._hooks += [
                     layer.get_submodule(first).register_forward_pre_hook(
                         functools.partial(_span_input_hook, last=host), with_kwargs=True),
-                    host.register_forward_hook(_span_output_hook)]
+                    host.register_forward_hook(_span_output_hook),
+                    layer.register_forward_hook(functools.partial(_span_end_hook, last=host),
+                                                always_call=True)]
             elif residual is None:
                 handle._hooks.append(host.register_forward_hook(_block_hook, with_kwargs=True))
             else:

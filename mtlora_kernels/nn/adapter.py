@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,12 @@ class MTLoRAAdapter(nn.Module):
     [r, d_in], ``lora_B`` [N, d_out, r], ``lora_route`` [g*N, d_in] (absent when N == 1).
 
     After each forward, :meth:`balance_loss` returns the MoLE balance loss of that forward's
-    routing weights, differentiable with respect to the router.
+    routing weights, differentiable with respect to the router. A forward run with autograd
+    keeps its routing weights for that only as long as its autograd graph lives (while its
+    output, or a loss computed from it, is referenced): a forward whose output is dropped
+    without a backward (an evaluation without ``torch.no_grad()``, a skipped batch) frees its
+    graph and saved activations, as it does without adapters. Under ``torch.compile`` the
+    adapter keeps them until its next forward.
 
     ``enabled`` (default True): when False the forward adds nothing (it returns ``residual``,
     or zeros without one) and computes no routing; :meth:`MTLoRAHandle.disable` sets it. A
@@ -73,7 +79,7 @@ class MTLoRAAdapter(nn.Module):
         else:
             self.register_parameter("lora_route", None)
         self.enabled = True
-        self._routing: Tensor | None = None
+        self._routing: Tensor | weakref.ref | None = None  # see _last_routing
         self._routed_by_own_router = False
         self.reset_parameters()
 
@@ -101,7 +107,15 @@ class MTLoRAAdapter(nn.Module):
             training=self.training, residual=residual, backend=cfg.backend,
             return_routing=True,
         )
-        self._routing = pi
+        if not torch.compiler.is_compiling() and y.grad_fn is not None:
+            # The routing weights carry this forward's graph, and with it every saved
+            # activation before this layer: held here, they kept it all alive after the output
+            # was dropped. The graph holds them instead, on y's own node (its view's: pi's
+            # view does not lead to it, so no cycle), and the adapter a weak reference.
+            y.grad_fn.metadata["mtlora_routing"] = pi
+            self._routing = weakref.ref(pi)
+        else:  # no graph to keep alive (or inside a compiled region: no nodes to hold it)
+            self._routing = pi
         self._routed_by_own_router = route is not None
         return y
 
@@ -114,10 +128,15 @@ class MTLoRAAdapter(nn.Module):
         tokens flattened to one dim, [B*S, d], takes a [B, S] mask too): bool, or numbers that
         are all 0 or 1 (:func:`token_mask`; other values are refused). Zero when no token
         counts."""
-        if self._routing is None:
+        pi = self._last_routing()  # [..., g, N]
+        if pi is None and self._routing is not None:
+            raise RuntimeError("balance_loss() needs the last forward's output (or a loss "
+                               "computed from it) still referenced: its routing weights are "
+                               "kept only as long as its autograd graph, and the output is gone")
+        if pi is None:
             raise RuntimeError("balance_loss() needs a forward pass of this adapter first (none "
                                "ran, or the last one ran while the adapter was disabled)")
-        if (torch.is_grad_enabled() and not self._routing.requires_grad
+        if (torch.is_grad_enabled() and not pi.requires_grad
                 and self._routed_by_own_router and self.lora_route.requires_grad):
             # Reentrant activation checkpointing runs forward under no_grad: the loss would
             # silently carry no gradient to the router (measured: adapter gradients off by 2e-4
@@ -129,7 +148,6 @@ class MTLoRAAdapter(nn.Module):
                 "non-reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': "
                 "False}, transformers' default); or compute the loss under torch.no_grad() if "
                 "it is only logged.")
-        pi = self._routing  # [..., g, N]
         # A forward on tokens flattened to one dim (OPT's FFN gets [B*S, d]) takes the batch's
         # mask as it takes its tokens, flattened in order.
         flat = pi.dim() == 3 and mask is not None and mask.numel() == pi.shape[0]
@@ -147,6 +165,12 @@ class MTLoRAAdapter(nn.Module):
             picked = (pi.reshape(w.shape[0], -1, n) * w[:, None, None]).sum((0, 1))
             p = picked / (w.sum() * pi.shape[-2]).clamp_min(1.0)
         return p.var() / (p.mean() ** 2 + 1e-10)
+
+    def _last_routing(self) -> Tensor | None:
+        """The last forward's routing weights [..., g, N]: ``_routing`` itself, or what its weak
+        reference still reaches (None once that forward's graph is gone)."""
+        routing = self._routing
+        return routing() if isinstance(routing, weakref.ref) else routing
 
     def __getstate__(self) -> dict:
         # The last forward's routing weights are not state (and, carrying that forward's graph,
