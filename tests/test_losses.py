@@ -495,7 +495,7 @@ def test_a_balance_mask_holds_only_0_and_1():
     g = torch.Generator().manual_seed(12)
     keep = torch.rand(3, 5, generator=g) > 0.3
     keep[:, 0] = True
-    out = model(torch.randn(3, 5, 12, dtype=F64, generator=g))  # kept: its graph holds the routing
+    out = model(torch.randn(3, 5, 12, dtype=F64, generator=g))  # kept: holds the routing
     want = balance_loss(model, keep)
     assert rel_err(want, balance_loss(model)) > 1e-3  # the mask counts
     for numbers in (keep.long(), keep.to(F64), keep.half()):
