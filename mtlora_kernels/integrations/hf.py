@@ -696,8 +696,9 @@ def attach(
         target_modules: module names (``['q_proj', 'v_proj']`` or ``'q_proj,v_proj'``; a name
             matches a module whose dotted path ends with it; a parametrized module's
             ``parametrizations``, ``torch.nn.utils.parametrize``'s internals, are never
-            matched): component-level instead. Exclusive with ``placement``. A Linear registered under several names (``self.b = self.a``)
-            gets one adapter, named after its first path, in every place it is registered.
+            matched): component-level instead. Exclusive with ``placement``. A Linear
+            registered under several names (``self.b = self.a``) gets one adapter, named after
+            its first path, in every place it is registered.
         layers: indices of the transformer layers to adapt (default all; negative counts from
             the end; the handle records them sorted and non-negative). An encoder-decoder's
             (:data:`ENCODER_DECODERS`) count the encoder's layers, then the decoder's. Where each
