@@ -4,7 +4,8 @@ For every shape of a sweep, every provider (HydraLoRA's published loop, the best
 formulation, each available backend of the fused op) is first checked against one fp64
 reference on the same inputs, output and every gradient; a provider that disagrees is refused
 and not timed. The others are timed (median of repeated calls, forward under no_grad and
-forward+backward w.r.t. x and every adapter weight) and their peak extra memory is measured.
+forward+backward w.r.t. x and every adapter weight; bench.json adds the quartiles and the
+number of timings) and their peak extra memory is measured.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the
 call. On the CPU the profiler's allocation events (``profile_memory=True``) give the running
@@ -88,8 +89,10 @@ class Shape:
             raise ValueError(f"groups={self.groups} must divide d_out={self.d_out}")
         if min(self.tokens, self.d_in, self.d_out, self.rank, self.experts) < 1:
             raise ValueError(f"every size must be >= 1, got {self}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be finite, got {self.alpha}")
+        if not math.isfinite(self.alpha) or self.alpha == 0:
+            # alpha = 0: every output and gradient is zero, and so is the reference: the check
+            # before timing would pass any provider.
+            raise ValueError(f"alpha must be finite and nonzero, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -298,10 +301,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fns: list[Callable[[], object]], device: torch.device, min_time: float,
-                   min_reps: int = 3) -> list[float]:
-    """Median wall time of each of ``fns``, timed in turns: round after round, one block of
+def time_in_turns(fns: list[Callable[[], object]], device: torch.device, min_time: float,
+                  min_reps: int = 3) -> list[dict]:
+    """Wall time per call of each of ``fns``, timed in turns: round after round, one block of
     each, for at least ``min_reps`` rounds and ``min_time`` seconds per function on average.
+    Per function: ``median_ms``, the quartiles ``q1_ms`` and ``q3_ms`` of the blocks' times per
+    call (how much the load moved them; ``min_reps`` >= 2), ``reps`` (blocks timed) and
+    ``calls_per_rep``.
 
     Taking turns puts every provider under the same background load: on a shared 2-core
     machine the load drifts by 2-3x within a minute, which timing one provider after the
@@ -326,7 +332,12 @@ def median_seconds(fns: list[Callable[[], object]], device: torch.device, min_ti
                 fn()
             _sync(device)
             ts.append((time.perf_counter() - t0) / number)
-    return [statistics.median(ts) for ts in times]
+    out = []
+    for ts, number in zip(times, numbers):
+        q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive")  # med: the median
+        out.append({"median_ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
+                    "reps": len(ts), "calls_per_rep": number})
+    return out
 
 
 @contextlib.contextmanager
@@ -455,11 +466,12 @@ def bench_shape(s: Shape, providers: list[Provider], device: torch.device, min_t
     for name, body in zip(PASSES, (fwd, fwd_bwd)):
         advance(f"timing {name} {s.label()}")
         fns = [functools.partial(body, runner) for _, runner in runners]
-        secs = median_seconds(fns, device, min_time)
+        timings = time_in_turns(fns, device, min_time)
         back = name != "fwd"
-        for (rec, runner), fn, sec in zip(runners, fns, secs):
+        for (rec, runner), fn, t in zip(runners, fns, timings):
             drop_grads(runner)  # so that the last call's gradients are not counted as live
-            rec[name] = {"median_ms": sec * 1e3, "peak_bytes": peak_bytes(fn, device),
+            sec = t["median_ms"] / 1e3
+            rec[name] = {**t, "peak_bytes": peak_bytes(fn, device),
                          "GBps": s.bytes_moved(back) / sec / 1e9,
                          "TFLOPs": s.flops(back) / sec / 1e12}
             if peaks is not None:
@@ -499,10 +511,29 @@ def run(shapes: list[Shape], providers: list[Provider], device: torch.device, mi
     return records
 
 
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8480+") from /proc/cpuinfo;
+    where that has none (not Linux, an ARM kernel), what :mod:`platform` says. On Linux
+    ``platform.processor()`` is "" or "x86_64": bench.json and the plot's title named no machine,
+    and runs on an Intel Xeon and an AMD EPYC read the same."""
+    try:
+        with _CPUINFO.open() as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> dict:
     """What the numbers were measured on."""
     info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

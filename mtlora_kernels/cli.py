@@ -100,26 +100,42 @@ _QUICK = {
 }
 
 
+def _preset_help(key: str) -> str:
+    """``key``'s defaults for --help, from the sweeps (--help did not say what a plain run
+    sweeps): "default 512,2048 on a CPU, 2048,8192 on a GPU; --quick: 512,2048 / 8192"."""
+    def text(device: str, sweeps: dict) -> str:
+        v = sweeps[device][key]
+        return ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}"
+
+    return (f"default {text('cpu', _SWEEPS)} on a CPU, {text('cuda', _SWEEPS)} on a GPU; "
+            f"--quick: {text('cpu', _QUICK)} / {text('cuda', _QUICK)}")
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=_ints, help="T values, e.g. 512,2048")
-    p.add_argument("--experts", type=_ints, help="N values, e.g. 8,16")
-    p.add_argument("--groups", type=_ints, help="g values (routing groups), e.g. 1,2")
-    p.add_argument("--rank", type=_ints, help="r values (default 16)")
-    p.add_argument("--dtype", type=_names, help="fp32, bf16, fp16, fp64 (comma-separated; "
-                   "default fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--tokens", type=_ints,
+                   help=f"T values, comma-separated ({_preset_help('tokens')})")
+    p.add_argument("--experts", type=_ints, help=f"N values ({_preset_help('experts')})")
+    p.add_argument("--groups", type=_ints,
+                   help=f"g values, routing groups ({_preset_help('groups')})")
+    p.add_argument("--rank", type=_ints, help=f"r values ({_preset_help('rank')})")
+    p.add_argument("--dtype", type=_names,
+                   help=f"fp32, bf16, fp16, fp64 ({_preset_help('dtype')})")
     p.add_argument("--hidden", type=_positive, default=4096, help="d_in (default 4096, LLaMA-2-7B)")
     p.add_argument("--d-out", type=_positive, help="d_out (default: = --hidden, block-level)")
-    p.add_argument("--alpha", type=float, default=64.0, help="s = alpha / r (default 64)")
+    p.add_argument("--alpha", type=float, default=64.0, help="s = alpha / r, nonzero (default 64)")
     p.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout while timing (the correctness check always runs without it)")
-    p.add_argument("--min-time", type=_seconds, help="seconds of timing per provider and pass")
+                   help="dropout while timing (default 0; the correctness check always runs "
+                        "without it)")
+    p.add_argument("--min-time", type=_seconds, help="seconds of timing per provider and pass, "
+                   f"on average, and at least 3 timings each ({_preset_help('min_time')})")
     p.add_argument("--providers", type=_names,
                    help="only these, e.g. hydralora-loop,mtlora-torch (default: all available)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--threads", type=_positive,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
-                   help="directory for bench.json and bench.png (default ./bench_out)")
+                   help="directory for bench.json and bench.png, which a run replaces "
+                        "(default ./bench_out)")
     p.add_argument("--quick", action="store_true",
                    help="one small sweep (about a minute on a 2-core CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,6 +189,8 @@ def _bench(args: argparse.Namespace) -> int:
                   f"({reasons})", file=sys.stderr)
             return 2
     try:  # before the sweep, which a bad --out would otherwise throw away at the end
+        if args.out.exists() and not args.out.is_dir():  # mkdir's word for it: "File exists"
+            raise NotADirectoryError("it exists and is not a directory")
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("bench.json", "bench.png"):
             if (args.out / name).is_dir():
@@ -189,9 +207,11 @@ def _bench(args: argparse.Namespace) -> int:
                         progress=not args.no_progress)
     meta["load_avg_1m_end"] = bench.machine(device)["load_avg_1m"]
     con.print(bench.table(records, on_gpu=device.type == "cuda"))
+    # A previous run's files are replaced, and the line below says so (they went silently).
+    verb = "replaced" if (args.out / "bench.json").exists() else "wrote"
     bench.write_json(records, meta, args.out / "bench.json")
     bench.plot(records, args.out / "bench.png", meta)
-    con.print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
+    con.print(f"{verb} {args.out / 'bench.json'} and {args.out / 'bench.png'} "
               f"({meta['device']}, {meta['threads']} threads, 1-min load average "
               f"{meta['load_avg_1m']} before, {meta['load_avg_1m_end']} after)")
     failed = [r for r in records if r["status"] != "ok"]
@@ -215,7 +235,7 @@ def _installed_version(distribution: str) -> str:
 @subcommand("info", "versions, device, available backends and CUDA build metadata")
 def _info(args: argparse.Namespace) -> int:
     import mtlora_kernels
-    from mtlora_kernels import backends
+    from mtlora_kernels import backends, bench
 
     try:
         import triton
@@ -232,7 +252,7 @@ def _info(args: argparse.Namespace) -> int:
         **{name: _installed_version(name) for name in ("transformers", "accelerate")},
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                   else f"cpu ({platform.processor() or platform.machine()}, "
+                   else f"cpu ({bench.cpu_name()}, "
                         f"{torch.get_num_threads()} threads; no CUDA GPU)"),
     }
     for k, v in rows.items():

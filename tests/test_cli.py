@@ -70,6 +70,30 @@ def test_a_wrong_provider_is_refused_and_not_timed():
     assert records["hydralora-loop"]["fwd+bwd"]["median_ms"] > 0
 
 
+def test_timings_give_quartiles_and_how_many_there_were(monkeypatch):
+    """bench.json says how many timings each median is of, and their quartiles (it held the
+    median alone: a median of 3 under a drifting load read like one of 300)."""
+    ticks = iter(range(1000))
+    clock = {"t": 0.0}
+
+    def slow_then_fast():  # 10 ms per call, then 1 ms: the spread must show
+        clock["t"] += 0.010 if next(ticks) < 4 else 0.001
+
+    with monkeypatch.context() as m:
+        m.setattr(bench.time, "perf_counter", lambda: clock["t"])
+        (t,) = bench.time_in_turns([slow_then_fast], CPU, min_time=0.0, min_reps=5)
+    # 2 untimed calls (warm-up, calibration), then blocks of 1 call: 10, 10, 1, 1, 1 ms
+    assert (t["reps"], t["calls_per_rep"]) == (5, 1)
+    assert t["median_ms"] == pytest.approx(1.0)
+    assert (t["q1_ms"], t["q3_ms"]) == (pytest.approx(1.0), pytest.approx(10.0))
+    (rec,) = bench.bench_shape(TINY, [bench.Provider("hydralora-loop", bench._LoopRunner)], CPU,
+                               0.0)
+    for name in bench.PASSES:
+        m = rec[name]
+        assert m["reps"] >= 3 and m["calls_per_rep"] >= 1
+        assert 0 < m["q1_ms"] <= m["median_ms"] <= m["q3_ms"]
+
+
 def test_an_unrunnable_provider_is_reported():
     def broken(w, s):
         raise RuntimeError("no kernel for this shape")
@@ -95,6 +119,41 @@ def test_bench_quick_end_to_end_writes_json_and_png(tmp_path, capsys):
     loop = [r for r in results if r["provider"] == "hydralora-loop"]
     assert all(r["fwd"]["speedup"] == 1.0 for r in loop)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {out / 'bench.json'} and {out / 'bench.png'}" in " ".join(text.split())
+
+
+def test_a_second_run_says_it_replaced_the_first(tmp_path, capsys):
+    """A run into an --out that holds a previous run's files replaces them and says so (--help
+    says it too); they were overwritten without a word."""
+    argv = ["bench", "--hidden", "16", "--tokens", "4", "--experts", "2", "--groups", "1",
+            "--rank", "2", "--min-time", "0.001", "--no-progress", "--providers",
+            "hydralora-loop", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert f"wrote {tmp_path / 'bench.json'}" in capsys.readouterr().out
+    assert main(argv[:2] + ["24"] + argv[3:]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps at 160 columns
+    assert f"replaced {tmp_path / 'bench.json'} and {tmp_path / 'bench.png'}" in text
+    (rec,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert rec["shape"]["d_in"] == 24  # the second run's
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "which a run replaces" in " ".join(capsys.readouterr().out.split())
+
+
+def test_bench_help_gives_every_default(capsys):
+    """--help names what a plain run and a --quick run sweep, on a CPU and on a GPU (it gave
+    examples, and no default for T, N, g or --min-time)."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for defaults in ["512,2048 on a CPU, 2048,8192 on a GPU; --quick: 512,2048 / 8192",  # T
+                     "8,16 on a CPU, 8,16,32 on a GPU; --quick: 16 / 16",  # N
+                     "1,2 on a CPU, 1,2,8 on a GPU; --quick: 2 / 2",  # g
+                     "16 on a CPU, 16 on a GPU; --quick: 16 / 16",  # r
+                     "fp32 on a CPU, bf16 on a GPU; --quick: fp32 / bf16",
+                     "1 on a CPU, 0.5 on a GPU; --quick: 0.3 / 0.2"]:  # --min-time
+        assert f"(default {defaults})" in text
+    assert "dropout while timing (default 0;" in text
 
 
 def test_the_plot_names_the_machine(monkeypatch, tmp_path):
@@ -112,6 +171,28 @@ def test_the_plot_names_the_machine(monkeypatch, tmp_path):
     assert titles == [bench.machine_label(gpu)]
 
 
+def test_the_machine_is_named_by_the_cpus_model(monkeypatch, tmp_path, capsys):
+    """bench.json, the plot and ``info`` name the CPU's model from /proc/cpuinfo (they said
+    "x86_64", which tells an Intel Xeon from an AMD EPYC no better than nothing)."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
+                    "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512f\n")
+    monkeypatch.setattr(bench, "_CPUINFO", info)
+    meta = bench.machine(CPU)
+    assert meta["cpu"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert bench.machine_label(meta).startswith("CPU Intel(R) Xeon(R) Platinum 8480+, ")
+    if not torch.cuda.is_available():
+        assert main(["info"]) == 0
+        assert "cpu (Intel(R) Xeon(R) Platinum 8480+, " in capsys.readouterr().out
+    # No model name there (an ARM kernel's cpuinfo) or no file at all: platform's word for it.
+    import platform
+
+    info.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")
+    assert bench.cpu_name() == (platform.processor() or platform.machine())
+    monkeypatch.setattr(bench, "_CPUINFO", tmp_path / "none")
+    assert bench.cpu_name() == (platform.processor() or platform.machine())
+
+
 def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     assert main(["bench", "--providers", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown providers ['nope']" in capsys.readouterr().err
@@ -120,13 +201,19 @@ def test_bench_rejects_unknown_providers_and_bad_shapes(tmp_path, capsys):
     assert main(["bench", "--dropout", "1.5", "--out", str(tmp_path)]) == 2  # before any work
     assert "dropout must be in [0, 1), got 1.5" in capsys.readouterr().err
     assert main(["bench", "--alpha", "nan", "--out", str(tmp_path)]) == 2
-    assert "alpha must be finite, got nan" in capsys.readouterr().err
+    assert "alpha must be finite and nonzero, got nan" in capsys.readouterr().err
+    # s = 0 zeroes every output and gradient, the reference's too: the check proved nothing.
+    assert main(["bench", "--alpha", "0", "--tokens", "4", "--hidden", "16", "--experts", "2",
+                 "--groups", "1", "--min-time", "0.01", "--no-progress",
+                 "--out", str(tmp_path)]) == 2
+    assert "alpha must be finite and nonzero, got 0.0" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
     # An --out that cannot be a directory is refused before the sweep, not after it.
     (tmp_path / "file").write_text("")
     assert main(["bench", "--tokens", "4", "--hidden", "16", "--experts", "2", "--groups", "1",
                  "--out", str(tmp_path / "file")]) == 2
-    assert f"--out {tmp_path / 'file'}:" in capsys.readouterr().err
+    assert f"--out {tmp_path / 'file'}: it exists and is not a directory" in (
+        capsys.readouterr().err)
     # ... and an --out where bench.json cannot be written (it ran the sweep, then crashed).
     (tmp_path / "dir" / "bench.json").mkdir(parents=True)
     assert main(["bench", "--tokens", "4", "--hidden", "16", "--experts", "2", "--groups", "1",
