@@ -4,6 +4,8 @@ part of the package, so nothing else runs them."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -22,6 +24,44 @@ def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _load(script: str):
+    """A script as a module (its directory on sys.path: the experiments import ``common``)."""
+    path = ROOT / script
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_train_multitask_evaluates_on_fixed_examples_apart_from_training():
+    """Accuracy before and after training is measured on the same examples (EVAL_SEED's), and
+    evaluating does not shift the training batches."""
+    pytest.importorskip("transformers")
+    ex = _load("python/examples/train_multitask.py")
+    data, twin = ex.TaskMixture(), ex.TaskMixture()
+    model = ex.build_model(data.vocab_size)
+
+    @torch.no_grad()
+    def reference():
+        gen, scores = torch.Generator().manual_seed(ex.EVAL_SEED), {}
+        for t, name in enumerate(data.names):
+            ids, labels, _ = data.batch(16, task=t, gen=gen)
+            pred, mask = model(ids).logits[:, :-1].argmax(-1), labels[:, 1:] != -100
+            scores[name] = (pred[mask] == labels[:, 1:][mask]).float().mean().item()
+        return scores
+
+    for _ in range(2):  # before and after "training" (a random change of every weight)
+        assert ex.evaluate(model, data, per_task=16) == reference()
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p), alpha=0.5)
+    for a, b in zip(data.batch(4), twin.batch(4)):
+        assert torch.equal(a, b)  # the training stream as if no evaluation had run
+
+
 def test_train_multitask_trains_saves_and_reloads_exactly(tmp_path):
     proc = _run("python/examples/train_multitask.py", "--steps", "3", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,6 +77,14 @@ def test_train_multitask_trains_saves_and_reloads_exactly(tmp_path):
 def test_train_multitask_refuses_bad_arguments(args, message):
     proc = _run("python/examples/train_multitask.py", *args, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text", ["0", "-1e-3", "nan", "inf", "x"])
+def test_train_multitask_positive_refuses(text):
+    parse = _load("python/examples/train_multitask.py").positive(float)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse(text)
+    assert parse("5e-3") == 5e-3
 
 
 def test_train_multitask_checks_out_before_training(tmp_path):
@@ -60,6 +108,13 @@ def test_experiment_runs_and_writes_its_results_where_asked(tmp_path, script, ar
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.md", f"{name}.png"]
     text = (tmp_path / f"{name}.md").read_text()
     assert "## Provenance" in text and "git commit" in text
+    # The CPU by name: the same code and seeds train differently on another CPU.
+    machine = re.search(r"^- machine: (.*), (\d+) CPUs, ", text, flags=re.M)
+    assert machine and int(machine[2]) == os.cpu_count(), text
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.*)$", cpuinfo.read_text(), flags=re.M)
+        assert machine[1] == names[0].strip()
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -72,6 +127,15 @@ def test_experiment_refuses_bad_arguments(tmp_path, script, args, message):
     proc = _run(f"python/experiments/{script}", *args, "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_gradient_conflict_says_less_or_more_conflict():
+    change = _load("python/experiments/gradient_conflict.py").conflict_change
+    assert change(-0.013, -0.054) == "76% less"  # the paper's
+    assert change(-0.0563, -0.0174) == "224% more"  # block-level conflicts more: not "-224% less"
+    assert change(0.0, -0.02) == "100% less"
+    assert change(-0.0031, 0.0043) == "n/a (block -0.0031, component +0.0043)"
+    assert change(0.0061, -0.0052) == "n/a (block +0.0061, component -0.0052)"
 
 
 def _readme_snippets() -> list[str]:

@@ -189,6 +189,20 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def machine() -> str:
+    """The CPU the run computed on, by name. A run is deterministic on one machine, not across
+    CPUs: the same code and seeds gave other numbers after a few hundred steps on another CPU."""
+    name = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return (f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{platform.system()}")
+
+
 def provenance(args: argparse.Namespace, extra: dict[str, str] | None = None) -> dict[str, str]:
     """What a results file needs to be traced and re-run; taken at the start of the run (the
     commit is the code that ran, +dirty if the working tree had changes then)."""
@@ -212,6 +226,7 @@ def provenance(args: argparse.Namespace, extra: dict[str, str] | None = None) ->
     }
     info.update(extra or {})
     info.update({
+        "machine": machine(),
         "mtlora_kernels": f"{mtlora_kernels.__version__}, git commit {commit or 'unknown'}",
         "torch": f"{torch.__version__}, {torch.get_num_threads()} thread(s); "
                  f"Python {platform.python_version()}",
