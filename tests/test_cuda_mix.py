@@ -143,7 +143,7 @@ def test_external_logits_and_routing_gradient(cuda_ext, T, g, dtype):
         (133, 37, 30, 5, 3, 30),
         (133, 256, 512, 16, 16, 2),  # aligned, tile inside one group: routing folded into K
         (133, 64, 128, 24, 4, 1),  # folded, r not a power of two (DivBy's division), vectors
-        (133, 256, 512, 16, 16, 512),  # g = d_out: per-expert epilogue
+        (133, 128, 256, 16, 16, 256),  # g = d_out: per-expert epilogue, 64 groups a tile
         (1, 256, 512, 16, 16, 2),  # decode: the 16-row tiles
         (16, 256, 512, 16, 16, 8),
         (17, 256, 512, 16, 16, 8),  # just past the decode threshold
