@@ -12,17 +12,21 @@ import torch
 def build_info() -> dict:
     """Build facts as a flat dict (for ``mtlora-kernels info`` and bug reports).
 
-    Keys: ``version``; ``torch`` and ``torch_cuda`` (the running torch and its CUDA, None for a
-    CPU build); ``cuda_extension`` (bool: ``mtlora_kernels._C`` imported); when it did,
-    ``extension_archs`` (e.g. ``["sm_80", "sm_90"]``, from nvcc's ``__CUDA_ARCH_LIST__``),
-    ``extension_cuda`` (toolkit it was compiled with), ``extension_torch`` (torch it was compiled
-    against) and ``extension_torch_matches`` (False means rebuild: torch's C++ ABI is per
-    version); otherwise ``cuda_extension_reason``.
+    Keys: ``version``; ``installed_version`` (the installed distribution's, with a wheel's local
+    label such as ``+cu130torch2.14``; None when running from a tree that is not installed);
+    ``torch`` and ``torch_cuda`` (the running torch and its CUDA, None for a CPU build);
+    ``cuda_extension`` (bool: ``mtlora_kernels._C`` imported); when it did, ``extension_archs``
+    (e.g. ``["sm_80", "sm_90"]``, from nvcc's ``__CUDA_ARCH_LIST__``), ``extension_cuda``
+    (toolkit it was compiled with), ``extension_torch`` (torch it was compiled against) and
+    ``extension_torch_matches`` (whether that torch's major.minor is the running one's, as in a
+    wheel's label; False means rebuild: torch's C++ ABI changes between minor versions);
+    otherwise ``cuda_extension_reason``.
     """
     from mtlora_kernels import __version__, backends
 
     info: dict = {
         "version": __version__,
+        "installed_version": backends._installed_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
     }
@@ -35,7 +39,8 @@ def build_info() -> dict:
     info["extension_archs"] = [f"sm_{int(a) // 10}" for a in archs]
     info["extension_cuda"] = str(ext.cuda_version)
     info["extension_torch"] = str(ext.torch_version)
-    info["extension_torch_matches"] = torch.__version__.split("+")[0] == str(ext.torch_version)
+    info["extension_torch_matches"] = (backends._torch_major_minor(torch.__version__)
+                                       == backends._torch_major_minor(str(ext.torch_version)))
     return info
 
 

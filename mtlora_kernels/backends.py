@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -24,12 +26,38 @@ def _triton_status() -> tuple[bool, str]:
     return True, ""
 
 
+def _torch_major_minor(version: str) -> str:
+    """``"2.14"`` of ``"2.14.1+cu130"``: what a build of the extension is tied to (torch's C++
+    ABI changes between minor versions; a wheel's local label names it, e.g. +cu130torch2.14)."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _installed_version() -> str | None:
+    """The installed mtlora-kernels distribution's version, with a wheel's local label (e.g.
+    ``0.1.0+cu130torch2.14``); None when the package runs from a tree that is not installed."""
+    try:
+        return importlib.metadata.version("mtlora-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _wheel_for_other_torch() -> str:
+    """Why the extension cannot load, when the installed wheel's label names another torch."""
+    label = (_installed_version() or "").partition("+")[2]
+    built = re.search(r"torch(\d+\.\d+)$", label)
+    if built is None or built.group(1) == _torch_major_minor(torch.__version__):
+        return ""
+    return (f"; this mtlora-kernels (+{label}) was built for torch {built.group(1)}, not torch "
+            f"{torch.__version__}: install its wheel for this torch or build it from source")
+
+
 @functools.cache
 def _cuda_extension() -> tuple[object | None, str]:
     try:
         ext = importlib.import_module("mtlora_kernels._C")
     except ImportError as exc:
-        msg = f"the CUDA extension mtlora_kernels._C is not built or failed to load ({exc})"
+        msg = (f"the CUDA extension mtlora_kernels._C is not built or failed to load ({exc})"
+               + _wheel_for_other_torch())
         if torch.cuda.is_available():
             warnings.warn(msg + "; falling back to the triton/torch backends", stacklevel=3)
         return None, msg

@@ -3,6 +3,7 @@ extension is missing, the wheel tag, and the host twin of the kernels' dropout R
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -87,6 +88,71 @@ def test_setup_rejects_unknown_build_mode():
     out = _setup({"MTLORA_BUILD_CUDA": "maybe"}, "--version")
     assert out.returncode != 0
     assert "MTLORA_BUILD_CUDA must be auto, 1 or 0" in out.stderr
+
+
+def _compile_flags(command: list[str]) -> dict[str, set[str]]:
+    """The flags of one compile command that make the object what it is: defines, optimization,
+    language standard, nvcc's options and the SASS targets."""
+    flags: dict[str, set[str]] = {"defines": set(), "options": set(), "sass": set()}
+    for tok in command:
+        if tok.startswith("-D"):
+            flags["defines"].add(tok[2:])
+        elif re.fullmatch(r"-O\d|-std=.+|-lineinfo|--expt-relaxed-constexpr|--use_fast_math",
+                          tok):
+            flags["options"].add(tok)
+        flags["sass"].update(re.findall(r"sm_\d+", tok) if "code=" in tok else ())
+    return flags
+
+
+def test_cmake_and_setup_compile_with_the_same_flags(tmp_path):
+    """CMakeLists.txt builds the extension setup.py builds: each source with the same defines,
+    -O level, standard and nvcc options. setup.py's commands come from the build.ninja its
+    build_ext writes (with a stand-in ninja that compiles nothing), CMake's from a configure.
+    The CMake build once compiled the C++ files at -O0 without NDEBUG."""
+    import shlex
+    import shutil
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    cuda_home = os.environ.get("CUDA_HOME", CUDA_HOME or "/usr/local/cuda")
+    if shutil.which("cmake") is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+        pytest.skip("needs cmake and a CUDA toolkit")
+    if torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch (setup.py builds _C only against one)")
+    fake = tmp_path / "bin" / "ninja"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, CUDA_HOME=cuda_home, MTLORA_BUILD_CUDA="1",
+               TORCH_CUDA_ARCH_LIST="8.0 9.0", PATH=f"{fake.parent}:{os.environ['PATH']}")
+    # Both at once (each is a few seconds); setup.py's link fails on the missing objects.
+    setup = subprocess.Popen([sys.executable, "setup.py", "build_ext", "--build-temp",
+                              str(tmp_path / "sp"), "--build-lib", str(tmp_path / "lib")],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    cmake = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "cm"),
+                            f"-DPython_EXECUTABLE={sys.executable}",
+                            f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc",
+                            "-DCMAKE_CUDA_ARCHITECTURES=80-real;90-real"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    setup.wait(timeout=120)
+    assert cmake.returncode == 0, cmake.stdout + cmake.stderr
+    ninja = (tmp_path / "sp" / "build.ninja").read_text()
+    var = dict(re.findall(r"^(\w+) = (.*)$", ninja, re.M))
+    rule_flags = {"compile": var["cflags"] + " " + var["post_cflags"],
+                  "cuda_compile": var["cuda_cflags"] + " " + var["cuda_post_cflags"]}
+    from_setup = {Path(src).name: _compile_flags(shlex.split(rule_flags[rule]))
+                  for rule, src in re.findall(r"^build \S+: (\w+) (\S+)$", ninja, re.M)}
+    from_cmake = {Path(e["file"]).name: _compile_flags(shlex.split(e["command"]))
+                  for e in json.loads((tmp_path / "cm" / "compile_commands.json").read_text())}
+    assert set(from_setup) == set(from_cmake) and len(from_setup) >= 8, (from_setup, from_cmake)
+    abi = f"_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    for name, flags in from_cmake.items():
+        # CMake's own define for a shared library; the ABI define torch 2.14 no longer passes
+        # (its ABI is the compiler's default), CMake takes from torch.
+        flags["defines"] -= {"_C_EXPORTS", abi}
+        from_setup[name]["defines"].discard(abi)
+        assert flags == from_setup[name], (name, flags, from_setup[name])
 
 
 # ---- wheel tag ----------------------------------------------------------------------------------
@@ -346,6 +412,42 @@ def test_build_info_without_extension(no_extension):
     assert info["cuda_extension"] is False
     assert "not built or failed to load" in info["cuda_extension_reason"]
     assert "extension_archs" not in info
+
+
+def test_build_info_extension_torch_matches_like_the_wheel_label(monkeypatch):
+    """A wheel labelled torch2.14 is good for every 2.14.x (its label names major.minor), so
+    an extension built against 2.14.0 matches a running 2.14.1; one built against 2.13.x does
+    not."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    for built, matches in (("2.14.0", True), ("2.14.1", True), ("2.13.1", False),
+                           ("3.14.1", False)):
+        ext = SimpleNamespace(arch_list="800,900", cuda_version="13.0", torch_version=built)
+        monkeypatch.setattr(backends, "_cuda_extension", lambda ext=ext: (ext, ""))
+        info = build_info()
+        assert info["extension_archs"] == ["sm_80", "sm_90"]
+        assert info["extension_torch_matches"] is matches, built
+
+
+def test_build_info_shows_the_wheel_label(monkeypatch):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: {
+        "mtlora-kernels": "0.1.0+cu130torch2.14"}[name])
+    assert build_info()["installed_version"] == "0.1.0+cu130torch2.14"
+
+
+def test_missing_extension_of_a_wheel_for_another_torch_says_so(no_extension, monkeypatch):
+    """A wheel's _C fails to import under another torch (undefined symbols); the reason names
+    the torch the wheel was built for and the one running, from the wheel's label."""
+    here = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    for label, says in (("cu130torch1.0", True), (f"cu130torch{here}", False), (None, False)):
+        version = "0.1.0" + (f"+{label}" if label else "")
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: {
+            "mtlora-kernels": v}[name])
+        backends._cuda_extension.cache_clear()
+        why = build_info()["cuda_extension_reason"]
+        assert "not built or failed to load" in why
+        assert (f"was built for torch 1.0, not torch {torch.__version__}" in why) is says, why
 
 
 # ---- fallback when _C is missing -------------------------------------------------------------------

@@ -51,7 +51,7 @@ echo "$SITE" > "$VSITE/_ci_borrowed_deps.pth"   # torch & co., after the venv's 
 
 echo "== check the installed wheel"
 cd "$WORK"   # not the repo root: the import must come from the wheel, not the source tree
-"$VPY" - "$WORK/venv" <<'PYEOF'
+"$VPY" - "$WORK/venv" "$(basename "$WHEEL")" <<'PYEOF'
 import sys
 import torch
 import mtlora_kernels
@@ -65,6 +65,7 @@ print("   build_info:", info)
 assert info["cuda_extension"], f"the wheel's _C does not import: {info}"
 assert set(info["extension_archs"]) == {"sm_80", "sm_90"}, info["extension_archs"]
 assert info["extension_torch_matches"], info
+assert info["installed_version"] in sys.argv[2], (info["installed_version"], sys.argv[2])
 ok, why = backends.available("cuda")
 assert ok == torch.cuda.is_available(), (ok, why)
 print(f"   cuda backend available: {ok} ({why or 'GPU present'})")
