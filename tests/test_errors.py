@@ -36,6 +36,8 @@ def call(ok, **kw):
     (dict(logits=torch.randn(5, 6)), ValueError, r"either route_weight .* not both"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\^63\), got -1"),
+    (dict(dropout_p=0.1, seed=2**63), ValueError,
+     r"seed must be in \[0, 2\^63\), got 9223372036854775808"),
     (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an integer, got float 1.5"),
     (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
     # a string failed in a comparison ("'<=' not supported"), a complex number in float(), and

@@ -33,11 +33,11 @@ The layer layouts it knows, by ``config.model_type`` (:data:`SUPPORTED_ARCHITECT
 kinds), are in :mod:`mtlora_kernels.integrations.layouts`; README lists them for users.
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
-and ``config.text_config.model_type`` is (gemma3, gemma4, llava, mistral3, qwen2_vl,
-qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, tested; nemotron_h_omni, its
-language model tested on text; others built the same way, a vision tower beside
-``AutoModel.from_config(text_config)``: llama4, tried once; gemma3n, whose vision tower needs
-timm, not tried), that entry is used: its layer class names the language
+and ``config.text_config.model_type`` is (tested: gemma3, gemma4, llava, mistral3, fuyu,
+qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, qwen4_exp, lfm3_vl,
+dots3_note, cohere_compass, inkling_mm_model, emu3, apertus1p5, and on audio qwen2_audio and
+voxtral; nemotron_h_omni, its language model tested on text; llama4, tried once; gemma3n, whose
+vision tower needs timm, not tried), that entry is used: its layer class names the language
 model's layers, which the vision tower (SigLIP, CLIP, Pixtral, Qwen-VL's and Gemma 4's blocks)
 does not contain, and ``text_config.hidden_size`` is the adapters' width. As a guard, layers of
 the class found in more than one place (a vision tower built of them, extra prediction layers)

@@ -468,7 +468,8 @@ def mix(
         scaling: s = alpha / r.
         dropout_p: dropout on the input of A (one mask shared by all experts), active only
             when ``training``.
-        seed: the dropout seed (>= 0); drawn from torch's default generator when None.
+        seed: the dropout seed, an int in [0, 2^63); drawn from torch's default generator
+            when None.
         residual: [..., d_out] added to the result (the base layer's output) in the same pass.
         backend: 'auto' | 'torch' | 'triton' | 'cuda'; None reads ``$MTLORA_BACKEND``.
         deterministic: no atomics in the backward (bitwise reproducible gradients). The torch
