@@ -2795,11 +2795,9 @@ AUDIO_LANGUAGE = {"qwen2_audio": ("Qwen2AudioForConditionalGeneration", "qwen2_a
                   "voxtral": ("VoxtralForConditionalGeneration", "voxtral_encoder")}
 
 
-@pytest.mark.parametrize("family", AUDIO_LANGUAGE)
-def test_audio_language_models_adapt_their_language_model_or_their_audio_tower(family):
-    """Qwen2-Audio and Voxtral (a Whisper-style audio tower 16 wide beside a 32-wide language
-    model): attached whole, adapters on the language model's layers alone, as wide as it;
-    attached to ``model.model.audio_tower``, on the tower's one layer, as wide as the tower."""
+def audio_language_model(family: str) -> nn.Module:
+    """A tiny ``family`` model (an AUDIO_LANGUAGE key): a one-layer audio tower 16 wide beside a
+    two-layer language model 32 wide, audio token 63."""
     cls, tower = AUDIO_LANGUAGE[family]
     audio = dict(EXTRA[tower], **dict.fromkeys(AUDIO[tower][1], 1),
                  **{"d_model" if "d_model" in EXTRA[tower] else "hidden_size": 16})
@@ -2807,8 +2805,16 @@ def test_audio_language_models_adapt_their_language_model_or_their_audio_tower(f
             "head_dim": 8, "model_type": "qwen2" if family == "qwen2_audio" else "llama"}
     tokens = {"audio_token_index" if family == "qwen2_audio" else "audio_token_id": 63}
     torch.manual_seed(0)
-    model = getattr(transformers, cls)(transformers.AutoConfig.for_model(
+    return getattr(transformers, cls)(transformers.AutoConfig.for_model(
         family, text_config=text, audio_config=audio, **tokens))
+
+
+@pytest.mark.parametrize("family", AUDIO_LANGUAGE)
+def test_audio_language_models_adapt_their_language_model_or_their_audio_tower(family):
+    """Qwen2-Audio and Voxtral (a Whisper-style audio tower 16 wide beside a 32-wide language
+    model): attached whole, adapters on the language model's layers alone, as wide as it;
+    attached to ``model.model.audio_tower``, on the tower's one layer, as wide as the tower."""
+    model = audio_language_model(family)
     assert model.config.model_type not in SUPPORTED_ARCHITECTURES
     cfg = MTLoRAConfig(r=2, num_experts=2, groups=2)
     handle = attach(model, cfg, placement="both")

@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")  # the Trainer's own requirement
 
 from conftest import rel_err  # noqa: E402
 from test_distributed import run_on_two_ranks  # noqa: E402
-from test_hf import (AUDIO, AUDIO_INPUTS, AUDIO_LANGUAGE, EXTRA, SMALL, fill,  # noqa: E402
+from test_hf import (AUDIO_INPUTS, AUDIO_LANGUAGE, audio_language_model, fill,  # noqa: E402
                      randomize, tiny_model)
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.layouts import SUPPORTED_ARCHITECTURES  # noqa: E402
@@ -209,15 +209,7 @@ def test_an_audio_towers_balance_term_counts_the_frames_its_layers_see(tmp_path,
     second clip has 10 of 16, 5 of the tower's 8 frames); Voxtral gives its tower no mask. The
     batch's attention_mask, the text's (9 tokens), went to the tower's adapters before, and the
     balance loss failed on its shape."""
-    cls, tower = AUDIO_LANGUAGE[family]
-    audio = dict(EXTRA[tower], **dict.fromkeys(AUDIO[tower][1], 1),
-                 **{"d_model" if "d_model" in EXTRA[tower] else "hidden_size": 16})
-    text = {**SMALL, "vocab_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32,
-            "head_dim": 8, "model_type": "qwen2" if family == "qwen2_audio" else "llama"}
-    tokens = {"audio_token_index" if family == "qwen2_audio" else "audio_token_id": 63}
-    torch.manual_seed(0)
-    model = getattr(transformers, cls)(transformers.AutoConfig.for_model(
-        family, text_config=text, audio_config=audio, **tokens))
+    model = audio_language_model(family)
     handle = attach(model.model.audio_tower, MTLoRAConfig(r=2, num_experts=3, groups=2,
                                                           dropout=0.0), placement="both")
     randomize(handle)
