@@ -32,11 +32,12 @@ def _torch_major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def _installed_version() -> str | None:
-    """The installed mtlora-kernels distribution's version, with a wheel's local label (e.g.
-    ``0.1.0+cu130torch2.14``); None when the package runs from a tree that is not installed."""
+def _installed_version(distribution: str = "mtlora-kernels") -> str | None:
+    """The installed ``distribution``'s version, for mtlora-kernels with a wheel's local label
+    (e.g. ``0.1.0+cu130torch2.14``); None when it is not installed (this package: when it runs
+    from a tree that is not installed)."""
     try:
-        return importlib.metadata.version("mtlora-kernels")
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
 

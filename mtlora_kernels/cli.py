@@ -7,7 +7,6 @@ function adding its arguments; :func:`subcommand` registers the pair.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import platform
@@ -225,13 +224,6 @@ def _bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _installed_version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 @subcommand("info", "versions, device, available backends and CUDA build metadata")
 def _info(args: argparse.Namespace) -> int:
     import mtlora_kernels
@@ -249,7 +241,8 @@ def _info(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "triton": triton_version,
         # The integrations' libraries, read from their metadata (importing transformers is slow).
-        **{name: _installed_version(name) for name in ("transformers", "accelerate")},
+        **{name: backends._installed_version(name) or "not installed"
+           for name in ("transformers", "accelerate")},
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                    else f"cpu ({bench.cpu_name()}, "

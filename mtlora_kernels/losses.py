@@ -69,7 +69,11 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
 
     Each term is ``var(p) / (mean(p)^2 + 1e-10)`` with p the mean routing weight per expert over
     the tokens and groups of that adapter's last forward; differentiable w.r.t. the routers.
-    Raises if a routed adapter has not run a forward yet.
+    An adapter whose last output reached nothing still referenced (a layer whose output the
+    model drops, as LLaVA drops its vision tower's last: its routing went with that output's
+    graph, see :class:`MTLoRAAdapter`) changes no output and is left out of the mean.
+    Raises if a routed adapter has not run a forward yet, or if every routed adapter's output
+    is gone.
     """
     adapters = _adapters_or_raise(model)
     if is_encoder_decoder(model):
@@ -84,6 +88,11 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
     routed = [a for a in adapters if a.config.num_experts > 1]
     if not routed:
         return torch.zeros((), device=adapters[0].lora_B.device)
+    # An adapter whose output reached nothing still referenced (the model dropped it: the last
+    # layer of LLaVA's vision tower, whose features are the layer before's) changes none of the
+    # outputs, and its routing went with its graph: its term is left out. With every one gone
+    # the caller dropped the outputs, and the adapters' balance_loss says so.
+    routed = [a for a in routed if not a._output_dropped()] or routed
     # Checked here once (a numeric mask's check reads it on the host), bool for every adapter.
     mask, decoder_mask = token_mask(mask, "mask"), token_mask(decoder_mask, "decoder_mask")
     return torch.stack([a.balance_loss(decoder_mask if id(a) in in_decoder else mask)

@@ -435,6 +435,42 @@ def test_balance_loss_averages_the_routed_adapters():
     assert model.a1.lora_route.grad.abs().sum() > 0
 
 
+class _FeatureLayer(nn.Module):
+    """Two adapted layers, of which the output of the first is returned and the second's is
+    dropped, as LLaVA does with its vision tower (vision_feature_layer=-2)."""
+
+    def __init__(self, d=12):
+        super().__init__()
+        self.a1, self.a2 = (MTLoRAAdapter(d, r=3, num_experts=3, groups=2, dropout=0.0).double()
+                            for _ in range(2))
+
+    def forward(self, x):
+        h1 = x + self.a1(x)
+        self.a2(h1)  # run, its output dropped
+        return h1
+
+
+def test_the_balance_loss_leaves_out_an_adapter_whose_output_reached_nothing_kept():
+    """An adapter whose output the model drops (the last layer of LLaVA's vision tower) has no
+    graph left once its forward returns: it can change nothing the caller holds, and the
+    model's balance loss is the others'. It raised, so that `model(**batch).loss +
+    handle.aux_loss()` failed on such a model. With every output dropped it still raises."""
+    torch.manual_seed(13)
+    model = _FeatureLayer()
+    out = model(torch.randn(2, 5, 12, dtype=F64))
+    with pytest.raises(RuntimeError, match="last forward's output"):
+        model.a2.balance_loss()
+    want = model.a1.balance_loss()
+    got = balance_loss(model)
+    assert rel_err(got, want) <= TOL and got > 0
+    (g_got,) = torch.autograd.grad(got, model.a1.lora_route, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want, model.a1.lora_route)
+    torch.testing.assert_close(g_got, g_want)
+    del out
+    with pytest.raises(RuntimeError, match="last forward's output"):
+        balance_loss(model)
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_a_balance_loss_after_a_forward_without_autograd_names_it(mode):
     """A forward under no_grad / inference_mode (a serving process that starts training) left

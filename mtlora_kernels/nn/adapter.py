@@ -129,7 +129,7 @@ class MTLoRAAdapter(nn.Module):
         are all 0 or 1 (:func:`token_mask`; other values are refused). Zero when no token
         counts."""
         pi = self._last_routing()  # [..., g, N]
-        if pi is None and self._routing is not None:
+        if self._output_dropped():
             raise RuntimeError("balance_loss() needs the last forward's output (or a loss "
                                "computed from it) still referenced: its routing weights are "
                                "kept only as long as its autograd graph, and the output is gone")
@@ -171,6 +171,11 @@ class MTLoRAAdapter(nn.Module):
         reference still reaches (None once that forward's graph is gone)."""
         routing = self._routing
         return routing() if isinstance(routing, weakref.ref) else routing
+
+    def _output_dropped(self) -> bool:
+        """Whether the last forward's routing went with its graph: it ran with autograd, and
+        its output reached nothing still referenced."""
+        return isinstance(self._routing, weakref.ref) and self._routing() is None
 
     def __getstate__(self) -> dict:
         # The last forward's routing weights are not state (and, carrying that forward's graph,

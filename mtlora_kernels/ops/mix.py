@@ -508,6 +508,8 @@ def mix(
         groups, scaling, p, (-1 if p > 0.0 else 0) if seed is None else seed,
         name, bool(deterministic),
     )
+    # A view even where lead is (T,): MTLoRAAdapter hangs pi on y's node, which must not be the
+    # op's own (pi leads to that one: a cycle that never frees the graph).
     y = y.view(*lead, d_out)
     if return_routing:
         return y, pi.view(*lead, groups, n_experts)
