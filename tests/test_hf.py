@@ -891,8 +891,10 @@ def capture_z(layer: nn.Module, family, sub: str, store: dict, key) -> None:
 
 
 def delta(x: torch.Tensor, a, cfg) -> torch.Tensor:
-    return mix_reference(x, a.lora_A, a.lora_B, a.lora_route, groups=cfg.groups,
-                         scaling=cfg.scaling)
+    """The adapter's delta on z = ``x``, in x's dtype (the parameters cast to it)."""
+    route = a.lora_route.to(x.dtype) if a.lora_route is not None else None
+    return mix_reference(x, a.lora_A.to(x.dtype), a.lora_B.to(x.dtype), route,
+                         groups=cfg.groups, scaling=cfg.scaling)
 
 
 def reference_model(base: nn.Module, handle) -> nn.Module:
@@ -2204,6 +2206,42 @@ def test_training_step_under_autocast(where):
     assert_close_to_reference(ours, want, torch.bfloat16, "logits", baseline=theirs)
     for i, (g, w, t) in enumerate(zip(ours_grads, want_grads, their_grads)):
         assert_close_to_reference(g, w, torch.bfloat16, f"grad {i}", baseline=t)
+
+
+def test_t5_loaded_in_fp16_trains_with_ffn_adapters():
+    """T5 loaded in fp16 keeps ``wo`` in fp32 (transformers' ``_keep_in_fp32_modules``; its FFN
+    casts its input to wo's dtype), so the FFN's output is fp32 beside its fp16 z: the default
+    placement raised TypeError (the op's residual fp32, x fp16) at the first forward. The delta
+    is computed in z's dtype and added in the output's: outputs and every adapter gradient
+    within fp16's tolerance of the fp64 model, or 2x the error of the same in plain PyTorch."""
+    model = tiny_model("t5").eval()
+    ref = copy.deepcopy(model).double()
+    for m in (model, plain := copy.deepcopy(model)):
+        m.half()  # then wo back to fp32, as from_pretrained(dtype=torch.float16) loads it
+        for name, module in m.named_modules():
+            if name.endswith("DenseReluDense"):
+                module.wo.float()
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0),
+                    placement="ffn")
+    randomize(handle)
+    x = tiny_inputs("t5")
+
+    def step(m):
+        out = run(m, x)
+        loss_of(out.double()).backward()
+        grads = [p.grad.clone() for p in handle.parameters()]
+        for p in handle.parameters():
+            p.grad = None
+        return out, grads
+
+    ours, ours_grads = step(model)
+    want, want_grads = step(reference_model(ref, handle))
+    theirs, their_grads = step(reference_model(plain, handle))
+    assert all(p.dtype == torch.float32 and g.dtype == torch.float32
+               for p, g in zip(handle.parameters(), ours_grads))
+    assert_close_to_reference(ours, want, torch.float16, "output", baseline=theirs)
+    for i, (g, w, t) in enumerate(zip(ours_grads, want_grads, their_grads)):
+        assert_close_to_reference(g, w, torch.float16, f"grad {i}", baseline=t)
 
 
 @pytest.mark.parametrize("placement,g,expected", [("ffn", 1, 37_748_736), ("ffn", 2, 39_845_888),

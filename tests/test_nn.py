@@ -170,6 +170,32 @@ def test_adapter_casts_parameters_to_the_input_dtype():
     assert ad.lora_B.grad is not None and ad.lora_B.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("x_dtype,residual_dtype", [(torch.float16, torch.float32),
+                                                     (torch.float32, torch.bfloat16)], ids=str)
+def test_a_residual_of_another_dtype_is_added_in_its_own(x_dtype, residual_dtype):
+    """A sub-layer whose output dtype is not its input's (T5's FFN loaded in fp16, its wo kept
+    in fp32) hands the adapter x and a residual of two dtypes: the op refused them (TypeError).
+    The delta is computed in x's dtype and added in the residual's, which y keeps; the residual
+    gets dy as its gradient, the fp32 parameters theirs."""
+    torch.manual_seed(4)
+    ad = MTLoRAAdapter(16, 12, r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+    nn.init.normal_(ad.lora_B)
+    x = torch.randn(2, 5, 16, dtype=x_dtype)
+    residual = torch.randn(2, 5, 12, dtype=residual_dtype, requires_grad=True)
+    dy = torch.randn(2, 5, 12, dtype=residual_dtype)
+    y = ad(x, residual=residual)
+    y.backward(dy)
+    assert y.dtype == residual_dtype and torch.equal(residual.grad, dy)
+    params = [p.detach().to(x_dtype).double().requires_grad_() for p in ad.parameters()]
+    ref = residual.detach().double() + mix_reference(x.double(), *params, groups=2, scaling=2.0)
+    ref.backward(dy.double())
+    low = x_dtype if x_dtype != torch.float32 else residual_dtype
+    assert_close_to_reference(y, ref, low, "y")
+    for (name, p), want in zip(ad.named_parameters(), params):
+        assert p.grad.dtype == torch.float32, name
+        assert_close_to_reference(p.grad, want.grad, low, name)
+
+
 def test_linear_wrapper_is_frozen_base_plus_adapter():
     torch.manual_seed(2)
     base = nn.Linear(10, 14)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mtlora_kernels._checks import as_int
 from mtlora_kernels.nn.config import MTLoRAConfig
-from mtlora_kernels.ops.mix import mix
+from mtlora_kernels.ops.mix import _autocast_dtype, compute_dtype, mix
 
 
 #: The per-adapter tensors of the foreign checkpoints the adapter loads: kind -> (the key of
@@ -93,20 +93,30 @@ class MTLoRAAdapter(nn.Module):
     def forward(self, x: Tensor, *, logits: Tensor | None = None,
                 residual: Tensor | None = None) -> Tensor:
         """Args: x [..., d_in]; logits [..., g*N] to route externally (task-id one-hot, a pooled
-        router) instead of ``lora_route``; residual [..., d_out] added in the same pass."""
+        router) instead of ``lora_route``; residual [..., d_out] added in the same pass.
+
+        The delta is computed in x's dtype (the parameters cast to it; under autocast, the
+        region's). A residual of another dtype (a sub-layer whose output dtype is not its
+        input's: T5's FFN loaded in fp16, whose ``wo`` transformers keeps in fp32) is added
+        after the op, in its own dtype, which the result keeps."""
         if not self.enabled:
             self._routing = None
             return residual if residual is not None else x.new_zeros(*x.shape[:-1], self.d_out)
         cfg = self.config
         dt = x.dtype
         route = self.lora_route if logits is None else None
+        autocast = _autocast_dtype(x.device)
+        fused = residual is None or (compute_dtype(residual.dtype, autocast)
+                                     == compute_dtype(dt, autocast))
         y, pi = mix(
             x, self.lora_A.to(dt), self.lora_B.to(dt),
             route.to(dt) if route is not None else None,
             logits=logits, groups=cfg.groups, scaling=cfg.scaling, dropout_p=cfg.dropout,
-            training=self.training, residual=residual, backend=cfg.backend,
+            training=self.training, residual=residual if fused else None, backend=cfg.backend,
             return_routing=True,
         )
+        if not fused:
+            y = residual + y.to(residual.dtype)
         if not torch.compiler.is_compiling() and y.grad_fn is not None:
             # The routing weights carry this forward's graph, and with it every saved
             # activation before this layer: held here, they kept it all alive after the output

@@ -236,6 +236,13 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def compute_dtype(dtype: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype ``mix`` computes a tensor of ``dtype`` in, in an autocast region of dtype
+    ``autocast`` (None: outside one): the region's where ``dtype`` is fp16, bf16 or fp32, else
+    its own (fp64 stays fp64)."""
+    return autocast if autocast is not None and dtype in _AUTOCAST_ELIGIBLE else dtype
+
+
 def _autocast_off(device: torch.device):
     """A backend computes in its inputs' dtype with its own accumulation: a caller's autocast
     region (``mix`` casts the inputs itself) must not recast the ops inside it. It did: the
@@ -488,7 +495,7 @@ def mix(
     autocast = _autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if autocast is not None:
         x, lora_A, lora_B, route_weight, residual = (
-            t.to(autocast) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+            t.to(compute_dtype(t.dtype, autocast)) if isinstance(t, Tensor) else t
             for t in (x, lora_A, lora_B, route_weight, residual))
     groups, scaling, dropout_p = _validate(x, lora_A, lora_B, route_weight, logits, residual,
                                            groups, scaling, dropout_p)
