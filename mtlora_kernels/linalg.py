@@ -99,9 +99,10 @@ def _as_batched_operator(M, acc: torch.dtype, backend: str):
     except RuntimeError as exc:
         raise ValueError(f"the batch dims of B {tuple(B.shape[:-2])} and A "
                          f"{tuple(A.shape[:-2])} do not broadcast") from exc
-    # expand() keeps a shared factor (A [r, n] for all experts) as a stride-0 view, not a copy.
-    Bf = load(B.expand(*batch, m, r).reshape(-1, m, r))
-    Af = load(A.expand(*batch, r, n).reshape(-1, r, n))
+    # expand() keeps a shared factor (A [r, n] for all experts) as a stride-0 view, not a copy;
+    # cast before expanding, as a cast of the expanded view would write one copy per expert.
+    Bf = load(B).expand(*batch, m, r).reshape(-1, m, r)
+    Af = load(A).expand(*batch, r, n).reshape(-1, r, n)
     return (batch, m, n, min(m, n, r), (lambda X: gemm(Bf, gemm(Af, X))),
             (lambda Y: gemm(Af.mT, gemm(Bf.mT, Y))), B.device)
 
@@ -123,9 +124,11 @@ def randomized_svd(
     Halko-Martinsson-Tropp: sketch ``Y = M @ Omega`` with a Gaussian Omega [n, l],
     ``l = min(k + oversample, m, n)``; ``power_iters`` rounds of ``Q <- orth(M @ orth(M^T @ Q))``;
     then ``M^T Q = Z R`` gives ``Q^T M = R^T Z^T`` and the l x l SVD of ``R^T`` yields U, S, Vh.
-    That is ``2 + 2 * power_iters`` passes over M. Each power iteration multiplies the error of
-    the k-th singular value by about ``(sigma_{l+1} / sigma_k)^2``; none run when l reaches the
-    rank bound (min(m, n), or r for a product), where the sketch already spans range(M).
+    That is ``2 + 2 * power_iters`` passes over M. Each power iteration multiplies the relative
+    error of the k-th singular value by about ``(sigma_{l+1} / sigma_k)^4`` (the sine of the angle
+    between the sketch and the top singular subspace by the square of that ratio); none run when
+    l reaches the rank bound (min(m, n), or r for a product), where the sketch already spans
+    range(M).
 
     Args:
         M: [..., m, n] (fp16 / bf16 / fp32 / fp64, any strides), or a tuple ``(B, A)`` with

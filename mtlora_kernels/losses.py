@@ -229,10 +229,12 @@ class SpectralRegularizer:
 
     Args:
         variant: 'paper' or 'official'.
-        refresh_every: recompute the cached M_i every this many steps (int >= 1: at the steps
-            that are its multiples, and at a first call), or 'epoch' for every
-            ``steps_per_epoch`` steps (the paper: once per epoch). Paper variant only; the
-            default 1 keeps Eq. 2 exact at every step.
+        refresh_every: recompute the cached M_i every this many steps (int K >= 1: at the first
+            call that computes the term in each window of steps [jK, (j+1)K), which is the
+            multiple jK itself when every step computes it; with ``apply_every`` > 1, the first
+            applied step of the window), or 'epoch' for every ``steps_per_epoch`` steps (the
+            paper: once per epoch). Paper variant only; the default 1 keeps Eq. 2 exact at
+            every step.
         steps_per_epoch: the epoch length in steps, for ``refresh_every='epoch'``.
         apply_every: compute the term only at steps K-1, 2K-1, ... (int K >= 1; the default 1 is
             every step) and return a constant zero, computing nothing, at the others. K-1, 2K-1
@@ -346,8 +348,9 @@ class SpectralRegularizer:
                     self._weighting[a] = w.to(a.lora_B.device)
             else:
                 self._refreshed_at = None
-        # Refreshed at the steps that are multiples of refresh_every (and at a first call): a
-        # resumed run refreshes where the uninterrupted one does.
+        # Refreshed at the first applied call of each window of refresh_every steps (the
+        # multiple itself when every step applies): a resumed run refreshes where the
+        # uninterrupted one does.
         every = self.refresh_every
         if self._refreshed_at is None or step // every != self._refreshed_at // every:
             self._weighting.clear()

@@ -182,6 +182,33 @@ def test_refresh_follows_the_multiples_of_refresh_every_when_steps_jump():
             assert rel_err(fresh, want) > 1e-3
 
 
+def test_refresh_with_apply_every_happens_at_the_first_applied_step_of_each_window():
+    """refresh_every=4 with apply_every=3: the term is computed at steps 2, 5, 8, 11 (skipped
+    steps compute nothing, no refresh either), so the weighting comes from B at step 2 (first
+    call), 5 (first applied step of window [4, 8), not B at step 4), 8 (window [8, 12)) and
+    again 8 at step 11. B moves before every step."""
+    model = Tiny(seed=5)
+    reg = SpectralRegularizer(refresh_every=4, apply_every=3)
+    seen = {}
+    for step in range(12):
+        with torch.no_grad():
+            for a in _routed(model):
+                a.lora_B.mul_(1.1).add_(0.05 * step)
+        seen[step] = [a.lora_B.detach().clone() for a in _routed(model)]
+        got = reg(model)
+        if step in (2, 5, 8, 11):
+            src = {2: 2, 5: 5, 8: 8, 11: 8}[step]
+            want = torch.stack([_eq2_with_weighting_of(B, B_then)
+                                for B, B_then in zip(seen[step], seen[src])]).mean()
+            assert rel_err(got, want) <= TOL, step
+            if step == 5:  # B at step 4 gives a visibly different weighting
+                other = torch.stack([_eq2_with_weighting_of(B, B_then)
+                                     for B, B_then in zip(seen[step], seen[4])]).mean()
+                assert rel_err(other, want) > 1e-3
+        else:
+            assert got == 0
+
+
 def test_auxiliary_loss_passes_the_optimizer_step_on():
     """With gradient accumulation the micro-batches of one optimizer step share its step: the
     regularizer counts optimizer steps (its refreshes, the official variant's sample)."""
