@@ -407,6 +407,6 @@ def auxiliary_loss(model: nn.Module, balance_weight: float = 0.01, spectral_weig
     return total
 
 
-__all__ = ["find_adapters", "is_encoder_decoder", "balance_loss", "spectral_weighting", "paper_spectral_loss",
-           "official_spectral_terms", "SpectralRegularizer", "auxiliary_loss",
-           "OFFICIAL_MAX_MATRICES"]
+__all__ = ["find_adapters", "is_encoder_decoder", "balance_loss", "spectral_weighting",
+           "paper_spectral_loss", "official_spectral_terms", "SpectralRegularizer",
+           "auxiliary_loss", "OFFICIAL_MAX_MATRICES"]
