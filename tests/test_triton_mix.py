@@ -13,6 +13,8 @@ element a kernel forgets to write shows up as a non-finite result (``rel_err`` =
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DEVICE, assert_close_to_reference, grads_of, random_inputs, rel_err
@@ -230,6 +232,71 @@ def test_aligned_plans_only_assume_what_holds(T, fp32):
                 for kernel, args in tmix._plan(T, 64, d_out, r, 4, c, fp32).items():
                     if args.get("ALIGNED") and args.get("GT") == 1:
                         assert c % 16 == 0, (kernel, d_out, g, r, args)
+
+
+def test_every_launch_runs_on_the_device_of_its_tensors(monkeypatch):
+    """Triton launches a kernel on the current CUDA device and its current stream, whatever
+    device its tensors are on (triton.runtime.jit, JITFunction.run: get_current_device()): a
+    layer on cuda:1 while cuda:0 is current (device_map="auto") would get cuda:0 launches with
+    cuda:1 pointers (triton-lang/triton#2441). So every launch of the package (mix forward,
+    backward, dropout mask; rSVD GEMM) must sit inside torch.cuda.device_of(its tensor). No
+    second GPU here: device_of is wrapped to record the device it entered, every kernel to
+    check at launch that it runs inside one for its first tensor's device."""
+    from mtlora_kernels.triton import rsvd
+
+    entered = []
+    real_device_of = torch.cuda.device_of
+
+    @contextlib.contextmanager
+    def device_of(obj):
+        entered.append(obj.device)
+        try:
+            with real_device_of(obj):
+                yield
+        finally:
+            entered.pop()
+
+    launched = set()
+
+    class Checked:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                assert entered == [args[0].device], f"{self.name} launched outside device_of"
+                launched.add(self.name)
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(torch.cuda, "device_of", device_of)
+    names = ("_fwd_kernel", "_bwd_dh_kernel", "_softmax_bwd_kernel", "_bwd_dx_kernel",
+             "_bwd_daw_kernel", "_bwd_db_kernel", "_keep_mask_kernel")
+    for name in names:
+        monkeypatch.setattr(tmix, name, Checked(name, getattr(tmix, name)))
+    monkeypatch.setattr(rsvd, "rsvd_bmm_kernel", Checked("rsvd_bmm_kernel", rsvd.rsvd_bmm_kernel))
+    inputs = make_inputs(7, 24, 40, 16, 2, 2, torch.float32, seed=6)
+    got, ref, _ = run_both(inputs, 2, dropout_p=0.25, seed=3)  # the mask, forward, backward
+    check_all(got, ref, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    a, x = (torch.randn(*s, generator=gen).to(DEVICE) for s in ((2, 20, 24), (2, 24, 5)))
+    torch.testing.assert_close(rsvd.bmm(a, x), a @ x, rtol=1e-5, atol=1e-5)
+    assert launched == {*names, "rsvd_bmm_kernel"}
+
+
+@pytest.mark.parametrize("value", ["true", "On"])
+def test_interpreter_switch_reads_the_variable_as_triton_does(monkeypatch, value):
+    """Triton runs its interpreter for TRITON_INTERPRET = 1, true, on or yes (any case); the
+    launchers' UPCAST (the Triton 3.8 interpreter's bf16 tl.dot returns garbage) must be on for
+    each of them. Read as == "1", "true" made the backend report itself unavailable on CPU
+    tensors and, its forward called directly, left bf16 products unpatched (h 3e10 off)."""
+    if DEVICE.type == "cuda":
+        pytest.skip("the kernels were compiled here: whether Triton interprets is decided when "
+                    "the kernels are defined, and this process did not")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    inputs = make_inputs(7, 32, 48, 16, 4, 3, torch.bfloat16, seed=8)
+    got, ref, plain = run_both(inputs, 3)
+    check_all(got, ref, torch.bfloat16, plain)
 
 
 def test_bad_input_is_rejected_with_the_argument_named():

@@ -4,16 +4,17 @@ logits on the FMA units)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 
 def interpreting() -> bool:
-    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET`` read as Triton
+    reads it (``triton.knobs``: 1, true, on, yes, any case), so that the launchers' UPCAST
+    workaround is on whenever the interpreter runs (read as ``== "1"``, ``true`` ran the
+    interpreter with bf16 ``tl.dot`` unpatched)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 def pow2_at_least(n: int, floor: int = 1) -> int:

@@ -740,11 +740,16 @@ _SOFTMAX_ROWS = 64
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)``, or only noted down inside :func:`recorded_launches`."""
+    """``kernel[grid](*args, **meta)`` on the device of ``args[0]``, or only noted down inside
+    :func:`recorded_launches`. Triton launches on the *current* CUDA device and its current
+    stream, not on the tensors' device (``JITFunction.run``: ``get_current_device()``): a layer
+    on cuda:1 while cuda:0 is current (``device_map="auto"``) would otherwise hand cuda:1
+    pointers to a kernel on cuda:0 (triton-lang/triton#2441)."""
     if _recorded is not None:
         _recorded.append((kernel, args, meta))
     else:
-        kernel[grid](*args, **meta)
+        with torch.cuda.device_of(args[0]):
+            kernel[grid](*args, **meta)
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -918,8 +923,8 @@ def dropout_keep_mask(seed: int, T: int, d_in: int, p: float, device) -> Tensor:
     """``tl.rand(seed, t*d_in + k) >= p`` as a bool [T, d_in]: the mask the kernels draw."""
     out = _empty((T, d_in), torch.bool, torch.device(device))
     if out.numel():
-        _keep_mask_kernel[(triton.cdiv(T, 16), triton.cdiv(d_in, 64))](
-            out, T, d_in, float(p), int(seed), BT=16, BK=64)
+        _launch(_keep_mask_kernel, (triton.cdiv(T, 16), triton.cdiv(d_in, 64)),
+                out, T, d_in, float(p), int(seed), BT=16, BK=64)
     return out
 
 

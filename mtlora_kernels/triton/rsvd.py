@@ -129,15 +129,17 @@ def bmm(a: Tensor, x: Tensor) -> Tensor:
     cfg = pick_config(P, L)
     bp, bl = cfg.constexprs["BLOCK_P"], cfg.constexprs["BLOCK_L"]
     meta = {**cfg.constexprs, "UPCAST": interpreting()}
-    for b0 in range(0, nb, _MAX_GRID_Z):  # more matrices than grid.z takes: several launches
-        b1 = min(nb, b0 + _MAX_GRID_Z)
-        grid = (triton.cdiv(P, bp), triton.cdiv(L, bl), b1 - b0)
-        rsvd_bmm_kernel[grid](
-            a[b0:b1], x[b0:b1], c[b0:b1],
-            P, L, Q,
-            a.stride(0), a.stride(1), a.stride(2),
-            x.stride(0), x.stride(1), x.stride(2),
-            c.stride(0), c.stride(1), c.stride(2),
-            **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    # Triton launches on the current CUDA device, not a's: see triton.mix._launch.
+    with torch.cuda.device_of(a):
+        for b0 in range(0, nb, _MAX_GRID_Z):  # more matrices than grid.z takes: several launches
+            b1 = min(nb, b0 + _MAX_GRID_Z)
+            grid = (triton.cdiv(P, bp), triton.cdiv(L, bl), b1 - b0)
+            rsvd_bmm_kernel[grid](
+                a[b0:b1], x[b0:b1], c[b0:b1],
+                P, L, Q,
+                a.stride(0), a.stride(1), a.stride(2),
+                x.stride(0), x.stride(1), x.stride(2),
+                c.stride(0), c.stride(1), c.stride(2),
+                **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     return c
