@@ -4,8 +4,12 @@ relative error of the top-k singular values against an exact fp64 reference.
 Cases: 16 dense 4096 x 16 matrices (the shape of an expert's B, k = 8), and 16 rank-16 products
 B @ A of SIZE x SIZE (an expert update B_i A, k = 16). randomized_svd takes the product as the
 tuple (B, A) and never forms it; the other providers (and ``randomized_svd[dense]``) get the
-formed product, formed outside the timed region. Oversampling 8 and 2 power iterations for both
-randomized methods. Run:
+formed product, formed outside the timed region. Oversampling 8 and 2 power iterations asked of
+both randomized methods, but not run alike: torch.svd_lowrank runs its 2 always, randomized_svd
+none where its sketch (k + 8 columns) already spans the range, which is both cases here (the
+dense matrices' rank bound is min(m, n) = 16 = k + 8, the product's r = 16 < k + 8), so it
+makes 2 passes over the operand there to svd_lowrank's 6. ``randomized_svd[dense]`` sees the
+formed SIZE x SIZE product, whose rank it cannot bound, and runs them. Run:
 
     pytest benchmarks/bench_rsvd.py --benchmark-only
     MTLORA_BENCH_RSVD_SIZE=4096 pytest benchmarks/bench_rsvd.py --benchmark-only

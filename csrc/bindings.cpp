@@ -185,8 +185,18 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
     check_input(*dpi, "dpi", {s.T, s.g, s.N}, at::kFloat, x.device(), "[T, g, N] fp32");
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto f32 = x.options().dtype(at::kFloat);
   const bool routed = route_weight.has_value();
+  const mtlora::BackwardPlan plan =
+      mtlora::backward_plan(s, routed, multiprocessor_count(x.device()));
+  // Below 2^26 (check_core) a launch can still pass CUDA's grid limit, which would fail as a
+  // bare "invalid configuration argument".
+  TORCH_CHECK(s.T == 0 || plan.grid_y <= mtlora::kMaxGridY,  // T == 0 launches no kernel
+              "the CUDA backward launches at most ", mtlora::kMaxGridY,
+              " blocks along a grid's y; d_in=", s.d_in, ", r=", s.r, ", N=", s.N,
+              ", groups*N=", s.g * s.N, (routed ? " with" : " without"), " a router need ",
+              plan.grid_y, " (dx: ceil(d_in/64), dA and dW: ceil(r/64) + ceil(groups*N/64) "
+              "with a router, dB: ceil(r/64) * ceil(N / max(1, floor(64/r))))");
+  const auto f32 = x.options().dtype(at::kFloat);
   Tensor dx = at::empty_like(x);
   Tensor dA = at::empty_like(A);
   Tensor dB = at::empty_like(B);
@@ -194,8 +204,6 @@ std::vector<Tensor> mix_backward(const Tensor& dy, const Tensor& x, const Tensor
   Tensor dz = at::empty({s.T, s.g * s.N}, f32);
   Tensor dh = at::empty({s.T, s.r}, f32);  // workspaces of the sequence
   Tensor dpi_ws = at::empty({s.T, s.g, s.N}, f32);
-  const mtlora::BackwardPlan plan =
-      mtlora::backward_plan(s, routed, multiprocessor_count(x.device()));
   Tensor ws = at::empty({plan.ws_floats}, f32);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -168,6 +168,9 @@ BackwardPlan backward_plan(const MixShape& s, bool routed, int num_sms) {
   const int64_t daw_ws = plan.daw.splits > 1 ? plan.daw.splits * daw_rows * s.d_in : 0;
   const int64_t dy_ws = plan.dy.splits > 1 ? plan.dy.splits * s.T * (s.r + s.g * s.N) : 0;
   plan.ws_floats = std::max({dy_ws, db_ws, daw_ws});
+  // Blocks along y: dy's column splits, dB's rank slices x expert chunks, dA / dW's row tiles
+  // of r and g*N, dx's column tiles of d_in (launch_backward_dx).
+  plan.grid_y = std::max({plan.dy.splits, db.y(s), daw_tiles, int64_t(ceil_div(s.d_in, BN))});
   return plan;
 }
 

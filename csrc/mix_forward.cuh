@@ -390,7 +390,10 @@ cudaError_t forward_bm(const ForwardArgs<T>& a, cudaStream_t stream) {
   constexpr int smem = ForwardSmem<T, BM, kCluster>::kBytes;
   const cudaError_t err = cudaFuncSetAttribute(
       forward_kernel<T, BM, kCluster>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // returned here: not left for a later launch check to report
+    return err;
+  }
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = 1;

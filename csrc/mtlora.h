@@ -32,6 +32,9 @@ struct MixShape {
 // common.cuh, which static_asserts that its chunk's rows fit), so d_in, d_out, r and g*N must
 // stay below this; bindings.cpp refuses larger shapes.
 constexpr int64_t kMaxRowLength = int64_t(1) << 26;
+// CUDA's limit on a grid's y (and z): the backward's launches reach it below kMaxRowLength
+// (BackwardPlan::grid_y), and bindings.cpp refuses those shapes.
+constexpr int64_t kMaxGridY = 65535;
 
 // ---- forward --------------------------------------------------------------------------------
 // One launch (mix_forward.cu): per block of tokens, h = drop(x) . A^T and z = x . W^T (fp32),
@@ -90,6 +93,7 @@ struct BackwardPlan {
   ColumnSplits dy;
   TokenSplits db, daw;
   int64_t ws_floats;
+  int64_t grid_y;  // the most blocks along y of its launches (at most kMaxGridY to launch)
 };
 BackwardPlan backward_plan(const MixShape& s, bool routed, int num_sms);
 // dB[e, j, k] = s * sum_t pi[t, G(j), e] dy[t, j] h[t, k]   (ws: splits * N * d_out * r floats)

@@ -613,10 +613,15 @@ def _tick(label: str) -> str:
     return "\n".join([words[0], words[1], " ".join(words[2:5]), " ".join(words[5:])])
 
 
+def threads(n: int) -> str:
+    """A count of threads in words: "1 thread", "4 threads"."""
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def machine_label(meta: dict) -> str:
     """One line naming what the numbers were measured on (:func:`machine`'s dict): the GPU, or
     the CPU and its threads; torch's version."""
-    where = meta.get("gpu") or f"CPU {meta['cpu']}, {meta['threads']} threads"
+    where = meta.get("gpu") or f"CPU {meta['cpu']}, {threads(meta['threads'])}"
     return f"{where}; torch {meta['torch']}"
 
 
@@ -627,6 +632,14 @@ def plot(records: list[dict], path: Path, meta: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        """Labels the ticks matplotlib's log formatter labels (minor ones too where the axis
+        spans under a decade), as plain numbers: "4", "0.3", not "4×10⁰"."""
+
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
 
     ok = [r for r in records if r["status"] == "ok"]
     labels = list(dict.fromkeys(r["label"] for r in records))
@@ -643,6 +656,8 @@ def plot(records: list[dict], path: Path, meta: dict) -> None:
                     ys.append(hit[0][pas]["median_ms"])
             ax.bar(xs, ys, width, label=name)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(PlainLog())
+        ax.yaxis.set_minor_formatter(PlainLog())
         ax.set_title(pas)
         ax.set_ylabel("median ms (log)")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])

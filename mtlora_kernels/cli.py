@@ -211,7 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
     bench.write_json(records, meta, args.out / "bench.json")
     bench.plot(records, args.out / "bench.png", meta)
     con.print(f"{verb} {args.out / 'bench.json'} and {args.out / 'bench.png'} "
-              f"({meta['device']}, {meta['threads']} threads, 1-min load average "
+              f"({meta['device']}, {bench.threads(meta['threads'])}, 1-min load average "
               f"{meta['load_avg_1m']} before, {meta['load_avg_1m_end']} after)")
     failed = [r for r in records if r["status"] != "ok"]
     for r in failed:
@@ -246,7 +246,7 @@ def _info(args: argparse.Namespace) -> int:
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                    else f"cpu ({bench.cpu_name()}, "
-                        f"{torch.get_num_threads()} threads; no CUDA GPU)"),
+                        f"{bench.threads(torch.get_num_threads())}; no CUDA GPU)"),
     }
     for k, v in rows.items():
         con.print(f"[bold]{k:>15}[/]  {v}")

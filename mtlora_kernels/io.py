@@ -225,7 +225,7 @@ def _adapters_dtype(handle: MTLoRAHandle) -> str | None:
 
 def _saved_dtype(meta: dict, where: Path) -> torch.dtype | None:
     """The file's adapter dtype; None where it has none (files before it was saved, adapters
-    of mixed dtypes)."""
+    of mixed dtypes). Read only where it is used: a load that attaches without ``dtype=``."""
     name = meta.get("dtype")
     if name is None:
         return None
@@ -374,7 +374,6 @@ def load_adapters(model_or_handle, directory: str | os.PathLike, *,
                                f"{WEIGHTS_NAME} and {CONFIG_NAME}")
     meta = _read_json(directory / CONFIG_NAME)
     cfg = _check_meta(meta, directory / CONFIG_NAME)
-    saved_dtype = _saved_dtype(meta, directory / CONFIG_NAME)
     weights = _weights_in(directory)
     tensors = read_safetensors(weights)
     model, handle = _resolve(model_or_handle)
@@ -392,7 +391,7 @@ def load_adapters(model_or_handle, directory: str | os.PathLike, *,
         return handle
     kwargs = {"config": cfg, "layers": meta.get("layers"),
               "train_modules": meta.get("train_modules"),
-              "dtype": dtype or saved_dtype or torch.float32}
+              "dtype": dtype or _saved_dtype(meta, directory / CONFIG_NAME) or torch.float32}
     if meta.get("placement") == "component":
         kwargs["target_modules"] = meta.get("target_modules")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import types
@@ -160,8 +161,10 @@ def test_the_plot_names_the_machine(monkeypatch, tmp_path):
     """The figure's title names what the numbers ran on (it named nothing: a plot copied out of
     bench_out/ lost the machine), a GPU by its name."""
     cpu = bench.machine(CPU)
-    assert bench.machine_label(cpu) == (f"CPU {cpu['cpu']}, {cpu['threads']} threads; "
+    assert bench.machine_label(cpu) == (f"CPU {cpu['cpu']}, {bench.threads(cpu['threads'])}; "
                                         f"torch {torch.__version__}")
+    assert bench.machine_label(dict(cpu, threads=1)).startswith(f"CPU {cpu['cpu']}, 1 thread;")
+    assert bench.machine_label(dict(cpu, threads=4)).startswith(f"CPU {cpu['cpu']}, 4 threads;")
     gpu = dict(cpu, gpu="NVIDIA H100 80GB HBM3")
     assert bench.machine_label(gpu) == f"NVIDIA H100 80GB HBM3; torch {torch.__version__}"
     titles = []
@@ -169,6 +172,43 @@ def test_the_plot_names_the_machine(monkeypatch, tmp_path):
                         lambda fig, text, **kw: titles.append(text))
     bench.plot([], tmp_path / "bench.png", gpu)
     assert titles == [bench.machine_label(gpu)]
+
+
+def test_the_plot_labels_its_log_axis_in_plain_numbers(monkeypatch, tmp_path):
+    """Tick labels of the log y axis are plain numbers, minor ticks labelled where the times
+    span under a decade (matplotlib's default read "4×10⁰"), none where they span more."""
+    import matplotlib.figure
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **kw: (figures.append(fig), save(fig, *a, **kw))[1])
+    gen = torch.Generator().manual_seed(0)
+
+    def records(*ranges):  # a's fwd, fwd+bwd medians, then b's: drawn in these ranges (ms)
+        ms = [lo + (hi - lo) * torch.rand((), generator=gen).item() for lo, hi in ranges]
+        return [{"status": "ok", "label": TINY.label(), "provider": name,
+                 "fwd": {"median_ms": ms[2 * k]}, "fwd+bwd": {"median_ms": ms[2 * k + 1]}}
+                for k, name in enumerate(("a", "b"))]
+
+    def labels(ax, minor):
+        lo, hi = ax.get_ylim()
+        return [t.get_text() for t, v in zip(ax.yaxis.get_ticklabels(minor=minor),
+                                             ax.yaxis.get_ticklocs(minor=minor))
+                if lo <= v <= hi and t.get_text()]
+
+    plain = re.compile(r"\d+(\.\d+)?")
+    bench.plot(records(*[(2.0, 3.0)] * 2, *[(6.0, 9.0)] * 2), tmp_path / "narrow.png",
+               bench.machine(CPU))
+    for ax in figures[-1].axes:
+        minor = labels(ax, minor=True)
+        assert len(minor) >= 3 and all(plain.fullmatch(t) for t in minor), minor
+    bench.plot(records(*[(0.01, 0.05)] * 2, *[(200.0, 900.0)] * 2), tmp_path / "wide.png",
+               bench.machine(CPU))
+    for ax in figures[-1].axes:
+        major = labels(ax, minor=False)
+        assert len(major) >= 4 and all(plain.fullmatch(t) for t in major), major
+        assert not labels(ax, minor=True)
 
 
 def test_the_machine_is_named_by_the_cpus_model(monkeypatch, tmp_path, capsys):

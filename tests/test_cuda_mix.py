@@ -707,6 +707,40 @@ def test_boundary_errors_name_the_argument(cuda_ext, case):
         getattr(ext, kind)(**args)
 
 
+# Shapes below 2^26 whose backward needs 65536 blocks along a grid's y, the first past CUDA's
+# limit: (d_in, d_out, r, N, g, with a router), the launch.
+_GRID_Y = {
+    "dx": (65535 * 64 + 1, 1, 1, 1, 1, False),  # ceil(d_in / 64)
+    "dA_dW": (1, 2097089, 1, 2, 2097089, True),  # ceil(r / 64) + ceil(g*N / 64) = 1 + 65535
+    "dB": (1, 1, 64, 65536, 1, False),  # ceil(r / 64) * N experts (one per block at r = 64)
+}
+
+
+@pytest.mark.parametrize("launch", list(_GRID_Y))
+def test_backward_refuses_a_grid_past_65535_blocks_in_y(cuda_ext, launch):
+    """bindings.cpp refuses before any launch a backward one of whose launches would pass
+    CUDA's grid y limit (a GPU would fail with a bare "invalid configuration argument"),
+    naming the sizes; T = 0 launches nothing and passes. 16-50 MB per case."""
+    d_in, d_out, r, N, g, routed = _GRID_Y[launch]
+    ext = backends._cuda_extension()[0]
+
+    def args(T):
+        def rand(*shape):
+            return torch.randn(*shape, device=cuda_ext)
+
+        return dict(dy=rand(T, d_out), x=rand(T, d_in), A=rand(r, d_in), B=rand(N, d_out, r),
+                    route_weight=rand(g * N, d_in) if routed else None, h=rand(T, r),
+                    pi=torch.softmax(rand(T, g, N), -1), dpi=None, groups=g, scaling=1.0,
+                    dropout_p=0.0, seed=0)
+
+    message = (rf"at most 65535 blocks along a grid's y; d_in={d_in}, r={r}, N={N}, "
+               rf"groups\*N={g * N} {'with' if routed else 'without'} a router need 65536")
+    with pytest.raises(RuntimeError, match=message):
+        ext.backward(**args(1))
+    dx, dA, dB, _, _ = ext.backward(**args(0))
+    assert dx.shape == (0, d_in) and not dA.any() and not dB.any()
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_int64_offsets_past_2_to_31(cuda_gpu):

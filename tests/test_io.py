@@ -259,6 +259,14 @@ def test_a_load_that_attaches_restores_the_saved_dtype(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(AdapterLoadError, match="'dtype' must be one of"):
         load_adapters(tiny_model("llama"), tmp_path)
+    # Where the saved dtype is not used, a malformed one is not in the way: adapters attached
+    # already, or another dtype given.
+    randomize(loaded, seed=3)
+    load_adapters(fresh, tmp_path)
+    assert dtypes(loaded) == {torch.bfloat16}
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+    assert dtypes(load_adapters(tiny_model("llama"), tmp_path, dtype=torch.float16)) \
+        == {torch.float16}
 
 
 def test_the_saved_backend_is_not_restored(tmp_path):
