@@ -144,9 +144,10 @@ def _readme_snippets() -> list[str]:
 
 
 def test_readme_snippets_run_and_do_what_their_comments_say(tmp_path, monkeypatch):
-    """The README's first two Python blocks, run as written: the API block, then the training block
-    on a tiny LLaMA (its ``model`` and ``batch``; its ``...``, the training, draws every B at
-    random so the adapters change the outputs), which must leave the model as it was."""
+    """The README's first two Python blocks, run as written: the API block (its ``mix`` call is the
+    adapter's op, in eval mode), then the training block on a tiny LLaMA (its ``model`` and
+    ``batch``; its optimizer step moves every B off zero, so the adapters change the outputs),
+    which must leave the model as it was."""
     pytest.importorskip("transformers")
     from test_hf import tiny_model
 
@@ -157,6 +158,14 @@ def test_readme_snippets_run_and_do_what_their_comments_say(tmp_path, monkeypatc
     exec(compile(api, "README.md (API)", "exec"), ns)
     assert ns["out"].shape == ns["z"].shape == ns["y"].shape and ns["aux"].ndim == 0
     assert ns["layer"](ns["z"]).shape == ns["z"].shape
+    # Its first mix call, run again with random experts on a few tokens, is the adapter in eval.
+    op = api[api.index("y = mix(z, adapter.lora_A"):api.index("\ntask_logits")]
+    ns["adapter"].eval()
+    ns["z"] = ns["z"][:1, :4]
+    with torch.no_grad():
+        ns["adapter"].lora_B.normal_()
+        exec(compile(op, "README.md (API, mix)", "exec"), ns)
+        torch.testing.assert_close(ns["adapter"](ns["z"]), ns["y"])
 
     model = tiny_model("llama")
     ids = torch.randint(0, 64, (2, 7))
@@ -165,10 +174,12 @@ def test_readme_snippets_run_and_do_what_their_comments_say(tmp_path, monkeypatc
         before = model(**batch).logits
     keys = list(model.state_dict())
     monkeypatch.chdir(tmp_path)
-    assert "\n...\n" in training
-    training = training.replace("\n...\n", "\nfor p in handle.parameters(): p.data.normal_()\n"
+    step = "\nloss.backward(); optimizer.step()\n"
+    assert step in training
+    training = training.replace(step, step + "assert all(a.lora_B.abs().max() > 0 for a in "
+                                "handle.adapters.values())\n"
                                 "assert not torch.equal(model(**batch).logits, before)\n")
-    ns = {"model": model, "batch": batch, "torch": torch, "before": before}
+    ns = {"model": model, "batch": batch, "before": before}
     exec(compile(training, "README.md (training)", "exec"), ns)
     assert torch.isfinite(ns["loss"]) and ns["loss"].requires_grad
     assert torch.equal(ns["ref"], before)  # disabled: the base model's logits
