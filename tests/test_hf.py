@@ -2120,6 +2120,32 @@ def test_image_classifiers_match_the_oracle_and_train(family):
 
 @pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
                          ids=["block", "component"])
+def test_copies_of_an_adapted_model_carry_adapters_and_a_handle_of_their_own(where):
+    """README: copy.deepcopy and torch.save / torch.load of the model carry the adapters and a
+    handle whose remove() takes them off that copy alone (its hooks and wrappers, not the
+    original's)."""
+    import io
+
+    model = tiny_model("llama")
+    base = copy.deepcopy(model)
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3), **where)
+    randomize(handle)
+    x = tiny_inputs("llama")
+    want, plain = run(model, x), run(base, x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert torch.equal(run(twin, x), want)
+        twin_handle = get_handle(twin)
+        assert twin_handle is not handle and twin_handle.model is twin
+        twin_handle.remove()
+        assert torch.equal(run(twin, x), plain)
+        assert torch.equal(run(model, x), want)
+
+
+@pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
+                         ids=["block", "component"])
 def test_remove_restores_requires_grad_of_parameters_replaced_after_attach(where):
     """to('meta') + to_empty (and FSDP2's fully_shard) put new Parameter objects in the model:
     remove() restored the flags on the old objects and left the whole base model frozen."""

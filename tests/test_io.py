@@ -954,3 +954,35 @@ def test_a_train_modules_buffers_are_saved_loaded_and_restored(tmp_path):
     assert list(model.state_dict()) == list(snap)
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(x), before)
+
+
+
+@pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,down_proj")],
+                         ids=["block", "component"])
+def test_save_pretrained_with_adapters_attached_loads_only_into_the_same_adapters(tmp_path, where):
+    """README's account of save_pretrained with adapters attached: the file (the Trainer's
+    checkpoints write the same) loads strictly into a model with the same adapters attached;
+    from_pretrained into a plain model reports the adapters' keys unexpected and, component-
+    level, the wrapped Linears' weights missing (initialised afresh); save_adapters plus the
+    base model saved after remove() give the adapted model back through from_pretrained."""
+    model = tiny_model("llama")
+    handle = attach(model, CFG, **where)
+    randomize(handle)
+    x = tiny_inputs("llama")
+    want = run(model, x)
+    model.save_pretrained(tmp_path / "whole")
+    again = tiny_model("llama", seed=5)
+    attach(again, CFG, **where)
+    again.load_state_dict(load_file(tmp_path / "whole" / "model.safetensors"), strict=True)
+    assert torch.equal(run(again, x), want)
+    _, info = type(model).from_pretrained(tmp_path / "whole", output_loading_info=True)
+    assert set(info["unexpected_keys"]) >= set(handle.state_dict())
+    wrapped = {f"{n.removesuffix('.adapter')}.weight" for n in handle.adapters}
+    assert set(info["missing_keys"]) == (wrapped if "target_modules" in where else set())
+
+    save_adapters(handle, tmp_path / "adapters")
+    handle.remove()
+    model.save_pretrained(tmp_path / "base")
+    loaded = type(model).from_pretrained(tmp_path / "base").eval()
+    load_adapters(loaded, tmp_path / "adapters")
+    assert torch.equal(run(loaded, x), want)

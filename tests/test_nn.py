@@ -160,6 +160,31 @@ def test_adapter_copies_and_pickles_after_a_training_forward():
     assert ad._routing is not None and torch.isfinite(ad.balance_loss())
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_adapter_exports_with_dynamic_shapes_and_matches_the_reference(strict):
+    """torch.export of an adapter: the custom op exports through its fake kernel, and the program
+    runs at other batch and sequence sizes (Dim) and computes the reference. The forward kept
+    its routing weights on the adapter under export too: torch.export warned for every adapter
+    (a tensor attribute assigned while tracing, or side effects), and discarded them."""
+    import warnings
+
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    ad = MTLoRAAdapter(16, r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.1).eval()
+    nn.init.normal_(ad.lora_B)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = export(ad, (torch.randn(2, 5, 16),), strict=strict,
+                         dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
+    assert not [str(w.message) for w in caught if "_routing" in str(w.message)
+                or "side effect" in str(w.message)]
+    x = torch.randn(3, 4, 16, dtype=torch.float64)
+    want = mix_reference(x, ad.lora_A.double(), ad.lora_B.double(), ad.lora_route.double(),
+                         groups=2, scaling=2.0)
+    assert_close_to_reference(program.module()(x.float()), want, torch.float32, "exported")
+
+
 def test_adapter_casts_parameters_to_the_input_dtype():
     ad = MTLoRAAdapter(16, r=4, num_experts=2, groups=2, dropout=0.0)
     nn.init.normal_(ad.lora_B)

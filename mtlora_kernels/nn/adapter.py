@@ -117,6 +117,10 @@ class MTLoRAAdapter(nn.Module):
         )
         if not fused:
             y = residual + y.to(residual.dtype)
+        if torch.compiler.is_exporting():
+            # An exported program runs no Python: the routing it would keep is a tracing
+            # tensor, which torch.export warned about for every adapter (and then discarded).
+            return y
         if not torch.compiler.is_compiling() and y.grad_fn is not None:
             # The routing weights carry this forward's graph, and with it every saved
             # activation before this layer: held here, they kept it all alive after the output
