@@ -767,11 +767,12 @@ def attach(
 
         # Every path of every module: a module registered under two names (``self.b = self.a``)
         # runs under both, and is matched under either; its wrapper goes to all its paths.
+        named = list(_named_modules(model, remove_duplicate=False))
         paths: dict[int, list[str]] = {}
-        for name, module in _named_modules(model, remove_duplicate=False):
+        for name, module in named:
             paths.setdefault(id(module), []).append(name)
         found: list[tuple[str, nn.Module]] = []  # each module once, under its first path
-        for name, module in _named_modules(model, remove_duplicate=False):
+        for name, module in named:
             if not any(_matches(name, t) for t in targets) or not in_scope(name):
                 continue
             widths = linear_widths(module)
@@ -791,8 +792,7 @@ def attach(
         missing = [t for t in targets if not any(_matches(n, t) for _, m in found
                                                  for n in paths[id(m)])]
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1]
-                             for n, m in _named_modules(model, remove_duplicate=False)
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in named
                              if linear_widths(m) is not None and in_scope(n)})
             where = (type(model).__name__ if scope is None
                      else f"layers {layers} of {type(model).__name__}")

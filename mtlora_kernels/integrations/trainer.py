@@ -139,7 +139,7 @@ class MTLoRATrainer(transformers.Trainer):
         # The decoder's tokens where the adapters sit in an encoder-decoder (T5's): the labels'
         # positions, unless the batch gives their mask (adapters on its encoder alone: none).
         decoder_mask = None
-        if is_encoder_decoder(self.mtlora_handle.model):
+        if is_encoder_decoder(adapted):
             decoder_mask = _read_as_bool(inputs.get("decoder_attention_mask"))
             if decoder_mask is None and inputs.get("labels") is not None:
                 decoder_mask = inputs["labels"] != -100
