@@ -820,6 +820,14 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
     return (out * w).sum()
 
 
+def taken_grads(handle) -> list[torch.Tensor]:
+    """The adapters' gradients, taken off their parameters (None again) for the next backward."""
+    grads = [p.grad for p in handle.parameters()]
+    for p in handle.parameters():
+        p.grad = None
+    return grads
+
+
 def randomize(handle, seed: int = 2) -> None:
     """Fresh random values in every adapter parameter: B starts at zero, and A and the router
     are redrawn too, so that a model attached after the same torch.manual_seed does not
@@ -2220,10 +2228,7 @@ def test_training_step_under_autocast(where):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = run(m, x)
             loss_of(out.float()).backward()
-        grads = [p.grad.clone() for p in handle.parameters()]
-        for p in handle.parameters():
-            p.grad = None
-        return out, grads
+        return out, taken_grads(handle)
 
     want, want_grads = step(model, False)
     ours, ours_grads = step(model, True)
@@ -2255,10 +2260,7 @@ def test_t5_loaded_in_fp16_trains_with_ffn_adapters():
     def step(m):
         out = run(m, x)
         loss_of(out.double()).backward()
-        grads = [p.grad.clone() for p in handle.parameters()]
-        for p in handle.parameters():
-            p.grad = None
-        return out, grads
+        return out, taken_grads(handle)
 
     ours, ours_grads = step(model)
     want, want_grads = step(reference_model(ref, handle))
