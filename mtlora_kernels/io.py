@@ -464,6 +464,7 @@ def _match_modules(ours: list[str], theirs: list[str], where) -> dict[str, str]:
 
 
 def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
+            dtype: torch.dtype | None,
             attach_kwargs: Callable[[nn.Module, dict | None, list[str], str], dict]
             ) -> MTLoRAHandle:
     pattern, strip = {"hydralora": (_HYDRA_KEY, ".adapter"),
@@ -499,6 +500,9 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
                 _copy_into(getattr(adapter, key), value)
 
     if handle is not None:
+        if dtype is not None:
+            raise ValueError(f"dtype={dtype} is for the adapters import_{kind} attaches; "
+                             f"{type(model).__name__} has them attached already")
         # The checkpoint's config (given, or its file's) must be the attached adapters': a
         # different alpha loads without a shape error and scales every output wrongly.
         if config is None and peft_config is not None:
@@ -510,7 +514,10 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
                                    + "; ".join(diffs))
         fill(handle)
         return handle
-    return _attach_then(model, attach_kwargs(model, peft_config, list(groups), str(where)), fill)
+    kwargs = attach_kwargs(model, peft_config, list(groups), str(where))
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return _attach_then(model, kwargs, fill)
 
 
 def _checkpoint_targets(model: nn.Module, theirs: list[str], where: str) -> list[str]:
@@ -588,7 +595,7 @@ def official_config(peft_config: Mapping, hidden_size: int) -> tuple[MTLoRAConfi
 
 
 def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = None,
-                     target_modules=None) -> MTLoRAHandle:
+                     target_modules=None, dtype: torch.dtype | None = None) -> MTLoRAHandle:
     """Load a HydraLoRA checkpoint (keys ``<module>.lora_A.weight``, ``<module>.lora_B{i}.weight``,
     ``<module>.lora_route.weight``, any PEFT prefix) into component-level adapters. With
     ``groups`` g > 1 the router is [g*N, d_in], rows ``G*N + e``: the official mtLoRA code's
@@ -601,8 +608,10 @@ def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = N
     modules the checkpoint holds (the config's ``target_modules`` may be a regex string or a bare
     suffix that PEFT matches differently). Module names match up to a wrapper prefix (PEFT's
     ``base_model.model.``); one that fits several modules here (``layers.0.self_attn.q_proj``
-    in an encoder-decoder) is refused. Everything is checked first; on an error the model is
-    unchanged.
+    in an encoder-decoder) is refused. The adapters it attaches hold ``dtype`` (default
+    ``attach``'s, fp32, whatever the checkpoint's tensors hold; they are cast to it); adapters
+    attached already keep theirs (``dtype=`` is refused), as in :func:`load_adapters`.
+    Everything is checked first; on an error the model is unchanged.
     """
     def kwargs(model, peft_config, modules, where):
         cfg = config
@@ -613,15 +622,17 @@ def import_hydralora(model_or_handle, source, *, config: MTLoRAConfig | None = N
             targets = _checkpoint_targets(model, modules, where)
         return {"config": _need_config(cfg, "HydraLoRA"), "target_modules": targets}
 
-    return _import(model_or_handle, source, kind="hydralora", config=config,
+    return _import(model_or_handle, source, kind="hydralora", config=config, dtype=dtype,
                    attach_kwargs=kwargs)
 
 
 def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = None,
-                    placement: str | None = None) -> MTLoRAHandle:
+                    placement: str | None = None, dtype: torch.dtype | None = None
+                    ) -> MTLoRAHandle:
     """Load an official mtLoRA block-level checkpoint (keys ``<layer>.mlp.block_adapter.lora_A
     .weight``, ``...lora_B.{i}.weight``, ``...lora_route.weight``, any PEFT prefix; router rows
-    ``G*N + e`` as ours). ``source`` and the all-or-nothing rule as in :func:`import_hydralora`."""
+    ``G*N + e`` as ours). ``source``, ``dtype`` and the all-or-nothing rule as in
+    :func:`import_hydralora`."""
     def kwargs(model, peft_config, _modules, _where):
         cfg, where = config, placement
         if peft_config is not None and (cfg is None or where is None):
@@ -630,7 +641,7 @@ def import_official(model_or_handle, source, *, config: MTLoRAConfig | None = No
         return {"config": _need_config(cfg, "official mtLoRA"),
                 "placement": where or "ffn"}
 
-    return _import(model_or_handle, source, kind="official", config=config,
+    return _import(model_or_handle, source, kind="official", config=config, dtype=dtype,
                    attach_kwargs=kwargs)
 
 

@@ -622,6 +622,43 @@ def test_official_import_block_level_with_fine_grained_routing(tmp_path, family)
     assert_unchanged(other, snap, x, before)
 
 
+@pytest.mark.parametrize("kind", ["hydralora", "official"])
+def test_an_import_that_attaches_takes_dtype_as_load_adapters_does(kind):
+    """import_hydralora / import_official had no dtype=: the adapters they attached were fp32
+    whatever the model or the checkpoint held. They take one now, as load_adapters does: the
+    attached adapters hold the source's values cast to it (default fp32, attach's), and adapters
+    attached already keep theirs (dtype= refused, the model unchanged)."""
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+    g = torch.Generator().manual_seed(11)
+    state, mods = {}, {}
+    for i in (0, 1):  # fresh random bf16 tensors, as a bf16 training run saves them
+        mod = f"model.layers.{i}.self_attn.q_proj" if kind == "hydralora" else \
+            f"model.layers.{i}.mlp"
+        prefix = f"base_model.model.{mod}" + ("" if kind == "hydralora" else ".block_adapter")
+        A, R, B = (torch.randn(*shape, generator=g).to(torch.bfloat16)
+                   for shape in ((4, 32), (6, 32), (3, 32, 4)))
+        state.update({f"{prefix}.lora_A.weight": A, f"{prefix}.lora_route.weight": R})
+        state.update({(f"{prefix}.lora_B{e}.weight" if kind == "hydralora" else
+                       f"{prefix}.lora_B.{e}.weight"): B[e] for e in range(3)})
+        mods[mod + (".adapter" if kind == "hydralora" else ".mtlora_adapter")] = (A, B, R)
+    load = {"hydralora": lambda m, **kw: import_hydralora(m, state, config=cfg, **kw),
+            "official": lambda m, **kw: import_official(m, state, config=cfg, placement="ffn",
+                                                        **kw)}[kind]
+    for dtype in (torch.bfloat16, torch.float16, None):
+        handle = load(tiny_model("llama").to(torch.bfloat16),
+                      **({} if dtype is None else {"dtype": dtype}))
+        want = dtype or torch.float32
+        assert sorted(handle.adapters) == sorted(mods)
+        for name, (A, B, R) in mods.items():
+            a = handle.adapters[name]
+            for got, src in ((a.lora_A, A), (a.lora_B, B), (a.lora_route, R)):
+                assert got.dtype == want and torch.equal(got, src.to(want)), (name, dtype)
+    snap = snapshot(handle.model)
+    with pytest.raises(ValueError, match=f"is for the adapters import_{kind} attaches"):
+        load(handle, dtype=torch.bfloat16)
+    assert all(torch.equal(v, snap[k]) for k, v in handle.model.state_dict().items())
+
+
 OFFICIAL = {"r": 4, "lora_alpha": 8, "lora_nums": 3, "enable_block_adapter": True,
             "block_adapter_type": "ffn", "enable_fine_grained_routing": True,
             "routing_group_size": 8}

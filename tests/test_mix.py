@@ -200,16 +200,30 @@ def test_torch_compile_fullgraph_with_a_scaling_that_changes_between_calls():
     """A Python float scaling that changes between calls: dynamo makes it a SymFloat at the
     second, which the finiteness check (math.isfinite) could not trace, so fullgraph=True
     failed. Each compiled call gives the reference's output; inf is still refused, compiled
-    (the check's ValueError, inside dynamo's error) and eager (NaN too: test_errors)."""
+    (the check's ValueError, inside dynamo's error) and eager (NaN too: test_errors).
+    Each distinct value compiles its own graph (the op's float argument is specialized, as
+    mix's docstring says); a scale applied outside the op, as the docstring suggests for one
+    that changes every step, compiles once more and then stays symbolic."""
+    from torch._dynamo.testing import CompileCounter
+
     x, A, B, W, _ = make_inputs(6, 8, 10, 2, 3, 2, torch.float64)
+    scalings = (0.5, 0.75, 2.0)
 
     def op(s):
         return mix(x, A, B, W, groups=2, scaling=s, backend="torch")
 
+    def outside(s):
+        return s * mix(x, A, B, W, groups=2, scaling=1.0, backend="torch")
+
     torch._dynamo.reset()
+    for fn, graphs in ((op, len(scalings)), (outside, 2)):
+        counter = CompileCounter()
+        compiled = torch.compile(fn, fullgraph=True, backend=counter)
+        for s in scalings:
+            torch.testing.assert_close(compiled(s), mix_reference(x, A, B, W, groups=2,
+                                                                  scaling=s))
+        assert counter.frame_count == graphs, (fn.__name__, counter.frame_count)
     compiled = torch.compile(op, fullgraph=True, backend="eager")
-    for s in (0.5, 0.75):
-        torch.testing.assert_close(compiled(s), mix_reference(x, A, B, W, groups=2, scaling=s))
     for fn in (compiled, op):
         with pytest.raises(Exception, match="scaling must be finite, got inf"):
             fn(float("inf"))

@@ -472,7 +472,11 @@ def mix(
             one-hot), any float dtype; receives a gradient. Exclusive with route_weight.
             With N == 1 neither is needed (plain LoRA).
         groups: g, a divisor of d_out; g = 1 is HydraLoRA's scalar routing.
-        scaling: s = alpha / r.
+        scaling: s = alpha / r. A constant of the graph under ``torch.compile``: each distinct
+            value compiles its own (a custom op's float argument is specialized), and
+            ``fullgraph=True`` fails past dynamo's ``recompile_limit`` (8 by default) values.
+            The layers pass their config's one value; a scale that changes every step goes
+            outside the op: ``residual + s * mix(..., scaling=1.0)``.
         dropout_p: dropout on the input of A (one mask shared by all experts), active only
             when ``training``.
         seed: the dropout seed, an int in [0, 2^63); drawn from torch's default generator

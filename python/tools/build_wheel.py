@@ -23,14 +23,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the tree's package, whose wheel this builds (installed or not)
+
+from mtlora_kernels.backends import _torch_major_minor  # noqa: E402
 
 
 def local_version(cuda: str | None, torch_version: str) -> str:
     """PEP 440 local label for a build: ``cu130torch2.14`` (CUDA 13.0, torch 2.14.x) or
-    ``cputorch2.14`` without CUDA. Only torch's major.minor: patch releases keep the ABI."""
-    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    ``cputorch2.14`` without CUDA. Only torch's major.minor (the rule the installed package
+    checks its label against: ``backends._torch_major_minor``): patch releases keep the ABI."""
     tag = "cu" + cuda.replace(".", "") if cuda else "cpu"
-    return f"{tag}torch{major_minor}"
+    return f"{tag}torch{_torch_major_minor(torch_version)}"
 
 
 def build(archs: str | None, out: Path, cuda: bool) -> Path:
