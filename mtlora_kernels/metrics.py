@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mtlora_kernels._checks import as_int
 from mtlora_kernels.linalg import randomized_svd
 from mtlora_kernels.losses import find_adapters
-from mtlora_kernels.nn.adapter import MTLoRAAdapter
+from mtlora_kernels.nn.adapter import MTLoRAAdapter, MTLoRALinear
 
 PAPER_BANDS = (0.2, 0.5)  # cut points: top 20%, 20-50%, 50-100% of the singular indices
 
@@ -39,8 +39,8 @@ PAPER_BANDS = (0.2, 0.5)  # cut points: top 20%, 20-50%, 50-100% of the singular
 class GradientConflict:
     """mean: the average cosine similarity over ``pairs`` (negative = conflict).
     similarity: [T, T] float64 cosine matrix; 1 on the diagonal of the tasks whose gradient was
-    taken, NaN for pairs not sampled. tasks: the task names (or indices). pairs: the (i, j)
-    index pairs that were measured, i < j."""
+    taken (NaN where it is exactly zero), NaN for pairs not sampled. tasks: the task names (or
+    indices). pairs: the (i, j) index pairs that were measured, i < j."""
 
     mean: float
     similarity: Tensor
@@ -48,8 +48,14 @@ class GradientConflict:
     pairs: list[tuple[int, int]]
 
 
-def _task_gradient(model, batch, loss_fn, params) -> Tensor:
+def _task_gradient(model, batch, loss_fn, params, task) -> Tensor:
     loss = loss_fn(model, batch)
+    if not bool(torch.isfinite(loss.detach()).all()):
+        # A mean over no tokens (a task with no labelled token in its batch) is NaN, with a
+        # zero gradient: its pairs were NaN and left out of the mean without a word.
+        raise ValueError(f"loss_fn gave a non-finite loss ({loss.detach().tolist()}) for task "
+                         f"{task!r}; a batch with no token that counts (every label -100) "
+                         f"averages to NaN: give every task a batch with at least one")
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                       for g, p in zip(grads, params)])
@@ -80,7 +86,8 @@ def gradient_conflict(
 
     Gradients are taken with ``torch.autograd.grad``, so ``.grad`` fields are untouched, and are
     compared in float64. A pair in which one gradient is exactly zero has no direction: its
-    cosine is NaN and the mean skips it (NaN if every pair is skipped).
+    cosine is NaN and the mean skips it (NaN if every pair is skipped). A task whose loss is
+    not finite (NaN: a batch with no labelled token) raises ValueError, naming the task.
     """
     names = list(task_batches.keys()) if isinstance(task_batches, Mapping) \
         else list(range(len(task_batches)))
@@ -103,11 +110,11 @@ def gradient_conflict(
         num_pairs = as_int(num_pairs, "num_pairs", minimum=1)
     pairs = all_pairs if num_pairs is None or num_pairs >= len(all_pairs) \
         else sorted(random.Random(seed).sample(all_pairs, num_pairs))
-    grads = {t: _task_gradient(model, batches[t], loss_fn, params)
+    grads = {t: _task_gradient(model, batches[t], loss_fn, params, names[t])
              for t in sorted({t for pair in pairs for t in pair})}
     sim = torch.full((len(batches), len(batches)), math.nan, dtype=torch.float64)
-    for t in grads:
-        sim[t, t] = 1.0
+    for t, g in grads.items():  # a zero gradient has no direction, not even its own
+        sim[t, t] = 1.0 if bool(g.any()) else math.nan
     for i, j in pairs:
         gi, gj = grads[i], grads[j]
         denom = gi.norm() * gj.norm()
@@ -195,8 +202,10 @@ def spectral_alignment(
         rank = min(m, r, A.shape[-1])
         experts = (B, A)
     else:
+        hint = (" (a component-level layer: pass its .adapter)"
+                if isinstance(experts, MTLoRALinear) else "")
         raise TypeError("experts must be a tensor [N, m, n], a tuple (B, A) or an MTLoRAAdapter; "
-                        f"got {type(experts).__name__}")
+                        f"got {type(experts).__name__}{hint}")
     if n_exp < 2:
         raise ValueError(f"spectral alignment compares experts: needs N >= 2, got {n_exp}")
     k = rank if k is None else k

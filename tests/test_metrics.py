@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import REL_TOL, rel_err
-from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig
+from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
 from mtlora_kernels.metrics import band_edges, gradient_conflict, spectral_alignment
 
 F64 = torch.float64
@@ -135,7 +135,17 @@ def test_a_task_without_gradient_has_no_direction():
     x = torch.randn(4, 10, dtype=F64)
     res = gradient_conflict(model, [(x, 1.0), (x, 0.0), (x, -1.0)], _signed_sum)
     assert math.isnan(res.similarity[0, 1].item()) and math.isnan(res.similarity[1, 2].item())
+    assert math.isnan(res.similarity[1, 1].item()) and res.similarity[0, 0].item() == 1.0
     assert res.mean == pytest.approx(-1.0, abs=1e-12)  # only the measurable pair counts
+
+
+def test_a_task_with_a_non_finite_loss_is_named():
+    """A task whose batch has no example (a mean over nothing: NaN, with a zero gradient) was
+    left out of the mean without a word."""
+    batches = dict(zip("abc", _regression_batches(4, rows=5)))
+    batches["b"] = tuple(t[:0] for t in batches["b"])
+    with pytest.raises(ValueError, match=r"non-finite loss \(nan\) for task 'b'"):
+        gradient_conflict(_adapter(seed=4), batches, _mse)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -272,6 +282,8 @@ def test_band_edges():
     (torch.randn(5, 4), ValueError, r"\[N, m, n\]"),
     ((torch.randn(3, 5, 2), torch.randn(2, 4, 4, 4)), ValueError, "product"),
     ([torch.randn(5, 4)], TypeError, "MTLoRAAdapter"),
+    (MTLoRALinear(nn.Linear(6, 6), MTLoRAConfig(r=2, num_experts=2)), TypeError,
+     r"got MTLoRALinear \(a component-level layer: pass its \.adapter\)"),
 ])
 def test_alignment_bad_input(experts, exc, match):
     with pytest.raises(exc, match=match):
