@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / p for p in ("README.md", "RELIABILITY.md", "benchmarks/RESULTS.md",
-                           "python/experiments/README.md")]
+DOCS = [*(ROOT / p for p in ("README.md", "RELIABILITY.md", "benchmarks/RESULTS.md",
+                             "python/experiments/README.md")),
+        *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _defined_tests() -> set[str]:
@@ -38,16 +39,20 @@ def _anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+def _anchors(doc: Path) -> set[str]:
+    return {_anchor(h) for h in re.findall(r"^#+ (.*)$", doc.read_text(), flags=re.M)}
+
+
 def test_every_link_inside_the_docs_resolves():
+    """A relative link's file exists, and its anchor (in that file, or in the doc itself) is a
+    heading's."""
     for doc in DOCS:
-        text = doc.read_text()
-        anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
             if target.startswith(("http://", "https://")):
                 continue
             path, _, anchor = target.partition("#")
             where = f"{doc.relative_to(ROOT)}: link {target}"
-            if path:
-                assert (doc.parent / path).exists(), where
-            else:
-                assert anchor in anchors, where
+            linked = doc.parent / path if path else doc
+            assert linked.exists(), where
+            if anchor:
+                assert anchor in _anchors(linked), where

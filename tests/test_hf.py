@@ -944,8 +944,8 @@ def reference_model(base: nn.Module, handle) -> nn.Module:
     return base
 
 
-# The tested types, by the module docstring's four layout kinds (README's table). A multimodal
-# model (MULTIMODAL) is in its language model's list: the oracle test runs on text. The
+# The tested types, by the module docstring's four layout kinds (docs/MODELS.md's table). A
+# multimodal model (MULTIMODAL) is in its language model's list: the oracle test runs on text. The
 # encoder-decoders' and the speech models' lists sit with the fields tiny_model builds them from
 # (kind 1: T5_BLOCKS, BART_PRE_LN, AUDIO_PRE_LN; kind 3: POST_NORM_SEQ2SEQ; kind 4:
 # BART_POST_LN, AUDIO_POST_LN). TESTED, below them, names the placements each test runs on
@@ -1007,7 +1007,7 @@ PARALLEL = ["cohere", "cohere2", "cohere2_moe", "phi", "stablelm", "stablelm-seq
             "codegen", "gpt_neox", "gpt_neox-sequential", "falcon", "falcon-sequential",
             "falcon-two_norms", "cohere_compass_text", "cohere_compass"]
 
-# Kind 3, a transform after the sub-layer (README's table names each type's).
+# Kind 3, a transform after the sub-layer (docs/MODELS.md's table names each type's).
 POST_TRANSFORM = ["gemma2", "gemma3_text", "gemma3", "glm4", "olmo2", "olmo3", "flex_olmo",
                   "exaone4", "granite", "granitemoe", "granitemoeshared", "minicpm3",
                   "hyperclovax", "granitemoehybrid", "granitemoehybrid-dense", "gemma4_text",
@@ -2648,7 +2648,7 @@ def test_bad_train_modules_are_refused_and_the_model_untouched():
 
 
 def test_unsupported_architecture_gets_a_clear_error():
-    """ALBERT shares one layer module across depth (README's "Not supported")."""
+    """ALBERT shares one layer module across depth (docs/MODELS.md's "Not supported")."""
     torch.manual_seed(0)
     albert = transformers.AlbertModel(transformers.AlbertConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -2909,18 +2909,23 @@ def test_the_wav2vec2_family_is_tested_on_both_layer_classes(family):
         post.layer_class}
 
 
-def test_readme_names_every_supported_type():
-    """README's block-level section, the users' list, names every type of the table, every
-    multimodal model tested here and every dual encoder (a type added without it, or dropped
-    from it, fails), before its "Not supported" paragraph, which names none of them."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_models_doc_names_every_supported_type():
+    """docs/MODELS.md, the users' list, names every type of the table, every multimodal model
+    tested here and every dual encoder (a type added without it, or dropped from it, fails),
+    before its "Not supported" paragraph, which names none of them; README's short section
+    gives the table's number of types and points there."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "MODELS.md").read_text()
     refused = text.index("**Not supported block-level:**")
-    section = text[text.index("Block-level placement (`placement="):refused]
     words = re.compile(r"[\w-]+")  # model types: xlm-roberta
     missing = ((set(SUPPORTED_ARCHITECTURES) | set(MULTIMODAL) | set(DUAL))
-               - set(words.findall(section)))
-    assert not missing, f"README's block-level section does not name {sorted(missing)}"
-    refused = text[refused:text.index("## The command line")]
-    assert "albert" in words.findall(refused)
-    both = set(SUPPORTED_ARCHITECTURES) & set(words.findall(refused))
-    assert not both, f"README's 'Not supported' paragraph names supported types {sorted(both)}"
+               - set(words.findall(text[:refused])))
+    assert not missing, f"docs/MODELS.md does not name {sorted(missing)}"
+    assert "albert" in words.findall(text[refused:])
+    both = set(SUPPORTED_ARCHITECTURES) & set(words.findall(text[refused:]))
+    assert not both, f"docs/MODELS.md's 'Not supported' paragraph names {sorted(both)}"
+    readme = (root / "README.md").read_text()
+    short = readme[readme.index("### Supported models (block-level)"):
+                   readme.index("## The command line")]
+    assert f"{len(SUPPORTED_ARCHITECTURES)} `config.model_type`s" in short
+    assert "(docs/MODELS.md)" in short

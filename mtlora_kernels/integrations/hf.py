@@ -30,7 +30,7 @@ drops z. The layer calls the two one after the other, in its forward and in a ch
 alike.
 
 The layer layouts it knows, by ``config.model_type`` (:data:`SUPPORTED_ARCHITECTURES`, in four
-kinds), are in :mod:`mtlora_kernels.integrations.layouts`; README lists them for users.
+kinds), are in :mod:`mtlora_kernels.integrations.layouts`; docs/MODELS.md lists them for users.
 
 Multimodal models go by their language model: where ``config.model_type`` is not in the table
 and ``config.text_config.model_type`` is (tested: gemma3, gemma4, llava, mistral3, fuyu,

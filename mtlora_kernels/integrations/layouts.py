@@ -3,7 +3,7 @@
 they read, by attribute name. :mod:`mtlora_kernels.integrations.hf` places the adapters by them.
 
 The supported layers (:data:`SUPPORTED_ARCHITECTURES`, by ``config.model_type``; the table
-below names every type, README lists them for users) come in four kinds:
+below names every type, docs/MODELS.md lists them for users) come in four kinds:
 
 - pre-LN, SPEC's formula above, exactly: LLaMA's layout under many names (llama, mistral, qwen2,
   qwen3, gemma, gpt2's ln_1 / attn / ln_2 / mlp, bloom, mpt, the encoder modernbert, ...), with
