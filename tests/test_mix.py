@@ -116,6 +116,20 @@ def test_dropout_uses_one_mask_shared_by_experts_and_regenerated_in_backward():
                               torch.float64, "eval")
 
 
+def test_spec_positional_signature():
+    """SPEC section 3's ``mix(x, A, B, W_route, groups, scaling, dropout_p, training)``, by
+    position: the same result as by keyword, the dropout on while training and off when not."""
+    x, A, B, W, _ = make_inputs(6, 16, 12, 4, 3, 2, torch.float64, seed=11)
+    p, seed = 0.3, 77
+    keep = dropout_keep_mask(seed, (6, 16), p, "cpu", "torch")
+    y = mix(x, A, B, W, 2, 1.5, p, True, seed=seed, backend="torch")
+    y_ref = mix_reference(x, A, B, W, groups=2, scaling=1.5, dropout_mask=keep, dropout_p=p)
+    assert_close_to_reference(y, y_ref, torch.float64, "training")
+    y_eval = mix(x, A, B, W, 2, 1.5, p, False, backend="torch")
+    assert_close_to_reference(y_eval, mix_reference(x, A, B, W, groups=2, scaling=1.5),
+                              torch.float64, "eval")
+
+
 @pytest.mark.parametrize("external", [False, True])
 def test_residual_is_added_in_the_same_pass(external):
     """y = residual + delta, and every gradient (the residual's is dy itself) against the

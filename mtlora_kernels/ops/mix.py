@@ -445,12 +445,12 @@ def mix(
     lora_A: Tensor,
     lora_B: Tensor,
     route_weight: Tensor | None = None,
-    *,
-    logits: Tensor | None = None,
     groups: int = 1,
     scaling: float = 1.0,
     dropout_p: float = 0.0,
     training: bool = True,
+    *,
+    logits: Tensor | None = None,
     seed: int | None = None,
     residual: Tensor | None = None,
     backend: str | None = None,
@@ -460,7 +460,8 @@ def mix(
     """``y = residual + s * sum_e softmax(x @ W_route.T).view(..., g, N)[..., G(j), e] * (B_e @ A @ drop(x))[j]``.
 
     The mtLoRA adapter delta with shared A, N experts and per-group routing, forward and
-    backward fused (SPEC sections 2 and 3).
+    backward fused (SPEC sections 2 and 3). The arguments x to training may be passed by
+    position, in SPEC section 3's order; those after them by keyword only.
 
     Args:
         x: [..., d_in], fp16 / bf16 / fp32 (fp64 on the torch backend), any strides.
@@ -468,9 +469,6 @@ def mix(
         lora_B: [N, d_out, r], x's dtype.
         route_weight: [g*N, d_in], x's dtype; row ``G*N + e`` scores expert e for group G.
             The router sees x without dropout; its logits are accumulated and kept in fp32.
-        logits: [..., g*N] router logits computed elsewhere (pooled / MLP router, task-id
-            one-hot), any float dtype; receives a gradient. Exclusive with route_weight.
-            With N == 1 neither is needed (plain LoRA).
         groups: g, a divisor of d_out; g = 1 is HydraLoRA's scalar routing.
         scaling: s = alpha / r. A constant of the graph under ``torch.compile``: each distinct
             value compiles its own (a custom op's float argument is specialized), and
@@ -479,6 +477,10 @@ def mix(
             outside the op: ``residual + s * mix(..., scaling=1.0)``.
         dropout_p: dropout on the input of A (one mask shared by all experts), active only
             when ``training``.
+        training: False turns the dropout off (evaluation).
+        logits: [..., g*N] router logits computed elsewhere (pooled / MLP router, task-id
+            one-hot), any float dtype; receives a gradient. Exclusive with route_weight.
+            With N == 1 neither is needed (plain LoRA).
         seed: the dropout seed, an int in [0, 2^63); drawn from torch's default generator
             when None.
         residual: [..., d_out] added to the result (the base layer's output) in the same pass.
