@@ -50,7 +50,7 @@ def test_torch_backend_matches_reference(T, d_in, d_out, r, N, g, dtype, externa
     got = grads_of(y, (x, A, B, W, L), dy.to(dtype))
     want = grads_of(y_ref, ref_in, dy)
     for name, a, b in zip(("dx", "dA", "dB", "dW_route", "dlogits"), got, want):
-        if b is not None and T > 0:
+        if b is not None:
             assert_close_to_reference(a, b, dtype, name)
 
 
@@ -204,9 +204,9 @@ def test_torch_compile_traces_the_custom_op():
     y_c = compiled(x)
     y_e = layer(x)
     torch.testing.assert_close(y_c, y_e)
-    g_c = torch.autograd.grad(y_c.sum(), (x, layer.lora_route))
-    g_e = torch.autograd.grad(y_e.sum(), (x, layer.lora_route))
-    for a, b in zip(g_c, g_e):
+    wrt = (x, *layer.parameters())  # x, A, B, W_route: every gradient of the compiled op
+    dy = torch.randn_like(y_e)
+    for a, b in zip(torch.autograd.grad(y_c, wrt, dy), torch.autograd.grad(y_e, wrt, dy)):
         torch.testing.assert_close(a, b)
 
 

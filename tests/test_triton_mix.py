@@ -332,16 +332,25 @@ def test_fp32_forward_reads_h_back_in_rank_chunks(T, d_in, d_out, r, N, g, dropo
 
 
 def test_torch_compile_of_a_layer_on_the_triton_backend():
+    """The compiled layer gives eager's y, and the gradient of x and of every parameter
+    against the fp64 reference (a finiteness check on one gradient passed with dB and
+    dW_route negated)."""
     layer = MTLoRAAdapter(24, 40, r=16, num_experts=2, groups=2, dropout=0.0,
                           backend="triton").to(DEVICE)
     torch.nn.init.normal_(layer.lora_B)
-    x = torch.randn(7, 24, device=DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 24, generator=gen).to(DEVICE).requires_grad_()
+    dy = torch.randn(7, 40, generator=gen, dtype=torch.float64)
     y_eager = layer(x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y = compiled(x)
-    y.sum().backward()
     assert torch.equal(y, y_eager)
-    assert layer.lora_route.grad is not None and torch.isfinite(layer.lora_route.grad).all()
+    params = [layer.lora_A, layer.lora_B, layer.lora_route]
+    got = torch.autograd.grad(y, [x, *params], dy.to(y))
+    ins64 = [t.detach().cpu().double().requires_grad_() for t in (x, *params)]
+    y64 = mix_reference(*ins64, groups=2, scaling=layer.config.scaling)
+    for name, a, b in zip(("dx", "dA", "dB", "dW_route"), got, grads_of(y64, ins64, dy)):
+        assert_close_to_reference(a, b, torch.float32, name)
 
 
 # ------------------------------------------------------------------------ GPU only (compiled)
