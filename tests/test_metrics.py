@@ -48,6 +48,26 @@ def _signed_sum(model, batch):
 # ---------------------------------------------------------------------------- gradient conflict
 
 
+def test_fp32_gradients_in_chunks_equal_the_fp64_cosines_taken_by_hand(monkeypatch):
+    """An fp32 model's gradients stay fp32 in the [T, P] matrix; the Gram product widens
+    chunks of its columns to fp64 (here 7 columns, so chunks cut across parameters)."""
+    import mtlora_kernels.metrics as metrics
+
+    model = _adapter(seed=3).float()
+    batches = [(x.float(), y.float()) for x, y in _regression_batches(seed=3, rows=5, n=4)]
+    flat = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        _mse(model, batch).backward()
+        flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(metrics, "_GRAM_CHUNK", 7)
+    res = gradient_conflict(model, batches, _mse)
+    for i, j in itertools.combinations(range(4), 2):
+        want = (flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())).item()
+        assert res.similarity[i, j].item() == pytest.approx(want, rel=1e-6), (i, j)
+
+
 def test_opposite_gradients_give_minus_one_identical_give_one():
     model = _adapter()
     x = torch.randn(6, 10, dtype=F64)
