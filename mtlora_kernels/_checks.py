@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 import operator
 
+import numpy as np
 import torch
 
 
@@ -19,12 +20,14 @@ def as_int(value, name: str, *, minimum: int | None = None) -> int:
     is refused too, as numpy refuses such arrays. TypeError for a non-integer, ValueError for
     an integer below ``minimum``.
     """
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor)
-                                   and (value.dtype == torch.bool or value.dim() > 0)):
+    # numpy bools by type: numpy < 2.3 (the newest for Python 3.10 is 2.2) still gives them a
+    # deprecated __index__.
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor)
+                                               and (value.dtype == torch.bool or value.dim() > 0)):
         index = None
     else:
         try:
-            index = operator.index(value)  # numpy bools have no __index__: refused here
+            index = operator.index(value)
         except TypeError:
             index = None
     if index is None:
