@@ -391,8 +391,7 @@ def _residual_hook(module: nn.Module, args: tuple, kwargs: dict, *, arg: str, in
     (identity in eval; StarCoder2's is the same)."""
     positional = len(args) > index
     r = args[index] if positional else kwargs[arg]
-    # A disabled adapter returns r (and forgets its routing, as on every other hook): no norm
-    # computed for nothing.
+    # A disabled adapter returns r (as on every other hook): no norm computed for nothing.
     normed = norm is not None and getattr(module, ADAPTER_ATTR).enabled
     y = _plus_adapter(module, norm(r) if normed else r, r)
     if positional:

@@ -99,8 +99,7 @@ class MTLoRAAdapter(nn.Module):
         region's). A residual of another dtype (a sub-layer whose output dtype is not its
         input's: T5's FFN loaded in fp16, whose ``wo`` transformers keeps in fp32) is added
         after the op, in its own dtype, which the result keeps."""
-        if not self.enabled:
-            self._routing = None
+        if not self.enabled:  # the routing stays the last enabled forward's (see balance_loss)
             return residual if residual is not None else x.new_zeros(*x.shape[:-1], self.d_out)
         cfg = self.config
         dt = x.dtype
@@ -135,7 +134,9 @@ class MTLoRAAdapter(nn.Module):
 
     def balance_loss(self, mask: Tensor | None = None) -> Tensor:
         """``var(p) / (mean(p)^2 + 1e-10)`` with p the mean routing weight per expert over the
-        tokens and groups of the last forward (unbiased var). Zero for N == 1.
+        tokens and groups of the last forward it ran while enabled (unbiased var; a forward
+        while disabled, for reference outputs of the base model, computes no routing and leaves
+        that one in place). Zero for N == 1.
 
         ``mask``: which tokens count, shaped as that forward's leading dims (e.g. the batch's
         ``attention_mask``, so that padding does not pull p towards its own routing; a forward on
@@ -149,7 +150,7 @@ class MTLoRAAdapter(nn.Module):
                                "kept only as long as its autograd graph, and the output is gone")
         if pi is None:
             raise RuntimeError("balance_loss() needs a forward pass of this adapter first (none "
-                               "ran, or the last one ran while the adapter was disabled)")
+                               "ran while it was enabled)")
         if (torch.is_grad_enabled() and not pi.requires_grad
                 and self._routed_by_own_router and self.lora_route.requires_grad):
             # Reentrant activation checkpointing runs forward under no_grad: the loss would
