@@ -2810,6 +2810,47 @@ def test_generate_with_the_kv_cache_matches_full_forwards(family, where):
     assert not torch.equal(base, ids), "the adapters must change what is generated"
 
 
+@pytest.mark.parametrize("where", [dict(placement="both"),
+                                   dict(target_modules="q_proj,k_proj,v_proj")],
+                         ids=["block", "component"])
+def test_left_padded_batched_generation_is_each_prompt_generated_alone(where):
+    """Serving in bf16 under inference_mode: greedy ``generate`` on three left-padded prompts
+    picks, with the KV cache and without, the tokens each prompt picks alone (each token is
+    routed by itself: padding and the other rows change nothing, and a decode step computes a
+    token as the prefill does), and the adapters change them. After it each adapter holds the
+    last step's routing alone, nothing accumulated over the steps, and aux_loss with gradients
+    on refuses it rather than return a value of that inference step."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.1),
+                    dtype=torch.bfloat16, **where)
+    randomize(handle)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 64, (n,), generator=g) for n in (7, 4, 2)]
+    ids = torch.stack([nn.functional.pad(p, (7 - len(p), 0)) for p in prompts])  # pad id 0
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def alone() -> torch.Tensor:
+        return torch.stack([model.generate(p[None], attention_mask=torch.ones(1, len(p)), **kw)
+                            [0, len(p):] for p in prompts])
+
+    with torch.inference_mode():
+        cached = model.generate(ids, attention_mask=(ids != 0).long(), **kw)[:, 7:]
+    assert {tuple(a._last_routing().shape) for a in handle.adapters.values()} == {(3, 1, 2, 3)}
+    with pytest.raises(RuntimeError, match="ran without autograd"):  # the last step's [B, 1, g, N]
+        handle.aux_loss()
+    with torch.inference_mode():
+        uncached = model.generate(ids, attention_mask=(ids != 0).long(), use_cache=False,
+                                  **kw)[:, 7:]
+        each = alone()
+        with handle.disabled():
+            base_batched = model.generate(ids, attention_mask=(ids != 0).long(), **kw)[:, 7:]
+            base = alone()
+    if not torch.equal(base_batched, base):
+        pytest.skip("this CPU's bf16 GEMMs change the base model's tokens with the batch")
+    assert torch.equal(cached, each) and torch.equal(uncached, each)
+    assert not torch.equal(each, base), "the adapters must change what is generated"
+
+
 @pytest.mark.parametrize("family", ["t5", "t5gemma", "bart", "mbart"])
 def test_an_encoder_decoder_generates_what_its_full_forwards_pick(family):
     """T5, T5Gemma, BART and mBART with adapters in both stacks: greedy ``generate`` (the

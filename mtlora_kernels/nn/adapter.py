@@ -52,8 +52,11 @@ class MTLoRAAdapter(nn.Module):
     keeps its routing weights for that only as long as its autograd graph lives (while its
     output, or a loss computed from it, is referenced): a forward whose output is dropped
     without a backward (an evaluation without ``torch.no_grad()``, a skipped batch) frees its
-    graph and saved activations, as it does without adapters. Under ``torch.compile`` the
-    adapter keeps them until its next forward.
+    graph and saved activations, as it does without adapters. A forward without autograd
+    (``torch.no_grad()``, ``torch.inference_mode()``, each step of ``generate``) has no graph:
+    the adapter keeps its routing weights until its next forward (a balance loss under no_grad
+    reads them; with gradients on and a router that trains, :meth:`balance_loss` refuses
+    them), as it does under ``torch.compile``.
 
     ``enabled`` (default True): when False the forward adds nothing (it returns ``residual``,
     or zeros without one) and computes no routing; :meth:`MTLoRAHandle.disable` sets it. A
