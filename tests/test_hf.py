@@ -1677,7 +1677,7 @@ def test_the_norm_the_hook_applies_again_is_the_sub_layers_own(family):
     argument again. With adapters on, each of those norms runs twice a forward, the layer's call
     and the hook's, on the same tensor with the same output bit for bit (the adapter's z is the
     sub-layer's); disabled, once (the hook computes no norm for nothing), and the adapters keep
-    no routing of the forward before."""
+    the routing of the forward before."""
     model = distinct_norms(tiny_model(family))
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2), placement="both")
     randomize(handle)
@@ -1693,14 +1693,13 @@ def test_the_norm_the_hook_applies_again_is_the_sub_layers_own(family):
         assert len(calls) == 2 * len(stack_of(model))
         for (layers_in, layers_out), (hooks_in, hooks_out) in calls.values():  # two each
             assert torch.equal(layers_in, hooks_in) and torch.equal(layers_out, hooks_out)
+        before = balance_loss(model)
         calls.clear()
         with handle.disabled():
-            run(model, tiny_inputs(family))
+            run(model, tiny_inputs(family, seed=5))
         assert all(len(c) == 1 for c in calls.values()) and len(calls) == 4
-    # The disabled forward went through the adapters, which forgot their routing, as on every
-    # other hook: no balance loss from the forward before it.
-    with pytest.raises(RuntimeError, match="needs a forward pass"):
-        balance_loss(model)
+        # A disabled forward computes no routing: the balance loss is still the one before's.
+        assert torch.equal(balance_loss(model), before) and before > 0
 
 
 def test_the_hook_reads_z_from_the_first_argument_by_any_keyword():
