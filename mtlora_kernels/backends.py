@@ -75,13 +75,13 @@ def available(name: str, device: torch.device | str | None = None) -> tuple[bool
         ok, why = _triton_status()
         if not ok:
             return ok, why
+        if on_gpu:
+            return True, ""
         from mtlora_kernels.triton._common import interpreting
 
         if interpreting():
             return True, ""  # the interpreter runs the kernels on CPU tensors
-        if not on_gpu:
-            return False, "triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"
-        return True, ""
+        return False, "triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"
     if name == "cuda":
         ext, why = _cuda_extension()
         if ext is None:

@@ -234,6 +234,40 @@ def test_aligned_plans_only_assume_what_holds(T, fp32):
                         assert c % 16 == 0, (kernel, d_out, g, r, args)
 
 
+def test_host_arithmetic_matches_triton():
+    """The launchers' cdiv and pow2_at_least are plain Python (triton's are constexpr functions,
+    slow on the host) and give what triton's give, up to 32-bit sizes and beyond."""
+    import triton
+
+    from mtlora_kernels.triton._common import cdiv, pow2_at_least
+
+    sizes = [*range(0, 300), 4095, 4096, 4097, 2**31 - 1, 2**31, 2**31 + 1, 3 * 2**40 + 7]
+    for n in sizes:
+        for floor in (1, 16):
+            assert pow2_at_least(n, floor) == max(floor, triton.next_power_of_2(max(1, n))), n
+        for b in (1, 3, 16, 64, 264):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_cached_launch_plans_stay_those_of_their_arguments(monkeypatch):
+    """_table_plan is cached and its dicts are shared between launches: after forward and
+    backward launches at many shapes (recorded, nothing runs), each shape's plan is still the
+    one built afresh for it (no launcher changed one, no shape got another's)."""
+    shapes = [(t, d_in, d_out, r, N, g, fp32)
+              for T, d_in, d_out, r, N, g in tmix.LAUNCH_SHAPES.values()
+              for t in (1, T) for fp32 in (False, True)]
+    for t, d_in, d_out, r, N, g, fp32 in shapes:
+        tmix.recorded_launches(t, d_in, d_out, r, N, g,
+                               torch.float32 if fp32 else torch.bfloat16)
+    cached = [tmix._plan(t, d_in, d_out, r, N, d_out // g, fp32)
+              for t, d_in, d_out, r, N, g, fp32 in shapes]
+    monkeypatch.setattr(tmix, "_table_plan", tmix._table_plan.__wrapped__)
+    fresh = [tmix._plan(t, d_in, d_out, r, N, d_out // g, fp32)
+             for t, d_in, d_out, r, N, g, fp32 in shapes]
+    assert cached == fresh
+    assert len({repr(p) for p in fresh}) >= 8  # the shapes have plans of their own
+
+
 def test_every_launch_runs_on_the_device_of_its_tensors(monkeypatch):
     """Triton launches a kernel on the current CUDA device and its current stream, whatever
     device its tensors are on (triton.runtime.jit, JITFunction.run: get_current_device()): a

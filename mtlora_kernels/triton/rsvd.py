@@ -20,7 +20,7 @@ import triton.language as tl
 import torch
 from torch import Tensor
 
-from mtlora_kernels.triton._common import interpreting, mma_fp32
+from mtlora_kernels.triton._common import cdiv, interpreting, mma_fp32
 from mtlora_kernels.triton.registry import KernelConfig, KernelSpec, register
 
 # CUDA's limit on grid.y and grid.z; the batch (axis 2) is launched in chunks of at most this.
@@ -133,7 +133,7 @@ def bmm(a: Tensor, x: Tensor) -> Tensor:
     with torch.cuda.device_of(a):
         for b0 in range(0, nb, _MAX_GRID_Z):  # more matrices than grid.z takes: several launches
             b1 = min(nb, b0 + _MAX_GRID_Z)
-            grid = (triton.cdiv(P, bp), triton.cdiv(L, bl), b1 - b0)
+            grid = (cdiv(P, bp), cdiv(L, bl), b1 - b0)
             rsvd_bmm_kernel[grid](
                 a[b0:b1], x[b0:b1], c[b0:b1],
                 P, L, Q,
