@@ -68,12 +68,13 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
     ``decoder``. Other models refuse a ``decoder_mask``.
 
     Each term is ``var(p) / (mean(p)^2 + 1e-10)`` with p the mean routing weight per expert over
-    the tokens and groups of that adapter's last forward; differentiable w.r.t. the routers.
+    the tokens and groups of that adapter's last enabled forward (one run while it was disabled
+    computes no routing); differentiable w.r.t. the routers.
     An adapter whose last output reached nothing still referenced (a layer whose output the
     model drops, as LLaVA drops its vision tower's last: its routing went with that output's
     graph, see :class:`MTLoRAAdapter`) changes no output and is left out of the mean.
-    Raises if a routed adapter has not run a forward yet, or if every routed adapter's output
-    is gone.
+    Raises if a routed adapter has not run an enabled forward yet, or if every routed adapter's
+    output is gone.
     """
     adapters = _adapters_or_raise(model)
     if is_encoder_decoder(model):

@@ -477,16 +477,18 @@ class MTLoRAHandle:
 
     def aux_loss(self, **kwargs) -> Tensor:
         """:func:`mtlora_kernels.losses.auxiliary_loss` of the model (balance + spectral terms of
-        the last forward; keyword arguments go to it).
+        the last forward the adapters ran enabled; keyword arguments go to it).
 
         The balance term raises if that forward's routing weights carry no graph while
         gradients are on (reentrant checkpointing runs the forward under no_grad; see
-        :meth:`MTLoRAAdapter.balance_loss`), or if the adapters were disabled.
+        :meth:`MTLoRAAdapter.balance_loss`). Refused while the adapters are disabled (inside
+        :meth:`disabled`, after :meth:`disable`).
         """
         self._check_live()
         if not self.enabled:
-            raise RuntimeError("the adapters are disabled: the last forward computed no routing "
-                               "and adds nothing to the model; enable() them first")
+            raise RuntimeError("the adapters are disabled: they add nothing to the model; "
+                               "enable() them first (aux_loss then reads the last forward they "
+                               "ran enabled)")
         return auxiliary_loss(self.model, **kwargs)
 
     @property

@@ -61,9 +61,9 @@ class MTLoRAAdapter(nn.Module):
     without a backward (an evaluation without ``torch.no_grad()``, a skipped batch) frees its
     graph and saved activations, as it does without adapters. A forward without autograd
     (``torch.no_grad()``, ``torch.inference_mode()``, each step of ``generate``) has no graph:
-    the adapter keeps its routing weights until its next forward (a balance loss under no_grad
-    reads them; with gradients on and a router that trains, :meth:`balance_loss` refuses
-    them), as it does under ``torch.compile``.
+    the adapter keeps its routing weights until its next enabled forward (a balance loss
+    under no_grad reads them; with gradients on and a router that trains,
+    :meth:`balance_loss` refuses them), as it does under ``torch.compile``.
 
     ``enabled`` (default True): when False the forward adds nothing (it returns ``residual``,
     or zeros without one) and computes no routing; :meth:`MTLoRAHandle.disable` sets it. A

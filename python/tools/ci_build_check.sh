@@ -84,8 +84,9 @@ assert abs(keep.float().mean().item() - 0.75) < 0.03
 print(f"   torch backend ok (rel. err. {err:.1e}), auto -> torch on CPU, host dropout mask ok")
 PYEOF
 
-# make test runs on an install without _C (MTLORA_BUILD_CUDA=0), where these skip; here they run
-# against the wheel's _C (from $WORK, so the package is the installed one, not the source tree).
+# make test runs on an install without _C (MTLORA_BUILD_CUDA=0), where two of these skip and the
+# host dropout-mask ones run on the CUDA emulator's build; here all run against the wheel's _C
+# (from $WORK, so the package is the installed one, not the source tree).
 echo "== the tests that need a compiled _C, on the installed wheel"
 "$VPY" -m pytest -q -p no:cacheprovider -rs "$ROOT/tests/test_build.py" \
   -k "build_info_with_extension or extension_boundary_rejects_cpu_tensors or host_dropout" \
