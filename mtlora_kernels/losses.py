@@ -72,9 +72,10 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
     computes no routing); differentiable w.r.t. the routers.
     An adapter whose last output reached nothing still referenced (a layer whose output the
     model drops, as LLaVA drops its vision tower's last: its routing went with that output's
-    graph, see :class:`MTLoRAAdapter`) changes no output and is left out of the mean.
-    Raises if a routed adapter has not run an enabled forward yet, or if every routed adapter's
-    output is gone.
+    graph, see :class:`MTLoRAAdapter`) changes no output and is left out of the mean, as is
+    an adapter switched off (``enabled`` False: an ablation).
+    Raises if a routed adapter has not run an enabled forward yet, or if every routed adapter
+    is switched off or its output gone.
     """
     adapters = _adapters_or_raise(model)
     if is_encoder_decoder(model):
@@ -89,6 +90,12 @@ def balance_loss(model: nn.Module, mask: Tensor | None = None,
     routed = [a for a in adapters if a.config.num_experts > 1]
     if not routed:
         return torch.zeros((), device=adapters[0].lora_B.device)
+    # An adapter switched off (an ablation) adds nothing to the outputs; its routing is an
+    # older forward's.
+    routed = [a for a in routed if a.enabled]
+    if not routed:
+        raise RuntimeError("every routed adapter is disabled: they add nothing to the model's "
+                           "outputs, so there is no balance loss; enable them first")
     # An adapter whose output reached nothing still referenced (the model dropped it: the last
     # layer of LLaVA's vision tower, whose features are the layer before's) changes none of the
     # outputs, and its routing went with its graph: its term is left out. With every one gone

@@ -2415,6 +2415,14 @@ def test_disabled_gives_back_each_adapters_own_switch():
         assert not second.enabled
     assert (first.enabled, second.enabled) == (False, True)
     assert torch.equal(run(model, x), ablated)
+    # The ablated model's balance term is the adapter still on's (aux_loss refused it: "the
+    # adapters are disabled"), with its gradient.
+    out = run(model, x)
+    got = handle.aux_loss(spectral_weight=0)
+    assert torch.equal(got, 0.01 * second.balance_loss()) and got > 0
+    got.backward()
+    assert second.lora_route.grad.abs().sum() > 0 and first.lora_route.grad is None
+    del out
     first.enabled = True
     with handle.disabled():
         handle.remove()

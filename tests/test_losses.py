@@ -462,6 +462,22 @@ def test_balance_loss_averages_the_routed_adapters():
     assert model.a1.lora_route.grad.abs().sum() > 0
 
 
+def test_balance_loss_leaves_out_an_adapter_switched_off():
+    """An ablation: one adapter switched off adds nothing, and the routing it holds is an
+    older forward's (a no-grad forward keeps it): the mean is over the others."""
+    model = Tiny(seed=9)
+    with torch.no_grad():
+        model(torch.randn(7, 12, dtype=F64))
+        model.a1.enabled = False
+        model(torch.randn(5, 12, dtype=F64))  # a1 keeps the first forward's routing
+        want = torch.stack([a.balance_loss() for a in _routed(model) if a is not model.a1]).mean()
+        assert rel_err(balance_loss(model), want) <= TOL
+        for a in _routed(model):
+            a.enabled = False
+        with pytest.raises(RuntimeError, match="every routed adapter is disabled"):
+            balance_loss(model)
+
+
 class _FeatureLayer(nn.Module):
     """Two adapted layers, of which the output of the first is returned and the second's is
     dropped, as LLaVA does with its vision tower (vision_feature_layer=-2)."""

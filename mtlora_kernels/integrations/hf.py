@@ -482,10 +482,11 @@ class MTLoRAHandle:
         The balance term raises if that forward's routing weights carry no graph while
         gradients are on (reentrant checkpointing runs the forward under no_grad; see
         :meth:`MTLoRAAdapter.balance_loss`). Refused while the adapters are disabled (inside
-        :meth:`disabled`, after :meth:`disable`).
+        :meth:`disabled`, after :meth:`disable`); with some switched off by hand (an ablation)
+        the balance term is the others' (:func:`~mtlora_kernels.losses.balance_loss`).
         """
         self._check_live()
-        if not self.enabled:
+        if not any(a.enabled for a in self.adapters.values()):
             raise RuntimeError("the adapters are disabled: they add nothing to the model; "
                                "enable() them first (aux_loss then reads the last forward they "
                                "ran enabled)")
