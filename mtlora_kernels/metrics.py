@@ -199,8 +199,8 @@ def spectral_alignment(
             ``lora_B[i] @ lora_A`` (the scaling s multiplies every value by s^2 and leaves the
             shares unchanged, so it is left out).
         cuts: the band boundaries as fractions of the indices (see :func:`band_edges`).
-        k: how many singular indices to compare (default all: min(m, n), and at most r for a
-            product).
+        k: how many singular indices to compare (default all: min(m, n); for a product or an
+            adapter, its rank min(m, r, n), also the most it takes).
         oversample, power_iters, generator: passed to :func:`randomized_svd`, which is exact up
             to rounding when the rank is at most k + oversample (always for the default k of a
             product or an adapter).
@@ -230,6 +230,10 @@ def spectral_alignment(
                         f"got {type(experts).__name__}{hint}")
     if n_exp < 2:
         raise ValueError(f"spectral alignment compares experts: needs N >= 2, got {n_exp}")
+    if isinstance(experts, tuple) and k is not None and as_int(k, "k", minimum=1) > rank:
+        # randomized_svd takes k up to min(m, n), but the product's singular values past its
+        # rank are zero: counted, they stretch the bands (the top 20% of 16 indices, not of 8).
+        raise ValueError(f"k must be at most the product's rank min(m, r, n) = {rank}; got {k}")
     k = rank if k is None else k
     with torch.no_grad():
         U, S, _ = randomized_svd(experts, k, oversample=oversample, power_iters=power_iters,

@@ -308,3 +308,15 @@ def test_band_edges():
 def test_alignment_bad_input(experts, exc, match):
     with pytest.raises(exc, match=match):
         spectral_alignment(experts)
+
+
+def test_alignment_of_a_product_takes_k_up_to_its_rank():
+    """Past a product's rank r the singular values are zero: k = 2r gave bands over 2r indices,
+    the upper half of them zeros (shares of another partition, without a word)."""
+    B, A = torch.randn(4, 32, 8, dtype=F64), torch.randn(8, 24, dtype=F64)
+    assert spectral_alignment((B, A), k=8).bands == spectral_alignment((B, A)).bands
+    with pytest.raises(ValueError, match=r"at most the product's rank min\(m, r, n\) = 8; got 16"):
+        spectral_alignment((B, A), k=16)
+    adapter = _adapter(r=4)
+    with pytest.raises(ValueError, match="rank min"):
+        spectral_alignment(adapter, k=5)
