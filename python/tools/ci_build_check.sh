@@ -79,9 +79,7 @@ err = ((y.double() - ref).norm() / ref.norm()).item()
 assert err < 1e-5, err
 from mtlora_kernels.ops.mix import resolve_backend
 assert resolve_backend("auto", x.device) == "torch"
-keep = backends._cuda_extension()[0].dropout_keep_mask(1, 64, 64, 0.25, torch.device("cpu"))
-assert abs(keep.float().mean().item() - 0.75) < 0.03
-print(f"   torch backend ok (rel. err. {err:.1e}), auto -> torch on CPU, host dropout mask ok")
+print(f"   torch backend ok (rel. err. {err:.1e}), auto -> torch on CPU")
 PYEOF
 
 # make test runs on an install without _C (MTLORA_BUILD_CUDA=0), where two of these skip and the
