@@ -144,6 +144,14 @@ def _resolve(model_or_handle) -> tuple[nn.Module, MTLoRAHandle | None]:
     return model, handle
 
 
+def _refuse_dtype(dtype: torch.dtype | None, caller: str, model: nn.Module) -> None:
+    """``dtype=`` sets the dtype of the adapters a load attaches; adapters attached already
+    keep theirs, so it is refused there rather than ignored."""
+    if dtype is not None:
+        raise ValueError(f"dtype={dtype} is for the adapters {caller} attaches; "
+                         f"{type(model).__name__} has them attached already")
+
+
 def _is_dtensor(t: Tensor) -> bool:
     """A parameter of a model sharded with FSDP2 (``fully_shard``)."""
     if not torch.distributed.is_available():
@@ -383,9 +391,7 @@ def load_adapters(model_or_handle, directory: str | os.PathLike, *,
         _copy_all(tensors, h)
 
     if handle is not None:
-        if dtype is not None:
-            raise ValueError(f"dtype={dtype} is for the adapters load_adapters attaches; "
-                             f"{type(model).__name__} has them attached already")
+        _refuse_dtype(dtype, "load_adapters", model)
         _compare_meta(meta, cfg, handle, directory / CONFIG_NAME)
         fill(handle)
         return handle
@@ -500,9 +506,7 @@ def _import(model_or_handle, source, *, kind: str, config: MTLoRAConfig | None,
                 _copy_into(getattr(adapter, key), value)
 
     if handle is not None:
-        if dtype is not None:
-            raise ValueError(f"dtype={dtype} is for the adapters import_{kind} attaches; "
-                             f"{type(model).__name__} has them attached already")
+        _refuse_dtype(dtype, f"import_{kind}", model)
         # The checkpoint's config (given, or its file's) must be the attached adapters': a
         # different alpha loads without a shape error and scales every output wrongly.
         if config is None and peft_config is not None:
