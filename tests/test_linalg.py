@@ -296,6 +296,28 @@ def test_orth_falls_back_to_householder_past_the_first_pass_threshold():
     assert (Q.double().mT @ Q.double() - eye.double()).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype, e", [(torch.float32, 66), (torch.float64, 540)])
+def test_magnitude_alone_does_not_take_the_householder_fallback(monkeypatch, dtype, e):
+    """A batch of matrices at 2^e, 1 and 2^-e (fp32: ~1e20 and ~1e-20, fp64: ~1e162 and
+    ~1e-162), where the Gram matrix of the unscaled sketch overflows to inf or underflows: each
+    element is scaled by a power of two before CholeskyQR2, so none falls back to Householder QR
+    (the outer two did before), and each matches its fp64 SVD to rounding. Checked at unit scale
+    (M and S times 2^-e, exact) as the fp64 norms of the check would overflow at 2^540."""
+    # Rank 16 > l = 12, so the 12 x 12 block of the sketch with the top singular values is
+    # padded by the tail and the sketch stays well conditioned (cond(Y) < 300 here).
+    s = torch.cat([torch.linspace(1.0, 0.5, 12, dtype=F64), torch.full((4,), 1e-2, dtype=F64)])
+    scale = 2.0 ** torch.tensor([e, 0, -e], dtype=F64)
+    M = (_with_spectrum((3,), 60, 40, s, 24) * scale[:, None, None]).to(dtype)
+    qr_calls, qr = [], torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda Y: qr_calls.append(len(Y)) or qr(Y))
+    U, S, Vh = randomized_svd(M, 4, oversample=8, power_iters=2, generator=_gen(25))
+    assert not qr_calls, f"Householder QR of {sum(qr_calls)} batch elements"
+    for i in range(3):
+        _check_against_svd(M[i].double() / scale[i], (U[i], S[i].double() / scale[i], Vh[i]), 4,
+                           tol_s=REL_TOL[dtype] * 10, tol_orth=REL_TOL[dtype] * 10,
+                           tol_sub=REL_TOL[dtype] * 100)
+
+
 def test_outputs_carry_no_gradient():
     """Not differentiable (documented): a rank-deficient sketch takes the Householder fallback,
     whose QR derivative does not exist (autograd gave NaN, and the fallback's in-place write
