@@ -200,7 +200,19 @@ def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, mo
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {
+    # The config text first (a value JSON cannot hold fails before anything is written), then
+    # each file beside its place and renamed: an interrupted save leaves no half-written file.
+    config = json.dumps(_meta(handle, model, version), indent=2)
+    for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                        (CONFIG_NAME, lambda p: p.write_text(config))):
+        tmp = directory / (name + ".tmp")
+        write(tmp)
+        os.replace(tmp, directory / name)
+
+
+def _meta(handle: MTLoRAHandle, model: nn.Module, version: str) -> dict:
+    """What ``adapter_config.json`` holds about ``handle``'s adapters."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if handle.train_modules else 1,
         "mtlora_kernels_version": version,
@@ -214,14 +226,6 @@ def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, mo
                      for name, a in handle.adapters.items()},
         "dtype": _adapters_dtype(handle),
     }
-    # The config text first (a value JSON cannot hold fails before anything is written), then
-    # each file beside its place and renamed: an interrupted save leaves no half-written file.
-    config = json.dumps(meta, indent=2)
-    for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: p.write_text(config))):
-        tmp = directory / (name + ".tmp")
-        write(tmp)
-        os.replace(tmp, directory / name)
 
 
 def _adapters_dtype(handle: MTLoRAHandle) -> str | None:
@@ -300,6 +304,24 @@ def _compare_meta(meta: dict, cfg: MTLoRAConfig, handle: MTLoRAHandle, where: Pa
     if diffs:
         raise AdapterLoadError(f"{where} does not match the attached adapters: "
                                + "; ".join(diffs))
+
+
+def _check_same_adapters(meta: dict, handle: MTLoRAHandle, where: Path) -> None:
+    """:func:`_compare_meta`, and the same adapters (module paths and widths) as the file lists:
+    where no tensors are checked (a Trainer checkpoint, loaded by the Trainer's non-strict
+    ``load_state_dict``), these stand for the tensor keys."""
+    _compare_meta(meta, _check_meta(meta, where), handle, where)
+    ours = {name: {"d_in": a.d_in, "d_out": a.d_out} for name, a in handle.adapters.items()}
+    theirs = meta.get("adapters")
+    if theirs != ours:
+        theirs = theirs if isinstance(theirs, dict) else {}
+        diffs = [f"{len(v)} only in the {side}, e.g. {v[:2]}" for side, v in (
+            ("file", sorted(set(theirs) - set(ours))),
+            ("model", sorted(set(ours) - set(theirs)))) if v]
+        diffs += [f"{k}: {theirs[k]} in the file, {ours[k]} in the model"
+                  for k in sorted(set(ours) & set(theirs)) if theirs[k] != ours[k]][:2]
+        raise AdapterLoadError(f"{where} does not match the attached adapters: "
+                               f"adapters {'; '.join(diffs)}")
 
 
 def _validate_tensors(tensors: Mapping[str, Tensor], handle: MTLoRAHandle, where) -> None:

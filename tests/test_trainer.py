@@ -22,8 +22,8 @@ from test_hf import (AUDIO_INPUTS, AUDIO_LANGUAGE, audio_language_model, fill,  
                      randomize, tiny_model)
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.layouts import SUPPORTED_ARCHITECTURES  # noqa: E402
-from mtlora_kernels.integrations.trainer import (REGULARIZER_NAME, MTLoRATrainer,  # noqa: E402
-                                                 frame_mask)
+from mtlora_kernels.integrations.trainer import (ADAPTERS_NAME, REGULARIZER_NAME,  # noqa: E402
+                                                 MTLoRATrainer, frame_mask)
 from mtlora_kernels.losses import (SpectralRegularizer, auxiliary_loss,  # noqa: E402
                                    spectral_weighting)
 
@@ -400,30 +400,97 @@ def test_a_model_without_adapters_is_refused(tmp_path):
 
 def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     """The Trainer's checkpoints (the whole model: the adapters' tensors beside the base's) hold
-    the adapters and the regularizer's step and cached weighting, and resuming from one gives
-    the parameters of the run that never stopped. (Without the regularizer's state the resumed
-    run refreshed the weighting at step 2 of its refresh_every=4 window: 3e-4 off.) Resumed
-    from a checkpoint named, and from output_dir's last (``resume_from_checkpoint=True``)."""
+    the adapters and the regularizer's step and cached weighting, and resuming from one, in a
+    model built and attached afresh, gives the per-step losses and the parameters of the run
+    that never stopped (adapter dropout on: the masks' seeds come from the RNG state the Trainer
+    restores). (Without the regularizer's state the resumed run refreshed the weighting at
+    step 2 of its refresh_every=4 window: 3e-4 off.) Resumed from a checkpoint named, and from
+    output_dir's last (``resume_from_checkpoint=True``)."""
 
-    def adapters_after(steps: int, out: str, **kw) -> list[torch.Tensor]:
-        model, handle = tiny_adapted(dict(placement="ffn"))
+    def run(steps: int, out: str, **kw) -> tuple[list[torch.Tensor], list[float]]:
+        model = tiny_model("llama")
+        handle = attach(model, MTLoRAConfig(r=4, num_experts=3, groups=2, dropout=0.2),
+                        placement="ffn")
+        randomize(handle)
         resume = kw.pop("resume", None)
         trainer = MTLoRATrainer(
-            model=model, train_dataset=dataset(16), spectral_weight=50.0,
+            model=model, train_dataset=dataset(16), spectral_weight=50.0, balance_weight=0.1,
             regularizer=SpectralRegularizer(refresh_every=4),
             args=args(tmp_path / out, max_steps=steps, per_device_train_batch_size=2,
                       learning_rate=0.05, optim="adamw_torch", **kw))
         trainer.train(resume_from_checkpoint=resume)
-        return [p.detach().clone() for p in handle.parameters()]
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return [p.detach().clone() for p in handle.parameters()], losses
 
-    straight = adapters_after(4, "straight")
-    stopped = adapters_after(2, "stopped", save_strategy="steps", save_steps=2)
-    resumed = adapters_after(4, "resumed", resume=str(tmp_path / "stopped" / "checkpoint-2"))
+    straight, straight_losses = run(4, "straight")
+    stopped, _ = run(2, "stopped", save_strategy="steps", save_steps=2)
+    resumed, resumed_losses = run(4, "resumed", resume=str(tmp_path / "stopped" / "checkpoint-2"))
     # True: the last checkpoint in output_dir, found by the Trainer's rule
-    last = adapters_after(4, "stopped", resume=True)
+    last, _ = run(4, "stopped", resume=True)
+    assert len(resumed_losses) == 4 and max(
+        abs(a - b) for a, b in zip(straight_losses, resumed_losses)) <= 1e-6
     for a, b, c, s in zip(straight, resumed, last, stopped):
         assert not torch.equal(a, s)  # steps 3 and 4 moved them
         assert rel_err(b, a) <= 1e-6 and rel_err(c, a) <= 1e-6
+
+
+OTHER_ADAPTERS = {  # a checkpoint of FFN adapters (r 4, N 3, g 2, alpha 64) resumed into ...
+    "placement": (dict(placement="attn"), {}, "placement: file has 'ffn'"),
+    "layers": (dict(placement="ffn", layers=[1]), {}, r"layers: file has None"),
+    "alpha": (dict(placement="ffn"), dict(alpha=8), "alpha: file has 64.0"),
+    "targets": (dict(target_modules="q_proj,v_proj"), {}, "placement: file has 'ffn'")}
+
+
+@pytest.mark.parametrize("case", OTHER_ADAPTERS)
+def test_resuming_a_checkpoint_of_other_adapters_is_refused(tmp_path, case):
+    """The Trainer loads a checkpoint's state dict non-strictly: adapters in another place (the
+    attention's, of the FFN's shapes) or layers trained on from their fresh values with a
+    warning in the log, another alpha went unseen, and component adapters on q_proj and v_proj
+    took the FFN adapters' optimizer state (a crash in fused Adam: other shapes). Resuming now
+    fails before anything is loaded, naming the difference; the model keeps its values. (Of
+    component adapters, the adapted modules themselves are compared too.)"""
+    from mtlora_kernels.io import AdapterLoadError
+
+    model, _ = tiny_adapted(dict(placement="ffn"))
+    MTLoRATrainer(model=model, train_dataset=dataset(),
+                  args=args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)).train()
+    placement, config, why = OTHER_ADAPTERS[case]
+    other = tiny_model("llama")
+    handle = attach(other, MTLoRAConfig(r=4, num_experts=3, groups=2, **config), **placement)
+    randomize(handle)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    trainer = MTLoRATrainer(model=other, args=args(tmp_path / "out", max_steps=2),
+                            train_dataset=dataset())
+    with pytest.raises(AdapterLoadError, match=why):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert trainer.state.global_step == 0
+
+
+def test_resuming_component_adapters_compares_the_adapted_modules(tmp_path):
+    """Component-level adapters on q_proj and v_proj: resumed into the same adapters named in
+    another order, the run goes on; into adapters on q_proj and k_proj (the same config and
+    placement, and here k_proj's width is v_proj's) it is refused, naming the modules."""
+    from mtlora_kernels.io import AdapterLoadError
+
+    model, _ = tiny_adapted(dict(target_modules="q_proj,v_proj"))
+    MTLoRATrainer(model=model, train_dataset=dataset(),
+                  args=args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)).train()
+    for targets in ("v_proj,q_proj", "q_proj,k_proj"):
+        other, handle = tiny_adapted(dict(target_modules=targets))
+        randomize(handle, seed=5)  # values other than the checkpoint's
+        trainer = MTLoRATrainer(model=other, args=args(tmp_path / "out", max_steps=1),
+                                train_dataset=dataset())
+        resume = lambda: trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+        if targets == "q_proj,k_proj":
+            with pytest.raises(AdapterLoadError, match=r"adapters 2 only in the file, e\.g\. "
+                               r"\['model\.layers\.0\.self_attn\.v_proj\.adapter'.*; 2 only in "
+                               r"the model, e\.g\. \['model\.layers\.0\.self_attn\.k_proj"):
+                resume()
+        else:
+            resume()  # at the checkpoint's step already: loads, trains no step
+            want = model.state_dict()
+            assert all(torch.equal(v, want[k]) for k, v in other.state_dict().items())
 
 
 def test_a_second_train_starts_the_regularizer_afresh(tmp_path):
@@ -452,9 +519,9 @@ def test_a_second_train_starts_the_regularizer_afresh(tmp_path):
 def test_the_regularizer_state_is_saved_where_the_trainers_own_save_wrote_nothing(tmp_path):
     """Under FSDP with a sharded state dict the Trainer's save_model writes nothing (the model's
     shards come later, with the optimizer's, which make the checkpoint's folder): the
-    regularizer's run state is written all the same, to a folder made for it (FileNotFoundError
-    before, at every checkpoint of such a run). The Trainer's own FSDP branch is taken, given
-    that plugin's setting."""
+    regularizer's run state (and the adapters' description) is written all the same, to a
+    folder made for it (FileNotFoundError before, at every checkpoint of such a run). The
+    Trainer's own FSDP branch is taken, given that plugin's setting."""
     model, _ = tiny_adapted(dict(placement="ffn"))
     reg = SpectralRegularizer(refresh_every=4)
     trainer = MTLoRATrainer(model=model, train_dataset=dataset(4), regularizer=reg,
@@ -465,7 +532,7 @@ def test_the_regularizer_state_is_saved_where_the_trainers_own_save_wrote_nothin
         state_dict_type="StateDictType.SHARDED_STATE_DICT")))
     folder = tmp_path / "checkpoint-2"
     trainer.save_model(str(folder))
-    assert os.listdir(folder) == [REGULARIZER_NAME]
+    assert sorted(os.listdir(folder)) == [ADAPTERS_NAME, REGULARIZER_NAME]
     saved = torch.load(folder / REGULARIZER_NAME, weights_only=True)
     assert (saved["step"], saved["_refreshed_at"]) == (2, 0)
     cached = reg.__getstate__()["_weighting"]

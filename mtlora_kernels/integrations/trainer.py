@@ -36,6 +36,10 @@ wrong, which is why this class exists:
   ``train(resume_from_checkpoint=...)`` restores into the regularizer the trainer is given:
   with ``refresh_every`` > 1 a resumed run weighs as the uninterrupted one does. A ``train()``
   that resumes nothing starts the regularizer afresh (:meth:`SpectralRegularizer.reset`).
+  They also describe the adapters (``mtlora_adapters.json``), and a resume into other adapters
+  (config, placement, layers, adapted modules, train modules) raises
+  :class:`~mtlora_kernels.io.AdapterLoadError` before loading: the Trainer's own load is
+  non-strict.
 
 The class is built on the installed transformers' ``Trainer`` (this module imports it; the rest
 of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
@@ -43,8 +47,10 @@ of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import transformers
@@ -52,12 +58,16 @@ from torch import Tensor, nn
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora_kernels.integrations.hf import MTLoRAHandle, get_handle
+from mtlora_kernels.io import _check_same_adapters, _meta, _read_json
 from mtlora_kernels.losses import SpectralRegularizer, is_encoder_decoder
 
 
 # The file beside a saved model (each checkpoint's) that holds the regularizer's run state; its
 # settings come from the regularizer the resumed trainer is given.
 REGULARIZER_NAME = "mtlora_regularizer.pt"
+# The file beside a saved model that describes its adapters (save_adapters' adapter_config.json,
+# by another name: transformers reads that one as a PEFT adapter's); a resume checks it.
+ADAPTERS_NAME = "mtlora_adapters.json"
 _RUN_STATE = ("step", "_refreshed_at", "_weighting")
 # The batch's mask over the adapted model's input positions where it is not the batch's
 # attention_mask: Qwen2-Audio's audio tower (adapters attached to ``model.model.audio_tower``)
@@ -170,6 +180,22 @@ class MTLoRATrainer(transformers.Trainer):
             state = self.regularizer.__getstate__()
             torch.save({key: state[key] for key in _RUN_STATE},
                        os.path.join(directory, REGULARIZER_NAME))
+            from mtlora_kernels import __version__
+
+            with open(os.path.join(directory, ADAPTERS_NAME), "w") as f:
+                json.dump(_meta(self.mtlora_handle, self.mtlora_handle.model, __version__), f,
+                          indent=2)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, *args, **kwargs):
+        """The Trainer's, after checking that the checkpoint's adapters are the model's: the
+        Trainer loads the model's state dict non-strictly (missing and unexpected keys are only
+        logged), so adapters of another placement or layers trained on with fresh weights and
+        the optimizer state of others (of other shapes: a crash in the optimizer), and another
+        alpha went unseen. A checkpoint without the file (another trainer's) is not checked."""
+        saved = Path(resume_from_checkpoint) / ADAPTERS_NAME
+        if saved.is_file():
+            _check_same_adapters(_read_json(saved), self.mtlora_handle, saved)
+        return super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """The Trainer's; resuming from a checkpoint restores the regularizer's run state too
