@@ -196,6 +196,81 @@ def test_memory_probe_detects_the_big_intermediate(monkeypatch):
     assert _largest_allocation(_fwd_bwd(T, d, N, r, d)) >= 4 * T * d * N * r
 
 
+@pytest.mark.parametrize("g,external", [(2, False), (2, True), (24, False), (24, True)])
+def test_row_chunked_torch_backend_matches_reference(monkeypatch, g, external):
+    """Chunks of 16 rows (T = 37: two full and a partial one) in every row-chunked product, the
+    grouped form (g = 2) and the per-expert one (g = 24), with dropout and a residual."""
+    monkeypatch.setattr(mix_mod, "_CHUNK_ELEMS", 16 * 24)
+    T, d, r, N, p, seed = 37, 24, 4, 3, 0.3, 99
+    x, A, B, W, L = make_inputs(T, d, d, r, N, g, torch.float64, seed=g, external=external)
+    res = torch.randn(T, d, dtype=torch.float64, requires_grad=True)
+    y = mix(x, A, B, W, logits=L, groups=g, scaling=1.5, dropout_p=p, seed=seed, residual=res,
+            backend="torch")
+    keep = dropout_keep_mask(seed, (T, d), p, "cpu", "torch")
+    y_ref = res + mix_reference(x, A, B, W, logits=L, groups=g, scaling=1.5, dropout_mask=keep,
+                                dropout_p=p)
+    assert_close_to_reference(y, y_ref, torch.float64, "y")
+    dy = torch.randn(T, d, dtype=torch.float64)
+    ins = (x, A, B, W, L, res)
+    for name, a, b in zip(("dx", "dA", "dB", "dW_route", "dlogits", "dres"),
+                          grads_of(y, ins, dy), grads_of(y_ref, ins, dy)):
+        if b is not None:
+            assert_close_to_reference(a, b, torch.float64, name)
+
+
+def test_keep_mask_drawn_in_row_chunks_is_one_draw_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(mix_mod, "_CHUNK_ELEMS", 5 * 13)
+    gen = torch.Generator().manual_seed(7)
+    whole = torch.rand(23, 13, generator=gen) >= 0.4
+    torch.testing.assert_close(dropout_keep_mask(7, (23, 13), 0.4, "cpu", "torch"), whole)
+
+
+@pytest.mark.parametrize("g,dtype,p,backward,bound", [
+    (2, torch.float32, 0.0, False, 1.5),  # was 2.1: y written in place of a permuted copy
+    (2, torch.bfloat16, 0.1, True, 4.0),  # was 6.4: x, dx up-cast whole, dropout scale in bf16
+    (32, torch.bfloat16, 0.0, True, 8.0),  # was 12.6: per-expert [T, d] temporaries in bf16
+])
+def test_peak_memory_of_the_torch_backend(monkeypatch, g, dtype, p, backward, bound):
+    """Peak extra memory (bench's CPU probe) in units of one [T, d] tensor of x's dtype. The
+    forward's inherent part is y (1 unit); forward+backward adds dx (2 units) and at g = 32 pi,
+    its gradient and the softmax backward's product ([T, g, N] fp32: 1 unit each)."""
+    from mtlora_kernels import bench
+
+    monkeypatch.setattr(mix_mod, "_CHUNK_ELEMS", 1 << 15)
+    T, d, r, N = 1024, 512, 4, 4 if g == 2 else 8
+    x, A, B, W, _ = make_inputs(T, d, d, r, N, g, dtype, seed=4)
+    dy = torch.randn(T, d, dtype=dtype)
+
+    def run():
+        with torch.set_grad_enabled(backward):
+            y = mix(x, A, B, W, groups=g, scaling=2.0, dropout_p=p, seed=3, backend="torch")
+            if backward:
+                y.backward(dy)
+
+    unit = T * d * x.element_size()
+    peak = bench.peak_bytes(run, torch.device("cpu"))
+    assert peak <= bound * unit, f"peak {peak / unit:.2f} units > {bound}"
+
+
+def test_unused_pi_gets_no_zero_gradient(monkeypatch):
+    """y alone used downstream: the backward is given no dpi (it was materialized as zeros of
+    pi's shape, [T, g, N] fp32, and added to the mix's own)."""
+    seen = []
+    real = mix_mod.TORCH_BACKEND.backward
+
+    def spy(*args):
+        seen.append(args[7])
+        return real(*args)
+
+    monkeypatch.setattr(mix_mod.TORCH_BACKEND, "backward", spy)
+    x, A, B, W, _ = make_inputs(7, 12, 10, 4, 2, 2, torch.float32)
+    mix(x, A, B, W, groups=2, backend="torch").sum().backward()
+    assert seen == [None]
+    y, pi = mix(x, A, B, W, groups=2, backend="torch", return_routing=True)
+    (y.sum() + pi[..., 0].sum()).backward()
+    assert seen[1] is not None and seen[1].abs().sum() > 0
+
+
 def test_torch_compile_traces_the_custom_op():
     layer = mk.MTLoRAAdapter(16, 12, r=4, num_experts=3, groups=2, dropout=0.0)
     torch.nn.init.normal_(layer.lora_B)

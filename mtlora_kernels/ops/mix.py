@@ -46,21 +46,32 @@ _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast 
 # --------------------------------------------------------------------------------------------
 # The torch backend. It is the CPU path and the fallback on a GPU without Triton; it is not the
 # naive loop: it folds routing into one GEMM with K = N*r per group (SPEC section 3).
+#
+# Memory: besides its outputs and what it saves for backward (h [T, r], pi [T, g, N]), it holds
+# no [T, d] temporary whole. The CPU's GEMMs cannot accumulate fp16/bf16 products into an fp32
+# result, so the products that must be fp32 (h, the router logits, dx and the weight gradients
+# that reduce over T) up-cast x or dy a row chunk of _CHUNK_ELEMS elements at a time (at T = 2048,
+# d = 4096, g = 2 in bf16 the forward+backward's peak went from 94 MiB to 50 MiB).
 # --------------------------------------------------------------------------------------------
+
+_CHUNK_ELEMS = 1 << 20  # elements of one row chunk's temporary (4 MiB in fp32)
+
+
+def _row_chunks(T: int, width: int) -> list[slice]:
+    """Consecutive row slices of [0, T), each at most _CHUNK_ELEMS // width rows (at least 1)."""
+    rows = max(1, _CHUNK_ELEMS // max(width, 1))
+    return [slice(i, min(i + rows, T)) for i in range(0, T, rows)]
 
 
 def _torch_keep_mask(seed: int, T: int, d_in: int, p: float, device: torch.device) -> Tensor:
+    # Drawn a row chunk at a time into the boolean mask (a whole fp32 draw was the forward's
+    # largest temporary); on the CPU the generator's stream makes it the mask of one whole draw.
     gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(T, d_in, generator=gen, device=device) >= p
-
-
-def _dropout_scale(x: Tensor, p: float, seed: int) -> Tensor | None:
-    """The mask as x's dtype with kept entries 1 / (1 - p), or None without dropout. Drawn once
-    per pass: drawing it dominated the torch backend's CPU time (28% at T = 2048, d = 4096)."""
-    if p == 0.0:
-        return None
-    keep = _torch_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
-    return keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+    keep = torch.empty(T, d_in, dtype=torch.bool, device=device)
+    for rows in _row_chunks(T, d_in):
+        u = torch.rand(rows.stop - rows.start, d_in, generator=gen, device=device)
+        torch.ge(u, p, out=keep[rows])
+    return keep
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,55 +79,81 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` accumulated and returned in fp32 (fp64) without rounding to a's dtype first."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.to(acc_dtype(a.dtype)) @ b.to(acc_dtype(a.dtype))
-
-
 def _use_grouped(groups: int, n_experts: int, rank: int, d_out: int) -> bool:
     # The grouped form builds H~ [g, T, N*r]. It is one GEMM per group and wins while H~ is no
     # larger than y itself (g*N*r <= d_out: 512 <= 4096 at the defaults). Beyond that (g = d_out
     # has c = 1 and K = N*r per output column) it would allocate r times y, so we switch to the
-    # per-expert epilogue form, which needs one [T, d_out] buffer at a time.
+    # per-expert epilogue form, which needs one [rows, d_out] chunk at a time.
     return groups * n_experts * rank <= d_out
 
 
+def _h_tilde(pi: Tensor, h: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    """s * H~ [g, T, N*r] in ``dtype``: H~[G, t, e*r + k] = pi[t, G, e] * h[t, k]."""
+    T, groups, n_experts = pi.shape
+    ht = pi.permute(1, 0, 2).unsqueeze(-1) * (h * scaling).unsqueeze(1)
+    return ht.to(dtype).reshape(groups, T, -1)
+
+
+def _b_cat(B: Tensor, groups: int) -> Tensor:
+    """Bcat [g, N*r, c]: Bcat[G, e*r + k, j'] = B[e, G*c + j', k]."""
+    n_experts, d_out, rank = B.shape
+    return B.view(n_experts, groups, d_out // groups, rank).permute(1, 0, 3, 2).reshape(
+        groups, n_experts * rank, -1)
+
+
 def _torch_forward(x, A, B, route_weight, logits, residual, groups, scaling, dropout_p, seed):
-    T, _ = x.shape
+    T, d_in = x.shape
     n_experts, d_out, rank = B.shape
     c = d_out // groups
-    acc = acc_dtype(x.dtype)
-    scale = _dropout_scale(x, dropout_p, seed)
-    h = _mm_acc(x if scale is None else x * scale, A.T)  # [T, r]
-    if route_weight is not None:
-        logits = _mm_acc(x, route_weight.T)
-    if logits is None:
-        pi = torch.ones(T, groups, n_experts, dtype=acc, device=x.device)
-    else:
-        pi = torch.softmax(logits.to(acc).view(T, groups, n_experts), dim=-1)
-    hx = h.to(x.dtype)
+    dt, acc = x.dtype, acc_dtype(x.dtype)
+    keep = None if dropout_p == 0.0 else _torch_keep_mask(seed, T, d_in, dropout_p, x.device)
+    # h = A·drop(x) and pi = softmax(x·W_route^T) in fp32, x up-cast a row chunk at a time; the
+    # 1 / (1 - p) of the dropout is applied to h, after the GEMM.
+    A_acc = A.to(acc)
+    W_acc = route_weight.to(acc) if route_weight is not None else None
+    h = torch.empty(T, rank, dtype=acc, device=x.device)
+    pi = torch.empty(T, groups, n_experts, dtype=acc, device=x.device)
+    for rows in _row_chunks(T, max(d_in, groups * n_experts)):
+        xc = x[rows].to(acc)
+        if W_acc is not None:
+            pi[rows] = torch.softmax((xc @ W_acc.T).view(-1, groups, n_experts), dim=-1)
+        elif logits is not None:
+            pi[rows] = torch.softmax(logits[rows].to(acc).view(-1, groups, n_experts), dim=-1)
+        torch.mm(xc if keep is None else xc * keep[rows], A_acc.T, out=h[rows])
+    if keep is not None:
+        h.mul_(1.0 / (1.0 - dropout_p))
+    if W_acc is None and logits is None:
+        pi.fill_(1.0)
+    y = torch.empty(T, d_out, dtype=dt, device=x.device)
     if _use_grouped(groups, n_experts, rank, d_out):
-        # H~[G, t, e*r + k] = pi[t, G, e] * h[t, k];  Bcat[G, e*r + k, j'] = B[e, G*c + j', k]
-        ht = (pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)).to(x.dtype)
-        ht = ht.reshape(groups, T, n_experts * rank)
-        bcat = B.view(n_experts, groups, c, rank).permute(1, 0, 3, 2).reshape(groups, -1, c)
-        delta = torch.bmm(ht, bcat).permute(1, 0, 2).reshape(T, d_out)
-        delta = delta * scaling
+        # One GEMM per group, written straight into y's columns of the group.
+        out = y.view(T, groups, c).transpose(0, 1)
+        ht, bcat = _h_tilde(pi, h, scaling, dt), _b_cat(B, groups)
+        if residual is None:
+            torch.bmm(ht, bcat, out=out)
+        else:
+            torch.baddbmm(residual.view(T, groups, c).transpose(0, 1), ht, bcat, out=out)
     else:
-        delta = torch.zeros(T, d_out, dtype=acc, device=x.device)
-        for e in range(n_experts):
-            ye = (hx @ B[e].T).to(acc).view(T, groups, c)
-            delta.view(T, groups, c).addcmul_(ye, pi[:, :, e : e + 1])
-        delta.mul_(scaling)
-    y = delta.to(x.dtype) if residual is None else (residual.to(acc) + delta).to(x.dtype)
+        # Per expert e: y += pi[:, G(j), e] * (h·B_e^T)[:, j], in fp32, a row chunk at a time.
+        hx = h.to(dt).to(acc)  # h as the grouped form's GEMM sees it
+        B_acc = B.to(acc)
+        for rows in _row_chunks(T, d_out):
+            yc = None
+            for e in range(n_experts):
+                ye = (hx[rows] @ B_acc[e].T).view(-1, groups, c)
+                pe = pi[rows, :, e : e + 1]
+                yc = ye.mul_(pe) if yc is None else yc.addcmul_(ye, pe)
+            yc = yc.view(-1, d_out).mul_(scaling)
+            if residual is not None:
+                yc.add_(residual[rows])
+            y[rows] = yc
     return y, h, pi
 
 
 def softmax_backward(pi: Tensor, dpi: Tensor) -> Tensor:
     """``pi * (dpi - (pi * dpi).sum(-1))``, the softmax backward over the last dim, with dpi
     first shifted by its value at the row's largest pi (exact on the simplex: sum pi = 1).
+    It overwrites dpi with the result.
 
     Why the shift: a rounded pi does not sum to 1, and the plain form weighs that defect by
     dpi itself, which for a dominant expert (pi near 1) is as large as the terms that cancel
@@ -127,61 +164,75 @@ def softmax_backward(pi: Tensor, dpi: Tensor) -> Tensor:
     so that infinities propagate as in the plain form."""
     ref = dpi.gather(-1, pi.argmax(-1, keepdim=True))
     ref = torch.where(ref.isfinite(), ref, torch.zeros_like(ref))
-    dps = dpi - ref
-    return pi * (dps - (pi * dps).sum(-1, keepdim=True))
+    dps = dpi.sub_(ref)
+    return dps.sub_((pi * dps).sum(-1, keepdim=True)).mul_(pi)
 
 
 def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling, dropout_p,
                     seed, deterministic):
     del deterministic  # torch's own GEMMs have a fixed reduction order on the CPU
-    T, _ = x.shape
+    T, d_in = x.shape
     n_experts, d_out, rank = B.shape
     c = d_out // groups
-    dt = x.dtype
-    acc = acc_dtype(dt)
-    dyg = dy.view(T, groups, c)
+    dt, acc = x.dtype, acc_dtype(x.dtype)
     if _use_grouped(groups, n_experts, rank, d_out):
-        ht = (pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)).to(dt)
-        ht = ht.reshape(groups, T, n_experts * rank)
-        bcat = B.view(n_experts, groups, c, rank).permute(1, 0, 3, 2).reshape(groups, -1, c)
-        dyt = dyg.permute(1, 0, 2)  # [g, T, c]
+        ht, bcat = _h_tilde(pi, h, scaling, dt), _b_cat(B, groups)
+        dyt = dy.view(T, groups, c).transpose(0, 1)  # [g, T, c]
         # dB[e, G*c + j', k] = s * sum_t dy[t, G*c + j'] * H~[G, t, e*r + k]
-        dbcat = torch.bmm(dyt.transpose(1, 2), ht).to(acc) * scaling  # [g, c, N*r]
+        dbcat = torch.bmm(dyt.transpose(1, 2), ht)  # [g, c, N*r]
+        del ht
         dB = dbcat.view(groups, c, n_experts, rank).permute(2, 0, 1, 3).reshape(B.shape)
-        # u[t, G, e, k] = sum_{j in G} dy[t, j] B[e, j, k]
+        # u[G, t, e, k] = sum_{j in G} dy[t, j] B[e, j, k]
         u = torch.bmm(dyt, bcat.transpose(1, 2)).to(acc).view(groups, T, n_experts, rank)
-        u = u.permute(1, 0, 2, 3)  # [T, g, N, r]
-        dh = scaling * torch.einsum("tge,tgek->tk", pi, u)
-        dpi = scaling * torch.einsum("tk,tgek->tge", h, u)
+        dh = torch.einsum("tge,gtek->tk", pi, u).mul_(scaling)
+        dpi = torch.einsum("tk,gtek->tge", h, u).mul_(scaling)
+        del u
     else:
-        dB = torch.empty(B.shape, dtype=acc, device=x.device)
+        # Per expert and row chunk, in fp32: w = s * dy * pi_e per column, dB[e] = w^T·h,
+        # dh += w·B_e, dpi[:, :, e] = s * sum over the group's columns of dy * (h·B_e^T).
+        hx = h.to(dt).to(acc)
+        B_acc = B.to(acc)
+        dB = torch.zeros(B.shape, dtype=acc, device=x.device)
         dh = torch.zeros(T, rank, dtype=acc, device=x.device)
         dpi = torch.empty(T, groups, n_experts, dtype=acc, device=x.device)
-        hx = h.to(dt)
-        for e in range(n_experts):
-            w = (dyg.to(acc) * pi[:, :, e : e + 1]).view(T, d_out).to(dt)  # dy * pi_e per column
-            dB[e] = scaling * (w.T @ hx).to(acc)
-            dh += scaling * (w @ B[e]).to(acc)
-            ye = (hx @ B[e].T).to(acc).view(T, groups, c)
-            dpi[:, :, e] = scaling * (dyg.to(acc) * ye).sum(-1)
+        for rows in _row_chunks(T, d_out):
+            dyc = (dy[rows].to(acc) * scaling).view(-1, groups, c)
+            for e in range(n_experts):
+                w = (dyc * pi[rows, :, e : e + 1]).view(-1, d_out)
+                dB[e].addmm_(w.T, hx[rows])
+                dh[rows].addmm_(w, B_acc[e])
+                ye = (hx[rows] @ B_acc[e].T).view(-1, groups, c)
+                dpi[rows, :, e] = ye.mul_(dyc).sum(-1)
     if dpi_extra is not None:
-        dpi = dpi + dpi_extra
-    dz = softmax_backward(pi, dpi)
-    dz = dz.reshape(T, groups * n_experts)
-    scale = _dropout_scale(x, dropout_p, seed)
-    dA = (dh.T @ (x if scale is None else x * scale).to(acc)).to(A.dtype)
-    dx = dh @ A.to(acc)
-    if scale is not None:
-        dx.mul_(scale)
-    if route_weight is not None:
-        # dz sums to 0 over each group's experts, so the part of W_route a group's rows share
-        # cancels exactly in dz·W_route; rounding dz to fp16/bf16 first breaks the cancellation
-        # (dx off by 22% / 100% with router logits of ~1e4), so this product stays in fp32.
-        dx.addmm_(dz, route_weight.to(acc))
-        dW = (dz.T @ x.to(acc)).to(route_weight.dtype)
-    else:
-        dW = x.new_empty(0)
-    return dx.to(dt), dA, dB.to(B.dtype), dW, dz
+        dpi.add_(dpi_extra)
+    dz = softmax_backward(pi, dpi).reshape(T, groups * n_experts)
+    # dA = dh^T·drop(x), dW_route = dz^T·x, dx = mask * (dh·A) / (1 - p) + dz·W_route, with x
+    # up-cast a row chunk at a time; the 1 / (1 - p) goes into dh. dz sums to 0 over each
+    # group's experts, so the part of W_route a group's rows share cancels exactly in dz·W_route;
+    # rounding dz to fp16/bf16 first breaks the cancellation (dx off by 22% / 100% with router
+    # logits of ~1e4), so this product stays in fp32.
+    keep = None if dropout_p == 0.0 else _torch_keep_mask(seed, T, d_in, dropout_p, x.device)
+    if keep is not None:
+        dh = dh * (1.0 / (1.0 - dropout_p))
+    A_acc = A.to(acc)
+    W_acc = route_weight.to(acc) if route_weight is not None else None
+    dA = torch.zeros(rank, d_in, dtype=acc, device=x.device)
+    dW = torch.zeros_like(W_acc) if W_acc is not None else x.new_empty(0)
+    dx = torch.empty(T, d_in, dtype=dt, device=x.device)
+    for rows in _row_chunks(T, d_in):
+        xc = x[rows].to(acc)
+        if W_acc is not None:
+            dW.addmm_(dz[rows].T, xc)
+        dA.addmm_(dh[rows].T, xc if keep is None else xc * keep[rows])
+        dxc = dx[rows] if dt == acc else torch.empty(xc.shape, dtype=acc, device=x.device)
+        torch.mm(dh[rows], A_acc, out=dxc)
+        if keep is not None:
+            dxc.mul_(keep[rows])
+        if W_acc is not None:
+            dxc.addmm_(dz[rows], W_acc)
+        if dt != acc:
+            dx[rows] = dxc
+    return dx, dA.to(A.dtype), dB.to(B.dtype), dW.to(x.dtype), dz
 
 
 TORCH_BACKEND = SimpleNamespace(
@@ -339,6 +390,9 @@ def _setup_context(ctx, inputs, output):
     ctx.logits_dtype = logits.dtype if logits is not None else None
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(h, drawn_seed)
+    # An output not used downstream gets None, not zeros: pi's zero gradient was [T, g, N] fp32
+    # (at g = d_out, N times y) allocated and added for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dh_unused, dpi, dseed_unused):
