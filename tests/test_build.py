@@ -396,7 +396,8 @@ def test_gpu_check_logs_a_step_as_it_runs(tmp_path):
                                  '  *"import pytest_timeout"*) ;;\n'
                                  '  *"-m pytest"*) echo "pytest: $*"; sleep 60 ;;\n', timeout=8)
     assert rc != 0
-    assert re.search(r"pytest: -m pytest .*-p timeout --timeout 120 .*tests/test_cuda_mix\.py", log)
+    assert re.search(r"pytest: -m pytest .*-p timeout --timeout 120 --timeout-method thread "
+                     r".*tests/test_cuda_mix\.py", log)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["gpu_check.log"]
 
 
