@@ -23,6 +23,7 @@ def make_inputs(T, d_in, d_out, r, N, g, dtype, *, lead=(), seed=0, external=Fal
 
 CASES = [  # T, d_in, d_out, r, N, g
     (0, 12, 10, 4, 2, 2),
+    (0, 12, 32, 2, 4, 2),  # T = 0 in the grouped form
     (1, 12, 10, 4, 2, 2),
     (7, 12, 10, 1, 2, 1),
     (7, 9, 20, 16, 16, 2),

@@ -87,11 +87,13 @@ def _use_grouped(groups: int, n_experts: int, rank: int, d_out: int) -> bool:
     return groups * n_experts * rank <= d_out
 
 
-def _h_tilde(pi: Tensor, h: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
-    """s * H~ [g, T, N*r] in ``dtype``: H~[G, t, e*r + k] = pi[t, G, e] * h[t, k]."""
+def _h_tilde(pi: Tensor, h: Tensor, dtype: torch.dtype) -> Tensor:
+    """H~ [g, T, N*r] in ``dtype``: H~[G, t, e*r + k] = pi[t, G, e] * h[t, k]. Without the
+    scaling, which the GEMMs apply to their fp32 sums: folded in here, a small s (1e-5) put H~
+    into fp16's subnormal range (y 5.9e-3 off, tests/test_extreme.py)."""
     T, groups, n_experts = pi.shape
-    ht = pi.permute(1, 0, 2).unsqueeze(-1) * (h * scaling).unsqueeze(1)
-    return ht.to(dtype).reshape(groups, T, -1)
+    ht = pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)
+    return ht.to(dtype).reshape(groups, T, n_experts * h.shape[1])  # not -1: T may be 0
 
 
 def _b_cat(B: Tensor, groups: int) -> Tensor:
@@ -126,13 +128,14 @@ def _torch_forward(x, A, B, route_weight, logits, residual, groups, scaling, dro
         pi.fill_(1.0)
     y = torch.empty(T, d_out, dtype=dt, device=x.device)
     if _use_grouped(groups, n_experts, rank, d_out):
-        # One GEMM per group, written straight into y's columns of the group.
+        # One GEMM per group, written straight into y's columns of the group, the scaling
+        # applied to its fp32 sums (alpha) and the residual added there (beta = 1; with beta =
+        # 0 the input, y's own uninitialised memory, is ignored).
         out = y.view(T, groups, c).transpose(0, 1)
-        ht, bcat = _h_tilde(pi, h, scaling, dt), _b_cat(B, groups)
-        if residual is None:
-            torch.bmm(ht, bcat, out=out)
-        else:
-            torch.baddbmm(residual.view(T, groups, c).transpose(0, 1), ht, bcat, out=out)
+        ht, bcat = _h_tilde(pi, h, dt), _b_cat(B, groups)
+        inp = out if residual is None else residual.view(T, groups, c).transpose(0, 1)
+        torch.baddbmm(inp, ht, bcat, beta=0.0 if residual is None else 1.0, alpha=scaling,
+                      out=out)
     else:
         # Per expert e: y += pi[:, G(j), e] * (h·B_e^T)[:, j], in fp32, a row chunk at a time.
         hx = h.to(dt).to(acc)  # h as the grouped form's GEMM sees it
@@ -176,10 +179,10 @@ def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling
     c = d_out // groups
     dt, acc = x.dtype, acc_dtype(x.dtype)
     if _use_grouped(groups, n_experts, rank, d_out):
-        ht, bcat = _h_tilde(pi, h, scaling, dt), _b_cat(B, groups)
+        ht, bcat = _h_tilde(pi, h, dt), _b_cat(B, groups)
         dyt = dy.view(T, groups, c).transpose(0, 1)  # [g, T, c]
         # dB[e, G*c + j', k] = s * sum_t dy[t, G*c + j'] * H~[G, t, e*r + k]
-        dbcat = torch.bmm(dyt.transpose(1, 2), ht)  # [g, c, N*r]
+        dbcat = torch.bmm(dyt.transpose(1, 2), ht).to(acc).mul_(scaling)  # [g, c, N*r]
         del ht
         dB = dbcat.view(groups, c, n_experts, rank).permute(2, 0, 1, 3).reshape(B.shape)
         # u[G, t, e, k] = sum_{j in G} dy[t, j] B[e, j, k]
