@@ -54,11 +54,13 @@ def _routing(v, groups, n):
     return torch.ones(*v["x"].shape[:-1], groups, 1, dtype=torch.float64)
 
 
-def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, what="", unscored=()):
+def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, dy_scale=1.0, what="",
+             unscored=()):
     """Run the op on ``inputs`` (x, A, B and W or logits) and check y, pi and the gradient of
     every input: finite, and within the table's tolerance of the fp64 run, or within 2x the
     error of the reference run in the same dtype (plain PyTorch) where that is larger. Inputs
-    named in ``unscored`` only have their gradient checked for finiteness. Returns the
+    named in ``unscored`` only have their gradient checked for finiteness. The upstream
+    gradient is standard normal times ``dy_scale``. Returns the
     backend's routing weights and gradients (on CPU)."""
     dtype = inputs["x"].dtype
     n = inputs["B"].shape[0]
@@ -79,6 +81,7 @@ def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, what="", unscored=
     assert_close_to_reference(pi, pi64, torch.float32, f"{what} pi", pib)
     assert_close_to_reference(y, y64, dtype, f"{what} y", yb)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    dy = dy * dy_scale
     dy = dy.to(dtype).double()  # the upstream gradient as the backend receives it
     names = list(v)
     got, want, base = [torch.autograd.grad(out, [vv[k] for k in names],
@@ -346,3 +349,14 @@ def test_huge_scaling_and_rank_one_stay_finite(backend, dtype, scaling, b_scale,
     y64 = mix_reference(*(t.double() for t in inputs.values()), groups=G, scaling=scaling)
     assert y64.abs().max() > 1e-2, "the case should not be trivially small"
     _compare(backend, inputs, scaling=scaling, what=f"{backend} {dtype} s={scaling}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", [G, 8])  # g*N*r = 32 <= d_out: the grouped form; 128: not
+def test_huge_scaling_with_a_large_upstream_gradient(backend, groups):
+    """s = 1e30 and |dy| ~ 1e9: s * dy is past fp32's range, every gradient within it. The
+    torch backend's per-expert form once multiplied dy by s before its sums: all NaN."""
+    (x, A, B), gen = _inputs(torch.float32, seed=9, b_scale=1e-30, x_scale=1e-2)
+    W = torch.randn(groups * N, D_IN, generator=gen) / D_IN**0.5
+    _compare(backend, dict(x=x, A=A, B=B, W=W), groups=groups, scaling=1e30, dy_scale=1e9,
+             what=f"{backend} g={groups}")

@@ -48,10 +48,12 @@ _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast 
 # naive loop: it folds routing into one GEMM with K = N*r per group (SPEC section 3).
 #
 # Memory: besides its outputs and what it saves for backward (h [T, r], pi [T, g, N]), it holds
-# no [T, d] temporary whole. The CPU's GEMMs cannot accumulate fp16/bf16 products into an fp32
-# result, so the products that must be fp32 (h, the router logits, dx and the weight gradients
-# that reduce over T) up-cast x or dy a row chunk of _CHUNK_ELEMS elements at a time (at T = 2048,
-# d = 4096, g = 2 in bf16 the forward+backward's peak went from 94 MiB to 50 MiB).
+# whole only the dropout's bool mask [T, d_in] and, in the grouped form, H~ and u [g, T, N*r]
+# (no wider than y: _use_grouped). The CPU's GEMMs cannot accumulate fp16/bf16 products into an
+# fp32 result, so the products that must be fp32 (h, the router logits, dx and the weight
+# gradients that reduce over T) up-cast x or dy a row chunk of _CHUNK_ELEMS elements at a time,
+# on any device (at T = 2048, d = 4096, g = 2 in bf16 the forward+backward's peak went from 94
+# MiB to 50 MiB).
 # --------------------------------------------------------------------------------------------
 
 _CHUNK_ELEMS = 1 << 20  # elements of one row chunk's temporary (4 MiB in fp32)
@@ -89,8 +91,9 @@ def _use_grouped(groups: int, n_experts: int, rank: int, d_out: int) -> bool:
 
 def _h_tilde(pi: Tensor, h: Tensor, dtype: torch.dtype) -> Tensor:
     """H~ [g, T, N*r] in ``dtype``: H~[G, t, e*r + k] = pi[t, G, e] * h[t, k]. Without the
-    scaling, which the GEMMs apply to their fp32 sums: folded in here, a small s (1e-5) put H~
-    into fp16's subnormal range (y 5.9e-3 off, tests/test_extreme.py)."""
+    scaling, which multiplies the GEMMs' results in fp32 (the forward's as baddbmm's alpha):
+    folded in here, a small s (1e-5) put H~ into fp16's subnormal range (y 5.9e-3 off,
+    tests/test_extreme.py)."""
     T, groups, n_experts = pi.shape
     ht = pi.permute(1, 0, 2).unsqueeze(-1) * h.unsqueeze(1)
     return ht.to(dtype).reshape(groups, T, n_experts * h.shape[1])  # not -1: T may be 0
@@ -191,21 +194,25 @@ def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling
         dpi = torch.einsum("tk,gtek->tge", h, u).mul_(scaling)
         del u
     else:
-        # Per expert and row chunk, in fp32: w = s * dy * pi_e per column, dB[e] = w^T·h,
-        # dh += w·B_e, dpi[:, :, e] = s * sum over the group's columns of dy * (h·B_e^T).
+        # Per expert and row chunk, in fp32: w = dy * pi_e per column, dB[e] = s * w^T·h,
+        # dh += s * w·B_e, dpi[:, :, e] = s * sum over the group's columns of dy * (h·B_e^T).
+        # The scaling multiplies the sums, as in the grouped form, not dy: s * dy overflowed
+        # fp32 (s = 1e30, |dy| = 1e9) where the gradients are finite (tests/test_extreme.py).
         hx = h.to(dt).to(acc)
         B_acc = B.to(acc)
         dB = torch.zeros(B.shape, dtype=acc, device=x.device)
         dh = torch.zeros(T, rank, dtype=acc, device=x.device)
         dpi = torch.empty(T, groups, n_experts, dtype=acc, device=x.device)
         for rows in _row_chunks(T, d_out):
-            dyc = (dy[rows].to(acc) * scaling).view(-1, groups, c)
+            dyc = dy[rows].to(acc).view(-1, groups, c)
             for e in range(n_experts):
                 w = (dyc * pi[rows, :, e : e + 1]).view(-1, d_out)
                 dB[e].addmm_(w.T, hx[rows])
                 dh[rows].addmm_(w, B_acc[e])
                 ye = (hx[rows] @ B_acc[e].T).view(-1, groups, c)
-                dpi[rows, :, e] = ye.mul_(dyc).sum(-1)
+                dpi[rows, :, e] = ye.mul_(dyc).sum(-1).mul_(scaling)
+        dB.mul_(scaling)
+        dh.mul_(scaling)
     if dpi_extra is not None:
         dpi.add_(dpi_extra)
     dz = softmax_backward(pi, dpi).reshape(T, groups * n_experts)
