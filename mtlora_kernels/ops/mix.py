@@ -51,17 +51,23 @@ _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast 
 # whole only the dropout's bool mask [T, d_in] and, in the grouped form, H~ and u [g, T, N*r]
 # (no wider than y: _use_grouped). The CPU's GEMMs cannot accumulate fp16/bf16 products into an
 # fp32 result, so the products that must be fp32 (h, the router logits, dx and the weight
-# gradients that reduce over T) up-cast x or dy a row chunk of _CHUNK_ELEMS elements at a time,
-# on any device (at T = 2048, d = 4096, g = 2 in bf16 the forward+backward's peak went from 94
-# MiB to 50 MiB).
+# gradients that reduce over T) up-cast x or dy a row chunk at a time (at T = 2048, d = 4096,
+# g = 2 in bf16 the forward+backward's peak went from 94 MiB to 50 MiB on the CPU).
 # --------------------------------------------------------------------------------------------
 
-_CHUNK_ELEMS = 1 << 20  # elements of one row chunk's temporary (4 MiB in fp32)
+# Elements of one row chunk's temporary: 4 MiB in fp32 on the CPU; off it (a GPU, where this
+# backend is the fallback) 64 MiB: each chunk costs a dozen launches, and at 4 MiB the forward
+# at T = 8192, d = 4096 took 268 ops where the unchunked one took 24 (counted on the CPU; GPU
+# time not measured).
+_CHUNK_ELEMS = 1 << 20
+_CHUNK_ELEMS_GPU = 1 << 24
 
 
-def _row_chunks(T: int, width: int) -> list[slice]:
-    """Consecutive row slices of [0, T), each at most _CHUNK_ELEMS // width rows (at least 1)."""
-    rows = max(1, _CHUNK_ELEMS // max(width, 1))
+def _row_chunks(T: int, width: int, device: torch.device) -> list[slice]:
+    """Consecutive row slices of [0, T), each of at most the device's chunk of elements over
+    ``width`` rows (at least 1)."""
+    elems = _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU
+    rows = max(1, elems // max(width, 1))
     return [slice(i, min(i + rows, T)) for i in range(0, T, rows)]
 
 
@@ -70,7 +76,7 @@ def _torch_keep_mask(seed: int, T: int, d_in: int, p: float, device: torch.devic
     # largest temporary); on the CPU the generator's stream makes it the mask of one whole draw.
     gen = torch.Generator(device=device).manual_seed(seed)
     keep = torch.empty(T, d_in, dtype=torch.bool, device=device)
-    for rows in _row_chunks(T, d_in):
+    for rows in _row_chunks(T, d_in, device):
         u = torch.rand(rows.stop - rows.start, d_in, generator=gen, device=device)
         torch.ge(u, p, out=keep[rows])
     return keep
@@ -118,7 +124,7 @@ def _torch_forward(x, A, B, route_weight, logits, residual, groups, scaling, dro
     W_acc = route_weight.to(acc) if route_weight is not None else None
     h = torch.empty(T, rank, dtype=acc, device=x.device)
     pi = torch.empty(T, groups, n_experts, dtype=acc, device=x.device)
-    for rows in _row_chunks(T, max(d_in, groups * n_experts)):
+    for rows in _row_chunks(T, max(d_in, groups * n_experts), x.device):
         xc = x[rows].to(acc)
         if W_acc is not None:
             pi[rows] = torch.softmax((xc @ W_acc.T).view(-1, groups, n_experts), dim=-1)
@@ -143,7 +149,7 @@ def _torch_forward(x, A, B, route_weight, logits, residual, groups, scaling, dro
         # Per expert e: y += pi[:, G(j), e] * (h·B_e^T)[:, j], in fp32, a row chunk at a time.
         hx = h.to(dt).to(acc)  # h as the grouped form's GEMM sees it
         B_acc = B.to(acc)
-        for rows in _row_chunks(T, d_out):
+        for rows in _row_chunks(T, d_out, x.device):
             yc = None
             for e in range(n_experts):
                 ye = (hx[rows] @ B_acc[e].T).view(-1, groups, c)
@@ -203,7 +209,7 @@ def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling
         dB = torch.zeros(B.shape, dtype=acc, device=x.device)
         dh = torch.zeros(T, rank, dtype=acc, device=x.device)
         dpi = torch.empty(T, groups, n_experts, dtype=acc, device=x.device)
-        for rows in _row_chunks(T, d_out):
+        for rows in _row_chunks(T, d_out, x.device):
             dyc = dy[rows].to(acc).view(-1, groups, c)
             for e in range(n_experts):
                 w = (dyc * pi[rows, :, e : e + 1]).view(-1, d_out)
@@ -229,7 +235,7 @@ def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling
     dA = torch.zeros(rank, d_in, dtype=acc, device=x.device)
     dW = torch.zeros_like(W_acc) if W_acc is not None else x.new_empty(0)
     dx = torch.empty(T, d_in, dtype=dt, device=x.device)
-    for rows in _row_chunks(T, d_in):
+    for rows in _row_chunks(T, d_in, x.device):
         xc = x[rows].to(acc)
         if W_acc is not None:
             dW.addmm_(dz[rows].T, xc)
