@@ -178,8 +178,6 @@ def save_adapters(model_or_handle, directory: str | os.PathLike) -> Path:
     with FSDP2 must call this on every rank (gathering the shards is collective), and then
     every rank returns after rank 0 has written.
     """
-    from mtlora_kernels import __version__
-
     model, handle = _resolve(model_or_handle)
     if handle is None:
         raise ValueError(f"{type(model).__name__} has no mtLoRA adapters attached")
@@ -189,20 +187,20 @@ def save_adapters(model_or_handle, directory: str | os.PathLike) -> Path:
     tensors = {k: (v.full_tensor() if _is_dtensor(v) else v).contiguous().cpu()
                for k, v in state.items()}
     if _distributed_rank() == 0:
-        _write(directory, tensors, handle, model, __version__)
+        _write(directory, tensors, handle, model)
     if sharded:  # every rank is here: let none read the directory before rank 0 has written it
         torch.distributed.barrier()
     return directory
 
 
-def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, model: nn.Module,
-           version: str) -> None:
+def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, model: nn.Module
+           ) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     # The config text first (a value JSON cannot hold fails before anything is written), then
     # each file beside its place and renamed: an interrupted save leaves no half-written file.
-    config = json.dumps(_meta(handle, model, version), indent=2)
+    config = _meta_text(handle, model)
     for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
                         (CONFIG_NAME, lambda p: p.write_text(config))):
         tmp = directory / (name + ".tmp")
@@ -210,22 +208,29 @@ def _write(directory: Path, tensors: dict[str, Tensor], handle: MTLoRAHandle, mo
         os.replace(tmp, directory / name)
 
 
-def _meta(handle: MTLoRAHandle, model: nn.Module, version: str) -> dict:
-    """What ``adapter_config.json`` holds about ``handle``'s adapters."""
-    return {
+def _meta_text(handle: MTLoRAHandle, model: nn.Module) -> str:
+    """What ``adapter_config.json`` holds about ``handle``'s adapters, as JSON text (also a
+    Trainer checkpoint's ``mtlora_adapters.json``)."""
+    from mtlora_kernels import __version__
+
+    return json.dumps({
         "format": FORMAT,
         "format_version": FORMAT_VERSION if handle.train_modules else 1,
-        "mtlora_kernels_version": version,
+        "mtlora_kernels_version": __version__,
         "config": handle.config.to_dict(),
         "placement": handle.placement,
         "target_modules": handle.target_modules,
         "layers": handle.layers,
         "train_modules": handle.train_modules,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
-        "adapters": {name: {"d_in": a.d_in, "d_out": a.d_out}
-                     for name, a in handle.adapters.items()},
+        "adapters": _adapter_widths(handle),
         "dtype": _adapters_dtype(handle),
-    }
+    }, indent=2)
+
+
+def _adapter_widths(handle: MTLoRAHandle) -> dict:
+    """The adapters' module paths and widths, as the config file lists them."""
+    return {name: {"d_in": a.d_in, "d_out": a.d_out} for name, a in handle.adapters.items()}
 
 
 def _adapters_dtype(handle: MTLoRAHandle) -> str | None:
@@ -311,7 +316,7 @@ def _check_same_adapters(meta: dict, handle: MTLoRAHandle, where: Path) -> None:
     where no tensors are checked (a Trainer checkpoint, loaded by the Trainer's non-strict
     ``load_state_dict``), these stand for the tensor keys."""
     _compare_meta(meta, _check_meta(meta, where), handle, where)
-    ours = {name: {"d_in": a.d_in, "d_out": a.d_out} for name, a in handle.adapters.items()}
+    ours = _adapter_widths(handle)
     theirs = meta.get("adapters")
     if theirs != ours:
         theirs = theirs if isinstance(theirs, dict) else {}

@@ -47,7 +47,6 @@ of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -58,7 +57,7 @@ from torch import Tensor, nn
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora_kernels.integrations.hf import MTLoRAHandle, get_handle
-from mtlora_kernels.io import _check_same_adapters, _meta, _read_json
+from mtlora_kernels.io import _check_same_adapters, _meta_text, _read_json
 from mtlora_kernels.losses import SpectralRegularizer, is_encoder_decoder
 
 
@@ -180,11 +179,8 @@ class MTLoRATrainer(transformers.Trainer):
             state = self.regularizer.__getstate__()
             torch.save({key: state[key] for key in _RUN_STATE},
                        os.path.join(directory, REGULARIZER_NAME))
-            from mtlora_kernels import __version__
-
-            with open(os.path.join(directory, ADAPTERS_NAME), "w") as f:
-                json.dump(_meta(self.mtlora_handle, self.mtlora_handle.model, __version__), f,
-                          indent=2)
+            Path(directory, ADAPTERS_NAME).write_text(
+                _meta_text(self.mtlora_handle, self.mtlora_handle.model))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, *args, **kwargs):
         """The Trainer's, after checking that the checkpoint's adapters are the model's: the
