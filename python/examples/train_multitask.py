@@ -113,8 +113,11 @@ def main() -> None:
     ap.add_argument("--batch", type=positive(int), default=64,
                     help="sequences per step, tasks drawn 0.4/0.3/0.2/0.1 (default 64)")
     ap.add_argument("--lr", type=positive(float), default=5e-3, help="AdamW learning rate (default 5e-3)")
-    ap.add_argument("--placement", default="both", choices=["ffn", "attn", "both"],
-                    help="block-level adapters beside each FFN, attention or both (default both)")
+    # FFN is the paper's placement and attach's default. On this toy it also scored higher than
+    # both (500 steps: every task's accuracy, e.g. permutation 0.43 vs 0.36) with half the parameters.
+    ap.add_argument("--placement", default="ffn", choices=["ffn", "attn", "both"],
+                    help="block-level adapters beside each FFN (the paper's), attention or both "
+                         "(default ffn)")
     ap.add_argument("--out", type=Path, default=Path("mtlora_example_adapters"),
                     help="directory for the saved adapters (created; files in it are replaced)")
     # Matrices this small run fastest on one thread (measured: 37 ms/step; with 2 threads on a
