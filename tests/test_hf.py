@@ -1625,7 +1625,7 @@ def test_an_ffn_of_loose_linear_layers_hands_z_from_its_first_to_its_last(family
     assert layer.fc2.mtlora_adapter is handle.adapters[
         f"{stack_of(model)[0][0]}.fc2.mtlora_adapter"]
     assert_checkpointing_reruns_the_hooks(model, handle, x, layer.fc1)
-    assert all(a.span_input is None for a in handle.adapters.values())
+    assert all(a.span_input.z is None for a in handle.adapters.values())
     with pytest.raises(RuntimeError, match="without the FFN's first module"):
         layer.fc2(torch.randn(3, layer.fc2.in_features))
 
@@ -1650,10 +1650,54 @@ def test_an_ffn_call_that_raises_leaves_no_z_on_the_adapter():
     with pytest.raises(ValueError, match="a failing activation"):
         run(model, x)
     hook.remove()
-    assert all(a.span_input is None for a in handle.adapters.values())
+    assert all(a.span_input.z is None for a in handle.adapters.values())
     with pytest.raises(RuntimeError, match="without the FFN's first module"):
         layer.fc2(torch.randn(x.numel(), layer.fc2.in_features))
     torch.testing.assert_close(run(model, x), want, rtol=0, atol=0)
+
+
+def test_two_threads_running_an_ffn_of_loose_linear_layers_hand_over_their_own_z():
+    """Two threads calling one adapted model at once (serving under no_grad, which a plain
+    model allows): the z handed from fc1's hook to fc2's was one attribute, so one thread's fc2
+    took the other's z (a silently wrong output) and the other's found none (RuntimeError).
+    A barrier between fc1 and fc2 makes both threads hand over before either takes. Copies and
+    pickles of the model carry the hand-over along and run as the original."""
+    import pickle
+    import threading
+
+    model = tiny_model("opt")
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=3, groups=2, dropout=0.0),
+                    placement="ffn")
+    randomize(handle)
+    xs = [tiny_inputs("opt", seed=s) for s in (1, 2)]
+    with torch.no_grad():
+        want = [run(model, x) for x in xs]
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(torch.equal(run(twin, x), w) for x, w in zip(xs, want))
+    barrier = threading.Barrier(2, timeout=30)
+
+    def both_handed_over(module, args):
+        barrier.wait()
+
+    for _, layer in stack_of(model):
+        layer.activation_fn.register_forward_pre_hook(both_handed_over)
+    got, errors = [None, None], []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                got[i] = run(model, xs[i])
+        except Exception as e:  # reported below, and the other thread let past the barrier
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 # OPT with do_layer_norm_before=False (OPT-350m) is post-LN, BART's layout: z is the layer's
@@ -2155,12 +2199,25 @@ def test_copies_of_an_adapted_model_carry_adapters_and_a_handle_of_their_own(whe
                          ids=["block", "component"])
 def test_remove_restores_requires_grad_of_parameters_replaced_after_attach(where):
     """to('meta') + to_empty (and FSDP2's fully_shard) put new Parameter objects in the model:
-    remove() restored the flags on the old objects and left the whole base model frozen."""
+    remove() restored the flags on the old objects and left the whole base model frozen. The
+    state dict loaded back, the model computes as before, and the handle's parameters (what an
+    optimizer gets) are the new objects."""
     model = tiny_model("llama")
     model.model.embed_tokens.weight.requires_grad_(False)  # a flag that must come back False
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3), **where)
+    randomize(handle)
+    x = tiny_inputs("llama")
+    want, state = run(model, x), copy.deepcopy(model.state_dict())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # rotary's: not in the state dict
     model.to("meta").to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    assert torch.equal(run(model, x), want)
+    live = {id(p) for p in model.parameters()}
+    assert all(id(p) in live and p.requires_grad for p in handle.parameters())
     handle.remove()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 

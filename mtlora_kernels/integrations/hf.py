@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -325,20 +326,34 @@ def _block_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     return list(y) if isinstance(output, list) else y
 
 
+class _SpanInput(threading.local):
+    """Where the hooks of an FFN that is no one module (``ffn_first``) hand its input z over
+    (``.z``), on the adapter as ``span_input``: one per thread, as a call of the layer runs its
+    two hooks in one thread (a checkpoint's recompute too). Two threads running the model at
+    once (serving under no_grad) each hand over their own; with one attribute, one thread's
+    last module took the other's z (a silently wrong output) and the other's found none.
+    Copies and pickles of the model get an empty one (a z lives within one call)."""
+
+    z: Tensor | None = None
+
+    def __reduce__(self):
+        return type(self), ()
+
+
 def _span_input_hook(module: nn.Module, args: tuple, kwargs: dict, *, last: nn.Module) -> None:
     """A forward pre-hook on the first module of an FFN that is no one module (``ffn_first``,
     OPT's ``fc1``): hands its input z to the adapter on the FFN's last module ``last``, for
-    :func:`_span_output_hook`. The layer calls the two one after the other, in its forward and
-    in a checkpoint's recompute alike."""
-    getattr(last, ADAPTER_ATTR).span_input = _input_of(module, args, kwargs)
+    :func:`_span_output_hook` (:class:`_SpanInput`). The layer calls the two one after the
+    other, in its forward and in a checkpoint's recompute alike."""
+    getattr(last, ADAPTER_ATTR).span_input.z = _input_of(module, args, kwargs)
 
 
 def _span_output_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     """A forward hook on the last module of such an FFN (OPT's ``fc2``): ``output + adapter(z)``,
     z what :func:`_span_input_hook` handed over in this call of the layer (taken, so that no
     activation outlives the call)."""
-    adapter = getattr(module, ADAPTER_ATTR)
-    z, adapter.span_input = adapter.span_input, None
+    span = getattr(module, ADAPTER_ATTR).span_input
+    z, span.z = span.z, None
     if z is None:
         raise RuntimeError(
             f"the mtLoRA adapter on {type(module).__name__} got no FFN input: the module was "
@@ -354,7 +369,7 @@ def _span_end_hook(layer: nn.Module, args: tuple, output, *, last: nn.Module) ->
     adapter by an exception between the two hooks (an out-of-memory error, a failing module),
     it kept that input, and its graph, alive, and a later call of ``last`` alone used it
     instead of refusing."""
-    getattr(last, ADAPTER_ATTR).span_input = None
+    getattr(last, ADAPTER_ATTR).span_input.z = None
 
 
 def _sub_layer(layer: nn.Module, family: LayerLayout, kind: str
@@ -883,7 +898,7 @@ def attach(
             adapter.train(host.training)
             host.add_module(ADAPTER_ATTR, adapter)
             if first is not None:  # an FFN of loose Linear layers: z from its first module
-                adapter.span_input = None
+                adapter.span_input = _SpanInput()
                 handle._hooks += [
                     layer.get_submodule(first).register_forward_pre_hook(
                         functools.partial(_span_input_hook, last=host), with_kwargs=True),
