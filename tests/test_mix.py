@@ -400,3 +400,24 @@ def test_low_precision_within_twice_plain_pytorch_error():
         ref = mix_reference(*(t.double() for t in (x, A, B, W)), groups=2, scaling=2.0)
         plain = mix_reference(x, A, B, W, groups=2, scaling=2.0)  # plain PyTorch, same dtype
         assert_close_to_reference(y, ref, dtype, f"y {dtype}", baseline=plain)
+
+
+def test_per_expert_backward_at_one_token_keeps_plain_pytorch_accuracy():
+    # Decode-shaped steps (T = 1) in the per-expert form (g*N*r > d_out), fp32: dh summed
+    # over experts with addmm_ into its running value was 2x to 6x less accurate than plain
+    # PyTorch's separate products; dA = dh^T x shows it. Four steps, errors pooled.
+    errs = {"ours": [], "plain": []}
+    refs = []
+    for seed in range(4):
+        x, A, B, W = (t.requires_grad_() for t in random_inputs(1, 64, 4096, 16, 16, 64,
+                                                                seed=seed)[:4])
+        dy = torch.randn(1, 4096, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(seed + 100))
+        refs.append(grads_of(mix_reference(x, A, B, W, groups=64, scaling=4.0), [A], dy)[0])
+        for name, fn in (("ours", lambda *t: mix(*t, groups=64, scaling=4.0, backend="torch")),
+                         ("plain", lambda *t: mix_reference(*t, groups=64, scaling=4.0))):
+            ins = [t.detach().float().requires_grad_() for t in (x, A, B, W)]
+            errs[name].append(grads_of(fn(*ins), ins[1:2], dy.float())[0].double() - refs[-1])
+    norm = torch.stack(refs).norm()
+    ours, plain = (torch.stack(errs[k]).norm() / norm for k in ("ours", "plain"))
+    assert ours <= 1.5 * plain, f"dA relative error {ours:.3g} vs plain PyTorch {plain:.3g}"
