@@ -6,9 +6,9 @@ B @ A of SIZE x SIZE (an expert update B_i A, k = 16). randomized_svd takes the 
 tuple (B, A) and never forms it; the other providers (and ``randomized_svd[dense]``) get the
 formed product, formed outside the timed region. Oversampling 8 and 2 power iterations asked of
 both randomized methods, but not run alike: torch.svd_lowrank runs its 2 always, randomized_svd
-none where its sketch (k + 8 columns) already spans the range, which is both cases here (the
+one where its sketch (k + 8 columns) already spans the range, which is both cases here (the
 dense matrices' rank bound is min(m, n) = 16 = k + 8, the product's r = 16 < k + 8), so it
-makes 2 passes over the operand there to svd_lowrank's 6. ``randomized_svd[dense]`` sees the
+makes 4 passes over the operand there to svd_lowrank's 6. ``randomized_svd[dense]`` sees the
 formed SIZE x SIZE product, whose rank it cannot bound, and runs them. Run:
 
     pytest benchmarks/bench_rsvd.py --benchmark-only

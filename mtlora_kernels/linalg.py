@@ -141,9 +141,9 @@ def randomized_svd(
     then ``M^T Q = Z R`` gives ``Q^T M = R^T Z^T`` and the l x l SVD of ``R^T`` yields U, S, Vh.
     That is ``2 + 2 * power_iters`` passes over M. Each power iteration multiplies the relative
     error of the k-th singular value by about ``(sigma_{l+1} / sigma_k)^4`` (the sine of the angle
-    between the sketch and the top singular subspace by the square of that ratio); none run when
-    l reaches the rank bound (min(m, n), or r for a product), where the sketch already spans
-    range(M).
+    between the sketch and the top singular subspace by the square of that ratio); when l reaches
+    the rank bound (min(m, n), or r for a product) the sketch spans range(M) and at most one
+    runs, to undo the rounding error that the conditioning of the square sketch amplifies.
 
     Args:
         M: [..., m, n] (fp16 / bf16 / fp32 / fp64, any strides), or a tuple ``(B, A)`` with
@@ -188,10 +188,15 @@ def randomized_svd(
     gen_device = generator.device if generator is not None else device
     omega = torch.randn(nb, n, l, generator=generator, dtype=acc, device=gen_device).to(device)
     Q, _ = _orth(mm(omega), gemm)
-    # A sketch at least as wide as rank(M) can be (min(m, n), or r for a product) already spans
-    # range(M): power iterations would not change it. Measured on the CPU, 16 x 4096 x 16 with
-    # k = 8, p = 8 (l = n = 16): median 59 ms with q = 2, 21 ms without (1 thread).
-    for _ in range(power_iters if l < rank_bound else 0):
+    # A sketch at least as wide as rank(M) can be (min(m, n), or r for a product) spans range(M)
+    # in exact arithmetic, but its effective Omega is then square (n x n dense, A Omega r x r for
+    # a product), whose condition number has a heavy tail and multiplies the rounding error of
+    # range(Q). One round (Z an orthonormal basis of range(M^T)) undoes that; more add nothing.
+    # Measured in fp32 on 2000 random 256 x 16 matrices, k = 16, p = 8: relative
+    # reconstruction error ||M - U S Vh|| / ||M|| median 1.1e-6, 99th percentile 3.4e-5, max
+    # 3.4e-4 with no round; max 1.2e-6 with one (torch.linalg.svd: 1.2e-6). Time on the CPU,
+    # 16 x 4096 x 16, k = 8, p = 8 (l = n = 16): median 12 ms with no round, 23 ms with one.
+    for _ in range(power_iters if l < rank_bound else min(power_iters, 1)):
         Z, _ = _orth(rmm(Q), gemm)
         Q, _ = _orth(mm(Z), gemm)
     Z, R = _orth(rmm(Q), gemm)  # M^T Q = Z R, so Q^T M = R^T Z^T
