@@ -190,10 +190,12 @@ def _torch_backward(dy, x, A, B, route_weight, h, pi, dpi_extra, groups, scaling
     if _use_grouped(groups, n_experts, rank, d_out):
         ht, bcat = _h_tilde(pi, h, dt), _b_cat(B, groups)
         dyt = dy.view(T, groups, c).transpose(0, 1)  # [g, T, c]
-        # dB[e, G*c + j', k] = s * sum_t dy[t, G*c + j'] * H~[G, t, e*r + k]
-        dbcat = torch.bmm(dyt.transpose(1, 2), ht).to(acc).mul_(scaling)  # [g, c, N*r]
+        # dB[e, G*c + j', k] = s * sum_t H~[G, t, e*r + k] * dy[t, G*c + j'], computed as
+        # H~^T·dy [g, N*r, c]: its transpose dy^T·H~ took 3x as long in bf16 on the CPU (T =
+        # 2048, d = 4096, N*r = 256, one thread: 75 ms -> 25 ms at g = 1; same time in fp32).
+        dbcat = torch.bmm(ht.transpose(1, 2), dyt).to(acc).mul_(scaling)  # [g, N*r, c]
         del ht
-        dB = dbcat.view(groups, c, n_experts, rank).permute(2, 0, 1, 3).reshape(B.shape)
+        dB = dbcat.view(groups, n_experts, rank, c).permute(1, 0, 3, 2).reshape(B.shape)
         # u[G, t, e, k] = sum_{j in G} dy[t, j] B[e, j, k]
         u = torch.bmm(dyt, bcat.transpose(1, 2)).to(acc).view(groups, T, n_experts, rank)
         dh = torch.einsum("tge,gtek->tk", pi, u).mul_(scaling)
