@@ -1660,9 +1660,8 @@ def test_two_threads_running_an_ffn_of_loose_linear_layers_hand_over_their_own_z
     """Two threads calling one adapted model at once (serving under no_grad, which a plain
     model allows): the z handed from fc1's hook to fc2's was one attribute, so one thread's fc2
     took the other's z (a silently wrong output) and the other's found none (RuntimeError).
-    A barrier between fc1 and fc2 makes both threads hand over before either takes. Copies and
-    pickles of the model carry the hand-over along and run as the original."""
-    import pickle
+    A barrier between fc1 and fc2 makes both threads hand over before either takes (copies:
+    test_copies_of_an_adapted_model_carry_adapters_and_a_handle_of_their_own)."""
     import threading
 
     model = tiny_model("opt")
@@ -1672,8 +1671,6 @@ def test_two_threads_running_an_ffn_of_loose_linear_layers_hand_over_their_own_z
     xs = [tiny_inputs("opt", seed=s) for s in (1, 2)]
     with torch.no_grad():
         want = [run(model, x) for x in xs]
-    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert all(torch.equal(run(twin, x), w) for x, w in zip(xs, want))
     barrier = threading.Barrier(2, timeout=30)
 
     def both_handed_over(module, args):
@@ -2169,19 +2166,21 @@ def test_image_classifiers_match_the_oracle_and_train(family):
     assert all(p.grad is None for n, p in model.named_parameters() if ".mtlora_adapter." not in n)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])  # opt: an FFN of loose Linear layers
 @pytest.mark.parametrize("where", [dict(placement="both"), dict(target_modules="q_proj,v_proj")],
                          ids=["block", "component"])
-def test_copies_of_an_adapted_model_carry_adapters_and_a_handle_of_their_own(where):
+def test_copies_of_an_adapted_model_carry_adapters_and_a_handle_of_their_own(where, family):
     """README: copy.deepcopy and torch.save / torch.load of the model carry the adapters and a
     handle whose remove() takes them off that copy alone (its hooks and wrappers, not the
-    original's)."""
+    original's). OPT's block adapters also carry the per-thread hand-over of the FFN's input
+    (a bare threading.local does not pickle)."""
     import io
 
-    model = tiny_model("llama")
+    model = tiny_model(family)
     base = copy.deepcopy(model)
     handle = attach(model, MTLoRAConfig(r=4, num_experts=3), **where)
     randomize(handle)
-    x = tiny_inputs("llama")
+    x = tiny_inputs(family)
     want, plain = run(model, x), run(base, x)
     buffer = io.BytesIO()
     torch.save(model, buffer)
