@@ -1697,6 +1697,64 @@ def test_two_threads_running_an_ffn_of_loose_linear_layers_hand_over_their_own_z
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+def data_parallel_copies(model: nn.Module, monkeypatch, n: int = 2) -> list[nn.Module]:
+    """The n copies of ``model`` nn.DataParallel makes for a forward on n GPUs, made on the
+    CPU: torch's replicate, its broadcast swapped for one that hands copy j the parameters and
+    floating buffers times (1 + j/10). Copy j stands for the one on GPU j: a hook computing
+    with the original model's modules instead of its copy's gives copy 1 another output."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):
+        return [[(t.detach() if detach else t) * (1 + j / 10) if t.is_floating_point() else t
+                 for t in tensors] for j in range(len(devices))]
+
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", broadcast)
+    return replicate.replicate(model, list(range(n)))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "bert"])
+def test_data_parallel_copies_run_their_own_adapters_and_leave_no_balance_loss(family,
+                                                                               monkeypatch):
+    """nn.DataParallel (transformers' Trainer with several GPUs in one process) runs each forward
+    in copies of the model: on a copy the hooks (a sub-layer's own, OPT's fc1 -> fc2 hand-over,
+    BERT's output module) compute with the copy's adapters, as the same model with the copy's
+    parameters does. The copies' routing weights go with them, so the balance loss refuses
+    with the reason (it said the output was dropped, or read an older forward's routing) until
+    the model runs a forward itself again."""
+    model = tiny_model(family)
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=3, groups=2, dropout=0.0),
+                    placement="ffn")
+    randomize(handle)
+    x = tiny_inputs(family)
+    kept = run(model, x)  # an older forward, its output (and routing) still referenced
+    copies = data_parallel_copies(model, monkeypatch)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [*moved.parameters(), *moved.buffers()]:
+            if t.is_floating_point():
+                t.mul_(1.1)
+    assert torch.equal(run(copies[0], x), kept)
+    out = run(copies[1], x)
+    torch.testing.assert_close(out, run(moved, x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="nn.DataParallel's replicas"):
+        handle.aux_loss()
+    kept = run(model, x)
+    assert handle.aux_loss(spectral_weight=0.0) > 0
+
+
+def test_an_esm_layout_refuses_data_parallel_copies(monkeypatch):
+    """ESM's hook applies the layer's norm again, a module the hooked one does not hold: a copy
+    made for another GPU would apply the original's (on the first GPU). It refuses instead."""
+    model = tiny_model("esm")
+    handle = attach(model, MTLoRAConfig(r=2, num_experts=3, groups=2), placement="ffn")
+    randomize(handle)
+    copies = data_parallel_copies(model, monkeypatch)
+    with pytest.raises(RuntimeError, match="do not run under nn.DataParallel"):
+        run(copies[1], tiny_inputs("esm"))
+
+
 # OPT with do_layer_norm_before=False (OPT-350m) is post-LN, BART's layout: z is the layer's
 # input for the attention, self_attn_layer_norm's output for the FFN, and the adapters' deltas
 # join the sums the post-LNs normalize. The table's entry names the pre-LN variant's norms, which

@@ -408,6 +408,13 @@ def _residual_hook(module: nn.Module, args: tuple, kwargs: dict, *, arg: str, in
     r = args[index] if positional else kwargs[arg]
     # A disabled adapter returns r (as on every other hook): no norm computed for nothing.
     normed = norm is not None and getattr(module, ADAPTER_ATTR).enabled
+    if normed and getattr(module, "_is_replica", False):
+        # The norm is the layer's, not this module's: a copy of the model that nn.DataParallel
+        # made for another GPU would apply the original one, on the first GPU.
+        raise RuntimeError(
+            f"block-level adapters on {type(module).__name__} (ESM's layout: the norm applied "
+            f"again to the residual) do not run under nn.DataParallel; run one process per GPU "
+            f"(torchrun --nproc_per_node=N: DistributedDataParallel) or use one GPU")
     y = _plus_adapter(module, norm(r) if normed else r, r)
     if positional:
         return (*args[:index], y, *args[index + 1:]), kwargs

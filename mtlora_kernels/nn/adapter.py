@@ -47,6 +47,11 @@ def _to_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+#: ``MTLoRAAdapter._routing`` after nn.DataParallel copied the adapter for a forward
+#: (:meth:`MTLoRAAdapter._replicate_for_data_parallel`).
+_IN_REPLICAS = "the last forward ran in nn.DataParallel's replicas"
+
+
 class MTLoRAAdapter(nn.Module):
     """``delta = s * sum_e pi_e ⊙ B_e A drop(x)`` with per-group routing (SPEC section 2).
 
@@ -153,6 +158,14 @@ class MTLoRAAdapter(nn.Module):
         tokens flattened to one dim, [B*S, d], takes a [B, S] mask too): bool, or numbers that
         are all 0 or 1 (:func:`token_mask`; other values are refused). Zero when no token
         counts."""
+        if self._routing is _IN_REPLICAS:
+            raise RuntimeError(
+                "balance_loss(): the last forward ran in nn.DataParallel's replicas (transformers' "
+                "Trainer wraps the model in one when it sees several GPUs in one process), and "
+                "their routing weights went with them: the model's adapters have none. Run one "
+                "process per GPU (torchrun --nproc_per_node=N or accelerate launch: "
+                "DistributedDataParallel), make one GPU visible (CUDA_VISIBLE_DEVICES=0), or "
+                "train without the balance term (balance_weight=0)")
         pi = self._last_routing()  # [..., g, N]
         if self._output_dropped():
             raise RuntimeError("balance_loss() needs the last forward's output (or a loss "
@@ -201,6 +214,14 @@ class MTLoRAAdapter(nn.Module):
         """Whether the last forward's routing went with its graph: it ran with autograd, and
         its output reached nothing still referenced."""
         return isinstance(self._routing, weakref.ref) and self._routing() is None
+
+    def _replicate_for_data_parallel(self) -> MTLoRAAdapter:
+        # nn.DataParallel runs each forward in copies of the model made for it, one per GPU; a
+        # copy keeps its routing weights on itself, and the copies go when the forward returns.
+        # Marked here, the balance loss says so instead of reading an older forward's routing
+        # or refusing with a reason that is not the one.
+        self._routing = _IN_REPLICAS
+        return super()._replicate_for_data_parallel()
 
     def __getstate__(self) -> dict:
         # The last forward's routing weights are not state (and, carrying that forward's graph,
