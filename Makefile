@@ -22,7 +22,7 @@ bench: $(VENV)/.ready
 	$(VENV)/bin/mtlora-kernels bench $(ARGS)
 
 test: $(VENV)/.ready
-	$(PY) -m pytest tests -q -m "not slow" -p no:cacheprovider $(ARGS)
+	$(PY) -m pytest tests -q -m "not slow" -p no:cacheprovider --durations=25 $(ARGS)
 
 benchmarks: $(VENV)/.ready
 	$(PY) -m pytest benchmarks --benchmark-only $(ARGS)
