@@ -31,6 +31,8 @@ wrong, which is why this class exists:
   ``feature_attention_mask``; Whisper's encoder and Voxtral's audio tower read no mask, their
   frames all count).
 - **Evaluation** reports the task loss alone: the term is added only while the model trains.
+- **Quantized bases** (bitsandbytes): the Trainer refuses a quantized model unless PEFT's
+  adapters are on it; mtLoRA's adapters pass that check here.
 - **Checkpoints** hold the regularizer's run state (its step, last refresh and cached
   weighting: ``mtlora_regularizer.pt``, written by ``save_model``), which
   ``train(resume_from_checkpoint=...)`` restores into the regularizer the trainer is given:
@@ -47,6 +49,7 @@ of the package does not); tested with transformers 5.25.0, 5.17.0 and 4.57.6.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -91,6 +94,39 @@ def _the_handle(model: nn.Module) -> MTLoRAHandle:
     return found[0][1]
 
 
+@contextlib.contextmanager
+def _adapters_on_quantized_base(model: nn.Module | None):
+    """Inside it, transformers' ``Trainer.__init__`` takes a quantized model (bitsandbytes
+    4-bit, 8-bit) that has mtLoRA adapters. Its check refuses a quantized model unless PEFT's
+    adapters are on it (it reads the model's ``_hf_peft_config_loaded``, which only PEFT's own
+    loading sets): "You cannot perform fine-tuning on purely quantized models". The flag is set
+    for the check alone, where the model has adapters, and refused as the Trainer would where
+    the quantization method does not train (``hf_quantizer.is_trainable``)."""
+    if model is None or not getattr(model, "is_quantized", False):
+        yield
+        return
+    _the_handle(model)  # refused if it has no adapters
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or not quantizer.is_trainable:
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod, a str enum
+        raise ValueError(f"MTLoRATrainer: the model is quantized with {method}, which "
+                         f"transformers does not train through (hf_quantizer.is_trainable is "
+                         f"False)")
+    saved = vars(model).get("_hf_peft_config_loaded", _UNSET)
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if saved is _UNSET:
+            del model._hf_peft_config_loaded
+        else:
+            model._hf_peft_config_loaded = saved
+
+
+_UNSET = object()
+
+
 def _read_as_bool(mask: Tensor | None) -> Tensor | None:
     """A batch's mask as the model reads it (nonzero: the position counts), bool: the balance
     loss then checks none of its values, a host read that would sync with the device at every
@@ -114,7 +150,8 @@ class MTLoRATrainer(transformers.Trainer):
 
     def __init__(self, *args, balance_weight: float = 0.01, spectral_weight: float = 1.0,
                  regularizer: SpectralRegularizer | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        with _adapters_on_quantized_base(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         self._handle = (self.model, _the_handle(self.model))  # refused now if it has none
         self.balance_weight = float(balance_weight)
         self.spectral_weight = float(spectral_weight)
