@@ -117,6 +117,20 @@ def test_dropout_uses_one_mask_shared_by_experts_and_regenerated_in_backward():
                               torch.float64, "eval")
 
 
+def test_backward_regenerates_the_mask_of_the_seed_the_forward_drew():
+    """Dropout with no seed: the forward op draws one, and the backward must regenerate that
+    seed's mask. Each gradcheck forward starts from the same torch.manual_seed, so all of them
+    draw one seed and the numerical gradient is that mask's."""
+    x, A, B, W, _ = make_inputs(4, 6, 6, 3, 3, 2, torch.float64, seed=2)
+
+    def f(x):  # dx carries the mask
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return mix(x, A, B, W, groups=2, scaling=1.3, dropout_p=0.4, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
 def test_spec_positional_signature():
     """SPEC section 3's ``mix(x, A, B, W_route, groups, scaling, dropout_p, training)``, by
     position: the same result as by keyword, the dropout on while training and off when not."""
