@@ -17,7 +17,8 @@ import contextlib
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close_to_reference, grads_of, random_inputs, rel_err
+from conftest import (DEVICE, REL_TOL, assert_close_to_reference, grads_of, random_inputs,
+                      rel_err)
 
 from mtlora_kernels.nn import MTLoRAAdapter
 from mtlora_kernels.ops.mix import dropout_keep_mask, mix
@@ -153,6 +154,20 @@ def test_router_with_a_large_shared_direction_keeps_dx_accurate(dtype):
     check_all(got, ref, dtype, plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_logits_beside_low_precision_x_keep_their_bits(dtype):
+    """External logits may be of any float dtype (an fp32 router beside bf16 layers): the
+    kernel reads them as they are and makes pi in fp32. Near 3e3 a rounding to x's dtype would
+    move pi by tens of percent; the other tests give logits in x's dtype, where it is exact."""
+    x, A, B, _, L, R = make_inputs(7, 24, 40, 16, 4, 2, dtype, seed=12, route="logits")
+    L = (3e3 + L.detach().float()).requires_grad_()
+    rounded = routing_weights(L.detach().to(dtype), 2, 4)
+    assert rel_err(rounded, routing_weights(L.detach(), 2, 4)) > 10 * REL_TOL[dtype]
+    got, ref, plain = run_both([x, A, B, None, L, R], 2)
+    assert got[5].dtype == torch.float32
+    check_all(got, ref, dtype, plain)
+
+
 @pytest.mark.parametrize("route", ["weight", "logits"])
 def test_three_d_noncontiguous_input(route):
     x, A, B, W, L, R = make_inputs(5, 24, 40, 16, 2, 2, torch.float32, lead=(2,), seed=3,
@@ -217,6 +232,31 @@ def test_dropout_forward_and_backward_use_the_seeded_mask(T, N, g):
     check_all(got, ref, torch.float32)
     other, _, _ = run_both(inputs, g, dropout_p=0.25, seed=100)
     assert rel_err(other[0], got[0]) > 1e-3  # another seed, another mask
+
+
+def test_decode_column_splits_with_a_short_last_split(monkeypatch):
+    """A decode forward spreads its output tiles over column splits (its one token block
+    cannot fill the device; 8 programs, as in the interpreter): 9 one-group tiles go in 5
+    splits of 2, the last one short, the later splits starting their router sweep past the
+    first block (N = 8: 4 groups a block). The backward has no column splits: forward only."""
+    monkeypatch.setattr(tmix, "target_programs", lambda device: 8)
+    launches = []
+    real_launch = tmix._launch
+
+    def launch(kernel, grid, *args, **meta):
+        launches.append((kernel, grid, args))
+        real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(tmix, "_launch", launch)
+    x, A, B, W, _, R = random_inputs(1, 24, 144, 8, 8, 9, seed=13, residual=True)
+    y, pi = mix(*(t.float().to(DEVICE) for t in (x, A, B, W)), residual=R.float().to(DEVICE),
+                groups=9, scaling=2.5, backend="triton", return_routing=True)
+    assert_close_to_reference(y, mix_reference(x, A, B, W, groups=9, scaling=2.5) + R,
+                              torch.float32, "y")
+    assert_close_to_reference(pi, routing_weights(x @ W.T, 9, 8), torch.float32, "pi")
+    [(grid, args)] = [(grid, args) for kernel, grid, args in launches
+                      if kernel is tmix._fwd_kernel]
+    assert (grid[1], args[15]) == (5, 2)  # splits, tiles_per_split
 
 
 @pytest.mark.parametrize("fp32", [False, True])
