@@ -2524,6 +2524,7 @@ def test_disabled_gives_back_each_adapters_own_switch():
     randomize(handle)
     first, second = handle.adapters.values()
     first.enabled = False
+    assert not handle.enabled  # enabled: every adapter is on
     ablated = run(model, x)
     with handle.disabled():
         assert not second.enabled
@@ -2538,6 +2539,7 @@ def test_disabled_gives_back_each_adapters_own_switch():
     assert second.lora_route.grad.abs().sum() > 0 and first.lora_route.grad is None
     del out
     first.enabled = True
+    assert handle.enabled
     with handle.disabled():
         handle.remove()
     assert get_handle(model) is None

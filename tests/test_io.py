@@ -458,8 +458,11 @@ class _Payload:
 def test_pickle_files_are_refused_without_being_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"lora_A": _Payload(marker)}, protocol=4)
-    for name in ("adapter_model.bin", "adapter.pt", "x.pkl"):
-        (tmp_path / name).write_bytes(payload)
+    # Refused by the suffix, not only by the content: a protocol 0 pickle starts like text.
+    text_payload = pickle.dumps({"lora_A": _Payload(marker)}, protocol=0)
+    for name, data in (("adapter_model.bin", payload), ("adapter.pt", payload),
+                       ("x.pkl", text_payload)):
+        (tmp_path / name).write_bytes(data)
         with pytest.raises(AdapterLoadError, match="pickle.*arbitrary code"):
             read_safetensors(tmp_path / name)
     # A pickle or torch.save zip under the safetensors name is caught by its content.
@@ -555,6 +558,17 @@ def test_hydralora_import_mismatch_is_named_and_model_unchanged():
                          config=cfg, target_modules=["q_proj"])
     with pytest.raises(AdapterLoadError, match="v_proj: no matching checkpoint modules"):
         import_hydralora(model, state, config=cfg, target_modules=["q_proj", "v_proj"])
+    # A checkpoint module with no adapter here (its v_proj) is refused, not left out.
+    more = {**state, **{k.replace("q_proj", "v_proj"): v for k, v in state.items()}}
+    with pytest.raises(AdapterLoadError, match=r"checkpoint modules with no adapter here: "
+                                               r"\['base_model\.model\.model\.layers\.0\."
+                                               r"self_attn\.v_proj'"):
+        import_hydralora(model, more, config=cfg, target_modules=["q_proj"])
+    # Names match up to a whole dotted prefix: another model's text_model.layers... is not
+    # model.layers...
+    tower = {k.replace("base_model.model.model.", "text_model."): v for k, v in state.items()}
+    with pytest.raises(AdapterLoadError, match="q_proj: no matching checkpoint modules"):
+        import_hydralora(model, tower, config=cfg, target_modules=["q_proj"])
     with pytest.raises(AdapterLoadError, match=r"lora_route\.weight: shape \(3, 32\) in the "
                                                r"checkpoint, \(6, 32\) here"):  # g = 2 wanted
         import_hydralora(model, state, config=CFG, target_modules=["q_proj"])
@@ -680,6 +694,57 @@ def test_official_config_errors_are_named(change, message):
         official_config(cfg, hidden_size=32)
     assert official_config(OFFICIAL, hidden_size=32) == (
         MTLoRAConfig(r=4, num_experts=3, groups=4, alpha=8.0, dropout=0.0), "ffn")
+
+
+def test_an_interrupted_save_leaves_the_last_files_and_other_ranks_write_nothing(
+        tmp_path, monkeypatch):
+    """Each file is written beside its place and renamed: a save that fails half-way leaves the
+    previous save whole. Under torch.distributed only rank 0 writes."""
+    import safetensors.torch
+
+    import mtlora_kernels.io as io
+
+    model = tiny_model("llama")
+    handle = attach(model, CFG)
+    randomize(handle)
+    save_adapters(handle, tmp_path)
+    saved = {n: (tmp_path / n).read_bytes() for n in (WEIGHTS_NAME, CONFIG_NAME)}
+
+    def fail_half_way(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    randomize(handle, seed=5)
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(handle, tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in saved} == saved
+    monkeypatch.undo()
+
+    monkeypatch.setattr(io, "_distributed_rank", lambda: 1)
+    assert save_adapters(handle, tmp_path / "rank1") == tmp_path / "rank1"
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_a_weight_tied_between_two_train_modules_is_one_parameter(tmp_path):
+    """embed_tokens and lm_head sharing their weight, both train modules: the handle lists it
+    once (what an optimizer gets), and it saves and loads under its first name."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    handle = attach(model, CFG, placement="ffn", train_modules=["embed_tokens", "lm_head"])
+    randomize(handle)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    params = list(handle.parameters())
+    assert len({id(p) for p in params}) == len(params)
+    assert sum(p is model.lm_head.weight for p in params) == 1
+    assert [k for k in handle.state_dict() if "adapter" not in k] == ["model.embed_tokens.weight"]
+    x = tiny_inputs("llama")
+    want = run(model, x)
+    save_adapters(handle, tmp_path)
+    fresh = tiny_model("llama", tie_word_embeddings=True)
+    load_adapters(fresh, tmp_path)
+    assert torch.equal(run(fresh, x), want)
 
 
 def test_a_removed_handle_is_refused(tmp_path):
@@ -973,6 +1038,9 @@ def test_a_train_modules_buffers_are_saved_loaded_and_restored(tmp_path):
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     before, snap = model(x), snapshot(model)
     handle = attach(model, CFG, target_modules="0", train_modules="2")
+    # The parameters (what an optimizer gets) hold no buffer; the state dict holds them.
+    assert list(dict(handle.named_parameters())) == [
+        "0.adapter.lora_A", "0.adapter.lora_B", "0.adapter.lora_route", "2.weight", "2.bias"]
     randomize(handle)
     model.train()
     model(x), model(x)

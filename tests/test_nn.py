@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import DEVICE, assert_close_to_reference, backend_params
 
-from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear
+from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, MTLoRALinear, mix
 from mtlora_kernels.compat import HydraLoRALayer
 from mtlora_kernels.reference import balance_loss_reference, hydralora_reference, mix_reference
 
@@ -268,11 +268,14 @@ def test_linear_wrapper_under_autocast_computes_in_its_dtype(backend, dtype, bac
     dy = torch.randn(2, 7, 16, device=DEVICE, dtype=dtype)
     with torch.autocast(DEVICE.type, dtype=dtype):
         y = layer(x)
+        # One pass: the base's output (16-bit here, x fp32) enters the op as its residual.
+        fused = mix(x, a.lora_A, a.lora_B, a.lora_route, residual=layer.base(x), groups=2,
+                    scaling=cfg.scaling, backend=backend)
         if backward_inside:
             y.backward(dy)
     if not backward_inside:
         y.backward(dy)
-    assert y.dtype == dtype
+    assert y.dtype == dtype and torch.equal(y, fused)
 
     def cast(t):  # the values autocast computes with, in fp64
         return t.detach().to(dtype).double().requires_grad_()
@@ -378,6 +381,12 @@ def test_balance_loss_refuses_a_forward_without_autograd():
         ad.balance_loss()
     y = ad(torch.randn(4, 8), logits=torch.randn(4, 6))  # external logits: not the router's
     assert torch.isfinite(ad.balance_loss())
+    # Routed by external logits without autograd: the router lost nothing, so it is read.
+    logits = torch.randn(4, 6)
+    with torch.no_grad():
+        ad(torch.randn(4, 8), logits=logits)
+    pi = logits.view(4, 2, 3).softmax(-1)
+    torch.testing.assert_close(ad.balance_loss(), balance_loss_reference(pi))
 
 
 class _SharedLinear(nn.Module):

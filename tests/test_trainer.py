@@ -264,6 +264,17 @@ def test_gradient_accumulation_gives_the_update_of_one_large_batch(tmp_path, pla
         assert rel_err(accumulated, one) <= 1e-5
 
 
+def test_a_shorter_last_accumulation_window_divides_by_its_own_steps(tmp_path):
+    """An epoch of one micro-batch under gradient_accumulation_steps=2: its optimizer step has
+    one micro-batch, so the auxiliary term is divided by 1 (the Trainer's
+    ``current_gradient_accumulation_steps``), as without accumulation, not by 2."""
+    updates = [one_step_update(tmp_path / f"2x{accumulate}", 2, 2, accumulate)[0]
+               for accumulate in (1, 2)]
+    for one, accumulated in zip(*updates):
+        assert one.abs().max() > 0
+        assert rel_err(accumulated, one) <= 1e-5
+
+
 # name, sequences (one optimizer step over all of them), per-rank micro-batch, accumulation
 # steps, whether the causal-LM loss is normalized over the whole batch (num_items_in_batch).
 DDP_CASES = [("ddp", 4, 2, 1, True), ("ddp-accumulate", 8, 2, 2, True),
@@ -582,6 +593,16 @@ def test_an_encoder_decoder_trains_each_stack_on_its_own_tokens(tmp_path, family
              for name, a in handle.adapters.items()]  # no decoder_mask: every target token
     assert rel_err(balance_loss(model, source), torch.stack(every).mean()) <= 1e-6
     assert rel_err(torch.stack(every).mean(), torch.stack(terms).mean()) > 1e-3
+    # A batch's decoder_attention_mask goes to the decoder's adapters instead of the labels'.
+    given = {**batch, "decoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1] * 5])}
+    ours = trainer.compute_loss(model, dict(given))
+    task = model(**given).loss
+    terms = [a.balance_loss(given["decoder_attention_mask"] if in_decoder(name) else source)
+             for name, a in handle.adapters.items()]
+    by_labels = [a.balance_loss(target if in_decoder(name) else source)
+                 for name, a in handle.adapters.items()]
+    assert rel_err(ours, task + torch.stack(terms).mean()) <= 1e-6
+    assert rel_err(torch.stack(by_labels).mean(), torch.stack(terms).mean()) > 1e-3
     trainer.train()
     assert trainer.state.global_step == 1
 
