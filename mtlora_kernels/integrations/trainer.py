@@ -94,6 +94,9 @@ def _the_handle(model: nn.Module) -> MTLoRAHandle:
     return found[0][1]
 
 
+_UNSET = object()
+
+
 @contextlib.contextmanager
 def _adapters_on_quantized_base(model: nn.Module | None):
     """Inside it, transformers' ``Trainer.__init__`` takes a quantized model (bitsandbytes
@@ -122,9 +125,6 @@ def _adapters_on_quantized_base(model: nn.Module | None):
             del model._hf_peft_config_loaded
         else:
             model._hf_peft_config_loaded = saved
-
-
-_UNSET = object()
 
 
 def _read_as_bool(mask: Tensor | None) -> Tensor | None:
