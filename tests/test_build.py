@@ -458,6 +458,7 @@ def test_missing_extension_of_a_wheel_for_another_torch_says_so(no_extension, mo
         why = build_info()["cuda_extension_reason"]
         assert "not built or failed to load" in why
         assert (f"was built for torch 1.0, not torch {torch.__version__}" in why) is says, why
+        assert ("was built for torch" in why) is says, why  # not for a wheel for this torch
 
 
 # ---- fallback when _C is missing -------------------------------------------------------------------

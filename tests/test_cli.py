@@ -53,9 +53,23 @@ def test_every_provider_agrees_with_the_reference(groups):
     providers, _ = bench.default_providers(CPU, interpreted=True)
     assert {"hydralora-loop", "torch-eager", "mtlora-torch"} <= {p.name for p in providers}
     for p in providers:
-        errs = bench.check(p.make(w, shape), x, dy, ref, shape)
+        runner = p.make(w, shape)
+        errs = bench.check(runner, x, dy, ref, shape)
+        assert runner.training  # checked without dropout, timed with it (--dropout)
         assert set(errs) == {"y", "dx", "dA", "dB", "droute"}
         assert max(errs.values()) <= bench.CHECK_TOL[torch.float32], (p.name, errs)
+
+
+def test_interpreted_triton_is_a_provider_only_when_asked_for(monkeypatch):
+    """On the CPU the triton backend runs in Triton's interpreter: a provider only with
+    ``interpreted`` (the CLI: when --providers names it), else listed with the reason."""
+    monkeypatch.setattr(backends, "available", lambda name, device=None: (True, ""))
+    providers, missing = bench.default_providers(CPU)
+    assert [p.name for p in providers] == ["hydralora-loop", "torch-eager", "mtlora-torch",
+                                           "mtlora-cuda"]
+    assert list(missing) == ["mtlora-triton"] and "--providers" in missing["mtlora-triton"]
+    providers, missing = bench.default_providers(CPU, interpreted=True)
+    assert "mtlora-triton" in [p.name for p in providers] and not missing
 
 
 def test_a_wrong_provider_is_refused_and_not_timed():
@@ -77,22 +91,79 @@ def test_timings_give_quartiles_and_how_many_there_were(monkeypatch):
     ticks = iter(range(1000))
     clock = {"t": 0.0}
 
-    def slow_then_fast():  # 10 ms per call, then 1 ms: the spread must show
-        clock["t"] += 0.010 if next(ticks) < 4 else 0.001
+    costs = [0.010] * 4 + [0.001, 0.002, 0.003]
+
+    def slow_then_fast():  # 10 ms per call, then 1, 2, 3 ms: the spread must show
+        clock["t"] += costs[next(ticks)]
 
     with monkeypatch.context() as m:
         m.setattr(bench.time, "perf_counter", lambda: clock["t"])
         (t,) = bench.time_in_turns([slow_then_fast], CPU, min_time=0.0, min_reps=5)
-    # 2 untimed calls (warm-up, calibration), then blocks of 1 call: 10, 10, 1, 1, 1 ms
+    # 2 untimed calls (warm-up, calibration), then blocks of 1 call: 10, 10, 1, 2, 3 ms
     assert (t["reps"], t["calls_per_rep"]) == (5, 1)
-    assert t["median_ms"] == pytest.approx(1.0)
-    assert (t["q1_ms"], t["q3_ms"]) == (pytest.approx(1.0), pytest.approx(10.0))
+    assert t["median_ms"] == pytest.approx(3.0)
+    assert (t["q1_ms"], t["q3_ms"]) == (pytest.approx(2.0), pytest.approx(10.0))
     (rec,) = bench.bench_shape(TINY, [bench.Provider("hydralora-loop", bench._LoopRunner)], CPU,
                                0.0)
     for name in bench.PASSES:
         m = rec[name]
         assert m["reps"] >= 3 and m["calls_per_rep"] >= 1
         assert 0 < m["q1_ms"] <= m["median_ms"] <= m["q3_ms"]
+
+
+def test_flops_and_bytes_are_those_of_the_layer():
+    """Shape.flops is the layer's matmul FLOPs as torch's FlopCounterMode counts them on the
+    eager formulation (forward; forward + backward w.r.t. x and every weight), router
+    included; bytes_moved reads x and the weights and writes y, and the backward adds dy, x
+    again, dx and the weights' gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = bench.Shape(tokens=5, d_in=12, d_out=24, rank=4, experts=3, groups=2, dtype="fp64")
+    w, x, dy = bench.make_inputs(s, CPU, seed=1)
+    runner, xg = bench._EagerRunner(w, s), x.clone().requires_grad_()
+    with FlopCounterMode(display=False) as fwd:
+        y = runner(xg)
+    with FlopCounterMode(display=False) as bwd:
+        y.backward(dy)
+    assert s.flops(False) == fwd.get_total_flops()
+    assert s.flops(True) == fwd.get_total_flops() + bwd.get_total_flops()
+    weights = [w.A, w.B, w.route]
+    forward = [x, y, *weights]
+    assert s.bytes_moved(False) == sum(t.numel() * t.element_size() for t in forward)
+    backward = [dy, x, xg.grad, runner.A.grad, runner.B.grad, runner.route.grad]
+    assert s.bytes_moved(True) == sum(t.numel() * t.element_size() for t in forward + backward)
+
+
+def test_speedups_and_rates_come_from_the_medians(monkeypatch):
+    """A provider's speed-up is the HydraLoRA loop's median over its own (found by name, not
+    position); GB/s, TFLOP/s and the roofline fraction (on a GPU of GPU_PEAKS: the time the
+    bytes or the FLOPs take at its peak, whichever is longer, over the median) come from the
+    pass's bytes and FLOPs. The GPU is a stand-in: the inputs stay on the CPU."""
+    medians = {"fwd": [0.5, 4.0], "fwd+bwd": [3.0, 12.0]}  # eager, loop
+    passes = iter(bench.PASSES)
+
+    def fake_timings(fns, device, min_time):
+        return [{"median_ms": m, "q1_ms": m, "q3_ms": m, "reps": 3, "calls_per_rep": 1}
+                for m in medians[next(passes)]]
+
+    make_inputs = bench.make_inputs
+    monkeypatch.setattr(bench, "make_inputs", lambda s, device, seed=0: make_inputs(s, CPU, seed))
+    monkeypatch.setattr(bench, "time_in_turns", fake_timings)
+    monkeypatch.setattr(bench, "peak_bytes", lambda fn, device: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    providers = [bench.Provider("torch-eager", bench._EagerRunner),
+                 bench.Provider("hydralora-loop", bench._LoopRunner)]
+    gpu = types.SimpleNamespace(type="cuda")
+    eager, loop = bench.bench_shape(TINY, providers, gpu, 0.0)
+    assert (eager["fwd"]["speedup"], eager["fwd+bwd"]["speedup"]) == (8.0, 4.0)
+    assert loop["fwd"]["speedup"] == loop["fwd+bwd"]["speedup"] == 1.0
+    bw, flops = 2.0e12, 378e12 / 3  # H100 PCIe, fp32 (tf32x3)
+    for name, back, ms in (("fwd", False, 0.5), ("fwd+bwd", True, 3.0)):
+        nbytes, nflops = TINY.bytes_moved(back), TINY.flops(back)
+        assert eager[name]["GBps"] == pytest.approx(nbytes / ms / 1e6)
+        assert eager[name]["TFLOPs"] == pytest.approx(nflops / ms / 1e9)
+        floor_ms = 1e3 * max(nbytes / bw, nflops / flops)
+        assert eager[name]["roofline"] == pytest.approx(floor_ms / ms)
 
 
 def test_an_unrunnable_provider_is_reported():
@@ -320,6 +391,30 @@ def test_bench_refuses_a_device_or_providers_it_cannot_run(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_bench_exits_1_when_a_provider_is_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "default_providers", lambda device, interpreted=False: (
+        [bench.Provider("hydralora-loop", bench._LoopRunner), bench.Provider("scaled", _Scaled)],
+        {}))
+    assert main(["bench", "--device", "cpu", "--tokens", "4", "--hidden", "16", "--experts",
+                 "2", "--groups", "1", "--rank", "2", "--min-time", "0.001", "--no-progress",
+                 "--out", str(tmp_path)]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert "scaled refused at T=4" in text and "y rel. err" in text
+
+
+def test_bench_runs_on_the_threads_it_is_given(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert main(["bench", "--device", "cpu", "--threads", str(before + 1), "--tokens", "4",
+                     "--hidden", "16", "--experts", "2", "--groups", "1", "--rank", "2",
+                     "--min-time", "0.001", "--no-progress", "--providers", "hydralora-loop",
+                     "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    meta = json.loads((tmp_path / "bench.json").read_text())["machine"]
+    assert meta["threads"] == before + 1
+
+
 def test_bench_in_fp64_accepts_hydraloras_fp32_softmax(tmp_path):
     """HydraLoRA takes its softmax in fp32 even for fp64 inputs (3e-8 off the fp64 reference):
     the check must not refuse the baseline the table is relative to."""
@@ -351,6 +446,15 @@ def test_info_prints_backends_and_build_metadata(monkeypatch, capsys):
 
     for name in ("transformers", "accelerate"):  # the integrations' libraries (CI has both)
         assert f"{name}  {importlib.metadata.version(name)}" in text
+    # A backend that is not available is listed with the reason.
+    monkeypatch.setattr(backends, "report", lambda: {
+        "torch": "available", "triton": "triton is not installed (no module named 'triton')",
+        "cuda": "the CUDA extension needs a CUDA tensor (no GPU here)"})
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "     torch  available" in lines
+    assert "    triton  triton is not installed (no module named 'triton')" in lines
+    assert "      cuda  the CUDA extension needs a CUDA tensor (no GPU here)" in lines
     # The build facts come from the loaded extension (a stand-in with _C's attributes here).
     ext = types.SimpleNamespace(arch_list="800,900", cuda_version="13.0", torch_version="2.11.0")
     monkeypatch.setattr(backends, "_cuda_extension", lambda: (ext, ""))

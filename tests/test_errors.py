@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_to_reference
 
-from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, mix
+from mtlora_kernels import MTLoRAAdapter, MTLoRAConfig, mix, mix_reference
 
 
 @pytest.fixture
@@ -40,6 +41,7 @@ def call(ok, **kw):
      r"seed must be in \[0, 2\^63\), got 9223372036854775808"),
     (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an integer, got float 1.5"),
     (dict(scaling=float("nan")), ValueError, r"scaling must be finite"),
+    (dict(scaling=-float("inf")), ValueError, r"scaling must be finite, got -inf"),
     # a string failed in a comparison ("'<=' not supported"), a complex number in float(), and
     # a tensor that requires grad was detached without a word
     (dict(dropout_p="0.1"), TypeError, r"dropout_p must be a real number, got str '0.1'"),
@@ -112,6 +114,14 @@ def test_env_backend_is_honoured(ok, monkeypatch):
     monkeypatch.setenv("MTLORA_BACKEND", "nope")
     with pytest.raises(ValueError, match="backend must be one of"):
         call(ok)
+    # A valid name is the backend used (cuda: unavailable for these CPU tensors) ...
+    monkeypatch.setenv("MTLORA_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="'cuda' was requested but is unavailable"):
+        call(ok)
+    # ... unless the call names one.
+    y = call(ok, backend="torch", scaling=0.5)
+    ref = mix_reference(*(ok[k].double() for k in ("x", "A", "B", "W")), groups=2, scaling=0.5)
+    assert_close_to_reference(y, ref, torch.float32, "backend= over $MTLORA_BACKEND")
 
 
 @pytest.mark.parametrize("usable,dtype,r,n,want", [

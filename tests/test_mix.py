@@ -165,6 +165,17 @@ def test_residual_is_added_in_the_same_pass(external):
             assert_close_to_reference(a, b, torch.float32, name)
 
 
+def test_autocast_leaves_fp64_inputs_in_fp64():
+    """Under torch.autocast mix casts fp16 / bf16 / fp32 inputs to the region's dtype, as a
+    linear layer does, but never fp64 ones (autocast keeps fp64): y is the fp64 reference."""
+    x, A, B, W = random_inputs(7, 12, 8, 3, 2, 2, seed=21)[:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mix(x, A, B, W, groups=2, scaling=1.5, backend="torch")
+    assert y.dtype == torch.float64
+    ref = mix_reference(x, A, B, W, groups=2, scaling=1.5)
+    assert_close_to_reference(y, ref, torch.float64, "fp64 under a bf16 autocast")
+
+
 def test_task_id_one_hot_routing_selects_one_expert():
     x, A, B, _, _ = make_inputs(4, 8, 6, 2, 3, 1, torch.float64)
     task = torch.tensor([0, 2, 1, 2])

@@ -69,6 +69,18 @@ def test_modules_on_meta_match_the_closed_forms(r, N, g):
     assert rows[f"mtLoRA block FFN, g={g}"][0] == L * (d * r + N * r * d + router)
 
 
+def test_a_count_that_disagrees_with_its_closed_form_exits_1(monkeypatch, capsys):
+    """The table is printed only where the modules' count and the closed form agree."""
+    from mtlora_kernels import cli
+
+    monkeypatch.setattr(cli, "count_params", lambda dims, rank, experts, groups: [
+        ("mtLoRA block FFN, g=1", 4096, 4097)])
+    assert main(["params", "--hidden-size", "64", "--layers", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "mtLoRA block FFN, g=1: the modules hold 4,096 parameters but the formula gives " \
+           "4,097" in captured.err and "4,096" not in captured.out
+
+
 def test_counts_do_not_allocate_weights():
     """A 70B-sized model with r = N = 64: ~60 GB of fp32 adapters over the five placements,
     more than this 24 GB machine holds; on the meta device they take no memory."""
