@@ -10,6 +10,7 @@ the model taken before attaching.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import tempfile
 from dataclasses import replace
@@ -25,8 +26,8 @@ transformers = pytest.importorskip("transformers")
 from conftest import REL_TOL, assert_close_to_reference, rel_err  # noqa: E402
 from mtlora_kernels import MTLoRAConfig, attach  # noqa: E402
 from mtlora_kernels.integrations.hf import (  # noqa: E402
-    ADAPTER_ATTR, DUAL_ENCODERS, ENCODER_DECODERS, SUPPORTED_ARCHITECTURES, _block_hook,
-    get_handle, normalized_layers)
+    ADAPTER_ATTR, DUAL_ENCODERS, ENCODER_DECODERS, SUPPORTED_ARCHITECTURES, _argument_index,
+    _block_hook, _residual_hook, get_handle, normalized_layers)
 from mtlora_kernels.losses import SpectralRegularizer, balance_loss  # noqa: E402
 from mtlora_kernels.reference import balance_loss_reference, mix_reference  # noqa: E402
 
@@ -1801,6 +1802,15 @@ def test_the_norm_the_hook_applies_again_is_the_sub_layers_own(family):
         assert torch.equal(balance_loss(model), before) and before > 0
 
 
+def _hooked(module: nn.Module, cfg: MTLoRAConfig) -> nn.Module:
+    """``module`` holding a random adapter of width 16, as attach hangs one on its host."""
+    from mtlora_kernels import MTLoRAAdapter
+
+    setattr(module, ADAPTER_ATTR, MTLoRAAdapter(16, config=cfg))
+    randomize(type("H", (), {"adapters": {"a": getattr(module, ADAPTER_ATTR)}})())
+    return module
+
+
 def test_the_hook_reads_z_from_the_first_argument_by_any_keyword():
     """A sub-layer called by keyword gets its adapter on that argument: ``hidden_states=``, or the
     name its forward gives its first parameter (DistilBERT's attention is called with query=,
@@ -1810,13 +1820,8 @@ def test_the_hook_reads_z_from_the_first_argument_by_any_keyword():
         def forward(self, query=None, key=None, value=None):
             return (2 * (query if query is not None else key), None)
 
-    from mtlora_kernels import MTLoRAAdapter
-
-    sub = Attention()
     cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
-    setattr(sub, ADAPTER_ATTR, MTLoRAAdapter(16, config=cfg))
-    handle = type("H", (), {"adapters": {"a": getattr(sub, ADAPTER_ATTR)}})()
-    randomize(handle)
+    sub = _hooked(Attention(), cfg)
     sub.register_forward_hook(_block_hook, with_kwargs=True)
     x = torch.randn(2, 5, 16)
     want = 2 * x + delta(x, getattr(sub, ADAPTER_ATTR), cfg)
@@ -1825,6 +1830,100 @@ def test_the_hook_reads_z_from_the_first_argument_by_any_keyword():
     with pytest.raises(RuntimeError, match=r"Attention found no input: the layer called it with "
                                            r"keywords \['key', 'value'\].*nor query="):
         sub(key=x, value=x)
+
+    class Passing(nn.Module):  # a forward that names no parameter hidden_states
+        def forward(self, *args, **kwargs):
+            return 2 * kwargs["hidden_states"]
+
+    passing = Passing()
+    setattr(passing, ADAPTER_ATTR, getattr(sub, ADAPTER_ATTR))
+    passing.register_forward_hook(_block_hook, with_kwargs=True)
+    assert rel_err(passing(hidden_states=x), want) <= TOL
+
+
+def test_the_hook_keeps_the_outputs_kind_shape_and_other_elements():
+    """A sub-layer's output: a tensor, a tuple (attention's weights, an MoE block's router
+    logits after it) or a list (GPT-1's attention) gets the adapter's delta on its first element,
+    the others passed on as they are, the container of its kind; an output of another shape
+    than z with as many elements (Llama 4's MoE block: [B*S, d]) in its own shape."""
+
+    class Sub(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+
+        def forward(self, h):
+            y = 2 * h
+            if self.kind == "flat":
+                return y.reshape(-1, h.shape[-1])
+            return y if self.kind is None else self.kind([y, h.sum(-1)])
+
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+    x = torch.randn(2, 5, 16)
+    for kind in (None, "flat", tuple, list):
+        sub = _hooked(Sub(kind), cfg)
+        sub.register_forward_hook(_block_hook, with_kwargs=True)
+        want = 2 * x + delta(x, getattr(sub, ADAPTER_ATTR), cfg)
+        out = sub(x)
+        if kind in (tuple, list):
+            assert type(out) is kind and len(out) == 2 and torch.equal(out[1], x.sum(-1))
+            out = out[0]
+        elif kind == "flat":
+            assert out.shape == (10, 16)
+            want = want.reshape(10, 16)
+        assert rel_err(out, want) <= TOL
+
+
+def test_the_residual_hook_replaces_the_residual_argument_by_position_or_keyword():
+    """The pre-hook on a module that ends a sub-layer and adds the residual r it gets (BERT's
+    output modules; ESM's, with the sub-layer's norm) gives it ``r + adapter(z)`` for r, z = r
+    (or norm(r)), whether the layer passes r by position or by keyword, the other arguments
+    passed on as they are."""
+
+    class Output(nn.Module):
+        def forward(self, hidden_states, input_tensor, scale=1.0):
+            return scale * hidden_states + input_tensor
+
+    cfg = MTLoRAConfig(r=4, num_experts=3, groups=2, alpha=8.0, dropout=0.0)
+    norm = distinct_norms(nn.LayerNorm(16))
+    h, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    for n in (None, norm):
+        out = _hooked(Output(), cfg)
+        out.register_forward_pre_hook(functools.partial(
+            _residual_hook, arg="input_tensor", index=_argument_index(out, "input_tensor"),
+            norm=n), with_kwargs=True)
+        want = 3 * h + r + delta(r if n is None else n(r), getattr(out, ADAPTER_ATTR), cfg)
+        for call in (lambda: out(h, r, 3.0), lambda: out(h, input_tensor=r, scale=3.0),
+                     lambda: out(hidden_states=h, input_tensor=r, scale=3.0)):
+            assert rel_err(call(), want) <= TOL
+
+
+def test_of_alternative_hosts_the_first_the_layer_has_gets_the_adapter(monkeypatch):
+    """A table field of alternatives (a hybrid stack's ``self_attn`` or ``linear_attn``) names
+    the host in its order: the first the layer has, where it has more than one of them."""
+    monkeypatch.setitem(SUPPORTED_ARCHITECTURES, "llama", replace(
+        SUPPORTED_ARCHITECTURES["llama"], attn=("linear_attn", "self_attn", "mlp")))
+    handle = attach(tiny_model("llama"), MTLoRAConfig(r=2, num_experts=2, groups=1),
+                    placement="attn")
+    assert list(handle.adapters) == [f"model.layers.{i}.self_attn.mtlora_adapter"
+                                     for i in (0, 1)]
+
+
+def test_target_names_match_whole_path_parts_within_whole_layers():
+    """A target name matches a module's path or its last dotted parts, not the end of a name
+    ('q_proj' is not 'xq_proj'); layers=[1] scopes the targets to layer 1, not to every path
+    that starts with 'model.layers.1' (layer 10's)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.xq_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    cfg = MTLoRAConfig(r=2, num_experts=2, groups=1)
+    handle = attach(nn.Sequential(Block()), cfg, target_modules="q_proj")
+    assert list(handle.adapters) == ["0.q_proj.adapter"]
+    handle = attach(tiny_model("llama", layers=11), cfg, target_modules="q_proj", layers=[1])
+    assert list(handle.adapters) == ["model.layers.1.self_attn.q_proj.adapter"]
 
 
 def test_gemma4s_per_layer_input_and_layer_scalar_take_the_delta_as_the_ffns_output():
