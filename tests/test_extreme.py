@@ -59,10 +59,9 @@ def _compare(backend, inputs: dict, *, groups=G, scaling=2.0, dy_scale=1.0, what
     """Run the op on ``inputs`` (x, A, B and W or logits) and check y, pi and the gradient of
     every input: finite, and within the table's tolerance of the fp64 run, or within 2x the
     error of the reference run in the same dtype (plain PyTorch) where that is larger and
-    finite (conftest.baseline_tolerance). Inputs
-    named in ``unscored`` only have their gradient checked for finiteness. The upstream
-    gradient is standard normal times ``dy_scale``. Returns the
-    backend's routing weights and gradients (on CPU)."""
+    finite (conftest.baseline_tolerance). Inputs named in ``unscored`` only have their gradient
+    checked for finiteness. The upstream gradient is standard normal times ``dy_scale``.
+    Returns the backend's routing weights and gradients (on CPU)."""
     dtype = inputs["x"].dtype
     n = inputs["B"].shape[0]
 
