@@ -99,6 +99,14 @@ def test_setup_rejects_unknown_build_mode():
     assert "MTLORA_BUILD_CUDA must be auto, 1 or 0" in out.stderr
 
 
+def test_setup_told_to_build_the_extension_fails_without_a_toolkit(tmp_path):
+    """MTLORA_BUILD_CUDA=1 (gpu_prebuilt.py make, build_wheel.py, gpu_check.sh's build) must
+    fail when the extension cannot be built, not build a package without it."""
+    out = _setup({"MTLORA_BUILD_CUDA": "1", "CUDA_HOME": str(tmp_path)}, "--version")
+    assert out.returncode != 0
+    assert "MTLORA_BUILD_CUDA=1 but the CUDA extension cannot be built" in out.stderr, out.stderr
+
+
 def _compile_flags(command: list[str]) -> dict[str, set[str]]:
     """The flags of one compile command that make the object what it is: defines, optimization,
     language standard, nvcc's options and the SASS targets."""
@@ -243,6 +251,32 @@ def test_wheel_ships_no_file_of_an_earlier_build(tmp_path):
     assert "mtlora_kernels/deleted_since.py" not in names
 
 
+def test_wheel_build_gives_setup_the_archs_label_and_build_mode(tmp_path, monkeypatch):
+    """What build() hands `pip wheel` (run for real by the test above) in its environment: the
+    arch list asked for (ci_build_check.sh's "8.0 9.0"), else none of its own, the label of the
+    torch and CUDA here, and whether to build the extension."""
+    from types import SimpleNamespace
+
+    tool = _load_tool("build_wheel")
+    envs = []
+
+    def pip_wheel(cmd, env, check):
+        envs.append(env)
+        out = Path(cmd[cmd.index("-w") + 1])
+        (out / f"mtlora_kernels-0.1.0+{env['MTLORA_LOCAL_VERSION']}-py3-none-any.whl").touch()
+
+    monkeypatch.setattr(tool, "subprocess", SimpleNamespace(run=pip_wheel))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    wheel = tool.build("8.0 9.0", tmp_path / "cuda", cuda=True)
+    assert wheel.name == f"mtlora_kernels-0.1.0+cu130torch{minor}-py3-none-any.whl"
+    assert (envs[0]["TORCH_CUDA_ARCH_LIST"], envs[0]["MTLORA_BUILD_CUDA"]) == ("8.0 9.0", "1")
+    wheel = tool.build(None, tmp_path / "cpu", cuda=False)
+    assert wheel.name == f"mtlora_kernels-0.1.0+cputorch{minor}-py3-none-any.whl"
+    assert "TORCH_CUDA_ARCH_LIST" not in envs[1] and envs[1]["MTLORA_BUILD_CUDA"] == "0"
+
+
 def test_prebuilt_digest_follows_sources_and_arch(tmp_path):
     tool = _load_tool("gpu_prebuilt")
     root = _prebuilt_tree(tmp_path, "9.0")
@@ -290,6 +324,18 @@ def test_prebuilt_extension_is_refused_for_other_sources_or_arch(tmp_path):
     ok, why = tool.use("9.0", root=root)
     assert not ok and "other sources" in why
     assert not list((root / "mtlora_kernels").glob("_C*"))
+    # Built by another Python: refused before the load check, whose import could find an
+    # extension an earlier build left on a warm machine under this Python's name.
+    (root / "csrc" / "common.cuh").write_text((ROOT / "csrc" / "common.cuh").read_text())
+    other = "_C.cpython-399-x86_64-linux-gnu.so"
+    manifest = json.loads((root / "gpu_prebuilt" / "manifest.json").read_text())
+    (root / "gpu_prebuilt" / "manifest.json").write_text(json.dumps(dict(manifest,
+                                                                         library=other)))
+    (root / "gpu_prebuilt" / library).rename(root / "gpu_prebuilt" / other)
+    ok, why = tool.use("9.0", root=root)
+    assert not ok and why.startswith(f"{other} is not for this Python"), why
+    (root / "gpu_prebuilt" / other).rename(root / "gpu_prebuilt" / library)
+    (root / "gpu_prebuilt" / "manifest.json").write_text(json.dumps(manifest))
     (root / "gpu_prebuilt" / library).unlink()
     assert tool.use("9.0", root=root) == (False, f"gpu_prebuilt/{library} is missing")
     (root / "gpu_prebuilt" / "manifest.json").unlink()
@@ -322,7 +368,51 @@ def test_prebuilt_extension_that_fits_is_installed(tmp_path):
     assert installed.read_bytes() == lib
 
 
-def _gpu_check(tmp_path, steps, cases: str, timeout: float = 120):
+def test_prebuilt_make_leaves_what_use_installs_on_the_device(tmp_path, monkeypatch):
+    """make, end to end with a stand-in interpreter for the build (it records what it is asked
+    and leaves a library): it builds for the arch asked, and its manifest is accepted by use
+    in the copy of the tree a run sends (tracked and untracked files, no ignored ones: here an
+    untracked new header and an ignored object file in csrc/; gpu_prebuilt/ carried)."""
+    import shutil
+    import sysconfig
+
+    tool = _load_tool("gpu_prebuilt")
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    shutil.copy2(ROOT / "setup.py", tree / "setup.py")
+    (tree / ".gitignore").write_text("*.o\n/build/\n/gpu_prebuilt/\n")
+    subprocess.run(["git", "init", "-q"], cwd=tree, check=True)
+    subprocess.run(["git", "add", "."], cwd=tree, check=True)
+    (tree / "csrc" / "new.cuh").write_text("// not added yet: sent all the same\n")
+    (tree / "csrc" / "stale.o").write_bytes(b"ignored: not sent")
+    name = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+    (tmp_path / "lib.so").write_bytes(_fake_extension(tmp_path, "800", "2.11.0"))
+    builder = tmp_path / "python"
+    builder.write_text("#!/usr/bin/env bash\n"
+                       'if [ "$1" = setup.py ]; then\n'
+                       f'  echo "$TORCH_CUDA_ARCH_LIST $MTLORA_BUILD_CUDA $*" > {tmp_path}/asked\n'
+                       f"  mkdir -p mtlora_kernels && cp {tmp_path}/lib.so mtlora_kernels/{name}\n"
+                       'else echo "2.11.0 3 12"; fi\n')
+    builder.chmod(0o755)
+    monkeypatch.setattr(tool, "ROOT", tree)
+    monkeypatch.setattr(tool, "OUT", tree / "gpu_prebuilt")
+    assert tool.make(builder, "8.0") == tree / "gpu_prebuilt" / name
+    assert (tmp_path / "asked").read_text().split() == ["8.0", "1", "setup.py", "-q",
+                                                        "build_ext", "--inplace"]
+    manifest = json.loads((tree / "gpu_prebuilt" / "manifest.json").read_text())
+    assert {k: manifest[k] for k in ("library", "arch", "torch", "python")} == {
+        "library": name, "arch": "8.0", "torch": "2.11.0", "python": "3.12"}
+    device = tmp_path / "device"
+    shutil.copytree(tree, device, ignore=shutil.ignore_patterns("*.o", ".git", "build"))
+    (device / "mtlora_kernels").mkdir()
+    loads = tmp_path / "loads"  # the load check itself: test_prebuilt_extension_that_fits_...
+    loads.write_text('#!/bin/sh\necho "loads: $3"\n')
+    loads.chmod(0o755)
+    assert tool.use("8.0", root=device, python=str(loads)) == (True, "loads: sm_80")
+    assert (device / "mtlora_kernels" / name).is_file()
+
+
+def _gpu_check(tmp_path, steps, cases: str, timeout: float = 120, budget: int = 200):
     """gpu_check.sh STEPS with a stand-in interpreter (``cases``: its extra ``case`` arms; it
     reports an sm_90 GPU, runs `info`, and prints anything else it is asked and exits 3) ->
     (returncode, stdout, the log). Run in its own process group, killed whole at ``timeout``
@@ -339,7 +429,7 @@ def _gpu_check(tmp_path, steps, cases: str, timeout: float = 120):
     fake.chmod(0o755)
     out = tmp_path / "out"
     proc = subprocess.Popen(["bash", str(ROOT / "python" / "tools" / "gpu_check.sh"), *steps],
-                            env=dict(os.environ, PY=str(fake), OUT=str(out), BUDGET="200"),
+                            env=dict(os.environ, PY=str(fake), OUT=str(out), BUDGET=str(budget)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -355,10 +445,11 @@ def _gpu_check(tmp_path, steps, cases: str, timeout: float = 120):
 
 @pytest.mark.parametrize("prebuilt_fits", [True, False])
 def test_gpu_check_build_step_uses_the_prebuilt_extension_or_compiles(tmp_path, prebuilt_fits):
-    """gpu_check.sh's build step: when gpu_prebuilt.py use succeeds the step passes without
-    compiling, else it compiles (the stand-in's compile fails, so the script must exit 1)."""
-    rc, stdout, log = _gpu_check(tmp_path, ["build"], '  *"gpu_prebuilt.py use"*) echo "prebuilt:'
-                                 f' fake"; exit {0 if prebuilt_fits else 1} ;;\n')
+    """gpu_check.sh's build step: when gpu_prebuilt.py use succeeds (asked for the GPU's
+    capability as make's --arch writes it, 9.0) the step passes without compiling, else it
+    compiles (the stand-in's compile fails, so the script must exit 1)."""
+    rc, stdout, log = _gpu_check(tmp_path, ["build"], '  *"gpu_prebuilt.py use --arch 9.0") echo'
+                                 f' "prebuilt: fake"; exit {0 if prebuilt_fits else 1} ;;\n')
     summary = stdout[stdout.index("== summary"):]
     assert "info: fake" in log  # `info` after the steps
     if prebuilt_fits:
@@ -397,8 +488,68 @@ def test_gpu_check_logs_a_step_as_it_runs(tmp_path):
                                  '  *"-m pytest"*) echo "pytest: $*"; sleep 60 ;;\n', timeout=8)
     assert rc != 0
     assert re.search(r"pytest: -m pytest .*-p timeout --timeout 120 --timeout-method thread "
-                     r".*tests/test_cuda_mix\.py", log)
+                     r"-m not emulator -k not triton or agrees_with_triton "
+                     r"tests/test_cuda_mix\.py", log), log
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["gpu_check.log"]
+
+
+# A stand-in for every step's command that passes: _C imports, the prebuilt fits, and pytest,
+# the benchmark, the profile and a compute-sanitizer's run of the snippet (where one is found)
+# print what they were asked and exit 0.
+_PASSING = ('  *"import mtlora_kernels._C"* | *"import pytest_timeout"*) ;;\n'
+            '  *"gpu_prebuilt.py use --arch 9.0") echo "prebuilt: fake" ;;\n'
+            '  *"-m pytest"* | *" bench "* | *profile_mix.py* | *"from mtlora_kernels.ops.mix"*)'
+            ' echo "asked: $*" ;;\n')
+
+
+def test_gpu_check_runs_the_default_steps_in_order_and_passes(tmp_path):
+    """No STEP: build, test, bench, sanitize, test-more and profile, in that order, then `info`;
+    exit 0 when every step passed or was skipped (here compute-sanitizer may be missing)."""
+    rc, stdout, log = _gpu_check(tmp_path, [], _PASSING)
+    assert rc == 0, stdout
+    headers = [h for h in re.findall(r"^== (\S+)", log, re.M) if not h.startswith("sanitize")]
+    assert headers == ["test-cuda_mix", "bench", "bench-noclusters", "test-more-extreme",
+                       "test-more-determinism", "test-more-fuzz", "profile", "info",
+                       "summary"], log
+    summary = stdout[stdout.index("== summary"):]
+    assert re.search(r"^build +rc 0 in \d+ s \(the prebuilt", summary, re.M), summary
+    assert re.search(r"^sanitize-memcheck +(rc 0|compute-sanitizer not found|skipped)", summary,
+                     re.M) or re.search(r"^sanitize +skipped: gVisor", summary, re.M), summary
+
+
+def test_gpu_check_steps_share_the_budget(tmp_path):
+    """A step's limit is cut to what is left of $BUDGET (less 15 s for the summary), and a step
+    with under 30 s left is skipped, which is no failure."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    rc, stdout, log = _gpu_check(tmp_path / "a", ["test"], _PASSING, budget=100)
+    assert rc == 0, stdout
+    limit = int(re.search(r"^== test-cuda_mix \(limit (\d+)s\)", log, re.M).group(1))
+    assert 70 <= limit <= 85, log  # not its own 200 s
+    rc, stdout, log = _gpu_check(tmp_path / "b", ["test", "bench"], _PASSING, budget=44)
+    assert rc == 0, stdout
+    for s in ("test-cuda_mix", "bench", "info"):
+        assert re.search(rf"^{s} +skipped: budget spent", stdout, re.M), stdout
+    assert "asked:" not in log
+
+
+def test_ci_build_check_checks_the_archs_it_builds_and_runs_tests_that_exist():
+    """ci_build_check.sh runs in CI only (its two-arch build takes minutes): the archs its
+    wheel and its CMake compile are built for must be those it asserts the wheel reports, and
+    each name in its pytest -k must still select a test (a renamed one would drop out of the
+    selection without a failure)."""
+    import ast
+
+    script = (ROOT / "python" / "tools" / "ci_build_check.sh").read_text()
+    asserted = ast.literal_eval(re.search(r'set\(info\["extension_archs"\]\) == (\{[^}]*\})',
+                                          script).group(1))
+    wheel = re.search(r'build_wheel\.py" --archs "([^"]+)"', script).group(1).split()
+    assert {f"sm_{a.replace('.', '')}" for a in wheel} == asserted, (wheel, asserted)
+    cmake = re.search(r'-DCMAKE_CUDA_ARCHITECTURES="([^"]+)"', script).group(1).split(";")
+    assert {f"sm_{a}" for a in cmake} == asserted, (cmake, asserted)
+    (selection,) = re.findall(r'test_build\.py" \\\n\s*-k "([^"]+)"', script)
+    tests = re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_build.py").read_text(), re.M)
+    for name in selection.split(" or "):
+        assert any(name in t for t in tests), f"-k {name!r} selects no test of test_build.py"
 
 
 # ---- build metadata -----------------------------------------------------------------------------

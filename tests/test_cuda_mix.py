@@ -407,6 +407,35 @@ def test_bindings_launch_clusters_unless_switched_off(monkeypatch):
 
 
 @pytest.mark.emulator
+def test_profile_mix_profiles_and_writes_each_backend(monkeypatch, tmp_path, capsys):
+    """python/tools/profile_mix.py (gpu_check.sh's profile step) on the CPU with the emulated
+    cuda backend: each available backend profiled, its table printed and written to --out
+    (not triton here: its interpreted run would take seconds)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    cuda_emu.install(monkeypatch)
+    available = backends.available
+    monkeypatch.setattr(backends, "available", lambda name, device=None: (
+        (False, "not in this test") if name == "triton" else available(name, device)))
+    path = Path(__file__).resolve().parents[1] / "python" / "tools" / "profile_mix.py"
+    spec = importlib.util.spec_from_file_location("profile_mix", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "argv", ["profile_mix.py", "--tokens", "5", "--hidden", "24",
+                                      "--rank", "4", "--experts", "3", "--repeats", "1",
+                                      "--out", str(tmp_path)])
+    assert tool.main() == 0
+    out = capsys.readouterr().out
+    assert "== triton: unavailable (not in this test)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cuda.txt", "torch.txt"]
+    for name in ("cuda", "torch"):
+        assert f"== {name}: T=5 d=24 r=4 N=3 g=2 torch.float32, 1 calls" in out, out
+        assert "mtlora::mix_forward" in (tmp_path / f"{name}.txt").read_text(), name
+
+
+@pytest.mark.emulator
 def test_info_says_whether_the_forward_takes_clusters(monkeypatch, capsys):
     """`mtlora-kernels info` shows the cluster size bindings.cpp plans the forward with on
     device 0: up to 8 on the emulated sm_90 device, none with MTLORA_CUDA_CLUSTERS=0."""

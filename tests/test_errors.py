@@ -49,6 +49,11 @@ def call(ok, **kw):
     (dict(scaling=torch.tensor(2.0, requires_grad=True)), TypeError,
      r"scaling is a constant of the op and takes no gradient"),
     (dict(scaling=torch.tensor([2.0])), TypeError, r"scaling must be a real number, got Tensor"),
+    # a bool is no real number (True would be a scaling of 1); nor is a complex tensor; a
+    # one-element tensor of some dimensions is no integer (as numpy refuses such arrays)
+    (dict(scaling=True), TypeError, r"scaling must be a real number, got bool True"),
+    (dict(scaling=torch.tensor(1j)), TypeError, r"scaling must be a real number, got Tensor"),
+    (dict(groups=torch.tensor([2])), TypeError, r"groups must be an integer, got Tensor"),
     (dict(residual=torch.randn(5, 7)), ValueError, r"residual must have shape \(5, 6\)"),
     (dict(backend="fast"), ValueError, r"backend must be one of"),
     # d_in = 0 failed in a reshape ("cannot reshape tensor of 0 elements into shape [-1, 0]")
@@ -158,6 +163,8 @@ def test_empty_input_returns_empty(ok):
     (dict(num_experts=0), ValueError, "num_experts must be >= 1"),
     (dict(groups=0), ValueError, "groups must be >= 1"),
     (dict(dropout=1.5), ValueError, "dropout must be in"),
+    (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+    (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0.1"),
     (dict(r=2.5), TypeError, "r must be an integer, got float 2.5"),
     (dict(groups=True), TypeError, "groups must be an integer, got bool"),
     (dict(alpha="64"), TypeError, "alpha must be a real number, got str"),
