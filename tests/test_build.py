@@ -470,13 +470,23 @@ def test_gpu_check_refuses_an_unknown_step_before_running_any(tmp_path):
 
 def test_gpu_check_steps_fail_at_once_without_the_extension(tmp_path):
     """Without an importable _C the tests would skip and the benchmark leave the cuda backend
-    out, each passing; they fail instead, without running."""
+    out, each passing; they fail instead, without running. Steps after a build step ask
+    again (the answer was kept from the first check: `test build test-more` failed both)."""
     rc, stdout, log = _gpu_check(tmp_path, ["test", "bench", "sanitize", "profile"],
                                  '  *"import mtlora_kernels._C"*) exit 1 ;;\n')
     assert rc == 1, stdout
     for s in ("test", "bench", "sanitize", "profile"):
         assert re.search(rf"^{s} +failed: mtlora_kernels._C does not import", stdout, re.M), stdout
     assert "ran:" not in log.replace("ran: -c import sys, torch", "")  # only the environment
+    # A build between them (the prebuilt installed) makes the later steps ask again.
+    rc, stdout, log = _gpu_check(tmp_path, ["test", "build", "test-more"],
+                                 f'  *"import mtlora_kernels._C"*) [ -e {tmp_path}/built ] ;;\n'
+                                 f'  *"gpu_prebuilt.py use"*) touch {tmp_path}/built ;;\n'
+                                 '  *"import pytest_timeout"*) ;;\n'
+                                 '  *"-m pytest"*) echo "pytest ran" ;;\n')
+    assert rc == 1, stdout  # the first test step still failed
+    assert re.search(r"^test +failed: mtlora_kernels._C does not import", stdout, re.M), stdout
+    assert re.search(r"^test-more-fuzz +rc 0", stdout, re.M), stdout
 
 
 def test_gpu_check_logs_a_step_as_it_runs(tmp_path):

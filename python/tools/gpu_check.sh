@@ -97,6 +97,7 @@ need_ext() {  # need_ext STEP: 0 when mtlora_kernels._C imports, else marks STEP
 for s in "${steps[@]}"; do
   case $s in
     build)
+      EXT=unknown  # asked again after this build (a step before it may have found no _C)
       arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' \
         2>>"$LOG")
       if [ -z "$arch" ]; then
