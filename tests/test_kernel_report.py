@@ -6,7 +6,9 @@ compiler output correctly (tiny kernels defined here, compiled for real)."""
 from __future__ import annotations
 
 import ast
+import concurrent.futures as cf
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -131,6 +133,7 @@ def test_parsers_on_a_compiled_gemm(tiny_report, dtype, target):
     assert r["ptxas_registers"] == r["registers"]
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0
     assert r["shared_dynamic"] > 0  # the tl.dot operands are staged through shared memory
+    assert r["shared_total"] == r["shared_static"] + r["shared_dynamic"]
     family = {80: "HMMA", 90: "HGMMA"}[target]
     assert r["tensor_core_family"] == family
     ops = r["tensor_core"]
@@ -233,6 +236,8 @@ def test_spills_are_read(tiny_report, target):
     assert r["spill_stores"] > 0 and r["spill_loads"] > 0
     assert r["stack_bytes"] >= r["spill_loads"]
     assert f"{r['spill_stores']}/{r['spill_loads']} > budget 0" in kr.markdown(tiny_report)
+    within = _row(tiny_report, "tiny_gemm", "bf16,BK=32,BM=64,BN=64", target)  # no spills
+    assert kr._cells(within)[4] == "0/0"
 
 
 @pytest.mark.parametrize("target", kr.TARGETS)
@@ -273,6 +278,137 @@ def test_registry_mistakes_are_reported_clearly():
             for msg, (sig, consts) in bad.items()]
     for job, row in zip(jobs, kr.run_jobs(jobs, workers=1)):
         assert not row.ok and job.config in row.error, row.error
+
+
+
+# A ptxas -v log in the format nvcc 13.0 prints: two kernels and a __noinline__ device function,
+# whose properties come after its caller's; a performance warning that names its function. The
+# numbers are edited to be distinct, so that no field can stand in for another.
+_PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z5smallPf' for 'sm_90'
+ptxas info    : Function properties for _Z5smallPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 10 registers, used 1 barriers, 1024 bytes smem, 360 bytes cmem[0]
+ptxas info    : Compile time = 13.995 ms
+ptxas info    : Compiling entry function '_Z3bigPKfPfi' for 'sm_90'
+ptxas info    : Function properties for _Z3bigPKfPfi
+    480 bytes stack frame, 216 bytes spill stores, 248 bytes spill loads
+ptxas info    : Used 24 registers, used 0 barriers, 496 bytes cumulative stack size
+ptxas info    : Compile time = 132.984 ms
+ptxas info    : Function properties for _Z6helperPKfi
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized \
+due to the presence of Extern calls in the function '_Z5smallPf'
+"""
+
+
+def test_ptxas_log_is_read_per_function():
+    assert kr.parse_ptxas_log(_PTXAS_LOG) == {
+        "_Z5smallPf": {"stack": 0, "spill_stores": 0, "spill_loads": 0, "registers": 10,
+                       "notes": ["Potential Performance Loss: wgmma.mma_async instructions are "
+                                 "serialized due to the presence of Extern calls in the "
+                                 "function '_Z5smallPf'"]},
+        "_Z3bigPKfPfi": {"stack": 480, "spill_stores": 216, "spill_loads": 248,
+                         "registers": 24, "notes": []},
+        "_Z6helperPKfi": {"stack": 16, "spill_stores": 8, "spill_loads": 4, "notes": []},
+    }
+
+
+def test_predicated_tensor_core_instructions_are_counted():
+    sass = """\
+        /*0370*/                   HMMA.16816.F32.BF16 R4, R4, R8, RZ ;
+        /*0380*/               @P0 HMMA.16816.F32 R12, R16, R20, R12 ;
+        /*0390*/              @!UP1 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
+        /*03a0*/                   HFMA2.MMA R2, -RZ, RZ, 0, 0 ;
+        /*03b0*/              @!P2 BRA 0x3c0 ;
+"""
+    assert [m.groups() for m in kr._SASS_TC_RE.finditer(sass)] == [
+        ("0370", "HMMA.16816.F32.BF16"), ("0380", "HMMA.16816.F32"),
+        ("0390", "HGMMA.64x64x16.F32.BF16")]
+
+
+_SM80_ONLY_CU = r"""
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 800
+#error compiled for the wrong target
+#endif
+__global__ void stage(float* y) {
+  __shared__ float t[256];
+  t[threadIdx.x] = y[threadIdx.x];
+  __syncthreads();
+  y[threadIdx.x] = t[255 - threadIdx.x];
+}
+"""
+
+
+def test_cuda_path_compiles_for_the_target_asked(tmp_path):
+    """A .cu that only compiles for sm_80: it does for 80 (static shared memory read from the
+    cubin: 256 floats), and for 90 the row says nvcc failed and why."""
+    if kr.nvcc_path() is None:
+        pytest.skip("nvcc not found (CUDA_HOME / PATH)")
+    cu = tmp_path / "sm80.cu"
+    cu.write_text(_SM80_ONLY_CU)
+    (r80,), _ = kr.compile_cuda(str(cu), 80)
+    assert r80.ok and r80.kernel == "stage" and r80.shared_static == 256 * 4 == r80.shared_total
+    (r90,), (code90,) = kr.compile_cuda(str(cu), 90)
+    assert not r90.ok and code90 == b"" and "wrong target" in r90.error
+
+
+def test_cli_kernels_exit_status_is_1_when_a_variant_fails(tiny_report, capsys):
+    """The exit status follows the rows: 1 with the K = 8 configs failing, 0 without them."""
+    import argparse
+
+    args = argparse.Namespace(kernel=None, target=None, jobs=None, no_cuda=True, json=False,
+                              markdown=True)
+    ok = dict(tiny_report, rows=[r for r in tiny_report["rows"] if r["ok"]])
+    for report, status in ((tiny_report, 1), (ok, 0)):
+        with mock.patch.object(kr, "collect", return_value=report):
+            assert kr.run(args) == status
+    capsys.readouterr()
+
+
+def _cubin_reads_one_more_register():
+    """Worker initializer: cuobjdump's register counts one too high, the ptxas log untouched."""
+    kr._worker_init()
+    real = kr.resource_usage
+    kr.resource_usage = lambda cubin: {f: u | {"REG": u["REG"] + 1} for f, u in real(cubin).items()}
+
+
+def test_the_two_register_readings_are_independent(triton_cache):
+    """``registers`` comes from the cubin and ``ptxas_registers`` from the ptxas log, so the
+    compile tests' check that they agree can fail."""
+    (job,) = kr.triton_jobs([SCALE], (90,))
+    with mock.patch.dict(os.environ, triton_cache):
+        # The worker imports this module before its initializer runs: not under the interpreter.
+        os.environ.pop("TRITON_INTERPRET", None)
+        with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_cubin_reads_one_more_register) as pool:
+            row, _ = pool.submit(kr.compile_triton, job).result()
+    assert row.ok and row.registers == row.ptxas_registers + 1 > 1
+
+
+def test_full_signature_marks_pointers_and_divisible_integers():
+    """What the JIT would see: every pointer and each integer in ``divisible_ints`` 16-divisible,
+    an integer given in ``constexprs`` a constant, constexpr defaults filled in."""
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(kr._python_function(_tiny_gemm))
+    sig = {k: v.format(dtype="bf16") for k, v in _GEMM_SIG.items() if k != "stride_c"}
+    full, consts, attrs = kr._full_signature(fn, sig, {"BM": 64, "BN": 32, "BK": 16,
+                                                       "stride_c": 1}, ("stride_a",))
+    assert list(full.values()) == ["*bf16"] * 3 + ["i32"] * 3 + ["constexpr"] * 4
+    assert consts == {"stride_c": 1, "BM": 64, "BN": 32, "BK": 16}
+    assert attrs == {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 4)}
+
+
+def test_cuda_sources_are_the_listed_cu_files_without_torch_headers(tmp_path):
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "k.cu").write_text("__global__ void k() {}\n")
+    (csrc / "b.cu").write_text("#include <torch/extension.h>\n")
+    (csrc / "sources.txt").write_text(
+        "# once: csrc/old.cu\ncsrc/bindings.cpp\ncsrc/k.cu\ncsrc/b.cu\ncsrc/missing.cu\n")
+    assert kr.cuda_sources(csrc) == ([csrc / "k.cu", csrc / "missing.cu"], [csrc / "b.cu"])
 
 
 # ----------------------------------------------------------------------------- the real kernels
@@ -375,3 +511,38 @@ def test_nvcc_flags_are_the_builds():
     assert len(given) == 1, "setup.py should pass nvcc flags in one place"
     assert kr.nvcc_flags()[:len(given[0])] == given[0]
     assert any(f.startswith("-std=") for f in given[0]), "torch would pick the C++ standard"
+
+
+def test_triton_jobs_are_every_config_in_every_dtype_for_every_target():
+    """One job per (dtype, configuration, target), its pointer types in that dtype, labelled by
+    the configuration (the dtype first where a kernel has several); no two share a label."""
+    assert [(j.config, j.target, j.signature["x_ptr"]) for j in kr.triton_jobs([SCALE])] == [
+        ("BLOCK=1024,w4,s1", 80, "*fp32"), ("BLOCK=1024,w4,s1", 90, "*fp32")]
+    got = {(j.config, j.target, j.signature["a_ptr"]) for j in kr.triton_jobs([GEMM])}
+    assert got == {(f"{d},{c}", t, f"*{d}") for d in ("bf16", "fp16") for t in (80, 90)
+                   for c in ("BK=32,BM=64,BN=64,w4,s2", "BK=64,BM=128,BN=128,w4,s3",
+                             "BK=8,BM=16,BN=16,w4,s2")}
+    assert len({(j.kernel, j.config, j.target) for j in _JOBS}) == len(_JOBS)
+
+
+def test_collect_compiles_the_cu_files_configs_and_launches_for_every_target():
+    specs = [s for s in _SPECS if s.name == "mix_bwd_db"]
+    with mock.patch.object(kr, "run_jobs", return_value=[]) as run_jobs:
+        report = kr.collect(specs)
+    (jobs, _), _ = run_jobs.call_args
+    cu = [(str(f), t) for f in kr.cuda_sources()[0] for t in (80, 90)]
+    assert cu and jobs == cu + kr.triton_jobs(specs) + kr.launch_jobs(specs)
+    assert any("launch:" in j.config for j in jobs[len(cu):])
+    assert report["targets"] == ["sm_80", "sm_90"]
+
+
+def test_all_kernels_imports_every_kernel_module(monkeypatch):
+    """Kernel modules nobody has imported yet register their kernels too."""
+    import mtlora_kernels.triton as pkg
+
+    monkeypatch.setattr(registry, "KERNELS", {})
+    for name in ("mix", "rsvd"):
+        monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{name}")
+        monkeypatch.delattr(pkg, name)
+    modules = {kr._python_function(s.fn).__module__ for s in registry.all_kernels()}
+    assert modules == {"mtlora_kernels.triton.mix", "mtlora_kernels.triton.rsvd"}
