@@ -7,8 +7,11 @@ makes in the same precision (flash-attention's rule), see :func:`assert_close_to
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +148,17 @@ def grads_of(out, inputs, grad_out=None):
     live = [t for t in inputs if t is not None]
     gs = iter(torch.autograd.grad(out, live, grad_out, allow_unused=True))
     return [None if t is None else next(gs) for t in inputs]
+
+
+def load_module(path: Path):
+    """A script or tool that is not part of the package (python/examples, python/experiments,
+    python/tools) as a module, its directory on sys.path while it loads (the experiments import
+    ``common``)."""
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module

@@ -3,16 +3,19 @@ extension is missing, the wheel tag, and the host twin of the kernels' dropout R
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,16 +24,13 @@ from packaging.version import Version
 from mtlora_kernels import backends, mix, mix_reference
 from mtlora_kernels._build_info import build_info
 from mtlora_kernels.ops import mix as mix_mod
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "python" / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ROOT / "python" / "tools" / f"{name}.py")
 
 
 @pytest.fixture
@@ -127,7 +127,6 @@ def test_cmake_and_setup_compile_with_the_same_flags(tmp_path):
     build_ext writes (with a stand-in ninja that compiles nothing), CMake's from a configure.
     The CMake build once compiled the C++ files at -O0 without NDEBUG."""
     import shlex
-    import shutil
 
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -207,9 +206,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 def _prebuilt_tree(tmp_path: Path, arch: str, library: bytes | None = None) -> Path:
     """A tree with this repo's csrc/, setup.py and mtlora_kernels package (without _C) and a
     gpu_prebuilt/ made for ``arch`` from those sources (holding ``library``)."""
-    import shutil
-    import sysconfig
-
     tool = _load_tool("gpu_prebuilt")
     root = tmp_path / "tree"
     shutil.copytree(ROOT / "csrc", root / "csrc")
@@ -225,9 +221,6 @@ def _prebuilt_tree(tmp_path: Path, arch: str, library: bytes | None = None) -> P
 
 
 def _fake_extension(tmp_path: Path, archs: str, torch_version: str) -> bytes:
-    import shutil
-    import sysconfig
-
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("needs a C compiler for the stand-in extension")
@@ -255,8 +248,6 @@ def test_wheel_build_gives_setup_the_archs_label_and_build_mode(tmp_path, monkey
     """What build() hands `pip wheel` (run for real by the test above) in its environment: the
     arch list asked for (ci_build_check.sh's "8.0 9.0"), else none of its own, the label of the
     torch and CUDA here, and whether to build the extension."""
-    from types import SimpleNamespace
-
     tool = _load_tool("build_wheel")
     envs = []
 
@@ -373,9 +364,6 @@ def test_prebuilt_make_leaves_what_use_installs_on_the_device(tmp_path, monkeypa
     and leaves a library): it builds for the arch asked, and its manifest is accepted by use
     in the copy of the tree a run sends (tracked and untracked files, no ignored ones: here an
     untracked new header and an ignored object file in csrc/; gpu_prebuilt/ carried)."""
-    import shutil
-    import sysconfig
-
     tool = _load_tool("gpu_prebuilt")
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "csrc", tree / "csrc")
@@ -547,8 +535,6 @@ def test_ci_build_check_checks_the_archs_it_builds_and_runs_tests_that_exist():
     wheel and its CMake compile are built for must be those it asserts the wheel reports, and
     each name in its pytest -k must still select a test (a renamed one would drop out of the
     selection without a failure)."""
-    import ast
-
     script = (ROOT / "python" / "tools" / "ci_build_check.sh").read_text()
     asserted = ast.literal_eval(re.search(r'set\(info\["extension_archs"\]\) == (\{[^}]*\})',
                                           script).group(1))
@@ -589,8 +575,6 @@ def test_build_info_extension_torch_matches_like_the_wheel_label(monkeypatch):
     """A wheel labelled torch2.14 is good for every 2.14.x (its label names major.minor), so
     an extension built against 2.14.0 matches a running 2.14.1; one built against 2.13.x does
     not."""
-    from types import SimpleNamespace
-
     monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
     for built, matches in (("2.14.0", True), ("2.14.1", True), ("2.13.1", False),
                            ("3.14.1", False)):

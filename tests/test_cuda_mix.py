@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REL_TOL, assert_close_to_reference, grads_of, random_inputs, rel_err
+from conftest import (REL_TOL, assert_close_to_reference, grads_of, load_module, random_inputs,
+                      rel_err)
 
 import cuda_emu
 
@@ -411,18 +412,13 @@ def test_profile_mix_profiles_and_writes_each_backend(monkeypatch, tmp_path, cap
     """python/tools/profile_mix.py (gpu_check.sh's profile step) on the CPU with the emulated
     cuda backend: each available backend profiled, its table printed and written to --out
     (not triton here: its interpreted run would take seconds)."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
     cuda_emu.install(monkeypatch)
     available = backends.available
     monkeypatch.setattr(backends, "available", lambda name, device=None: (
         (False, "not in this test") if name == "triton" else available(name, device)))
-    path = Path(__file__).resolve().parents[1] / "python" / "tools" / "profile_mix.py"
-    spec = importlib.util.spec_from_file_location("profile_mix", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_module(cuda_emu.ROOT / "python" / "tools" / "profile_mix.py")
     monkeypatch.setattr(sys, "argv", ["profile_mix.py", "--tokens", "5", "--hidden", "24",
                                       "--rank", "4", "--experts", "3", "--repeats", "1",
                                       "--out", str(tmp_path)])

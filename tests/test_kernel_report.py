@@ -280,7 +280,6 @@ def test_registry_mistakes_are_reported_clearly():
         assert not row.ok and job.config in row.error, row.error
 
 
-
 # A ptxas -v log in the format nvcc 13.0 prints: two kernels and a __noinline__ device function,
 # whose properties come after its caller's; a performance warning that names its function. The
 # numbers are edited to be distinct, so that no field can stand in for another.

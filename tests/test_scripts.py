@@ -5,7 +5,6 @@ part of the package, so nothing else runs them."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,16 +25,7 @@ def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedPro
 
 
 def _load(script: str):
-    """A script as a module (its directory on sys.path: the experiments import ``common``)."""
-    path = ROOT / script
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    return load_module(ROOT / script)
 
 
 def test_train_multitask_evaluates_on_fixed_examples_apart_from_training():
