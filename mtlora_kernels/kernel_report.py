@@ -96,7 +96,7 @@ class Row:
     spill_budget: int = 0  # KernelSpec.spill_budget (0 for CUDA kernels)
     stack_bytes: int | None = None
     shared_dynamic: int | None = None  # bytes Triton requests at launch (metadata.shared)
-    shared_static: int | None = None  # bytes the cubin declares
+    shared_static: int | None = None  # bytes the cubin declares (sm_90: + a 1 KB reserve)
     tensor_core: dict[str, int] = dataclasses.field(default_factory=dict)  # SASS op -> count
     ptxas_notes: list[str] = dataclasses.field(default_factory=list)  # e.g. serialized wgmma
     ptxas_log: str = ""  # whose ptxas -v log: "triton", "rerun" (Triton cache hit) or "nvcc"
@@ -231,9 +231,10 @@ def tensor_core_ops(code: list[tuple[int, bytes]]) -> list[Counter]:
                 blob += code[i][1]
             path = os.path.join(tmp, f"sm{target}.bin")
             Path(path).write_bytes(blob)
-            arch = f"SM{target}a" if target == 90 else f"SM{target}"  # wgmma needs sm_90a
+            # SM90 decodes the HGMMA of Triton's sm_90a cubins as SM90a does (checked with
+            # the triton wheel's nvdisasm 13.1: only the header lines differ).
             procs.append((idx, starts, subprocess.Popen(
-                [nvidia_tool("nvdisasm"), "-b", arch, path], stdout=subprocess.PIPE,
+                [nvidia_tool("nvdisasm"), "-b", f"SM{target}", path], stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True)))
         for idx, starts, proc in procs:
             out, err = proc.communicate()

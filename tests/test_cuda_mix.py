@@ -643,9 +643,10 @@ def test_inputs_off_a_16_byte_boundary(cuda_ext, dtype):
     """Contiguous views at a storage offset pass bindings.cpp's checks with their data off a
     16 B boundary. Every row length is a multiple of 16 B, so only the kernels' pointer test
     (vec_ok) keeps the loads of x, A, W_route, B, the residual and dy off the 16 B vector and
-    cp.async paths, which a GPU refuses for a misaligned address. The emulator checks only
-    cp.async's: without the pointer test its fp16 / bf16 cases abort there ("misaligned
-    address"); its fp32 case, and all three on a GPU, check the rest."""
+    cp.async paths, which a GPU refuses for a misaligned address. The emulator checks cp.async's
+    (without the pointer test its fp16 / bf16 cases abort there: "misaligned address") and
+    those 16 B loads that g++ compiles to an aligned SSE move, which faults (the residual's in
+    the fp32 case, found by the csrc mutation audit); on a GPU all three check every load."""
     T, d_in, d_out, r, N, g = 5, 64, 128, 16, 4, 2
     x, A, B, W, _ = make_inputs(T, d_in, d_out, r, N, g, cuda_ext, seed=21)
     gen = torch.Generator().manual_seed(22)

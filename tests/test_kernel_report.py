@@ -22,6 +22,7 @@ import triton.language as tl
 from rich.console import Console
 
 from mtlora_kernels import kernel_report as kr
+from mtlora_kernels import cli
 from mtlora_kernels.triton import registry
 from mtlora_kernels.triton.registry import KernelConfig, KernelSpec
 
@@ -134,6 +135,9 @@ def test_parsers_on_a_compiled_gemm(tiny_report, dtype, target):
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0
     assert r["shared_dynamic"] > 0  # the tl.dot operands are staged through shared memory
     assert r["shared_total"] == r["shared_static"] + r["shared_dynamic"]
+    # Triton declares no static shared memory; for sm_90 ptxas adds a 1 KB reserved block to a
+    # kernel that uses shared memory, and the cubin counts it (.nv.shared.reserved.0).
+    assert r["shared_static"] == {80: 0, 90: 1024}[target]
     family = {80: "HMMA", 90: "HGMMA"}[target]
     assert r["tensor_core_family"] == family
     ops = r["tensor_core"]
@@ -150,6 +154,7 @@ def test_parsers_on_a_compiled_elementwise_kernel(tiny_report, target):
     assert 0 < r["registers"] == r["ptxas_registers"]
     assert r["tensor_core"] == {} and r["tensor_core_family"] == "none"
     assert r["spill_stores"] == 0 and r["ptxas_notes"] == []
+    assert r["shared_total"] == r["shared_static"] == 0  # no shared memory: no reserved block
 
 
 def test_serialized_wgmma_is_reported(tiny_report):
@@ -355,10 +360,7 @@ def test_cuda_path_compiles_for_the_target_asked(tmp_path):
 
 def test_cli_kernels_exit_status_is_1_when_a_variant_fails(tiny_report, capsys):
     """The exit status follows the rows: 1 with the K = 8 configs failing, 0 without them."""
-    import argparse
-
-    args = argparse.Namespace(kernel=None, target=None, jobs=None, no_cuda=True, json=False,
-                              markdown=True)
+    args = cli.build_parser().parse_args(["kernels", "--no-cuda", "--markdown"])
     ok = dict(tiny_report, rows=[r for r in tiny_report["rows"] if r["ok"]])
     for report, status in ((tiny_report, 1), (ok, 0)):
         with mock.patch.object(kr, "collect", return_value=report):
@@ -485,8 +487,6 @@ def test_cuda_kernels_compile_without_spills(package_rows, cu, target):
 
 
 def test_cli_kernels_subcommand(monkeypatch, capsys):
-    from mtlora_kernels import cli
-
     registry.all_kernels()
     monkeypatch.setattr(registry, "KERNELS", {SCALE.name: SCALE})
     assert cli.main(["kernels", "--json", "--no-cuda", "--target", "90", "--jobs", "1"]) == 0
