@@ -111,6 +111,22 @@ def test_reference_g1_is_hydralora_semantics():
     torch.testing.assert_close(ours, hydralora_reference(x, A, B, W, scaling=0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_hydralora_reference_rounds_pi_to_x_dtype(dtype):
+    """HydraLoRA computes its softmax in fp32 and casts pi to x's dtype before weighing the
+    experts. One token, x = 1, A = B_0 = 1, B_1 = 0: the delta is pi_0 = sigmoid(a) exactly
+    as x's dtype rounds it (the fp32 value is not representable there)."""
+    a = 0.3
+    x = torch.ones(1, 1, dtype=dtype)
+    A = torch.ones(1, 1, dtype=dtype)
+    B = torch.tensor([[[1.0]], [[0.0]]], dtype=dtype)
+    W = torch.tensor([[a], [0.0]], dtype=dtype)
+    pi0 = torch.sigmoid(W[0, 0].float())
+    assert pi0.to(dtype).float() != pi0
+    out = hydralora_reference(x, A, B, W, scaling=1.0)
+    assert out.dtype == dtype and out.item() == pi0.to(dtype).item()
+
+
 def test_reference_plain_lora_when_one_expert():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 8, dtype=torch.float64, generator=g)
