@@ -48,8 +48,13 @@ def mix_reference(
         dropout_p: the dropout probability the mask was drawn with.
 
     Returns [..., d_out] in x's dtype. With N == 1 and no router, pi = 1 (plain LoRA).
+    Raises ValueError where the formula is undefined (as ``mix`` does).
     """
     num_experts, d_out, _ = lora_B.shape
+    if groups < 1 or d_out % groups:
+        raise ValueError(f"groups={groups} must be a positive divisor of d_out={d_out}")
+    if num_experts > 1 and route_weight is None and logits is None:
+        raise ValueError(f"N={num_experts} experts need route_weight or logits")
     lead = x.shape[:-1]
     acc = torch.promote_types(x.dtype, torch.float32)
     xd = x

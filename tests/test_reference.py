@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from mtlora_kernels import mix
 from mtlora_kernels.reference import (
     balance_loss_reference,
     hydralora_reference,
@@ -125,6 +126,26 @@ def test_hydralora_reference_rounds_pi_to_x_dtype(dtype):
     assert pi0.to(dtype).float() != pi0
     out = hydralora_reference(x, A, B, W, scaling=1.0)
     assert out.dtype == dtype and out.item() == pi0.to(dtype).item()
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    ({"groups": 3}, "positive divisor of d_out=8"),
+    ({"groups": 0}, "positive divisor"),
+    ({"route": None}, "N=2 experts need"),
+])
+def test_reference_refuses_what_mix_refuses(kw, pattern):
+    """Where the formula is undefined the oracle raises, as ``mix`` does, instead of computing
+    something: g not dividing d_out (c = d_out // g would drop columns), N > 1 experts without
+    a router (pi = 1 would sum them). (Given both a router and logits, the oracle uses the
+    logits: test_reference_hand_computed_values.)"""
+    g = torch.Generator().manual_seed(5)
+    x, A = torch.randn(3, 4, generator=g), torch.randn(2, 4, generator=g)
+    B, W = torch.randn(2, 8, 2, generator=g), torch.randn(2, 4, generator=g)
+    route, groups = kw.get("route", W), kw.get("groups", 1)
+    with pytest.raises(ValueError, match=pattern):
+        mix_reference(x, A, B, route, groups=groups)
+    with pytest.raises(ValueError):
+        mix(x, A, B, route, groups=groups)
 
 
 def test_reference_plain_lora_when_one_expert():
