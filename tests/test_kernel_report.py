@@ -359,10 +359,15 @@ def test_cuda_path_compiles_for_the_target_asked(tmp_path):
 
 
 def test_cli_kernels_exit_status_is_1_when_a_variant_fails(tiny_report, capsys):
-    """The exit status follows the rows: 1 with the K = 8 configs failing, 0 without them."""
+    """The exit status follows the rows: 1 with the K = 8 configs failing or the 128x128x64
+    tile spilling past its budget (0), 0 without them."""
     args = cli.build_parser().parse_args(["kernels", "--no-cuda", "--markdown"])
-    ok = dict(tiny_report, rows=[r for r in tiny_report["rows"] if r["ok"]])
-    for report, status in ((tiny_report, 1), (ok, 0)):
+    ok = [r for r in tiny_report["rows"] if r["ok"]]
+    spills = [r for r in ok if r["spill_stores"] > r["spill_budget"]]
+    assert spills and len(ok) < len(tiny_report["rows"])
+    clean = [r for r in ok if r not in spills]
+    for rows, status in ((tiny_report["rows"], 1), (ok, 1), (clean, 0)):
+        report = dict(tiny_report, rows=rows)
         with mock.patch.object(kr, "collect", return_value=report):
             assert kr.run(args) == status
     capsys.readouterr()
