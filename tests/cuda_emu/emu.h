@@ -5,9 +5,9 @@
 // tests set: reverse_blocks) in reverse, as a GPU may run them in any order, or (another
 // switch: concurrent_blocks, which the sanitizer drivers set) several at a time, as SMs do, so
 // ThreadSanitizer sees two blocks touching the same global memory as a race. The threads of a
-// block are real OS threads, so __syncthreads is a real barrier, and ThreadSanitizer sees every
-// shared-memory access of a block as a concurrent access (a missing barrier is a reported
-// race). Every block that runs at once has its own shared memory: `__shared__` arrays (static)
+// block are real OS threads (kept from one launch to the next: ThreadPool), so __syncthreads is
+// a real barrier, and ThreadSanitizer sees every shared-memory access of a block as a
+// concurrent access (a missing barrier is a reported race). Every block that runs at once has its own shared memory: `__shared__` arrays (static)
 // and `extern __shared__` (dynamic, a buffer of the launch's size), all filled with 0xFF bytes
 // (NaN in fp32, fp16 and bf16) at the start of every block, so a read of shared memory that
 // nothing wrote shows up as NaN. Static shared memory may not exceed 48 KB, as on the GPU.
@@ -35,17 +35,24 @@
 // cluster (the emulator runs any cluster of up to 8 blocks).
 #pragma once
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <string_view>
@@ -140,6 +147,63 @@ class Barrier {
   const unsigned n_;
   std::atomic<unsigned> count_{0}, gen_{0};
 };
+
+// Sleeping while an atomic holds a value, and waking its sleepers: a raw futex, which
+// ThreadSanitizer does not see, so the ordering between threads is the atomics' alone (a
+// waiter synchronizes with the store it loads, and with nothing later).
+static_assert(sizeof(std::atomic<unsigned>) == sizeof(unsigned) &&
+              std::atomic<unsigned>::is_always_lock_free);
+inline void futex_wait(std::atomic<unsigned>& a, unsigned value) {  // may return early
+  syscall(SYS_futex, reinterpret_cast<unsigned*>(&a), FUTEX_WAIT_PRIVATE, value, nullptr,
+          nullptr, 0);
+}
+inline void futex_wake_all(std::atomic<unsigned>& a) {
+  syscall(SYS_futex, reinterpret_cast<unsigned*>(&a), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr,
+          nullptr, 0);
+}
+
+// The OS threads that run a launch's CUDA threads, kept from one launch to the next: a thread
+// per CUDA thread per launch was most of a sanitizer run's time (126 thousand of them). run(n,
+// job) calls job(0) .. job(n - 1), each on its own thread, all at once, and returns when all
+// have returned; to ThreadSanitizer that orders the caller and the n calls as starting and
+// joining n threads would (the atomics below), and nothing else. Only the n threads wake;
+// the others sleep.
+class ThreadPool {
+ public:
+  void run(unsigned n, const std::function<void(unsigned)>& job) {
+    const std::lock_guard<std::mutex> lock(run_mutex_);
+    while (go_.size() < n) {
+      std::atomic<unsigned>& go = go_.emplace_back(0);
+      std::thread([this, &go, i = unsigned(go_.size() - 1)] { serve(go, i); }).detach();
+    }
+    job_ = &job;
+    pending_.store(n, std::memory_order_relaxed);
+    for (unsigned i = 0; i < n; ++i) {
+      go_[i].fetch_add(1, std::memory_order_release);
+      futex_wake_all(go_[i]);
+    }
+    for (unsigned left; (left = pending_.load(std::memory_order_acquire)) != 0;)
+      futex_wait(pending_, left);
+  }
+
+ private:
+  void serve(std::atomic<unsigned>& go, unsigned i) {
+    for (unsigned seen = 0;; ++seen) {
+      while (go.load(std::memory_order_acquire) == seen) futex_wait(go, seen);
+      (*job_)(i);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) futex_wake_all(pending_);
+    }
+  }
+  std::mutex run_mutex_;
+  // Per thread: run() adds 1 for each of its jobs. A deque: its elements stay in place.
+  std::deque<std::atomic<unsigned>> go_;
+  std::atomic<unsigned> pending_{0};
+  // Written by run() before its releases of go, read after the acquire.
+  const std::function<void(unsigned)>* job_ = nullptr;
+};
+// Never destroyed: its threads (detached) sleep until the process exits, which also keeps a
+// forked child, which has none of them, from waiting on them at its exit.
+inline ThreadPool& thread_pool = *new ThreadPool;
 
 // The barrier of this thread's block. In a cluster launch, or with concurrent_blocks > 1,
 // several blocks run at once.
@@ -317,43 +381,38 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const void
     }
     clusters.back().smem.push_back(dyn.back().get());
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads * slots);
-  for (unsigned q = 0; q < slots; ++q) {
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, q, t] {
-        threadIdx = dim3(t, 0, 0);
-        block_barrier = &barriers[q];
-        block_static_smem = stat[q].get();
-        cluster = &clusters[clustered ? 0 : q];
-        cluster_rank = clustered ? q : 0;
-        for (uint64_t u = clustered ? 0 : q; u < n; u += clustered ? 1 : slots) {
-          const dim3 b = unit(u);
-          blockIdx = dim3(b.x, b.y + (clustered ? q : 0), b.z);
-          block_static_used = 0;
-          block_static_arrays.clear();
-          body();
-          async_open.clear();  // copies the block never waited for never land
-          async_committed.clear();
-          if (cluster_arrived) fail("block exits between a cluster arrive and its wait");
-          // The block is over for every thread before its shared memory is reused. In a
-          // cluster, its shared memory is gone when it exits (poisoned: a remote read after
-          // that, not ordered by a cluster barrier, is a race), and the next cluster starts
-          // when every block of this one is over.
-          block_barrier->wait();
-          if (t == 0) EMU_ASAN_POISON(stat[q].get(), kMaxStaticSmem);
-          if (clustered) {
-            if (t == 0 && dyn[q] != nullptr) std::memset(dyn[q].get(), 0xFF, dynamic_smem);
-            cluster_end.wait();
-          }
-        }
-        block_barrier = nullptr;
-        block_static_smem = nullptr;
-        cluster = nullptr;
-      });
+  thread_pool.run(static_cast<unsigned>(threads) * slots, [&](unsigned i) {
+    const unsigned q = i / static_cast<unsigned>(threads);
+    const unsigned t = i % static_cast<unsigned>(threads);
+    threadIdx = dim3(t, 0, 0);
+    block_barrier = &barriers[q];
+    block_static_smem = stat[q].get();
+    cluster = &clusters[clustered ? 0 : q];
+    cluster_rank = clustered ? q : 0;
+    for (uint64_t u = clustered ? 0 : q; u < n; u += clustered ? 1 : slots) {
+      const dim3 b = unit(u);
+      blockIdx = dim3(b.x, b.y + (clustered ? q : 0), b.z);
+      block_static_used = 0;
+      block_static_arrays.clear();
+      body();
+      async_open.clear();  // copies the block never waited for never land
+      async_committed.clear();
+      if (cluster_arrived) fail("block exits between a cluster arrive and its wait");
+      // The block is over for every thread before its shared memory is reused. In a
+      // cluster, its shared memory is gone when it exits (poisoned: a remote read after
+      // that, not ordered by a cluster barrier, is a race), and the next cluster starts
+      // when every block of this one is over.
+      block_barrier->wait();
+      if (t == 0) EMU_ASAN_POISON(stat[q].get(), kMaxStaticSmem);
+      if (clustered) {
+        if (t == 0 && dyn[q] != nullptr) std::memset(dyn[q].get(), 0xFF, dynamic_smem);
+        cluster_end.wait();
+      }
     }
-  }
-  for (auto& th : pool) th.join();
+    block_barrier = nullptr;
+    block_static_smem = nullptr;
+    cluster = nullptr;
+  });
   for (auto& buf : stat) EMU_ASAN_UNPOISON(buf.get(), kMaxStaticSmem);
   dynamic_smem_bytes = 0;
 }
