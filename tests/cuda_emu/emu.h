@@ -1,24 +1,24 @@
 // A CPU emulator of the part of CUDA that csrc/ uses, for running the extension's kernels and
 // launch sequence on a machine without a GPU (tests/cuda_emu/__init__.py builds it).
 //
-// Execution model: a launch runs its blocks one after another, in index order or (a switch
-// tests set: reverse_blocks) in reverse, as a GPU may run them in any order, or (another
-// switch: concurrent_blocks, which the sanitizer drivers set) several at a time, as SMs do, so
-// ThreadSanitizer sees two blocks touching the same global memory as a race. The threads of a
-// block are real OS threads (kept from one launch to the next: ThreadPool), so __syncthreads is
-// a real barrier, and ThreadSanitizer sees every shared-memory access of a block as a
-// concurrent access (a missing barrier is a reported race). Every block that runs at once has its own shared memory: `__shared__` arrays (static)
-// and `extern __shared__` (dynamic, a buffer of the launch's size), all filled with 0xFF bytes
-// (NaN in fp32, fp16 and bf16) at the start of every block, so a read of shared memory that
-// nothing wrote shows up as NaN. Static shared memory may not exceed 48 KB, as on the GPU.
-// A launch with more than 48 KB of dynamic shared memory fails unless the kernel
-// opted in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed 99 KB, the
-// least any sm_80+ GPU allows (the GPU's limit, stated here on its own: the kernels' bound,
-// mtlora::kMaxSmemOptin in common.cuh, is what this checks).
-// Thread-block clusters (sm_90, cudaLaunchKernelEx with a cluster dimension): the blocks of one
-// cluster run at the same time, each with its own dynamic shared memory, which the others reach
-// through __cluster_map_shared_rank; __cluster_barrier_arrive / _wait is a real split barrier
-// over all of the cluster's threads (TSan sees a remote read not ordered by it as a race).
+// Execution model: a launch runs its blocks one after another, in index order or (a switch tests
+// set: reverse_blocks) in reverse, as a GPU may run them in any order, or (another switch:
+// concurrent_blocks, which the sanitizer drivers set) several at a time, as SMs do, so
+// ThreadSanitizer sees two blocks touching the same global memory as a race. The threads of a block
+// are real OS threads (kept from one launch to the next: ThreadPool), so __syncthreads is a real
+// barrier, and ThreadSanitizer sees every shared-memory access of a block as a concurrent access (a
+// missing barrier is a reported race). Every block that runs at once has its own shared memory:
+// `__shared__` arrays (static) and `extern __shared__` (dynamic, a buffer of the launch's size),
+// all filled with 0xFF bytes (NaN in fp32, fp16 and bf16) at the start of every block, so a read of
+// shared memory that nothing wrote shows up as NaN. Static shared memory may not exceed 48 KB, as
+// on the GPU. A launch with more than 48 KB of dynamic shared memory fails unless the kernel opted
+// in (cudaFuncSetAttribute) to at least that much, and no opt-in may exceed 99 KB, the least any
+// sm_80+ GPU allows (the GPU's limit, stated here on its own: the kernels' bound,
+// mtlora::kMaxSmemOptin in common.cuh, is what this checks). Thread-block clusters (sm_90,
+// cudaLaunchKernelEx with a cluster dimension): the blocks of one cluster run at the same time,
+// each with its own dynamic shared memory, which the others reach through
+// __cluster_map_shared_rank; __cluster_barrier_arrive / _wait is a real split barrier over all of
+// the cluster's threads (TSan sees a remote read not ordered by it as a race).
 //
 // Windows (tests of inputs too large to emulate whole): per kernel name, blocks below a given
 // index are skipped and a buffer can be zeroed before each launch (first_block, zero_before).
